@@ -19,14 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, alive: Callable[[], bool], timeout_s: float) -> None:
-    """Poll GET /healthz until it answers 200; fail early if the server died, or after `timeout_s`."""
+def wait_healthy(url: str, alive: Callable[[], bool], timeout_s: float, path: str = HEALTH_PATH) -> None:
+    """Poll GET `path` (/healthz) until it answers 200; fail early if the server died, or after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError(f"the server at {url} exited during start-up")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + HEALTH_PATH, timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"the server at {url} was not healthy after {timeout_s:.0f}s")

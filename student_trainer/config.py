@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.models import ARCHITECTURES
+from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -60,6 +61,7 @@ class TeacherRef(_Strict):
     token: str | None = None
     timeout_s: Positive = 60.0
     give_up_after_s: Positive = 300.0  # how long the service may stay unreachable before the run fails
+    cache: CacheMode = CacheMode.use  # the service's cache: `bypass` skips storing inputs that never repeat
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:

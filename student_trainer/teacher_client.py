@@ -15,7 +15,7 @@ import torch
 
 from shared import codec, protocol
 from shared.ensemble import aggregate_probs
-from shared.protocol import TeacherInfo, TeachersResponse
+from shared.protocol import CacheMode, TeacherInfo, TeachersResponse
 
 log = logging.getLogger("akd.teacher_client")
 
@@ -35,6 +35,8 @@ class RemoteTeacher:
     Retry-After) until `give_up_after_s` has passed since the first failure.
     Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical
     bytes from every job, which is what lets the service's cache hit across jobs.
+    `cache` is the service's cache mode for every request (`bypass` for inputs
+    that never repeat, such as fresh adversarial examples).
     """
 
     def __init__(
@@ -46,10 +48,11 @@ class RemoteTeacher:
         timeout_s: float = 60.0,
         give_up_after_s: float = 300.0,
         max_backoff_s: float = 5.0,
+        cache: CacheMode = CacheMode.use,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.url, self.name, self.temperature = url, name, temperature
+        self.url, self.name, self.temperature, self.cache = url, name, temperature, CacheMode(cache)
         self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
         self.rows_requested = 0
         self.cache_hits = 0
@@ -67,7 +70,7 @@ class RemoteTeacher:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         body = codec.encode_inputs(codec.to_transport(x.detach().cpu()))
-        params = {"temperature": self.temperature, "outputs": "probs"}
+        params = {"temperature": self.temperature, "outputs": "probs", "cache": self.cache.value}
         if self.name:
             params["teacher"] = self.name
         response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, content=body)

@@ -51,7 +51,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device):
         return None
     t = cfg.teacher
     if t.url is not None:
-        teacher = RemoteTeacher(t.url, t.name, cfg.temperature, t.token, t.timeout_s, t.give_up_after_s)
+        teacher = RemoteTeacher(t.url, t.name, cfg.temperature, t.token, t.timeout_s, t.give_up_after_s, cache=t.cache)
     else:
         teacher = LocalTeacher(t.config, t.name, cfg.temperature, device)
     info = teacher.info()
@@ -183,11 +183,7 @@ class Trainer:
         self.model.train()
         for indices, xb, yb in iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment):
             x, y = to_float(xb).to(self.device), yb.to(self.device)
-            result = self.method(self.model, x, y, self.attack, self.teacher, self.method_cfg, epoch, self.attack_gen)
-            self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            result = self.step(x, y, epoch)
             correct_clean = self._clean_correct(result, x, y)
             correct_adv = result.logits_adv.argmax(1) == y
             if self.dynamics is not None:
@@ -211,6 +207,15 @@ class Trainer:
         metrics.update(self._validate(epoch + 1, progress))
         metrics["epoch_time_s"] = time.perf_counter() - started
         return metrics
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
+        """One optimisation step: the attack, the teacher query (if any), the loss, the update."""
+        result = self.method(self.model, x, y, self.attack, self.teacher, self.method_cfg, epoch, self.attack_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return result
 
     def _clean_correct(self, result, x, y) -> torch.Tensor:
         """Clean train accuracy: the method's own clean logits when it has them, else one eval-mode pass."""

@@ -1,0 +1,74 @@
+"""`akd bench`: run the benchmarks, write DIR/results.json, DIR/RESULTS.md and DIR/sharing.png."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from shared.configfile import ConfigError
+
+BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the `quick` preset: every benchmark, fewer sizes (minutes)")
+    which.add_argument("--config", default="full", help="a preset (full, quick, tiny) or a benchmark TOML (default: full)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where both sides compute (default: auto)")
+    parser.add_argument("--only", help=f"comma list of benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--out", required=True, help="folder for results.json, RESULTS.md, sharing.png and logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench import cache, end_to_end, overhead, peer, report, sharing, transport
+    from bench.config import load_bench_config
+    from bench.context import Context
+    from bench.results import machine
+
+    modules = {"overhead": overhead, "cache": cache, "sharing": sharing, "transport": transport,
+               "end_to_end": end_to_end, "peer": peer}
+    preset = "quick" if args.quick else args.config
+    try:
+        cfg = load_bench_config(preset)
+        chosen = _chosen(args.only)
+    except ConfigError as exc:
+        print(f"akd bench: {exc}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("akd bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    out = Path(args.out)
+    workdir = out / "work"
+    shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
+    command = shlex.join(["akd", "bench", *args.argv])
+    ctx = Context(cfg, device, workdir)
+    sections = []
+    try:
+        for i, key in enumerate(chosen, 1):
+            ctx.progress(f"benchmark {i}/{len(chosen)}: {key}")
+            started = time.perf_counter()
+            section = modules[key].run(ctx)
+            section.seconds = time.perf_counter() - started
+            sections.append(section)
+            report.write(out, sections, machine(device), command, preset, cfg.repetitions, cfg.model_dump())
+    finally:
+        ctx.close()
+    print((out / "RESULTS.md").read_text())
+    return 0
+
+
+def _chosen(only: str | None) -> list[str]:
+    if not only:
+        return list(BENCHMARKS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise ConfigError(f"--only {only!r}: expected a comma list of {', '.join(BENCHMARKS)}")
+    return [b for b in BENCHMARKS if b in names]

@@ -1,0 +1,116 @@
+"""A benchmark run declared as data: a preset TOML (`full`, `quick`, `tiny`) or your own, validated by pydantic."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.configfile import ConfigError, read_toml, validation_error
+from shared.models import ARCHITECTURES
+from shared.protocol import INPUT_DTYPES
+
+PRESETS = ("full", "quick", "tiny")
+Positive = Annotated[int, Field(ge=1)]
+Sizes = Annotated[list[Positive], Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    """A served teacher: one member of this architecture, random weights (speed does not depend on them)."""
+
+    arch: str
+    input_shape: tuple[Positive, Positive, Positive]
+    num_classes: Annotated[int, Field(ge=2)] = 10
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> TeacherSpec:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        return self
+
+
+class OverheadSpec(_Strict):
+    teachers: list[str]
+    batches: Sizes = [32, 128, 512]
+
+
+class CacheSpec(_Strict):
+    teachers: list[str]
+    batches: Sizes = [128, 1024]
+
+
+class LoadSpec(_Strict):
+    """Closed-loop clients, each sending `rows_per_client` rows, next request when the last is answered."""
+
+    teachers: list[str]
+    clients: Sizes = [1, 2, 4, 8]
+    rows_per_client: Positive = 16
+    reference_rows: Positive = 128  # one client sending this many rows: the yardstick
+    rows_per_round: dict[str, Positive] = {}  # per teacher: rows each round serves in total (default 2048)
+
+    def round_rows(self, teacher: str) -> int:
+        return self.rows_per_round.get(teacher, 2048)
+
+
+class TransportSpec(_Strict):
+    teachers: list[str]
+    batch: Positive = 128
+    dtypes: list[Literal[INPUT_DTYPES]] = list(INPUT_DTYPES)  # type: ignore[valid-type]
+
+
+class EndToEndSpec(_Strict):
+    """AKD training steps on real data, the teacher behind the service vs in-process."""
+
+    teacher: str
+    dataset: str = "mnist5k"
+    student_arch: str = "small_cnn"
+    batch_size: Positive = 128
+    attack_steps: Positive = 10
+    steps: Positive = 10  # timed steps per side
+
+
+class PeerSpec(LoadSpec):
+    """LitServe serving the same teacher with its own batching, under the load of the sharing benchmark."""
+
+
+class BenchConfig(_Strict):
+    repetitions: Positive = 5
+    warmup: Annotated[int, Field(ge=0)] = 1
+    max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window
+    teachers: dict[str, TeacherSpec]
+    overhead: OverheadSpec
+    cache: CacheSpec
+    sharing: LoadSpec
+    transport: TransportSpec
+    end_to_end: EndToEndSpec
+    peer: PeerSpec
+
+    @model_validator(mode="after")
+    def _teachers_declared(self) -> BenchConfig:
+        named = [*self.overhead.teachers, *self.cache.teachers, *self.sharing.teachers, *self.transport.teachers,
+                 *self.peer.teachers, self.end_to_end.teacher]
+        unknown = sorted(set(named) - set(self.teachers))
+        if unknown:
+            raise ValueError(f"benchmarks name teachers {unknown} that [teachers] does not declare ({sorted(self.teachers)})")
+        return self
+
+
+def load_bench_config(preset_or_path: str) -> BenchConfig:
+    """A preset name (`full`, `quick`, `tiny`) or a path to a TOML file."""
+    if preset_or_path in PRESETS:
+        source = resources.files("bench") / "presets" / f"{preset_or_path}.toml"
+        path = Path(str(source))
+    else:
+        path = Path(preset_or_path)
+        if not path.exists():
+            raise ConfigError(f"no benchmark config {path}: expected a file or one of the presets {', '.join(PRESETS)}")
+    try:
+        return BenchConfig.model_validate(read_toml(path))
+    except ValidationError as exc:
+        raise validation_error(exc, str(path)) from None

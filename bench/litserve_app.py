@@ -1,0 +1,89 @@
+"""The peer: the same teacher served by LitServe with its own dynamic batching.
+
+Only the serving framework differs from `akd serve`: the same checkpoint, the
+same forward pass (`TeacherRunner.forward`), the same ensemble formula and the
+same safetensors tensors. LitServe's request path parses JSON, so the input
+file travels base64-encoded in `{"inputs": ...}`, the way LitServe's own
+examples send binary data; the answer is the same safetensors file as ours.
+
+    python -m bench.litserve_app --config teachers.toml --teacher small_cnn --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+
+import litserve as ls
+import torch
+from fastapi import HTTPException
+from fastapi.responses import Response
+
+from shared import codec, protocol
+from shared.ensemble import aggregate_probs
+
+PREDICT_PATH = "/predict"
+
+
+def request_json(body: bytes) -> dict:
+    """A safetensors input file as the JSON LitServe reads."""
+    return {"inputs": base64.b64encode(body).decode("ascii")}
+
+
+class TeacherAPI(ls.LitAPI):
+    def __init__(self, config_path: str, teacher: str, max_batch_size: int, batch_timeout: float):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
+        self.config_path, self.teacher_name = config_path, teacher
+
+    def setup(self, device: str) -> None:
+        from teacher_service.config import load_config
+        from teacher_service.inference import TeacherRunner
+        from teacher_service.metrics import Metrics
+        from teacher_service.registry import load_teachers
+
+        config = load_config(self.config_path, environ={})
+        self.torch_device = torch.device(device)
+        self.teacher = load_teachers(config, self.torch_device)[self.teacher_name]
+        self.runner = TeacherRunner(self.teacher, None, self.torch_device, Metrics())
+
+    def decode_request(self, request: dict) -> torch.Tensor:
+        try:
+            tensors = codec.decode(base64.b64decode(request["inputs"]))
+            return codec.to_unit_float(codec.validate_inputs(tensors, self.teacher.config.input_shape))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPException(422, f"expected {{'inputs': base64 safetensors}}: {exc}") from None
+
+    def batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return inputs  # kept apart until predict, which needs each request's row count
+
+    def predict(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        parts = x if isinstance(x, list) else [x]
+        rows = torch.cat(parts)
+        member_logits = torch.stack([self.runner.forward(m, rows) for m in self.teacher.members])
+        probs = aggregate_probs(member_logits, self.teacher.weights, self.teacher.config.temperature, self.teacher.config.aggregate)
+        split = list(torch.split(probs, [len(p) for p in parts]))
+        return split if isinstance(x, list) else split[0]
+
+    def unbatch(self, output: list[torch.Tensor]) -> list[torch.Tensor]:
+        return output
+
+    def encode_response(self, probs: torch.Tensor) -> Response:
+        return Response(codec.encode({"probs": probs}), media_type=protocol.MEDIA_TYPE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.litserve_app", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (LitServe counts requests)")
+    parser.add_argument("--batch-timeout", type=float, default=0.002, help="seconds to wait for a batch to fill")
+    args = parser.parse_args(argv)
+    api = TeacherAPI(args.config, args.teacher, args.max_batch_size, args.batch_timeout)
+    server = ls.LitServer(api, accelerator=args.device, devices=1, workers_per_device=1)
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning", num_api_servers=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""results.json, RESULTS.md and a picture of the sharing benchmark, from the sections of one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.results import Section
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def table(columns: list[str], rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def markdown(sections: list[Section], machine: dict, command: str, preset: str, repetitions: int) -> str:
+    device = machine["device_name"] if machine["device"] == "cpu" else f"{machine['device']} ({machine['device_name']})"
+    lines = [
+        "# akd bench",
+        "",
+        f"- command: `{command}` (config: {preset}; {repetitions} repetitions, medians)",
+        f"- machine: {machine['cores']} cores ({machine['cpu']}), device {device}, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), Python {machine['python']}, LitServe {machine['litserve'] or 'not installed'}",
+        f"- date: {machine['date']}, commit {machine['git_commit'] or 'unknown'}",
+        "",
+        "## Targets",
+        "",
+        "| benchmark | target | measured | met | behind it |",
+        "|---|---|---|---|---|",
+    ]
+    for s in sections:
+        for t in s.targets:
+            lines.append(f"| {s.title} | {t.what} {t.op} {t.threshold:g} | {t.measured:.3f} | "
+                         f"{'yes' if t.met else '**no**'} | {t.context} |")
+    for s in sections:
+        lines += ["", f"## {s.title}", "", s.about + f" ({s.seconds:.0f} s)", ""]
+        lines += table(s.columns, s.rows)
+        if s.notes:
+            lines += [""] + [f"- {n}" for n in s.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, sections: list[Section], machine: dict, command: str, preset: str, repetitions: int, config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"command": command, "preset": preset, "machine": machine, "config": config,
+                "sections": [s.to_dict() for s in sections]}
+    (out / "results.json").write_text(json.dumps(document, indent=2, default=str))
+    (out / "RESULTS.md").write_text(markdown(sections, machine, command, preset, repetitions))
+    sharing = next((s for s in sections if s.key == "sharing"), None)
+    if sharing and sharing.rows:
+        sharing_figure(sharing, next((s for s in sections if s.key == "peer"), None), out / "sharing.png")
+
+
+def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
+    """rows/s against the number of clients, one panel per teacher: batching on, off, and LitServe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from student_trainer.plots import save_figure
+
+    teachers = list(dict.fromkeys(r["teacher"] for r in sharing.rows))
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
+    for ax, teacher in zip(axes[0], teachers):
+        series = {f"akd serve, batching {b}": [r for r in sharing.rows if r["teacher"] == teacher and r["batching"] == b] for b in ("on", "off")}
+        if peer:
+            series["LitServe"] = [{"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher]
+        for label, rows in series.items():  # rows: one per client count, then the one-client yardstick
+            *shared, alone = rows
+            line = ax.plot([int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label)[0]
+            ax.axhline(alone["rows/s"], color=line.get_color(), ls=":", lw=1)
+        ax.set_title(f"{teacher} (dotted: one client sending {alone['load'].split(' x ')[1]} rows)")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("rows / s")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)

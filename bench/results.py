@@ -1,0 +1,88 @@
+"""What a benchmark returns: a table, the targets it checks, and the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+@dataclass
+class Target:
+    """One of the issue's targets, and what was measured against it."""
+
+    what: str  # e.g. "service / in-process time, PreActResNet-18, batch 128"
+    op: str  # "<=" or ">="
+    threshold: float
+    measured: float
+    context: str = ""  # the numbers behind the verdict, in words
+
+    @property
+    def met(self) -> bool:
+        return OPS[self.op](self.measured, self.threshold)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "met": self.met}
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    about: str  # what was compared, and how
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # how long the benchmark took
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": [t.to_dict() for t in self.targets]}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import litserve
+
+        info["litserve"] = litserve.__version__
+    except ImportError:
+        info["litserve"] = None
+    return info

@@ -1,0 +1,98 @@
+"""The servers a benchmark talks to, as separate processes on loopback ports, as users run them.
+
+The teachers are written once per run with random weights: speed does not depend
+on what a network has learned, and nothing has to be trained or downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+import torch
+
+from bench.config import BenchConfig
+from shared.checkpoint import Checkpoint, save_checkpoint
+from shared.health import free_port, wait_healthy
+from shared.models import build_model
+
+START_TIMEOUT_S = 120.0
+
+
+def write_teachers(workdir: Path, cfg: BenchConfig, max_wait_ms: float) -> Path:
+    """Checkpoints for every declared teacher and the service TOML serving each of them by name."""
+    teachers = {}
+    for name, spec in cfg.teachers.items():
+        torch.manual_seed(0)
+        model = build_model(spec.arch, spec.num_classes, spec.input_shape)
+        path = workdir / "teachers" / f"{name}.pt"
+        save_checkpoint(path, Checkpoint(spec.arch, spec.num_classes, spec.input_shape, model.state_dict(),
+                                         {"note": "random weights, for benchmarks"}))
+        teachers[name] = {"num_classes": spec.num_classes, "input_shape": list(spec.input_shape), "members": [{"path": str(path)}]}
+    config = workdir / "teachers.toml"
+    config.write_text(tomli_w.dumps({"server": {"max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers}))
+    return config
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # both uvicorn and LitServe shut down cleanly on SIGINT
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], health_path: str) -> ServerProcess:
+    """Start a server process on a free loopback port ({port} in `command`) and wait until it is healthy."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [part.format(port=port) for part in command], stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **env}, start_new_session=True,
+        )
+    server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_healthy(server.url, lambda: process.poll() is None, START_TIMEOUT_S, path=health_path)
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        raise RuntimeError(f"{name} did not start: {exc}; its log {log} ends with:\n{_tail(log)}") from None
+    return server
+
+
+def teacher_service(name: str, config: Path, log_dir: Path, device: str, batching: bool, cache_dir: Path | None) -> ServerProcess:
+    env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower()}
+    if cache_dir is not None:
+        env["AKD_CACHE_DIR"] = str(cache_dir)
+    command = [sys.executable, "-m", "teacher_service", "--config", str(config), "--port", "{port}"]
+    return start(name, command, log_dir, env, health_path="/healthz")
+
+
+def litserve_peer(name: str, config: Path, teacher: str, log_dir: Path, device: str, max_batch_size: int, batch_timeout_s: float) -> ServerProcess:
+    command = [
+        sys.executable, "-m", "bench.litserve_app", "--config", str(config), "--teacher", teacher, "--port", "{port}",
+        "--device", device, "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
+    ]
+    return start(name, command, log_dir, {}, health_path="/health")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,110 @@
+"""3. Sharing one teacher: concurrent trainer-like clients, dynamic batching on and off.
+
+Each client sends small batches (16 rows, float32, `cache=bypass`) in a closed
+loop; the yardstick is one client sending batch 128. Rounds alternate between
+the servers compared and repeat; rows/s are medians over rounds, latency
+percentiles pool every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.config import LoadSpec
+from bench.context import Context
+from bench.load import LoadResult, Request, closed_loop
+from bench.results import Section, Target
+from bench.timing import median, order, percentile
+from shared import codec, protocol
+
+TARGET_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class Load:
+    clients: int
+    rows: int
+
+    def __str__(self) -> str:
+        return f"{self.clients} x {self.rows}"
+
+
+@dataclass
+class Server:
+    label: str
+    url: str
+    request: Callable[[bytes, int], Request]  # (safetensors input file, rows) -> what a client posts
+
+
+def loads(spec: LoadSpec) -> list[Load]:
+    return [Load(n, spec.rows_per_client) for n in spec.clients] + [Load(1, spec.reference_rows)]
+
+
+def input_files(shape: tuple[int, int, int], load: Load) -> list[bytes]:
+    """One float32 input file per client, distinct rows per client."""
+    return [codec.encode_inputs(torch.rand(load.rows, *shape, generator=torch.Generator().manual_seed(c))) for c in range(load.clients)]
+
+
+def ours(label: str, url: str, teacher: str) -> Server:
+    params = {"teacher": teacher, "outputs": "probs", "cache": "bypass"}
+    return Server(label, url, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
+
+
+def measure(ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]) -> dict[tuple[str, Load], list[LoadResult]]:
+    """Every load on every server, `repetitions` rounds, servers alternating within each round."""
+    shape = ctx.teacher(teacher).input_shape
+    files = {load: input_files(shape, load) for load in loads(spec)}
+    results: dict[tuple[str, Load], list[LoadResult]] = {}
+    for rep in range(ctx.cfg.repetitions):
+        ctx.progress(f"{teacher}: round {rep + 1}/{ctx.cfg.repetitions} of {', '.join(s.label for s in servers)}")
+        for server in order(servers, rep):
+            for load in loads(spec):
+                count = max(1, spec.round_rows(teacher) // (load.clients * load.rows))
+                requests = [server.request(body, load.rows) for body in files[load]]
+                results.setdefault((server.label, load), []).append(closed_loop(server.url, requests, count))
+    return results
+
+
+def summary(runs: list[LoadResult]) -> dict:
+    latencies = [s for r in runs for s in r.latencies_s]
+    return {
+        "rows/s": median([r.rows_per_s for r in runs]),
+        "p50 ms": percentile(latencies, 50) * 1e3,
+        "p99 ms": percentile(latencies, 99) * 1e3,
+        "rounds": [r.rows_per_s for r in runs],
+    }
+
+
+def run(ctx: Context) -> Section:
+    spec = ctx.cfg.sharing
+    reference = Load(1, spec.reference_rows)
+    section = Section(
+        "sharing", "3. Sharing one teacher",
+        f"{', '.join(map(str, loads(spec)))} (clients x rows per request): closed-loop clients, each with its own "
+        f"connection, float32 inputs, `cache=bypass`; the service with dynamic batching "
+        f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds.",
+        ["teacher", "load", "batching", "rows/s", "p50 ms", "p99 ms", f"vs {reference} (same server)"],
+    )
+    urls = {"on": ctx.service(batching=True).url, "off": ctx.service(batching=False).url}
+    for teacher in spec.teachers:
+        servers = [ours(label, url, teacher) for label, url in urls.items()]
+        results = measure(ctx, spec, teacher, servers)
+        for server in servers:
+            base = summary(results[(server.label, reference)])["rows/s"]
+            for load in loads(spec):
+                s = summary(results[(server.label, load)])
+                section.rows.append({"teacher": teacher, "load": str(load), "batching": server.label, **s,
+                                     f"vs {reference} (same server)": s["rows/s"] / base})
+        busiest = Load(max(spec.clients), spec.rows_per_client)
+        shared = summary(results[("on", busiest)])["rows/s"]
+        alone = summary(results[("on", reference)])["rows/s"]
+        off = summary(results[("off", busiest)])["rows/s"]
+        section.targets.append(Target(
+            f"{busiest} with batching / {reference} rows/s, {teacher}", ">=", TARGET_FRACTION, shared / alone,
+            f"{shared:,.0f} vs {alone:,.0f} rows/s (without batching: {off:,.0f} rows/s, {off / alone:.2f}x)",
+        ))
+    ctx.stop("service-no-batching")
+    return section

@@ -1,7 +1,10 @@
 """Dynamic batching: rows from concurrent requests for one teacher share a forward pass.
 
-A batch closes when it holds `max_batch_rows` or `max_wait_ms` has passed since
-its first rows arrived. Requests larger than a batch are split into slices. The
+A batch closes when it holds `max_batch_rows`, when `max_wait_ms` has passed since
+its first rows arrived, or as soon as no other request is on its way in (being
+received or decoded): waiting for requests nobody is sending only adds latency,
+while requests that arrive during a forward pass queue up and fill the next
+batch anyway. Requests larger than a batch are split into slices. The
 forward pass runs on the inference thread, so the event loop keeps accepting
 requests (and filling the next batch) while a batch computes. The queue is
 bounded in rows: past the bound, `QueueFull` (the app answers 503).
@@ -10,9 +13,10 @@ bounded in rows: past the bound, `QueueFull` (the app answers 503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -53,6 +57,7 @@ class Batcher:
         self.coalesce = coalesce
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._arriving = 0  # requests being received or decoded, not yet submitted
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -66,7 +71,18 @@ class Batcher:
         for pending in self._queue:
             pending.future.cancel()
 
-    async def submit(self, rows: Rows) -> RowsResult:
+    @contextlib.asynccontextmanager
+    async def arrival(self) -> AsyncIterator[None]:
+        """Count a request as on its way in, so a forming batch waits for it, until it is enqueued or fails."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._arrived.set()
+
+    def enqueue(self, rows: Rows) -> asyncio.Future:
+        """Queue the rows (sliced to batch size); the returned future holds their result."""
         n = len(rows.keys)
         if self._queued_rows + n > self.max_queue_rows:
             raise QueueFull(self._queued_rows, self.max_queue_rows)
@@ -77,10 +93,7 @@ class Batcher:
         self._queued_rows += n
         self._metrics.queue_rows(self.name, self._queued_rows)
         self._arrived.set()
-        results = await asyncio.gather(*(p.future for p in pending))
-        if len(results) == 1:
-            return results[0]
-        return RowsResult(torch.cat([r.member_logits for r in results], dim=1), sum(r.cache_hits for r in results))
+        return asyncio.gather(*(p.future for p in pending))
 
     async def _loop(self) -> None:
         while True:
@@ -97,7 +110,7 @@ class Batcher:
         while self.coalesce and rows < self.max_batch_rows:
             if not self._queue:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or self._arriving == 0:
                     break
                 self._arrived.clear()
                 try:
@@ -135,6 +148,13 @@ class Batcher:
         for p, result in zip(live, results):
             if not p.future.done():
                 p.future.set_result(result)
+
+
+def joined(results: list[RowsResult]) -> RowsResult:
+    """One request's result from the results of its slices."""
+    if len(results) == 1:
+        return results[0]
+    return RowsResult(torch.cat([r.member_logits for r in results], dim=1), sum(r.cache_hits for r in results))
 
 
 def _slice(rows: Rows, start: int, stop: int) -> Rows:

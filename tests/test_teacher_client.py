@@ -49,6 +49,21 @@ def test_clean_inputs_travel_as_uint8_and_hit_the_cache_across_jobs(ensemble_con
         assert versions  # rows were cached under the members' versions
 
 
+def test_cache_bypass_neither_reads_nor_stores(ensemble_config):
+    """`teacher.cache = "bypass"`: for inputs that never repeat (fresh adversarial examples)."""
+    config, _ = ensemble_config
+    x = random_inputs(4, dtype=torch.uint8).float() / 255
+    with live_server(config) as (base, app):
+        bypass = RemoteTeacher(base, "ens", 1.0, cache="bypass")
+        first, second = bypass(x), bypass(x)
+        assert bypass.cache_hits == 0
+        assert sum(ns.rows for ns in app.state.service.cache.namespaces) == 0
+        using = RemoteTeacher(base, "ens", 1.0)
+        torch.testing.assert_close(using(x), first)
+        torch.testing.assert_close(second, first)
+        assert using.cache_hits == 0 and using(x) is not None and using.cache_hits == 4
+
+
 def test_client_rides_out_a_service_restart(tmp_path, ensemble_config):
     config, _ = ensemble_config
     port = free_port()  # both processes use it, so the client sees one address

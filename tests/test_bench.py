@@ -1,0 +1,109 @@
+"""`akd bench` runs every benchmark (on the tiny preset: CI checks that they run, never how fast),
+writes what it promises, and compares fairly: alternating, and against a peer that serves the same teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.config import load_bench_config
+from bench.timing import alternate
+from conftest import REPO, live_server, random_inputs
+from shared.configfile import ConfigError
+
+BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer"}
+
+
+def akd_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench")
+    return out, akd_bench("--config", "tiny", "--device", "cpu", "--out", str(out))
+
+
+def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((out / "results.json").read_text())
+    sections = {s["key"]: s for s in document["sections"]}
+    assert set(sections) == BENCHMARKS
+    for key, section in sections.items():
+        assert section["rows"], f"{key} measured nothing"
+        for target in section["targets"]:
+            assert math.isfinite(target["measured"]) and target["measured"] > 0, (key, target)
+            assert target["met"] == (target["measured"] <= target["threshold"] if target["op"] == "<=" else target["measured"] >= target["threshold"])
+    # each issue target that the tiny preset's sizes reach is checked
+    assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
+    assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
+    assert {r["dtype"] for r in sections["transport"]["rows"]} == {"uint8", "float16", "float32"}
+    sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
+    assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
+    assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
+    machine = document["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
+    assert document["command"].startswith("akd bench --config tiny")
+
+
+def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
+    out, result = tiny_run
+    text = (out / "RESULTS.md").read_text()
+    assert "akd bench --config tiny" in text and "cores" in text and "torch" in text
+    for title in ("## Targets", "## 1. Service overhead", "## 2. Cache", "## 3. Sharing", "## 4. Transport", "## 5. End to end", "## 6. A peer"):
+        assert title in text
+    assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "benchmark 6/6: peer" in result.stderr
+    assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout  # the table is printed at the end
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    missing = akd_bench("--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o"), timeout=120)
+    assert missing.returncode == 2 and "nope.toml" in missing.stderr and "full, quick, tiny" in missing.stderr
+    only = akd_bench("--config", "tiny", "--only", "overhead,speed", "--out", str(tmp_path / "o"), timeout=120)
+    assert only.returncode == 2 and "--only 'overhead,speed'" in only.stderr and "end_to_end" in only.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_benchmark_config_naming_an_undeclared_teacher_is_refused(tmp_path):
+    text = (REPO / "bench" / "presets" / "tiny.toml").read_text().replace('[overhead]\nteachers = ["small_cnn"]', '[overhead]\nteachers = ["resnet_xl"]')
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"resnet_xl"):
+        load_bench_config(str(tmp_path / "b.toml"))
+
+
+def test_alternate_interleaves_after_warming_up():
+    calls = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repetitions=3, warmup=1, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then ABBA...
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
+    """The peer comparison is fair only if LitServe computes what our service computes."""
+    from bench.litserve_app import PREDICT_PATH, request_json
+    from bench.servers import litserve_peer, write_teachers
+    from shared import codec
+    import httpx
+
+    config = write_teachers(tmp_path, load_bench_config("tiny"), max_wait_ms=2.0)
+    x = random_inputs(5)
+    body = codec.encode_inputs(x)
+    peer = litserve_peer("peer", config, "small_cnn", tmp_path / "logs", "cpu", max_batch_size=4, batch_timeout_s=0.002)
+    try:
+        theirs = httpx.post(peer.url + PREDICT_PATH, json=request_json(body), timeout=60)
+        refused = httpx.post(peer.url + PREDICT_PATH, json={"pixels": []}, timeout=60)
+    finally:
+        peer.stop()
+    with live_server(config) as (base, _):
+        ours = httpx.post(base + "/soft-targets", content=body, params={"teacher": "small_cnn"}, timeout=60)
+    assert theirs.status_code == 200 and ours.status_code == 200
+    torch.testing.assert_close(codec.decode(theirs.content)["probs"], codec.decode(ours.content)["probs"])
+    assert refused.status_code == 422 and "inputs" in refused.text

@@ -38,9 +38,9 @@ def run(ctx: Context) -> Section:
                 hits(x)  # prime: stores every row
                 before = hits.cache_hits
                 times = alternate({"hit": lambda: hits(x), "recompute": lambda: recompute(x)},
-                                  ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device)
+                                  ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device, ctx.cfg.min_seconds)
                 served_from_cache = hits.cache_hits - before
-                expected = batch * (ctx.cfg.repetitions + ctx.cfg.warmup)
+                expected = batch * (len(times["hit"]) + ctx.cfg.warmup)
                 if served_from_cache != expected:
                     raise RuntimeError(f"cache benchmark invalid: {served_from_cache} of {expected} rows were hits")
                 hit_s, recompute_s = median(times["hit"]), median(times["recompute"])

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     out = Path(args.out)
-    workdir = out / "work"
+    workdir = out.resolve() / "work"
     shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
     command = shlex.join(["akd", "bench", *args.argv])
     ctx = Context(cfg, device, workdir)

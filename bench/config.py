@@ -80,7 +80,8 @@ class PeerSpec(LoadSpec):
 
 
 class BenchConfig(_Strict):
-    repetitions: Positive = 5
+    repetitions: Positive = 5  # at least this many; fast measurements repeat until min_seconds are spent
+    min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
     warmup: Annotated[int, Field(ge=0)] = 1
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window
     teachers: dict[str, TeacherSpec]

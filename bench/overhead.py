@@ -36,7 +36,7 @@ def run(ctx: Context) -> Section:
                 ctx.progress(f"overhead: {name} batch {batch}")
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(ctx.device)
                 times = alternate({"service": lambda: remote(x), "in-process": lambda: local(x)},
-                                  ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device)
+                                  ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device, ctx.cfg.min_seconds)
                 service_s, local_s = median(times["service"]), median(times["in-process"])
                 section.rows.append({
                     "teacher": name, "batch": batch, "service ms": service_s * 1e3, "in-process ms": local_s * 1e3,

@@ -24,21 +24,39 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def alternate(candidates: dict[str, Callable[[], object]], repetitions: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Time each candidate `repetitions` times, interleaved (ABBA...), after `warmup` untimed calls each.
+def alternate(
+    candidates: dict[str, Callable[[], object]], repetitions: int, warmup: int, device: torch.device, min_seconds: float = 0.0,
+) -> dict[str, list[float]]:
+    """Time each candidate at least `repetitions` times, interleaved (ABBA...), after `warmup` untimed calls each.
 
     Interleaving spreads slow drifts (thermal, caches, other load) over every
-    candidate instead of letting one absorb them.
+    candidate instead of letting one absorb them. Fast candidates repeat until
+    about `min_seconds` have been spent on them, so their medians rest on many
+    samples (capped at MAX_REPETITIONS).
     """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
-    for rep in range(repetitions):
+    rep = 0
+    while rep < max(repetitions, _repetitions_for(times, min_seconds)):
         for name in names if rep % 2 == 0 else reversed(names):
             times[name].append(timed(candidates[name], device))
+        rep += 1
     return times
+
+
+MAX_REPETITIONS = 200
+
+
+def _repetitions_for(times: dict[str, list[float]], min_seconds: float) -> int:
+    """Repetitions that spend about `min_seconds` on one round of every candidate, judged from those so far."""
+    done = min(len(v) for v in times.values())
+    if not done or min_seconds <= 0:
+        return 0
+    per_round = sum(sum(v) / len(v) for v in times.values())
+    return min(MAX_REPETITIONS, int(min_seconds / max(per_round, 1e-9)))
 
 
 def median(values: list[float]) -> float:

@@ -47,7 +47,7 @@ def run(ctx: Context) -> Section:
                 sizes[dtype] = (len(body), len(response.content))
                 return codec.decode(response.content)["probs"]
 
-            times = alternate({d: (lambda d=d: send(d)) for d in spec.dtypes}, ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device)
+            times = alternate({d: (lambda d=d: send(d)) for d in spec.dtypes}, ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device, ctx.cfg.min_seconds)
             reference = median(times["float32"]) if "float32" in times else None
             for dtype in spec.dtypes:
                 t = median(times[dtype])

@@ -20,14 +20,14 @@ from shared.configfile import ConfigError
 BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer"}
 
 
-def akd_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def akd_bench(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("bench")
-    return out, akd_bench("--config", "tiny", "--device", "cpu", "--out", str(out))
+    here = tmp_path_factory.mktemp("bench")
+    return here / "out", akd_bench("--config", "tiny", "--device", "cpu", "--out", "out", cwd=here)  # a relative --out, as people type it
 
 
 def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
@@ -50,7 +50,7 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
     machine = document["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
-    assert document["command"].startswith("akd bench --config tiny")
+    assert document["command"] == "akd bench --config tiny --device cpu --out out"
 
 
 def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
@@ -84,6 +84,14 @@ def test_alternate_interleaves_after_warming_up():
     times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repetitions=3, warmup=1, device=torch.device("cpu"))
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then ABBA...
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_fast_candidates_repeat_until_min_seconds_are_spent():
+    import time
+
+    times = alternate({"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.002)}, repetitions=2, warmup=0,
+                      device=torch.device("cpu"), min_seconds=0.06)
+    assert 8 <= len(times["a"]) == len(times["b"]) <= 25  # about 0.06 s / 3 ms per round, not 2
 
 
 def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):

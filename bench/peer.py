@@ -12,18 +12,19 @@ from bench.context import Context
 from bench.litserve_app import PREDICT_PATH, request_json
 from bench.load import Request
 from bench.results import Section, Target
+from bench.servers import ServerProcess
 from bench.sharing import Load, Server, loads, measure, summary
 
 TARGET_RATIO = 1.0
 
 
-def litserve_server(url: str) -> Server:
+def litserve_server(process: ServerProcess) -> Server:
     import json
 
     def request(body: bytes, rows: int) -> Request:
         return Request(PREDICT_PATH, json.dumps(request_json(body)).encode(), rows, headers={"content-type": "application/json"})
 
-    return Server("LitServe", url, request)
+    return Server("LitServe", process, request)
 
 
 def run(ctx: Context) -> Section:
@@ -32,8 +33,10 @@ def run(ctx: Context) -> Section:
         "peer", "6. A peer: LitServe",
         "The load of benchmark 3 against `akd serve` (batching on) and against LitServe serving the same teacher "
         f"(max_batch_size = {max(spec.clients)} requests, batch_timeout = {ctx.cfg.max_wait_ms:g} ms, one worker); "
-        "rounds alternate between the two; rows/s = median over rounds.",
-        ["teacher", "load", "ours rows/s", "LitServe rows/s", "ours / LitServe", "ours p50/p99 ms", "LitServe p50/p99 ms"],
+        "rounds alternate between the two, the one not measured frozen (SIGSTOP: LitServe's idle workers poll, "
+        "about 20% of a core here); rows/s = median over rounds.",
+        ["teacher", "load", "ours rows/s", "LitServe rows/s", "ours / LitServe", "ours p50/p99 ms", "LitServe p50/p99 ms",
+         "ours / LitServe server cores"],
     )
     try:
         import litserve  # noqa: F401
@@ -42,7 +45,7 @@ def run(ctx: Context) -> Section:
         return section
     for teacher in spec.teachers:
         peer = ctx.litserve(teacher, max_batch_size=max(spec.clients))
-        servers = [sharing.ours("ours", ctx.service().url, teacher), litserve_server(peer.url)]
+        servers = [sharing.ours("ours", ctx.service(), teacher), litserve_server(peer)]
         results = measure(ctx, spec, teacher, servers)
         ctx.stop(peer.name)
         for load in loads(spec):
@@ -51,6 +54,7 @@ def run(ctx: Context) -> Section:
                 "teacher": teacher, "load": str(load), "ours rows/s": a["rows/s"], "LitServe rows/s": b["rows/s"],
                 "ours / LitServe": a["rows/s"] / b["rows/s"],
                 "ours p50/p99 ms": f"{a['p50 ms']:.1f} / {a['p99 ms']:.1f}", "LitServe p50/p99 ms": f"{b['p50 ms']:.1f} / {b['p99 ms']:.1f}",
+                "ours / LitServe server cores": _pair(a["server cores"], b["server cores"]),
                 "ours": a, "LitServe": b,
             })
         busiest = str(Load(max(spec.clients), spec.rows_per_client))
@@ -62,3 +66,7 @@ def run(ctx: Context) -> Section:
             f"{worst['ours / LitServe']:.2f} at {worst['load']}",
         ))
     return section
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a:.2f} / {b:.2f}"

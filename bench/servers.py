@@ -46,7 +46,26 @@ class ServerProcess:
     process: subprocess.Popen
     log: Path
 
+    def pause(self) -> None:
+        """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured one."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)  # its own session (start_new_session): the group holds its workers too
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) of the server and its worker processes so far; None off Linux."""
+        try:
+            return sum(_process_cpu(pid) for pid in _process_tree(self.process.pid))
+        except OSError:
+            return None
+
     def stop(self) -> None:
+        self.resume()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # both uvicorn and LitServe shut down cleanly on SIGINT
             try:
@@ -89,6 +108,20 @@ def litserve_peer(name: str, config: Path, teacher: str, log_dir: Path, device: 
         "--device", device, "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
     ]
     return start(name, command, log_dir, {}, health_path="/health")
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in os.listdir(f"/proc/{pids[i]}/task"):
+            pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{task}/children").read_text().split()]
+        i += 1
+    return pids
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -8,6 +8,7 @@ percentiles pool every request.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from bench.config import LoadSpec
 from bench.context import Context
 from bench.load import LoadResult, Request, closed_loop
 from bench.results import Section, Target
+from bench.servers import ServerProcess
 from bench.timing import median, order, percentile
 from shared import codec, protocol
 
@@ -35,8 +37,25 @@ class Load:
 @dataclass
 class Server:
     label: str
-    url: str
+    process: ServerProcess
     request: Callable[[bytes, int], Request]  # (safetensors input file, rows) -> what a client posts
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+
+@contextlib.contextmanager
+def alone(server: Server, servers: list[Server]):
+    """Measure `server` with the others frozen, however little they do when idle."""
+    others = [s.process for s in servers if s.process is not server.process]
+    for other in others:
+        other.pause()
+    try:
+        yield
+    finally:
+        for other in others:
+            other.resume()
 
 
 def loads(spec: LoadSpec) -> list[Load]:
@@ -48,9 +67,9 @@ def input_files(shape: tuple[int, int, int], load: Load) -> list[bytes]:
     return [codec.encode_inputs(torch.rand(load.rows, *shape, generator=torch.Generator().manual_seed(c))) for c in range(load.clients)]
 
 
-def ours(label: str, url: str, teacher: str) -> Server:
+def ours(label: str, process: ServerProcess, teacher: str) -> Server:
     params = {"teacher": teacher, "outputs": "probs", "cache": "bypass"}
-    return Server(label, url, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
+    return Server(label, process, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
 
 
 def measure(ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]) -> dict[tuple[str, Load], list[LoadResult]]:
@@ -61,19 +80,25 @@ def measure(ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]) -
     for rep in range(ctx.cfg.repetitions):
         ctx.progress(f"{teacher}: round {rep + 1}/{ctx.cfg.repetitions} of {', '.join(s.label for s in servers)}")
         for server in order(servers, rep):
-            for load in loads(spec):
-                count = max(1, spec.round_rows(teacher) // (load.clients * load.rows))
-                requests = [server.request(body, load.rows) for body in files[load]]
-                results.setdefault((server.label, load), []).append(closed_loop(server.url, requests, count))
+            with alone(server, servers):
+                for load in loads(spec):
+                    count = max(1, spec.round_rows(teacher) // (load.clients * load.rows))
+                    requests = [server.request(body, load.rows) for body in files[load]]
+                    results.setdefault((server.label, load), []).append(closed_loop(server.url, requests, count, server.process.cpu_seconds))
     return results
 
 
 def summary(runs: list[LoadResult]) -> dict:
+    """Median rows/s over rounds, latency percentiles over every request, and the cores each side kept busy."""
     latencies = [s for r in runs for s in r.latencies_s]
+    seconds = sum(r.seconds for r in runs)
+    server_cpu = [r.server_cpu_s for r in runs]
     return {
         "rows/s": median([r.rows_per_s for r in runs]),
         "p50 ms": percentile(latencies, 50) * 1e3,
         "p99 ms": percentile(latencies, 99) * 1e3,
+        "server cores": sum(server_cpu) / seconds if None not in server_cpu else None,
+        "client cores": sum(r.client_cpu_s for r in runs) / seconds,
         "rounds": [r.rows_per_s for r in runs],
     }
 
@@ -85,12 +110,13 @@ def run(ctx: Context) -> Section:
         "sharing", "3. Sharing one teacher",
         f"{', '.join(map(str, loads(spec)))} (clients x rows per request): closed-loop clients, each with its own "
         f"connection, float32 inputs, `cache=bypass`; the service with dynamic batching "
-        f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds.",
-        ["teacher", "load", "batching", "rows/s", "p50 ms", "p99 ms", f"vs {reference} (same server)"],
+        f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds; "
+        "server/client cores = CPU seconds per second the server's processes / all the clients spent.",
+        ["teacher", "load", "batching", "rows/s", "p50 ms", "p99 ms", "server cores", "client cores", f"vs {reference} (same server)"],
     )
-    urls = {"on": ctx.service(batching=True).url, "off": ctx.service(batching=False).url}
+    processes = {"on": ctx.service(batching=True), "off": ctx.service(batching=False)}
     for teacher in spec.teachers:
-        servers = [ours(label, url, teacher) for label, url in urls.items()]
+        servers = [ours(label, process, teacher) for label, process in processes.items()]
         results = measure(ctx, spec, teacher, servers)
         for server in servers:
             base = summary(results[(server.label, reference)])["rows/s"]

@@ -5,6 +5,7 @@ Both sides call these, so a trainer builds exactly the bytes the service expects
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
@@ -73,11 +74,14 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
         code = "bad_channels" if only_channels_differ else "bad_shape"
         raise CodecError(code, f"inputs have the wrong shape {tuple(x.shape)}", expected_shape, _describe(x))
     if x.dtype != torch.uint8:
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        # numpy, not torch: a server thread that is not the inference thread must not start an OpenMP team of
+        # its own, whose spinning workers would slow every forward pass on a machine with few cores
+        values = x.numpy()
+        finite = np.isfinite(values)
+        if not finite.all():
             bad = int((~finite).sum())
             raise CodecError("not_finite", f"inputs hold {bad} NaN/Inf value(s)", "finite values in [0, 1]", f"{bad} non-finite values")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(values.min()), float(values.max())
         if lo < 0.0 or hi > 1.0:
             raise CodecError(
                 "out_of_range",

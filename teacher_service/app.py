@@ -302,7 +302,7 @@ def _prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMo
     except codec.CodecError as exc:
         status = 400 if exc.code == "bad_body" else 422
         raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None
-    return Rows(codec.to_unit_float(x), row_keys(x), cache)
+    return Rows(x, row_keys(x), cache)  # scaled to [0, 1] on the inference thread
 
 
 def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wanted: list[Output]) -> bytes:

@@ -1,6 +1,7 @@
 """One formed batch through a teacher: cache lookups, forward passes for misses, inserts.
 
-Runs on the single inference thread, which therefore owns every cache mutation.
+Runs on the single inference thread, which therefore owns every cache mutation and
+does all of the service's parallel tensor work (one OpenMP thread team per process).
 Each member runs only on the rows it misses; a batch whose rows all hit costs
 no forward pass.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shared.codec import to_unit_float
 from shared.protocol import CacheMode
 from teacher_service.cache import LogitCache, MemberCache
 from teacher_service.metrics import Metrics
@@ -25,7 +27,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Rows:
     """A request's rows (or a slice of them) waiting for a batch."""
 
-    inputs: torch.Tensor  # (n, C, H, W) float32 in [0, 1], on the CPU
+    inputs: torch.Tensor  # (n, C, H, W) as sent (uint8 0..255, or float in [0, 1]), on the CPU
     keys: list[bytes]
     cache: CacheMode
 
@@ -58,7 +60,7 @@ class TeacherRunner:
                 m.model.to(memory_format=torch.channels_last)
 
     def run(self, batch: list[Rows]) -> list[RowsResult]:
-        x = torch.cat([r.inputs for r in batch])
+        x = torch.cat([to_unit_float(r.inputs) for r in batch])  # here: all of the service's tensor work on one thread
         keys = [k for r in batch for k in r.keys]
         modes = np.concatenate([np.full(len(r.keys), r.cache.value) for r in batch])
         readable, writable = modes == CacheMode.use.value, modes != CacheMode.bypass.value

@@ -48,6 +48,7 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
     assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
+    assert all(r["server cores"] > 0 and r["client cores"] > 0 for r in sections["sharing"]["rows"])  # from /proc
     machine = document["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
     assert document["command"] == "akd bench --config tiny --device cpu --out out"

@@ -13,7 +13,7 @@ from bench.litserve_app import PREDICT_PATH, request_json
 from bench.load import Request
 from bench.results import Section, Target
 from bench.servers import ServerProcess
-from bench.sharing import Load, Server, loads, measure, summary
+from bench.sharing import Load, Server, cores_text, loads, measure, summary
 
 TARGET_RATIO = 1.0
 
@@ -60,13 +60,14 @@ def run(ctx: Context) -> Section:
         busiest = str(Load(max(spec.clients), spec.rows_per_client))
         row = next(r for r in section.rows if r["teacher"] == teacher and r["load"] == busiest)
         worst = min((r for r in section.rows if r["teacher"] == teacher), key=lambda r: r["ours / LitServe"])
+        paired = [a / b for a, b in zip(row["ours"]["rounds"], row["LitServe"]["rounds"])]
         section.targets.append(Target(
             f"ours / LitServe rows/s, {teacher}, {busiest}", ">=", TARGET_RATIO, row["ours / LitServe"],
-            f"{row['ours rows/s']:,.0f} vs {row['LitServe rows/s']:,.0f} rows/s; lowest ratio over all loads "
-            f"{worst['ours / LitServe']:.2f} at {worst['load']}",
+            f"{row['ours rows/s']:,.0f} vs {row['LitServe rows/s']:,.0f} rows/s; round by round "
+            f"{min(paired):.2f} to {max(paired):.2f}; lowest ratio over all loads {worst['ours / LitServe']:.2f} at {worst['load']}",
         ))
     return section
 
 
 def _pair(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a:.2f} / {b:.2f}"
+    return f"{cores_text(a)} / {cores_text(b)}"

@@ -83,9 +83,11 @@ def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
             *shared, alone = rows
             line = ax.plot([int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label)[0]
             ax.axhline(alone["rows/s"], color=line.get_color(), ls=":", lw=1)
-        ax.set_title(f"{teacher} (dotted: one client sending {alone['load'].split(' x ')[1]} rows)")
-        ax.set_xlabel("concurrent clients")
+        clients = [int(r["load"].split(" x ")[0]) for r in shared]
+        ax.set_title(f"{teacher} (dotted: 1 x {alone['load'].split(' x ')[1]} rows)")
+        ax.set_xlabel(f"concurrent clients x {shared[0]['load'].split(' x ')[1]} rows")
         ax.set_ylabel("rows / s")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
         ax.legend(fontsize=8)
     return save_figure(fig, path)

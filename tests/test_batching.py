@@ -55,6 +55,19 @@ def test_eight_concurrent_clients_are_answered_correctly_in_shared_batches(tmp_p
     assert metric(metrics, 'akd_rows_total{teacher="m"}') == CLIENTS * ROWS * ROUNDS
 
 
+def test_a_lone_request_does_not_wait_for_company(tmp_path, mnist_members):
+    """With nobody else on the way in, a batch runs at once instead of waiting out max_wait_ms."""
+    config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_wait_ms": 5000.0})
+    with live_server(config) as (base, _):
+        for seed in range(3):
+            r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(random_inputs(ROWS, seed=seed)), timeout=60)
+            assert r.status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+    assert metric(metrics, 'akd_batch_rows_count{teacher="m"}') == 3
+    waited = metric(metrics, 'akd_queue_wait_seconds_sum{teacher="m"}')
+    assert waited < 3 * 5.0 / 2, f"lone requests waited {waited:.2f} s in total for a batch that could not grow"
+
+
 def test_batching_off_runs_each_request_alone(tmp_path, mnist_members):
     config = write_config(
         tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"batching": False, "max_wait_ms": 50.0}

@@ -74,8 +74,8 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
         code = "bad_channels" if only_channels_differ else "bad_shape"
         raise CodecError(code, f"inputs have the wrong shape {tuple(x.shape)}", expected_shape, _describe(x))
     if x.dtype != torch.uint8:
-        # numpy, not torch: a server thread that is not the inference thread must not start an OpenMP team of
-        # its own, whose spinning workers would slow every forward pass on a machine with few cores
+        # numpy, not torch: the service validates on its event loop or a worker thread, and keeps torch's
+        # parallel (OpenMP) work on its inference thread, where the forward pass needs every core
         values = x.numpy()
         finite = np.isfinite(values)
         if not finite.all():

@@ -23,7 +23,7 @@ from shared import codec, protocol
 from shared.ensemble import aggregate_probs, mean_logits
 from shared.hashing import row_keys
 from shared.protocol import CacheMode, ErrorBody, ErrorDetail, Output, TeachersResponse
-from teacher_service.batcher import Batcher, QueueFull, joined
+from teacher_service.batcher import Batcher, QueueFull
 from teacher_service.cache import LogitCache
 from teacher_service.config import ServiceConfig
 from teacher_service.inference import Rows, RowsResult, TeacherRunner
@@ -247,7 +247,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             except QueueFull as exc:
                 raise ServiceError(503, "queue_full", "the service is saturated; retry shortly",
                                    f"fewer than {exc.limit} queued rows", f"{exc.queued} queued rows", headers={"Retry-After": "1"}) from None
-        result = joined(await queued)
+        result = await queued
         tau = t.config.temperature if temperature is None else temperature
         payload = await _off_loop_if_large(result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted)
         service.metrics.request(t.name, 200, len(rows.keys))

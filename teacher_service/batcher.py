@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -81,8 +81,8 @@ class Batcher:
             self._arriving -= 1
             self._arrived.set()
 
-    def enqueue(self, rows: Rows) -> asyncio.Future:
-        """Queue the rows (sliced to batch size); the returned future holds their result."""
+    def enqueue(self, rows: Rows) -> Awaitable[RowsResult]:
+        """Queue the rows (sliced to batch size) now; await the result to get them back whole."""
         n = len(rows.keys)
         if self._queued_rows + n > self.max_queue_rows:
             raise QueueFull(self._queued_rows, self.max_queue_rows)
@@ -93,7 +93,7 @@ class Batcher:
         self._queued_rows += n
         self._metrics.queue_rows(self.name, self._queued_rows)
         self._arrived.set()
-        return asyncio.gather(*(p.future for p in pending))
+        return _joined(asyncio.gather(*(p.future for p in pending)))
 
     async def _loop(self) -> None:
         while True:
@@ -150,8 +150,9 @@ class Batcher:
                 p.future.set_result(result)
 
 
-def joined(results: list[RowsResult]) -> RowsResult:
+async def _joined(slices: Awaitable[list[RowsResult]]) -> RowsResult:
     """One request's result from the results of its slices."""
+    results = await slices
     if len(results) == 1:
         return results[0]
     return RowsResult(torch.cat([r.member_logits for r in results], dim=1), sum(r.cache_hits for r in results))

@@ -2,8 +2,8 @@
 
 Each client sends small batches (16 rows, float32, `cache=bypass`) in a closed
 loop; the yardstick is one client sending batch 128. Rounds alternate between
-the servers compared and repeat; rows/s are medians over rounds, latency
-percentiles pool every request.
+the servers compared (the one not measured is frozen) and repeat; rows/s are
+medians over rounds, latency percentiles pool every request.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
     command = shlex.join(["akd", "bench", *args.argv])
     ctx = Context(cfg, device, workdir)
+    where = machine(device)
     sections = []
     try:
         for i, key in enumerate(chosen, 1):
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             section = modules[key].run(ctx)
             section.seconds = time.perf_counter() - started
             sections.append(section)
-            report.write(out, sections, machine(device), command, preset, cfg.repetitions, cfg.model_dump())
+            report.write(out, sections, where, command, preset, cfg.repetitions, cfg.model_dump())
     finally:
         ctx.close()
     print((out / "RESULTS.md").read_text())

@@ -9,6 +9,8 @@ alongside, to show what the teacher query costs at all.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from bench.context import Context
@@ -67,7 +69,7 @@ def run(ctx: Context) -> Section:
 
 
 def _stepper(trainer: Trainer, data: list):
-    batches = iter(data * 2)
+    batches = itertools.cycle(data)
 
     def step() -> None:
         x, y = next(batches)

@@ -1,8 +1,8 @@
 """The peer: the same teacher served by LitServe with its own dynamic batching.
 
-Only the serving framework differs from `akd serve`: the same checkpoint, the
-same forward pass (`TeacherRunner.forward`), the same ensemble formula and the
-same safetensors tensors. LitServe's request path parses JSON, so the input
+Only the serving framework differs from `akd serve`: the same checkpoint, and
+`LocalTeacher`, which runs the service's own forward pass and ensemble formula,
+with the same safetensors tensors. LitServe's request path parses JSON, so the input
 file travels base64-encoded in `{"inputs": ...}`, the way LitServe's own
 examples send binary data; the answer is the same safetensors file as ours.
 
@@ -20,7 +20,6 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from shared import codec, protocol
-from shared.ensemble import aggregate_probs
 
 PREDICT_PATH = "/predict"
 
@@ -36,20 +35,15 @@ class TeacherAPI(ls.LitAPI):
         self.config_path, self.teacher_name = config_path, teacher
 
     def setup(self, device: str) -> None:
-        from teacher_service.config import load_config
-        from teacher_service.inference import TeacherRunner
-        from teacher_service.metrics import Metrics
-        from teacher_service.registry import load_teachers
+        from student_trainer.teacher_client import LocalTeacher
 
-        config = load_config(self.config_path, environ={})
-        self.torch_device = torch.device(device)
-        self.teacher = load_teachers(config, self.torch_device)[self.teacher_name]
-        self.runner = TeacherRunner(self.teacher, None, self.torch_device, Metrics())
+        self.teacher = LocalTeacher(self.config_path, self.teacher_name, temperature=None, device=torch.device(device))
+        self.input_shape = tuple(self.teacher.info().input_shape)
 
     def decode_request(self, request: dict) -> torch.Tensor:
         try:
             tensors = codec.decode(base64.b64decode(request["inputs"]))
-            return codec.to_unit_float(codec.validate_inputs(tensors, self.teacher.config.input_shape))
+            return codec.to_unit_float(codec.validate_inputs(tensors, self.input_shape))
         except (KeyError, TypeError, ValueError) as exc:
             raise HTTPException(422, f"expected {{'inputs': base64 safetensors}}: {exc}") from None
 
@@ -58,9 +52,7 @@ class TeacherAPI(ls.LitAPI):
 
     def predict(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         parts = x if isinstance(x, list) else [x]
-        rows = torch.cat(parts)
-        member_logits = torch.stack([self.runner.forward(m, rows) for m in self.teacher.members])
-        probs = aggregate_probs(member_logits, self.teacher.weights, self.teacher.config.temperature, self.teacher.config.aggregate)
+        probs = self.teacher(torch.cat(parts))
         split = list(torch.split(probs, [len(p) for p in parts]))
         return split if isinstance(x, list) else split[0]
 

@@ -41,7 +41,7 @@ def alternate(
     names = list(candidates)
     rep = 0
     while rep < max(repetitions, _repetitions_for(times, min_seconds)):
-        for name in names if rep % 2 == 0 else reversed(names):
+        for name in order(names, rep):
             times[name].append(timed(candidates[name], device))
         rep += 1
     return times

@@ -121,7 +121,8 @@ class LocalTeacher:
     forward path and ensemble formula, so both give the same numbers on one device.
     """
 
-    def __init__(self, config_path: str | Path, name: str | None, temperature: float, device: torch.device):
+    def __init__(self, config_path: str | Path, name: str | None, temperature: float | None, device: torch.device):
+        """`temperature=None`: the teacher's own, as the service uses when a request names none."""
         from teacher_service.config import load_config
         from teacher_service.inference import TeacherRunner
         from teacher_service.metrics import Metrics
@@ -134,7 +135,8 @@ class LocalTeacher:
         if name not in teachers:
             raise ValueError(f"{config_path} declares teachers {sorted(teachers)}, not {name!r}: set teacher.name")
         self.teacher = teachers[name]
-        self.name, self.temperature = name, temperature
+        self.name = name
+        self.temperature = self.teacher.config.temperature if temperature is None else temperature
         self._runner = TeacherRunner(self.teacher, None, device, Metrics(), config.server.autocast, config.server.channels_last)
         self.rows_requested = 0
         self.cache_hits = 0

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"bench": (add_arguments, run)}  # for `akd bench` (shared/cli.py)
+
+
 def _chosen(only: str | None) -> list[str]:
     if not only:
         return list(BENCHMARKS)

@@ -1,26 +1,44 @@
-"""The `akd` command: one entry point, a subcommand per job."""
+"""The `akd` command: one entry point, a subcommand per job, each imported only when it runs.
+
+The subcommands are named here as data, with the module that implements each, so that
+`akd serve` imports the service and nothing else: an image or a machine that holds only
+what serving needs still runs it, and `akd --help` imports no side at all. Each module
+declares `COMMANDS = {name: (add_arguments, run)}`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import NamedTuple
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench import cli as bench
-    from student_trainer import cli as trainer
-    from teacher_service import cli as serve
+class Subcommand(NamedTuple):
+    module: str
+    help: str
 
-    parser = argparse.ArgumentParser(prog="akd", description="Adversarial knowledge distillation with a shared teacher service.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_parser = sub.add_parser("serve", help="serve teacher soft targets over HTTP (POST /soft-targets)")
-    serve.add_arguments(serve_parser)
-    serve_parser.set_defaults(run=serve.run)
-    trainer.register(sub)
-    bench_parser = sub.add_parser("bench", help="benchmarks: what the service costs and saves, measured side by side")
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.run)
-    argv = sys.argv[1:] if argv is None else argv
+
+SUBCOMMANDS = {
+    "serve": Subcommand("teacher_service.cli", "serve teacher soft targets over HTTP (POST /soft-targets)"),
+    "train": Subcommand("student_trainer.cli", "train one model (PGD-AT, TRADES, AKD, ARD, RSLAD, IAD)"),
+    "eval": Subcommand("student_trainer.cli", "robust evaluation of a checkpoint on the test split"),
+    "compare": Subcommand("student_trainer.cli", "compare runs: validation accuracy, curves, forgetting on the hardest samples"),
+    "demo": Subcommand("student_trainer.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"),
+    "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
+}
+
+
+def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description="Adversarial knowledge distillation with a shared teacher service.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=SUBCOMMANDS[name].help, description=SUBCOMMANDS[name].help) for name in commands}
+    chosen = argv[0] if argv else None
+    if chosen in parsers:  # anything else (no command, --help, a typo) is argparse's to answer
+        add_arguments, run = importlib.import_module(SUBCOMMANDS[chosen].module).COMMANDS[chosen]
+        add_arguments(parsers[chosen])
+        parsers[chosen].set_defaults(run=run)
     args = parser.parse_args(argv)
     args.argv = argv[1:]  # after the subcommand: how a run records its command
     return args.run(args)

@@ -1,5 +1,7 @@
+"""`python -m student_trainer train|eval|compare|demo ...`: the same as `akd train|eval|compare|demo ...`."""
+
 import sys
 
-from student_trainer.cli import main
+from shared.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m student_trainer", commands=("train", "eval", "compare", "demo")))

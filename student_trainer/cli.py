@@ -1,4 +1,4 @@
-"""`akd train` and `akd eval`: thin shells over the config, the Trainer and `evaluate`."""
+"""`akd train`, `eval`, `compare` and `demo`: thin shells over the configs, the Trainer, `evaluate` and the demo."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
             if not config_file.exists():
                 raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run folder?")
             cfg = load_train_config(args.config, args.sets, base=json.loads(config_file.read_text()))
+            cfg = cfg.model_copy(update={"out_dir": Path(args.resume).absolute()})  # the run lives where it is now, moved or not
         else:
             cfg = load_train_config(args.config, args.sets)
     except ConfigError as exc:
@@ -216,24 +217,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m student_trainer", description="Train and evaluate robust students.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-COMMANDS = {  # name: (help, add its arguments, run it)
-    "train": ("train one model (PGD-AT, TRADES, AKD, ARD, RSLAD, IAD)", add_train_arguments, run_train),
-    "eval": ("robust evaluation of a checkpoint on the test split", add_eval_arguments, run_eval),
-    "compare": ("compare runs: validation accuracy, curves, forgetting on the hardest samples", add_compare_arguments, run_compare),
-    "demo": ("the paper's pipeline end to end: teachers, service, students, evaluation, report", add_demo_arguments, run_demo),
+COMMANDS = {  # name: (add its arguments, run it); `akd` (shared/cli.py) names and describes them
+    "train": (add_train_arguments, run_train),
+    "eval": (add_eval_arguments, run_eval),
+    "compare": (add_compare_arguments, run_compare),
+    "demo": (add_demo_arguments, run_demo),
 }
-
-
-def register(sub) -> None:
-    for name, (text, add_arguments, run) in COMMANDS.items():
-        parser = sub.add_parser(name, help=text)
-        add_arguments(parser)
-        parser.set_defaults(run=run)

@@ -163,7 +163,8 @@ def _absolute(path: Path, base: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
-def _resolve_file_paths(raw: dict, base: Path) -> dict:
+def resolve_file_paths(raw: dict, base: Path) -> dict:
+    """The path fields of one run's raw table, made absolute against `base` (the folder of the file they came from)."""
     for key in ("data_dir", "out_dir"):
         if isinstance(raw.get(key), str):
             raw[key] = str(_absolute(Path(raw[key]), base))
@@ -180,7 +181,7 @@ def load_train_config(path: str | Path | None = None, sets: list[str] | None = N
     if path is not None:
         path = Path(path)
         source = str(path)
-        raw.update(_resolve_file_paths(read_toml(path), path.resolve().parent))
+        raw.update(resolve_file_paths(read_toml(path), path.resolve().parent))
     raw = apply_sets(raw, sets or [], Path.cwd())
     try:
         return TrainConfig.model_validate(raw)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.health import free_port, wait_healthy
-from student_trainer.config import DISTILLATION_METHODS, TrainConfig
+from student_trainer.config import DISTILLATION_METHODS, TrainConfig, resolve_file_paths
 
 STAGES = ("teachers", "serve", "students", "evaluate", "report")
 MARKER = ".akd-demo"
@@ -94,17 +94,39 @@ def load_demo_config(path: str | Path | None, quick: bool) -> DemoConfig:
         raw, source = tomllib.loads(text), f"preset {preset}"
     else:
         raw, source = read_toml(path), str(path)
+        _resolve_plan_paths(raw, Path(path).resolve().parent)
     try:
         return DemoConfig.model_validate(raw)
     except ValidationError as exc:
         raise validation_error(exc, source) from None
 
 
+def _resolve_plan_paths(raw: dict, base: Path) -> None:
+    """Paths written in a plan file mean the plan's folder, as in every other config file."""
+    for table in [raw.get("common"), *(raw.get("teachers") or []), *(raw.get("students") or [])]:
+        if isinstance(table, dict):
+            resolve_file_paths(table, base)
+
+
+def relative_to_file(target: Path, file: Path) -> str:
+    """`target` as a path relative to `file`'s folder: a generated config stays right when its folder moves."""
+    return os.path.relpath(target, file.parent)
+
+
+def write_toml(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Written by akd demo. Relative paths resolve against this file's folder.\n" + tomli_w.dumps(raw))
+    return path
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where everything lives inside the demo's output folder."""
 
-    root: Path
+    root: Path  # absolute: subprocesses and generated files must not depend on a working directory
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(os.path.abspath(self.root)))
 
     def teacher(self, name: str) -> Path:
         return self.root / "teachers" / name
@@ -202,16 +224,13 @@ class Demo:
 
     def write_run_config(self, run_dir: Path, spec: dict, seed: int | None = None, teacher: dict | None = None) -> Path:
         raw = merge(self.cfg.common, strip(spec))
-        raw["out_dir"] = str(run_dir)
+        raw["out_dir"] = "."  # the folder of run.toml itself
         if seed is not None:
             raw["seed"] = seed
         if teacher is not None:
             raw["teacher"] = teacher
         TrainConfig.model_validate(raw)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "run.toml"
-        path.write_text(tomli_w.dumps(raw))
-        return path
+        return write_toml(run_dir / "run.toml", raw)
 
     def train_job(self, name: str, run_dir: Path, config: Path) -> Job | None:
         """None when the run is complete; a resume when it was interrupted."""
@@ -243,14 +262,15 @@ class Demo:
 
     def write_service_config(self) -> None:
         """The early-stopped teachers (best.pt) as one ensemble and each on its own."""
-        members = {t["name"]: {"path": str(self.layout.teacher(t["name"]) / "best.pt"), "weight": 1.0} for t in self.cfg.teachers}
-        first = load_checkpoint(next(iter(members.values()))["path"])  # the checkpoint knows its classes and input shape
+        file = self.layout.service_config
+        checkpoints = {t["name"]: self.layout.teacher(t["name"]) / "best.pt" for t in self.cfg.teachers}
+        first = load_checkpoint(next(iter(checkpoints.values())))  # the checkpoint knows its classes and input shape
         shape = {"num_classes": first.num_classes, "input_shape": list(first.input_shape)}
+        members = {name: {"path": relative_to_file(path, file), "weight": 1.0} for name, path in checkpoints.items()}
         teachers = {ENSEMBLE: {**shape, "members": list(members.values())}}
         teachers.update({name: {**shape, "members": [m]} for name, m in members.items()})
-        config = {"server": {"cache_dir": str(self.layout.cache)}, "teachers": teachers}  # host and port: given when served
-        self.layout.service_config.parent.mkdir(parents=True, exist_ok=True)
-        self.layout.service_config.write_text(tomli_w.dumps(config))
+        config = {"server": {"cache_dir": relative_to_file(self.layout.cache, file)}, "teachers": teachers}  # host, port: when served
+        write_toml(file, config)
         for name in members:
             chosen = json.loads((self.layout.teacher(name) / "config.json").read_text())
             best = _best_epoch(self.layout.teacher(name))
@@ -268,7 +288,7 @@ class Demo:
         url = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_healthy(url, alive=lambda: proc.poll() is None, timeout_s=120)
+                wait_healthy(url, alive=lambda: proc.poll() is None, timeout_s=600)  # a hang, not a slow start
             except (RuntimeError, TimeoutError) as exc:
                 raise DemoError(f"{exc}; see {log}") from None
             say(f"[serve] teacher service up at {url} (log: {log})")

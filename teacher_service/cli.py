@@ -45,3 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teacher_service", description="Serve teacher soft targets.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+COMMANDS = {"serve": (add_arguments, run)}  # for `akd serve` (shared/cli.py)

@@ -1,9 +1,10 @@
-"""Fixtures: real teachers on disk, real uvicorn servers on ephemeral loopback ports."""
+"""Fixtures: real teachers on disk, real uvicorn servers on ephemeral loopback ports, fresh copies of the checkout."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,24 @@ from teacher_service.config import load_config
 
 MNIST_SHAPE = (1, 28, 28)
 REPO = Path(__file__).resolve().parents[1]
+# Every wait in the suite is bounded by this ceiling against hangs, never by a budget: on a loaded 2-core
+# machine the suite runs several times slower than on an idle one, and no test may fail for that.
+HANG_S = 1800.0
+
+
+def copy_checkout(dst: Path) -> Path:
+    """What a fresh clone of this checkout holds (tracked and not-ignored files, as they are now), copied to `dst`.
+
+    The user's-side tests run the README's commands there: no .venv, runs/ or build/ of the developer's.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the working tree is not part of the copy
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dst / name)
+    return dst
 
 
 def seeded_model(seed: int, arch: str = "small_cnn", shape=MNIST_SHAPE, num_classes: int = 10) -> torch.nn.Module:
@@ -83,7 +102,7 @@ def live_server(config_path: Path, **overrides):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    wait_healthy(base, alive=thread.is_alive, timeout_s=30)
+    wait_healthy(base, alive=thread.is_alive, timeout_s=HANG_S)
     try:
         yield base, app
     finally:
@@ -104,17 +123,17 @@ class ServerProcess:
             [sys.executable, "-m", "teacher_service", "--config", str(config_path), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
         )
-        wait_healthy(self.base, alive=lambda: self.proc.poll() is None, timeout_s=60)
+        wait_healthy(self.base, alive=lambda: self.proc.poll() is None, timeout_s=HANG_S)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=HANG_S)
         self.log.close()
 
     def stop(self) -> bool:
         """SIGTERM; True when the server shut down gracefully (uvicorn then re-raises the signal)."""
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
+        code = self.proc.wait(timeout=HANG_S)
         self.log.close()
         return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log_path.read_text()
 

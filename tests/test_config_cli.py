@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import (
+    HANG_S,
     REPO,
     ServerProcess,
     export_member,
@@ -391,7 +392,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _run_cli(argv: list[str], env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _run_cli(argv: list[str], env: dict | None = None, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env or _clean_env(), timeout=timeout)
 
 
@@ -451,10 +452,10 @@ def relative_config(tmp_path) -> tuple[Path, Path]:
 
 
 def _check_serving(base: str, conf_dir: Path) -> None:
-    health = httpx.get(base + "/healthz", timeout=10)
+    health = httpx.get(base + "/healthz", timeout=HANG_S)
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["teachers"] == ["mnist"]
-    teachers = httpx.get(base + "/teachers", timeout=10)
+    teachers = httpx.get(base + "/teachers", timeout=HANG_S)
     assert teachers.status_code == 200
     (info,) = teachers.json()["teachers"]
     assert info["name"] == "mnist" and info["num_classes"] == 10 and info["input_shape"] == [1, 28, 28]
@@ -462,7 +463,7 @@ def _check_serving(base: str, conf_dir: Path) -> None:
         (conf_dir / "weights" / "a.pt").resolve(), (conf_dir / "weights" / "c.pt2").resolve(),
     ]
     assert [m["weight"] for m in info["members"]] == pytest.approx([0.25, 0.75])
-    r = httpx.post(base + "/soft-targets", content=encode_inputs(random_inputs(2, seed=4)), timeout=30)
+    r = httpx.post(base + "/soft-targets", content=encode_inputs(random_inputs(2, seed=4)), timeout=HANG_S)
     assert r.status_code == 200, r.text
     assert decode(r.content)["probs"].shape == (2, 10)
 
@@ -478,7 +479,7 @@ def test_python_m_teacher_service_serves_and_stops_on_sigterm(tmp_path, relative
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
-            server.proc.wait(timeout=30)
+            server.proc.wait(timeout=HANG_S)
     log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in log
     assert "Application shutdown complete" in log
@@ -496,16 +497,26 @@ def test_akd_serve_takes_port_and_cache_dir_from_the_environment(tmp_path, relat
         proc = subprocess.Popen([str(AKD_SCRIPT), "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_healthy(base, alive=lambda: proc.poll() is None, timeout_s=60)
+            wait_healthy(base, alive=lambda: proc.poll() is None, timeout_s=HANG_S)
             _check_serving(base, conf_dir)
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
+            code = proc.wait(timeout=HANG_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(timeout=30)
+                proc.wait(timeout=HANG_S)
     text = log_path.read_text()
     assert code in (0, -signal.SIGTERM), (code, text[-3000:])
     assert "Application shutdown complete" in text and "Traceback" not in text
     assert (cwd / "env-cache").is_dir()
     assert not (conf_dir / "env-cache").exists()
+
+
+@pytest.mark.parametrize("argv,imported", [(["serve", "--help"], ["teacher_service"]), (["--help"], []),
+                                           (["bench", "--help"], ["bench"])])
+def test_akd_imports_only_the_subcommand_it_runs(argv, imported):
+    """An image without bench once could not even serve (`from bench import cli` ran first): each side loads alone."""
+    code = ("import sys\nfrom shared.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'bench', 'student_trainer', 'teacher_service'}))")
+    done = _run_cli([sys.executable, "-c", code, *argv])
+    assert done.stdout.strip().splitlines()[-1] == str(imported), done.stderr

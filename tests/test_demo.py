@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import HANG_S, REPO
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
 TEACHERS = ("at-s10", "at-s11", "weak-s12")
 NUMBERS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece")
 
 
-def akd(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -50,10 +50,12 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert "[teachers] started" in done.stdout and "[students] started" in done.stdout and "[serve] teacher service up" in done.stdout
 
 
-def test_rerun_reuses_checkpoints_and_evaluations(quick_demo):
+def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(quick_demo):
     out, _ = quick_demo
-    again = akd("demo", "--quick", "--out", str(out))
+    moved = out.rename(out.parent / "moved")  # what the demo wrote must not point back to where it was
+    again = akd("demo", "--quick", "--out", str(moved))
     assert again.returncode == 0, again.stderr
+    assert "[serve] teacher service up" in again.stdout  # from the moved service config and checkpoints
     assert "started" not in again.stdout  # no training, no evaluation: everything was there
     assert again.stdout.count("reusing") == len(TEACHERS) + len(STUDENTS)
     assert "| pgd-at |" in again.stdout
@@ -79,3 +81,15 @@ def test_bad_plans_are_refused_before_any_work(tmp_path, plan, message):
     (tmp_path / "plan.toml").write_text(plan)
     done = akd("demo", "--config", str(tmp_path / "plan.toml"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_paths_in_a_plan_file_resolve_against_its_folder(tmp_path):
+    from student_trainer.demo import load_demo_config
+
+    plan = tmp_path / "plans" / "plan.toml"
+    plan.parent.mkdir()
+    plan.write_text("seeds = [0]\ncommon = { data_dir = 'data' }\nteachers = [{name = 't', data_dir = '../elsewhere'}]\n"
+                    "students = [{name = 's', method = 'at'}]\n")
+    cfg = load_demo_config(plan, quick=False)
+    assert cfg.common["data_dir"] == str(plan.parent / "data")
+    assert cfg.teachers[0]["data_dir"] == str(tmp_path / "elsewhere")

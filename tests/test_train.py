@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, live_server, write_config
+from conftest import HANG_S, REPO, live_server, write_config
 from shared.checkpoint import load_checkpoint
 from student_trainer.config import load_train_config
 from student_trainer.train import Trainer, train
@@ -98,7 +98,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def akd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=HANG_S, cwd=REPO)
 
 
 @pytest.mark.parametrize(
@@ -124,11 +124,11 @@ def test_missing_dataset_folder_says_what_to_put_where(tmp_path):
 def test_akd_eval_writes_json_table_and_diagram(teacher_run, tmp_path):
     out = tmp_path / "eval.json"
     done = akd("eval", "--checkpoint", str(teacher_run / "best.pt"), "--attacks", "clean,pgd,autoattack",
-               "--limit", "12", "--set", "attack.eps=0.3", "--out", str(out))
+               "--limit", "12", "--autoattack-limit", "4", "--set", "attack.eps=0.3", "--out", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert {"clean_acc", "pgd_acc", "autoattack_acc", "ece"} <= set(report)
-    assert report["n"] == 12 and report["attack"]["eps"] == 0.3
+    assert report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3  # AutoAttack is the costly part
     assert report["autoattack_acc"] <= report["clean_acc"]
     assert "| PGD accuracy |" in done.stdout
     assert out.with_suffix(".reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -156,7 +156,7 @@ def test_akd_train_resume_after_kill_9(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG_S
         while not (out / "last.pt").exists():
             assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch"
             time.sleep(0.05)
@@ -169,6 +169,16 @@ def test_akd_train_resume_after_kill_9(tmp_path):
     assert done.returncode == 0, done.stderr
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert load_checkpoint(out / "last.pt").metadata["epoch"] == 3
+
+
+def test_resume_continues_a_run_in_the_folder_it_was_moved_to(tmp_path):
+    first = tmp_path / "first"
+    sets = ["limit_train=128", "val_size=50", "epochs=1", "batch_size=64", "attack.steps=1", f"out_dir={first}"]
+    assert akd("train", *[f"--set={s}" for s in sets]).returncode == 0
+    moved = first.rename(tmp_path / "moved")
+    done = akd("train", "--resume", str(moved), "--set", "epochs=2")
+    assert done.returncode == 0, done.stderr
+    assert [m["epoch"] for m in read_metrics(moved)] == [1, 2] and not first.exists()
 
 
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(caplog):

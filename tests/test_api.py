@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import live_server, mnist_teacher, random_inputs, write_config
+from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
 from shared import codec
 from shared.hashing import file_version
 from shared.protocol import TeachersResponse
@@ -23,7 +23,7 @@ def server(tmp_path, mnist_members):
 
 
 def test_teachers_lists_members_versions_and_shapes(server, mnist_members):
-    info = TeachersResponse.model_validate(httpx.get(f"{server}/teachers").json())
+    info = TeachersResponse.model_validate(httpx.get(f"{server}/teachers", timeout=HANG_S).json())
     teachers = {t.name: t for t in info.teachers}
     ens = teachers["ens"]
     assert (ens.num_classes, ens.input_shape, ens.aggregate.value, ens.temperature) == (10, (1, 28, 28), "logits", 3.0)
@@ -34,15 +34,15 @@ def test_teachers_lists_members_versions_and_shapes(server, mnist_members):
 
 
 def test_teacher_is_required_when_several_are_served(server):
-    r = httpx.post(f"{server}/soft-targets", content=codec.encode_inputs(random_inputs(1)))
+    r = httpx.post(f"{server}/soft-targets", content=codec.encode_inputs(random_inputs(1)), timeout=HANG_S)
     assert r.status_code == 400 and r.json()["error"]["code"] == "teacher_required"
     assert "ens" in r.json()["error"]["expected"]
 
 
 def test_healthz_and_metrics(server):
-    assert httpx.get(f"{server}/healthz").json() == {"status": "ok", "device": "cpu", "teachers": ["ens", "solo"]}
-    httpx.post(f"{server}/soft-targets", params={"teacher": "solo"}, content=codec.encode_inputs(random_inputs(3)))
-    text = httpx.get(f"{server}/metrics").text
+    assert httpx.get(f"{server}/healthz", timeout=HANG_S).json() == {"status": "ok", "device": "cpu", "teachers": ["ens", "solo"]}
+    httpx.post(f"{server}/soft-targets", params={"teacher": "solo"}, content=codec.encode_inputs(random_inputs(3)), timeout=HANG_S)
+    text = httpx.get(f"{server}/metrics", timeout=HANG_S).text
     for name in ("akd_requests_total", "akd_rows_total", "akd_batch_rows_bucket", "akd_queue_wait_seconds_bucket",
                  "akd_compute_seconds_bucket", "akd_cache_hits_total", "akd_cache_misses_total", "akd_queue_rows"):
         assert name in text, name
@@ -51,7 +51,7 @@ def test_healthz_and_metrics(server):
 
 
 def test_openapi_describes_the_binary_format(server):
-    spec = httpx.get(f"{server}/openapi.json").json()
+    spec = httpx.get(f"{server}/openapi.json", timeout=HANG_S).json()
     op = spec["paths"]["/soft-targets"]["post"]
     body = op["requestBody"]
     assert body["content"]["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
@@ -61,4 +61,4 @@ def test_openapi_describes_the_binary_format(server):
     assert {"X-Cache-Hits", "X-Teacher-Versions"} <= set(ok["headers"])
     params = {p["name"] for p in op["parameters"]}
     assert params == {"teacher", "temperature", "outputs", "cache"}
-    assert httpx.get(f"{server}/docs").status_code == 200
+    assert httpx.get(f"{server}/docs", timeout=HANG_S).status_code == 200

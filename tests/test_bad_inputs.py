@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from conftest import export_member, live_server, mnist_teacher, random_inputs, save_member, write_config
+from conftest import HANG_S, export_member, live_server, mnist_teacher, random_inputs, save_member, write_config
 from shared.codec import decode, encode_inputs
 from shared.protocol import HEADER_CACHE_HITS, INPUT_DTYPES
 
@@ -57,7 +57,7 @@ def client(members, tmp_path_factory):
             "cache_flush_s": 0.5,
         },
     )
-    with live_server(config) as (base, _app), httpx.Client(base_url=base, timeout=30) as c:
+    with live_server(config) as (base, _app), httpx.Client(base_url=base, timeout=HANG_S) as c:
         yield c
 
 
@@ -69,7 +69,7 @@ def token_client(members, tmp_path_factory):
         {"mnist": mnist_teacher([(members["a"], 1.0), (members["c"], 1.0)])},
         server={"device": "cpu", "token": "s3cret"},
     )
-    with live_server(config) as (base, _app), httpx.Client(base_url=base, timeout=30) as c:
+    with live_server(config) as (base, _app), httpx.Client(base_url=base, timeout=HANG_S) as c:
         yield c
 
 

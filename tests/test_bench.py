@@ -14,13 +14,13 @@ import torch
 
 from bench.config import load_bench_config
 from bench.timing import alternate
-from conftest import REPO, live_server, random_inputs
+from conftest import HANG_S, REPO, live_server, random_inputs
 from shared.configfile import ConfigError
 
 BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer"}
 
 
-def akd_bench(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -66,9 +66,9 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
 
 
 def test_bad_arguments_fail_clearly(tmp_path):
-    missing = akd_bench("--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o"), timeout=120)
+    missing = akd_bench("--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 2 and "nope.toml" in missing.stderr and "full, quick, tiny" in missing.stderr
-    only = akd_bench("--config", "tiny", "--only", "overhead,speed", "--out", str(tmp_path / "o"), timeout=120)
+    only = akd_bench("--config", "tiny", "--only", "overhead,speed", "--out", str(tmp_path / "o"))
     assert only.returncode == 2 and "--only 'overhead,speed'" in only.stderr and "end_to_end" in only.stderr
     assert not (tmp_path / "o").exists()
 
@@ -107,12 +107,12 @@ def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
     body = codec.encode_inputs(x)
     peer = litserve_peer("peer", config, "small_cnn", tmp_path / "logs", "cpu", max_batch_size=4, batch_timeout_s=0.002)
     try:
-        theirs = httpx.post(peer.url + PREDICT_PATH, json=request_json(body), timeout=60)
-        refused = httpx.post(peer.url + PREDICT_PATH, json={"pixels": []}, timeout=60)
+        theirs = httpx.post(peer.url + PREDICT_PATH, json=request_json(body), timeout=HANG_S)
+        refused = httpx.post(peer.url + PREDICT_PATH, json={"pixels": []}, timeout=HANG_S)
     finally:
         peer.stop()
     with live_server(config) as (base, _):
-        ours = httpx.post(base + "/soft-targets", content=body, params={"teacher": "small_cnn"}, timeout=60)
+        ours = httpx.post(base + "/soft-targets", content=body, params={"teacher": "small_cnn"}, timeout=HANG_S)
     assert theirs.status_code == 200 and ours.status_code == 200
     torch.testing.assert_close(codec.decode(theirs.content)["probs"], codec.decode(ours.content)["probs"])
     assert refused.status_code == 422 and "inputs" in refused.text

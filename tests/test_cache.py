@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ServerProcess, live_server, mnist_teacher, random_inputs, save_member, write_config
+from conftest import HANG_S, ServerProcess, live_server, mnist_teacher, random_inputs, save_member, write_config
 from shared import codec
 from shared.hashing import file_version, row_keys
 from teacher_service.cache import COMMITTED, LogitCache, row_bytes
@@ -21,7 +21,7 @@ from test_soft_targets import reference_member_logits
 
 
 def post(base, x, **params) -> httpx.Response:
-    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=30)
+    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=HANG_S)
     assert r.status_code == 200, r.text
     return r
 
@@ -58,9 +58,9 @@ def test_ensemble_runs_only_the_members_that_miss(cached_config, mnist_members):
     version_a = file_version(mnist_members["a"])
     with live_server(cached_config) as (base, _):
         post(base, x, teacher="single")  # caches member a only
-        before = httpx.get(f"{base}/metrics").text
+        before = httpx.get(f"{base}/metrics", timeout=HANG_S).text
         r = post(base, x, teacher="ens", outputs="member_logits")
-        after = httpx.get(f"{base}/metrics").text
+        after = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert r.headers["X-Cache-Hits"] == "0"  # b and c had to run
     misses = f'akd_cache_misses_total{{member="{version_a}"}}'
     hits = f'akd_cache_hits_total{{member="{version_a}"}}'
@@ -74,7 +74,7 @@ def test_cache_survives_a_restart(cached_config):
         first = post(base, x, teacher="ens", outputs="probs,logits,member_logits")
     with live_server(cached_config) as (base, _):  # 20 rows: two whole chunks of 8 + a partial one flushed at shutdown
         again = post(base, x, teacher="ens", outputs="probs,logits,member_logits")
-        metrics = httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert again.headers["X-Cache-Hits"] == "20"
     assert again.content == first.content
     assert "akd_cache_committed_rows" in metrics and 'akd_cache_full 0.0' in metrics
@@ -120,7 +120,7 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
     with caplog.at_level("WARNING", logger="akd.cache"), live_server(config) as (base, _):
         post(base, x)
         again = post(base, x, outputs="member_logits")
-        metrics = httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert gauge(metrics, "akd_cache_full") == 1
     assert gauge(metrics, "akd_cache_bytes") <= limit
     assert again.headers["X-Cache-Hits"] == "10"  # the first 10 rows fit; the rest are still served
@@ -130,7 +130,7 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
     assert any("cache is full" in r.message for r in caplog.records)
     with live_server(config) as (base, _):  # the bound counts what is already stored
         post(base, random_inputs(4, seed=9))
-        assert gauge(httpx.get(f"{base}/metrics").text, "akd_cache_full") == 1
+        assert gauge(httpx.get(f"{base}/metrics", timeout=HANG_S).text, "akd_cache_full") == 1
 
 
 def read_visible_rows(store) -> dict[bytes, dict[str, np.ndarray]]:
@@ -156,7 +156,7 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     stop = threading.Event()
 
     def load(worker: int, base: str) -> None:
-        with httpx.Client(base_url=base, timeout=10) as client:
+        with httpx.Client(base_url=base, timeout=HANG_S) as client:
             for i in range(10_000):
                 if stop.is_set():
                     return
@@ -172,9 +172,9 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     try:
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(load, w, server.base) for w in range(4)]
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + HANG_S
             while time.monotonic() < deadline:  # until several chunks are durable, still under load
-                if gauge(httpx.get(f"{server.base}/metrics").text, "akd_cache_committed_rows" + '{member="%s"}' % file_version(paths[0])) >= 48:
+                if gauge(httpx.get(f"{server.base}/metrics", timeout=HANG_S).text, "akd_cache_committed_rows" + '{member="%s"}' % file_version(paths[0])) >= 48:
                     break
                 time.sleep(0.02)
             server.kill9()
@@ -269,7 +269,7 @@ class TestStores:
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "teacher_service", "--config", str(cached_config), "--port", str(free_port())],
-                capture_output=True, text=True, timeout=120, cwd=REPO,
+                capture_output=True, text=True, timeout=HANG_S, cwd=REPO,
             )
         finally:
             held.close()

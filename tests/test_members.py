@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import live_server, mnist_teacher, random_inputs, seeded_model, write_config
+from conftest import HANG_S, live_server, mnist_teacher, random_inputs, seeded_model, write_config
 from shared import codec
 from teacher_service.config import ConfigError, load_config
 from teacher_service.registry import load_teachers
@@ -71,7 +71,7 @@ def test_device_options_keep_outputs_close(tmp_path, mnist_members, server):
     config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, server)
     x = random_inputs(5)
     with live_server(config) as (base, _):
-        r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"})
+        r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}, timeout=HANG_S)
     assert r.status_code == 200
     tolerance = 5e-2 if "autocast" in server else 1e-5  # bf16 keeps ~3 significant digits
     torch.testing.assert_close(codec.decode(r.content)["member_logits"], reference_member_logits([mnist_members["a"]], x),

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import live_server, mnist_teacher, random_inputs, write_config
+from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
 from shared import codec
 from shared.checkpoint import load_checkpoint
 
@@ -53,7 +53,7 @@ def server(tmp_path_factory):
 
 
 def post(base, x, **params):
-    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=30)
+    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=HANG_S)
     assert r.status_code == 200, r.text
     return r, codec.decode(r.content)
 
@@ -101,7 +101,7 @@ def test_large_request_is_split_across_batches(tmp_path, mnist_members):
     with live_server(config) as (base, _):
         x = random_inputs(50, seed=3)
         _, out = post(base, x, outputs="member_logits", cache="bypass")
-        metrics = httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     torch.testing.assert_close(out["member_logits"], reference_member_logits([mnist_members["a"]], x), rtol=1e-5, atol=1e-5)
     assert 'akd_batch_rows_max{teacher="m"} 16.0' in metrics
     assert 'akd_batch_rows_count{teacher="m"} 4.0' in metrics  # 16 + 16 + 16 + 2

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test bench clean
+.PHONY: demo serve test bench lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/akd bench --out runs/bench
+
+# requirements.lock: the Docker image's pinned dependencies, as pip resolves pyproject.toml beside $(TORCH).
+lock:
+	rm -rf build/lock && $(PYTHON) -m venv build/lock
+	build/lock/bin/python -m pip install -q "$(TORCH)"
+	build/lock/bin/python -m pip install -q ".[bench]"
+	{ echo "# The Docker image's dependencies, pinned: what \`pip install .[bench]\` resolved beside $(TORCH) (torch itself"; \
+	  echo "# comes from the image's TORCH build argument). Regenerate after changing pyproject.toml: make lock"; \
+	  build/lock/bin/python -m pip freeze --exclude akd --exclude torch; } > requirements.lock
 
 clean:
 	rm -rf $(VENV) build runs/demo runs/bench

@@ -1,0 +1,164 @@
+"""`docker compose` for real: build the image from a fresh copy of the checkout and run the quick pipeline with
+the README's command (scripts/compose_demo.sh), then check every stage's exit code, the results on the host,
+and the teacher service answering from the host; a failing stage must fail the command.
+
+Runs where a Docker engine answers `docker info` (.ci/run starts one with ../shared/container/docker-engine.sh
+where that script exists); elsewhere it is skipped, saying why. The image under test takes the CPU build of
+this environment's torch when pip finds that wheel on disk (TORCH=<its URL>, served from a loopback port to
+the build), instead of PyPI's 2.9 GB CUDA build, which is the Dockerfile's default and was measured by hand
+(README, "Docker compose").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import HANG_S, copy_checkout, free_port
+
+STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
+IMAGE = "akd:e2e-test"
+
+
+def quiet(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=HANG_S, **kwargs)
+
+
+def compose_command() -> list[str] | None:
+    """compose v2 (the docker plugin) or v1 (Debian's docker-compose): what scripts/compose_demo.sh picks too."""
+    if shutil.which("docker") and quiet(["docker", "compose", "version"]).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker client on PATH"
+    info = quiet(["docker", "info"])
+    if info.returncode != 0:
+        return f"no Docker engine answers `docker info` ({(info.stderr.strip().splitlines() or ['?'])[-1]})"
+    if compose_command() is None:
+        return "neither `docker compose` nor `docker-compose` is installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(bool(problem := engine_problem()), reason=f"docker compose cannot run here: {problem}")
+
+
+def local_torch_wheel() -> Path | None:
+    """This environment's torch as a wheel in pip's find-links folders, for the image's Python (3.11) and machine."""
+    listed = quiet([sys.executable, "-m", "pip", "config", "list"]).stdout
+    folders = " ".join(re.findall(r"find-links='([^']*)'", listed) + [os.environ.get("PIP_FIND_LINKS", "")]).split()
+    pattern = f"torch-{torch.__version__}-cp311-cp311-*{platform.machine()}.whl"
+    return next((wheel for folder in folders for wheel in sorted(Path(folder).glob(pattern))), None)
+
+
+@contextlib.contextmanager
+def served_folder(folder: Path):
+    """A folder over HTTP on a loopback port (the build runs with --network host, so it reaches it)."""
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class Pipeline:
+    clone: Path
+    env: dict
+    done: subprocess.CompletedProcess
+
+    def containers(self) -> dict[str, tuple[str, int]]:
+        """Every stage's (status, exit code), as the engine reports them."""
+        listed = quiet(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"])
+        states = {}
+        for container in listed.stdout.split():
+            service, status, code = quiet(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.service"}} '
+                                           "{{.State.Status}} {{.State.ExitCode}}", container]).stdout.split()
+            states[service] = (status, int(code))
+        return states
+
+    def down(self) -> None:
+        quiet([*compose_command(), "down", "-v", "--remove-orphans"], cwd=self.clone, env=self.env)
+
+
+@contextlib.contextmanager
+def pipeline(folder: Path, name: str, prepare=lambda clone: None):
+    """scripts/compose_demo.sh, as the README gives it, in a fresh copy of the checkout; torn down afterwards."""
+    clone = copy_checkout(folder / "akd")
+    prepare(clone)
+    env = {**os.environ, "AKD_DEMO_QUICK": "1", "AKD_IMAGE": IMAGE, "AKD_HOST_PORT": str(free_port()),
+           "COMPOSE_PROJECT_NAME": f"akd{name}{os.getpid()}"}
+    wheel = local_torch_wheel()
+    with served_folder(wheel.parent) if wheel else contextlib.nullcontext() as url:
+        if wheel:
+            env["TORCH"] = f"{url}/{wheel.name}"
+        done = subprocess.run(["scripts/compose_demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=HANG_S)
+    run = Pipeline(clone, env, done)
+    try:
+        yield run
+    finally:
+        run.down()
+
+
+@pytest.fixture(scope="module")
+def quick_pipeline(tmp_path_factory):
+    with pipeline(tmp_path_factory.mktemp("compose"), "e2e") as run:
+        yield run
+
+
+def test_the_quick_pipeline_runs_to_its_end_and_says_so(quick_pipeline):
+    done = quick_pipeline.done
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    states = quick_pipeline.containers()
+    assert {stage: states[stage] for stage in STAGES} == {stage: ("exited", 0) for stage in STAGES}, states
+    assert states["teacher"][0] == "running"  # the shared service outlives the pipeline
+    for stage in STAGES:
+        assert f"{stage}: exited 0" in done.stdout
+    results = quick_pipeline.clone / "runs" / "compose" / "RESULTS.md"  # on the host, where the README says
+    assert "| pgd-at |" in results.read_text() and "| akd-ensemble |" in results.read_text()
+
+
+def test_the_teacher_service_answers_from_the_host(quick_pipeline):
+    port = quick_pipeline.env["AKD_HOST_PORT"]
+    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=HANG_S)
+    assert health.status_code == 200 and "ensemble" in health.json()["teachers"]
+
+
+def test_the_image_holds_every_akd_subcommand(quick_pipeline):
+    for command in ("serve", "train", "eval", "compare", "demo", "bench"):
+        done = quiet(["docker", "run", "--rm", IMAGE, "akd", command, "--help"])
+        assert done.returncode == 0 and f"usage: akd {command}" in done.stdout, done.stderr
+
+
+def test_a_failing_stage_fails_the_command_and_names_the_stage(tmp_path):
+    def block_the_teachers_folder(clone: Path) -> None:
+        (clone / "runs" / "compose").mkdir(parents=True)
+        (clone / "runs" / "compose" / "teachers").write_text("a file where the teachers stage needs a folder")
+
+    with pipeline(tmp_path, "fail", prepare=block_the_teachers_folder) as run:
+        assert run.done.returncode == 1, run.done.stdout[-3000:]
+        assert re.search(r"^teachers: exited [1-9]", run.done.stdout, re.M), run.done.stdout[-3000:]
+        assert "report: never started" in run.done.stdout and "FAILED" in run.done.stderr

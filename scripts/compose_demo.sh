@@ -26,6 +26,8 @@ container() {  # a service's container, running or exited, by compose's own labe
 started=$SECONDS
 docker build --network host ${TORCH:+--build-arg "TORCH=$TORCH"} -t "$AKD_IMAGE" .
 mkdir -p runs/compose  # made by this user, not by the engine as root
+# One-shot stages left from an earlier run would report that run's exit codes for a stage this run never reaches.
+compose rm -f -s teachers trainer-seed0 trainer-seed1 report >/dev/null 2>&1 || true
 # `up -d` starts each stage once its dependencies are done (or healthy); a failed stage stops it early.
 compose up -d --no-build || echo "compose up stopped early: a stage failed (exit codes below)"
 report=$(container report)

@@ -104,29 +104,27 @@ class Pipeline:
         quiet([*compose_command(), "down", "-v", "--remove-orphans"], cwd=self.clone, env=self.env)
 
 
-@contextlib.contextmanager
-def pipeline(folder: Path, name: str, prepare=lambda clone: None):
-    """scripts/compose_demo.sh, as the README gives it, in a fresh copy of the checkout; torn down afterwards."""
-    clone = copy_checkout(folder / "akd")
-    prepare(clone)
-    env = {**os.environ, "AKD_DEMO_QUICK": "1", "AKD_IMAGE": IMAGE, "AKD_HOST_PORT": str(free_port()),
-           "COMPOSE_PROJECT_NAME": f"akd{name}{os.getpid()}"}
+def run_script(clone: Path, env: dict) -> subprocess.CompletedProcess:
+    """scripts/compose_demo.sh, as the README gives it."""
+    env = dict(env)
     wheel = local_torch_wheel()
     with served_folder(wheel.parent) if wheel else contextlib.nullcontext() as url:
         if wheel:
             env["TORCH"] = f"{url}/{wheel.name}"
-        done = subprocess.run(["scripts/compose_demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=HANG_S)
-    run = Pipeline(clone, env, done)
-    try:
-        yield run
-    finally:
-        run.down()
+        return subprocess.run(["scripts/compose_demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.fixture(scope="module")
 def quick_pipeline(tmp_path_factory):
-    with pipeline(tmp_path_factory.mktemp("compose"), "e2e") as run:
+    """The quick pipeline in a fresh copy of the checkout; torn down (with its volumes) after the module."""
+    clone = copy_checkout(tmp_path_factory.mktemp("compose") / "akd")
+    env = {**os.environ, "AKD_DEMO_QUICK": "1", "AKD_IMAGE": IMAGE, "AKD_HOST_PORT": str(free_port()),
+           "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}"}
+    run = Pipeline(clone, env, run_script(clone, env))
+    try:
         yield run
+    finally:
+        run.down()
 
 
 def test_the_quick_pipeline_runs_to_its_end_and_says_so(quick_pipeline):
@@ -153,12 +151,15 @@ def test_the_image_holds_every_akd_subcommand(quick_pipeline):
         assert done.returncode == 0 and f"usage: akd {command}" in done.stdout, done.stderr
 
 
-def test_a_failing_stage_fails_the_command_and_names_the_stage(tmp_path):
-    def block_the_teachers_folder(clone: Path) -> None:
-        (clone / "runs" / "compose").mkdir(parents=True)
-        (clone / "runs" / "compose" / "teachers").write_text("a file where the teachers stage needs a folder")
-
-    with pipeline(tmp_path, "fail", prepare=block_the_teachers_folder) as run:
-        assert run.done.returncode == 1, run.done.stdout[-3000:]
-        assert re.search(r"^teachers: exited [1-9]", run.done.stdout, re.M), run.done.stdout[-3000:]
-        assert "report: never started" in run.done.stdout and "FAILED" in run.done.stderr
+def test_a_failing_stage_fails_the_command_and_names_it_even_on_a_rerun(quick_pipeline):
+    """Run again in the same project with the teachers stage made to fail: the later stages, which passed the
+    first time, must read `never started`, not the first run's exit codes."""
+    demo = quick_pipeline.clone / "runs" / "compose"
+    (demo / "teachers").rename(demo / "teachers.first-run")
+    (demo / "teachers").write_text("a file where the teachers stage needs a folder")
+    done = run_script(quick_pipeline.clone, quick_pipeline.env)
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert re.search(r"^teachers: exited [1-9]", done.stdout, re.M), done.stdout[-3000:]
+    for stage in ("trainer-seed0", "trainer-seed1", "report"):
+        assert f"{stage}: never started" in done.stdout, done.stdout[-3000:]
+    assert "FAILED" in done.stderr

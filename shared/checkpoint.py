@@ -7,6 +7,7 @@ is enough to read one, so a checkpoint from anyone cannot run code on the server
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from shared.models import build_model
+from shared.safe_load import refused_pickle
 
 FORMAT = "akd-checkpoint/1"
 
@@ -55,6 +57,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # a pickled object other than tensors and plain containers
+        raise refused_pickle(path, exc) from exc
     except Exception as exc:  # torch raises many types for a bad file
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -60,21 +60,33 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
         if args.resume:
             trainer.resume()
-    except (FileNotFoundError, ValueError, TeacherUnavailable, TeacherRequestError) as exc:
+    except (TeacherUnavailable, TeacherRequestError) as exc:
+        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
         print(f"akd train: {exc}", file=sys.stderr)
         return 2
     try:
         state = trainer.fit()
+    except (TeacherUnavailable, TeacherRequestError) as exc:  # the service went away mid-run: the user's to fix, like at start-up
+        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir)}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     print(f"done: {cfg.out_dir} (best validation robust accuracy {state.best_val_robust:.4f} at epoch {state.best_epoch})")
     return 0
 
 
+def _how_to_continue(out_dir: Path) -> str:
+    if (Path(out_dir) / "last.pt").exists():
+        return f"akd train: the last finished epoch is saved; once the service is back, continue with: akd train --resume {out_dir}"
+    return "akd train: no epoch of this run is saved yet; once the service is up, run the same command again"
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from shared.checkpoint import load_checkpoint
+    from shared.safe_load import load_export, not_a_model_file
     from student_trainer.config import load_train_config
     from student_trainer.data import load_dataset, to_float
     from student_trainer.evaluate import evaluate
@@ -87,10 +99,10 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         if unknown:
             raise ConfigError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
-        if not path.is_file():
-            raise ConfigError(f"--checkpoint {path} does not exist")
+        if (problem := not_a_model_file(path)) is not None:
+            raise ConfigError(f"--checkpoint {path} {problem}")
         if path.suffix == ".pt2":
-            model, base = torch.export.load(path).module(), {}
+            model, base = load_export(path), {}
         else:
             ckpt = load_checkpoint(path)
             model, base = ckpt.build(), ckpt.metadata.get("config", {})

@@ -7,6 +7,7 @@ its cache namespace.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from shared.checkpoint import load_checkpoint
 from shared.ensemble import normalised_weights
 from shared.hashing import file_version
 from shared.protocol import MemberInfo, TeacherInfo
+from shared.safe_load import first_line, load_export, not_a_model_file, refused_pickle, weights_only_unpickling
 from teacher_service.config import ConfigError, MemberConfig, ServiceConfig, TeacherConfig
 
 log = logging.getLogger("akd.registry")
@@ -82,10 +84,11 @@ def _load_member(
 ) -> Member:
     where = f"teachers.{teacher}.members[{index}]"
     path = mconf.path if mconf.path is not None else _robustbench_file(mconf)
-    if not path.is_file():
-        if mconf.robustbench is not None:
+    problem = not_a_model_file(path)
+    if problem is not None:
+        if mconf.robustbench is not None and not path.exists():
             raise ConfigError(f"{where}: RobustBench weights for {mconf.robustbench!r} are not at {path}; nothing is downloaded, put the file there")
-        raise ConfigError(f"{where}: weights file {path} does not exist")
+        raise ConfigError(f"{where}: weights file {path} {problem}")
     version = file_version(path)
     if version not in loaded:
         member = _read_member(where, path, mconf, tconf, version)
@@ -100,10 +103,9 @@ def _read_member(where: str, path: Path, mconf: MemberConfig, tconf: TeacherConf
         return Member(version, "robustbench", path, _load_robustbench(where, mconf), arch=mconf.robustbench)
     if path.suffix == ".pt2":
         try:
-            program = torch.export.load(path)
-        except Exception as exc:
-            raise ConfigError(f"{where}: {path} is not a readable torch.export (.pt2) file: {exc}") from exc
-        return Member(version, "export", path, program.module())
+            return Member(version, "export", path, load_export(path))
+        except ValueError as exc:  # UnsafeFile included
+            raise ConfigError(f"{where}: {exc}") from exc
     try:
         ckpt = load_checkpoint(path)
     except ValueError as exc:
@@ -152,6 +154,14 @@ def _load_robustbench(where: str, mconf: MemberConfig) -> nn.Module:
         from robustbench.utils import load_model
     except ImportError:
         raise ConfigError(f"{where}: robustbench = {mconf.robustbench!r} needs the `robustbench` package installed") from None
-    return load_model(
-        model_name=mconf.robustbench, model_dir=str(mconf.robustbench_dir), dataset=mconf.dataset, threat_model=mconf.threat_model
-    )
+    path = _robustbench_file(mconf)
+    with weights_only_unpickling():  # robustbench calls torch.load itself; this makes that load weights-only
+        try:
+            return load_model(
+                model_name=mconf.robustbench, model_dir=str(mconf.robustbench_dir), dataset=mconf.dataset, threat_model=mconf.threat_model
+            )
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"{where}: {refused_pickle(path, exc)}") from exc
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise ConfigError(f"{where}: RobustBench could not load {path}: {first_line(exc)}") from exc
+

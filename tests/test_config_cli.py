@@ -327,6 +327,42 @@ def test_missing_robustbench_file_names_the_path(tmp_path):
     assert "teachers.mnist.members[0]" in str(info.value)
 
 
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda tmp: tmp, "is a directory, not a weights file"),
+    (lambda tmp: Path("/dev/zero"), "is not a regular file"),
+], ids=["directory", "dev_zero"])
+def test_member_that_is_not_a_file_says_what_it_is(tmp_path, make, says):
+    """Not "does not exist": it does. And /dev/zero is never read (hashing it would not end)."""
+    message = _app_error(tmp_path, {"mnist": mnist_teacher([(make(tmp_path), 1.0)])})
+    assert says in message and "does not exist" not in message
+
+
+def test_file_url_cache_is_the_folder_it_names(tmp_path, mnist_members):
+    """`file://` stores used to fail at start-up or on every chunk write, and skipped the two-writer lock."""
+    from teacher_service.cache import StoreLocked
+
+    folder = tmp_path / "cache dir"
+    config_path = write_config(tmp_path / "t.toml", {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])},
+                               {"device": "cpu", "cache_dir": folder.as_uri()})
+    config = load_config(config_path, environ={})
+    assert config.server.cache_dir == str(folder)
+    app = create_app(config)
+    with pytest.raises(StoreLocked):
+        create_app(config)
+    service = app.state.service
+    ns = service.cache.namespace("v", 3)
+    ns.insert([b"k" * 16], torch.ones(1, 3).numpy())
+    service.cache.close()
+    assert (folder / "v" / "zarr.json").is_file()
+
+
+@pytest.mark.parametrize("url", ["file://elsewhere/cache", "file:relative", "file:///c?x=1"])
+def test_file_url_that_names_no_local_absolute_folder_is_refused(tmp_path, url):
+    path = write_config(tmp_path / "t.toml", {"mnist": mnist_teacher([(tmp_path / "a.pt", 1.0)])}, {"cache_dir": url})
+    with pytest.raises(ConfigError, match="file:///path/to/cache"):
+        load_config(path, environ={})
+
+
 def _garbage(path: Path) -> Path:
     path.write_bytes(b"definitely not a model")
     return path

@@ -224,3 +224,42 @@ def test_akd_compare_puts_runs_side_by_side(teacher_run, tmp_path):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     missing = akd("compare", str(teacher_run), str(tmp_path / "nope"), "--out", str(out))
     assert missing.returncode == 2 and "not run folders" in missing.stderr
+
+
+def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resume(teacher_run, tmp_path):
+    """The same failure as an unreachable service at start-up: one message, rc 2, and the command that continues the run."""
+    import time
+
+    from conftest import ServerProcess
+
+    config = write_config(tmp_path / "teachers.toml", {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28],
+                                                                 "members": [{"path": str(teacher_run / "best.pt")}]}})
+    server = ServerProcess(config, tmp_path / "server.log")
+    out = tmp_path / "run"
+    sets = ["limit_train=256", "val_size=100", "epochs=50", "batch_size=64", "attack.steps=1", f"out_dir={out}", "method=akd",
+            f"teacher.url={server.base}", "teacher.give_up_after_s=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + HANG_S
+        while not (out / "last.pt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch"
+            time.sleep(0.05)
+    finally:
+        server.kill9()
+    _, stderr = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert f"continue with: akd train --resume {out}" in stderr
+    assert "akd train: " in stderr and "unavailable" in stderr
+
+
+def test_service_unreachable_at_start_up_is_one_message_that_says_what_to_do(tmp_path):
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    done = akd("train", "--set", "method=akd", "--set", f"teacher.url=http://127.0.0.1:{free_port()}", "--set", "teacher.give_up_after_s=0.5",
+               "--set", f"out_dir={out}", "--set", "limit_train=64")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "unavailable" in done.stderr
+    assert "once the service is up, run the same command again" in done.stderr

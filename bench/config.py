@@ -41,8 +41,12 @@ class OverheadSpec(_Strict):
 
 
 class CacheSpec(_Strict):
+    """Hits vs recomputation through the service; and rows/s committed to the store, `cache_durable` off vs on."""
+
     teachers: list[str]
     batches: Sizes = [128, 1024]
+    write_rows: Positive = 16384  # rows written per write measurement, inserted `batch` rows at a time
+    write_chunk_rows: Positive = 1024  # the store's chunk (the service's default cache_chunk_rows)
 
 
 class LoadSpec(_Strict):

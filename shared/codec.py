@@ -5,6 +5,9 @@ Both sides call these, so a trainer builds exactly the bytes the service expects
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -55,24 +58,84 @@ def to_transport(inputs: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}"
+# safetensors' dtype names (the header's "dtype") as torch names them, for the tensors torch can load
+_HEADER_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
+    "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound
+
+
+class UnreadableHeader(ValueError):
+    """The first bytes are not a safetensors header; `decode` of the whole body says how, with its size."""
+
+
+def read_header(prefix: bytes) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """The tensors a safetensors file declares, as {name: (torch dtype name, shape)}, from its first bytes alone.
+
+    None while `prefix` is too short to hold the whole header. This lets a server refuse a body by what its
+    header declares (dtype, shape, row count) before the rest of it arrives, and before anything is decoded.
+    Raises UnreadableHeader for anything `decode` would not accept as a header (including a duplicated name,
+    which a JSON reader and safetensors could resolve differently).
+    """
+    if len(prefix) < 8:
+        return None
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > _MAX_HEADER_BYTES:
+        raise UnreadableHeader(f"a header length of {n} bytes")
+    if len(prefix) < 8 + n:
+        return None
+
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise UnreadableHeader("a duplicated name")
+        return dict(pairs)
+
+    try:
+        header = json.loads(prefix[8 : 8 + n], object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UnreadableHeader(str(exc)) from None
+    if not isinstance(header, dict):
+        raise UnreadableHeader("a header that is not a JSON object")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _HEADER_DTYPES:
+            raise UnreadableHeader(f"tensor {name!r} without a known dtype")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise UnreadableHeader(f"tensor {name!r} without a valid shape")
+        tensors[name] = (_HEADER_DTYPES[info["dtype"]], tuple(shape))
+    return tensors
+
+
+def check_inputs_declared(tensors: dict[str, tuple[str, tuple[int, ...]]], input_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """Check the `inputs` tensor's name, dtype and shape from {name: (dtype name, shape)}; return its shape.
+
+    One check for a decoded body (`validate_inputs`) and for a header read before the body is in (`read_header`),
+    so both refuse the same inputs with the same words.
+    """
+    if INPUTS_KEY not in tensors:
+        found = ", ".join(map(repr, tensors)) or "no tensors"
+        raise CodecError("missing_inputs", f"the body has no {INPUTS_KEY!r} tensor", f"a tensor named {INPUTS_KEY!r}", found)
+    dtype, shape = tensors[INPUTS_KEY]
+    if dtype not in INPUT_DTYPES:
+        raise CodecError("bad_dtype", f"inputs have dtype {dtype}", f"one of {', '.join(INPUT_DTYPES)}", dtype)
+    expected_shape = f"(B, {', '.join(map(str, input_shape))}) with B >= 1"
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape) or shape[0] < 1:
+        only_channels_differ = len(shape) == 4 and shape[0] >= 1 and tuple(shape[2:]) == tuple(input_shape[1:])
+        code = "bad_channels" if only_channels_differ else "bad_shape"
+        raise CodecError(code, f"inputs have the wrong shape {shape}", expected_shape, f"{dtype} tensor of shape {shape}")
+    return shape
 
 
 def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, int, int]) -> torch.Tensor:
     """Return the `inputs` tensor after checking name, dtype, shape, finiteness and range."""
-    if INPUTS_KEY not in tensors:
-        found = ", ".join(map(repr, tensors)) or "no tensors"
-        raise CodecError("missing_inputs", f"the body has no {INPUTS_KEY!r} tensor", f"a tensor named {INPUTS_KEY!r}", found)
+    check_inputs_declared({k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}, input_shape)
     x = tensors[INPUTS_KEY]
-    dtype = str(x.dtype).removeprefix("torch.")
-    if dtype not in INPUT_DTYPES:
-        raise CodecError("bad_dtype", f"inputs have dtype {dtype}", f"one of {', '.join(INPUT_DTYPES)}", dtype)
-    expected_shape = f"(B, {', '.join(map(str, input_shape))}) with B >= 1"
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape) or x.shape[0] < 1:
-        only_channels_differ = x.ndim == 4 and x.shape[0] >= 1 and tuple(x.shape[2:]) == tuple(input_shape[1:])
-        code = "bad_channels" if only_channels_differ else "bad_shape"
-        raise CodecError(code, f"inputs have the wrong shape {tuple(x.shape)}", expected_shape, _describe(x))
     if x.dtype != torch.uint8:
         # numpy, not torch: the service validates on its event loop or a worker thread, and keeps torch's
         # parallel (OpenMP) work on its inference thread, where the forward pass needs every core

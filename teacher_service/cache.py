@@ -1,11 +1,13 @@
-"""A crash-safe zarr v3 cache of member logits, keyed by input-row content hashes.
+"""A crash-safe, self-verifying zarr v3 cache of member logits, keyed by input-row content hashes.
 
 Layout (any zarr store; a local folder by default)::
 
     <root>/                      attrs: format
-      <member version>/          attrs: committed_rows, num_classes
+      <member version>/          attrs: format, committed_rows, num_classes
         keys    (N, 16) uint8    blake2b-128 of each input row (shared.hashing.row_keys)
         logits  (N, K) float32   that member's raw logits for the row
+        checks  (N,)   uint64    blake2b-64 of (format, member version, key, logits) per row
+      .damaged/                  (local folders) namespaces and root metadata set aside, kept for inspection
 
 Rows form an append-only log: the in-memory index maps a key to its newest row.
 Crash safety rests on three rules: one writer thread; rows are buffered and
@@ -14,6 +16,34 @@ zarr's LocalStore and object stores do); and `committed_rows`, the only thing
 that makes rows visible, is written after their data. A `kill -9` therefore loses
 at most the buffered rows, which are recomputable.
 
+Nothing on the store is trusted: the cache is recomputable, so damage costs
+recomputation, never a wrong answer and never a service that cannot start.
+
+- Every row carries a checksum over its key, its logits and its namespace's name,
+  so a flipped bit, a chunk read back as zeros (deleted), chunks swapped within or
+  between namespaces, or a chunk that no longer decompresses all fail. Rows are
+  verified when a namespace is loaded (hits are served from the in-memory mirror,
+  which holds only rows that verified or were computed by this process).
+- A namespace whose structure fails its checks (unreadable `zarr.json`, a missing
+  or odd array, `committed_rows` not an integer in [0, rows the arrays hold], an
+  older format without checksums) is set aside at start-up and rebuilt empty when
+  served. A namespace with rows that fail is set aside when loaded and rebuilt
+  from the rows that verified, written again chunk by chunk before serving starts;
+  the failed rows are recomputed on their next request. A root whose `zarr.json`
+  is unreadable has that file set aside; its namespaces are judged one by one.
+  "Set aside" means renamed into `<folder>/.damaged/<name>-<time>` for a local
+  folder (kept until you delete it; not counted against `max_bytes`), and deleted
+  on any other store, which cannot keep a copy. Each case is logged as a warning
+  naming the namespace, the chunks/rows and where it went, and counted in
+  `damage` (`akd_cache_damaged_rows`, `akd_cache_damaged_namespaces`).
+- With `durable`, a local folder's chunk files (and their folders, and the
+  arrays' metadata after a resize) are fsynced before `committed_rows` is
+  written, and the attributes file after: a power loss then loses at most the
+  buffered rows too. Without it, a power loss may leave torn or empty chunk
+  files, which the checks above catch. Other stores rely on their own durability.
+- A write that fails for lack of space (ENOSPC, EDQUOT) marks the size budget
+  full: rows are still served, no longer stored, until a restart.
+
 All reads and inserts happen on the inference thread; only the writer thread
 touches the store after start-up. Hits are served from an in-memory mirror of
 the committed and buffered rows, bounded by `max_bytes`.
@@ -21,27 +51,58 @@ the committed and buffered rows, bounded by `max_bytes`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore, StoreLike
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
 
 log = logging.getLogger("akd.cache")
 
-FORMAT = "akd-logit-cache/1"
+FORMAT = "akd-logit-cache/2"
 COMMITTED = "committed_rows"
+CHECK_BYTES = 8
+DAMAGED_DIR = ".damaged"
+READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
 
 
 def row_bytes(num_classes: int) -> int:
-    return num_classes * 4 + KEY_BYTES
+    return num_classes * 4 + KEY_BYTES + CHECK_BYTES
+
+
+def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """One blake2b-64 per row over (format, namespace, key bytes, float32 logits bytes).
+
+    The key ties the logits to their input and the namespace ties them to their member
+    version, so a row moved anywhere else (swapped or copied chunks) fails like a damaged one.
+    """
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    rows = np.concatenate(
+        [np.ascontiguousarray(keys, np.uint8).reshape(n, KEY_BYTES), np.ascontiguousarray(logits, "<f4").view(np.uint8).reshape(n, -1)], axis=1
+    )
+    seed = hashlib.blake2b(f"{FORMAT}|{version}|".encode(), digest_size=CHECK_BYTES)
+
+    def digest(row: np.ndarray) -> bytes:
+        h = seed.copy()
+        h.update(row)
+        return h.digest()
+
+    return np.frombuffer(b"".join(digest(r) for r in rows), dtype="<u8").astype(np.uint64)
 
 
 class CacheBudget:
@@ -51,9 +112,12 @@ class CacheBudget:
         self.max_bytes = max_bytes
         self.used_bytes = used_bytes
         self.full = False
+        self.out_of_space = False
 
     def grant(self, rows: int, bytes_per_row: int) -> int:
         """How many of `rows` fit; records them as used."""
+        if self.out_of_space:
+            return 0
         fit = min(rows, max(0, (self.max_bytes - self.used_bytes) // bytes_per_row))
         self.used_bytes += fit * bytes_per_row
         if fit < rows and not self.full:
@@ -63,39 +127,117 @@ class CacheBudget:
             )
         return fit
 
+    def release(self, nbytes: int) -> None:
+        self.used_bytes = max(0, self.used_bytes - nbytes)
+
+    def disk_full(self, store: str) -> None:
+        """A write failed for lack of space: the store cannot take more, whatever the bound says."""
+        if not self.out_of_space:
+            self.out_of_space = self.full = True
+            log.warning("cache store %s is out of disk space: new rows are served but no longer stored until a restart", store)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT anywhere in the exception, its causes, contexts or groups (zarr may wrap the OSError)."""
+    seen, pending = set(), [exc]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Arrays:
+    group: zarr.Group
+    keys: zarr.Array
+    logits: zarr.Array
+    checks: zarr.Array
+
+    def all(self) -> tuple[tuple[str, zarr.Array], ...]:
+        return ("keys", self.keys), ("logits", self.logits), ("checks", self.checks)
+
+
+@dataclass
+class _Header:
+    """A namespace whose metadata passed its checks; its rows are verified when it is loaded."""
+
+    arrays: _Arrays
+    committed: int
+    num_classes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.committed * row_bytes(self.num_classes)
+
+
+@dataclass
+class _Rows:
+    keys: np.ndarray
+    logits: np.ndarray
+    checks: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int) -> _Rows:
+        return cls(np.zeros((n, KEY_BYTES), np.uint8), np.zeros((n, num_classes), np.float32), np.zeros(n, np.uint64))
+
+    def select(self, which) -> _Rows:
+        return _Rows(self.keys[which], self.logits[which], self.checks[which])
+
+
+@dataclass
+class Damage:
+    """What one namespace lost this run: rows that failed (or were set aside unread), and where they went."""
+
+    rows: int = 0
+    namespaces: int = 0
+    places: list[str] = field(default_factory=list)
+
+
+class NamespaceDamaged(Exception):
+    """A namespace's metadata fails its checks; `rows` is how many it held, where that can be told."""
+
+    def __init__(self, reason: str, rows: int = 0):
+        super().__init__(reason)
+        self.rows = rows
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
 
 class MemberCache:
     """One member version's namespace: index, mirror, and its chunked append log."""
 
-    def __init__(self, group: zarr.Group, num_classes: int, chunk_rows: int, writer: ThreadPoolExecutor, budget: CacheBudget):
-        self.version = group.basename
-        self.num_classes = num_classes
-        self._group, self._writer, self._budget = group, writer, budget
-        self._keys_arr, self._logits_arr = self._open_arrays(group, num_classes, chunk_rows)
-        self.chunk_rows = self._logits_arr.chunks[0]
-        self.committed = int(group.attrs.get(COMMITTED, 0))
+    def __init__(self, version: str, arrays: _Arrays, rows: _Rows, committed: int, writer: ThreadPoolExecutor, budget: CacheBudget,
+                 folder: Path | None = None):
+        self.version = version
+        self.num_classes = arrays.logits.shape[1]
+        self._arrays, self._writer, self._budget = arrays, writer, budget
+        self._folder = folder  # set when durable: fsync the namespace's files in this folder
+        self.chunk_rows = arrays.logits.chunks[0]
+        self.committed = committed
         self.broken = False  # set after a failed write: nothing more is committed here
         self.write_errors = 0
-        self._keys = np.asarray(self._keys_arr[: self.committed], dtype=np.uint8).reshape(-1, KEY_BYTES)
-        self._logits = np.asarray(self._logits_arr[: self.committed], dtype=np.float32).reshape(-1, num_classes)
-        self.rows = self.committed
-        self._whole_chunks = self.committed // self.chunk_rows  # chunks never to be rewritten
-        self._submitted = self.committed  # rows handed to the writer so far
+        self._keys, self._logits, self._checks = rows.keys, rows.logits, rows.checks
+        self.rows = len(rows.keys)
+        self._whole_chunks = committed // self.chunk_rows  # chunks never to be rewritten
+        self._submitted = committed  # rows handed to the writer so far
         self._index: dict[bytes, int] = {}
-        for position, key in enumerate(self._keys):
+        for position, key in enumerate(self._keys[: self.rows]):
             self._index[key.tobytes()] = position  # later rows win (cache=refresh appends)
-
-    @staticmethod
-    def _open_arrays(group: zarr.Group, num_classes: int, chunk_rows: int) -> tuple[zarr.Array, zarr.Array]:
-        if "logits" in group:
-            keys, logits = group["keys"], group["logits"]
-            if logits.shape[1] != num_classes:
-                raise ValueError(f"cache namespace {group.path} holds {logits.shape[1]} classes, expected {num_classes}")
-            return keys, logits
-        group.attrs.update({COMMITTED: 0, "num_classes": num_classes})
-        keys = group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk_rows, KEY_BYTES), dtype="uint8")
-        logits = group.create_array("logits", shape=(0, num_classes), chunks=(chunk_rows, num_classes), dtype="float32")
-        return keys, logits
 
     def lookup(self, keys: list[bytes]) -> np.ndarray:
         """Row positions of the keys, -1 where absent."""
@@ -114,6 +256,7 @@ class MemberCache:
         start, end = self.rows, self.rows + n
         self._keys[start:end] = np.frombuffer(b"".join(keys[:n]), dtype=np.uint8).reshape(n, KEY_BYTES)
         self._logits[start:end] = logits[:n]
+        self._checks[start:end] = row_checks(self.version, self._keys[start:end], self._logits[start:end])
         for offset, key in enumerate(keys[:n]):
             self._index[key] = start + offset
         self.rows = end
@@ -128,40 +271,75 @@ class MemberCache:
             return self._submit_chunk(self._whole_chunks, committed=self.rows)
         return None
 
+    def write_restored(self) -> None:
+        """Start-up only: write the rows held in memory but not on the store (those salvaged from a
+        damaged namespace), one chunk at a time so that memory stays bounded, through the one writer."""
+        for chunk in range(self._whole_chunks, -(-self.rows // self.chunk_rows)):
+            self._submit_chunk(chunk, committed=min((chunk + 1) * self.chunk_rows, self.rows)).result()
+        self._whole_chunks = self.rows // self.chunk_rows
+
     def _reserve(self, rows: int) -> None:
         if rows <= len(self._logits):
             return
         capacity = max(rows, 2 * len(self._logits), self.chunk_rows)
         self._keys = _grown(self._keys, capacity)
         self._logits = _grown(self._logits, capacity)
+        self._checks = _grown(self._checks, capacity)
 
     def _submit_chunk(self, chunk: int, committed: int) -> Future:
         start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
-        keys = np.zeros((self.chunk_rows, KEY_BYTES), np.uint8)
-        logits = np.zeros((self.chunk_rows, self.num_classes), np.float32)
+        padded = _Rows.empty(self.chunk_rows, self.num_classes)
         filled = min(stop, self.rows) - start
-        keys[:filled] = self._keys[start : start + filled]
-        logits[:filled] = self._logits[start : start + filled]
+        padded.keys[:filled] = self._keys[start : start + filled]
+        padded.logits[:filled] = self._logits[start : start + filled]
+        padded.checks[:filled] = self._checks[start : start + filled]
         self._submitted = committed
-        return self._writer.submit(self._write_chunk, start, keys, logits, committed)
+        return self._writer.submit(self._write_chunk, chunk, start, padded, committed)
 
-    def _write_chunk(self, start: int, keys: np.ndarray, logits: np.ndarray, committed: int) -> None:
-        """Writer thread: data first, then the count that makes it visible."""
+    def _write_chunk(self, chunk: int, start: int, rows: _Rows, committed: int) -> None:
+        """Writer thread: data first (fsynced when durable), then the count that makes it visible."""
         if self.broken:
             return
+        a = self._arrays
         try:
-            stop = start + len(keys)
-            if self._logits_arr.shape[0] < stop:
-                self._logits_arr.resize((stop, self.num_classes))
-                self._keys_arr.resize((stop, KEY_BYTES))
-            self._logits_arr[start:stop] = logits
-            self._keys_arr[start:stop] = keys
-            self._group.attrs[COMMITTED] = committed
+            stop = start + len(rows.keys)
+            resized = a.logits.shape[0] < stop
+            if resized:
+                a.logits.resize((stop, self.num_classes))
+                a.keys.resize((stop, KEY_BYTES))
+                a.checks.resize((stop,))
+            a.logits[start:stop] = rows.logits
+            a.keys[start:stop] = rows.keys
+            a.checks[start:stop] = rows.checks
+            if self._folder is not None:
+                self._sync_chunk(chunk, resized)
+            a.group.attrs[COMMITTED] = committed
+            if self._folder is not None:
+                _fsync(self._folder / "zarr.json")
+                _fsync(self._folder, directory=True)
             self.committed = committed
-        except Exception:
+        except Exception as exc:
             self.broken = True
             self.write_errors += 1
+            if _out_of_space(exc):
+                self._budget.disk_full(str(self._folder or a.group.store))
             log.exception("cache namespace %s: write failed; rows past %d stay in memory only", self.version, self.committed)
+
+    def _sync_chunk(self, chunk: int, resized: bool) -> None:
+        """The chunk files and the folder entries that name them; after a resize, the new folders and shapes too."""
+        for name, array in self._arrays.all():
+            home = self._folder / name
+            path = home / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+            if path.exists():  # zarr leaves out a chunk that is all fill value (zeros): nothing to sync
+                _fsync(path)
+            _fsync(path.parent, directory=True)
+            if resized:  # new chunk folders: make their entries durable, up to the array's folder
+                for folder in list(path.parents)[1:]:
+                    if folder == home:
+                        break
+                    _fsync(folder, directory=True)
+                _fsync(home / "zarr.json")
+                _fsync(home, directory=True)
 
 
 def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
@@ -200,42 +378,228 @@ def _remove_torn_writes(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+async def _list_dir(store: Store, prefix: str) -> list[str]:
+    return [name async for name in store.list_dir(prefix)]
+
+
 class LogitCache:
     """The store root: one namespace per member version, one writer thread for all.
 
     `store` is anything zarr opens (a folder, a zarr store, a store URL). A local
-    folder is locked against a second writer.
+    folder is locked against a second writer. Start-up checks every namespace's
+    metadata (cheap) and sets aside the ones that fail; `namespace()` verifies the
+    rows of the namespaces that are served.
     """
 
-    def __init__(self, store: StoreLike, max_bytes: int, chunk_rows: int = 1024):
+    def __init__(self, store: StoreLike, max_bytes: int, chunk_rows: int = 1024, durable: bool = False):
         self.store = store
         self.chunk_rows = chunk_rows
         folder = _local_folder(store)
+        self._folder = folder
         self._lock = _lock_folder(folder) if folder else None
         if folder:
             _remove_torn_writes(folder)
-        self._root = zarr.open_group(store, mode="a")
+        self.durable = durable and folder is not None
+        if durable and folder is None:
+            log.warning("cache_durable fsyncs local folders only; %s relies on its store's own durability", store)
+        self.damage: dict[str, Damage] = {}
+        self._root = self._open_root()
+        self._headers, self._foreign = self._inspect_namespaces()
         if self._root.attrs.get("format") != FORMAT:
             self._root.attrs["format"] = FORMAT
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-cache-writer")
-        self.budget = CacheBudget(max_bytes, used_bytes=self._stored_bytes())
+        # Every namespace that passed its checks counts against the bound, including versions no longer served.
+        self.budget = CacheBudget(max_bytes, used_bytes=sum(h.nbytes for h in self._headers.values()))
         self._namespaces: dict[str, MemberCache] = {}
         self._namespaces_lock = threading.Lock()
 
-    def _stored_bytes(self) -> int:
-        """Every namespace counts against the bound, including versions no longer served."""
-        total = 0
-        for _, group in self._root.groups():
-            total += int(group.attrs.get(COMMITTED, 0)) * row_bytes(int(group.attrs.get("num_classes", 0)))
-        return total
+    def _open_root(self) -> zarr.Group:
+        try:
+            return zarr.open_group(self.store, mode="a")
+        except Exception as exc:  # noqa: BLE001  (whatever the file holds makes zarr fail its own way)
+            reason = f"{type(exc).__name__}: {exc}"
+            if self._folder is not None and (self._folder / "zarr.json").is_file():
+                aside = self._aside_path("root")
+                aside.mkdir(parents=True)
+                os.replace(self._folder / "zarr.json", aside / "zarr.json")
+                where = str(aside / "zarr.json")
+            elif isinstance(self.store, Store) or (isinstance(self.store, str) and "://" in self.store):
+                store = FsspecStore.from_url(self.store, read_only=False) if isinstance(self.store, str) else self.store
+                sync(store.delete("zarr.json"))
+                where = "deleted (this store cannot keep a copy aside)"
+            else:
+                raise RuntimeError(f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point cache_dir elsewhere") from None
+        log.warning("cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one", self.store, reason, where)
+        return zarr.open_group(self.store, mode="a")
+
+    def _inspect_namespaces(self) -> tuple[dict[str, _Header], set[str]]:
+        """Every namespace whose metadata passes; the rest are set aside. Entries without zarr.json are not ours: left alone."""
+        store = self._root.store
+        headers, foreign = {}, set()
+        for name in sorted(sync(_list_dir(store, ""))):
+            if name in ("zarr.json", DAMAGED_DIR):
+                continue
+            if not sync(store.exists(f"{name}/zarr.json")):
+                foreign.add(name)
+                continue
+            try:
+                headers[name] = self._inspect(name)
+            except NamespaceDamaged as exc:
+                self._set_aside(name, str(exc), exc.rows, "it is rebuilt empty when served")
+        return headers, foreign
+
+    def _inspect(self, version: str) -> _Header:
+        """The namespace's metadata, or NamespaceDamaged saying what is wrong with it."""
+        try:
+            group = self._root[version]
+        except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
+            raise NamespaceDamaged(f"metadata unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(group, zarr.Group):
+            raise NamespaceDamaged("is an array, not a namespace group")
+        attrs = dict(group.attrs)
+        committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
+        if attrs.get("format") != FORMAT:
+            found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
+            raise NamespaceDamaged(f"{found}, not {FORMAT}: its rows carry no checksums and cannot be verified", rows=committed if _count(committed) else 0)
+        if not _count(committed):
+            raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
+        if not _count(num_classes) or num_classes < 1:
+            raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
+        arrays = {}
+        for name, dtype, tail in (("keys", np.uint8, (KEY_BYTES,)), ("logits", np.float32, (num_classes,)), ("checks", np.uint64, ())):
+            try:
+                array = group[name]
+            except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
+                raise NamespaceDamaged(f"array {name} unreadable ({type(exc).__name__}: {exc})", rows=committed) from None
+            if not isinstance(array, zarr.Array) or array.dtype != np.dtype(dtype) or array.shape[1:] != tail or array.chunks[1:] != tail:
+                raise NamespaceDamaged(f"array {name} is not ({'N, ' + ', '.join(map(str, tail)) if tail else 'N,'}) {np.dtype(dtype)}", rows=committed)
+            if array.chunks[0] != arrays.get("keys", array).chunks[0]:
+                raise NamespaceDamaged(f"array {name} has chunks of {array.chunks[0]} rows, keys of {arrays['keys'].chunks[0]}", rows=committed)
+            if array.shape[0] < committed:
+                raise NamespaceDamaged(f"committed_rows is {committed}, more than the {array.shape[0]} rows of array {name}")
+            arrays[name] = array
+        return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes)
+
+    def _aside_path(self, name: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self._folder / DAMAGED_DIR / f"{name}-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self._folder / DAMAGED_DIR / f"{name}-{stamp}-{n}"
+        return aside
+
+    def _set_aside(self, version: str, reason: str, rows: int, then: str) -> str:
+        """Move a namespace out of the store (or delete it where the store cannot keep a copy); record and log it."""
+        if self._folder is not None:
+            aside = self._aside_path(version)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self._folder / version, aside)
+            where = f"set aside to {aside} (kept for inspection; delete it when done)"
+        else:
+            sync(self._root.store.delete_dir(version))
+            where = "deleted (this store cannot keep a copy aside)"
+        damage = self.damage.setdefault(version, Damage())
+        damage.rows += rows
+        damage.namespaces += 1
+        damage.places.append(where)
+        log.warning("cache namespace %s: %s; %s; %s", version, reason, where, then)
+        return where
 
     def namespace(self, version: str, num_classes: int) -> MemberCache:
         with self._namespaces_lock:
             if version not in self._namespaces:
-                group = self._root.require_group(version)
-                self._namespaces[version] = MemberCache(group, num_classes, self.chunk_rows, self._writer, self.budget)
-                log.info("cache namespace %s: %d rows restored", version, self._namespaces[version].rows)
+                self._namespaces[version] = self._load(version, num_classes)
             return self._namespaces[version]
+
+    def _load(self, version: str, num_classes: int) -> MemberCache:
+        header = self._headers.get(version)
+        if header is None:
+            if version in self._foreign:
+                self._set_aside(version, "holds files but no namespace metadata", 0, "rebuilt empty")
+                self._foreign.discard(version)
+            return self._fresh(version, num_classes, None)
+        if header.num_classes != num_classes:
+            raise ValueError(f"cache namespace {version} holds {header.num_classes} classes, expected {num_classes}")
+        del self._headers[version]
+        rows, problems = self._read_verified(version, header)
+        bad = header.committed - len(rows.keys)
+        if not bad:
+            ns = MemberCache(version, header.arrays, rows, header.committed, self._writer, self.budget, self._durable_folder(version))
+            log.info("cache namespace %s: %d rows restored and verified", version, ns.rows)
+            return ns
+        self.budget.release(header.nbytes)
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more chunks" if len(problems) > 8 else "")
+        self._set_aside(version, f"{bad} of {header.committed} rows fail their checks ({shown})", bad,
+                        f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for")
+        return self._fresh(version, num_classes, rows)
+
+    def _read_verified(self, version: str, header: _Header) -> tuple[_Rows, list[str]]:
+        """The committed rows that read back and match their checksums, and what was wrong with the others, per chunk."""
+        n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
+        rows = _Rows.empty(n, header.num_classes)
+        readable = np.ones(n, bool)
+        problems: list[str] = []
+
+        def read(start: int, stop: int) -> None:
+            for name, array in header.arrays.all():
+                getattr(rows, name)[start:stop] = array[start:stop]
+
+        block = chunk_rows * READ_BLOCK_CHUNKS
+        for start in range(0, n, block):
+            try:
+                read(start, min(start + block, n))
+            except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises; find which)
+                for first in range(start, min(start + block, n), chunk_rows):
+                    last = min(first + chunk_rows, n)
+                    try:
+                        read(first, last)
+                    except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
+                        readable[first:last] = False
+                        problems.append(f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}")
+        good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
+        if good.all():
+            return rows, problems
+        for chunk in np.unique(np.flatnonzero(readable & ~good) // chunk_rows):
+            failed = np.flatnonzero(~good[chunk * chunk_rows : (chunk + 1) * chunk_rows]) + chunk * chunk_rows
+            problems.append(f"chunk {chunk}: rows {_ranges(failed)} fail their checksum")
+        return rows.select(good), problems
+
+    def _fresh(self, version: str, num_classes: int, salvaged: _Rows | None) -> MemberCache:
+        """A new, empty namespace; rows salvaged from a damaged one are written into it before serving starts."""
+        group = self._root.create_group(version, overwrite=True)
+        group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes})
+        chunk = self.chunk_rows
+        arrays = _Arrays(
+            group,
+            group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk, KEY_BYTES), dtype="uint8"),
+            group.create_array("logits", shape=(0, num_classes), chunks=(chunk, num_classes), dtype="float32"),
+            group.create_array("checks", shape=(0,), chunks=(chunk,), dtype="uint64"),
+        )
+        folder = self._durable_folder(version)
+        if folder is not None:
+            for name, _ in arrays.all():
+                _fsync(folder / name / "zarr.json")
+                _fsync(folder / name, directory=True)
+            _fsync(folder / "zarr.json")
+            _fsync(folder, directory=True)
+            _fsync(self._folder, directory=True)
+        rows = _Rows.empty(0, num_classes)
+        if salvaged is not None:
+            rows = salvaged.select(slice(0, self.budget.grant(len(salvaged.keys), row_bytes(num_classes))))
+        ns = MemberCache(version, arrays, rows, 0, self._writer, self.budget, folder)
+        if ns.rows:
+            ns.write_restored()
+        return ns
+
+    def _durable_folder(self, version: str) -> Path | None:
+        return self._folder / version if self.durable else None
+
+    def damage_counts(self) -> dict[str, tuple[int, int]]:
+        """(rows, namespaces) lost to damage this run, per member version; zeros for served versions without damage."""
+        counts = {ns.version: (0, 0) for ns in self.namespaces}
+        counts.update({version: (d.rows, d.namespaces) for version, d in self.damage.items()})
+        return counts
 
     @property
     def namespaces(self) -> list[MemberCache]:
@@ -256,3 +620,15 @@ class LogitCache:
         self._writer.shutdown(wait=True)
         if self._lock is not None:
             os.close(self._lock)
+
+
+def _ranges(positions: np.ndarray) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    spans, start = [], None
+    for i, p in enumerate(positions):
+        if start is None:
+            start = p
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            spans.append(f"{start}" if start == p else f"{start}-{p}")
+            start = None
+    return ", ".join(spans)

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from teacher_service.app import create_app
     from teacher_service.cache import StoreLocked
+    from teacher_service.server import uvicorn_options
 
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, StoreLocked) as exc:
         print(f"akd serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)
+    uvicorn.run(app, host=config.server.host, port=config.server.port, **uvicorn_options(config.server))
     return 0
 
 

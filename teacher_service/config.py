@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -57,16 +58,44 @@ class ServerConfig(_Strict):
     cache_max_bytes: Annotated[int, Field(ge=0)] = 2 << 30
     cache_chunk_rows: Annotated[int, Field(ge=1)] = 1024
     cache_flush_s: Annotated[float, Field(gt=0)] = 10.0
+    cache_durable: bool = Field(
+        False, description="fsync each chunk (and its folder) before committing it, and the commit after: survives power loss, costs write speed."
+    )
     max_batch_rows: Annotated[int, Field(ge=1)] = 512
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     batching: bool = True
     max_queue_rows: Annotated[int, Field(ge=1)] = 16384
     max_body_bytes: Annotated[int, Field(ge=1)] = 256 << 20
+    max_inflight_bytes: Annotated[int, Field(ge=1)] = Field(
+        1 << 30, description="Request bytes held by all requests in flight together; past it, 503 with Retry-After."
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        256, description="Open connections; a request on a connection past this gets 503 and the connection is closed."
+    )
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(65536, description="Request line plus headers; past it, 400.")
+    timeout_header_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        10.0, description="A connection must deliver a complete request head this soon after it opens or after its last response."
+    )
+    timeout_body_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        60.0, description="The whole request body must arrive this soon after its head; else 408 and the connection closes."
+    )
+    timeout_keep_alive_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        5.0, description="An idle keep-alive connection closes after this long without a new request."
+    )
     token: str | None = Field(None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> ServerConfig:
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_body_bytes ({self.max_body_bytes}):"
+                " a body the service accepts must also fit in flight, or it would get 503 forever"
+            )
+        return self
 
 
 class ServiceConfig(_Strict):
@@ -110,9 +139,21 @@ def load_config(
 
 
 def _absolute_store(store: Any, base: Path) -> Any:
-    if not isinstance(store, str) or not store or "://" in store or Path(store).is_absolute():
+    """A folder is made absolute; a `file://` URL becomes the folder it names (locked like any folder); other URLs pass."""
+    if not isinstance(store, str) or not store:
+        return store
+    if store.startswith("file:"):
+        return _file_url_folder(store)
+    if "://" in store or Path(store).is_absolute():
         return store
     return str(base / store)
+
+
+def _file_url_folder(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
+        raise ConfigError(f"server.cache_dir: expected a file URL of an absolute folder (file:///path/to/cache), got {url!r}")
+    return unquote(parts.path)
 
 
 def _resolve_member_paths(config: ServiceConfig, base: Path) -> ServiceConfig:

@@ -26,18 +26,26 @@ class Metrics:
             "akd_compute_seconds", "Time to run one batch (cache + forward).", ["teacher"], buckets=_TIME_BUCKETS, registry=r
         )
         self.queued_rows = Gauge("akd_queue_rows", "Rows waiting for a batch.", ["teacher"], registry=r)
+        self.inflight_bytes = Gauge("akd_inflight_bytes", "Request body bytes held by requests in flight.", registry=r)
         self.cache_hits = Counter("akd_cache_hits", "Member rows served from the cache.", ["member"], registry=r)
         self.cache_misses = Counter("akd_cache_misses", "Member rows computed.", ["member"], registry=r)
         self.cache_rows = Gauge("akd_cache_rows", "Rows held by the cache (buffered or committed).", ["member"], registry=r)
         self.cache_committed_rows = Gauge("akd_cache_committed_rows", "Rows durable in the store.", ["member"], registry=r)
         self.cache_bytes = Gauge("akd_cache_bytes", "Bytes counted against cache_max_bytes.", registry=r)
         self.cache_max_bytes = Gauge("akd_cache_max_bytes", "The cache size bound.", registry=r)
-        self.cache_full = Gauge("akd_cache_full", "1 once the size bound stopped inserts.", registry=r)
+        self.cache_full = Gauge("akd_cache_full", "1 once the size bound (or a full disk) stopped inserts.", registry=r)
         self.cache_write_errors = Gauge("akd_cache_write_errors", "Failed chunk writes.", ["member"], registry=r)
+        self.cache_damaged_rows = Gauge(
+            "akd_cache_damaged_rows", "Stored rows found damaged or unverifiable at start-up: never served, recomputed when asked for.", ["member"], registry=r
+        )
+        self.cache_damaged_namespaces = Gauge(
+            "akd_cache_damaged_namespaces", "Namespaces set aside as damaged at start-up (see the log for where).", ["member"], registry=r
+        )
         self._collect_hooks: list[Callable[[], None]] = []
         self._largest_batch: dict[str, int] = {}
 
     def request(self, teacher: str, status: int, rows: int = 0) -> None:
+        """`teacher` must be a served teacher's name or "-": a label from client input would grow without bound."""
         self.requests.labels(teacher, str(status)).inc()
         if rows:
             self.rows.labels(teacher).inc(rows)

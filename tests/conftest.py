@@ -21,6 +21,7 @@ from shared.health import free_port, wait_healthy  # noqa: F401  (free_port: use
 from shared.models import build_model
 from teacher_service.app import create_app
 from teacher_service.config import load_config
+from teacher_service.server import uvicorn_options
 
 MNIST_SHAPE = (1, 28, 28)
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,8 @@ def live_server(config_path: Path, **overrides):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # the timeouts, limits and protocol `akd serve` runs with (teacher_service.server), quieter
+    server = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options(config.server), "log_level": "warning"}, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -162,3 +164,50 @@ def random_inputs(n: int, dtype=torch.float32, seed: int = 0, shape=MNIST_SHAPE)
     if dtype == torch.uint8:
         return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     return torch.rand(n, *shape, generator=g).to(dtype)
+
+
+# --------------------------------------------------------------------------- raw sockets, for what an HTTP client will not do
+# (a head sent in pieces, a body that stops halfway, a connection that sends nothing)
+
+
+def raw_connect(base: str) -> socket.socket:
+    """A plain TCP connection to a live server's base URL; reads on it give up after HANG_S."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=HANG_S)
+    sock.settimeout(HANG_S)
+    return sock
+
+
+def raw_head(method: str, target: str, headers: dict | None = None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def raw_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response (status, lower-case headers, body by Content-Length) off a raw socket; not for pipelining."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a complete response head: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_peer(sock: socket.socket) -> bytes:
+    """Everything the server still sends, until it closes the connection (bounded by HANG_S); a reset counts as closed."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data

@@ -61,4 +61,9 @@ def test_openapi_describes_the_binary_format(server):
     assert {"X-Cache-Hits", "X-Teacher-Versions"} <= set(ok["headers"])
     params = {p["name"] for p in op["parameters"]}
     assert params == {"teacher", "temperature", "outputs", "cache"}
+    # what a wrong query parameter gets (400) and what a wrong `inputs` tensor gets (422), as the service answers
+    assert "query parameter" in op["responses"]["400"]["description"] and "`inputs`" in op["responses"]["422"]["description"]
+    assert "HTTPValidationError" not in str(spec)  # FastAPI's default 422 for parameters is not what the service sends
+    r = httpx.post(f"{server}/soft-targets", params={"teacher": "solo", "temperature": "-1"}, content=b"", timeout=HANG_S)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_parameter"
     assert httpx.get(f"{server}/docs", timeout=HANG_S).status_code == 200

@@ -7,15 +7,30 @@ soft targets. A second small server checks the optional bearer token.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import secrets
+import struct
+import time
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from conftest import HANG_S, export_member, live_server, mnist_teacher, random_inputs, save_member, write_config
+from conftest import (
+    HANG_S,
+    export_member,
+    live_server,
+    mnist_teacher,
+    random_inputs,
+    raw_connect,
+    raw_head,
+    raw_response,
+    save_member,
+    write_config,
+)
 from shared.codec import decode, encode_inputs
 from shared.protocol import HEADER_CACHE_HITS, INPUT_DTYPES
 
@@ -214,21 +229,22 @@ def test_bad_outputs_is_400(client, outputs, received):
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "inf", "nan", "-0.0", ""], ids=["zero", "minus_one", "abc", "inf", "nan", "neg_zero", "empty"])
-def test_bad_temperature_is_422(client, value):
+def test_bad_temperature_is_400(client, value):
+    """A wrong query parameter is the client's 400 (as README and the OpenAPI spec say), not FastAPI's default 422."""
     r = client.post(SOFT_TARGETS, params={**MNIST, "temperature": value}, content=_valid_body())
-    assert_error(r, 422, "bad_parameter", received=[repr(value)], message=["temperature"])
+    assert_error(r, 400, "bad_parameter", received=[repr(value)], message=["temperature"])
     assert_still_serving(client)
 
 
 def test_temperature_error_says_it_must_be_positive(client):
     r = client.post(SOFT_TARGETS, params={**MNIST, "temperature": "0"}, content=_valid_body())
-    err = assert_error(r, 422, "bad_parameter", received=["'0'"], message=["temperature"])
+    err = assert_error(r, 400, "bad_parameter", received=["'0'"], message=["temperature"])
     assert "greater than 0" in err["expected"]
 
 
-def test_unknown_cache_mode_is_422(client):
+def test_unknown_cache_mode_is_400(client):
     r = client.post(SOFT_TARGETS, params={**MNIST, "cache": "sometimes"}, content=_valid_body())
-    assert_error(r, 422, "bad_parameter", ["use", "bypass", "refresh"], ["'sometimes'"], message=["cache"])
+    assert_error(r, 400, "bad_parameter", ["use", "bypass", "refresh"], ["'sometimes'"], message=["cache"])
     assert_still_serving(client)
 
 
@@ -278,6 +294,45 @@ def test_too_many_rows_is_413(client):
     assert len(body) <= MAX_BODY
     r = client.post(SOFT_TARGETS, params=MNIST, content=body)
     assert_error(r, 413, "too_many_rows", [f"at most {MAX_ROWS} rows"], [f"{MAX_ROWS + 1} rows"])
+    assert_still_serving(client)
+
+
+def _header_of(body: bytes) -> bytes:
+    """The safetensors header of a body: its 8-byte length and the JSON that declares dtype and shape."""
+    (n,) = struct.unpack("<Q", body[:8])
+    return body[: 8 + n]
+
+
+HEADER_CASES = [
+    # id, tensors, status, code, received
+    ("too_many_rows", lambda: {"inputs": torch.zeros(MAX_ROWS + 1, 1, 28, 28, dtype=torch.uint8)}, 413, "too_many_rows", f"{MAX_ROWS + 1} rows"),
+    ("dtype_float64", lambda: {"inputs": torch.zeros(2, 1, 28, 28, dtype=torch.float64)}, 422, "bad_dtype", "float64"),
+    ("shape", lambda: {"inputs": torch.zeros(2, 1, 28, 27)}, 422, "bad_shape", "float32 tensor of shape (2, 1, 28, 27)"),
+    ("channels", lambda: {"inputs": torch.zeros(2, 3, 28, 28, dtype=torch.uint8)}, 422, "bad_channels", "(2, 3, 28, 28)"),
+    ("missing_inputs", lambda: {"images": torch.zeros(2, 1, 28, 28)}, 422, "missing_inputs", "'images'"),
+]
+
+
+@pytest.mark.parametrize(("tensors", "status", "code", "received"), [pytest.param(*c[1:], id=c[0]) for c in HEADER_CASES])
+def test_refused_from_the_header_before_the_body_arrives(client, tensors, status, code, received):
+    """The header (the first bytes) decides: the answer comes while the rest of the body was never sent."""
+    body = body_of(**tensors())
+    header = _header_of(body)
+    assert len(header) < 200 < len(body) <= MAX_BODY
+    with raw_connect(str(client.base_url)) as sock:
+        sock.sendall(raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + header)
+        got, headers, payload = raw_response(sock)  # without the rest of the body
+    assert got == status, payload
+    err = httpx.Response(got, headers=headers, content=payload).json()["error"]
+    assert err["code"] == code and received in err["received"], err
+    assert_still_serving(client)
+
+
+def test_header_refusal_matches_the_refusal_of_a_whole_body(client):
+    """Sent whole (so the header check and the decoded check both see it), each case gets the same error."""
+    for _, tensors, status, code, received in HEADER_CASES:
+        r = client.post(SOFT_TARGETS, params=MNIST, content=body_of(**tensors()))
+        assert_error(r, status, code, received=[received])
     assert_still_serving(client)
 
 
@@ -356,6 +411,57 @@ def test_metrics_count_the_errors_and_no_500(client):
     assert 200 in counted
 
 
+def _series(text: str) -> set[str]:
+    """Every metric series (name and labels) in a Prometheus text page."""
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("akd_")}
+
+
+def _count(text: str, status: int, teacher: str = "mnist") -> float:
+    m = re.search(rf'^akd_requests_total\{{status="{status}",teacher="{teacher}"\}} ([0-9.e+]+)$', text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_client_hanging_up_mid_upload_is_a_499_not_a_500(client):
+    """The client's doing: counted as 499, one log line and no traceback, and the server keeps serving."""
+    records = _Records()
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's loggers do not propagate to the root
+    service_log = logging.getLogger("akd.service")
+    level = service_log.level
+    for lg in loggers:
+        lg.addHandler(records)
+    service_log.setLevel(logging.INFO)
+    try:
+        before = client.get("/metrics").text
+        body = _valid_body()
+        with raw_connect(str(client.base_url)) as sock:
+            sock.sendall(raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + body[: len(body) // 2])
+        deadline = time.monotonic() + HANG_S
+        while _count(text := client.get("/metrics").text, 499) == _count(before, 499):
+            assert time.monotonic() < deadline, "the hang-up was never counted"
+            time.sleep(0.05)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(records)
+        service_log.setLevel(level)
+    assert _count(text, 499) == _count(before, 499) + 1
+    assert not re.search(r'status="5\d\d"', text)
+    assert [r for r in records.records if r.exc_info] == []
+    gone = [r.getMessage() for r in records.records if r.name == "akd.service" and "went away" in r.getMessage()]
+    # how much of the half the app read before the hang-up showed depends on the scheduling: at most that half
+    assert len(gone) == 1 and re.fullmatch(rf"POST /soft-targets: the client went away after \d+ of {len(body)} body bytes", gone[0]), gone
+    assert int(gone[0].split(" after ")[1].split()[0]) <= len(body) // 2
+    assert_still_serving(client)
+
+
 # --------------------------------------------------------------------------- the bearer token (401)
 
 
@@ -389,11 +495,38 @@ def test_token_is_checked_before_the_body(token_client):
     assert_error(r, 401, "unauthorized", received=["no Authorization header"])
 
 
-@pytest.mark.parametrize("path", ["/teachers", "/metrics"])
-def test_token_guards_teachers_and_metrics(token_client, path):
+@pytest.mark.parametrize("path", ["/teachers", "/metrics", "/openapi.json", "/docs"])
+def test_token_guards_teachers_metrics_and_docs(token_client, path):
     assert_error(token_client.get(path), 401, "unauthorized", received=["no Authorization header"])
     assert_error(token_client.get(path, headers={"Authorization": "Bearer x"}), 401, "unauthorized", received=["a different token"])
     assert token_client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_docs_page_carries_the_spec_and_redoc_is_gone(token_client):
+    """A browser sends no bearer token when the docs page fetches the spec, so the page holds it; /redoc is not served."""
+    html = token_client.get("/docs", headers={"Authorization": "Bearer s3cret"}).text
+    assert "SwaggerUIBundle" in html and '"/soft-targets"' in html and "safetensors" in html
+    assert token_client.get("/redoc").status_code == 404
+    assert token_client.get("/redoc", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+
+
+def test_random_teacher_names_add_no_metric_series(token_client):
+    """Labels take only served teacher names: 200 unknown names, with and without the token, add no series."""
+    auth = {"Authorization": "Bearer s3cret"}
+    for headers in (None, auth):  # one of each refusal first, so the fixed label's series exist
+        token_client.post(SOFT_TARGETS, params={"teacher": "warm-up"}, content=_valid_body(), headers=headers)
+    token_client.post(SOFT_TARGETS, params={"teacher": "warm-up", "temperature": "0"}, content=_valid_body(), headers=auth)
+    before = _series(token_client.get("/metrics", headers=auth).text)
+    names = [f"t{secrets.token_hex(6)}" for _ in range(200)]
+    statuses = set()
+    for i, name in enumerate(names):
+        params = {"teacher": name, **({"temperature": "0"} if i % 4 == 3 else {})}
+        statuses.add(token_client.post(SOFT_TARGETS, params=params, content=_valid_body(), headers=auth if i % 2 else None).status_code)
+    assert statuses == {400, 401, 404}
+    text = token_client.get("/metrics", headers=auth).text
+    assert _series(text) == before
+    assert not any(name in text for name in names)
+    assert 'akd_requests_total{status="401",teacher="-"}' in text and 'akd_requests_total{status="404",teacher="-"}' in text
 
 
 def test_healthz_needs_no_token(token_client):

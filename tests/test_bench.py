@@ -45,6 +45,7 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
     assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
     assert {r["dtype"] for r in sections["transport"]["rows"]} == {"uint8", "float16", "float32"}
+    assert all(r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"])  # cache_durable off vs on
     sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
     assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
@@ -97,10 +98,11 @@ def test_fast_candidates_repeat_until_min_seconds_are_spent():
 
 def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
     """The peer comparison is fair only if LitServe computes what our service computes."""
+    import httpx
+
     from bench.litserve_app import PREDICT_PATH, request_json
     from bench.servers import litserve_peer, write_teachers
     from shared import codec
-    import httpx
 
     config = write_teachers(tmp_path, load_bench_config("tiny"), max_wait_ms=2.0)
     x = random_inputs(5)

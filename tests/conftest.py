@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -116,7 +117,7 @@ def live_server(config_path: Path, **overrides):
 class ServerProcess:
     """`python -m teacher_service` as its own process, for restarts and kill -9."""
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict | None = None, port: int | None = None):
+    def __init__(self, config_path: Path, log_path: Path, env: dict | None = None, port: int | None = None, max_files: int | None = None):
         self.log_path = log_path
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -124,6 +125,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "teacher_service", "--config", str(config_path), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))) if max_files else None,
         )
         wait_healthy(self.base, alive=lambda: self.proc.poll() is None, timeout_s=HANG_S)
 

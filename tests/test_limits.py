@@ -208,3 +208,24 @@ def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path, me
         # once the server has seen them go, a new connection is served
         _until(lambda: httpx.get(f"{base}/healthz", timeout=HANG_S).status_code == 200, "served again after the held connections closed")
         _good(base)
+
+
+def test_idle_sockets_past_the_descriptor_limit_cannot_lock_good_clients_out(tmp_path, member):
+    """The probe that found this: with 128 descriptors, 160 idle sockets made good requests fail, for good.
+
+    A real `akd serve` process under RLIMIT_NOFILE 128. Sockets it cannot accept wait in the kernel's
+    backlog; the head deadline frees the accepted ones, so every idle socket is eventually closed and a
+    good client is served again (before the deadline existed they were held forever).
+    """
+    from conftest import ServerProcess
+
+    server = ServerProcess(_config(tmp_path, member, timeout_header_s=1.0, max_connections=64), tmp_path / "server.log", max_files=128)
+    try:
+        idle = [raw_connect(server.base) for _ in range(160)]
+        for sock in idle:
+            assert closed_by_peer(sock) == b""  # closed, nothing said: nothing was asked
+            sock.close()
+        _good(server.base, deadlines=True)
+        assert server.proc.poll() is None
+    finally:
+        server.stop()

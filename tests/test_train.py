@@ -146,20 +146,26 @@ def test_akd_eval_of_a_torch_export(teacher_run, tmp_path):
     assert from_export["clean_acc"] == json.loads((tmp_path / "b.json").read_text())["clean_acc"]
 
 
+def wait_for_first_epoch(proc: subprocess.Popen, out) -> None:
+    """Until the run in `out` saved its first epoch (`last.pt`); fails if it ended first."""
+    import time
+
+    deadline = time.monotonic() + HANG_S
+    while not (out / "last.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch"
+        time.sleep(0.05)
+
+
 def test_akd_train_resume_after_kill_9(tmp_path):
     """A run killed mid-training continues from last.pt with `akd train --resume DIR` and finishes."""
     import signal
-    import time
 
     out = tmp_path / "run"
     sets = ["limit_train=256", "val_size=100", "epochs=3", "batch_size=64", "attack.steps=2", f"out_dir={out}"]
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + HANG_S
-        while not (out / "last.pt").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch"
-            time.sleep(0.05)
+        wait_for_first_epoch(proc, out)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -228,8 +234,6 @@ def test_akd_compare_puts_runs_side_by_side(teacher_run, tmp_path):
 
 def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resume(teacher_run, tmp_path):
     """The same failure as an unreachable service at start-up: one message, rc 2, and the command that continues the run."""
-    import time
-
     from conftest import ServerProcess
 
     config = write_config(tmp_path / "teachers.toml", {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28],
@@ -238,16 +242,15 @@ def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resu
     out = tmp_path / "run"
     sets = ["limit_train=256", "val_size=100", "epochs=50", "batch_size=64", "attack.steps=1", f"out_dir={out}", "method=akd",
             f"teacher.url={server.base}", "teacher.give_up_after_s=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + HANG_S
-        while not (out / "last.pt").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch"
-            time.sleep(0.05)
-    finally:
-        server.kill9()
-    _, stderr = proc.communicate(timeout=HANG_S)
+    with open(tmp_path / "train.err", "w+") as err:  # a file, not a pipe: the run's log lines can never fill it and block the run
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for_first_epoch(proc, out)
+        finally:
+            server.kill9()
+        proc.wait(timeout=HANG_S)
+    stderr = (tmp_path / "train.err").read_text()
     assert proc.returncode == 2, stderr
     assert "Traceback" not in stderr
     assert f"continue with: akd train --resume {out}" in stderr

@@ -80,20 +80,18 @@ def pickled_tensor_constant(marker):
     return edit
 
 
-def opaque_object(marker):
-    def edit(entries, prefix):
-        edit_json(entries, prefix + "data/constants/model_constants_config.json",
-                  lambda d: d["config"].update(c0={"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}))
-        entries[prefix + "data/constants/opaque_obj_0"] = pickle.dumps(Plant(marker))
-    return edit
+def pickled_object(kind: str):
+    """A constant stored as a pickled Python object: torch.export names them `opaque_obj_*` and `custom_obj_*`."""
+    def craft(marker):
+        def edit(entries, prefix):
+            edit_json(entries, prefix + "data/constants/model_constants_config.json",
+                      lambda d: d["config"].update(c0={"path_name": f"{kind}_0", "is_param": False, "use_pickle": True, "tensor_meta": None}))
+            entries[prefix + f"data/constants/{kind}_0"] = pickle.dumps(Plant(marker))
+        return edit
+    return craft
 
 
-def custom_object(marker):
-    def edit(entries, prefix):
-        edit_json(entries, prefix + "data/constants/model_constants_config.json",
-                  lambda d: d["config"].update(c0={"path_name": "custom_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}))
-        entries[prefix + "data/constants/custom_obj_0"] = pickle.dumps(Plant(marker))
-    return edit
+opaque_object, custom_object = pickled_object("opaque_obj"), pickled_object("custom_obj")
 
 
 def sample_inputs(marker):

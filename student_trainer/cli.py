@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from shared.configfile import ConfigError
@@ -26,7 +27,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a project checkpoint (.pt) or a torch.export file (.pt2)")
     parser.add_argument("--attacks", default="clean,pgd", help=f"comma list of {', '.join(ATTACKS)}")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the checkpoint's config, e.g. --set attack.eps=0.1 or --set dataset=cifar10")
+                        help="the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
+                             "training attack; override it with e.g. --set attack.eps=0.1 --set attack.steps=20, or the "
+                             "checkpoint's config with e.g. --set dataset=cifar10")
     parser.add_argument("--limit", type=int, help="evaluate the first N test images only")
     parser.add_argument("--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)")
     parser.add_argument("--out", required=True, help="JSON file for the results (a reliability diagram PNG goes beside it)")
@@ -87,9 +90,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from shared.checkpoint import load_checkpoint
     from shared.safe_load import load_export, not_a_model_file
-    from student_trainer.config import load_train_config
+    from student_trainer.config import EVAL_ATTACK, load_train_config, parse_set
     from student_trainer.data import load_dataset, to_float
-    from student_trainer.evaluate import evaluate
+    from student_trainer.evaluate import describe_threat_model, evaluate, threat_model
     from student_trainer.train import make_pgd, resolve_device
 
     _setup_logging()
@@ -106,7 +109,9 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             ckpt = load_checkpoint(path)
             model, base = ckpt.build(), ckpt.metadata.get("config", {})
-        base = {**base, "method": "standard", "teacher": None}  # evaluation trains nothing: no method, no teacher
+        # Evaluation trains nothing (no method, no teacher), and it attacks with the dataset's standard threat model,
+        # not the checkpoint's training attack: `--set attack.*` on top of it is the only way to change it.
+        base = {**base, "method": "standard", "teacher": None, "attack": EVAL_ATTACK.model_dump(exclude_none=True)}
         cfg = load_train_config(None, args.sets, base=base)
     except (ConfigError, ValueError) as exc:
         print(f"akd eval: {exc}", file=sys.stderr)
@@ -117,15 +122,20 @@ def run_eval(args: argparse.Namespace) -> int:
     x, y = to_float(test.x[: args.limit]), test.y[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    attack = cfg.train_attack
+    attack = cfg.attack.resolved(cfg.dataset)
+    started = time.monotonic()  # each progress line says how long this model has taken so far (the demo shows the last one)
     common = dict(attack=make_pgd(attack), batch_size=cfg.eval.batch_size, device=device, seed=cfg.seed,
-                  progress=lambda text: logging.getLogger("akd.eval").info(text))
+                  progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
     aa_n = min(len(y), args.autoattack_limit if args.autoattack_limit is not None else len(y))
+    standard = not any(parse_set(s)[0][0] == "attack" for s in args.sets)
+    threat = threat_model(attack.model_dump(), aa_n if "autoattack" in attacks else None, standard)
+    origin = "the dataset's standard" if standard else "set with --set attack.*"
+    print(f"threat model: {describe_threat_model(threat)} ({origin})", flush=True)
     split_aa = "autoattack" in attacks and aa_n < len(y)
     first = [a for a in attacks if a != "autoattack"] if split_aa else attacks
     result = evaluate(model.to(device), x, y, attacks=first, diagram=out.with_suffix(".reliability.png"), **common)
     report = {**result.to_json(), "checkpoint": str(path), "dataset": cfg.dataset, "split": "test",
-              "attack": attack.model_dump(), "attacks": attacks, "autoattack_n": aa_n if "autoattack" in attacks else None}
+              "attack": threat, "attacks": attacks, "autoattack_n": aa_n if "autoattack" in attacks else None}
     if split_aa and aa_n > 0:
         report["autoattack_acc"] = evaluate(model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common).autoattack_acc
     out.write_text(json.dumps(report, indent=2))

@@ -52,6 +52,13 @@ class AttackConfig(_Strict):
         return self.model_copy(update={"eps": eps, "step_size": step})
 
 
+# The standard evaluation threat model (README, "Evaluation"): L-inf at the dataset's eps (DEFAULT_EPS), PGD-10 with
+# step 2.5 * eps / steps from one uniform random start (this PGD has no restarts). `akd eval` and the demo use it
+# unless told otherwise, so that models trained with different attacks (a weak teacher, a cheap PGD-5) are measured
+# with the same ruler, not each with its own training attack. eps stays None: it follows the dataset.
+EVAL_ATTACK = AttackConfig(norm="linf", steps=10, random_start=True)
+
+
 class TeacherRef(_Strict):
     """Where soft targets come from: a teacher service (url + name) or a local teacher config."""
 

@@ -7,16 +7,19 @@ Stages, each also runnable alone (that is how docker compose runs them, one serv
             validation PGD accuracy), as an ensemble and one by one
   serve     run the teacher service on that config (with its zarr cache)
   students  train every student for every seed, concurrently, against the one service
-  evaluate  clean, PGD and AutoAttack accuracy and ECE of every teacher and student
+  evaluate  clean, PGD and AutoAttack accuracy and ECE of every teacher and student, all under the
+            plan's one evaluation threat model (`eval_attack`), whatever each was trained with
   report    RESULTS.md, results.json, the pictures; prints the table
 
 Everything lands in one output folder; a re-run reuses finished runs and evaluations
-(and resumes interrupted runs) unless --fresh.
+(and resumes interrupted runs) unless --fresh. What a stage measured stays on disk for the report of
+any later invocation: service/stats.json (merge_service_stats) and stages.json (add_stage_time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -37,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.health import free_port, wait_healthy
-from student_trainer.config import DISTILLATION_METHODS, TrainConfig, resolve_file_paths
+from student_trainer.config import DISTILLATION_METHODS, EVAL_ATTACK, AttackConfig, TrainConfig, resolve_file_paths
 
 STAGES = ("teachers", "serve", "students", "evaluate", "report")
 MARKER = ".akd-demo"
@@ -53,6 +56,9 @@ class DemoConfig(BaseModel):
     threads_per_job: Annotated[int, Field(ge=1)] = 1
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
     eval_limit: Annotated[int, Field(ge=1)] | None = None
+    # The one threat model every teacher and student is evaluated under; keys left out come from the standard
+    # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
+    eval_attack: AttackConfig | None = None
     common: dict = {}
     teachers: Annotated[list[dict], Field(min_length=1)]
     students: Annotated[list[dict], Field(min_length=1)]
@@ -146,6 +152,10 @@ class Layout:
     def service_stats(self) -> Path:
         return self.root / "service" / "stats.json"
 
+    @property
+    def stage_times(self) -> Path:
+        return self.root / "stages.json"
+
 
 class DemoError(RuntimeError):
     pass
@@ -169,6 +179,25 @@ def say(text: str) -> None:
 
 def job_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def last_progress(log: Path) -> str | None:
+    """The last progress line `akd eval` (or AutoAttack) wrote to a job's log, e.g. "pgd 3/4 batches (12s)"."""
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        for logger in (" akd.eval: ", " auto-attack: "):
+            if logger in line:
+                return line.split(logger, 1)[1].strip()
+    return None
+
+
+def job_progress(job: Job) -> str:
+    """A training job's epochs, or where an evaluation is (attack and batch), from its log."""
+    if job.epochs:
+        return f"{job.name} epoch {epochs_done(job.run_dir)}/{job.epochs}"
+    where = last_progress(job.log)
+    return f"{job.name} ({where})" if where else job.name
 
 
 def epochs_done(run_dir: Path | None) -> int:
@@ -204,7 +233,7 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, report_ev
         if running and time.monotonic() - last >= report_every_s:
             last = time.monotonic()
             done = sum(epochs_done(j.run_dir) for j in jobs) if any(j.epochs for j in jobs) else finished
-            progress = [f"{j.name} epoch {epochs_done(j.run_dir)}/{j.epochs}" if j.epochs else j.name for j, _ in running.values()]
+            progress = [job_progress(j) for j, _ in running.values()]
             elapsed = time.monotonic() - started
             rate = (done - start_epochs) / elapsed if done > start_epochs else 0
             eta = f", ETA {(total_epochs - done) / rate / 60:.1f} min" if rate else ""
@@ -292,8 +321,13 @@ class Demo:
             except (RuntimeError, TimeoutError) as exc:
                 raise DemoError(f"{exc}; see {log}") from None
             say(f"[serve] teacher service up at {url} (log: {log})")
-            yield url
-            self.save_service_stats(url)
+            try:
+                yield url
+            finally:  # also when a student failed: the rows this session served are part of the total
+                try:
+                    self.save_service_stats(url, cumulative=False)  # a service started here counts from zero
+                except httpx.HTTPError as exc:
+                    say(f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its record")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -302,11 +336,12 @@ class Demo:
                 proc.kill()
             say("[serve] teacher service stopped")
 
-    def save_service_stats(self, url: str) -> None:
+    def save_service_stats(self, url: str, cumulative: bool) -> None:
+        """Fold the service's counters into service/stats.json (merge_service_stats says how; a session that served nothing changes nothing)."""
         text = httpx.get(f"{url}/metrics", timeout=30).text
         stats = {"rows": _metric_sum(text, "akd_rows_total"), "hits": _metric_sum(text, "akd_cache_hits_total"),
                  "misses": _metric_sum(text, "akd_cache_misses_total"), "largest_batch": _metric_max(text, "akd_batch_rows_max")}
-        self.layout.service_stats.write_text(json.dumps(stats, indent=2))
+        update_json(self.layout.service_stats, lambda old: merge_service_stats(old, stats, cumulative))
 
     def stage_students(self, teacher_url: str, seeds: list[int] | None = None) -> None:
         """Every student of the plan for `seeds` (the plan's seeds they name; all by default)."""
@@ -325,25 +360,49 @@ class Demo:
         teachers = [self.layout.teacher(t["name"]) for t in self.cfg.teachers]
         return teachers + [self.layout.student(s["name"], seed) for seed in self.cfg.seeds for s in self.cfg.students]
 
+    def eval_attack(self) -> AttackConfig:
+        """The plan's one evaluation threat model, spelled out (eps, step size) for [common]'s dataset.
+
+        Its norm and eps default to [common]'s training attack, not to each run's: the weak teacher (trained at
+        half the radius) is measured at the same radius as everyone else.
+        """
+        dataset = TrainConfig.model_validate({**self.cfg.common, "method": "standard", "teacher": None}).dataset
+        trained = {k: v for k, v in (self.cfg.common.get("attack") or {}).items() if k in ("norm", "eps")}
+        chosen = self.cfg.eval_attack.model_dump(include=self.cfg.eval_attack.model_fields_set) if self.cfg.eval_attack else {}
+        return EVAL_ATTACK.model_copy(update={**trained, **chosen}).resolved(dataset)
+
     def stage_evaluate(self) -> None:
+        from student_trainer.evaluate import describe_threat_model, threat_model
+
+        wanted = self.eval_attack().model_dump()
+        sets = [arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")]  # TOML values
         jobs = []
         for run_dir in self.all_runs():
             out = run_dir / "eval.json"
-            if out.exists() and out.stat().st_mtime >= (run_dir / "best.pt").stat().st_mtime:
+            if out.exists() and out.stat().st_mtime >= (run_dir / "best.pt").stat().st_mtime and _evaluated_under(out, wanted):
                 continue
             limit = ["--limit", str(self.cfg.eval_limit)] if self.cfg.eval_limit else []
             attacks = "clean,pgd,autoattack" if self.cfg.autoattack_limit else "clean,pgd"
             argv = module("student_trainer", "eval", "--checkpoint", str(run_dir / "best.pt"), "--attacks", attacks,
-                          "--autoattack-limit", str(self.cfg.autoattack_limit), *limit, "--out", str(out))
+                          "--autoattack-limit", str(self.cfg.autoattack_limit), *sets, *limit, "--out", str(out))
             jobs.append(Job(f"eval {run_dir.name}", argv, run_dir / "eval.log"))
-        say(f"== evaluate: {len(jobs)} models (clean, PGD, AutoAttack on {self.cfg.autoattack_limit} images), "
-            f"{self.cfg.jobs} at a time ==")
+        threat = describe_threat_model(threat_model(wanted, self.cfg.autoattack_limit or None, standard=False))
+        say(f"== evaluate: {len(jobs)} models, all under {threat}; {self.cfg.jobs} at a time ==")
         run_jobs("evaluate", jobs, self.cfg.jobs, self.cfg.threads_per_job)
 
-    def stage_report(self, elapsed_s: float | None = None) -> str:
+    def stage_report(self) -> str:
         from student_trainer.report import write_report
 
-        return write_report(self, elapsed_s)
+        return write_report(self)
+
+
+def _evaluated_under(eval_json: Path, attack: dict) -> bool:
+    """Whether an existing eval.json used this threat model: one made under another (an older plan) is redone, not mixed in."""
+    try:
+        recorded = json.loads(eval_json.read_text()).get("attack") or {}
+    except (OSError, ValueError):
+        return False
+    return all(recorded.get(key) == value for key, value in attack.items())
 
 
 def _best_epoch(run_dir: Path) -> dict:
@@ -360,6 +419,51 @@ def _metric_max(text: str, name: str) -> float:
     return max(values, default=0.0)
 
 
+def update_json(path: Path, change) -> dict:
+    """Read-modify-write of a small JSON record, locked and atomic: concurrent stages (compose's trainers) lose no update."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        value = change(json.loads(path.read_text()) if path.exists() else {})
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(value, indent=2))
+        tmp.replace(path)
+    return value
+
+
+def merge_service_stats(old: dict, new: dict, cumulative: bool) -> dict:
+    """The service's record after one more session: never zeros over figures a re-run did not redo.
+
+    A session that served no rows (a re-run reusing every student) leaves the record as it was. A service the demo
+    started itself counts from zero, so its session adds to the record (an interrupted session plus its resume is the
+    whole); an external one (--teacher-url, compose) counts since it started, across trainers, so the higher count
+    is the later one and replaces the record.
+    """
+    if not new.get("rows") or not old:
+        return old or new
+    if cumulative:
+        return new if new["rows"] >= old.get("rows", 0) else old
+    summed = {k: old.get(k, 0) + new.get(k, 0) for k in ("rows", "hits", "misses")}
+    return {**summed, "largest_batch": max(old.get("largest_batch", 0), new.get("largest_batch", 0))}
+
+
+def add_stage_time(layout: Layout, stage: str, seconds: float) -> dict:
+    """stages.json: each stage's wall time summed over every invocation on this folder (a reused stage adds its seconds).
+
+    The report runs in a later invocation than the training more often than not, so the time behind the results has to be
+    on disk; summing keeps an interrupted run's work and its resume, and --fresh starts the record over.
+    """
+    def add(times: dict) -> dict:
+        before = times.get(stage, {"seconds": 0.0, "runs": 0})
+        return {**times, stage: {"seconds": before["seconds"] + seconds, "runs": before["runs"] + 1}}
+
+    return update_json(layout.stage_times, add)
+
+
+def read_stage_times(layout: Layout) -> dict[str, dict]:
+    return json.loads(layout.stage_times.read_text()) if layout.stage_times.exists() else {}
+
+
 def prepare_out(out: Path, fresh: bool) -> None:
     """--fresh empties the folder, but only one this command made (it carries a marker)."""
     if fresh and out.exists() and any(out.iterdir()):
@@ -374,21 +478,32 @@ def run_demo(cfg: DemoConfig, out: Path, stages: list[str], fresh: bool, teacher
              command: str) -> str | None:
     prepare_out(out, fresh)
     demo = Demo(cfg, out, command)
-    started = time.monotonic()
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
+
+    @contextlib.contextmanager
+    def timed(stage: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:  # a failed or interrupted stage's time counts too: its finished runs are reused, not redone
+            add_stage_time(demo.layout, stage, time.monotonic() - started)
+
     if "teachers" in stages:
-        demo.stage_teachers()
+        with timed("teachers"):
+            demo.stage_teachers()
     if "students" in stages:
-        if teacher_url:
-            demo.stage_students(teacher_url, seeds)
-            demo.save_service_stats(teacher_url)  # cumulative: the last trainer to finish leaves the final count
-        else:
-            with demo.service() as url:
-                demo.stage_students(url, seeds)
+        with timed("students"):
+            if teacher_url:
+                demo.stage_students(teacher_url, seeds)
+                demo.save_service_stats(teacher_url, cumulative=True)  # its counters run since it started, across trainers
+            else:
+                with demo.service() as url:
+                    demo.stage_students(url, seeds)
     if "evaluate" in stages:
-        demo.stage_evaluate()
+        with timed("evaluate"):
+            demo.stage_evaluate()
     if "report" in stages:
-        return demo.stage_report(time.monotonic() - started if stages == list(STAGES) else None)
+        return demo.stage_report()  # its own seconds are not counted: the report is written before they end
     return None
 
 

@@ -23,6 +23,40 @@ _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
 Progress = Callable[[str], None]
 
+# What AutoAttack "standard" runs (pyautoattack's AutoAttack._set_version), recorded beside every AutoAttack number.
+AUTOATTACK_VERSION = "standard"
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def threat_model(attack: dict, autoattack_n: int | None, standard: bool) -> dict:
+    """The full threat model of one evaluation, as recorded in eval.json's `attack` entry.
+
+    A robust accuracy means nothing without it: norm, eps, PGD steps, step size and
+    restarts (0: one random start), whether it is the dataset's standard one, and
+    AutoAttack's version, attacks, package and image count (None when it did not run).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    autoattack = None
+    if autoattack_n is not None:
+        try:
+            package = f"pyautoattack {version('pyautoattack')}"
+        except PackageNotFoundError:
+            package = "pyautoattack (not installed)"
+        autoattack = {"version": AUTOATTACK_VERSION, "attacks": list(AUTOATTACK_ATTACKS), "package": package, "n": autoattack_n}
+    return {**attack, "restarts": 0, "standard": standard, "autoattack": autoattack}
+
+
+def describe_threat_model(entry: dict) -> str:
+    """One line for people: `akd eval` prints it and the demo's report header states it."""
+    start = "random start" if entry.get("random_start", True) else "no random start"
+    text = (f"{entry['norm']} eps {entry['eps']:.4g}, PGD-{entry['steps']} step size {entry['step_size']:.4g}, "
+            f"{start}, {entry.get('restarts', 0)} restarts")
+    aa = entry.get("autoattack")
+    if aa:
+        text += f"; AutoAttack {aa['version']} ({', '.join(aa['attacks'])}; {aa['package']}) on {aa['n']} images"
+    return text
+
 
 @dataclass
 class EvalResult:
@@ -146,7 +180,7 @@ def evaluate(
             pgd_acc, ece_pgd = _accuracy(probs_pgd, y), expected_calibration_error(probs_pgd, y)
             curves["PGD"] = (probs_pgd, y)
         if "autoattack" in attacks:
-            report("autoattack")
+            report(f"autoattack on {len(x)} images ({', '.join(AUTOATTACK_ATTACKS)})")
             x_aa = autoattack_examples(model, x, y, attack.norm, attack.eps, batch_size, device, seed)
             autoattack_acc = _accuracy(predict(model, x_aa, batch_size, device), y)
     if diagram is not None:

@@ -4,6 +4,7 @@ demo's pipeline. tests/test_compose_e2e.py runs the same file under a real engin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,7 +105,9 @@ def test_compose_services_run_as_local_processes(tmp_path):
     completes("report")
     demo = tmp_path / "demo"
     assert "| akd-ensemble |" in (demo / "RESULTS.md").read_text()
-    assert (demo / "service" / "stats.json").exists()
+    results = json.loads((demo / "results.json").read_text())  # written by a later invocation than the trainers'
+    assert results["service"]["rows"] > 0 and results["service"] == json.loads((demo / "service" / "stats.json").read_text())
+    assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
     log = (tmp_path / "trainer-seed1.log").read_text()
     assert "0 to train" in log  # the quick plan has seed 0 only: the second trainer has nothing to do
 

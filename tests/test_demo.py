@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from conftest import HANG_S, REPO
+from student_trainer.report import VERDICT_RULE
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
 TEACHERS = ("at-s10", "at-s11", "weak-s12")
@@ -41,7 +43,11 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert all(r["teacher_rows"] > 0 for r in distilled) and results["students"]["pgd-at"][0]["teacher_rows"] == 0
     assert results["service"]["rows"] == sum(r["teacher_rows"] for r in distilled)
     text = (out / "RESULTS.md").read_text()
-    assert "## The claim" in text and "**holds**" in text or "**does not hold**" in text
+    assert "## The claim" in text and VERDICT_RULE in text
+    assert text.count("**inconclusive (one seed)**") == 3  # the quick plan has one seed: no verdict from one pair
+    assert "paired differences seed 0 " in text
+    assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
+    assert f"{results['service']['rows']:,.0f} rows served to the students" in text and "- time: teachers " in text
     for picture in ["students-curves.png", "teachers-curves.png", *[f"{s}.reliability.png" for s in STUDENTS]]:
         assert (out / "pictures" / picture).read_bytes()[:4] == b"\x89PNG", picture
     for run in [*(out / "teachers").iterdir(), *(out / "students").iterdir()]:
@@ -50,8 +56,62 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert "[teachers] started" in done.stdout and "[students] started" in done.stdout and "[serve] teacher service up" in done.stdout
 
 
+def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, tmp_path):
+    """The report stage alone, in a later invocation, reports what the earlier stages measured, not zeros."""
+    out, _ = quick_demo
+    copy = shutil.copytree(out, tmp_path / "copy")
+    before = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").unlink()
+    again = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
+    assert again.returncode == 0, again.stderr
+    after = json.loads((copy / "results.json").read_text())
+    assert after["service"] == before["service"] and after["service"]["rows"] > 0
+    assert after["stages"] == before["stages"] and after["elapsed_s"] == before["elapsed_s"] > 0  # the report is not timed
+    assert f"{after['service']['rows']:,.0f} rows served to the students" in again.stdout + (copy / "RESULTS.md").read_text()
+    assert f"total {after['elapsed_s'] / 60:.1f} min" in (copy / "RESULTS.md").read_text()
+
+
+def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(quick_demo, tmp_path):
+    from student_trainer.demo import Demo, _evaluated_under, load_demo_config
+
+    out, done = quick_demo
+    runs = [*(out / "teachers").iterdir(), *(out / "students").iterdir()]
+    attacks = {run.name: json.loads((run / "eval.json").read_text())["attack"] for run in runs}
+    assert len(attacks) == len(TEACHERS) + len(STUDENTS)
+    assert attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10  # not its training attack (eps 0.05, PGD-1)
+    assert all(a == attacks["at-s10"] for a in attacks.values()), attacks  # nor the others' PGD-2
+    assert attacks["at-s10"]["autoattack"]["n"] == 8
+    assert "== evaluate: 7 models, all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
+    header = ("- threat model (every teacher and student): linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts; "
+              "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ")
+    line = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("- threat model"))
+    assert line.startswith(header) and line.endswith(") on 8 images"), line
+    wanted = Demo(load_demo_config(None, quick=True), out, "test").eval_attack().model_dump()
+    assert _evaluated_under(out / "teachers" / "weak-s12" / "eval.json", wanted)  # reused on a re-run ...
+    assert not _evaluated_under(out / "teachers" / "weak-s12" / "eval.json", {**wanted, "steps": 20})  # ... redone for another plan
+    copy = shutil.copytree(out, tmp_path / "copy")  # a model evaluated otherwise is called out, never mixed in silently
+    weak = copy / "teachers" / "weak-s12" / "eval.json"
+    weak.write_text(json.dumps({**json.loads(weak.read_text()), "attack": {**attacks["weak-s12"], "eps": 0.05}}))
+    Demo(load_demo_config(None, quick=True), copy, "test").stage_report()
+    text = (copy / "RESULTS.md").read_text()
+    assert "**WARNING: the models were NOT evaluated under one threat model" in text and "weak-s12: linf eps 0.05," in text
+    assert "(every teacher and student)" not in text
+
+
+def test_evaluate_stage_shows_where_each_model_is(quick_demo):
+    from student_trainer.demo import Job, job_progress, last_progress
+
+    out, _ = quick_demo
+    log = out / "teachers" / "at-s10" / "eval.log"
+    assert "akd.eval: pgd 1/1 batches" in log.read_text()  # `akd eval` logs each attack and batch
+    where = last_progress(log)
+    assert where and not where.startswith("pgd")  # its last step: AutoAttack, after PGD
+    assert job_progress(Job("eval at-s10", [], log)) == f"eval at-s10 ({where})"
+
+
 def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(quick_demo):
     out, _ = quick_demo
+    before = json.loads((out / "results.json").read_text())
     moved = out.rename(out.parent / "moved")  # what the demo wrote must not point back to where it was
     again = akd("demo", "--quick", "--out", str(moved))
     assert again.returncode == 0, again.stderr
@@ -59,6 +119,10 @@ def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(qu
     assert "started" not in again.stdout  # no training, no evaluation: everything was there
     assert again.stdout.count("reusing") == len(TEACHERS) + len(STUDENTS)
     assert "| pgd-at |" in again.stdout
+    after = json.loads((moved / "results.json").read_text())
+    assert after["service"] == before["service"]  # the service served nothing new: its figures are kept, not zeroed
+    assert {stage: t["runs"] for stage, t in after["stages"].items()} == {"teachers": 2, "students": 2, "evaluate": 2}
+    assert after["elapsed_s"] > before["elapsed_s"]
 
 
 def test_fresh_only_deletes_a_folder_the_demo_made(tmp_path):

@@ -130,8 +130,43 @@ def test_akd_eval_writes_json_table_and_diagram(teacher_run, tmp_path):
     assert {"clean_acc", "pgd_acc", "autoattack_acc", "ece"} <= set(report)
     assert report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3  # AutoAttack is the costly part
     assert report["autoattack_acc"] <= report["clean_acc"]
+    aa = report["attack"]["autoattack"]  # the threat model is recorded whole: PGD's and AutoAttack's
+    assert aa["version"] == "standard" and aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["n"] == 4
+    assert report["attack"]["steps"] == 10 and not report["attack"]["standard"]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("threat model: "))
+    assert line.startswith("threat model: linf eps 0.3, PGD-10 step size 0.075, random start, 0 restarts; "
+                           "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ") and line.endswith(") on 4 images (set with --set attack.*)")
     assert "| PGD accuracy |" in done.stdout
     assert out.with_suffix(".reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def weak_run(tmp_path_factory):
+    """A run trained with a weak, cheap attack (eps 0.05, PGD-2): what `akd eval` must not measure it with."""
+    out = tmp_path_factory.mktemp("runs") / "weak"
+    train(load_train_config(sets=["arch=tiny_cnn", "limit_train=128", "val_size=50", "epochs=1", "batch_size=64",
+                                  "attack.steps=2", "attack.eps=0.05", f"out_dir={out}"]))
+    return out
+
+
+def test_akd_eval_uses_the_datasets_standard_threat_model_not_the_training_attack(weak_run, tmp_path):
+    out = tmp_path / "eval.json"
+    done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--limit", "32", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "threat model: linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts (the dataset's standard)" in done.stdout
+    attack = json.loads(out.read_text())["attack"]
+    assert attack["norm"] == "linf" and attack["eps"] == 0.1 and attack["steps"] == 10 and attack["step_size"] == pytest.approx(0.025)
+    assert attack["restarts"] == 0 and attack["random_start"] and attack["standard"] and attack["autoattack"] is None
+
+
+def test_akd_eval_honours_an_explicit_threat_model(weak_run, tmp_path):
+    out = tmp_path / "eval.json"
+    done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--limit", "32", "--set", "attack.eps=0.05", "--set", "attack.steps=2",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "threat model: linf eps 0.05, PGD-2 step size 0.0625, random start, 0 restarts (set with --set attack.*)" in done.stdout
+    attack = json.loads(out.read_text())["attack"]
+    assert attack["eps"] == 0.05 and attack["steps"] == 2 and attack["step_size"] == pytest.approx(0.0625) and not attack["standard"]
 
 
 def test_akd_eval_of_a_torch_export(teacher_run, tmp_path):

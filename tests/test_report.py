@@ -1,0 +1,115 @@
+"""The report's pure parts: the claim's verdict rule, the service-stats merge, the stage times."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from student_trainer.demo import Layout, add_stage_time, merge_service_stats, read_stage_times
+from student_trainer.report import MARGIN_SE, VERDICT_RULE, paired_mean_se, time_line, verdict
+
+
+def two_seeds(mean: float, sd: float) -> list[float]:
+    """Two paired differences with this mean and sample standard deviation (x = mean ± sd/√2)."""
+    return [mean - sd / 2**0.5, mean + sd / 2**0.5]
+
+
+def test_the_issue_example_is_inconclusive_not_holds():
+    diffs = two_seeds(-0.0004, 0.0063)  # ECE, AKD minus PGD-AT: the sign alone said "holds"
+    assert round(statistics.fmean(diffs), 4) == -0.0004 and round(statistics.stdev(diffs), 4) == 0.0063
+    assert verdict(diffs, "lower") == "inconclusive"
+    assert verdict([-d for d in diffs], "lower") == "inconclusive"  # nor does the flipped sign decide it
+
+
+@pytest.mark.parametrize(
+    "diffs,expected,outcome",
+    [
+        # clear in the expected direction: every seed agrees, far beyond 2 se
+        ([0.05, 0.06, 0.04], "higher", "holds"),
+        ([-0.02, -0.03, -0.025], "lower", "holds"),
+        # clear in the other direction
+        ([-0.05, -0.06, -0.04], "higher", "does not hold"),
+        ([0.02, 0.03, 0.025], "lower", "does not hold"),
+        # the seeds disagree: the mean's sign is noise
+        ([0.01, -0.008], "higher", "inconclusive"),
+        ([0.01, -0.008], "lower", "inconclusive"),
+        ([0.0, 0.0], "higher", "inconclusive"),  # no difference at all is not "higher"
+        # "not lower": only a clear drop refutes it
+        ([0.01, -0.008], "not lower", "holds"),
+        ([0.0, 0.0], "not lower", "holds"),
+        ([0.03, 0.02, 0.04], "not lower", "holds"),
+        ([-0.03, -0.02, -0.04], "not lower", "does not hold"),
+        # one seed has no spread: never a verdict, whatever its size or sign
+        ([0.5], "higher", "inconclusive (one seed)"),
+        ([-0.5], "higher", "inconclusive (one seed)"),
+        ([-0.5], "not lower", "inconclusive (one seed)"),
+        ([0.0001], "lower", "inconclusive (one seed)"),
+        ([], "higher", "inconclusive (no paired seeds)"),
+    ],
+)
+def test_verdicts_follow_the_paired_differences_against_their_spread(diffs, expected, outcome):
+    assert verdict(diffs, expected) == outcome
+
+
+@pytest.mark.parametrize("expected", ["higher", "lower"])
+def test_the_boundary_is_margin_standard_errors(expected):
+    """Just inside MARGIN_SE·se is inconclusive, just outside decides, on both sides."""
+    sign = 1 if expected == "higher" else -1
+    sd = 0.01
+    se = sd / 2**0.5
+    inside, outside = 0.99 * MARGIN_SE * se, 1.01 * MARGIN_SE * se
+    assert verdict(two_seeds(sign * inside, sd), expected) == "inconclusive"
+    assert verdict(two_seeds(-sign * inside, sd), expected) == "inconclusive"
+    assert verdict(two_seeds(sign * outside, sd), expected) == "holds"
+    assert verdict(two_seeds(-sign * outside, sd), expected) == "does not hold"
+    assert verdict(two_seeds(-inside, sd), "not lower") == "holds"
+    assert verdict(two_seeds(-outside, sd), "not lower") == "does not hold"
+
+
+def test_the_rule_the_report_states_is_the_rule_applied():
+    mean, se = paired_mean_se([0.1, 0.3])
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1)
+    assert f"{MARGIN_SE}·se" in VERDICT_RULE and "inconclusive" in VERDICT_RULE and "not lower" in VERDICT_RULE
+
+
+def test_an_unknown_direction_is_refused():
+    with pytest.raises(ValueError, match="not lower"):
+        verdict([0.1, 0.2], "bigger")
+
+
+SESSION = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
+IDLE = {"rows": 0.0, "hits": 0.0, "misses": 0.0, "largest_batch": 0.0}  # a re-run that reused every student
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_a_session_that_served_nothing_keeps_the_record(cumulative):
+    assert merge_service_stats(SESSION, IDLE, cumulative) == SESSION
+    assert merge_service_stats(SESSION, {}, cumulative) == SESSION
+    assert merge_service_stats({}, SESSION, cumulative) == SESSION
+    assert merge_service_stats({}, IDLE, cumulative) == IDLE  # nothing yet: the zeros are the truth
+
+
+def test_sessions_of_a_service_the_demo_started_add_up():
+    """An interrupted students stage and its resume: two services, each counting from zero."""
+    resume = {"rows": 200.0, "hits": 10.0, "misses": 40.0, "largest_batch": 150.0}
+    assert merge_service_stats(SESSION, resume, cumulative=False) == {"rows": 800.0, "hits": 50.0, "misses": 200.0, "largest_batch": 150.0}
+
+
+def test_an_external_service_count_is_cumulative_so_the_larger_one_is_later():
+    """Compose's trainers save the one service's running totals, in whatever order they finish."""
+    later = {"rows": 1200.0, "hits": 90.0, "misses": 310.0, "largest_batch": 100.0}
+    assert merge_service_stats(SESSION, later, cumulative=True) == later
+    assert merge_service_stats(later, SESSION, cumulative=True) == later
+
+
+def test_stage_times_add_up_over_invocations_and_the_report_shows_them(tmp_path):
+    layout = Layout(tmp_path)
+    assert read_stage_times(layout) == {} and "not recorded" in time_line({})
+    add_stage_time(layout, "teachers", 120.0)
+    add_stage_time(layout, "students", 300.0)
+    add_stage_time(layout, "students", 6.0)  # a re-run that reused them
+    times = read_stage_times(layout)
+    assert times == {"teachers": {"seconds": 120.0, "runs": 1}, "students": {"seconds": 306.0, "runs": 2}}
+    line = time_line(times)
+    assert "teachers 2.0 min" in line and "students 5.1 min (2 invocations)" in line and "total 7.1 min" in line

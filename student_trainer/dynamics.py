@@ -12,6 +12,7 @@ epoch (a subset, a dropped last batch, or adversarial correctness not recorded).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,10 +64,12 @@ class CorrectnessLog:
         """A compressed .npz: epochs, n_samples and one int8 matrix per kind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        tmp = path.with_name(f".{path.name}.tmp")  # then a rename: a kill -9 mid-write never leaves a torn file
+        with tmp.open("wb") as f:  # a file object, so numpy does not append ".npz" to the name
             np.savez_compressed(
                 f, epochs=self.epochs, n_samples=self.n_samples, **{k: self.matrix(k) for k in KINDS}
             )
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> CorrectnessLog:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,9 +137,9 @@ class Trainer:
             save_checkpoint(self.out / f"epoch_{epoch:03d}.pt", self._checkpoint(metrics, resumable=False))
         if self.state.best_epoch == epoch:
             save_checkpoint(self.out / "best.pt", self._checkpoint(metrics, resumable=False))
-        save_checkpoint(self.out / "last.pt", self._checkpoint(metrics, resumable=True))  # last: written after the others
         if self.dynamics is not None:
             self.dynamics.save(self.out / "dynamics.npz")
+        save_checkpoint(self.out / "last.pt", self._checkpoint(metrics, resumable=True))  # last: it commits the epoch
 
     def resume(self) -> None:
         if not (self.out / "last.pt").exists():
@@ -153,8 +154,16 @@ class Trainer:
         torch.set_rng_state(extra["torch_rng"])
         self.state = RunState(**extra["state"])
         if self.dynamics is not None and (self.out / "dynamics.npz").exists():
-            self.dynamics = CorrectnessLog.load(self.out / "dynamics.npz")
+            self.dynamics = self._restored_dynamics(self.out / "dynamics.npz")
         log.info("resumed %s after epoch %d", self.out, self.state.epoch)
+
+    def _restored_dynamics(self, path: Path) -> CorrectnessLog:
+        """The run's correctness log; one that cannot be read (damaged, or torn by an older akd) costs its history, not the run."""
+        try:
+            return CorrectnessLog.load(path)
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("%s is unreadable (%s): training dynamics restart at epoch %d", path, exc, self.state.epoch + 1)
+            return self.dynamics
 
     # -- the loop ------------------------------------------------------------------------------
 

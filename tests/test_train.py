@@ -301,3 +301,23 @@ def test_service_unreachable_at_start_up_is_one_message_that_says_what_to_do(tmp
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "unavailable" in done.stderr
     assert "once the service is up, run the same command again" in done.stderr
+
+
+def test_resume_survives_a_torn_dynamics_file(tmp_path):
+    """A kill -9 while an older akd wrote dynamics.npz left it torn, and resuming then failed with a traceback.
+
+    dynamics.npz is now written whole (temp file + rename) before last.pt commits the epoch; one that cannot be
+    read costs its history, not the run.
+    """
+    out = tmp_path / "run"
+    sets = ["limit_train=128", "val_size=50", "epochs=1", "batch_size=64", "attack.steps=1", f"out_dir={out}"]
+    assert akd("train", *[f"--set={s}" for s in sets]).returncode == 0
+    assert not list(out.glob(".*.tmp")), "a temp file was left behind"
+    (out / "dynamics.npz").write_bytes(b"")  # what the kill left
+    done = akd("train", "--resume", str(out), "--set", "epochs=2")
+    assert done.returncode == 0, done.stderr
+    assert "dynamics.npz is unreadable" in done.stderr and "restart at epoch 2" in done.stderr
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+    from student_trainer.dynamics import CorrectnessLog
+
+    assert len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1  # the resumed epoch only: the torn history is gone

@@ -6,7 +6,6 @@ is enough to read one, so a checkpoint from anyone cannot run code on the server
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.atomic import replaced_atomically
 from shared.models import build_model
 from shared.safe_load import refused_pickle
 
@@ -49,9 +49,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "metadata": ckpt.metadata,
         "extra": ckpt.extra,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -37,6 +37,7 @@ import httpx
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.atomic import replaced_atomically
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.health import free_port, wait_healthy
@@ -425,9 +426,8 @@ def update_json(path: Path, change) -> dict:
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         value = change(json.loads(path.read_text()) if path.exists() else {})
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(value, indent=2))
-        tmp.replace(path)
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(json.dumps(value, indent=2))
     return value
 
 

@@ -12,12 +12,13 @@ epoch (a subset, a dropped last batch, or adversarial correctness not recorded).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from shared.atomic import replaced_atomically
 
 KINDS = ("clean", "adv")
 UNSEEN = -1
@@ -64,12 +65,10 @@ class CorrectnessLog:
         """A compressed .npz: epochs, n_samples and one int8 matrix per kind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")  # then a rename: a kill -9 mid-write never leaves a torn file
-        with tmp.open("wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file object: numpy appends no ".npz"
             np.savez_compressed(
                 f, epochs=self.epochs, n_samples=self.n_samples, **{k: self.matrix(k) for k in KINDS}
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> CorrectnessLog:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,12 @@ class PGD:
             raise ValueError(f"unknown start {self.start!r}; known: {', '.join(STARTS)}")
         if self.eps < 0 or self.step_size < 0 or self.steps < 0:
             raise ValueError(f"eps, step_size and steps must be >= 0; got {self.eps}, {self.step_size}, {self.steps}")
+
+    def scaled(self, fraction: float) -> PGD:
+        """The same attack in a ball `fraction` times the radius, with steps to match (an eps warm-up)."""
+        if fraction == 1:
+            return self
+        return replace(self, eps=self.eps * fraction, step_size=self.step_size * fraction)
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, loss_fn: LossFn, generator: torch.Generator | None = None

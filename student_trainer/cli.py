@@ -14,6 +14,7 @@ from pathlib import Path
 from shared.configfile import ConfigError
 
 ATTACKS = ("clean", "pgd", "autoattack")
+AUTOATTACK_VERSIONS = ("standard", "apgd")  # evaluate.AUTOATTACK_VERSIONS' keys, spelled here so --help needs no torch
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint's config with e.g. --set dataset=cifar10")
     parser.add_argument("--limit", type=int, help="evaluate the first N test images only")
     parser.add_argument("--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)")
+    parser.add_argument("--autoattack-version", choices=AUTOATTACK_VERSIONS, default="standard",
+                        help="standard: APGD-CE, APGD-T, FAB-T, Square; apgd: the APGD-CE + APGD-T subset (much cheaper on a CPU)")
     parser.add_argument("--out", required=True, help="JSON file for the results (a reliability diagram PNG goes beside it)")
 
 
@@ -125,10 +128,11 @@ def run_eval(args: argparse.Namespace) -> int:
     attack = cfg.attack.resolved(cfg.dataset)
     started = time.monotonic()  # each progress line says how long this model has taken so far (the demo shows the last one)
     common = dict(attack=make_pgd(attack), batch_size=cfg.eval.batch_size, device=device, seed=cfg.seed,
+                  autoattack_version=args.autoattack_version,
                   progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
     aa_n = min(len(y), args.autoattack_limit if args.autoattack_limit is not None else len(y))
     standard = not any(parse_set(s)[0][0] == "attack" for s in args.sets)
-    threat = threat_model(attack.model_dump(), aa_n if "autoattack" in attacks else None, standard)
+    threat = threat_model(attack.model_dump(), aa_n if "autoattack" in attacks else None, standard, args.autoattack_version)
     origin = "the dataset's standard" if standard else "set with --set attack.*"
     print(f"threat model: {describe_threat_model(threat)} ({origin})", flush=True)
     split_aa = "autoattack" in attacks and aa_n < len(y)
@@ -198,10 +202,14 @@ def run_compare(args: argparse.Namespace) -> int:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--out", default=env.get("AKD_DEMO_OUT"), help="the one folder everything goes to (or $AKD_DEMO_OUT)")
+    parser.add_argument("--plan", default=env.get("AKD_DEMO_PLAN", "default"),
+                        help="a built-in plan: default, quick, overfit, cifar10 (or $AKD_DEMO_PLAN); README, \"The demo's plans\"")
     parser.add_argument("--quick", action="store_true", default=env.get("AKD_DEMO_QUICK", "0") not in ("", "0"),
-                        help="the small CI plan: minutes, not a result (or $AKD_DEMO_QUICK=1)")
+                        help="the small CI plan, same as --plan quick: minutes, not a result (or $AKD_DEMO_QUICK=1)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished runs")
-    parser.add_argument("--config", help="a demo plan TOML instead of the built-in preset")
+    parser.add_argument("--config", help="a demo plan TOML instead of a built-in plan")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)")
     parser.add_argument("--stage", default="all",
                         help="comma list of teachers, serve, students, evaluate, report (default: all but serve, which "
                              "the students stage starts itself unless --teacher-url is given)")
@@ -222,7 +230,7 @@ def run_demo(args: argparse.Namespace) -> int:
             raise ConfigError("--out (or AKD_DEMO_OUT) is required")
         if unknown:
             raise ConfigError(f"--stage: unknown {unknown}; known: all, {', '.join(demo.STAGES)}")
-        cfg = demo.load_demo_config(args.config, args.quick)
+        cfg = demo.load_demo_config(args.config, "quick" if args.quick else args.plan, args.sets)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if stages == ["serve"]:
             return demo.serve_stage(Path(args.out), args.host, args.port)

@@ -79,7 +79,7 @@ class TeacherRef(_Strict):
 
 class EvalConfig(_Strict):
     every: Annotated[int, Field(ge=1)] = 1  # validate every N epochs (and after the last)
-    attack: AttackConfig | None = None  # the validation attack; default: the training attack
+    attack: AttackConfig | None = None  # the validation attack: the keys given here, the rest from the training attack
     batch_size: Annotated[int, Field(ge=1)] = 256
 
 
@@ -107,6 +107,14 @@ class TrainConfig(_Strict):
     iad_beta: Positive = 0.1
     iad_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     track_dynamics: bool = True  # per-sample train correctness each epoch (forgetting events)
+    # The training radius ramps linearly from 0 to attack.eps over this many epochs (step by step), as MNIST recipes
+    # at eps 0.3 do: from scratch, the full radius can leave training stuck at chance. Validation (and with it the
+    # best checkpoint) always uses the full radius.
+    eps_warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    init_from: Path | None = None  # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+    # bf16 autocast for training's forward passes (attack and loss) on a GPU; validation and evaluation stay float32.
+    # bf16 keeps float32's range, so no loss scaling is needed.
+    amp: Literal["none", "bf16"] = "none"
     attack: AttackConfig = AttackConfig()
     eval: EvalConfig = EvalConfig()
     teacher: TeacherRef | None = None
@@ -128,13 +136,23 @@ class TrainConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainConfig:
+        if self.eps_warmup_epochs > self.epochs:
+            raise ValueError(f"eps_warmup_epochs ({self.eps_warmup_epochs}) is longer than training ({self.epochs} epochs)")
+        return self
+
     @property
     def train_attack(self) -> AttackConfig:
         return self.attack.resolved(self.dataset)
 
     @property
     def val_attack(self) -> AttackConfig:
-        return (self.eval.attack or self.attack).resolved(self.dataset)
+        """The validation attack: [eval.attack]'s keys over the training attack's (a run trained at eps 0.3 validates at 0.3)."""
+        chosen = self.eval.attack.model_dump(include=self.eval.attack.model_fields_set) if self.eval.attack else {}
+        if "steps" in chosen and "step_size" not in chosen:
+            chosen["step_size"] = None  # derived again for the validation's own number of steps
+        return self.attack.model_copy(update=chosen).resolved(self.dataset)
 
 
 def parse_set(assignment: str) -> tuple[list[str], Any]:
@@ -163,7 +181,7 @@ def apply_sets(raw: dict, assignments: list[str], base: Path) -> dict:
     return raw
 
 
-_PATH_FIELDS = {"data_dir", "out_dir", "config"}
+_PATH_FIELDS = {"data_dir", "out_dir", "config", "init_from"}
 
 
 def _absolute(path: Path, base: Path) -> Path:
@@ -172,7 +190,7 @@ def _absolute(path: Path, base: Path) -> Path:
 
 def resolve_file_paths(raw: dict, base: Path) -> dict:
     """The path fields of one run's raw table, made absolute against `base` (the folder of the file they came from)."""
-    for key in ("data_dir", "out_dir"):
+    for key in ("data_dir", "out_dir", "init_from"):
         if isinstance(raw.get(key), str):
             raw[key] = str(_absolute(Path(raw[key]), base))
     teacher = raw.get("teacher")

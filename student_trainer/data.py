@@ -27,6 +27,8 @@ import torch.nn.functional as F
 DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn")
 
 MNIST5K_TEST = 1000  # 100 per class
+# Training images in each release (before the validation split): sizes for estimates made before anything is loaded.
+TRAIN_IMAGES = {"mnist5k": 4000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
 MNIST5K_VAL = 500  # default, 50 per class
 FULL_VAL = 1000  # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
 PAD = 4  # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip

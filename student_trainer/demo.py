@@ -27,25 +27,27 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.atomic import replaced_atomically
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.health import free_port, wait_healthy
-from student_trainer.config import DISTILLATION_METHODS, EVAL_ATTACK, AttackConfig, TrainConfig, resolve_file_paths
+from student_trainer.config import DISTILLATION_METHODS, EVAL_ATTACK, AttackConfig, TrainConfig, apply_sets, resolve_file_paths
+from student_trainer.data import TRAIN_IMAGES
 
 STAGES = ("teachers", "serve", "students", "evaluate", "report")
 MARKER = ".akd-demo"
 ENSEMBLE = "ensemble"
+LAST = "-last"
 
 
 class DemoConfig(BaseModel):
@@ -56,10 +58,13 @@ class DemoConfig(BaseModel):
     jobs: Annotated[int, Field(ge=1)] = 2
     threads_per_job: Annotated[int, Field(ge=1)] = 1
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
+    autoattack_version: Literal["standard", "apgd"] = "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
     eval_limit: Annotated[int, Field(ge=1)] | None = None
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
     eval_attack: AttackConfig | None = None
+    # The service's [server] settings beyond where it listens and caches, e.g. { autocast = "bf16", max_batch_rows = 1024 }.
+    service: dict = {}
     common: dict = {}
     teachers: Annotated[list[dict], Field(min_length=1)]
     students: Annotated[list[dict], Field(min_length=1)]
@@ -69,17 +74,33 @@ class DemoConfig(BaseModel):
         names = [r.get("name") for r in self.teachers + self.students]
         if None in names or len(set(names)) != len(names):
             raise ValueError(f"every teacher and student needs a unique `name`, got {names}")
-        served = {ENSEMBLE, *(t["name"] for t in self.teachers)}
+        served = set(served_teacher_names([t["name"] for t in self.teachers]))
         for student in self.students:
             uses = student.get("uses")
             if (uses is not None) != (student.get("method") in DISTILLATION_METHODS):
                 raise ValueError(f"student {student['name']!r}: distillation methods need `uses`, the others must not have it")
             if uses is not None and uses not in served:
                 raise ValueError(f"student {student['name']!r} uses {uses!r}; served teachers: {sorted(served)}")
+        _check_service_settings(self.service)
         for run in self.teachers + self.students:
             probe = {"url": "http://127.0.0.1:1", "name": "x"} if run.get("uses") else None
             TrainConfig.model_validate(merge(self.common, {**strip(run), "teacher": probe}))
         return self
+
+
+def _check_service_settings(settings: dict) -> None:
+    from teacher_service.config import ServerConfig
+
+    taken = sorted({"cache_dir", "host", "port"} & set(settings))
+    if taken:
+        raise ValueError(f"[service] cannot set {', '.join(taken)}: the demo chooses where the service listens and caches")
+    ServerConfig.model_validate(settings)
+
+
+def served_teacher_names(teachers: list[str]) -> list[str]:
+    """What the service serves: the early-stopped checkpoints (best.pt) as `ensemble` and one by one, and the last
+    epochs' (last.pt) as `ensemble-last` and `<name>-last`, for the early-stopped vs last-epoch comparison."""
+    return [ENSEMBLE, *teachers, ENSEMBLE + LAST, *(name + LAST for name in teachers)]
 
 
 def strip(run: dict) -> dict:
@@ -94,14 +115,22 @@ def merge(base: dict, top: dict) -> dict:
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def load_demo_config(path: str | Path | None, quick: bool) -> DemoConfig:
+# The built-in plans (`akd demo --plan NAME`), in student_trainer/presets/.
+PLANS = {"default": "demo.toml", "quick": "demo-quick.toml", "overfit": "demo-overfit.toml", "cifar10": "demo-cifar10.toml"}
+
+
+def load_demo_config(path: str | Path | None, plan: str = "default", sets: list[str] | None = None) -> DemoConfig:
+    """A plan file, or the built-in plan named `plan`; `--set key=value` on top (e.g. common.data_dir=..., common.epochs=1)."""
     if path is None:
-        preset = "demo-quick.toml" if quick else "demo.toml"
-        text = resources.files("student_trainer.presets").joinpath(preset).read_text()
-        raw, source = tomllib.loads(text), f"preset {preset}"
+        if plan not in PLANS:
+            raise ConfigError(f"unknown plan {plan!r}; built-in plans: {', '.join(PLANS)} (or --config your-plan.toml)")
+        text = resources.files("student_trainer.presets").joinpath(PLANS[plan]).read_text()
+        raw, source = tomllib.loads(text), f"plan {plan} ({PLANS[plan]})"
+        _resolve_plan_paths(raw, Path.cwd())  # a built-in plan's relative paths (cifar10's data_dir) mean the user's folder
     else:
         raw, source = read_toml(path), str(path)
         _resolve_plan_paths(raw, Path(path).resolve().parent)
+    raw = apply_sets(raw, sets or [], Path.cwd())
     try:
         return DemoConfig.model_validate(raw)
     except ValidationError as exc:
@@ -172,6 +201,39 @@ class Job:
     log: Path
     run_dir: Path | None = None  # a training run, whose metrics.jsonl shows its progress
     epochs: int = 0
+    passes_per_unit: float = 1.0  # work per epoch (training) or per job (evaluation), in image passes: see `Work`
+
+    def units(self) -> int:
+        return self.epochs or 1
+
+    def units_done(self, finished: bool) -> int:
+        return epochs_done(self.run_dir) if self.epochs else int(finished)
+
+
+# Rough forward+backward image passes of AutoAttack per image (100 iterations per attack; APGD-T tries 9 target classes,
+# FAB-T 9, Square 5,000 forward-only queries): an upper bound, since attacks stop on images already broken.
+AUTOATTACK_PASSES = {"apgd": 100 * (1 + 9), "standard": 100 * (1 + 9 + 9) + 5000 // 3}
+
+
+@dataclass(frozen=True)
+class Work:
+    """The demo's work in one unit, image passes (a forward and backward pass of one image), for an overall ETA.
+
+    Different architectures cost different amounts per pass, so the estimate is re-made from each stage's own measured
+    rate; it is a guide to the order of magnitude, not a promise.
+    """
+
+    cfg: DemoConfig
+
+    def epoch(self, run: TrainConfig) -> float:
+        n_train = run.limit_train or TRAIN_IMAGES[run.dataset] - (run.val_size or 0)
+        n_val = run.val_size or (500 if run.dataset == "mnist5k" else 1000)
+        return n_train * (run.train_attack.steps + 1) + n_val * (run.val_attack.steps + 1) / run.eval.every
+
+    def evaluation(self, dataset: str, autoattack: bool = True) -> float:
+        n = self.cfg.eval_limit or (1000 if dataset == "mnist5k" else 10000)
+        aa = min(self.cfg.autoattack_limit, n) * AUTOATTACK_PASSES[self.cfg.autoattack_version] if autoattack else 0
+        return n * (self.cfg.eval_attack.steps if self.cfg.eval_attack else 10) + 2 * n + aa
 
 
 def say(text: str) -> None:
@@ -206,12 +268,13 @@ def epochs_done(run_dir: Path | None) -> int:
     return len(metrics.read_text().splitlines()) if metrics and metrics.exists() else 0
 
 
-def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, report_every_s: float = 15.0) -> None:
-    """Run jobs `parallel` at a time; show which are running, how far, and an ETA; fail loudly with the log's tail."""
-    pending, running, finished = list(jobs), {}, 0
+def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: float = 0.0, report_every_s: float = 15.0) -> None:
+    """Run jobs `parallel` at a time; show which are running, how far, this stage's ETA and the whole demo's (`later`:
+    the work of the stages after this one, in Job.passes_per_unit's unit); fail loudly with the log's tail."""
+    pending, running, finished = list(jobs), {}, set()
     started = last = time.monotonic()
-    total_epochs = sum(j.epochs for j in jobs) or len(jobs)
-    start_epochs = sum(epochs_done(j.run_dir) for j in jobs)
+    done = lambda: sum(j.units_done(j.name in finished) * j.passes_per_unit for j in jobs)  # noqa: E731
+    total, at_start = sum(j.units() * j.passes_per_unit for j in jobs), done()
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
@@ -229,16 +292,23 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, report_ev
                     other.terminate()
                 tail = "\n".join(job.log.read_text(errors="replace").splitlines()[-15:])
                 raise DemoError(f"[{stage}] {name} failed with exit code {proc.returncode}; end of {job.log}:\n{tail}")
-            finished += 1
-            say(f"[{stage}] finished {name} ({finished}/{len(jobs)})")
+            finished.add(name)
+            say(f"[{stage}] finished {name} ({len(finished)}/{len(jobs)})")
         if running and time.monotonic() - last >= report_every_s:
             last = time.monotonic()
-            done = sum(epochs_done(j.run_dir) for j in jobs) if any(j.epochs for j in jobs) else finished
             progress = [job_progress(j) for j, _ in running.values()]
             elapsed = time.monotonic() - started
-            rate = (done - start_epochs) / elapsed if done > start_epochs else 0
-            eta = f", ETA {(total_epochs - done) / rate / 60:.1f} min" if rate else ""
-            say(f"[{stage}] {finished}/{len(jobs)} done; running: {', '.join(progress)}; {elapsed / 60:.1f} min{eta}")
+            say(f"[{stage}] {len(finished)}/{len(jobs)} done; running: {', '.join(progress)}; {elapsed / 60:.1f} min"
+                + eta_text(done() - at_start, elapsed, total - done(), later))
+
+
+def eta_text(work_done: float, elapsed: float, stage_left: float, later: float) -> str:
+    """", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before any progress."""
+    if work_done <= 0:
+        return ""
+    rate = work_done / elapsed
+    text = f", ETA {stage_left / rate / 60:.1f} min"
+    return text + (f" (whole demo ~{(stage_left + later) / rate / 60:.0f} min)" if later else "")
 
 
 def module(*args: str) -> list[str]:
@@ -264,12 +334,13 @@ class Demo:
 
     def train_job(self, name: str, run_dir: Path, config: Path) -> Job | None:
         """None when the run is complete; a resume when it was interrupted."""
-        epochs = TrainConfig.model_validate(read_toml(config)).epochs
+        run = TrainConfig.model_validate(read_toml(config))
         done = epochs_done(run_dir) if (run_dir / "last.pt").exists() else 0
-        if done >= epochs:
+        if done >= run.epochs:
             return None
         resume = ["--resume", str(run_dir)] if (run_dir / "last.pt").exists() else []
-        return Job(name, module("student_trainer", "train", "--config", str(config), *resume), run_dir / "train.log", run_dir, epochs)
+        argv = module("student_trainer", "train", "--config", str(config), *resume)
+        return Job(name, argv, run_dir / "train.log", run_dir, run.epochs, Work(self.cfg).epoch(run))
 
     def training_jobs(self, stage: str, runs) -> list[Job]:
         """Jobs for the runs (name, run_dir, config) still to do; finished runs are reused."""
@@ -287,21 +358,24 @@ class Demo:
                 for spec in self.cfg.teachers for run_dir in [self.layout.teacher(spec["name"])])
         jobs = self.training_jobs("teachers", runs)
         say(f"== teachers: {len(jobs)} to train, {self.cfg.jobs} at a time ==")
-        run_jobs("teachers", jobs, self.cfg.jobs, self.cfg.threads_per_job)
+        run_jobs("teachers", jobs, self.cfg.jobs, self.cfg.threads_per_job, later=self.students_left() + self.evaluations_left())
         self.write_service_config()
 
     def write_service_config(self) -> None:
-        """The early-stopped teachers (best.pt) as one ensemble and each on its own."""
+        """The teachers as served_teacher_names says: early-stopped (best.pt) and last-epoch (last.pt), together and alone."""
         file = self.layout.service_config
-        checkpoints = {t["name"]: self.layout.teacher(t["name"]) / "best.pt" for t in self.cfg.teachers}
-        first = load_checkpoint(next(iter(checkpoints.values())))  # the checkpoint knows its classes and input shape
+        names = [t["name"] for t in self.cfg.teachers]
+        first = load_checkpoint(self.layout.teacher(names[0]) / "best.pt")  # the checkpoint knows its classes and input shape
         shape = {"num_classes": first.num_classes, "input_shape": list(first.input_shape)}
-        members = {name: {"path": relative_to_file(path, file), "weight": 1.0} for name, path in checkpoints.items()}
-        teachers = {ENSEMBLE: {**shape, "members": list(members.values())}}
-        teachers.update({name: {**shape, "members": [m]} for name, m in members.items()})
-        config = {"server": {"cache_dir": relative_to_file(self.layout.cache, file)}, "teachers": teachers}  # host, port: when served
+        teachers = {}
+        for suffix, checkpoint in (("", "best.pt"), (LAST, "last.pt")):
+            members = {name: {"path": relative_to_file(self.layout.teacher(name) / checkpoint, file), "weight": 1.0} for name in names}
+            teachers[ENSEMBLE + suffix] = {**shape, "members": list(members.values())}
+            teachers.update({name + suffix: {**shape, "members": [m]} for name, m in members.items()})
+        server = {**self.cfg.service, "cache_dir": relative_to_file(self.layout.cache, file)}  # host, port: when served
+        config = {"server": server, "teachers": teachers}
         write_toml(file, config)
-        for name in members:
+        for name in names:
             chosen = json.loads((self.layout.teacher(name) / "config.json").read_text())
             best = _best_epoch(self.layout.teacher(name))
             say(f"[teachers] {name}: early-stopped at epoch {best['epoch']}/{chosen['epochs']} "
@@ -347,15 +421,32 @@ class Demo:
     def stage_students(self, teacher_url: str, seeds: list[int] | None = None) -> None:
         """Every student of the plan for `seeds` (the plan's seeds they name; all by default)."""
         def runs():
-            for seed in [s for s in self.cfg.seeds if seeds is None or s in seeds]:
-                for spec in self.cfg.students:
+            for spec in self.cfg.students:  # every seed of one student before the next: the plan's first comparisons finish first
+                for seed in [s for s in self.cfg.seeds if seeds is None or s in seeds]:
                     run_dir = self.layout.student(spec["name"], seed)
                     teacher = {"url": teacher_url, "name": spec["uses"]} if spec.get("uses") else None
                     yield f"student {spec['name']} seed {seed}", run_dir, self.write_run_config(run_dir, spec, seed, teacher)
 
         jobs = self.training_jobs("students", runs())
         say(f"== students: {len(jobs)} to train against {teacher_url}, {self.cfg.jobs} at a time ==")
-        run_jobs("students", jobs, self.cfg.jobs, self.cfg.threads_per_job)
+        run_jobs("students", jobs, self.cfg.jobs, self.cfg.threads_per_job, later=self.evaluations_left())
+
+    def dataset(self) -> str:
+        return TrainConfig.model_validate({**self.cfg.common, "method": "standard", "teacher": None}).dataset
+
+    def students_left(self) -> float:
+        """The students' training still to do, in Work's unit (finished epochs of interrupted runs count as done)."""
+        left = 0.0
+        for spec in self.cfg.students:
+            probe = {"url": "http://127.0.0.1:1", "name": "x"} if spec.get("uses") else None
+            run = TrainConfig.model_validate(merge(self.cfg.common, {**strip(spec), "teacher": probe}))
+            left += sum(run.epochs - epochs_done(self.layout.student(spec["name"], seed)) for seed in self.cfg.seeds) * Work(self.cfg).epoch(run)
+        return left
+
+    def evaluations_left(self) -> float:
+        missing = [out for run_dir in self.all_runs() for out in EVALUATED.values() if not (run_dir / out).exists()]
+        work = Work(self.cfg)  # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
+        return len(missing) / 2 * (work.evaluation(self.dataset(), autoattack=False) + work.evaluation(self.dataset()))
 
     def all_runs(self) -> list[Path]:
         teachers = [self.layout.teacher(t["name"]) for t in self.cfg.teachers]
@@ -367,7 +458,7 @@ class Demo:
         Its norm and eps default to [common]'s training attack, not to each run's: the weak teacher (trained at
         half the radius) is measured at the same radius as everyone else.
         """
-        dataset = TrainConfig.model_validate({**self.cfg.common, "method": "standard", "teacher": None}).dataset
+        dataset = self.dataset()
         trained = {k: v for k, v in (self.cfg.common.get("attack") or {}).items() if k in ("norm", "eps")}
         chosen = self.cfg.eval_attack.model_dump(include=self.cfg.eval_attack.model_fields_set) if self.cfg.eval_attack else {}
         return EVAL_ATTACK.model_copy(update={**trained, **chosen}).resolved(dataset)
@@ -377,18 +468,27 @@ class Demo:
 
         wanted = self.eval_attack().model_dump()
         sets = [arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")]  # TOML values
+        limit = ["--limit", str(self.cfg.eval_limit)] if self.cfg.eval_limit else []
+        autoattack = ["--autoattack-limit", str(self.cfg.autoattack_limit), "--autoattack-version", self.cfg.autoattack_version]
+        teachers = {self.layout.teacher(t["name"]) for t in self.cfg.teachers}
+        unfinished = [run_dir for run_dir in self.all_runs() if not trained(run_dir)]
+        if unfinished:  # a plan run in parts: evaluate what is trained, and say what is not
+            say(f"[evaluate] not trained yet, so not evaluated: {', '.join(r.name for r in unfinished)}")
         jobs = []
-        for run_dir in self.all_runs():
-            out = run_dir / "eval.json"
-            if out.exists() and out.stat().st_mtime >= (run_dir / "best.pt").stat().st_mtime and _evaluated_under(out, wanted):
-                continue
-            limit = ["--limit", str(self.cfg.eval_limit)] if self.cfg.eval_limit else []
-            attacks = "clean,pgd,autoattack" if self.cfg.autoattack_limit else "clean,pgd"
-            argv = module("student_trainer", "eval", "--checkpoint", str(run_dir / "best.pt"), "--attacks", attacks,
-                          "--autoattack-limit", str(self.cfg.autoattack_limit), *sets, *limit, "--out", str(out))
-            jobs.append(Job(f"eval {run_dir.name}", argv, run_dir / "eval.log"))
-        threat = describe_threat_model(threat_model(wanted, self.cfg.autoattack_limit or None, standard=False))
-        say(f"== evaluate: {len(jobs)} models, all under {threat}; {self.cfg.jobs} at a time ==")
+        for run_dir in (r for r in self.all_runs() if r not in unfinished):
+            for checkpoint, out in EVALUATED.items():  # the best-validation epoch and the final one
+                out = run_dir / out
+                with_aa = bool(self.cfg.autoattack_limit) and checkpoint == AUTOATTACKED[run_dir in teachers]
+                if _evaluation_current(out, run_dir / checkpoint, wanted, self.cfg.autoattack_version, with_aa):
+                    continue
+                attacks = "clean,pgd,autoattack" if with_aa else "clean,pgd"
+                argv = module("student_trainer", "eval", "--checkpoint", str(run_dir / checkpoint), "--attacks", attacks,
+                              *autoattack, *sets, *limit, "--out", str(out))
+                jobs.append(Job(f"eval {run_dir.name} {checkpoint}", argv, out.with_suffix(".log"),
+                                passes_per_unit=Work(self.cfg).evaluation(self.dataset(), with_aa)))
+        threat = describe_threat_model(threat_model(wanted, self.cfg.autoattack_limit or None, False, self.cfg.autoattack_version))
+        say(f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the students' "
+            f"final and the teachers' early-stopped), all under {threat}; {self.cfg.jobs} at a time ==")
         run_jobs("evaluate", jobs, self.cfg.jobs, self.cfg.threads_per_job)
 
     def stage_report(self) -> str:
@@ -397,13 +497,36 @@ class Demo:
         return write_report(self)
 
 
-def _evaluated_under(eval_json: Path, attack: dict) -> bool:
-    """Whether an existing eval.json used this threat model: one made under another (an older plan) is redone, not mixed in."""
+# Each run is evaluated twice: its best-validation checkpoint (what early stopping keeps; teachers are served from it)
+# and its final epoch (the paper's point: what a run that trains to the end is left with).
+EVALUATED = {"best.pt": "eval.json", "last.pt": "eval-final.json"}
+# AutoAttack, the costly part, runs where the claims look: a student's final epoch, a teacher's early-stopped (served)
+# checkpoint. Keyed by "is it a teacher".
+AUTOATTACKED = {False: "last.pt", True: "best.pt"}
+
+
+def _evaluation_current(eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack: bool) -> bool:
+    """Whether an existing evaluation is of this checkpoint as it is now, under this threat model and AutoAttack: one
+    made under another (an older plan) or of an older checkpoint is redone, not mixed in."""
     try:
+        if eval_json.stat().st_mtime < checkpoint.stat().st_mtime:
+            return False
         recorded = json.loads(eval_json.read_text()).get("attack") or {}
     except (OSError, ValueError):
         return False
+    aa = recorded.get("autoattack")
+    if (aa is not None) != autoattack or (aa is not None and aa.get("version") != autoattack_version):
+        return False
     return all(recorded.get(key) == value for key, value in attack.items())
+
+
+def trained(run_dir: Path) -> bool:
+    """Whether a run has trained every epoch its run.toml asks for."""
+    try:
+        epochs = TrainConfig.model_validate(read_toml(run_dir / "run.toml")).epochs
+    except (OSError, ConfigError, ValidationError):
+        return False
+    return (run_dir / "last.pt").exists() and epochs_done(run_dir) >= epochs
 
 
 def _best_epoch(run_dir: Path) -> dict:

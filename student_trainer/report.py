@@ -16,51 +16,52 @@ from pathlib import Path
 
 import torch
 
-from student_trainer.demo import read_stage_times
-from student_trainer.plots import read_metrics, training_curves
+from student_trainer.demo import ENSEMBLE, DemoError, read_stage_times
+from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
 COLUMNS = [("clean_acc", "clean acc"), ("pgd_acc", "PGD acc"), ("autoattack_acc", "AutoAttack acc"), ("ece", "ECE"),
-           ("train_time_min", "train time (min)"), ("teacher_rows", "teacher rows served"), ("cache_hit_rate", "cache hit rate")]
+           ("ece_pgd", "ECE on PGD")]
+RUN_COLUMNS = [("train_time_min", "train time (min)"), ("teacher_rows", "teacher rows served"), ("cache_hit_rate", "cache hit rate")]
+EVAL_KEYS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "autoattack_n")
+OVERFITTING_WINDOW = 5  # epochs averaged at each end of the best-vs-final gap
+OVERFITTING_POINTS = 0.03  # the gap (PGD-AT's, mean over seeds) from which a regime counts as robust overfitting
+
+
+def overfitting_gap(values: list[float], window: int = OVERFITTING_WINDOW) -> dict:
+    """Best-vs-final validation robust accuracy, each averaged over `window` epochs so one lucky epoch does not count:
+    the best window anywhere in training against the last one. Robust overfitting is a positive gap."""
+    if len(values) < window:
+        window = len(values)
+    means = [statistics.fmean(values[i:i + window]) for i in range(len(values) - window + 1)]
+    top = max(range(len(means)), key=means.__getitem__)
+    return {"best": means[top], "best_epochs": [top + 1, top + window], "final": means[-1], "gap": means[top] - means[-1]}
+
+
+def _evaluation(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    evaluation = json.loads(path.read_text())
+    return {**{k: evaluation.get(k) for k in EVAL_KEYS}, "threat_model": evaluation.get("attack")}
 
 
 def run_summary(run_dir: Path) -> dict:
-    evaluation = json.loads((run_dir / "eval.json").read_text())
+    """One run as the report needs it: its best-validation and final evaluations, its curve, its gap, its cost."""
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = sum(m.get("teacher_rows", 0) for m in metrics)
     hits = sum(m.get("teacher_cache_hits", 0) for m in metrics)
-    best = max((m for m in metrics if m.get("val_robust_acc") is not None), key=lambda m: m["val_robust_acc"])
+    validated = [m for m in metrics if m.get("val_robust_acc") is not None]
+    best = max(validated, key=lambda m: m["val_robust_acc"])
     return {
-        **{k: evaluation.get(k) for k in ("clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "autoattack_n")},
+        "best": _evaluation(run_dir / "eval.json"),  # the best-validation checkpoint (best.pt)
+        "final": _evaluation(run_dir / "eval-final.json"),  # the last epoch (last.pt)
         "train_time_min": sum(m["epoch_time_s"] for m in metrics) / 60,
         "teacher_rows": rows,
         "cache_hit_rate": hits / rows if rows else None,
         "best_epoch": best["epoch"],
         "epochs": len(metrics),
         "val_robust_acc": best["val_robust_acc"],
-        "threat_model": evaluation.get("attack"),  # what its robust accuracies were measured under
+        "overfitting": overfitting_gap([m["val_robust_acc"] for m in validated]),
     }
-
-
-def threat_model_line(runs: dict[str, dict]) -> str:
-    """The header's threat model, read from every run's eval.json.
-
-    Numbers measured under different threat models do not compare, so the report
-    never mixes them silently: it names which run used which, loudly. Whether a run
-    used the standard attack or the same one spelled out by hand does not matter.
-    """
-    from student_trainer.evaluate import describe_threat_model
-
-    groups: dict[str, list[str]] = {}
-    for name, run in runs.items():
-        entry = {k: v for k, v in (run.get("threat_model") or {}).items() if k != "standard"}
-        groups.setdefault(json.dumps(entry, sort_keys=True), []).append(name)
-    def described(key: str) -> str:
-        entry = json.loads(key)
-        return describe_threat_model(entry) if "step_size" in entry else "not recorded (an eval.json from an older akd eval)"
-    if len(groups) == 1:
-        return f"- threat model (every teacher and student): {described(next(iter(groups)))}"
-    parts = "; ".join(f"{', '.join(names)}: {described(key)}" for key, names in groups.items())
-    return f"- threat model: **WARNING: the models were NOT evaluated under one threat model; their numbers do not compare**: {parts}"
 
 
 def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
@@ -80,27 +81,92 @@ def _cell(key: str, stat: tuple[float, float] | None, seeds: int) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
-def student_table(students: dict[str, list[dict]], seeds: int) -> str:
-    lines = ["| method | " + " | ".join(title for _, title in COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _value(run: dict, key: str, which: str) -> float | None:
+    """An evaluation figure of the `which` ("best"/"final") checkpoint, or one of the run's own figures."""
+    return (run[which] or {}).get(key) if key in EVAL_KEYS else run[key]
+
+
+def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> str:
+    """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final one."""
+    columns = COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]  # AUTOATTACKED
+    rows = []
     for name, runs in students.items():
-        cells = [_cell(key, mean_spread([r[key] for r in runs]), seeds) for key, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [_cell(key, mean_spread([_value(r, key, which) for r in runs]), seeds) for key, _ in columns]
+        if which == "best":
+            cells.insert(0, ", ".join(str(r["best_epoch"]) for r in runs))
+        rows.append([name, *cells])
+    header = ["student", *(["best epoch per seed"] if which == "best" else []), *(title for _, title in columns)]
+    return _table(header, rows)
+
+
+def overfitting_table(students: dict[str, list[dict]]) -> str:
+    rows = []
+    for name, runs in students.items():
+        gaps = [r["overfitting"] for r in runs]
+        best, final, gap = (mean_spread([g[k] for g in gaps]) for k in ("best", "final", "gap"))
+        windows = ", ".join(f"{g['best_epochs'][0]}-{g['best_epochs'][1]}" for g in gaps)
+        rows.append([name, f"{best[0]:.4f} ± {best[1]:.4f}", windows, f"{final[0]:.4f} ± {final[1]:.4f}",
+                     f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f}"])
+    return _table(["student", f"best {OVERFITTING_WINDOW}-epoch val PGD acc", "its epochs per seed",
+                   f"last {OVERFITTING_WINDOW} epochs", "gap (points)"], rows)
+
+
+def threat_model_line(runs: dict[str, dict]) -> str:
+    """The header's threat model, read from every evaluation's eval.json: PGD's from all, AutoAttack's from those that ran it.
+
+    Numbers measured under different threat models do not compare, so the report never mixes them silently: it names
+    which run used which, loudly. Whether a run used the standard attack or the same one spelled out does not matter.
+    """
+    from student_trainer.evaluate import describe_threat_model
+
+    pgd: dict[str, list[str]] = {}
+    autoattack: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        for which in ("best", "final"):
+            if run.get(which) is None:
+                continue
+            label = name if which == "best" else f"{name} (final epoch)"
+            entry = {k: v for k, v in (run[which].get("threat_model") or {}).items() if k not in ("standard", "autoattack")}
+            pgd.setdefault(json.dumps(entry, sort_keys=True), []).append(label)
+            if (run[which].get("threat_model") or {}).get("autoattack"):
+                autoattack.setdefault(json.dumps(run[which]["threat_model"]["autoattack"], sort_keys=True), []).append(label)
+
+    def described(key: str, aa: str | None = None) -> str:
+        entry = {**json.loads(key), "autoattack": json.loads(aa) if aa else None}
+        return describe_threat_model(entry) if "step_size" in entry else "not recorded (an eval.json from an older akd eval)"
+
+    if len(pgd) == 1 and len(autoattack) <= 1:
+        return f"- threat model (every teacher and student): {described(next(iter(pgd)), next(iter(autoattack), None))}"
+    parts = [f"{', '.join(names)}: {described(key)}" for key, names in pgd.items()]
+    parts += [f"{', '.join(names)}: AutoAttack {json.loads(key)['version']} on {json.loads(key)['n']} images" for key, names in autoattack.items()]
+    return f"- threat model: **WARNING: the models were NOT evaluated under one threat model; their numbers do not compare**: {'; '.join(parts)}"
 
 
 def teacher_table(teachers: dict[str, dict]) -> str:
-    lines = ["| teacher | early-stopped epoch | clean acc | PGD acc | AutoAttack acc | ECE |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    """Each teacher as served (its early-stopped checkpoint), and its last epoch, served as `<name>-last`."""
+    rows = []
     for name, t in teachers.items():
-        aa = "n/a" if t["autoattack_acc"] is None else f"{t['autoattack_acc']:.4f}"
-        lines.append(f"| {name} | {t['best_epoch']}/{t['epochs']} | {t['clean_acc']:.4f} | {t['pgd_acc']:.4f} | {aa} | {t['ece']:.4f} |")
-    return "\n".join(lines)
+        for which, label in (("best", f"{t['best_epoch']}/{t['epochs']} (early-stopped)"), ("final", f"{t['epochs']}/{t['epochs']} (last)")):
+            if t[which] is not None:
+                rows.append([name, label, *(_cell(key, mean_spread([t[which].get(key)]), 1) for key, _ in COLUMNS)])
+    return _table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
 
 
 MARGIN_SE = 2  # how many standard errors of the mean paired difference make a verdict
-VERDICT_RULE = (f"Verdicts use the per-seed paired differences d (AKD minus PGD-AT, same seed): with mean d̄ and standard error "
-                f"se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold when it is "
-                f"more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; \"not lower\" (clean "
+VERDICT_RULE = (f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
+                f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold when it "
+                f"is more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; \"not lower\" (clean "
                 f"accuracy) is a no-clear-drop claim, so it holds unless d̄ < -{MARGIN_SE}·se.")
+# The claims, each on the final epoch (the paper's point): (what is compared, its title, the direction the paper expects).
+CLAIMS = (("autoattack_acc", "robust accuracy (AutoAttack)", "higher"), ("pgd_acc", "robust accuracy (PGD)", "higher"),
+          ("clean_acc", "clean accuracy", "not lower"), ("ece", "calibration (ECE, clean)", "lower"),
+          ("ece_pgd", "calibration (ECE on PGD inputs)", "lower"), ("gap", "robust overfitting (best-vs-final validation gap)", "lower"))
 
 
 def paired_mean_se(diffs: list[float]) -> tuple[float, float]:
@@ -127,29 +193,66 @@ def verdict(diffs: list[float], expected: str) -> str:
     return "holds" if toward > margin else "does not hold" if toward < -margin else "inconclusive"
 
 
-def claim_lines(demo, students: dict[str, list[dict]]) -> list[str]:
-    """The paper's claim, checked on this run's numbers: AKD with the ensemble vs the PGD-AT baseline, paired by seed."""
-    baseline = next((s["name"] for s in demo.cfg.students if s.get("method") == "at"), None)
-    akd = next((s["name"] for s in demo.cfg.students if s.get("method") == "akd" and s.get("uses") == "ensemble"), None)
+def claim_value(run: dict, key: str) -> float | None:
+    """A claim's figure for one run: its final-epoch evaluation, or its robust-overfitting gap."""
+    return run["overfitting"]["gap"] if key == "gap" else _value(run, key, "final")
+
+
+def paired(seeds: list[int], student: list[dict], baseline: list[dict], key: str) -> list[tuple[int, float]]:
+    """(seed, student minus baseline) for the seeds both measured; the runs are listed in the plan's seed order."""
+    pairs = [(seed, claim_value(a, key), claim_value(b, key)) for seed, a, b in zip(seeds, student, baseline)]
+    return [(seed, a - b) for seed, a, b in pairs if a is not None and b is not None]
+
+
+def baseline_and_akd(cfg) -> tuple[str | None, str | None]:
+    baseline = next((s["name"] for s in cfg.students if s.get("method") == "at"), None)
+    akd = next((s["name"] for s in cfg.students if s.get("method") == "akd" and s.get("uses") == ENSEMBLE), None)
+    return baseline, akd
+
+
+def claim_lines(cfg, students: dict[str, list[dict]]) -> list[str]:
+    """The paper's claims, checked on this run's numbers: AKD with the early-stopped ensemble vs PGD-AT, paired by seed."""
+    baseline, akd = baseline_and_akd(cfg)
     if baseline is None or akd is None:
-        return ["The plan has no PGD-AT baseline or no AKD-with-ensemble student: the claim is not checked."]
+        return ["The plan has no PGD-AT baseline or no AKD-with-ensemble student: the claims are not checked."]
     lines = [VERDICT_RULE, ""]
-    for key, title, better in (("autoattack_acc", "AutoAttack accuracy", "higher"), ("clean_acc", "clean accuracy", "not lower"),
-                               ("ece", "ECE", "lower")):
-        a, b = mean_spread([r[key] for r in students[akd]]), mean_spread([r[key] for r in students[baseline]])
+    for key, title, better in CLAIMS:
+        a, b = (mean_spread([claim_value(r, key) for r in students[name]]) for name in (akd, baseline))
         if a is None or b is None:
             lines.append(f"- {title}: not measured.")
             continue
-        # students[name] lists the runs in the plan's seed order, so zip pairs the same seed
-        paired = [(seed, x[key] - y[key]) for seed, x, y in zip(demo.cfg.seeds, students[akd], students[baseline])
-                  if x[key] is not None and y[key] is not None]
-        diffs = [d for _, d in paired]
-        per_seed = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in paired)
+        pairs = paired(cfg.seeds, students[akd], students[baseline], key)
+        diffs = [d for _, d in pairs]
+        per_seed = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in pairs)
         if len(diffs) > 1:
             per_seed += " (mean {:+.4f}, se {:.4f})".format(*paired_mean_se(diffs))
         lines.append(f"- {title} ({better} expected): {akd} {a[0]:.4f} ± {a[1]:.4f} vs {baseline} {b[0]:.4f} ± {b[1]:.4f}: "
                      f"paired differences {per_seed}: **{verdict(diffs, better)}**")
     return lines
+
+
+def guideline_table(cfg, students: dict[str, list[dict]]) -> str:
+    """Every student against PGD-AT on each claim: mean paired difference ± its standard error, in points, and the verdict."""
+    baseline, _ = baseline_and_akd(cfg)
+    if baseline is None:
+        return "The plan has no PGD-AT baseline."
+    specs = {s["name"]: s for s in cfg.students}
+    rows = []
+    for name, runs in students.items():
+        if name == baseline:
+            continue
+        spec = {**cfg.common, **specs[name]}
+        what = f"{spec['method']} ({spec['uses']}, alpha {spec.get('alpha', 1)}, tau {spec.get('temperature', 1)})" if spec.get("uses") else spec["method"]
+        cells = []
+        for key, _, better in CLAIMS:
+            diffs = [d for _, d in paired(cfg.seeds, runs, students[baseline], key)]
+            if not diffs:
+                cells.append("n/a")
+                continue
+            mean, se = paired_mean_se(diffs) if len(diffs) > 1 else (diffs[0], 0.0)
+            cells.append(f"{100 * mean:+.2f} ± {100 * se:.2f} {verdict(diffs, better).split(' (')[0]}")
+        rows.append([name, what, *cells])
+    return _table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
 
 
 def machine() -> str:
@@ -175,41 +278,43 @@ def service_line(service: dict) -> str:
 
 
 def write_report(demo) -> str:
+    """RESULTS.md and results.json from the runs' files; the robust-overfitting picture leads."""
     layout, cfg = demo.layout, demo.cfg
+    finished = [s for s in cfg.students if all(evaluated(layout.student(s["name"], seed)) for seed in cfg.seeds)]
+    if not finished or not all(evaluated(layout.teacher(t["name"])) for t in cfg.teachers):
+        raise DemoError("nothing to report yet: the teachers and at least one student (every seed) must be trained and evaluated")
+    cfg = cfg.model_copy(update={"students": finished})  # a plan run in parts reports what is done and names the rest
+    unfinished = [s["name"] for s in demo.cfg.students if s not in finished]
     students = {s["name"]: [run_summary(layout.student(s["name"], seed)) for seed in cfg.seeds] for s in cfg.students}
     teachers = {t["name"]: run_summary(layout.teacher(t["name"])) for t in cfg.teachers}
     service = json.loads(layout.service_stats.read_text()) if layout.service_stats.exists() else {}
     stage_times = read_stage_times(layout)
-    pictures = layout.root / "pictures"
-    pictures.mkdir(exist_ok=True)
-    first_seed = cfg.seeds[0]
-    for s in cfg.students:
-        shutil.copyfile(layout.student(s["name"], first_seed) / "eval.reliability.png", pictures / f"{s['name']}.reliability.png")
-    training_curves([layout.student(s["name"], first_seed) / "metrics.jsonl" for s in cfg.students],
-                    pictures / "students-curves.png", labels=[s["name"] for s in cfg.students])
-    training_curves([layout.teacher(t["name"]) / "metrics.jsonl" for t in cfg.teachers],
-                    pictures / "teachers-curves.png", labels=[t["name"] for t in cfg.teachers])
-    dynamics = _dynamics_table(layout, cfg, first_seed)
-    aa_n = next(iter(teachers.values())).get("autoattack_n")
-    n = next(iter(teachers.values())).get("n")
+    _pictures(layout, cfg, teachers)
+    every_run = {**teachers, **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(cfg.seeds, runs)}}
     text = "\n".join([
         "# akd demo: results",
         "",
-        f"- command: `{demo.command}`",
-        f"- machine: {machine()}",
-        f"- finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-        time_line(stage_times),
-        f"- data: {cfg.common.get('dataset', 'mnist5k')} test split, {n} images for clean/PGD/ECE, the first {aa_n} for AutoAttack; "
-        f"students: mean ± standard deviation over seeds {cfg.seeds}",
-        threat_model_line({**teachers, **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(cfg.seeds, runs)}}),
+        *_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}),
+        threat_model_line(every_run),
+        *([f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
+           f"{', '.join(unfinished)}"] if unfinished else []),
         "",
-        "## Students",
+        *_overfitting_section(cfg, students, teachers),
+        "## Students at the final epoch (the paper's point)",
         "",
-        student_table(students, len(cfg.seeds)),
+        student_table(students, len(cfg.seeds), "final"),
         "",
-        "## The claim (AKD with the early-stopped ensemble vs PGD-AT)",
+        "## Students at their best-validation epoch (early stopping)",
         "",
-        *claim_lines(demo, students),
+        student_table(students, len(cfg.seeds), "best"),
+        "",
+        "## The claims (AKD with the early-stopped ensemble vs PGD-AT, final epoch)",
+        "",
+        *claim_lines(cfg, students),
+        "",
+        "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired differences)",
+        "",
+        guideline_table(cfg, students),
         "",
         "## Teachers",
         "",
@@ -221,8 +326,8 @@ def write_report(demo) -> str:
         "",
         "## Training dynamics (first seed, adversarial correctness on the training set)",
         "",
-        dynamics,
-        "## Pictures",
+        _dynamics_table(layout, cfg, cfg.seeds[0]),
+        "## More pictures",
         "",
         "![students](pictures/students-curves.png)",
         "![teachers](pictures/teachers-curves.png)",
@@ -234,6 +339,51 @@ def write_report(demo) -> str:
            "seeds": cfg.seeds, "stages": stage_times, "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None}
     (layout.root / "results.json").write_text(json.dumps(raw, indent=2))
     return text
+
+
+def evaluated(run_dir: Path) -> bool:
+    """Whether a run has everything the report reads: its metrics and both evaluations."""
+    return all((run_dir / name).exists() for name in ("metrics.jsonl", "eval.json", "eval-final.json"))
+
+
+def _header(demo, stage_times: dict, evaluation: dict) -> list[str]:
+    cfg = demo.cfg
+    return [
+        f"- command: `{demo.command}`",
+        f"- machine: {machine()}",
+        f"- finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        time_line(stage_times),
+        f"- data: {cfg.common.get('dataset', 'mnist5k')} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "
+        f"{evaluation.get('autoattack_n')} for AutoAttack; students: mean ± standard deviation over seeds {cfg.seeds}",
+    ]
+
+
+def _overfitting_section(cfg, students: dict[str, list[dict]], teachers: dict[str, dict]) -> list[str]:
+    baseline, _ = baseline_and_akd(cfg)
+    regime = ""
+    if baseline is not None:
+        gap = statistics.fmean(r["overfitting"]["gap"] for r in students[baseline])
+        overfits = "robust-overfits" if gap >= OVERFITTING_POINTS else "does **not** robust-overfit"
+        regime = (f"PGD-AT's best-vs-final validation gap is {100 * gap:.2f} points (mean over seeds): this regime {overfits} "
+                  f"(the threshold is {100 * OVERFITTING_POINTS:.0f} points, {OVERFITTING_WINDOW}-epoch averages at each end).")
+    stops = ", ".join(f"{name} at epoch {t['best_epoch']}/{t['epochs']}" for name, t in teachers.items())
+    return ["## Robust overfitting", "", "![validation PGD accuracy per epoch](pictures/robust-overfitting.png)", "",
+            f"Teachers early-stopped (best validation PGD accuracy): {stops}. {regime}", "", overfitting_table(students), ""]
+
+
+def _pictures(layout, cfg, teachers: dict[str, dict]) -> None:
+    pictures = layout.root / "pictures"
+    pictures.mkdir(exist_ok=True)
+    first_seed = cfg.seeds[0]
+    for s in cfg.students:
+        shutil.copyfile(layout.student(s["name"], first_seed) / "eval-final.reliability.png", pictures / f"{s['name']}.reliability.png")
+    robust_overfitting_curves({s["name"]: [read_metrics(layout.student(s["name"], seed) / "metrics.jsonl") for seed in cfg.seeds]
+                               for s in cfg.students}, {name: t["best_epoch"] for name, t in teachers.items()},
+                              pictures / "robust-overfitting.png")
+    training_curves([layout.student(s["name"], first_seed) / "metrics.jsonl" for s in cfg.students],
+                    pictures / "students-curves.png", labels=[s["name"] for s in cfg.students])
+    training_curves([layout.teacher(t["name"]) / "metrics.jsonl" for t in cfg.teachers],
+                    pictures / "teachers-curves.png", labels=[t["name"] for t in cfg.teachers])
 
 
 def _dynamics_table(layout, cfg, seed: int) -> str:

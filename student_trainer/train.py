@@ -36,6 +36,9 @@ METRICS_FILE = "metrics.jsonl"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = 'cuda', but torch {torch.__version__} sees no CUDA GPU here; set device = 'cpu' or 'auto' "
+                         "(e.g. --set device=cpu, or --set common.device=cpu for akd demo)")
     return torch.device(name)
 
 
@@ -105,10 +108,29 @@ class Trainer:
         self.attack = make_pgd(cfg.train_attack)
         self.val_attack = make_pgd(cfg.val_attack)
         self.teacher = make_teacher(cfg, self.data, self.device)
+        if cfg.init_from is not None:
+            self._initialise_from(cfg.init_from)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.attack_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.state = RunState()
         self.dynamics = CorrectnessLog(len(self.data.train)) if cfg.track_dynamics else None
+
+    def _initialise_from(self, path: Path) -> None:
+        """Weights from another run's checkpoint (a warm start); the optimiser, schedule and RNGs start fresh."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        ours = (self.cfg.arch, self.data.num_classes, tuple(self.data.input_shape))
+        theirs = (ckpt.arch, ckpt.num_classes, tuple(ckpt.input_shape))
+        if ours != theirs:
+            raise ValueError(f"init_from {path} holds {theirs[0]} with {theirs[1]} classes and input shape {theirs[2]}; "
+                             f"this run trains {ours[0]} with {ours[1]} classes and input shape {ours[2]}")
+        self.model.load_state_dict(ckpt.state_dict)
+        log.info("initialised from %s", path)
+
+    def radius_fraction(self, epoch: int, step_in_epoch: int) -> float:
+        """How much of attack.eps the training attack uses now: linear from 0 over eps_warmup_epochs, then 1."""
+        warmup = self.cfg.eps_warmup_epochs * self.steps_per_epoch
+        done = epoch * self.steps_per_epoch + step_in_epoch + 1
+        return 1.0 if done >= warmup else done / warmup
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -190,9 +212,10 @@ class Trainer:
         teacher_rows, teacher_hits = self._teacher_counts()
         totals = {"loss": 0.0, "clean": 0, "adv": 0, "n": 0}
         self.model.train()
-        for indices, xb, yb in iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment):
+        batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
+        for step_in_epoch, (indices, xb, yb) in enumerate(batches):
             x, y = to_float(xb).to(self.device), yb.to(self.device)
-            result = self.step(x, y, epoch)
+            result = self.step(x, y, epoch, self.attack.scaled(self.radius_fraction(epoch, step_in_epoch)))
             correct_clean = self._clean_correct(result, x, y)
             correct_adv = result.logits_adv.argmax(1) == y
             if self.dynamics is not None:
@@ -207,6 +230,7 @@ class Trainer:
         metrics = {
             "epoch": epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "train_eps": self.attack.scaled(self.radius_fraction(epoch, self.steps_per_epoch - 1)).eps,
             "train_loss": totals["loss"] / totals["n"],
             "train_clean_acc": totals["clean"] / totals["n"],
             "train_adv_acc": totals["adv"] / totals["n"],
@@ -217,9 +241,11 @@ class Trainer:
         metrics["epoch_time_s"] = time.perf_counter() - started
         return metrics
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        """One optimisation step: the attack, the teacher query (if any), the loss, the update."""
-        result = self.method(self.model, x, y, self.attack, self.teacher, self.method_cfg, epoch, self.attack_gen)
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, attack: PGD | None = None):
+        """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the update."""
+        attack = attack or self.attack
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            result = self.method(self.model, x, y, attack, self.teacher, self.method_cfg, epoch, self.attack_gen)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         self.optimizer.step()

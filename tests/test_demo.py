@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import HANG_S, REPO
-from student_trainer.report import VERDICT_RULE
+from student_trainer.report import CLAIMS, VERDICT_RULE
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
 TEACHERS = ("at-s10", "at-s11", "weak-s12")
@@ -31,27 +31,33 @@ def quick_demo(tmp_path_factory):
 
 def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     out, done = quick_demo
-    assert "| method | clean acc | PGD acc | AutoAttack acc | ECE | train time (min) | teacher rows served | cache hit rate |" in done.stdout
+    assert ("| student | clean acc | PGD acc | AutoAttack acc | ECE | ECE on PGD | train time (min) | teacher rows served | "
+            "cache hit rate |") in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == set(STUDENTS) and set(results["teachers"]) == set(TEACHERS)
-    for runs in results["students"].values():
-        for run in runs:
-            assert all(isinstance(run[k], float) for k in NUMBERS), run
-    for teacher in results["teachers"].values():
-        assert all(isinstance(teacher[k], float) for k in NUMBERS), teacher
+    for run in [*(r for runs in results["students"].values() for r in runs), *results["teachers"].values()]:
+        for which in ("best", "final"):  # the best-validation checkpoint and the last epoch, both evaluated
+            assert all(isinstance(run[which][k], float) for k in NUMBERS if k != "autoattack_acc"), run
+        assert run["overfitting"]["gap"] == pytest.approx(run["overfitting"]["best"] - run["overfitting"]["final"])
+    assert all(isinstance(r["final"]["autoattack_acc"], float) for runs in results["students"].values() for r in runs)
+    assert all(isinstance(t["best"]["autoattack_acc"], float) for t in results["teachers"].values())
     distilled = [r for name in STUDENTS[1:] for r in results["students"][name]]
     assert all(r["teacher_rows"] > 0 for r in distilled) and results["students"]["pgd-at"][0]["teacher_rows"] == 0
     assert results["service"]["rows"] == sum(r["teacher_rows"] for r in distilled)
     text = (out / "RESULTS.md").read_text()
-    assert "## The claim" in text and VERDICT_RULE in text
-    assert text.count("**inconclusive (one seed)**") == 3  # the quick plan has one seed: no verdict from one pair
+    assert "## The claims" in text and VERDICT_RULE in text
+    assert text.count("**inconclusive (one seed)**") == len(CLAIMS)  # the quick plan has one seed: no verdict from one pair
+    assert text.index("![validation PGD accuracy per epoch](pictures/robust-overfitting.png)") < text.index("## Students")
+    assert "this regime does **not** robust-overfit" in text  # 2 epochs: nothing to overfit
+    guidelines = text.split("## The guidelines one at a time")[1].split("##")[0]
+    assert all(f"| {name} |" in guidelines for name in STUDENTS[1:]) and "| pgd-at |" not in guidelines
     assert "paired differences seed 0 " in text
     assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
     assert f"{results['service']['rows']:,.0f} rows served to the students" in text and "- time: teachers " in text
-    for picture in ["students-curves.png", "teachers-curves.png", *[f"{s}.reliability.png" for s in STUDENTS]]:
+    for picture in ["robust-overfitting.png", "students-curves.png", "teachers-curves.png", *[f"{s}.reliability.png" for s in STUDENTS]]:
         assert (out / "pictures" / picture).read_bytes()[:4] == b"\x89PNG", picture
     for run in [*(out / "teachers").iterdir(), *(out / "students").iterdir()]:
-        assert {"best.pt", "last.pt", "eval.json", "metrics.jsonl", "run.toml"} <= {p.name for p in run.iterdir()}, run
+        assert {"best.pt", "last.pt", "eval.json", "eval-final.json", "metrics.jsonl", "run.toml"} <= {p.name for p in run.iterdir()}, run
     assert (out / "service" / "teachers.toml").exists() and (out / "service" / "cache" / "zarr.json").exists()
     assert "[teachers] started" in done.stdout and "[students] started" in done.stdout and "[serve] teacher service up" in done.stdout
 
@@ -72,27 +78,39 @@ def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, 
 
 
 def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(quick_demo, tmp_path):
-    from student_trainer.demo import Demo, _evaluated_under, load_demo_config
+    from student_trainer.demo import Demo, _evaluation_current, load_demo_config
 
     out, done = quick_demo
     runs = [*(out / "teachers").iterdir(), *(out / "students").iterdir()]
-    attacks = {run.name: json.loads((run / "eval.json").read_text())["attack"] for run in runs}
+    def pgd(run, name):  # the PGD part of the threat model; AutoAttack's is checked apart
+        return {k: v for k, v in json.loads((run / name).read_text())["attack"].items() if k != "autoattack"}
+
+    attacks = {run.name: pgd(run, "eval.json") for run in runs}
     assert len(attacks) == len(TEACHERS) + len(STUDENTS)
     assert attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10  # not its training attack (eps 0.05, PGD-1)
     assert all(a == attacks["at-s10"] for a in attacks.values()), attacks  # nor the others' PGD-2
-    assert attacks["at-s10"]["autoattack"]["n"] == 8
-    assert "== evaluate: 7 models, all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
+    assert all(pgd(run, "eval-final.json") == attacks["at-s10"] for run in runs)  # the final epochs too
+    autoattacked = {run.parent.name: {name for name in ("eval.json", "eval-final.json")
+                                      if json.loads((run / name).read_text())["attack"]["autoattack"]} for run in runs}
+    assert autoattacked == {"teachers": {"eval.json"}, "students": {"eval-final.json"}}  # where the claims look
+    assert json.loads((out / "teachers" / "at-s10" / "eval.json").read_text())["attack"]["autoattack"]["n"] == 8
+    assert "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final and " \
+           "the teachers' early-stopped), all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
     header = ("- threat model (every teacher and student): linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts; "
               "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ")
     line = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("- threat model"))
     assert line.startswith(header) and line.endswith(") on 8 images"), line
-    wanted = Demo(load_demo_config(None, quick=True), out, "test").eval_attack().model_dump()
-    assert _evaluated_under(out / "teachers" / "weak-s12" / "eval.json", wanted)  # reused on a re-run ...
-    assert not _evaluated_under(out / "teachers" / "weak-s12" / "eval.json", {**wanted, "steps": 20})  # ... redone for another plan
+    wanted = Demo(load_demo_config(None, "quick"), out, "test").eval_attack().model_dump()
+    weak_run = out / "teachers" / "weak-s12"
+    assert _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)  # reused on a re-run ...
+    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True)  # redone
+    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)  # for another plan
+    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
     copy = shutil.copytree(out, tmp_path / "copy")  # a model evaluated otherwise is called out, never mixed in silently
     weak = copy / "teachers" / "weak-s12" / "eval.json"
-    weak.write_text(json.dumps({**json.loads(weak.read_text()), "attack": {**attacks["weak-s12"], "eps": 0.05}}))
-    Demo(load_demo_config(None, quick=True), copy, "test").stage_report()
+    recorded = json.loads(weak.read_text())
+    weak.write_text(json.dumps({**recorded, "attack": {**recorded["attack"], "eps": 0.05}}))
+    Demo(load_demo_config(None, "quick"), copy, "test").stage_report()
     text = (copy / "RESULTS.md").read_text()
     assert "**WARNING: the models were NOT evaluated under one threat model" in text and "weak-s12: linf eps 0.05," in text
     assert "(every teacher and student)" not in text
@@ -107,6 +125,29 @@ def test_evaluate_stage_shows_where_each_model_is(quick_demo):
     where = last_progress(log)
     assert where and not where.startswith("pgd")  # its last step: AutoAttack, after PGD
     assert job_progress(Job("eval at-s10", [], log)) == f"eval at-s10 ({where})"
+
+
+def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_demo, tmp_path):
+    out, _ = quick_demo
+    copy = shutil.copytree(out, tmp_path / "copy")
+    (copy / "students" / "akd-single-s0" / "eval-final.json").unlink()  # evaluated at its best epoch only, so far
+    again = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
+    assert again.returncode == 0, again.stderr
+    text = (copy / "RESULTS.md").read_text()
+    assert "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): akd-single" in text
+    assert "| akd-single |" not in text and "| akd-ensemble |" in text
+    unfinished = copy / "students" / "rslad-ensemble-s0"  # interrupted after its first epoch: not evaluated, and said so
+    (unfinished / "metrics.jsonl").write_text((unfinished / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    for name in ("eval.json", "eval-final.json"):
+        (unfinished / name).unlink()
+    evaluated = akd("demo", "--quick", "--stage", "evaluate", "--out", str(copy))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "[evaluate] not trained yet, so not evaluated: rslad-ensemble-s0" in evaluated.stdout
+    assert not (unfinished / "eval.json").exists() and (copy / "students" / "akd-single-s0" / "eval-final.json").exists()
+    for run in (copy / "teachers").iterdir():
+        (run / "eval.json").unlink()
+    none = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
+    assert none.returncode == 2 and "nothing to report yet" in none.stderr and "Traceback" not in none.stderr
 
 
 def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(quick_demo):
@@ -154,6 +195,6 @@ def test_paths_in_a_plan_file_resolve_against_its_folder(tmp_path):
     plan.parent.mkdir()
     plan.write_text("seeds = [0]\ncommon = { data_dir = 'data' }\nteachers = [{name = 't', data_dir = '../elsewhere'}]\n"
                     "students = [{name = 's', method = 'at'}]\n")
-    cfg = load_demo_config(plan, quick=False)
+    cfg = load_demo_config(plan)
     assert cfg.common["data_dir"] == str(plan.parent / "data")
     assert cfg.teachers[0]["data_dir"] == str(tmp_path / "elsewhere")

@@ -158,7 +158,7 @@ def test_evaluate_accuracies(full_run):
 def test_evaluate_restores_mode_reports_progress_and_draws(full_run):
     _, model, messages, diagram = full_run
     assert model.training
-    assert messages == ["clean", "pgd 1/2 batches", "pgd 2/2 batches", "autoattack on 32 images (apgd-ce, apgd-t, fab-t, square)"]
+    assert messages == ["clean", "pgd 1/2 batches", "pgd 2/2 batches", "autoattack standard on 32 images (apgd-ce, apgd-t, fab-t, square)"]
     assert_png(diagram)
 
 

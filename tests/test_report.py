@@ -113,3 +113,37 @@ def test_stage_times_add_up_over_invocations_and_the_report_shows_them(tmp_path)
     assert times == {"teachers": {"seconds": 120.0, "runs": 1}, "students": {"seconds": 306.0, "runs": 2}}
     line = time_line(times)
     assert "teachers 2.0 min" in line and "students 5.1 min (2 invocations)" in line and "total 7.1 min" in line
+
+
+def test_the_overfitting_gap_averages_five_epochs_at_each_end():
+    from student_trainer.report import overfitting_gap
+
+    curve = [0.1, 0.5, 0.7, 0.80, 0.82, 0.84, 0.83, 0.81, 0.76, 0.75, 0.74, 0.95, 0.74, 0.73, 0.72, 0.72, 0.71]
+    gap = overfitting_gap(curve)
+    assert gap["best_epochs"] == [4, 8]  # the best 5-epoch window, not around the one lucky epoch (0.95 at epoch 12)
+    assert gap["best"] == pytest.approx(statistics.fmean(curve[3:8])) and gap["final"] == pytest.approx(statistics.fmean(curve[-5:]))
+    assert gap["gap"] == pytest.approx(gap["best"] - gap["final"]) and gap["gap"] > 0.03
+    rising = overfitting_gap([0.1 * i for i in range(10)])  # still learning at the end: no overfitting
+    assert rising["gap"] == 0 and rising["best_epochs"] == [6, 10]
+    assert overfitting_gap([0.5, 0.4])["best_epochs"] == [1, 2]  # fewer epochs than the window: the whole run
+
+
+def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
+    from types import SimpleNamespace
+
+    from student_trainer.report import guideline_table
+
+    def run(pgd: float, gap: float) -> dict:
+        evaluation = {"clean_acc": 0.9, "pgd_acc": pgd, "autoattack_acc": None, "ece": 0.02, "ece_pgd": 0.1}
+        return {"final": evaluation, "best": evaluation, "overfitting": {"gap": gap}}
+
+    cfg = SimpleNamespace(seeds=[0, 1, 2], common={"method": "at"}, students=[
+        {"name": "pgd-at", "method": "at"}, {"name": "akd", "method": "akd", "uses": "ensemble", "alpha": 0.5}])
+    students = {"pgd-at": [run(0.70, 0.04), run(0.72, 0.05), run(0.68, 0.03)],
+                "akd": [run(0.73, 0.01), run(0.75, 0.02), run(0.71, 0.00)]}
+    row = next(line for line in guideline_table(cfg, students).splitlines() if line.startswith("| akd |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "akd (ensemble, alpha 0.5, tau 1)"
+    assert cells[2] == "n/a"  # AutoAttack not measured
+    assert cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"  # PGD up by 3 points on every seed; clean level
+    assert cells[7] == "-3.00 ± 0.00 holds"  # the gap shrinks by 3 points on every seed

@@ -169,6 +169,20 @@ def test_akd_eval_honours_an_explicit_threat_model(weak_run, tmp_path):
     assert attack["eps"] == 0.05 and attack["steps"] == 2 and attack["step_size"] == pytest.approx(0.0625) and not attack["standard"]
 
 
+def test_akd_eval_runs_the_apgd_subset_of_autoattack_and_names_it(weak_run, tmp_path):
+    out = tmp_path / "eval.json"
+    done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--attacks", "clean,autoattack", "--autoattack-version", "apgd",
+               "--limit", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    aa = report["attack"]["autoattack"]
+    assert aa["version"] == "apgd" and aa["attacks"] == ["apgd-ce", "apgd-t"] and aa["n"] == 16
+    assert "AutoAttack apgd (apgd-ce, apgd-t; pyautoattack" in done.stdout
+    assert 0 <= report["autoattack_acc"] <= report["clean_acc"]
+    bad = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--autoattack-version", "plus", "--out", str(out))
+    assert bad.returncode == 2 and "invalid choice: 'plus'" in bad.stderr
+
+
 def test_akd_eval_of_a_torch_export(teacher_run, tmp_path):
     model = load_checkpoint(teacher_run / "best.pt").build()
     exported = tmp_path / "teacher.pt2"
@@ -321,3 +335,41 @@ def test_resume_survives_a_torn_dynamics_file(tmp_path):
     from student_trainer.dynamics import CorrectnessLog
 
     assert len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1  # the resumed epoch only: the torn history is gone
+
+
+def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_radius(tmp_path):
+    cfg = load_train_config(sets=["limit_train=256", "val_size=100", "epochs=3", "batch_size=64", "attack.steps=2",
+                                  "attack.eps=0.2", "eps_warmup_epochs=2", "track_dynamics=false", f"out_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    radii, method = [], trainer.method
+    trainer.method = lambda model, x, y, attack, *rest: radii.append(attack.eps) or method(model, x, y, attack, *rest)
+    trainer.fit()
+    trainer.close()
+    steps = trainer.steps_per_epoch  # 4: the radius grows by 0.2 / 8 each step, then stays at 0.2
+    torch.testing.assert_close(torch.tensor(radii), torch.tensor([0.2 * min(1, (i + 1) / (2 * steps)) for i in range(3 * steps)]))
+    assert [round(m["train_eps"], 6) for m in read_metrics(tmp_path)] == [0.1, 0.2, 0.2]
+    assert trainer.val_attack.eps == 0.2
+
+
+def test_init_from_starts_at_the_checkpoints_weights_and_refuses_another_architecture(teacher_run, tmp_path):
+    start = load_checkpoint(teacher_run / "best.pt")
+    cfg = load_train_config(sets=QUICK + [f"init_from={teacher_run / 'best.pt'}", f"out_dir={tmp_path / 'warm'}"])
+    trainer = Trainer(cfg)
+    assert all(torch.equal(v, start.state_dict[k]) for k, v in trainer.model.state_dict().items())
+    trainer.close()
+    done = akd("train", "--set", "arch=tiny_cnn", "--set", f"init_from={teacher_run / 'best.pt'}", "--set", f"out_dir={tmp_path / 'bad'}")
+    assert done.returncode == 2 and "holds small_cnn" in done.stderr and "this run trains tiny_cnn" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_eps_warmup_longer_than_training_is_a_config_error():
+    done = akd("train", "--set", "epochs=2", "--set", "eps_warmup_epochs=3")
+    assert done.returncode == 2 and "eps_warmup_epochs (3) is longer than training (2 epochs)" in done.stderr, done.stderr
+
+
+def test_validation_attack_takes_its_own_keys_and_the_training_attacks_for_the_rest():
+    cfg = load_train_config(sets=["attack.eps=0.3", "attack.steps=5", "eval.attack.steps=10"])
+    assert (cfg.val_attack.eps, cfg.val_attack.steps) == (0.3, 10)
+    assert cfg.val_attack.step_size == pytest.approx(2.5 * 0.3 / 10)  # derived for its own steps, not the training's
+    assert load_train_config(sets=["attack.eps=0.3", "eval.attack.eps=0.2"]).val_attack.eps == 0.2
+    assert load_train_config(sets=["attack.eps=0.3"]).val_attack == load_train_config(sets=["attack.eps=0.3"]).train_attack

@@ -7,6 +7,7 @@ is enough to read one, so a checkpoint from anyone cannot run code on the server
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from shared.atomic import replaced_atomically
 from shared.models import build_model
-from shared.safe_load import refused_pickle
+from shared.safe_load import not_a_model_file, refused_pickle
 
 FORMAT = "akd-checkpoint/1"
 
@@ -54,6 +55,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    if not_a_model_file(Path(path)) is None and not zipfile.is_zipfile(path):  # e.g. a text file: not "pickled objects"
+        raise ValueError(f"{path} is not a readable checkpoint: it is not the zip archive torch.save writes")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # a pickled object other than tensors and plain containers

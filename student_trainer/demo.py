@@ -521,12 +521,14 @@ def _evaluation_current(eval_json: Path, checkpoint: Path, attack: dict, autoatt
 
 
 def trained(run_dir: Path) -> bool:
-    """Whether a run has trained every epoch its run.toml asks for."""
+    """Whether a run has trained, and committed, every epoch its run.toml asks for (the trainer appends an epoch's
+    metrics line first and commits the epoch by writing last.pt after it, so a newer last.pt means it is done)."""
     try:
         epochs = TrainConfig.model_validate(read_toml(run_dir / "run.toml")).epochs
+        committed = (run_dir / "last.pt").stat().st_mtime >= (run_dir / "metrics.jsonl").stat().st_mtime
     except (OSError, ConfigError, ValidationError):
         return False
-    return (run_dir / "last.pt").exists() and epochs_done(run_dir) >= epochs
+    return committed and epochs_done(run_dir) >= epochs
 
 
 def _best_epoch(run_dir: Path) -> dict:

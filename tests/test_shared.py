@@ -96,3 +96,10 @@ def test_extreme_temperatures_stay_finite(aggregate):
     expected = torch.tensor([[0.5, 0.5, 0.0]]) if aggregate is Aggregate.probs else torch.tensor([[0.0, 1.0, 0.0]])
     torch.testing.assert_close(cold, expected)
     torch.testing.assert_close(aggregate_probs(z, w, 1e300, aggregate), torch.full((1, 3), 1 / 3))
+
+
+def test_a_text_file_given_as_a_checkpoint_is_called_what_it_is(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not weights\n")  # torch would read it as a pickle and call it "pickled objects"
+    with pytest.raises(ValueError, match="not a readable checkpoint: it is not the zip archive torch.save writes"):
+        load_checkpoint(path)

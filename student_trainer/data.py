@@ -27,8 +27,13 @@ import torch.nn.functional as F
 DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn")
 
 MNIST5K_TEST = 1000  # 100 per class
-# Training images in each release (before the validation split): sizes for estimates made before anything is loaded.
+# Images in each release's training (before the validation split) and test sets: for estimates made before anything loads.
 TRAIN_IMAGES = {"mnist5k": 4000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+TEST_IMAGES = {"mnist5k": MNIST5K_TEST, "mnist": 10000, "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
+
+
+def default_val_size(name: str) -> int:
+    return MNIST5K_VAL if name == "mnist5k" else FULL_VAL
 MNIST5K_VAL = 500  # default, 50 per class
 FULL_VAL = 1000  # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
 PAD = 4  # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
@@ -126,7 +131,7 @@ def load_dataset(
     else:
         folder = Path(data_dir).expanduser() if data_dir is not None else None
         (x_train, y_train), test = _LOADERS[name](folder)
-    val_size = (MNIST5K_VAL if name == "mnist5k" else FULL_VAL) if val_size is None else val_size
+    val_size = default_val_size(name) if val_size is None else val_size
     if not 0 <= val_size < len(y_train):
         raise ValueError(
             f"val_size={val_size} must be in [0, {len(y_train)}): {name} has {len(y_train)} training images "

@@ -42,7 +42,7 @@ from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml, validation_error
 from shared.health import free_port, wait_healthy
 from student_trainer.config import DISTILLATION_METHODS, EVAL_ATTACK, AttackConfig, TrainConfig, apply_sets, resolve_file_paths
-from student_trainer.data import TRAIN_IMAGES
+from student_trainer.data import TEST_IMAGES, TRAIN_IMAGES, default_val_size
 
 STAGES = ("teachers", "serve", "students", "evaluate", "report")
 MARKER = ".akd-demo"
@@ -226,14 +226,14 @@ class Work:
     cfg: DemoConfig
 
     def epoch(self, run: TrainConfig) -> float:
-        n_train = run.limit_train or TRAIN_IMAGES[run.dataset] - (run.val_size or 0)
-        n_val = run.val_size or (500 if run.dataset == "mnist5k" else 1000)
+        n_val = default_val_size(run.dataset) if run.val_size is None else run.val_size
+        n_train = min(run.limit_train or TRAIN_IMAGES[run.dataset], TRAIN_IMAGES[run.dataset] - n_val)
         return n_train * (run.train_attack.steps + 1) + n_val * (run.val_attack.steps + 1) / run.eval.every
 
     def evaluation(self, dataset: str, autoattack: bool = True) -> float:
-        n = self.cfg.eval_limit or (1000 if dataset == "mnist5k" else 10000)
+        n = min(self.cfg.eval_limit or TEST_IMAGES[dataset], TEST_IMAGES[dataset])
         aa = min(self.cfg.autoattack_limit, n) * AUTOATTACK_PASSES[self.cfg.autoattack_version] if autoattack else 0
-        return n * (self.cfg.eval_attack.steps if self.cfg.eval_attack else 10) + 2 * n + aa
+        return n * (self.cfg.eval_attack or EVAL_ATTACK).steps + 2 * n + aa  # PGD, and the clean passes before and after it
 
 
 def say(text: str) -> None:
@@ -271,7 +271,19 @@ def epochs_done(run_dir: Path | None) -> int:
 def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: float = 0.0, report_every_s: float = 15.0) -> None:
     """Run jobs `parallel` at a time; show which are running, how far, this stage's ETA and the whole demo's (`later`:
     the work of the stages after this one, in Job.passes_per_unit's unit); fail loudly with the log's tail."""
-    pending, running, finished = list(jobs), {}, set()
+    running: dict[str, tuple[Job, subprocess.Popen]] = {}
+    try:
+        _run_jobs(stage, jobs, parallel, threads, later, report_every_s, running)
+    finally:  # a failure, Ctrl-C or SIGTERM leaves no training running on: a re-run resumes it from its last epoch
+        for _, proc in running.values():
+            proc.terminate()
+        for _, proc in running.values():
+            proc.wait()
+
+
+def _run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: float, report_every_s: float,
+              running: dict[str, tuple[Job, subprocess.Popen]]) -> None:
+    pending, finished = list(jobs), set()
     started = last = time.monotonic()
     done = lambda: sum(j.units_done(j.name in finished) * j.passes_per_unit for j in jobs)  # noqa: E731
     total, at_start = sum(j.units() * j.passes_per_unit for j in jobs), done()
@@ -288,8 +300,6 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: fl
                 continue
             del running[name]
             if proc.returncode != 0:
-                for _, other in running.values():
-                    other.terminate()
                 tail = "\n".join(job.log.read_text(errors="replace").splitlines()[-15:])
                 raise DemoError(f"[{stage}] {name} failed with exit code {proc.returncode}; end of {job.log}:\n{tail}")
             finished.add(name)
@@ -599,11 +609,18 @@ def prepare_out(out: Path, fresh: bool) -> None:
     (out / MARKER).touch()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_demo(cfg: DemoConfig, out: Path, stages: list[str], fresh: bool, teacher_url: str | None, seeds: list[int] | None,
              command: str) -> str | None:
     prepare_out(out, fresh)
     demo = Demo(cfg, out, command)
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
+    # SIGTERM (kill, docker stop) ends the demo the way Ctrl-C does: the running jobs and the service stop, and the stage's
+    # time and the service's counts are recorded; without this, Python dies at once and the jobs run on, orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     @contextlib.contextmanager
     def timed(stage: str):

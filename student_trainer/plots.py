@@ -77,7 +77,7 @@ def training_curves(
 
 def robust_overfitting_curves(runs: dict[str, list[list[dict]]], stops: dict[str, int], out_png: str | Path,
                               key: str = "val_robust_acc") -> Path:
-    """Validation robust accuracy per epoch, one line per student (mean over its seeds, the band their range), with the
+    """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their range), with the
     epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to it."""
     import matplotlib
 
@@ -95,7 +95,7 @@ def robust_overfitting_curves(runs: dict[str, list[list[dict]]], stops: dict[str
         values = np.array([[c[e] for e in epochs] for c in curves])
         ax.plot(epochs, values.mean(0), color=f"C{i % 10}", label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         late.extend(values[:, len(epochs) // 2:].ravel())
-        if len(curves) > 1:
+        if len(curves) > 1 and i < 2:  # the seeds' range for the first two (the plan's baseline and main student): more is a blur
             ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.15)
     for j, (teacher, epoch) in enumerate(stops.items()):
         ax.axvline(epoch, color="grey", linestyle=":", alpha=0.8)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +166,37 @@ def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(qu
     assert after["service"] == before["service"]  # the service served nothing new: its figures are kept, not zeroed
     assert {stage: t["runs"] for stage, t in after["stages"].items()} == {"teachers": 2, "students": 2, "evaluate": 2}
     assert after["elapsed_s"] > before["elapsed_s"]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the running processes that mention `text` (read from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # bounded by the quick plan's length: the students stage starts within it, or the demo ends
+            if line.startswith("[students] started"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=HANG_S)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "[serve] teacher service stopped" in rest
+    assert processes_mentioning(str(out)) == []  # no trainer and no service left running on
+    assert "students" in json.loads((out / "stages.json").read_text())  # the interrupted stage's time counts
 
 
 def test_fresh_only_deletes_a_folder_the_demo_made(tmp_path):

@@ -83,8 +83,7 @@ class DemoConfig(BaseModel):
                 raise ValueError(f"student {student['name']!r} uses {uses!r}; served teachers: {sorted(served)}")
         _check_service_settings(self.service)
         for run in self.teachers + self.students:
-            probe = {"url": "http://127.0.0.1:1", "name": "x"} if run.get("uses") else None
-            TrainConfig.model_validate(merge(self.common, {**strip(run), "teacher": probe}))
+            planned_run(self.common, run)
         return self
 
 
@@ -101,6 +100,12 @@ def served_teacher_names(teachers: list[str]) -> list[str]:
     """What the service serves: the early-stopped checkpoints (best.pt) as `ensemble` and one by one, and the last
     epochs' (last.pt) as `ensemble-last` and `<name>-last`, for the early-stopped vs last-epoch comparison."""
     return [ENSEMBLE, *teachers, ENSEMBLE + LAST, *(name + LAST for name in teachers)]
+
+
+def planned_run(common: dict, spec: dict) -> TrainConfig:
+    """A run of the plan as a validated TrainConfig, before any service exists (a placeholder stands in for its URL)."""
+    teacher = {"url": "http://127.0.0.1:1", "name": spec["uses"]} if spec.get("uses") else None
+    return TrainConfig.model_validate(merge(common, {**strip(spec), "teacher": teacher}))
 
 
 def strip(run: dict) -> dict:
@@ -448,8 +453,7 @@ class Demo:
         """The students' training still to do, in Work's unit (finished epochs of interrupted runs count as done)."""
         left = 0.0
         for spec in self.cfg.students:
-            probe = {"url": "http://127.0.0.1:1", "name": "x"} if spec.get("uses") else None
-            run = TrainConfig.model_validate(merge(self.cfg.common, {**strip(spec), "teacher": probe}))
+            run = planned_run(self.cfg.common, spec)
             left += sum(run.epochs - epochs_done(self.layout.student(spec["name"], seed)) for seed in self.cfg.seeds) * Work(self.cfg).epoch(run)
         return left
 

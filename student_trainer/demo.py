@@ -460,7 +460,8 @@ class Demo:
     def evaluations_left(self) -> float:
         missing = [out for run_dir in self.all_runs() for out in EVALUATED.values() if not (run_dir / out).exists()]
         work = Work(self.cfg)  # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
-        return len(missing) / 2 * (work.evaluation(self.dataset(), autoattack=False) + work.evaluation(self.dataset()))
+        dataset = self.dataset()
+        return len(missing) / 2 * (work.evaluation(dataset, autoattack=False) + work.evaluation(dataset))
 
     def all_runs(self) -> list[Path]:
         teachers = [self.layout.teacher(t["name"]) for t in self.cfg.teachers]
@@ -485,6 +486,7 @@ class Demo:
         limit = ["--limit", str(self.cfg.eval_limit)] if self.cfg.eval_limit else []
         autoattack = ["--autoattack-limit", str(self.cfg.autoattack_limit), "--autoattack-version", self.cfg.autoattack_version]
         teachers = {self.layout.teacher(t["name"]) for t in self.cfg.teachers}
+        cost = {aa: Work(self.cfg).evaluation(self.dataset(), aa) for aa in (False, True)}  # per evaluation, for the ETA
         unfinished = [run_dir for run_dir in self.all_runs() if not trained(run_dir)]
         if unfinished:  # a plan run in parts: evaluate what is trained, and say what is not
             say(f"[evaluate] not trained yet, so not evaluated: {', '.join(r.name for r in unfinished)}")
@@ -499,7 +501,7 @@ class Demo:
                 argv = module("student_trainer", "eval", "--checkpoint", str(run_dir / checkpoint), "--attacks", attacks,
                               *autoattack, *sets, *limit, "--out", str(out))
                 jobs.append(Job(f"eval {run_dir.name} {checkpoint}", argv, out.with_suffix(".log"),
-                                passes_per_unit=Work(self.cfg).evaluation(self.dataset(), with_aa)))
+                                passes_per_unit=cost[with_aa]))
         threat = describe_threat_model(threat_model(wanted, self.cfg.autoattack_limit or None, False, self.cfg.autoattack_version))
         say(f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the students' "
             f"final and the teachers' early-stopped), all under {threat}; {self.cfg.jobs} at a time ==")

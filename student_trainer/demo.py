@@ -19,6 +19,7 @@ any later invocation: service/stats.json (merge_service_stats) and stages.json (
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -317,9 +318,12 @@ def _run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: f
                 + eta_text(done() - at_start, elapsed, total - done(), later))
 
 
+ETA_AFTER = 0.05  # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
+
+
 def eta_text(work_done: float, elapsed: float, stage_left: float, later: float) -> str:
-    """", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before any progress."""
-    if work_done <= 0:
+    """", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of it."""
+    if work_done <= ETA_AFTER * (work_done + stage_left):
         return ""
     rate = work_done / elapsed
     text = f", ETA {stage_left / rate / 60:.1f} min"
@@ -403,7 +407,8 @@ class Demo:
         log = self.layout.root / "service" / "service.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(module("teacher_service", "--config", str(self.layout.service_config), "--port", str(port)),
-                                    stdout=out, stderr=subprocess.STDOUT, env=job_env(self.cfg.threads_per_job))
+                                    stdout=out, stderr=subprocess.STDOUT, env=job_env(self.cfg.threads_per_job),
+                                    preexec_fn=_own_session_ending_with_parent)
         url = f"http://127.0.0.1:{port}"
         try:
             try:
@@ -519,6 +524,18 @@ EVALUATED = {"best.pt": "eval.json", "last.pt": "eval-final.json"}
 # AutoAttack, the costly part, runs where the claims look: a student's final epoch, a teacher's early-stopped (served)
 # checkpoint. Keyed by "is it a teacher".
 AUTOATTACKED = {False: "last.pt", True: "best.pt"}
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _own_session_ending_with_parent() -> None:
+    """Run in the service's child before exec. Its own session: Ctrl-C or `timeout` signal the demo's process group,
+    and the demo must still read the service's stats before it stops it. Yet it ends with the demo if that is killed
+    outright (Linux's parent-death signal), so no service outlives its demo."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _evaluation_current(eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack: bool) -> bool:

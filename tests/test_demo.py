@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -181,19 +182,25 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-demo", "to-its-process-group"])
+def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_path, to_group):
+    """`kill PID`, and `timeout` or a terminal's Ctrl-C, which signal the whole process group, service included."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         for line in proc.stdout:  # bounded by the quick plan's length: the students stage starts within it, or the demo ends
             if line.startswith("[students] started"):
                 break
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=HANG_S)[0]
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "could not read the service's stats" not in rest  # the service outlived the signal long enough to be asked
     assert "[serve] teacher service stopped" in rest
     assert processes_mentioning(str(out)) == []  # no trainer and no service left running on
     assert "students" in json.loads((out / "stages.json").read_text())  # the interrupted stage's time counts

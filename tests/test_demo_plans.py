@@ -30,7 +30,7 @@ def test_every_built_in_plan_is_valid(plan):
 def test_the_overfit_plan_is_the_regime_its_header_describes():
     cfg = load_demo_config(None, "overfit")
     student = TrainConfig.model_validate(merge(cfg.common, {"method": "at"}))
-    assert (student.arch, student.limit_train, student.epochs, student.eps_warmup_epochs) == ("tiny_cnn", 500, 60, 10)
+    assert (student.arch, student.limit_train, student.epochs, student.eps_warmup_epochs) == ("tiny_cnn", 500, 100, 10)
     assert student.train_attack.eps == student.val_attack.eps == 0.3 and student.train_attack.steps == 10
     teachers = {t["name"]: TrainConfig.model_validate(merge(cfg.common, strip(t))) for t in cfg.teachers}
     assert all(t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values())  # more capacity; one yardstick
@@ -88,6 +88,7 @@ def test_the_whole_demo_eta_counts_the_stages_still_to_come():
     from student_trainer.demo import Demo, Work, eta_text
 
     assert eta_text(0, 10.0, 100, 100) == ""  # no progress yet: no guess
+    assert eta_text(4, 10.0, 96, 100) == ""  # one cheap evaluation out of many ended: too little to go on
     assert eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"  # 50 units a minute: 100 here, 300 in all
     assert eta_text(50, 60.0, 100, 0) == ", ETA 2.0 min"
     cfg = load_demo_config(None, "overfit")

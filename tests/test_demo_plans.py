@@ -96,6 +96,6 @@ def test_the_whole_demo_eta_counts_the_stages_still_to_come():
     assert Work(cfg).epoch(student) == 500 * 11 + 500 * 11  # 500 training images x (PGD-10 + update), 500 validated by PGD-10
     assert Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000  # PGD-10 and two clean passes on 1,000; APGD on 500
     demo = Demo(cfg, REPO / "build" / "no-such-demo", "test")  # nothing done yet: everything is left
-    assert demo.students_left() == len(cfg.students) * len(cfg.seeds) * 60 * Work(cfg).epoch(student)
+    assert demo.students_left() == len(cfg.students) * len(cfg.seeds) * student.epochs * Work(cfg).epoch(student)
     runs = len(cfg.teachers) + len(cfg.students) * len(cfg.seeds)  # each evaluated twice, once with AutoAttack
     assert demo.evaluations_left() == runs * (Work(cfg).evaluation("mnist5k") + Work(cfg).evaluation("mnist5k", autoattack=False))

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -88,7 +88,15 @@ def served_folder(folder: Path):
 class Pipeline:
     clone: Path
     env: dict
-    done: subprocess.CompletedProcess
+    done: subprocess.CompletedProcess | None = None  # the first run's, which the tests read
+    images: set[str] = field(default_factory=set)
+
+    def run(self) -> subprocess.CompletedProcess:
+        """scripts/compose_demo.sh once more, remembering the image it built so that down() can remove it."""
+        done = run_script(self.clone, self.env)
+        built = quiet(["docker", "image", "inspect", "-f", "{{.Id}}", IMAGE])
+        self.images.update(built.stdout.split())
+        return done
 
     def containers(self) -> dict[str, tuple[str, int]]:
         """Every stage's (status, exit code), as the engine reports them."""
@@ -101,7 +109,10 @@ class Pipeline:
         return states
 
     def down(self) -> None:
+        """Containers, volumes and the image under test go: a 1.6 GB image left per run fills a CI disk in a day."""
         quiet([*compose_command(), "down", "-v", "--remove-orphans"], cwd=self.clone, env=self.env)
+        if self.images:  # by ID: a rebuild leaves the earlier image untagged, where removing the tag would miss it
+            quiet(["docker", "image", "rm", "--force", *self.images])
 
 
 def run_script(clone: Path, env: dict) -> subprocess.CompletedProcess:
@@ -116,11 +127,12 @@ def run_script(clone: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick_pipeline(tmp_path_factory):
-    """The quick pipeline in a fresh copy of the checkout; torn down (with its volumes) after the module."""
+    """The quick pipeline in a fresh copy of the checkout; torn down (with its volumes and image) after the module."""
     clone = copy_checkout(tmp_path_factory.mktemp("compose") / "akd")
     env = {**os.environ, "AKD_DEMO_QUICK": "1", "AKD_IMAGE": IMAGE, "AKD_HOST_PORT": str(free_port()),
            "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}"}
-    run = Pipeline(clone, env, run_script(clone, env))
+    run = Pipeline(clone, env)
+    run.done = run.run()
     try:
         yield run
     finally:
@@ -157,7 +169,7 @@ def test_a_failing_stage_fails_the_command_and_names_it_even_on_a_rerun(quick_pi
     demo = quick_pipeline.clone / "runs" / "compose"
     (demo / "teachers").rename(demo / "teachers.first-run")
     (demo / "teachers").write_text("a file where the teachers stage needs a folder")
-    done = run_script(quick_pipeline.clone, quick_pipeline.env)
+    done = quick_pipeline.run()
     assert done.returncode == 1, done.stdout[-3000:]
     assert re.search(r"^teachers: exited [1-9]", done.stdout, re.M), done.stdout[-3000:]
     for stage in ("trainer-seed0", "trainer-seed1", "report"):

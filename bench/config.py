@@ -6,9 +6,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from shared.configfile import ConfigError, read_toml, validation_error
+from shared.configfile import ConfigError, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
 
@@ -17,11 +17,9 @@ Positive = Annotated[int, Field(ge=1)]
 Sizes = Annotated[list[Positive], Field(min_length=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictConfig):
     """A served teacher: one member of this architecture, random weights (speed does not depend on them)."""
 
     arch: str
@@ -35,12 +33,12 @@ class TeacherSpec(_Strict):
         return self
 
 
-class OverheadSpec(_Strict):
+class OverheadSpec(StrictConfig):
     teachers: list[str]
     batches: Sizes = [32, 128, 512]
 
 
-class CacheSpec(_Strict):
+class CacheSpec(StrictConfig):
     """Hits vs recomputation through the service; and rows/s committed to the store, `cache_durable` off vs on."""
 
     teachers: list[str]
@@ -49,7 +47,7 @@ class CacheSpec(_Strict):
     write_chunk_rows: Positive = 1024  # the store's chunk (the service's default cache_chunk_rows)
 
 
-class LoadSpec(_Strict):
+class LoadSpec(StrictConfig):
     """Closed-loop clients, each sending `rows_per_client` rows, next request when the last is answered."""
 
     teachers: list[str]
@@ -62,13 +60,13 @@ class LoadSpec(_Strict):
         return self.rows_per_round.get(teacher, 2048)
 
 
-class TransportSpec(_Strict):
+class TransportSpec(StrictConfig):
     teachers: list[str]
     batch: Positive = 128
     dtypes: list[Literal[INPUT_DTYPES]] = list(INPUT_DTYPES)  # type: ignore[valid-type]
 
 
-class EndToEndSpec(_Strict):
+class EndToEndSpec(StrictConfig):
     """AKD training steps on real data, the teacher behind the service vs in-process."""
 
     teacher: str
@@ -83,7 +81,7 @@ class PeerSpec(LoadSpec):
     """LitServe serving the same teacher with its own batching, under the load of the sharing benchmark."""
 
 
-class BenchConfig(_Strict):
+class BenchConfig(StrictConfig):
     repetitions: Positive = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
     warmup: Annotated[int, Field(ge=0)] = 1
@@ -115,7 +113,4 @@ def load_bench_config(preset_or_path: str) -> BenchConfig:
         path = Path(preset_or_path)
         if not path.exists():
             raise ConfigError(f"no benchmark config {path}: expected a file or one of the presets {', '.join(PRESETS)}")
-    try:
-        return BenchConfig.model_validate(read_toml(path))
-    except ValidationError as exc:
-        raise validation_error(exc, str(path)) from None
+    return validated(BenchConfig, read_toml(path), str(path))

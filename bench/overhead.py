@@ -6,7 +6,6 @@ sends, so they travel as float32; the cache is bypassed, so every row is compute
 
 from __future__ import annotations
 
-import re
 import statistics
 
 import httpx
@@ -15,7 +14,7 @@ import torch
 from bench.context import Context
 from bench.results import Section, Target
 from bench.timing import alternate, median
-from shared import protocol
+from shared import protocol, scrape
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
 
@@ -65,11 +64,7 @@ def run(ctx: Context) -> Section:
 def server_compute(url: str, teacher: str) -> tuple[float, float]:
     """(seconds, batches) the service has spent computing for `teacher`, from its /metrics."""
     text = httpx.get(url + protocol.METRICS_PATH, timeout=30).text
-    values = {}
-    for suffix in ("sum", "count"):
-        match = re.search(rf'^akd_compute_seconds_{suffix}{{teacher="{re.escape(teacher)}"}} (\S+)$', text, re.M)
-        values[suffix] = float(match.group(1)) if match else 0.0
-    return values["sum"], values["count"]
+    return tuple(scrape.total(text, f"akd_compute_seconds_{part}", teacher=teacher) for part in ("sum", "count"))
 
 
 def _targets(section: Section) -> None:

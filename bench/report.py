@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from bench.results import Section
+from shared.figures import save_figure, subplots
 
 
 def _cell(value) -> str:
@@ -66,15 +67,8 @@ def write(out: Path, sections: list[Section], machine: dict, command: str, prese
 
 def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
     """rows/s against the number of clients, one panel per teacher: batching on, off, and LitServe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from student_trainer.plots import save_figure
-
     teachers = list(dict.fromkeys(r["teacher"] for r in sharing.rows))
-    fig, axes = plt.subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         series = {f"akd serve, batching {b}": [r for r in sharing.rows if r["teacher"] == teacher and r["batching"] == b] for b in ("on", "off")}
         if peer:

@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "train": Subcommand("student_trainer.cli", "train one model (PGD-AT, TRADES, AKD, ARD, RSLAD, IAD)"),
     "eval": Subcommand("student_trainer.cli", "robust evaluation of a checkpoint on the test split"),
     "compare": Subcommand("student_trainer.cli", "compare runs: validation accuracy, curves, forgetting on the hardest samples"),
-    "demo": Subcommand("student_trainer.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"),
+    "demo": Subcommand("pipeline.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
 }
 

@@ -7,12 +7,30 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class ConfigError(ValueError):
     """A config that cannot be used, with every problem spelled out."""
+
+
+class StrictConfig(BaseModel):
+    """The base of every config table: a misspelt key is an error, never a silently ignored setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated(model: type[Model], raw: dict, source: str) -> Model:
+    """`raw` as a `model`, or a ConfigError naming `source` and every problem in it."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc, source) from None
 
 
 def read_toml(path: str | Path) -> dict:

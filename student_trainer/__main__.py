@@ -1,7 +1,7 @@
-"""`python -m student_trainer train|eval|compare|demo ...`: the same as `akd train|eval|compare|demo ...`."""
+"""`python -m student_trainer train|eval|compare ...`: the same as `akd train|eval|compare ...`."""
 
 import sys
 
 from shared.cli import main
 
-sys.exit(main(prog="python -m student_trainer", commands=("train", "eval", "compare", "demo")))
+sys.exit(main(prog="python -m student_trainer", commands=("train", "eval", "compare")))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from student_trainer.plots import save_figure
+from shared.figures import save_figure, subplots
 
 DEFAULT_BINS = 15
 
@@ -67,14 +67,9 @@ def reliability_diagram(
 ) -> Path:
     """Write a PNG with one column per curve (e.g. "clean", "PGD"): accuracy per bin
     against the diagonal on top, the share of samples per bin underneath, ECE in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not curves:
         raise ValueError("reliability_diagram needs at least one curve")
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2, len(curves), figsize=(4 * len(curves), 5), squeeze=False,
         gridspec_kw={"height_ratios": [3, 1]}, sharex="col",
     )

@@ -1,12 +1,10 @@
-"""`akd train`, `eval`, `compare` and `demo`: thin shells over the configs, the Trainer, `evaluate` and the demo."""
+"""`akd train`, `eval` and `compare`: thin shells over the configs, the Trainer and `evaluate`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -199,57 +197,8 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ
-    parser.add_argument("--out", default=env.get("AKD_DEMO_OUT"), help="the one folder everything goes to (or $AKD_DEMO_OUT)")
-    parser.add_argument("--plan", default=env.get("AKD_DEMO_PLAN", "default"),
-                        help="a built-in plan: default, quick, overfit, cifar10 (or $AKD_DEMO_PLAN); README, \"The demo's plans\"")
-    parser.add_argument("--quick", action="store_true", default=env.get("AKD_DEMO_QUICK", "0") not in ("", "0"),
-                        help="the small CI plan, same as --plan quick: minutes, not a result (or $AKD_DEMO_QUICK=1)")
-    parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished runs")
-    parser.add_argument("--config", help="a demo plan TOML instead of a built-in plan")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)")
-    parser.add_argument("--stage", default="all",
-                        help="comma list of teachers, serve, students, evaluate, report (default: all but serve, which "
-                             "the students stage starts itself unless --teacher-url is given)")
-    parser.add_argument("--teacher-url", default=env.get("AKD_TEACHER_URL"),
-                        help="students: use this running teacher service (or $AKD_TEACHER_URL)")
-    parser.add_argument("--seeds", help="students: only these seeds (comma list), e.g. to split them across machines")
-    parser.add_argument("--host", default=env.get("AKD_HOST", "127.0.0.1"), help="serve: bind address (or $AKD_HOST)")
-    parser.add_argument("--port", type=int, default=int(env.get("AKD_PORT", 8000)), help="serve: port (or $AKD_PORT)")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from student_trainer import demo
-
-    stages = [s for s in demo.STAGES if s != "serve"] if args.stage == "all" else [s.strip() for s in args.stage.split(",")]
-    unknown = sorted(set(stages) - set(demo.STAGES))
-    try:
-        if not args.out:
-            raise ConfigError("--out (or AKD_DEMO_OUT) is required")
-        if unknown:
-            raise ConfigError(f"--stage: unknown {unknown}; known: all, {', '.join(demo.STAGES)}")
-        cfg = demo.load_demo_config(args.config, "quick" if args.quick else args.plan, args.sets)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        if stages == ["serve"]:
-            return demo.serve_stage(Path(args.out), args.host, args.port)
-        if "serve" in stages:
-            raise ConfigError("--stage serve runs the service in the foreground: give it alone")
-        command = "akd " + shlex.join(sys.argv[1:])  # `akd demo ...`, whichever entry point started it
-        table = demo.run_demo(cfg, Path(args.out), stages, args.fresh, args.teacher_url, seeds, command)
-    except (ConfigError, ValueError, demo.DemoError) as exc:
-        print(f"akd demo: {exc}", file=sys.stderr)
-        return 2
-    if table:
-        print(table)
-        print(f"\nwrote {Path(args.out) / 'RESULTS.md'}")
-    return 0
-
-
 COMMANDS = {  # name: (add its arguments, run it); `akd` (shared/cli.py) names and describes them
     "train": (add_train_arguments, run_train),
     "eval": (add_eval_arguments, run_eval),
     "compare": (add_compare_arguments, run_compare),
-    "demo": (add_demo_arguments, run_demo),
 }

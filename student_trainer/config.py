@@ -12,9 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from shared.configfile import ConfigError, read_toml, validation_error
+from shared.configfile import ConfigError, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
@@ -32,11 +32,9 @@ METHOD_NAMES = ("standard", "at", "trades", *DISTILLATION_METHODS)
 _REGISTRIES = {"dataset": ("dataset", DATASETS), "arch": ("architecture", tuple(ARCHITECTURES)), "method": ("method", METHOD_NAMES)}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class AttackConfig(_Strict):
+class AttackConfig(StrictConfig):
     """PGD. eps defaults to the dataset's; step_size to 2.5 * eps / steps (Madry et al.)."""
 
     norm: Literal["linf", "l2"] = "linf"
@@ -59,7 +57,7 @@ class AttackConfig(_Strict):
 EVAL_ATTACK = AttackConfig(norm="linf", steps=10, random_start=True)
 
 
-class TeacherRef(_Strict):
+class TeacherRef(StrictConfig):
     """Where soft targets come from: a teacher service (url + name) or a local teacher config."""
 
     url: str | None = None
@@ -77,13 +75,13 @@ class TeacherRef(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictConfig):
     every: Annotated[int, Field(ge=1)] = 1  # validate every N epochs (and after the last)
     attack: AttackConfig | None = None  # the validation attack: the keys given here, the rest from the training attack
     batch_size: Annotated[int, Field(ge=1)] = 256
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     dataset: str = "mnist5k"
     data_dir: Path | None = None
     val_size: Annotated[int, Field(ge=1)] | None = None
@@ -208,7 +206,4 @@ def load_train_config(path: str | Path | None = None, sets: list[str] | None = N
         source = str(path)
         raw.update(resolve_file_paths(read_toml(path), path.resolve().parent))
     raw = apply_sets(raw, sets or [], Path.cwd())
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(exc, source) from None
+    return validated(TrainConfig, raw, source)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared.figures import save_figure, subplots
+
 # (panel title, [(metric key, line style)]); validation keys are null on epochs without evaluation.
 _PANELS = (
     ("train loss", [("train_loss", "-")]),
@@ -12,18 +14,6 @@ _PANELS = (
     ("val accuracy (clean -, robust --)", [("val_clean_acc", "-"), ("val_robust_acc", "--")]),
     ("learning rate", [("lr", "-")]),
 )
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write as PNG (creating the folder), and free the figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -46,16 +36,11 @@ def training_curves(
     """A 2x2 PNG: loss, train accuracies, validation clean/robust accuracy, lr.
     Several runs overlay, one colour each; labels default to each file's folder name
     (a run directory)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = [Path(p) for p in ([metrics_jsonl] if isinstance(metrics_jsonl, (str, Path)) else metrics_jsonl)]
     labels = labels if labels is not None else [p.parent.name or p.stem for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = subplots(2, 2, figsize=(11, 8))
     for run, (path, label) in enumerate(zip(paths, labels)):
         records = read_metrics(path)
         color = f"C{run % 10}"
@@ -79,13 +64,9 @@ def robust_overfitting_curves(runs: dict[str, list[list[dict]]], stops: dict[str
                               key: str = "val_robust_acc") -> Path:
     """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their range), with the
     epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, ax = subplots(figsize=(10, 6))
     late = []  # the second half of every curve: where robust overfitting shows, so the y axis is fitted to it
     for i, (name, seeds) in enumerate(runs.items()):
         curves = [dict(zip(*_series(records, key))) for records in seeds]

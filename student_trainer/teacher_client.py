@@ -1,6 +1,6 @@
 """Soft targets for the trainer: from the teacher service over HTTP, or from a local teacher in-process.
 
-Both are callables `teacher(x) -> probs` (B, K), tempered and ensemble-aggregated,
+Both are a `Teacher`: a callable `teacher(x) -> probs` (B, K), tempered and ensemble-aggregated,
 so a training method never knows which one it has.
 """
 
@@ -9,15 +9,32 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import torch
 
 from shared import codec, protocol
-from shared.ensemble import aggregate_probs
 from shared.protocol import CacheMode, TeacherInfo, TeachersResponse
 
 log = logging.getLogger("akd.teacher_client")
+
+
+class Teacher(Protocol):
+    """Where a run's soft targets come from (RemoteTeacher or LocalTeacher)."""
+
+    name: str | None
+    temperature: float
+    rows_requested: int  # rows asked for so far, and how many of them the service's cache answered
+    cache_hits: int
+
+    def info(self) -> TeacherInfo:
+        """What the teacher is (classes, input shape, members); checked against the dataset before training."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft targets (B, K) for inputs x (B, C, H, W) in [0, 1], on x's device."""
+
+    def close(self) -> None: ...
 
 
 class TeacherUnavailable(RuntimeError):
@@ -117,38 +134,26 @@ class RemoteTeacher:
 class LocalTeacher:
     """The same teacher, in this process: for runs without a service, and the reference for tests.
 
-    Loads a teacher-service config and runs members through the service's own
-    forward path and ensemble formula, so both give the same numbers on one device.
+    A thin shell over the service's in-process entry (teacher_service.local), which runs the members through the
+    service's own forward path and ensemble formula, so both give the same numbers on one device.
     """
 
     def __init__(self, config_path: str | Path, name: str | None, temperature: float | None, device: torch.device):
         """`temperature=None`: the teacher's own, as the service uses when a request names none."""
-        from teacher_service.config import load_config
-        from teacher_service.inference import TeacherRunner
-        from teacher_service.metrics import Metrics
-        from teacher_service.registry import load_teachers
+        from teacher_service.local import InProcessTeacher
 
-        config = load_config(config_path, environ={})
-        teachers = load_teachers(config, device)
-        if name is None and len(teachers) == 1:
-            name = next(iter(teachers))
-        if name not in teachers:
-            raise ValueError(f"{config_path} declares teachers {sorted(teachers)}, not {name!r}: set teacher.name")
-        self.teacher = teachers[name]
-        self.name = name
-        self.temperature = self.teacher.config.temperature if temperature is None else temperature
-        self._runner = TeacherRunner(self.teacher, None, device, Metrics(), config.server.autocast, config.server.channels_last)
+        self._teacher = InProcessTeacher(config_path, name, device)
+        self.name = self._teacher.name
+        self.temperature = self._teacher.default_temperature if temperature is None else temperature
         self.rows_requested = 0
         self.cache_hits = 0
 
     def info(self) -> TeacherInfo:
-        return self.teacher.info()
+        return self._teacher.info()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        member_logits = torch.stack([self._runner.forward(m, x.detach()) for m in self.teacher.members])
         self.rows_requested += len(x)
-        probs = aggregate_probs(member_logits, self.teacher.weights, self.temperature, self.teacher.config.aggregate)
-        return probs.to(x.device)
+        return self._teacher.probs(x, self.temperature).to(x.device)
 
     def close(self) -> None:
         pass

@@ -26,7 +26,7 @@ from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import MethodConfig, get_method
 from student_trainer.progress import Progress
-from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
+from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 
 log = logging.getLogger("akd.train")
 
@@ -49,7 +49,7 @@ def make_pgd(attack: AttackConfig) -> PGD:
     )
 
 
-def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device):
+def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Teacher | None:
     """Connect to the teacher and check it fits the dataset before the first step."""
     if cfg.teacher is None:
         return None

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from shared.configfile import ConfigError, read_toml, validation_error
+from shared.configfile import ConfigError, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
@@ -22,11 +22,9 @@ __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "Teac
 ENV_PREFIX = "AKD_"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class MemberConfig(_Strict):
+class MemberConfig(StrictConfig):
     """One model of an ensemble: a project checkpoint, a `.pt2` export, or a RobustBench id."""
 
     path: Path | None = Field(None, description="A project checkpoint (.pt) or a torch.export file (.pt2).")
@@ -43,7 +41,7 @@ class MemberConfig(_Strict):
         return self
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictConfig):
     num_classes: Annotated[int, Field(ge=2)]
     input_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
     aggregate: Aggregate = Aggregate.probs
@@ -51,7 +49,7 @@ class TeacherConfig(_Strict):
     members: Annotated[list[MemberConfig], Field(min_length=1)]
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictConfig):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     cache_dir: str | None = Field(None, description="zarr store (a folder or a zarr store URL); none disables the cache.")
@@ -98,7 +96,7 @@ class ServerConfig(_Strict):
         return self
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(StrictConfig):
     server: ServerConfig = ServerConfig()
     teachers: Annotated[dict[str, TeacherConfig], Field(min_length=1)]
 
@@ -131,10 +129,7 @@ def load_config(
     if "cache_dir" in outside:
         outside["cache_dir"] = _absolute_store(outside["cache_dir"], Path.cwd())
     raw["server"] = {**server, **outside}
-    try:
-        config = ServiceConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(exc, str(path)) from None
+    config = validated(ServiceConfig, raw, str(path))
     return _resolve_member_paths(config, base)
 
 

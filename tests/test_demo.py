@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HANG_S, REPO
-from student_trainer.report import CLAIMS, VERDICT_RULE
+from pipeline.report import CLAIMS, VERDICT_RULE
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
 TEACHERS = ("at-s10", "at-s11", "weak-s12")
@@ -81,7 +81,8 @@ def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, 
 
 
 def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(quick_demo, tmp_path):
-    from student_trainer.demo import Demo, _evaluation_current, load_demo_config
+    from pipeline.demo import Demo, evaluation_current
+    from pipeline.plan import load_plan
 
     out, done = quick_demo
     runs = [*(out / "teachers").iterdir(), *(out / "students").iterdir()]
@@ -103,24 +104,24 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
               "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ")
     line = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("- threat model"))
     assert line.startswith(header) and line.endswith(") on 8 images"), line
-    wanted = Demo(load_demo_config(None, "quick"), out, "test").eval_attack().model_dump()
+    wanted = Demo(load_plan(None, "quick"), out, "test").eval_attack().model_dump()
     weak_run = out / "teachers" / "weak-s12"
-    assert _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)  # reused on a re-run ...
-    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True)  # redone
-    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)  # for another plan
-    assert not _evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
+    assert evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)  # reused on a re-run ...
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True)  # redone
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)  # for another plan
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
     copy = shutil.copytree(out, tmp_path / "copy")  # a model evaluated otherwise is called out, never mixed in silently
     weak = copy / "teachers" / "weak-s12" / "eval.json"
     recorded = json.loads(weak.read_text())
     weak.write_text(json.dumps({**recorded, "attack": {**recorded["attack"], "eps": 0.05}}))
-    Demo(load_demo_config(None, "quick"), copy, "test").stage_report()
+    Demo(load_plan(None, "quick"), copy, "test").stage_report()
     text = (copy / "RESULTS.md").read_text()
     assert "**WARNING: the models were NOT evaluated under one threat model" in text and "weak-s12: linf eps 0.05," in text
     assert "(every teacher and student)" not in text
 
 
 def test_evaluate_stage_shows_where_each_model_is(quick_demo):
-    from student_trainer.demo import Job, job_progress, last_progress
+    from pipeline.jobs import Job, job_progress, last_progress
 
     out, _ = quick_demo
     log = out / "teachers" / "at-s10" / "eval.log"
@@ -229,12 +230,12 @@ def test_bad_plans_are_refused_before_any_work(tmp_path, plan, message):
 
 
 def test_paths_in_a_plan_file_resolve_against_its_folder(tmp_path):
-    from student_trainer.demo import load_demo_config
+    from pipeline.plan import load_plan
 
     plan = tmp_path / "plans" / "plan.toml"
     plan.parent.mkdir()
     plan.write_text("seeds = [0]\ncommon = { data_dir = 'data' }\nteachers = [{name = 't', data_dir = '../elsewhere'}]\n"
                     "students = [{name = 's', method = 'at'}]\n")
-    cfg = load_demo_config(plan)
+    cfg = load_plan(plan)
     assert cfg.common["data_dir"] == str(plan.parent / "data")
-    assert cfg.teachers[0]["data_dir"] == str(tmp_path / "elsewhere")
+    assert cfg.teachers[0].overrides["data_dir"] == str(tmp_path / "elsewhere")

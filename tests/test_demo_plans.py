@@ -14,25 +14,26 @@ import torch
 
 from conftest import HANG_S, REPO
 from student_trainer.config import TrainConfig
-from student_trainer.demo import PLANS, load_demo_config, merge, strip
+from pipeline import plans
+from pipeline.plan import load_plan, merge
 
 
 def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("plan", plans.NAMES)
 def test_every_built_in_plan_is_valid(plan):
-    cfg = load_demo_config(None, plan)
+    cfg = load_plan(None, plan)
     assert cfg.seeds and cfg.teachers and cfg.students
 
 
 def test_the_overfit_plan_is_the_regime_its_header_describes():
-    cfg = load_demo_config(None, "overfit")
+    cfg = load_plan(None, "overfit")
     student = TrainConfig.model_validate(merge(cfg.common, {"method": "at"}))
     assert (student.arch, student.limit_train, student.epochs, student.eps_warmup_epochs) == ("tiny_cnn", 500, 100, 10)
     assert student.train_attack.eps == student.val_attack.eps == 0.3 and student.train_attack.steps == 10
-    teachers = {t["name"]: TrainConfig.model_validate(merge(cfg.common, strip(t))) for t in cfg.teachers}
+    teachers = {t.name: cfg.train_config(t) for t in cfg.teachers}
     assert all(t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values())  # more capacity; one yardstick
     assert teachers["weak-s12"].train_attack.eps == 0.15
     assert len(cfg.seeds) >= 3 and cfg.autoattack_limit >= 500 and cfg.autoattack_version == "apgd"
@@ -62,10 +63,10 @@ def test_the_cifar10_plan_runs_end_to_end_on_synthetic_files(tmp_path):
     sets = [arg for s in [f"common.data_dir={tmp_path / 'data'}", *SHRUNK] for arg in ("--set", s)]
     done = akd("demo", "--plan", "cifar10", "--out", str(out), *sets, timeout=4 * HANG_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    cfg = load_demo_config(None, "cifar10")
+    cfg = load_plan(None, "cifar10")
     results = json.loads((out / "results.json").read_text())
-    assert set(results["students"]) == {s["name"] for s in cfg.students} and set(results["teachers"]) == {t["name"] for t in cfg.teachers}
-    trained = {t["name"]: json.loads((out / "teachers" / t["name"] / "config.json").read_text()) for t in cfg.teachers}
+    assert set(results["students"]) == {s.name for s in cfg.students} and set(results["teachers"]) == set(cfg.teacher_names)
+    trained = {name: json.loads((out / "teachers" / name / "config.json").read_text()) for name in cfg.teacher_names}
     assert trained["at-wrn34-s11"]["arch"] == "wrn34_10" and trained["at-prn18-s10"]["arch"] == "preact_resnet18"
     assert all(t["dataset"] == "cifar10" and t["amp"] == "bf16" for t in trained.values())
     evaluation = json.loads((out / "students" / "akd-ensemble-s0" / "eval-final.json").read_text())
@@ -85,13 +86,14 @@ def test_a_gpu_plan_on_a_machine_without_one_says_so_in_one_line(tmp_path):
 
 
 def test_the_whole_demo_eta_counts_the_stages_still_to_come():
-    from student_trainer.demo import Demo, Work, eta_text
+    from pipeline.demo import Demo
+    from pipeline.jobs import Work, eta_text
 
     assert eta_text(0, 10.0, 100, 100) == ""  # no progress yet: no guess
     assert eta_text(4, 10.0, 96, 100) == ""  # one cheap evaluation out of many ended: too little to go on
     assert eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"  # 50 units a minute: 100 here, 300 in all
     assert eta_text(50, 60.0, 100, 0) == ", ETA 2.0 min"
-    cfg = load_demo_config(None, "overfit")
+    cfg = load_plan(None, "overfit")
     student = TrainConfig.model_validate(merge(cfg.common, {"method": "at"}))
     assert Work(cfg).epoch(student) == 500 * 11 + 500 * 11  # 500 training images x (PGD-10 + update), 500 validated by PGD-10
     assert Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000  # PGD-10 and two clean passes on 1,000; APGD on 500

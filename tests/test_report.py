@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from student_trainer.demo import Layout, add_stage_time, merge_service_stats, read_stage_times
-from student_trainer.report import MARGIN_SE, VERDICT_RULE, paired_mean_se, time_line, verdict
+from pipeline.layout import Layout, add_stage_time, merge_service_stats, read_stage_times
+from pipeline.report import MARGIN_SE, VERDICT_RULE, paired_mean_se, time_line, verdict
 
 
 def two_seeds(mean: float, sd: float) -> list[float]:
@@ -116,7 +116,7 @@ def test_stage_times_add_up_over_invocations_and_the_report_shows_them(tmp_path)
 
 
 def test_the_overfitting_gap_averages_five_epochs_at_each_end():
-    from student_trainer.report import overfitting_gap
+    from pipeline.report import overfitting_gap
 
     curve = [0.1, 0.5, 0.7, 0.80, 0.82, 0.84, 0.83, 0.81, 0.76, 0.75, 0.74, 0.95, 0.74, 0.73, 0.72, 0.72, 0.71]
     gap = overfitting_gap(curve)
@@ -129,16 +129,15 @@ def test_the_overfitting_gap_averages_five_epochs_at_each_end():
 
 
 def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
-    from types import SimpleNamespace
-
-    from student_trainer.report import guideline_table
+    from pipeline.plan import Plan
+    from pipeline.report import guideline_table
 
     def run(pgd: float, gap: float) -> dict:
         evaluation = {"clean_acc": 0.9, "pgd_acc": pgd, "autoattack_acc": None, "ece": 0.02, "ece_pgd": 0.1}
         return {"final": evaluation, "best": evaluation, "overfitting": {"gap": gap}}
 
-    cfg = SimpleNamespace(seeds=[0, 1, 2], common={"method": "at"}, students=[
-        {"name": "pgd-at", "method": "at"}, {"name": "akd", "method": "akd", "uses": "ensemble", "alpha": 0.5}])
+    cfg = Plan.model_validate({"seeds": [0, 1, 2], "common": {"method": "at"}, "teachers": [{"name": "at-s10"}], "students": [
+        {"name": "pgd-at"}, {"name": "akd", "method": "akd", "uses": "ensemble", "alpha": 0.5}]})
     students = {"pgd-at": [run(0.70, 0.04), run(0.72, 0.05), run(0.68, 0.03)],
                 "akd": [run(0.73, 0.01), run(0.75, 0.02), run(0.71, 0.00)]}
     row = next(line for line in guideline_table(cfg, students).splitlines() if line.startswith("| akd |"))

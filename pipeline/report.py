@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from student_trainer.demo import ENSEMBLE, DemoError, read_stage_times
+from pipeline import DemoError
+from pipeline.layout import Layout, read_stage_times
+from pipeline.plan import ENSEMBLE, Plan
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
 COLUMNS = [("clean_acc", "clean acc"), ("pgd_acc", "PGD acc"), ("autoattack_acc", "AutoAttack acc"), ("ece", "ECE"),
@@ -204,15 +206,24 @@ def paired(seeds: list[int], student: list[dict], baseline: list[dict], key: str
     return [(seed, a - b) for seed, a, b in pairs if a is not None and b is not None]
 
 
-def baseline_and_akd(cfg) -> tuple[str | None, str | None]:
-    baseline = next((s["name"] for s in cfg.students if s.get("method") == "at"), None)
-    akd = next((s["name"] for s in cfg.students if s.get("method") == "akd" and s.get("uses") == ENSEMBLE), None)
+def baseline_and_akd(plan: Plan) -> tuple[str | None, str | None]:
+    """The plan's PGD-AT student and its AKD-from-the-early-stopped-ensemble student, the claims' two sides."""
+    methods = {s.name: plan.train_config(s).method for s in plan.students}
+    baseline = next((s.name for s in plan.students if methods[s.name] == "at"), None)
+    akd = next((s.name for s in plan.students if methods[s.name] == "akd" and s.uses == ENSEMBLE), None)
     return baseline, akd
 
 
-def claim_lines(cfg, students: dict[str, list[dict]]) -> list[str]:
+def described_method(plan: Plan, name: str) -> str:
+    """"akd (ensemble, alpha 0.5, tau 1)": a student's method and teacher as it trained, [common] included."""
+    student = next(s for s in plan.students if s.name == name)
+    run = plan.train_config(student)
+    return f"{run.method} ({student.uses}, alpha {run.alpha:g}, tau {run.temperature:g})" if student.uses else run.method
+
+
+def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
     """The paper's claims, checked on this run's numbers: AKD with the early-stopped ensemble vs PGD-AT, paired by seed."""
-    baseline, akd = baseline_and_akd(cfg)
+    baseline, akd = baseline_and_akd(plan)
     if baseline is None or akd is None:
         return ["The plan has no PGD-AT baseline or no AKD-with-ensemble student: the claims are not checked."]
     lines = [VERDICT_RULE, ""]
@@ -221,7 +232,7 @@ def claim_lines(cfg, students: dict[str, list[dict]]) -> list[str]:
         if a is None or b is None:
             lines.append(f"- {title}: not measured.")
             continue
-        pairs = paired(cfg.seeds, students[akd], students[baseline], key)
+        pairs = paired(plan.seeds, students[akd], students[baseline], key)
         diffs = [d for _, d in pairs]
         per_seed = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in pairs)
         if len(diffs) > 1:
@@ -231,27 +242,24 @@ def claim_lines(cfg, students: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def guideline_table(cfg, students: dict[str, list[dict]]) -> str:
+def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
     """Every student against PGD-AT on each claim: mean paired difference ± its standard error, in points, and the verdict."""
-    baseline, _ = baseline_and_akd(cfg)
+    baseline, _ = baseline_and_akd(plan)
     if baseline is None:
         return "The plan has no PGD-AT baseline."
-    specs = {s["name"]: s for s in cfg.students}
     rows = []
     for name, runs in students.items():
         if name == baseline:
             continue
-        spec = {**cfg.common, **specs[name]}
-        what = f"{spec['method']} ({spec['uses']}, alpha {spec.get('alpha', 1)}, tau {spec.get('temperature', 1)})" if spec.get("uses") else spec["method"]
         cells = []
         for key, _, better in CLAIMS:
-            diffs = [d for _, d in paired(cfg.seeds, runs, students[baseline], key)]
+            diffs = [d for _, d in paired(plan.seeds, runs, students[baseline], key)]
             if not diffs:
                 cells.append("n/a")
                 continue
             mean, se = paired_mean_se(diffs) if len(diffs) > 1 else (diffs[0], 0.0)
             cells.append(f"{100 * mean:+.2f} ± {100 * se:.2f} {verdict(diffs, better).split(' (')[0]}")
-        rows.append([name, what, *cells])
+        rows.append([name, described_method(plan, name), *cells])
     return _table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
 
 
@@ -279,66 +287,50 @@ def service_line(service: dict) -> str:
 
 def write_report(demo) -> str:
     """RESULTS.md and results.json from the runs' files; the robust-overfitting picture leads."""
-    layout, cfg = demo.layout, demo.cfg
-    finished = [s for s in cfg.students if all(evaluated(layout.student(s["name"], seed)) for seed in cfg.seeds)]
-    if not finished or not all(evaluated(layout.teacher(t["name"])) for t in cfg.teachers):
+    layout, plan = demo.layout, demo.plan
+    finished = [s for s in plan.students if all(evaluated(layout.student(s.name, seed)) for seed in plan.seeds)]
+    if not finished or not all(evaluated(layout.teacher(name)) for name in plan.teacher_names):
         raise DemoError("nothing to report yet: the teachers and at least one student (every seed) must be trained and evaluated")
-    cfg = cfg.model_copy(update={"students": finished})  # a plan run in parts reports what is done and names the rest
-    unfinished = [s["name"] for s in demo.cfg.students if s not in finished]
-    students = {s["name"]: [run_summary(layout.student(s["name"], seed)) for seed in cfg.seeds] for s in cfg.students}
-    teachers = {t["name"]: run_summary(layout.teacher(t["name"])) for t in cfg.teachers}
+    unfinished = [s.name for s in plan.students if s not in finished]
+    plan = plan.model_copy(update={"students": finished})  # a plan run in parts reports what is done and names the rest
+    students = {s.name: [run_summary(layout.student(s.name, seed)) for seed in plan.seeds] for s in plan.students}
+    teachers = {name: run_summary(layout.teacher(name)) for name in plan.teacher_names}
     service = json.loads(layout.service_stats.read_text()) if layout.service_stats.exists() else {}
     stage_times = read_stage_times(layout)
-    _pictures(layout, cfg, teachers)
-    every_run = {**teachers, **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(cfg.seeds, runs)}}
-    text = "\n".join([
-        "# akd demo: results",
-        "",
-        *_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}),
-        threat_model_line(every_run),
-        *([f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
-           f"{', '.join(unfinished)}"] if unfinished else []),
-        "",
-        *_overfitting_section(cfg, students, teachers),
-        "## Students at the final epoch (the paper's point)",
-        "",
-        student_table(students, len(cfg.seeds), "final"),
-        "",
-        "## Students at their best-validation epoch (early stopping)",
-        "",
-        student_table(students, len(cfg.seeds), "best"),
-        "",
-        "## The claims (AKD with the early-stopped ensemble vs PGD-AT, final epoch)",
-        "",
-        *claim_lines(cfg, students),
-        "",
-        "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired differences)",
-        "",
-        guideline_table(cfg, students),
-        "",
-        "## Teachers",
-        "",
-        teacher_table(teachers),
-        "",
-        "## The teacher service",
-        "",
-        service_line(service),
-        "",
-        "## Training dynamics (first seed, adversarial correctness on the training set)",
-        "",
-        _dynamics_table(layout, cfg, cfg.seeds[0]),
-        "## More pictures",
-        "",
-        "![students](pictures/students-curves.png)",
-        "![teachers](pictures/teachers-curves.png)",
-        *[f"![{s['name']}](pictures/{s['name']}.reliability.png)" for s in cfg.students],
-        "",
-    ])
+    _pictures(layout, plan, teachers)
+    every_run = {**teachers, **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(plan.seeds, runs)}}
+    header = [*_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
+    if unfinished:
+        header.append(f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
+                      f"{', '.join(unfinished)}")
+    text = "\n".join(["# akd demo: results", "", *header, "", *_sections(layout, plan, students, teachers, service)])
     (layout.root / "RESULTS.md").write_text(text)
     raw = {"command": demo.command, "machine": machine(), "students": students, "teachers": teachers, "service": service,
-           "seeds": cfg.seeds, "stages": stage_times, "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None}
+           "seeds": plan.seeds, "stages": stage_times, "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None}
     (layout.root / "results.json").write_text(json.dumps(raw, indent=2))
     return text
+
+
+def _sections(layout: Layout, plan: Plan, students: dict[str, list[dict]], teachers: dict[str, dict], service: dict) -> list[str]:
+    """The report's body after its header, the robust-overfitting picture first."""
+    seeds = len(plan.seeds)
+    return [
+        *_overfitting_section(plan, students, teachers),
+        "## Students at the final epoch (the paper's point)", "", student_table(students, seeds, "final"), "",
+        "## Students at their best-validation epoch (early stopping)", "", student_table(students, seeds, "best"), "",
+        "## The claims (AKD with the early-stopped ensemble vs PGD-AT, final epoch)", "", *claim_lines(plan, students), "",
+        "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired differences)",
+        "", guideline_table(plan, students), "",
+        "## Teachers", "", teacher_table(teachers), "",
+        "## The teacher service", "", service_line(service), "",
+        "## Training dynamics (first seed, adversarial correctness on the training set)", "",
+        _dynamics_table(layout, plan, plan.seeds[0]),
+        "## More pictures", "",
+        "![students](pictures/students-curves.png)",
+        "![teachers](pictures/teachers-curves.png)",
+        *[f"![{s.name}](pictures/{s.name}.reliability.png)" for s in plan.students],
+        "",
+    ]
 
 
 def evaluated(run_dir: Path) -> bool:
@@ -347,19 +339,19 @@ def evaluated(run_dir: Path) -> bool:
 
 
 def _header(demo, stage_times: dict, evaluation: dict) -> list[str]:
-    cfg = demo.cfg
+    plan = demo.plan
     return [
         f"- command: `{demo.command}`",
         f"- machine: {machine()}",
         f"- finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
         time_line(stage_times),
-        f"- data: {cfg.common.get('dataset', 'mnist5k')} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "
-        f"{evaluation.get('autoattack_n')} for AutoAttack; students: mean ± standard deviation over seeds {cfg.seeds}",
+        f"- data: {plan.dataset} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "
+        f"{evaluation.get('autoattack_n')} for AutoAttack; students: mean ± standard deviation over seeds {plan.seeds}",
     ]
 
 
-def _overfitting_section(cfg, students: dict[str, list[dict]], teachers: dict[str, dict]) -> list[str]:
-    baseline, _ = baseline_and_akd(cfg)
+def _overfitting_section(plan: Plan, students: dict[str, list[dict]], teachers: dict[str, dict]) -> list[str]:
+    baseline, _ = baseline_and_akd(plan)
     regime = ""
     if baseline is not None:
         gap = statistics.fmean(r["overfitting"]["gap"] for r in students[baseline])
@@ -371,27 +363,28 @@ def _overfitting_section(cfg, students: dict[str, list[dict]], teachers: dict[st
             f"Teachers early-stopped (best validation PGD accuracy): {stops}. {regime}", "", overfitting_table(students), ""]
 
 
-def _pictures(layout, cfg, teachers: dict[str, dict]) -> None:
+def _pictures(layout: Layout, plan: Plan, teachers: dict[str, dict]) -> None:
     pictures = layout.root / "pictures"
     pictures.mkdir(exist_ok=True)
-    first_seed = cfg.seeds[0]
-    for s in cfg.students:
-        shutil.copyfile(layout.student(s["name"], first_seed) / "eval-final.reliability.png", pictures / f"{s['name']}.reliability.png")
-    robust_overfitting_curves({s["name"]: [read_metrics(layout.student(s["name"], seed) / "metrics.jsonl") for seed in cfg.seeds]
-                               for s in cfg.students}, {name: t["best_epoch"] for name, t in teachers.items()},
+    first_seed = plan.seeds[0]
+    names = [s.name for s in plan.students]
+    for name in names:
+        shutil.copyfile(layout.student(name, first_seed) / "eval-final.reliability.png", pictures / f"{name}.reliability.png")
+    robust_overfitting_curves({name: [read_metrics(layout.student(name, seed) / "metrics.jsonl") for seed in plan.seeds]
+                               for name in names}, {name: t["best_epoch"] for name, t in teachers.items()},
                               pictures / "robust-overfitting.png")
-    training_curves([layout.student(s["name"], first_seed) / "metrics.jsonl" for s in cfg.students],
-                    pictures / "students-curves.png", labels=[s["name"] for s in cfg.students])
-    training_curves([layout.teacher(t["name"]) / "metrics.jsonl" for t in cfg.teachers],
-                    pictures / "teachers-curves.png", labels=[t["name"] for t in cfg.teachers])
+    training_curves([layout.student(name, first_seed) / "metrics.jsonl" for name in names],
+                    pictures / "students-curves.png", labels=names)
+    training_curves([layout.teacher(name) / "metrics.jsonl" for name in plan.teacher_names],
+                    pictures / "teachers-curves.png", labels=plan.teacher_names)
 
 
-def _dynamics_table(layout, cfg, seed: int) -> str:
+def _dynamics_table(layout: Layout, plan: Plan, seed: int) -> str:
     from student_trainer.dynamics import CorrectnessLog, compare_runs, summary_table
 
     logs = {}
-    for s in cfg.students:
-        path = layout.student(s["name"], seed) / "dynamics.npz"
+    for student in plan.students:
+        path = layout.student(student.name, seed) / "dynamics.npz"
         if path.exists():
-            logs[s["name"]] = CorrectnessLog.load(path)
+            logs[student.name] = CorrectnessLog.load(path)
     return summary_table(compare_runs(logs, "adv")) if len(logs) > 1 else "Not tracked.\n"

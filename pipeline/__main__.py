@@ -1,0 +1,7 @@
+"""`python -m pipeline ...`: the same as `akd demo ...`."""
+
+import sys
+
+from shared.cli import main
+
+sys.exit(main(["demo", *sys.argv[1:]], prog="python -m pipeline"))

@@ -1,0 +1,148 @@
+"""A demo plan as validated data: seeds, how many jobs at a time, the one evaluation threat model, and the teachers
+and students as training runs over a shared [common] table.
+
+The built-in plans are the TOML files in pipeline/plans/ (`akd demo --plan NAME`); a user's own is any such file
+(`--config plan.toml`). Every run of a plan is validated as the TrainConfig it will train with before anything starts,
+so a typo in the last student fails in a second, not after the teachers' hour.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline import plans
+from shared.configfile import ConfigError, StrictConfig, read_toml, validated
+from student_trainer.config import DISTILLATION_METHODS, AttackConfig, TrainConfig, apply_sets, resolve_file_paths
+
+ENSEMBLE = "ensemble"
+LAST = "-last"
+PLACEHOLDER_URL = "http://127.0.0.1:1"  # a student's teacher before any service runs: validation needs a URL, not a live one
+
+
+class PlannedTeacher(BaseModel):
+    """A teacher of the plan: its name, and the TrainConfig keys it sets over [common] (checked in Plan)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def overrides(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class PlannedStudent(PlannedTeacher):
+    """A student of the plan; a distilling one names the served teacher it `uses` (served_teacher_names)."""
+
+    uses: str | None = None
+
+
+class Plan(StrictConfig):
+    """The demo's plan: runs as TrainConfig tables ([common] first, then each run's own keys)."""
+
+    seeds: Annotated[list[int], Field(min_length=1)]
+    jobs: Annotated[int, Field(ge=1)] = 2
+    threads_per_job: Annotated[int, Field(ge=1)] = 1
+    autoattack_limit: Annotated[int, Field(ge=0)] = 100
+    autoattack_version: Literal["standard", "apgd"] = "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
+    eval_limit: Annotated[int, Field(ge=1)] | None = None
+    # The one threat model every teacher and student is evaluated under; keys left out come from the standard
+    # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
+    eval_attack: AttackConfig | None = None
+    # The service's [server] settings beyond where it listens and caches, e.g. { autocast = "bf16", max_batch_rows = 1024 }.
+    service: dict = {}
+    common: dict = {}
+    teachers: Annotated[list[PlannedTeacher], Field(min_length=1)]
+    students: Annotated[list[PlannedStudent], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _runs_are_valid(self) -> Plan:
+        names = [run.name for run in [*self.teachers, *self.students]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"every teacher and student needs a unique `name`, got {names}")
+        served = set(served_teacher_names(self.teacher_names))
+        for student in self.students:
+            if (student.uses is not None) != (student.overrides.get("method") in DISTILLATION_METHODS):
+                raise ValueError(f"student {student.name!r}: distillation methods need `uses`, the others must not have it")
+            if student.uses is not None and student.uses not in served:
+                raise ValueError(f"student {student.name!r} uses {student.uses!r}; served teachers: {sorted(served)}")
+        _check_service_settings(self.service)
+        for run in [*self.teachers, *self.students]:
+            self.train_config(run)
+        return self
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [teacher.name for teacher in self.teachers]
+
+    def raw_run(self, run: PlannedTeacher, **fields) -> dict:
+        """A run's TOML table: [common], its own keys over it, then the `fields` given (seed, out_dir, teacher) over both."""
+        return merge(self.common, {**run.overrides, **{key: value for key, value in fields.items() if value is not None}})
+
+    def train_config(self, run: PlannedTeacher, teacher_url: str = PLACEHOLDER_URL) -> TrainConfig:
+        """A run of the plan as the TrainConfig it trains with (its teacher at `teacher_url`)."""
+        uses = getattr(run, "uses", None)
+        return TrainConfig.model_validate(self.raw_run(run, teacher={"url": teacher_url, "name": uses} if uses else None))
+
+    @property
+    def dataset(self) -> str:
+        return TrainConfig.model_validate({**self.common, "method": "standard", "teacher": None}).dataset
+
+
+def _check_service_settings(settings: dict) -> None:
+    from teacher_service.config import ServerConfig
+
+    taken = sorted({"cache_dir", "host", "port"} & set(settings))
+    if taken:
+        raise ValueError(f"[service] cannot set {', '.join(taken)}: the demo chooses where the service listens and caches")
+    ServerConfig.model_validate(settings)
+
+
+def served_teacher_names(teachers: list[str]) -> list[str]:
+    """What the service serves: the early-stopped checkpoints (best.pt) as `ensemble` and one by one, and the last
+    epochs' (last.pt) as `ensemble-last` and `<name>-last`, for the early-stopped vs last-epoch comparison."""
+    return [ENSEMBLE, *teachers, ENSEMBLE + LAST, *(name + LAST for name in teachers)]
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Deep merge of TOML tables: `top` wins, sub-tables merge, a None in `top` removes the key."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | None = None) -> Plan:
+    """A plan file, or the built-in plan `name`; `--set key=value` on top (e.g. common.data_dir=..., common.epochs=1)."""
+    if path is None:
+        if name not in plans.NAMES:
+            raise ConfigError(f"unknown plan {name!r}; built-in plans: {', '.join(plans.NAMES)} (or --config your-plan.toml)")
+        raw, source = tomllib.loads(plans.plan_text(name)), f"plan {name} (pipeline/plans/{name}.toml)"
+        _resolve_plan_paths(raw, Path.cwd())  # a built-in plan's relative paths (cifar10's data_dir) mean the user's folder
+    else:
+        raw, source = read_toml(path), str(path)
+        _resolve_plan_paths(raw, Path(path).resolve().parent)
+    return validated(Plan, apply_sets(raw, sets or [], Path.cwd()), source)
+
+
+def _resolve_plan_paths(raw: dict, base: Path) -> None:
+    """Paths written in a plan file mean the plan's folder, as in every other config file."""
+    for table in [raw.get("common"), *(raw.get("teachers") or []), *(raw.get("students") or [])]:
+        if isinstance(table, dict):
+            resolve_file_paths(table, base)
+
+
+def relative_to_file(target: Path, file: Path) -> str:
+    """`target` as a path relative to `file`'s folder: a generated config stays right when its folder moves."""
+    return os.path.relpath(target, file.parent)
+
+
+def write_toml(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Written by akd demo. Relative paths resolve against this file's folder.\n" + tomli_w.dumps(raw))
+    return path

@@ -24,12 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from bench import cache, end_to_end, overhead, peer, report, sharing, transport
     from bench.config import load_bench_config
     from bench.context import Context
     from bench.results import machine
+    from shared.devices import resolve_device
 
     modules = {"overhead": overhead, "cache": cache, "sharing": sharing, "transport": transport,
                "end_to_end": end_to_end, "peer": peer}
@@ -37,13 +37,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_bench_config(preset)
         chosen = _chosen(args.only)
+        device = resolve_device(args.device, "--device")
     except ConfigError as exc:
         print(f"akd bench: {exc}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("akd bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     out = Path(args.out)
     workdir = out.resolve() / "work"
     shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only

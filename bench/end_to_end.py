@@ -16,8 +16,9 @@ import torch
 from bench.context import Context
 from bench.results import Section, Target
 from bench.timing import alternate, median
+from shared.codec import to_unit_float
 from student_trainer.config import AttackConfig, TeacherRef, TrainConfig
-from student_trainer.data import iterate_batches, to_float
+from student_trainer.data import iterate_batches
 from student_trainer.train import Trainer
 
 TARGET_RATIO = 1.10
@@ -49,7 +50,7 @@ def run(ctx: Context) -> Section:
     try:
         first = next(iter(trainers.values()))
         batches = iterate_batches(first.data.train, spec.batch_size, torch.Generator().manual_seed(0), first.data.augment)
-        data = [(to_float(xb).to(ctx.device), yb.to(ctx.device)) for _, (_, xb, yb) in zip(range(spec.steps + ctx.cfg.warmup), batches)]
+        data = [(to_unit_float(xb).to(ctx.device), yb.to(ctx.device)) for _, (_, xb, yb) in zip(range(spec.steps + ctx.cfg.warmup), batches)]
         ctx.progress(f"end to end: {len(trainers)} trainers x {spec.steps} steps")
         steps = {name: _stepper(t, data) for name, t in trainers.items()}
         times = alternate(steps, spec.steps, ctx.cfg.warmup, ctx.device)

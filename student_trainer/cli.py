@@ -92,9 +92,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from shared.checkpoint import load_checkpoint
     from shared.safe_load import load_export, not_a_model_file
     from student_trainer.config import EVAL_ATTACK, load_train_config, parse_set
-    from student_trainer.data import load_dataset, to_float
+    from shared.codec import to_unit_float
+    from student_trainer.data import load_dataset
     from student_trainer.evaluate import describe_threat_model, evaluate, threat_model
-    from student_trainer.train import make_pgd, resolve_device
+    from shared.devices import resolve_device
+    from student_trainer.train import make_pgd
 
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -120,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size)
     test = data.test
-    x, y = to_float(test.x[: args.limit]), test.y[: args.limit]
+    x, y = to_unit_float(test.x[: args.limit]), test.y[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     attack = cfg.attack.resolved(cfg.dataset)

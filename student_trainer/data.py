@@ -2,7 +2,7 @@
 
 Images stay uint8 (N, C, H, W) end to end: the teacher service hashes the exact bytes
 it receives, so uint8 inputs make its cache hit for clean and re-seeded augmented
-batches. `to_float` converts at the model boundary; normalisation lives in the model,
+batches. `shared.codec.to_unit_float` converts at the model boundary, as the service does; normalisation lives in the model,
 from the `mean`/`std` given here.
 
 Every split is fixed by the data alone (a numpy default_rng(0) permutation), never by a
@@ -67,13 +67,6 @@ class Dataset:
     train: Split
     val: Split  # held out from the training data, for early stopping
     test: Split
-
-
-def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [0, 1] (the service does the same to uint8 inputs)."""
-    if x_uint8.dtype != torch.uint8:
-        raise TypeError(f"to_float expects uint8, got {x_uint8.dtype}")
-    return x_uint8.to(torch.float32) / 255.0
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

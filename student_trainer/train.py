@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from shared.codec import to_unit_float
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared.devices import resolve_device
 from shared.models import build_model
 from student_trainer.attacks import PGD
 from student_trainer.config import AttackConfig, TrainConfig
-from student_trainer.data import Dataset, iterate_batches, load_dataset, to_float
+from student_trainer.data import Dataset, iterate_batches, load_dataset
 from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import MethodConfig, get_method
@@ -31,15 +33,6 @@ from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 log = logging.getLogger("akd.train")
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device = 'cuda', but torch {torch.__version__} sees no CUDA GPU here; set device = 'cpu' or 'auto' "
-                         "(e.g. --set device=cpu, or --set common.device=cpu for akd demo)")
-    return torch.device(name)
 
 
 def make_pgd(attack: AttackConfig) -> PGD:
@@ -214,7 +207,7 @@ class Trainer:
         self.model.train()
         batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
         for step_in_epoch, (indices, xb, yb) in enumerate(batches):
-            x, y = to_float(xb).to(self.device), yb.to(self.device)
+            x, y = to_unit_float(xb).to(self.device), yb.to(self.device)
             result = self.step(x, y, epoch, self.attack.scaled(self.radius_fraction(epoch, step_in_epoch)))
             correct_clean = self._clean_correct(result, x, y)
             correct_adv = result.logits_adv.argmax(1) == y
@@ -269,7 +262,7 @@ class Trainer:
         progress.note("validating")
         val = self.data.val
         result = evaluate(
-            self.model, to_float(val.x), val.y, attacks=("clean", "pgd"), attack=self.val_attack,
+            self.model, to_unit_float(val.x), val.y, attacks=("clean", "pgd"), attack=self.val_attack,
             batch_size=self.cfg.eval.batch_size, device=self.device, seed=self.cfg.seed,
         )
         if result.pgd_acc > self.state.best_val_robust:

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from shared import codec, protocol
+from shared.devices import resolve_device
 from shared.ensemble import aggregate_probs, mean_logits
 from shared.hashing import row_keys
 from shared.protocol import CacheMode, ErrorBody, ErrorDetail, Output, TeachersResponse
@@ -32,7 +33,7 @@ from teacher_service.cache import LogitCache
 from teacher_service.config import ServerConfig, ServiceConfig
 from teacher_service.inference import Rows, RowsResult, TeacherRunner
 from teacher_service.metrics import CONTENT_TYPE, Metrics
-from teacher_service.registry import Teacher, load_teachers, resolve_device
+from teacher_service.registry import Teacher, load_teachers
 
 log = logging.getLogger("akd.service")
 
@@ -125,7 +126,7 @@ class Service:
 
 
 def build_service(config: ServiceConfig) -> Service:
-    device = resolve_device(config.server.device)
+    device = resolve_device(config.server.device, "server.device")
     teachers = load_teachers(config, device)
     server = config.server
     cache = LogitCache(server.cache_dir, server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable) if server.cache_dir else None

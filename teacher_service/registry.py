@@ -60,14 +60,6 @@ class Teacher:
         )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("server.device = 'cuda' but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def load_teachers(config: ServiceConfig, device: torch.device) -> dict[str, Teacher]:
     loaded: dict[str, Member] = {}
     teachers = {}

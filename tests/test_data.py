@@ -13,7 +13,8 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 
-from student_trainer.data import DATASETS, Split, augment_batch, iterate_batches, load_dataset, to_float
+from shared.codec import to_unit_float
+from student_trainer.data import DATASETS, Split, augment_batch, iterate_batches, load_dataset
 
 
 def rows(split: Split) -> set[bytes]:
@@ -31,7 +32,7 @@ def test_mnist5k_default_split():
     assert ds.val.y.bincount().tolist() == [50] * 10
     assert ds.train.x.max() == 255 and ds.train.x.min() == 0
     # mean/std: per channel, of the training split in [0, 1]
-    x = to_float(ds.train.x)
+    x = to_unit_float(ds.train.x)
     assert ds.mean == pytest.approx((x.mean().item(),), abs=1e-6)
     assert ds.std == pytest.approx((x.std(unbiased=False).item(),), abs=1e-6)
     assert 0.1 < ds.mean[0] < 0.2 and 0.25 < ds.std[0] < 0.35
@@ -74,12 +75,11 @@ def test_unknown_dataset():
     assert all(name in str(e.value) for name in DATASETS)
 
 
-def test_to_float():
+def test_images_become_unit_floats_at_the_model_boundary_and_only_once():
     x = torch.tensor([[[[0, 51, 255]]]], dtype=torch.uint8)
-    out = to_float(x)
+    out = to_unit_float(x)
     assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([[[[0.0, 0.2, 1.0]]]]))
-    with pytest.raises(TypeError):
-        to_float(out)
+    assert torch.equal(to_unit_float(out), out)  # floats are already in [0, 1]: not divided again
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from shared.configfile import ConfigError, StrictConfig, read_toml, validated
+from shared.configfile import ConfigError, Count, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
 
 PRESETS = ("full", "quick", "tiny")
-Positive = Annotated[int, Field(ge=1)]
-Sizes = Annotated[list[Positive], Field(min_length=1)]
+Sizes = Annotated[list[Count], Field(min_length=1)]
 
 
 
@@ -23,7 +22,7 @@ class TeacherSpec(StrictConfig):
     """A served teacher: one member of this architecture, random weights (speed does not depend on them)."""
 
     arch: str
-    input_shape: tuple[Positive, Positive, Positive]
+    input_shape: tuple[Count, Count, Count]
     num_classes: Annotated[int, Field(ge=2)] = 10
 
     @model_validator(mode="after")
@@ -43,8 +42,8 @@ class CacheSpec(StrictConfig):
 
     teachers: list[str]
     batches: Sizes = [128, 1024]
-    write_rows: Positive = 16384  # rows written per write measurement, inserted `batch` rows at a time
-    write_chunk_rows: Positive = 1024  # the store's chunk (the service's default cache_chunk_rows)
+    write_rows: Count = 16384  # rows written per write measurement, inserted `batch` rows at a time
+    write_chunk_rows: Count = 1024  # the store's chunk (the service's default cache_chunk_rows)
 
 
 class LoadSpec(StrictConfig):
@@ -52,9 +51,9 @@ class LoadSpec(StrictConfig):
 
     teachers: list[str]
     clients: Sizes = [1, 2, 4, 8]
-    rows_per_client: Positive = 16
-    reference_rows: Positive = 128  # one client sending this many rows: the yardstick
-    rows_per_round: dict[str, Positive] = {}  # per teacher: rows each round serves in total (default 2048)
+    rows_per_client: Count = 16
+    reference_rows: Count = 128  # one client sending this many rows: the yardstick
+    rows_per_round: dict[str, Count] = {}  # per teacher: rows each round serves in total (default 2048)
 
     def round_rows(self, teacher: str) -> int:
         return self.rows_per_round.get(teacher, 2048)
@@ -62,7 +61,7 @@ class LoadSpec(StrictConfig):
 
 class TransportSpec(StrictConfig):
     teachers: list[str]
-    batch: Positive = 128
+    batch: Count = 128
     dtypes: list[Literal[INPUT_DTYPES]] = list(INPUT_DTYPES)  # type: ignore[valid-type]
 
 
@@ -72,9 +71,9 @@ class EndToEndSpec(StrictConfig):
     teacher: str
     dataset: str = "mnist5k"
     student_arch: str = "small_cnn"
-    batch_size: Positive = 128
-    attack_steps: Positive = 10
-    steps: Positive = 10  # timed steps per side
+    batch_size: Count = 128
+    attack_steps: Count = 10
+    steps: Count = 10  # timed steps per side
 
 
 class PeerSpec(LoadSpec):
@@ -82,7 +81,7 @@ class PeerSpec(LoadSpec):
 
 
 class BenchConfig(StrictConfig):
-    repetitions: Positive = 5  # at least this many; fast measurements repeat until min_seconds are spent
+    repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
     warmup: Annotated[int, Field(ge=0)] = 1
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window

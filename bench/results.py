@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from shared.machine import machine as describe_machine
 
 OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
@@ -47,16 +47,6 @@ class Section:
         return {**asdict(self), "targets": [t.to_dict() for t in self.targets]}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -67,18 +57,8 @@ def _git_commit() -> str | None:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    """shared.machine's record, and what a benchmark adds: the commit, the date, the peer's version."""
+    info = {**describe_machine(device), "git_commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         import litserve
 

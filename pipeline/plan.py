@@ -17,7 +17,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import plans
-from shared.configfile import ConfigError, StrictConfig, read_toml, validated
+from shared.configfile import ConfigError, Count, StrictConfig, read_toml, validated
 from student_trainer.config import DISTILLATION_METHODS, AttackConfig, TrainConfig, apply_sets, resolve_file_paths
 
 ENSEMBLE = "ensemble"
@@ -46,11 +46,11 @@ class Plan(StrictConfig):
     """The demo's plan: runs as TrainConfig tables ([common] first, then each run's own keys)."""
 
     seeds: Annotated[list[int], Field(min_length=1)]
-    jobs: Annotated[int, Field(ge=1)] = 2
-    threads_per_job: Annotated[int, Field(ge=1)] = 1
+    jobs: Count = 2
+    threads_per_job: Count = 1
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
     autoattack_version: Literal["standard", "apgd"] = "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
-    eval_limit: Annotated[int, Field(ge=1)] | None = None
+    eval_limit: Count | None = None
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
     eval_attack: AttackConfig | None = None

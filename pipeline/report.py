@@ -7,18 +7,16 @@ stats, stages.json's stage times); nothing is recomputed here, so the report can
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from pipeline import DemoError
 from pipeline.layout import Layout, read_stage_times
 from pipeline.plan import ENSEMBLE, Plan
+from shared.machine import machine, machine_line
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
 COLUMNS = [("clean_acc", "clean acc"), ("pgd_acc", "PGD acc"), ("autoattack_acc", "AutoAttack acc"), ("ece", "ECE"),
@@ -263,11 +261,6 @@ def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
     return _table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def time_line(stage_times: dict[str, dict]) -> str:
     """Per-stage minutes and their total, from stages.json (see demo.add_stage_time): whichever invocations ran them."""
     if not stage_times:
@@ -305,7 +298,7 @@ def write_report(demo) -> str:
                       f"{', '.join(unfinished)}")
     text = "\n".join(["# akd demo: results", "", *header, "", *_sections(layout, plan, students, teachers, service)])
     (layout.root / "RESULTS.md").write_text(text)
-    raw = {"command": demo.command, "machine": machine(), "students": students, "teachers": teachers, "service": service,
+    raw = {"command": demo.command, "machine": machine_line(machine()), "students": students, "teachers": teachers, "service": service,
            "seeds": plan.seeds, "stages": stage_times, "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None}
     (layout.root / "results.json").write_text(json.dumps(raw, indent=2))
     return text
@@ -342,7 +335,7 @@ def _header(demo, stage_times: dict, evaluation: dict) -> list[str]:
     plan = demo.plan
     return [
         f"- command: `{demo.command}`",
-        f"- machine: {machine()}",
+        f"- machine: {machine_line(machine())}",
         f"- finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
         time_line(stage_times),
         f"- data: {plan.dataset} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The value types configs share, each meaning one thing everywhere.
+Count = Annotated[int, Field(ge=1)]  # how many of something: at least one
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a finite amount above zero (seconds, a rate, a weight)
+Fraction = Annotated[float, Field(ge=0, le=1)]  # a share of a whole, 0 to 1
 
 
 class ConfigError(ValueError):

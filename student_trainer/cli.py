@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 from shared.configfile import ConfigError
+from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 
-ATTACKS = ("clean", "pgd", "autoattack")
-AUTOATTACK_VERSIONS = ("standard", "apgd")  # evaluate.AUTOATTACK_VERSIONS' keys, spelled here so --help needs no torch
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,14 +23,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a project checkpoint (.pt) or a torch.export file (.pt2)")
-    parser.add_argument("--attacks", default="clean,pgd", help=f"comma list of {', '.join(ATTACKS)}")
+    parser.add_argument("--attacks", default="clean,pgd", help=f"comma list of {', '.join(EVAL_ATTACKS)}")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
                              "training attack; override it with e.g. --set attack.eps=0.1 --set attack.steps=20, or the "
                              "checkpoint's config with e.g. --set dataset=cifar10")
     parser.add_argument("--limit", type=int, help="evaluate the first N test images only")
     parser.add_argument("--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)")
-    parser.add_argument("--autoattack-version", choices=AUTOATTACK_VERSIONS, default="standard",
+    parser.add_argument("--autoattack-version", choices=tuple(AUTOATTACK_VERSIONS), default="standard",
                         help="standard: APGD-CE, APGD-T, FAB-T, Square; apgd: the APGD-CE + APGD-T subset (much cheaper on a CPU)")
     parser.add_argument("--out", required=True, help="JSON file for the results (a reliability diagram PNG goes beside it)")
 
@@ -100,11 +99,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    unknown = sorted(set(attacks) - set(ATTACKS))
+    unknown = sorted(set(attacks) - set(EVAL_ATTACKS))
     path = Path(args.checkpoint)
     try:
         if unknown:
-            raise ConfigError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
+            raise ConfigError(f"--attacks: unknown {unknown}; known: {', '.join(EVAL_ATTACKS)}")
         if (problem := not_a_model_file(path)) is not None:
             raise ConfigError(f"--checkpoint {path} {problem}")
         if path.suffix == ".pt2":

@@ -14,13 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.configfile import ConfigError, StrictConfig, read_toml, validated
+from shared.configfile import ConfigError, Count, Fraction, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
 
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 # The classic L-inf radius per dataset (methods.md): 0.3 for MNIST (Madry), 8/255 on colour images.
 # mnist5k has 3,500 training images, so it defaults to the lighter 0.1.
@@ -76,20 +74,20 @@ class TeacherRef(StrictConfig):
 
 
 class EvalConfig(StrictConfig):
-    every: Annotated[int, Field(ge=1)] = 1  # validate every N epochs (and after the last)
+    every: Count = 1  # validate every N epochs (and after the last)
     attack: AttackConfig | None = None  # the validation attack: the keys given here, the rest from the training attack
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Count = 256
 
 
 class TrainConfig(StrictConfig):
     dataset: str = "mnist5k"
     data_dir: Path | None = None
-    val_size: Annotated[int, Field(ge=1)] | None = None
-    limit_train: Annotated[int, Field(ge=1)] | None = None
+    val_size: Count | None = None
+    limit_train: Count | None = None
     arch: str = "small_cnn"
     method: str = "at"
-    epochs: Annotated[int, Field(ge=1)] = 10
-    batch_size: Annotated[int, Field(ge=1)] = 128
+    epochs: Count = 10
+    batch_size: Count = 128
     lr: Positive = 0.05
     momentum: Fraction = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
@@ -97,7 +95,7 @@ class TrainConfig(StrictConfig):
     milestones: list[Fraction] = [0.5, 0.75]  # piecewise: lr x0.1 at these fractions of training
     seed: int = 0
     out_dir: Path = Path("runs/run")
-    save_every: Annotated[int, Field(ge=1)] = 1
+    save_every: Count = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     alpha: Fraction = 1.0  # weight of the teacher in the target (label mixing)
     temperature: Positive = 1.0  # tau, for the teacher (sent to the service) and the student-side KL terms

@@ -15,19 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 from .attacks import PGD, attack_mode, ce_loss
 from .calibration import expected_calibration_error, reliability_diagram
 
-KNOWN_ATTACKS = ("clean", "pgd", "autoattack")
 _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
 Progress = Callable[[str], None]
 
-# What each AutoAttack version runs, recorded beside every AutoAttack number. "standard" is pyautoattack's own
-# (AutoAttack._set_version); "apgd" is its APGD-CE + APGD-T subset with standard's settings (1 restart, 9 target
-# classes): on a CPU, FAB-T and Square cost most of the time and rarely change the number for adversarially trained
-# models, so it is what reaches 500+ images here, named as the subset wherever it is reported.
-AUTOATTACK_VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
 AUTOATTACK_VERSION = "standard"
 
 
@@ -160,9 +155,9 @@ def _accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _check_attacks(attacks: Sequence[str], attack: PGD | None) -> None:
-    unknown = [a for a in attacks if a not in KNOWN_ATTACKS]
+    unknown = [a for a in attacks if a not in EVAL_ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack(s) {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN_ATTACKS)}")
+        raise ValueError(f"unknown attack(s) {', '.join(map(repr, unknown))}; known: {', '.join(EVAL_ATTACKS)}")
     needs_pgd = [a for a in attacks if a in ("pgd", "autoattack")]
     if needs_pgd and attack is None:
         raise ValueError(f"{', '.join(needs_pgd)} needs `attack` (a PGD giving the norm and eps)")

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 
-from shared.configfile import ConfigError, StrictConfig, read_toml, validated
+from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
@@ -32,7 +32,7 @@ class MemberConfig(StrictConfig):
     robustbench_dir: Path = Path("models")
     dataset: str = "cifar10"
     threat_model: str = "Linf"
-    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    weight: Positive = 1.0
 
     @model_validator(mode="after")
     def _one_source(self) -> MemberConfig:
@@ -43,9 +43,9 @@ class MemberConfig(StrictConfig):
 
 class TeacherConfig(StrictConfig):
     num_classes: Annotated[int, Field(ge=2)]
-    input_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    input_shape: tuple[Count, Count, Count]
     aggregate: Aggregate = Aggregate.probs
-    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    temperature: Positive = 1.0
     members: Annotated[list[MemberConfig], Field(min_length=1)]
 
 
@@ -54,30 +54,30 @@ class ServerConfig(StrictConfig):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     cache_dir: str | None = Field(None, description="zarr store (a folder or a zarr store URL); none disables the cache.")
     cache_max_bytes: Annotated[int, Field(ge=0)] = 2 << 30
-    cache_chunk_rows: Annotated[int, Field(ge=1)] = 1024
-    cache_flush_s: Annotated[float, Field(gt=0)] = 10.0
+    cache_chunk_rows: Count = 1024
+    cache_flush_s: Positive = 10.0
     cache_durable: bool = Field(
         False, description="fsync each chunk (and its folder) before committing it, and the commit after: survives power loss, costs write speed."
     )
-    max_batch_rows: Annotated[int, Field(ge=1)] = 512
+    max_batch_rows: Count = 512
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     batching: bool = True
-    max_queue_rows: Annotated[int, Field(ge=1)] = 16384
-    max_body_bytes: Annotated[int, Field(ge=1)] = 256 << 20
-    max_inflight_bytes: Annotated[int, Field(ge=1)] = Field(
+    max_queue_rows: Count = 16384
+    max_body_bytes: Count = 256 << 20
+    max_inflight_bytes: Count = Field(
         1 << 30, description="Request bytes held by all requests in flight together; past it, 503 with Retry-After."
     )
-    max_connections: Annotated[int, Field(ge=1)] = Field(
+    max_connections: Count = Field(
         256, description="Open connections; a request on a connection past this gets 503 and the connection is closed."
     )
     max_header_bytes: Annotated[int, Field(ge=1024)] = Field(65536, description="Request line plus headers; past it, 400.")
-    timeout_header_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+    timeout_header_s: Positive = Field(
         10.0, description="A connection must deliver a complete request head this soon after it opens or after its last response."
     )
-    timeout_body_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+    timeout_body_s: Positive = Field(
         60.0, description="The whole request body must arrive this soon after its head; else 408 and the connection closes."
     )
-    timeout_keep_alive_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+    timeout_keep_alive_s: Positive = Field(
         5.0, description="An idle keep-alive connection closes after this long without a new request."
     )
     token: str | None = Field(None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`.")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.results import Section
 from shared.figures import save_figure, subplots
+from shared.markdown import markdown_table
 
 
 def _cell(value) -> str:
@@ -22,9 +23,7 @@ def _cell(value) -> str:
 
 
 def table(columns: list[str], rows: list[dict]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return lines
+    return markdown_table(columns, ([_cell(row.get(c)) for c in columns] for row in rows)).splitlines()
 
 
 def markdown(sections: list[Section], machine: dict, command: str, preset: str, repetitions: int) -> str:

@@ -17,6 +17,7 @@ from pipeline import DemoError
 from pipeline.layout import Layout, read_stage_times
 from pipeline.plan import ENSEMBLE, Plan
 from shared.machine import machine, machine_line
+from shared.markdown import markdown_table
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
 COLUMNS = [("clean_acc", "clean acc"), ("pgd_acc", "PGD acc"), ("autoattack_acc", "AutoAttack acc"), ("ece", "ECE"),
@@ -81,12 +82,6 @@ def _cell(key: str, stat: tuple[float, float] | None, seeds: int) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table, first column left-aligned, the others right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _value(run: dict, key: str, which: str) -> float | None:
     """An evaluation figure of the `which` ("best"/"final") checkpoint, or one of the run's own figures."""
     return (run[which] or {}).get(key) if key in EVAL_KEYS else run[key]
@@ -102,7 +97,7 @@ def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> st
             cells.insert(0, ", ".join(str(r["best_epoch"]) for r in runs))
         rows.append([name, *cells])
     header = ["student", *(["best epoch per seed"] if which == "best" else []), *(title for _, title in columns)]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def overfitting_table(students: dict[str, list[dict]]) -> str:
@@ -113,7 +108,7 @@ def overfitting_table(students: dict[str, list[dict]]) -> str:
         windows = ", ".join(f"{g['best_epochs'][0]}-{g['best_epochs'][1]}" for g in gaps)
         rows.append([name, f"{best[0]:.4f} ± {best[1]:.4f}", windows, f"{final[0]:.4f} ± {final[1]:.4f}",
                      f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f}"])
-    return _table(["student", f"best {OVERFITTING_WINDOW}-epoch val PGD acc", "its epochs per seed",
+    return markdown_table(["student", f"best {OVERFITTING_WINDOW}-epoch val PGD acc", "its epochs per seed",
                    f"last {OVERFITTING_WINDOW} epochs", "gap (points)"], rows)
 
 
@@ -155,7 +150,7 @@ def teacher_table(teachers: dict[str, dict]) -> str:
         for which, label in (("best", f"{t['best_epoch']}/{t['epochs']} (early-stopped)"), ("final", f"{t['epochs']}/{t['epochs']} (last)")):
             if t[which] is not None:
                 rows.append([name, label, *(_cell(key, mean_spread([t[which].get(key)]), 1) for key, _ in COLUMNS)])
-    return _table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
+    return markdown_table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
 
 
 MARGIN_SE = 2  # how many standard errors of the mean paired difference make a verdict
@@ -258,7 +253,7 @@ def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
             mean, se = paired_mean_se(diffs) if len(diffs) > 1 else (diffs[0], 0.0)
             cells.append(f"{100 * mean:+.2f} ± {100 * se:.2f} {verdict(diffs, better).split(' (')[0]}")
         rows.append([name, described_method(plan, name), *cells])
-    return _table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
+    return markdown_table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
 
 
 def time_line(stage_times: dict[str, dict]) -> str:

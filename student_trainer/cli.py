@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from shared.configfile import ConfigError
+from shared.markdown import markdown_table
 from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 
 
@@ -153,9 +154,8 @@ def format_table(report: dict) -> str:
             ("ECE (PGD)", report.get("ece_pgd"))]
     a = report["attack"]
     lines = [f"{report['checkpoint']} on {report['dataset']} test ({report['n']} images), "
-             f"{a['norm']} eps {a['eps']:.4g}, PGD-{a['steps']} step {a['step_size']:.4g}",
-             "| metric | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in rows if value is not None]
+             f"{a['norm']} eps {a['eps']:.4g}, PGD-{a['steps']} step {a['step_size']:.4g}"]
+    lines.append(markdown_table(["metric", "value"], [[name, f"{value:.4f}"] for name, value in rows if value is not None]))
     return "\n".join(lines)
 
 
@@ -184,11 +184,12 @@ def run_compare(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"akd compare: {exc}", file=sys.stderr)
         return 2
-    best = ["| run | best val robust acc | at epoch | val clean acc there |", "| --- | ---: | ---: | ---: |"]
+    rows = []
     for name, r in zip(names, runs):
         evaluated = [m for m in read_metrics(r / "metrics.jsonl") if m.get("val_robust_acc") is not None]
         top = max(evaluated, key=lambda m: m["val_robust_acc"])
-        best.append(f"| {name} | {top['val_robust_acc']:.4f} | {top['epoch']} | {top['val_clean_acc']:.4f} |")
+        rows.append([name, f"{top['val_robust_acc']:.4f}", str(top["epoch"]), f"{top['val_clean_acc']:.4f}"])
+    best = [markdown_table(["run", "best val robust acc", "at epoch", "val clean acc there"], rows)]
     training_curves([r / "metrics.jsonl" for r in runs], out / "curves.png", labels=names)
     report = "\n".join(["# Runs compared", "", *best, "", "## Adversarial training correctness", "", tables[0],
                         "## Clean training correctness", "", tables[1], "![training curves](curves.png)", ""])

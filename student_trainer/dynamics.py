@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from shared.markdown import markdown_table
 import torch
 
 from shared.atomic import replaced_atomically
@@ -167,10 +169,8 @@ def summary_table(comparison: dict) -> str:
         f"{comparison['kind']} correctness; hard set: {comparison['hard_set_size']} samples "
         f"(union of each run's hardest {comparison['fraction']:.0%})",
         "",
-        "| run | mean forgetting events | never learned | final acc on hard set |",
-        "| --- | ---: | ---: | ---: |",
     ]
-    for name, s in comparison["runs"].items():
-        acc = "n/a" if s["hard_final_acc"] is None else f"{s['hard_final_acc']:.1%}"
-        lines.append(f"| {name} | {s['mean_forgetting']:.3f} | {s['never_learned']:.1%} | {acc} |")
+    rows = [[name, f"{s['mean_forgetting']:.3f}", f"{s['never_learned']:.1%}", "n/a" if s["hard_final_acc"] is None else f"{s['hard_final_acc']:.1%}"]
+            for name, s in comparison["runs"].items()]
+    lines.append(markdown_table(["run", "mean forgetting events", "never learned", "final acc on hard set"], rows))
     return "\n".join(lines) + "\n"

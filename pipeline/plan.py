@@ -22,6 +22,7 @@ from student_trainer.config import DISTILLATION_METHODS, AttackConfig, TrainConf
 
 ENSEMBLE = "ensemble"
 LAST = "-last"
+DEFAULT_METHOD = TrainConfig.model_fields["method"].default
 PLACEHOLDER_URL = "http://127.0.0.1:1"  # a student's teacher before any service runs: validation needs a URL, not a live one
 
 
@@ -67,7 +68,7 @@ class Plan(StrictConfig):
             raise ValueError(f"every teacher and student needs a unique `name`, got {names}")
         served = set(served_teacher_names(self.teacher_names))
         for student in self.students:
-            if (student.uses is not None) != (student.overrides.get("method") in DISTILLATION_METHODS):
+            if (student.uses is not None) != (self.raw_run(student).get("method", DEFAULT_METHOD) in DISTILLATION_METHODS):
                 raise ValueError(f"student {student.name!r}: distillation methods need `uses`, the others must not have it")
             if student.uses is not None and student.uses not in served:
                 raise ValueError(f"student {student.name!r} uses {student.uses!r}; served teachers: {sorted(served)}")

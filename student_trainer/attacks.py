@@ -9,12 +9,17 @@ evaluation.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from student_trainer.config import AttackConfig
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 """Student logits on x_adv -> per-sample loss (B,) that the attack maximises."""
@@ -38,11 +43,24 @@ def _cpu_noise(
     return draw(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
-class LinfStep:
-    """L-inf ball of radius eps: sign-gradient steps, coordinate-wise clipping."""
+class AttackerStep(ABC):
+    """A threat model's geometry: where a random start lands, one ascent step, the projection back into the ball."""
 
     def __init__(self, eps: float, step_size: float) -> None:
         self.eps, self.step_size = eps, step_size
+
+    @abstractmethod
+    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    @abstractmethod
+    def step(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def project(self, x: torch.Tensor, x_orig: torch.Tensor) -> torch.Tensor: ...
+
+
+class LinfStep(AttackerStep):
+    """L-inf ball of radius eps: sign-gradient steps, coordinate-wise clipping."""
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform in the ball (Madry et al.), then projected into [0, 1]."""
@@ -56,11 +74,8 @@ class LinfStep:
         return (x_orig + (x - x_orig).clamp(-self.eps, self.eps)).clamp(0, 1)
 
 
-class L2Step:
+class L2Step(AttackerStep):
     """L2 ball of radius eps: steps along the per-sample L2-normalised gradient, radial projection."""
-
-    def __init__(self, eps: float, step_size: float) -> None:
-        self.eps, self.step_size = eps, step_size
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A uniformly random direction (normalised Gaussian) times a radius uniform in [0, eps].
@@ -82,7 +97,7 @@ class L2Step:
         return (x_orig + delta).clamp(0, 1)
 
 
-STEPS: dict[str, type[LinfStep] | type[L2Step]] = {"linf": LinfStep, "l2": L2Step}
+STEPS: dict[str, type[AttackerStep]] = {"linf": LinfStep, "l2": L2Step}
 STARTS = ("uniform", "normal")
 
 
@@ -142,6 +157,12 @@ class PGD:
         if self.eps < 0 or self.step_size < 0 or self.steps < 0:
             raise ValueError(f"eps, step_size and steps must be >= 0; got {self.eps}, {self.step_size}, {self.steps}")
 
+    @classmethod
+    def from_config(cls, attack: AttackConfig) -> PGD:
+        """The attack a validated, resolved config describes (AttackConfig.resolved: eps and step size filled in)."""
+        return cls(norm=attack.norm, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                   random_start=attack.random_start, eval_mode=attack.eval_mode)
+
     def scaled(self, fraction: float) -> PGD:
         """The same attack in a ball `fraction` times the radius, with steps to match (an eps warm-up)."""
         if fraction == 1:
@@ -170,7 +191,7 @@ class PGD:
                 x_adv = geometry.project(geometry.step(x_adv.detach(), grad), x)
         return x_adv.detach()
 
-    def _start(self, geometry: LinfStep | L2Step, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _start(self, geometry: AttackerStep, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if not self.random_start:
             return x.clone()
         if self.start == "normal":

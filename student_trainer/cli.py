@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from student_trainer.data import load_dataset
     from student_trainer.evaluate import describe_threat_model, evaluate, threat_model
     from shared.devices import resolve_device
-    from student_trainer.train import make_pgd
+    from student_trainer.attacks import PGD
 
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -127,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     attack = cfg.attack.resolved(cfg.dataset)
     started = time.monotonic()  # each progress line says how long this model has taken so far (the demo shows the last one)
-    common = dict(attack=make_pgd(attack), batch_size=cfg.eval.batch_size, device=device, seed=cfg.seed,
+    common = dict(attack=PGD.from_config(attack), batch_size=cfg.eval.batch_size, device=device, seed=cfg.seed,
                   autoattack_version=args.autoattack_version,
                   progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
     aa_n = min(len(y), args.autoattack_limit if args.autoattack_limit is not None else len(y))

@@ -1,10 +1,10 @@
-"""Training methods as small strategies selected by name: one step's loss for each robust training method.
+"""Training methods, registered by name where they are defined: one step's loss for each robust training method.
 
-Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defaults
-of the project's methods reference (methods.md). A method gets the student, a clean batch,
-the threat model (a `PGD`) and a `Teacher`, and returns the loss to backpropagate
-plus what the trainer logs. The formulas are public pure functions so each can be
-checked against a hand computation.
+Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defaults of the
+methods reference. A method gets one `Step` (the student, a clean batch, the threat model as a
+`PGD`, the `Teacher`, the run's config) and returns the loss to backpropagate plus what the
+trainer logs. The formulas are public pure functions so each can be checked against a hand
+computation; the registry (`METHODS`) is where the config's list of method names comes from.
 
 Conventions: KL(P || Q) sums over classes and averages over the batch (not torch's
 element-wise mean); the teacher's probabilities are constants (no gradient, called
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,26 @@ from torch import nn
 
 from student_trainer.attacks import PGD, attack_mode, ce_loss, kl_loss
 
+if TYPE_CHECKING:
+    from student_trainer.config import TrainConfig
+
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 """x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one training step of any method may read. `cfg` is the run's validated config: the methods read
+    alpha, temperature, trades_beta, iad_beta and iad_warmup_epochs from it."""
+
+    model: nn.Module
+    x: torch.Tensor  # the clean batch, in [0, 1]
+    y: torch.Tensor
+    attack: PGD
+    cfg: TrainConfig
+    teacher: Teacher | None = None
+    epoch: int = 0  # 0-based
+    generator: torch.Generator | None = None  # the attack's random starts
 
 
 @dataclass
@@ -35,40 +53,26 @@ class StepResult:
     x_adv: torch.Tensor  # detached
 
 
-@dataclass
-class MethodConfig:
-    """The knobs the methods read; defaults from methods.md (ARD/IAD alpha=1, TRADES beta=6, IAD beta=0.1)."""
-
-    alpha: float = 1.0  # label mixing (AKD, RSLAD) / distillation weight (ARD, IAD)
-    temperature: float = 1.0  # tau on the student side (ARD, IAD); the teacher's side is the Teacher's own
-    trades_beta: float = 6.0
-    iad_beta: float = 0.1
-    iad_warmup_epochs: int = 0  # IAD's introspection term is on from this epoch (0-based) on
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.trades_beta < 0 or self.iad_beta < 0 or self.iad_warmup_epochs < 0:
-            raise ValueError("trades_beta, iad_beta and iad_warmup_epochs must be >= 0")
-
-
-class Method(Protocol):
+@dataclass(frozen=True)
+class Method:
     name: str
-    teacher_inputs: tuple[str, ...]  # which inputs the teacher sees: () | ("adv",) | ("clean",) | ("clean", "adv")
+    distils: bool  # whether it needs a teacher
+    step: Callable[[Step], StepResult]
 
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        attack: PGD,
-        teacher: Teacher | None,
-        cfg: MethodConfig,
-        epoch: int,
-        generator: torch.Generator | None = None,
-    ) -> StepResult: ...
+    def __call__(self, step: Step) -> StepResult:
+        return self.step(step)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, distils: bool = False) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
+    """Register a method's step function under `name` (the config's `method`)."""
+    def register(step: Callable[[Step], StepResult]) -> Callable[[Step], StepResult]:
+        METHODS[name] = Method(name, distils, step)
+        return step
+
+    return register
 
 
 # ---------------------------------------------------------------- formulas
@@ -133,7 +137,7 @@ def _result(loss, logits_adv, x_adv, logits_clean=None) -> StepResult:
     )
 
 
-def _ard_loss(model: nn.Module, x, y, x_adv, p_teacher_clean, cfg: MethodConfig):
+def _ard_loss(model: nn.Module, x, y, x_adv, p_teacher_clean, cfg: TrainConfig):
     """alpha * tau^2 * KL(p_T(x) || p(S(x')/tau)) + (1 - alpha) * CE(S(x), y): ARD, and IAD-I's first two terms.
 
     Returns the loss and the (undetached) adversarial and clean logits.
@@ -147,100 +151,83 @@ def _ard_loss(model: nn.Module, x, y, x_adv, p_teacher_clean, cfg: MethodConfig)
 # ---------------------------------------------------------------- the methods
 
 
-def _standard(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("standard")
+def _standard(step: Step) -> StepResult:
     """CE(S(x), y); no attack, so x_adv = x."""
-    logits = model(x)
-    return _result(F.cross_entropy(logits, y), logits, x, logits_clean=logits)
+    logits = step.model(step.x)
+    return _result(F.cross_entropy(logits, step.y), logits, step.x, logits_clean=logits)
 
 
-def _at(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("at")
+def _at(step: Step) -> StepResult:
     """PGD-AT (Madry): CE(S(x'), y)."""
-    x_adv = _attack_ce(model, x, y, attack, generator)
-    logits_adv = model(x_adv)
-    return _result(F.cross_entropy(logits_adv, y), logits_adv, x_adv)
+    x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
+    logits_adv = step.model(x_adv)
+    return _result(F.cross_entropy(logits_adv, step.y), logits_adv, x_adv)
 
 
-def _trades(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("trades")
+def _trades(step: Step) -> StepResult:
     """CE(S(x), y) + beta * KL(p(S(x)) || p(S(x'))), x' maximising that KL.
 
     The attack's target p(S(x)) is computed in the attack's mode without gradient
     (the official code evaluates it in eval mode); the loss's is not detached.
     """
-    with attack_mode(model, attack.eval_mode), torch.no_grad():
-        p_clean = F.softmax(model(x), dim=-1)
-    x_adv = _kl_attack(attack).perturb(model, x, kl_loss(p_clean), generator)
-    logits_clean, logits_adv = model(x), model(x_adv)
-    loss = F.cross_entropy(logits_clean, y) + cfg.trades_beta * kl_div(F.softmax(logits_clean, dim=-1), logits_adv)
+    with attack_mode(step.model, step.attack.eval_mode), torch.no_grad():
+        p_clean = F.softmax(step.model(step.x), dim=-1)
+    x_adv = _kl_attack(step.attack).perturb(step.model, step.x, kl_loss(p_clean), step.generator)
+    logits_clean, logits_adv = step.model(step.x), step.model(x_adv)
+    loss = F.cross_entropy(logits_clean, step.y) + step.cfg.trades_beta * kl_div(F.softmax(logits_clean, dim=-1), logits_adv)
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-def _akd(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("akd", distils=True)
+def _akd(step: Step) -> StepResult:
     """soft-CE(S(x'), alpha * p_T(x') + (1 - alpha) * onehot(y)), the teacher on the student's own x'.
 
     alpha = 0 is PGD-AT exactly, and then the teacher is not called at all.
     """
-    x_adv = _attack_ce(model, x, y, attack, generator)
-    logits_adv = model(x_adv)
-    if cfg.alpha == 0:
-        return _result(F.cross_entropy(logits_adv, y), logits_adv, x_adv)
-    q = mix_labels(_teacher_on(teacher, x_adv), y, cfg.alpha)
+    x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
+    logits_adv = step.model(x_adv)
+    if step.cfg.alpha == 0:
+        return _result(F.cross_entropy(logits_adv, step.y), logits_adv, x_adv)
+    q = mix_labels(_teacher_on(step.teacher, x_adv), step.y, step.cfg.alpha)
     return _result(soft_cross_entropy(logits_adv, q), logits_adv, x_adv)
 
 
-def _ard(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("ard", distils=True)
+def _ard(step: Step) -> StepResult:
     """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term."""
-    x_adv = _attack_ce(model, x, y, attack, generator)
-    loss, logits_adv, logits_clean = _ard_loss(model, x, y, x_adv, _teacher_on(teacher, x), cfg)
+    x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
+    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg)
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-def _rslad(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("rslad", distils=True)
+def _rslad(step: Step) -> StepResult:
     """RSLAD with label mixing: P = alpha * p_T(x) + (1 - alpha) * onehot(y) (alpha = 1: plain RSLAD);
     x' maximises KL(P || p(S(x'))); loss 5/6 KL(P || p(S(x'))) + 1/6 KL(P || p(S(x))). tau = 1 on the student."""
-    target = mix_labels(_teacher_on(teacher, x), y, cfg.alpha)
-    x_adv = _kl_attack(attack).perturb(model, x, kl_loss(target), generator)
-    logits_adv, logits_clean = model(x_adv), model(x)
+    target = mix_labels(_teacher_on(step.teacher, step.x), step.y, step.cfg.alpha)
+    x_adv = _kl_attack(step.attack).perturb(step.model, step.x, kl_loss(target), step.generator)
+    logits_adv, logits_clean = step.model(x_adv), step.model(step.x)
     loss = 5 / 6 * kl_div(target, logits_adv) + 1 / 6 * kl_div(target, logits_clean)
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-def _iad(model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
+@method("iad", distils=True)
+def _iad(step: Step) -> StepResult:
     """IAD-I: ARD's loss, plus from the warm-up epoch on alpha * mean_i (1 - a_i) KL(p(S(x_i)) || p(S(x'_i))).
 
     a_i = P_T(y | x')^beta from the Teacher's (tempered) probabilities; the official
     code uses tau = 1 there, which is what the default tau gives. Before the warm-up
     the teacher is not called on x' (a_i is unused), saving its uncacheable request.
     """
-    x_adv = _attack_ce(model, x, y, attack, generator)
-    loss, logits_adv, logits_clean = _ard_loss(model, x, y, x_adv, _teacher_on(teacher, x), cfg)
-    if epoch >= cfg.iad_warmup_epochs:
-        trust = iad_trust(_teacher_on(teacher, x_adv), y, cfg.iad_beta)
-        loss = loss + cfg.alpha * iad_introspection(logits_clean, logits_adv, trust)
+    x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
+    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg)
+    if step.epoch >= step.cfg.iad_warmup_epochs:
+        trust = iad_trust(_teacher_on(step.teacher, x_adv), step.y, step.cfg.iad_beta)
+        loss = loss + step.cfg.alpha * iad_introspection(logits_clean, logits_adv, trust)
     return _result(loss, logits_adv, x_adv, logits_clean)
-
-
-@dataclass(frozen=True)
-class _Method:
-    name: str
-    teacher_inputs: tuple[str, ...]
-    step: Callable[..., StepResult]
-
-    def __call__(self, model, x, y, attack, teacher, cfg, epoch, generator=None) -> StepResult:
-        return self.step(model, x, y, attack, teacher, cfg, epoch, generator)
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        _Method("standard", (), _standard),
-        _Method("at", (), _at),
-        _Method("trades", (), _trades),
-        _Method("akd", ("adv",), _akd),
-        _Method("ard", ("clean",), _ard),
-        _Method("rslad", ("clean",), _rslad),
-        _Method("iad", ("clean", "adv"), _iad),
-    )
-}
 
 
 def get_method(name: str) -> Method:

@@ -22,24 +22,17 @@ from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.devices import resolve_device
 from shared.models import build_model
 from student_trainer.attacks import PGD
-from student_trainer.config import AttackConfig, TrainConfig
+from student_trainer.config import TrainConfig
 from student_trainer.data import Dataset, iterate_batches, load_dataset
 from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
-from student_trainer.losses import MethodConfig, get_method
+from student_trainer.losses import Step, get_method
 from student_trainer.progress import Progress
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 
 log = logging.getLogger("akd.train")
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def make_pgd(attack: AttackConfig) -> PGD:
-    return PGD(
-        norm=attack.norm, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-        random_start=attack.random_start, eval_mode=attack.eval_mode,
-    )
 
 
 def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Teacher | None:
@@ -94,12 +87,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
         self.scheduler = make_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
         self.method = get_method(cfg.method)
-        self.method_cfg = MethodConfig(
-            alpha=cfg.alpha, temperature=cfg.temperature, trades_beta=cfg.trades_beta,
-            iad_beta=cfg.iad_beta, iad_warmup_epochs=cfg.iad_warmup_epochs,
-        )
-        self.attack = make_pgd(cfg.train_attack)
-        self.val_attack = make_pgd(cfg.val_attack)
+        self.attack = PGD.from_config(cfg.train_attack)
+        self.val_attack = PGD.from_config(cfg.val_attack)
         self.teacher = make_teacher(cfg, self.data, self.device)
         if cfg.init_from is not None:
             self._initialise_from(cfg.init_from)
@@ -238,7 +227,7 @@ class Trainer:
         """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the update."""
         attack = attack or self.attack
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
-            result = self.method(self.model, x, y, attack, self.teacher, self.method_cfg, epoch, self.attack_gen)
+            result = self.method(Step(self.model, x, y, attack, self.cfg, self.teacher, epoch, self.attack_gen))
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         self.optimizer.step()

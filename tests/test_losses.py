@@ -12,9 +12,10 @@ from torch import nn
 
 from shared.models import build_model
 from student_trainer.attacks import PGD, ce_loss, kl_loss
+from student_trainer.config import TrainConfig
 from student_trainer.losses import (
     METHODS,
-    MethodConfig,
+    Step,
     get_method,
     iad_introspection,
     iad_trust,
@@ -122,10 +123,10 @@ ATTACK = PGD(eps=0.1, step_size=0.03, steps=3)
 NO_ATTACK = PGD(eps=0.1, step_size=0.03, steps=0, random_start=False)
 
 
-def run(name, cfg=MethodConfig(), teacher=None, attack=ATTACK, epoch=0, seed=5, model=None):
+def run(name, cfg=TrainConfig(), teacher=None, attack=ATTACK, epoch=0, seed=5, model=None):
     model = student() if model is None else model
     x, y = data()
-    result = get_method(name)(model, x, y, attack, teacher, cfg, epoch, torch.Generator().manual_seed(seed))
+    result = get_method(name)(Step(model, x, y, attack, cfg, teacher, epoch, torch.Generator().manual_seed(seed)))
     return result, model, x, y
 
 
@@ -145,7 +146,7 @@ def test_at_attacks_with_ce_and_trains_on_x_adv():
 
 
 def test_trades():
-    cfg = MethodConfig(trades_beta=2.5)
+    cfg = TrainConfig(trades_beta=2.5)
     r, model, x, y = run("trades", cfg)
     with torch.no_grad():
         target = softmax(model(x))
@@ -162,7 +163,7 @@ def test_trades_always_starts_normal_even_when_the_attack_has_no_random_start():
 
 
 def test_akd_teacher_on_x_adv_with_label_mixing():
-    teacher, cfg = FakeTeacher(), MethodConfig(alpha=0.7)
+    teacher, cfg = FakeTeacher(), TrainConfig(alpha=0.7)
     r, model, x, y = run("akd", cfg, teacher)
     assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], r.x_adv)
     q = 0.7 * teacher.probs(r.x_adv) + 0.3 * F.one_hot(y, K).float()
@@ -170,16 +171,16 @@ def test_akd_teacher_on_x_adv_with_label_mixing():
 
 
 def test_akd_with_alpha_zero_is_at_and_never_calls_the_teacher():
-    akd, *_ = run("akd", MethodConfig(alpha=0.0), refuse_teacher)
+    akd, *_ = run("akd", TrainConfig(alpha=0.0), refuse_teacher)
     at, *_ = run("at")
     assert torch.equal(akd.x_adv, at.x_adv)
     assert torch.equal(akd.loss, at.loss)
     assert torch.equal(akd.logits_adv, at.logits_adv)
-    run("akd", MethodConfig(alpha=0.0), None)  # no teacher needed at all
+    run("akd", TrainConfig(alpha=0.0), None)  # no teacher needed at all
 
 
 def test_ard_teacher_on_clean_x():
-    teacher, cfg = FakeTeacher(), MethodConfig(alpha=0.7, temperature=3.0)
+    teacher, cfg = FakeTeacher(), TrainConfig(alpha=0.7, temperature=3.0)
     r, model, x, y = run("ard", cfg, teacher)
     assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x)
     assert torch.equal(r.x_adv, ATTACK.perturb(model, x, ce_loss(y), torch.Generator().manual_seed(5)))
@@ -190,7 +191,7 @@ def test_ard_teacher_on_clean_x():
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_rslad_with_mixed_target(alpha):
     teacher = FakeTeacher()
-    r, model, x, y = run("rslad", MethodConfig(alpha=alpha), teacher)
+    r, model, x, y = run("rslad", TrainConfig(alpha=alpha), teacher)
     assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x)
     target = alpha * teacher.probs(x) + (1 - alpha) * F.one_hot(y, K).float()
     expected_x = replace(ATTACK, start="normal").perturb(model, x, kl_loss(target), torch.Generator().manual_seed(5))
@@ -204,7 +205,7 @@ def test_rslad_with_mixed_target(alpha):
 
 @pytest.mark.parametrize("epoch", [0, 1, 2, 3])
 def test_iad_warmup_and_trust(epoch):
-    teacher, cfg = FakeTeacher(), MethodConfig(alpha=0.8, temperature=2.0, iad_beta=0.5, iad_warmup_epochs=2)
+    teacher, cfg = FakeTeacher(), TrainConfig(alpha=0.8, temperature=2.0, iad_beta=0.5, iad_warmup_epochs=2)
     r, model, x, y = run("iad", cfg, teacher, epoch=epoch)
     assert torch.equal(r.x_adv, ATTACK.perturb(model, x, ce_loss(y), torch.Generator().manual_seed(5)))
     s_clean, s_adv = model(x), model(r.x_adv)
@@ -223,7 +224,7 @@ def test_iad_warmup_and_trust(epoch):
 def test_iad_introspection_backpropagates_through_the_clean_side():
     """As in the official IAD-I code, p(S(x)) in the introspection term is not detached."""
     teacher = FakeTeacher()
-    r, model, x, y = run("iad", MethodConfig(alpha=1.0, iad_beta=0.5), teacher)
+    r, model, x, y = run("iad", TrainConfig(alpha=1.0, iad_beta=0.5), teacher)
     params = list(model.parameters())
     s_clean, s_adv = model(x), model(r.x_adv)
     a = teacher.probs(r.x_adv)[torch.arange(len(y)), y] ** 0.5
@@ -242,7 +243,7 @@ def test_iad_introspection_backpropagates_through_the_clean_side():
 
 def test_methods_with_no_attack_reduce_to_their_clean_losses():
     teacher = FakeTeacher()
-    r, model, x, y = run("ard", MethodConfig(alpha=0.5), teacher, attack=NO_ATTACK)
+    r, model, x, y = run("ard", TrainConfig(alpha=0.5), teacher, attack=NO_ATTACK)
     assert torch.equal(r.x_adv, x)
     s = model(x)
     torch.testing.assert_close(r.loss, 0.5 * kl(teacher.probs(x), s) + 0.5 * F.cross_entropy(s, y))
@@ -251,7 +252,7 @@ def test_methods_with_no_attack_reduce_to_their_clean_losses():
 def test_teacher_methods_need_a_teacher():
     for name in ("akd", "ard", "rslad", "iad"):
         with pytest.raises(ValueError, match="teacher"):
-            run(name, MethodConfig(alpha=0.5), None)
+            run(name, TrainConfig(alpha=0.5), None)
 
 
 def test_unknown_method_names_the_known_ones():
@@ -260,10 +261,14 @@ def test_unknown_method_names_the_known_ones():
     assert all(name in str(info.value) for name in ("standard", "at", "trades", "akd", "ard", "rslad", "iad"))
 
 
-def test_method_config_refuses_bad_values():
+def test_the_methods_knobs_are_validated_with_the_run_config():
     for bad in ({"alpha": 1.5}, {"temperature": 0.0}, {"trades_beta": -1.0}, {"iad_warmup_epochs": -1}):
         with pytest.raises(ValueError):
-            MethodConfig(**bad)
+            TrainConfig(**bad)
+
+
+# How many times each method asks its teacher in one step (IAD: on x and, past its warm-up, on x').
+TEACHER_CALLS = {"standard": 0, "at": 0, "trades": 0, "akd": 1, "ard": 1, "rslad": 1, "iad": 2}
 
 
 def tiny_cnn(seed: int) -> nn.Module:
@@ -282,9 +287,9 @@ def test_every_method_backprops_on_a_cnn(name):
         return softmax(teacher_net(inputs))
 
     method = get_method(name)
-    r = method(model, x, y, ATTACK, teacher, MethodConfig(alpha=0.5), 0, torch.Generator().manual_seed(0))
+    r = method(Step(model, x, y, ATTACK, TrainConfig(alpha=0.5), teacher, 0, torch.Generator().manual_seed(0)))
     assert method.name == name
-    assert len(calls) == len(method.teacher_inputs)
+    assert len(calls) == TEACHER_CALLS[name] and method.distils == (TEACHER_CALLS[name] > 0)
     assert r.loss.dim() == 0 and torch.isfinite(r.loss)
     assert r.logits_adv.shape == (8, K) and not r.logits_adv.requires_grad
     assert r.logits_clean is None or (r.logits_clean.shape == (8, K) and not r.logits_clean.requires_grad)
@@ -304,7 +309,7 @@ def test_small_cnn_student_with_a_teacher():
     model, teacher_net = build_model("small_cnn", 10, (1, 28, 28)).train(), build_model("small_cnn", 10, (1, 28, 28))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, 1, 28, 28, generator=g), torch.randint(0, 10, (2,), generator=g)
-    r = get_method("iad")(model, x, y, replace(ATTACK, steps=1), lambda z: softmax(teacher_net(z)), MethodConfig(), 0)
+    r = get_method("iad")(Step(model, x, y, replace(ATTACK, steps=1), TrainConfig(), lambda z: softmax(teacher_net(z))))
     r.loss.backward()
     assert torch.isfinite(r.loss) and r.logits_adv.shape == (2, 10)
     assert all(p.grad is not None for p in model.parameters())

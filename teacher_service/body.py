@@ -1,0 +1,115 @@
+"""A request body read as the limits allow: refused as early as its bytes say it will be, never held whole when it
+is too large, and decoded into rows for the batcher (off the event loop when large).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from shared import codec
+from shared.hashing import row_keys
+from shared.protocol import CacheMode
+from teacher_service.config import ServerConfig
+from teacher_service.errors import ClientGone, ServiceError
+from teacher_service.inference import Rows
+from teacher_service.service import Held
+
+
+# Below this many bytes, decoding or encoding on the event loop costs less than the hop to a worker thread
+# (about 0.1 ms per 32 KiB here), and the loop stays free for other requests.
+INLINE_BYTES = 128 << 10
+
+
+async def off_loop_if_large(size: int, fn, *args):
+    return fn(*args) if size <= INLINE_BYTES else await run_in_threadpool(fn, *args)
+
+
+async def read_body(request: Request, limits: ServerConfig, held: Held, check_header: Callable[[bytes], bool]) -> bytes:
+    """The body, refused as soon as the bytes so far allow, so a body that will be refused is never held whole.
+
+    Past `max_body_bytes`: 413 (before reading, when Content-Length says so). Past what all requests may hold
+    together: 503. When the safetensors header, the first bytes, already declares a tensor that will be
+    refused (`check_header`): its 413/422 before the rest arrives. When the whole body has not arrived
+    `timeout_body_s` after the head: 408, and the connection closes (a stalled or trickling client holds
+    nothing longer). A client that hangs up: ClientGone.
+    """
+    limit = limits.max_body_bytes
+
+    def too_large(size: str) -> ServiceError:
+        return ServiceError(413, "body_too_large", "the request body is over the configured limit", f"at most {limit} bytes", size)
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise too_large(f"{declared} bytes")
+        held.budget.check(int(declared))
+
+    async def read() -> bytes:
+        chunks, size, prefix = [], 0, bytearray()
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"more than {limit} bytes")
+                held.add(len(chunk))
+                chunks.append(chunk)
+                if prefix is not None:  # the header's bytes, until it is complete
+                    prefix += chunk
+                    prefix = prefix if check_header(prefix) else None
+        except ClientDisconnect:
+            raise ClientGone(size, declared) from None
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), limits.timeout_body_s)  # one deadline for the whole body, on 3.10 too
+    except TimeoutError:
+        raise ServiceError(408, "body_timeout", "the request body did not arrive in time",
+                           f"the whole body within {limits.timeout_body_s:g} s of the request head",
+                           f"{held.bytes} of {declared or 'an undeclared number of'} bytes", headers={"Connection": "close"}) from None
+
+
+HEADER_PEEK_BYTES = 1 << 20  # a header declaring a few tensors takes a few hundred bytes; this bounds the copy kept while it arrives
+
+
+def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[bytes], bool]:
+    """A check of the body's first bytes: refuses the `inputs` tensor its header declares, before it is read or decoded.
+
+    Returns True while the header is incomplete. A header that does not parse, or is not complete within
+    HEADER_PEEK_BYTES, is left for `codec.decode`, whose error names the body's size, known once it is all in.
+    """
+    def check(prefix: bytes) -> bool:
+        try:
+            tensors = codec.read_header(prefix)
+        except codec.UnreadableHeader:
+            return False
+        if tensors is None:
+            return len(prefix) <= HEADER_PEEK_BYTES
+        try:
+            shape = codec.check_inputs_declared(tensors, input_shape)
+        except codec.CodecError as exc:
+            raise ServiceError(422, exc.code, exc.message, exc.expected, exc.received) from None
+        check_rows(shape[0], max_rows)
+        return False
+
+    return check
+
+
+def check_rows(rows: int, max_rows: int) -> None:
+    if rows > max_rows:
+        raise ServiceError(413, "too_many_rows", "the request has more rows than the queue holds", f"at most {max_rows} rows", f"{rows} rows")
+
+
+def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMode) -> Rows:
+    try:
+        x = codec.validate_inputs(codec.decode(body), input_shape)
+    except codec.CodecError as exc:
+        status = 400 if exc.code == "bad_body" else 422
+        raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None
+    return Rows(x, row_keys(x), cache)  # scaled to [0, 1] on the inference thread
+
+

@@ -1,0 +1,149 @@
+"""The HTTP API: POST /soft-targets, GET /teachers, /healthz and /metrics, as one router over the app's Service.
+
+A request's body is refused as early as its bytes allow (body.py); its rows go to the teacher's batcher, and the
+answer is a safetensors file of the tensors asked for.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from shared import codec, protocol
+from shared.ensemble import aggregate_probs, mean_logits
+from shared.protocol import CacheMode, ErrorBody, Output, TeachersResponse
+from teacher_service.batcher import QueueFull
+from teacher_service.body import check_rows, header_check, off_loop_if_large, prepare_rows, read_body
+from teacher_service.errors import ServiceError
+from teacher_service.inference import RowsResult
+from teacher_service.metrics import CONTENT_TYPE
+from teacher_service.registry import Teacher
+from teacher_service.service import Service
+
+
+def current_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def require_token(request: Request) -> None:
+    """Every route but /healthz: the bearer token, when the config sets one (compared in constant time)."""
+    token = request.app.state.service.config.server.token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        received = "no Authorization header" if not given else "a different token"
+        raise ServiceError(401, "unauthorized", "this service needs a bearer token", "Authorization: Bearer <token>", received,
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_REQUEST_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "A safetensors file (https://github.com/huggingface/safetensors) holding one tensor named `inputs` "
+            "of shape (B, C, H, W) matching the teacher's `input_shape`, with dtype uint8 (0..255, scaled by 1/255 "
+            "on the server), float16 or float32 (already in [0, 1]). Python: "
+            "`safetensors.torch.save({'inputs': x})` or `shared.codec.encode_inputs(x)`."
+        ),
+        "content": {protocol.MEDIA_TYPE: _BINARY},
+    }
+}
+_RESPONSES = {
+    200: {
+        "description": (
+            "A safetensors file with the requested tensors: `probs` (B, K) float32, `logits` (B, K) float32 "
+            "(weighted mean of member logits), `member_logits` (M, B, K) float32 (raw, unweighted). "
+            "Read it with `safetensors.torch.load(response.content)`."
+        ),
+        "content": {protocol.MEDIA_TYPE: _BINARY},
+        "headers": {
+            protocol.HEADER_CACHE_HITS: {"description": "Rows for which every member came from the cache.", "schema": {"type": "integer"}},
+            protocol.HEADER_TEACHER_VERSIONS: {"description": "Member versions (weight hashes), comma-separated.", "schema": {"type": "string"}},
+        },
+    },
+    400: {"model": ErrorBody, "description": "The body is not a safetensors file, or a query parameter is wrong."},
+    401: {"model": ErrorBody, "description": "A bearer token is configured and was not given."},
+    404: {"model": ErrorBody, "description": "Unknown teacher."},
+    413: {"model": ErrorBody, "description": "The body (or its row count) is over the configured limit."},
+    422: {"model": ErrorBody, "description": "The `inputs` tensor has the wrong dtype, shape, range, or non-finite values."},
+    503: {"model": ErrorBody, "description": "The queue is full; retry after `Retry-After` seconds."},
+}
+
+
+router = APIRouter(dependencies=[Depends(require_token)])
+open_router = APIRouter()  # /healthz: what a load balancer or compose probes, without the token
+
+
+@router.post(
+    protocol.SOFT_TARGETS_PATH,
+    response_class=Response,
+    responses=_RESPONSES,
+    openapi_extra=_REQUEST_DOC,
+    summary="Soft targets of a teacher (ensemble) for a batch of inputs",
+)
+async def soft_targets(
+    request: Request,
+    teacher: str | None = Query(None, description="Teacher name; optional when only one is served."),
+    temperature: float | None = Query(None, gt=0, allow_inf_nan=False, description="Default: the teacher's."),
+    outputs: str = Query("probs", description="Comma list of `probs`, `logits`, `member_logits`."),
+    cache: CacheMode = Query(CacheMode.use),
+    service: Service = Depends(current_service),
+) -> Response:
+    t = service.teacher(teacher)
+    limits = service.config.server
+    try:
+        wanted = protocol.parse_outputs(outputs)
+    except ValueError as exc:
+        raise ServiceError(400, "bad_outputs", f"outputs: {exc}", f"a comma list of {', '.join(o.value for o in Output)}", repr(outputs)) from None
+    batcher = service.batchers[t.name]
+    with service.inflight.hold() as held:
+        async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
+            body = await read_body(request, limits, held, header_check(t.config.input_shape, limits.max_queue_rows))
+            rows = await off_loop_if_large(len(body), prepare_rows, body, t.config.input_shape, cache)
+            del body  # the decoded rows are what stays
+            check_rows(len(rows.keys), limits.max_queue_rows)  # the header said so; this holds whatever it said
+            try:
+                queued = batcher.enqueue(rows)
+            except QueueFull as exc:
+                raise ServiceError(503, "queue_full", "the service is saturated; retry shortly",
+                                   f"fewer than {exc.limit} queued rows", f"{exc.queued} queued rows", headers={"Retry-After": "1"}) from None
+        result = await queued
+        tau = t.config.temperature if temperature is None else temperature
+        payload = await off_loop_if_large(result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted)
+    service.metrics.request(t.name, 200, len(rows.keys))
+    return Response(payload, media_type=protocol.MEDIA_TYPE, headers={
+        protocol.HEADER_CACHE_HITS: str(result.cache_hits),
+        protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
+        protocol.HEADER_TEACHER: t.name,
+    })
+
+
+@router.get(protocol.TEACHERS_PATH, response_model=TeachersResponse)
+async def teachers(service: Service = Depends(current_service)) -> TeachersResponse:
+    return TeachersResponse(teachers=[t.info() for t in service.teachers.values()])
+
+
+@open_router.get(protocol.HEALTH_PATH)
+async def healthz(service: Service = Depends(current_service)) -> dict:
+    return {"status": "ok", "device": service.device, "teachers": sorted(service.teachers)}
+
+
+@router.get(protocol.METRICS_PATH, response_class=Response)
+async def metrics(service: Service = Depends(current_service)) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wanted: list[Output]) -> bytes:
+    member_logits = result.member_logits
+    tensors = {}
+    if Output.probs in wanted:
+        tensors["probs"] = aggregate_probs(member_logits, teacher.weights, temperature, teacher.config.aggregate)
+    if Output.logits in wanted:
+        tensors["logits"] = mean_logits(member_logits, teacher.weights)
+    if Output.member_logits in wanted:
+        tensors["member_logits"] = member_logits
+    return codec.encode(tensors)

@@ -88,60 +88,23 @@ def _how_to_continue(out_dir: Path) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-
-    from shared.checkpoint import load_checkpoint
-    from shared.safe_load import load_export, not_a_model_file
-    from student_trainer.config import EVAL_ATTACK, load_train_config, parse_set
-    from shared.codec import to_unit_float
-    from student_trainer.data import load_dataset
-    from student_trainer.evaluate import describe_threat_model, evaluate, threat_model
-    from shared.devices import resolve_device
-    from student_trainer.attacks import PGD
+    from student_trainer.evaluate import CheckpointEvaluation, describe_threat_model
 
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    unknown = sorted(set(attacks) - set(EVAL_ATTACKS))
-    path = Path(args.checkpoint)
     try:
-        if unknown:
-            raise ConfigError(f"--attacks: unknown {unknown}; known: {', '.join(EVAL_ATTACKS)}")
-        if (problem := not_a_model_file(path)) is not None:
-            raise ConfigError(f"--checkpoint {path} {problem}")
-        if path.suffix == ".pt2":
-            model, base = load_export(path), {}
-        else:
-            ckpt = load_checkpoint(path)
-            model, base = ckpt.build(), ckpt.metadata.get("config", {})
-        # Evaluation trains nothing (no method, no teacher), and it attacks with the dataset's standard threat model,
-        # not the checkpoint's training attack: `--set attack.*` on top of it is the only way to change it.
-        base = {**base, "method": "standard", "teacher": None, "attack": EVAL_ATTACK.model_dump(exclude_none=True)}
-        cfg = load_train_config(None, args.sets, base=base)
+        job = CheckpointEvaluation.load(Path(args.checkpoint), attacks, args.sets, args.limit,
+                                        autoattack_limit=args.autoattack_limit, autoattack_version=args.autoattack_version)
     except (ConfigError, ValueError) as exc:
         print(f"akd eval: {exc}", file=sys.stderr)
         return 2
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size)
-    test = data.test
-    x, y = to_unit_float(test.x[: args.limit]), test.y[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    attack = cfg.attack.resolved(cfg.dataset)
+    origin = "the dataset's standard" if job.standard else "set with --set attack.*"
+    print(f"threat model: {describe_threat_model(job.threat())} ({origin})", flush=True)
     started = time.monotonic()  # each progress line says how long this model has taken so far (the demo shows the last one)
-    common = dict(attack=PGD.from_config(attack), batch_size=cfg.eval.batch_size, device=device, seed=cfg.seed,
-                  autoattack_version=args.autoattack_version,
-                  progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
-    aa_n = min(len(y), args.autoattack_limit if args.autoattack_limit is not None else len(y))
-    standard = not any(parse_set(s)[0][0] == "attack" for s in args.sets)
-    threat = threat_model(attack.model_dump(), aa_n if "autoattack" in attacks else None, standard, args.autoattack_version)
-    origin = "the dataset's standard" if standard else "set with --set attack.*"
-    print(f"threat model: {describe_threat_model(threat)} ({origin})", flush=True)
-    split_aa = "autoattack" in attacks and aa_n < len(y)
-    first = [a for a in attacks if a != "autoattack"] if split_aa else attacks
-    result = evaluate(model.to(device), x, y, attacks=first, diagram=out.with_suffix(".reliability.png"), **common)
-    report = {**result.to_json(), "checkpoint": str(path), "dataset": cfg.dataset, "split": "test",
-              "attack": threat, "attacks": attacks, "autoattack_n": aa_n if "autoattack" in attacks else None}
-    if split_aa and aa_n > 0:
-        report["autoattack_acc"] = evaluate(model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common).autoattack_acc
+    report = job.run(out.with_suffix(".reliability.png"),
+                     progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out} and {out.with_suffix('.reliability.png')}")

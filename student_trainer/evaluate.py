@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch import nn
 from .attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 from .attacks import PGD, attack_mode, ce_loss
 from .calibration import expected_calibration_error, reliability_diagram
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
@@ -205,3 +209,82 @@ def evaluate(
         ece_pgd=ece_pgd,
         n=len(x),
     )
+
+
+@dataclass
+class CheckpointEvaluation:
+    """`akd eval`'s job: one checkpoint on its dataset's test split, under one stated threat model.
+
+    The threat model is the dataset's standard one (config.EVAL_ATTACK), not the checkpoint's training attack;
+    `--set attack.*` is the only way to change it, and the record says which it was (`standard`).
+    """
+
+    path: Path
+    model: nn.Module
+    cfg: TrainConfig
+    x: torch.Tensor  # the test images evaluated (the first `limit` of the split), in [0, 1]
+    y: torch.Tensor
+    attacks: list[str]
+    standard: bool
+    autoattack_limit: int | None = None
+    autoattack_version: str = AUTOATTACK_VERSION
+
+    @classmethod
+    def load(cls, path: Path, attacks: list[str], sets: list[str], limit: int | None = None, **options) -> CheckpointEvaluation:
+        """The checkpoint (a project .pt or a torch.export .pt2), the config it is evaluated under and the test images;
+        ConfigError for anything a user must fix."""
+        from shared.checkpoint import load_checkpoint
+        from shared.codec import to_unit_float
+        from shared.configfile import ConfigError
+        from shared.safe_load import load_export, not_a_model_file
+        from student_trainer.config import EVAL_ATTACK, load_train_config, parse_set
+        from student_trainer.data import load_dataset
+
+        unknown = sorted(set(attacks) - set(EVAL_ATTACKS))
+        if unknown:
+            raise ConfigError(f"--attacks: unknown {unknown}; known: {', '.join(EVAL_ATTACKS)}")
+        if (problem := not_a_model_file(path)) is not None:
+            raise ConfigError(f"--checkpoint {path} {problem}")
+        if path.suffix == ".pt2":
+            model, base = load_export(path), {}
+        else:
+            checkpoint = load_checkpoint(path)
+            model, base = checkpoint.build(), checkpoint.metadata.get("config", {})
+        # Evaluation trains nothing (no method, no teacher), and it attacks with the dataset's standard threat model.
+        base = {**base, "method": "standard", "teacher": None, "attack": EVAL_ATTACK.model_dump(exclude_none=True)}
+        cfg = load_train_config(None, sets, base=base)
+        standard = not any(parse_set(assignment)[0][0] == "attack" for assignment in sets)
+        test = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size).test
+        return cls(path, model, cfg, to_unit_float(test.x[:limit]), test.y[:limit], attacks, standard, **options)
+
+    @property
+    def attack(self):
+        return self.cfg.attack.resolved(self.cfg.dataset)
+
+    @property
+    def autoattack_n(self) -> int | None:
+        """How many of the images AutoAttack runs on (the first ones); None when it does not run."""
+        if "autoattack" not in self.attacks:
+            return None
+        return min(len(self.y), self.autoattack_limit if self.autoattack_limit is not None else len(self.y))
+
+    def threat(self) -> dict:
+        """The threat model as recorded in eval.json."""
+        return threat_model(self.attack.model_dump(), self.autoattack_n, self.standard, self.autoattack_version)
+
+    def run(self, diagram: Path, progress: Progress | None = None) -> dict:
+        """The evaluation's record (eval.json): every metric, the checkpoint, the data and the threat model."""
+        from shared.devices import resolve_device
+
+        device = resolve_device(self.cfg.device)
+        x, y, aa_n = self.x, self.y, self.autoattack_n
+        common = dict(attack=PGD.from_config(self.attack), batch_size=self.cfg.eval.batch_size, device=device, seed=self.cfg.seed,
+                      autoattack_version=self.autoattack_version, progress=progress)
+        split_aa = aa_n is not None and aa_n < len(y)  # AutoAttack on the first aa_n images only
+        first = [a for a in self.attacks if a != "autoattack"] if split_aa else self.attacks
+        result = evaluate(self.model.to(device), x, y, attacks=first, diagram=diagram, **common)
+        report = {**result.to_json(), "checkpoint": str(self.path), "dataset": self.cfg.dataset, "split": "test",
+                  "attack": self.threat(), "attacks": self.attacks, "autoattack_n": aa_n}
+        if split_aa and aa_n > 0:
+            report["autoattack_acc"] = evaluate(self.model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common).autoattack_acc
+        return report

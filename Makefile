@@ -23,6 +23,8 @@ serve: $(STAMP)
 	$(BIN)/akd serve --config build/example/teachers.toml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """`akd bench`: what the teacher service costs and saves, measured side by side.
 
 Each benchmark alternates the things it compares within one run, repeats them,
-and reports medians and ratios against the targets of issue 5. Speed targets live
+and reports medians and ratios against its targets. Speed targets live
 here and only here: the test suite checks that the benchmarks run, never how fast.
 """

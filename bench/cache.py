@@ -27,13 +27,23 @@ TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0
 def run(ctx: Context) -> Section:
     spec = ctx.cfg.cache
     section = Section(
-        "cache", "2. Cache hits vs recomputation",
+        "cache",
+        "2. Cache hits vs recomputation",
         "Rows per second through the service for one batch sent again and again: all rows cache hits "
         "(`cache=use`, after one priming request) vs recomputed (`cache=bypass`); uint8 inputs; alternated. "
         f"Writes: {spec.write_rows:,} rows committed to a fresh local store (chunks of {spec.write_chunk_rows} rows) through "
         "`LogitCache.insert` of `batch` rows at a time and a final flush, `cache_durable` off vs on (fsync of every chunk file "
         "and folder before its commit, and of the commit); alternated; on the disk under `--out`.",
-        ["teacher", "batch", "hit rows/s", "recompute rows/s", "speed-up", "write rows/s", "durable write rows/s", "durable cost"],
+        [
+            "teacher",
+            "batch",
+            "hit rows/s",
+            "recompute rows/s",
+            "speed-up",
+            "write rows/s",
+            "durable write rows/s",
+            "durable cost",
+        ],
     )
     writes: dict[tuple[int, int], dict[str, list[float]]] = {}  # per (classes, batch): the same for every teacher
     url = ctx.service().url
@@ -44,12 +54,19 @@ def run(ctx: Context) -> Section:
         try:
             for batch in spec.batches:
                 ctx.progress(f"cache: {name} batch {batch}")
-                images = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(batch), dtype=torch.uint8)
+                images = torch.randint(
+                    0, 256, (batch, *shape), generator=torch.Generator().manual_seed(batch), dtype=torch.uint8
+                )
                 x = (images.float() / 255).to(ctx.device)
                 hits(x)  # prime: stores every row
                 before = hits.cache_hits
-                times = alternate({"hit": lambda hits=hits, x=x: hits(x), "recompute": lambda recompute=recompute, x=x: recompute(x)},
-                                  ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device, ctx.cfg.min_seconds)
+                times = alternate(
+                    {"hit": lambda hits=hits, x=x: hits(x), "recompute": lambda recompute=recompute, x=x: recompute(x)},
+                    ctx.cfg.repetitions,
+                    ctx.cfg.warmup,
+                    ctx.device,
+                    ctx.cfg.min_seconds,
+                )
                 served_from_cache = hits.cache_hits - before
                 expected = batch * (len(times["hit"]) + ctx.cfg.warmup)
                 if served_from_cache != expected:
@@ -58,29 +75,56 @@ def run(ctx: Context) -> Section:
                 classes = ctx.teacher(name).num_classes
                 if (classes, batch) not in writes:
                     ctx.progress(f"cache: writes of {classes} classes, batch {batch}, durable off vs on")
-                    writes[classes, batch] = write_times(ctx.workdir / "cache-writes", classes, batch, spec.write_rows, spec.write_chunk_rows,
-                                                         ctx.cfg.repetitions, ctx.cfg.warmup)
+                    writes[classes, batch] = write_times(
+                        ctx.workdir / "cache-writes",
+                        classes,
+                        batch,
+                        spec.write_rows,
+                        spec.write_chunk_rows,
+                        ctx.cfg.repetitions,
+                        ctx.cfg.warmup,
+                    )
                 write_s, durable_s = median(writes[classes, batch]["off"]), median(writes[classes, batch]["on"])
-                section.rows.append({
-                    "teacher": name, "batch": batch, "hit rows/s": batch / hit_s, "recompute rows/s": batch / recompute_s,
-                    "speed-up": recompute_s / hit_s, "write rows/s": spec.write_rows / write_s,
-                    "durable write rows/s": spec.write_rows / durable_s, "durable cost": durable_s / write_s,
-                    "samples": {**times, "write": writes[classes, batch]["off"], "durable write": writes[classes, batch]["on"]},
-                })
+                section.rows.append(
+                    {
+                        "teacher": name,
+                        "batch": batch,
+                        "hit rows/s": batch / hit_s,
+                        "recompute rows/s": batch / recompute_s,
+                        "speed-up": recompute_s / hit_s,
+                        "write rows/s": spec.write_rows / write_s,
+                        "durable write rows/s": spec.write_rows / durable_s,
+                        "durable cost": durable_s / write_s,
+                        "samples": {
+                            **times,
+                            "write": writes[classes, batch]["off"],
+                            "durable write": writes[classes, batch]["on"],
+                        },
+                    }
+                )
         finally:
             hits.close()
             recompute.close()
     for row in section.rows:
         if row["teacher"] == TARGET_TEACHER:
-            section.targets.append(Target(
-                f"hit / recompute rows/s, {TARGET_TEACHER}, batch {row['batch']}", ">=", TARGET_SPEEDUP, row["speed-up"],
-                f"{row['hit rows/s']:,.0f} vs {row['recompute rows/s']:,.0f} rows/s",
-            ))
-    section.notes.append("durable cost: time to commit the same rows with `cache_durable = true` / without (1.0: free).")
+            section.targets.append(
+                Target(
+                    f"hit / recompute rows/s, {TARGET_TEACHER}, batch {row['batch']}",
+                    ">=",
+                    TARGET_SPEEDUP,
+                    row["speed-up"],
+                    f"{row['hit rows/s']:,.0f} vs {row['recompute rows/s']:,.0f} rows/s",
+                )
+            )
+    section.notes.append(
+        "durable cost: time to commit the same rows with `cache_durable = true` / without (1.0: free)."
+    )
     return section
 
 
-def write_times(workdir: Path, classes: int, batch: int, rows: int, chunk_rows: int, repetitions: int, warmup: int) -> dict[str, list[float]]:
+def write_times(
+    workdir: Path, classes: int, batch: int, rows: int, chunk_rows: int, repetitions: int, warmup: int
+) -> dict[str, list[float]]:
     """Seconds to insert `rows` rows `batch` at a time and flush until all are committed, into a fresh store each time.
 
     The store is created (and its metadata synced) before the clock starts: what is timed is the steady

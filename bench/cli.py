@@ -16,9 +16,15 @@ BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_true", help="the `quick` preset: every benchmark, fewer sizes (minutes)")
-    which.add_argument("--config", default="full", help="a preset (full, quick, tiny) or a benchmark TOML (default: full)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where both sides compute (default: auto)")
+    which.add_argument(
+        "--quick", action="store_true", help="the `quick` preset: every benchmark, fewer sizes (minutes)"
+    )
+    which.add_argument(
+        "--config", default="full", help="a preset (full, quick, tiny) or a benchmark TOML (default: full)"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where both sides compute (default: auto)"
+    )
     parser.add_argument("--only", help=f"comma list of benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--out", required=True, help="folder for results.json, RESULTS.md, sharing.png and logs")
 
@@ -31,8 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from bench.results import machine
     from shared.devices import resolve_device
 
-    modules = {"overhead": overhead, "cache": cache, "sharing": sharing, "transport": transport,
-               "end_to_end": end_to_end, "peer": peer}
+    modules = {
+        "overhead": overhead,
+        "cache": cache,
+        "sharing": sharing,
+        "transport": transport,
+        "end_to_end": end_to_end,
+        "peer": peer,
+    }
     preset = "quick" if args.quick else args.config
     try:
         cfg = load_bench_config(preset)

@@ -16,8 +16,6 @@ PRESETS = ("full", "quick", "tiny")
 Sizes = Annotated[list[Count], Field(min_length=1)]
 
 
-
-
 class TeacherSpec(StrictConfig):
     """A served teacher: one member of this architecture, random weights (speed does not depend on them)."""
 
@@ -95,11 +93,19 @@ class BenchConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:
-        named = [*self.overhead.teachers, *self.cache.teachers, *self.sharing.teachers, *self.transport.teachers,
-                 *self.peer.teachers, self.end_to_end.teacher]
+        named = [
+            *self.overhead.teachers,
+            *self.cache.teachers,
+            *self.sharing.teachers,
+            *self.transport.teachers,
+            *self.peer.teachers,
+            self.end_to_end.teacher,
+        ]
         unknown = sorted(set(named) - set(self.teachers))
         if unknown:
-            raise ValueError(f"benchmarks name teachers {unknown} that [teachers] does not declare ({sorted(self.teachers)})")
+            raise ValueError(
+                f"benchmarks name teachers {unknown} that [teachers] does not declare ({sorted(self.teachers)})"
+            )
         return self
 
 

@@ -34,7 +34,9 @@ class Context:
         if name not in self._servers:
             self.progress(f"starting {name}")
             cache = self.workdir / "cache" if batching else None
-            self._servers[name] = servers.teacher_service(name, self.service_config, self.workdir / "logs", self.device.type, batching, cache)
+            self._servers[name] = servers.teacher_service(
+                name, self.service_config, self.workdir / "logs", self.device.type, batching, cache
+            )
         return self._servers[name]
 
     def litserve(self, teacher: str, max_batch_size: int) -> servers.ServerProcess:
@@ -42,7 +44,13 @@ class Context:
         if name not in self._servers:
             self.progress(f"starting {name}")
             self._servers[name] = servers.litserve_peer(
-                name, self.service_config, teacher, self.workdir / "logs", self.device.type, max_batch_size, self.cfg.max_wait_ms / 1000,
+                name,
+                self.service_config,
+                teacher,
+                self.workdir / "logs",
+                self.device.type,
+                max_batch_size,
+                self.cfg.max_wait_ms / 1000,
             )
         return self._servers[name]
 

@@ -40,7 +40,9 @@ class LoadResult:
 async def _client_loop(client: httpx.AsyncClient, request: Request, count: int, latencies: list[float]) -> None:
     for _ in range(count):
         started = time.perf_counter()
-        response = await client.post(request.path, content=request.content, params=request.params, headers=request.headers)
+        response = await client.post(
+            request.path, content=request.content, params=request.params, headers=request.headers
+        )
         latencies.append(time.perf_counter() - started)
         if response.status_code != 200:
             raise RuntimeError(f"POST {request.path} answered {response.status_code}: {response.text[:300]}")
@@ -60,9 +62,13 @@ async def _run(url: str, requests: list[Request], count: int, server_cpu: Callab
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
     server_spent = server_after - server_before if server_before is not None and server_after is not None else None
-    return LoadResult(sum(r.rows for r in requests) * count, seconds, latencies, server_spent, client_after - client_before)
+    return LoadResult(
+        sum(r.rows for r in requests) * count, seconds, latencies, server_spent, client_after - client_before
+    )
 
 
-def closed_loop(url: str, requests: list[Request], count: int, server_cpu: Callable[[], float | None] = lambda: None) -> LoadResult:
+def closed_loop(
+    url: str, requests: list[Request], count: int, server_cpu: Callable[[], float | None] = lambda: None
+) -> LoadResult:
     """One client per entry of `requests`, each sending its request `count` times; `server_cpu` reads the server's CPU time."""
     return asyncio.run(_run(url, requests, count, server_cpu))

@@ -6,6 +6,7 @@ sends, so they travel as float32; the cache is bypassed, so every row is compute
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import httpx
@@ -24,13 +25,23 @@ TARGET_TEACHER, TARGET_BATCH, TARGET_RATIO = "preact_resnet18", 128, 1.05
 def run(ctx: Context) -> Section:
     spec = ctx.cfg.overhead
     section = Section(
-        "overhead", "1. Service overhead",
+        "overhead",
+        "1. Service overhead",
         "Median time per request for the same teacher's soft targets (probs), through the service "
         "(real uvicorn process, real httpx client, loopback, `cache=bypass`, float32 inputs) and in-process "
         "(`LocalTeacher`: the service's own forward pass and ensemble formula, same device); alternated. "
         "`server forward ms`: the service's own mean batch time (its `akd_compute_seconds` metric), so "
         "`service - server forward` (means) is what the HTTP path adds, apart from how fast each process runs the model.",
-        ["teacher", "batch", "service ms", "in-process ms", "overhead ms", "ratio", "server forward ms", "service - server forward ms"],
+        [
+            "teacher",
+            "batch",
+            "service ms",
+            "in-process ms",
+            "overhead ms",
+            "ratio",
+            "server forward ms",
+            "service - server forward ms",
+        ],
     )
     url = ctx.service().url
     for name in spec.teachers:
@@ -44,17 +55,29 @@ def run(ctx: Context) -> Section:
                 for _ in range(ctx.cfg.warmup):  # here, so that the service's metric below counts timed calls only
                     remote(x), local(x)
                 before = server_compute(url, name)
-                times = alternate({"service": lambda: remote(x), "in-process": lambda: local(x)},
-                                  ctx.cfg.repetitions, 0, ctx.device, ctx.cfg.min_seconds)
+                times = alternate(
+                    {"service": functools.partial(remote, x), "in-process": functools.partial(local, x)},
+                    ctx.cfg.repetitions,
+                    0,
+                    ctx.device,
+                    ctx.cfg.min_seconds,
+                )
                 after = server_compute(url, name)
                 service_s, local_s = median(times["service"]), median(times["in-process"])
                 forward_s = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                section.rows.append({
-                    "teacher": name, "batch": batch, "service ms": service_s * 1e3, "in-process ms": local_s * 1e3,
-                    "overhead ms": (service_s - local_s) * 1e3, "ratio": service_s / local_s,
-                    "server forward ms": forward_s * 1e3, "service - server forward ms": (statistics.mean(times["service"]) - forward_s) * 1e3,
-                    "samples": times,
-                })
+                section.rows.append(
+                    {
+                        "teacher": name,
+                        "batch": batch,
+                        "service ms": service_s * 1e3,
+                        "in-process ms": local_s * 1e3,
+                        "overhead ms": (service_s - local_s) * 1e3,
+                        "ratio": service_s / local_s,
+                        "server forward ms": forward_s * 1e3,
+                        "service - server forward ms": (statistics.mean(times["service"]) - forward_s) * 1e3,
+                        "samples": times,
+                    }
+                )
         finally:
             remote.close()
     _targets(section)
@@ -70,12 +93,17 @@ def server_compute(url: str, teacher: str) -> tuple[float, float]:
 def _targets(section: Section) -> None:
     for row in section.rows:
         if row["teacher"] == TARGET_TEACHER and row["batch"] == TARGET_BATCH:
-            section.targets.append(Target(
-                f"service / in-process time, {TARGET_TEACHER}, batch {TARGET_BATCH}", "<=", TARGET_RATIO, row["ratio"],
-                f"{row['service ms']:.1f} ms vs {row['in-process ms']:.1f} ms: {row['overhead ms']:.1f} ms per request; "
-                f"the service's own forward took {row['server forward ms']:.1f} ms, so its HTTP path added "
-                f"{row['service - server forward ms']:.1f} ms",
-            ))
+            section.targets.append(
+                Target(
+                    f"service / in-process time, {TARGET_TEACHER}, batch {TARGET_BATCH}",
+                    "<=",
+                    TARGET_RATIO,
+                    row["ratio"],
+                    f"{row['service ms']:.1f} ms vs {row['in-process ms']:.1f} ms: {row['overhead ms']:.1f} ms per request; "
+                    f"the service's own forward took {row['server forward ms']:.1f} ms, so its HTTP path added "
+                    f"{row['service - server forward ms']:.1f} ms",
+                )
+            )
     small = [r for r in section.rows if r["teacher"] != TARGET_TEACHER]
     for row in small:
         section.notes.append(

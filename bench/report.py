@@ -43,8 +43,10 @@ def markdown(sections: list[Section], machine: dict, command: str, preset: str, 
     ]
     for s in sections:
         for t in s.targets:
-            lines.append(f"| {s.title} | {t.what} {t.op} {t.threshold:g} | {t.measured:.3f} | "
-                         f"{'yes' if t.met else '**no**'} | {t.context} |")
+            lines.append(
+                f"| {s.title} | {t.what} {t.op} {t.threshold:g} | {t.measured:.3f} | "
+                f"{'yes' if t.met else '**no**'} | {t.context} |"
+            )
     for s in sections:
         lines += ["", f"## {s.title}", "", s.about + f" ({s.seconds:.0f} s)", ""]
         lines += table(s.columns, s.rows)
@@ -53,10 +55,17 @@ def markdown(sections: list[Section], machine: dict, command: str, preset: str, 
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, sections: list[Section], machine: dict, command: str, preset: str, repetitions: int, config: dict) -> None:
+def write(
+    out: Path, sections: list[Section], machine: dict, command: str, preset: str, repetitions: int, config: dict
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    document = {"command": command, "preset": preset, "machine": machine, "config": config,
-                "sections": [s.to_dict() for s in sections]}
+    document = {
+        "command": command,
+        "preset": preset,
+        "machine": machine,
+        "config": config,
+        "sections": [s.to_dict() for s in sections],
+    }
     (out / "results.json").write_text(json.dumps(document, indent=2, default=str))
     (out / "RESULTS.md").write_text(markdown(sections, machine, command, preset, repetitions))
     sharing = next((s for s in sections if s.key == "sharing"), None)
@@ -69,12 +78,19 @@ def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
     teachers = list(dict.fromkeys(r["teacher"] for r in sharing.rows))
     fig, axes = subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
-        series = {f"akd serve, batching {b}": [r for r in sharing.rows if r["teacher"] == teacher and r["batching"] == b] for b in ("on", "off")}
+        series = {
+            f"akd serve, batching {b}": [r for r in sharing.rows if r["teacher"] == teacher and r["batching"] == b]
+            for b in ("on", "off")
+        }
         if peer:
-            series["LitServe"] = [{"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher]
+            series["LitServe"] = [
+                {"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher
+            ]
         for label, rows in series.items():  # rows: one per client count, then the one-client yardstick
             *shared, alone = rows
-            line = ax.plot([int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label)[0]
+            line = ax.plot(
+                [int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label
+            )[0]
             ax.axhline(alone["rows/s"], color=line.get_color(), ls=":", lw=1)
         clients = [int(r["load"].split(" x ")[0]) for r in shared]
         ax.set_title(f"{teacher} (dotted: 1 x {alone['load'].split(' x ')[1]} rows)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
 @dataclass
 class Target:
-    """One of the issue's targets, and what was measured against it."""
+    """One of the benchmarks' targets, and what was measured against it."""
 
     what: str  # e.g. "service / in-process time, PreActResNet-18, batch 128"
     op: str  # "<=" or ">="
@@ -50,7 +50,9 @@ class Section:
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -58,7 +60,11 @@ def _git_commit() -> str | None:
 
 def machine(device: torch.device) -> dict:
     """shared.machine's record, and what a benchmark adds: the commit, the date, the peer's version."""
-    info = {**describe_machine(device), "git_commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        **describe_machine(device),
+        "git_commit": _git_commit(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     try:
         import litserve
 

@@ -31,11 +31,25 @@ def write_teachers(workdir: Path, cfg: BenchConfig, max_wait_ms: float) -> Path:
         torch.manual_seed(0)
         model = build_model(spec.arch, spec.num_classes, spec.input_shape)
         path = workdir / "teachers" / f"{name}.pt"
-        save_checkpoint(path, Checkpoint(spec.arch, spec.num_classes, spec.input_shape, model.state_dict(),
-                                         {"note": "random weights, for benchmarks"}))
-        teachers[name] = {"num_classes": spec.num_classes, "input_shape": list(spec.input_shape), "members": [{"path": str(path)}]}
+        save_checkpoint(
+            path,
+            Checkpoint(
+                spec.arch,
+                spec.num_classes,
+                spec.input_shape,
+                model.state_dict(),
+                {"note": "random weights, for benchmarks"},
+            ),
+        )
+        teachers[name] = {
+            "num_classes": spec.num_classes,
+            "input_shape": list(spec.input_shape),
+            "members": [{"path": str(path)}],
+        }
     config = workdir / "teachers.toml"
-    config.write_text(tomli_w.dumps({"server": {"max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers}))
+    config.write_text(
+        tomli_w.dumps({"server": {"max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers})
+    )
     return config
 
 
@@ -82,8 +96,11 @@ def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], hea
     log = log_dir / f"{name}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [part.format(port=port) for part in command], stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **env}, start_new_session=True,
+            [part.format(port=port) for part in command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
         )
     server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log)
     try:
@@ -94,7 +111,9 @@ def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], hea
     return server
 
 
-def teacher_service(name: str, config: Path, log_dir: Path, device: str, batching: bool, cache_dir: Path | None) -> ServerProcess:
+def teacher_service(
+    name: str, config: Path, log_dir: Path, device: str, batching: bool, cache_dir: Path | None
+) -> ServerProcess:
     env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower()}
     if cache_dir is not None:
         env["AKD_CACHE_DIR"] = str(cache_dir)
@@ -102,10 +121,25 @@ def teacher_service(name: str, config: Path, log_dir: Path, device: str, batchin
     return start(name, command, log_dir, env, health_path="/healthz")
 
 
-def litserve_peer(name: str, config: Path, teacher: str, log_dir: Path, device: str, max_batch_size: int, batch_timeout_s: float) -> ServerProcess:
+def litserve_peer(
+    name: str, config: Path, teacher: str, log_dir: Path, device: str, max_batch_size: int, batch_timeout_s: float
+) -> ServerProcess:
     command = [
-        sys.executable, "-m", "bench.litserve_app", "--config", str(config), "--teacher", teacher, "--port", "{port}",
-        "--device", device, "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
+        sys.executable,
+        "-m",
+        "bench.litserve_app",
+        "--config",
+        str(config),
+        "--teacher",
+        teacher,
+        "--port",
+        "{port}",
+        "--device",
+        device,
+        "--max-batch-size",
+        str(max_batch_size),
+        "--batch-timeout",
+        str(batch_timeout_s),
     ]
     return start(name, command, log_dir, {}, health_path="/health")
 

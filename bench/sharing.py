@@ -64,7 +64,10 @@ def loads(spec: LoadSpec) -> list[Load]:
 
 def input_files(shape: tuple[int, int, int], load: Load) -> list[bytes]:
     """One float32 input file per client, distinct rows per client."""
-    return [codec.encode_inputs(torch.rand(load.rows, *shape, generator=torch.Generator().manual_seed(c))) for c in range(load.clients)]
+    return [
+        codec.encode_inputs(torch.rand(load.rows, *shape, generator=torch.Generator().manual_seed(c)))
+        for c in range(load.clients)
+    ]
 
 
 def ours(label: str, process: ServerProcess, teacher: str) -> Server:
@@ -72,7 +75,9 @@ def ours(label: str, process: ServerProcess, teacher: str) -> Server:
     return Server(label, process, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
 
 
-def measure(ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]) -> dict[tuple[str, Load], list[LoadResult]]:
+def measure(
+    ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]
+) -> dict[tuple[str, Load], list[LoadResult]]:
     """Every load on every server, `repetitions` rounds, servers alternating within each round."""
     shape = ctx.teacher(teacher).input_shape
     files = {load: input_files(shape, load) for load in loads(spec)}
@@ -84,7 +89,9 @@ def measure(ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]) -
                 for load in loads(spec):
                     count = max(1, spec.round_rows(teacher) // (load.clients * load.rows))
                     requests = [server.request(body, load.rows) for body in files[load]]
-                    results.setdefault((server.label, load), []).append(closed_loop(server.url, requests, count, server.process.cpu_seconds))
+                    results.setdefault((server.label, load), []).append(
+                        closed_loop(server.url, requests, count, server.process.cpu_seconds)
+                    )
     return results
 
 
@@ -107,12 +114,23 @@ def run(ctx: Context) -> Section:
     spec = ctx.cfg.sharing
     reference = Load(1, spec.reference_rows)
     section = Section(
-        "sharing", "3. Sharing one teacher",
+        "sharing",
+        "3. Sharing one teacher",
         f"{', '.join(map(str, loads(spec)))} (clients x rows per request): closed-loop clients, each with its own "
         f"connection, float32 inputs, `cache=bypass`; the service with dynamic batching "
         f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds; "
         "server/client cores = CPU seconds per second the server's processes / all the clients spent.",
-        ["teacher", "load", "batching", "rows/s", "p50 ms", "p99 ms", "server cores", "client cores", f"vs {reference} (same server)"],
+        [
+            "teacher",
+            "load",
+            "batching",
+            "rows/s",
+            "p50 ms",
+            "p99 ms",
+            "server cores",
+            "client cores",
+            f"vs {reference} (same server)",
+        ],
     )
     processes = {"on": ctx.service(batching=True), "off": ctx.service(batching=False)}
     for teacher in spec.teachers:
@@ -122,18 +140,30 @@ def run(ctx: Context) -> Section:
             base = summary(results[(server.label, reference)])["rows/s"]
             for load in loads(spec):
                 s = summary(results[(server.label, load)])
-                section.rows.append({"teacher": teacher, "load": str(load), "batching": server.label, **s,
-                                     f"vs {reference} (same server)": s["rows/s"] / base})
+                section.rows.append(
+                    {
+                        "teacher": teacher,
+                        "load": str(load),
+                        "batching": server.label,
+                        **s,
+                        f"vs {reference} (same server)": s["rows/s"] / base,
+                    }
+                )
         busiest = Load(max(spec.clients), spec.rows_per_client)
         shared, alone = summary(results[("on", busiest)]), summary(results[("on", reference)])
         off = summary(results[("off", busiest)])["rows/s"]
         paired = [a / b for a, b in zip(shared["rounds"], alone["rounds"])]
-        section.targets.append(Target(
-            f"{busiest} with batching / {reference} rows/s, {teacher}", ">=", TARGET_FRACTION, shared["rows/s"] / alone["rows/s"],
-            f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to {max(paired):.2f}; "
-            f"server {cores_text(shared['server cores'])} vs {cores_text(alone['server cores'])} cores, clients "
-            f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching {off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)",
-        ))
+        section.targets.append(
+            Target(
+                f"{busiest} with batching / {reference} rows/s, {teacher}",
+                ">=",
+                TARGET_FRACTION,
+                shared["rows/s"] / alone["rows/s"],
+                f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to {max(paired):.2f}; "
+                f"server {cores_text(shared['server cores'])} vs {cores_text(alone['server cores'])} cores, clients "
+                f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching {off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)",
+            )
+        )
     ctx.stop("service-no-batching")
     return section
 

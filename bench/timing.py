@@ -25,7 +25,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def alternate(
-    candidates: dict[str, Callable[[], object]], repetitions: int, warmup: int, device: torch.device, min_seconds: float = 0.0,
+    candidates: dict[str, Callable[[], object]],
+    repetitions: int,
+    warmup: int,
+    device: torch.device,
+    min_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
     """Time each candidate at least `repetitions` times, interleaved (ABBA...), after `warmup` untimed calls each.
 

@@ -26,7 +26,8 @@ def as_dtype(images: torch.Tensor, dtype: str) -> torch.Tensor:
 def run(ctx: Context) -> Section:
     spec = ctx.cfg.transport
     section = Section(
-        "transport", "4. Transport: input dtype",
+        "transport",
+        "4. Transport: input dtype",
         f"Batch {spec.batch} of clean images sent as each dtype (safetensors body, `cache=bypass`); "
         "median round trip including encode and decode; alternated.",
         ["teacher", "dtype", "request bytes", "bytes / row", "response bytes", "round trip ms", "vs float32"],
@@ -36,7 +37,9 @@ def run(ctx: Context) -> Section:
         for name in spec.teachers:
             ctx.progress(f"transport: {name}")
             shape = ctx.teacher(name).input_shape
-            images = torch.randint(0, 256, (spec.batch, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            images = torch.randint(
+                0, 256, (spec.batch, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+            )
             params = {"teacher": name, "outputs": "probs", "cache": "bypass"}
             sizes: dict[str, tuple[int, int]] = {}
 
@@ -47,15 +50,28 @@ def run(ctx: Context) -> Section:
                 sizes[dtype] = (len(body), len(response.content))
                 return codec.decode(response.content)["probs"]
 
-            times = alternate({d: (lambda d=d: send(d)) for d in spec.dtypes}, ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device, ctx.cfg.min_seconds)
+            times = alternate(
+                {d: (lambda d=d: send(d)) for d in spec.dtypes},
+                ctx.cfg.repetitions,
+                ctx.cfg.warmup,
+                ctx.device,
+                ctx.cfg.min_seconds,
+            )
             reference = median(times["float32"]) if "float32" in times else None
             for dtype in spec.dtypes:
                 t = median(times[dtype])
-                section.rows.append({
-                    "teacher": name, "dtype": dtype, "request bytes": sizes[dtype][0], "bytes / row": sizes[dtype][0] / spec.batch,
-                    "response bytes": sizes[dtype][1], "round trip ms": t * 1e3,
-                    "vs float32": t / reference if reference else None, "samples": times[dtype],
-                })
+                section.rows.append(
+                    {
+                        "teacher": name,
+                        "dtype": dtype,
+                        "request bytes": sizes[dtype][0],
+                        "bytes / row": sizes[dtype][0] / spec.batch,
+                        "response bytes": sizes[dtype][1],
+                        "round trip ms": t * 1e3,
+                        "vs float32": t / reference if reference else None,
+                        "samples": times[dtype],
+                    }
+                )
     finally:
         client.close()
     section.notes.append(

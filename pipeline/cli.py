@@ -14,20 +14,41 @@ from shared.configfile import ConfigError
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
-    parser.add_argument("--out", default=env.get("AKD_DEMO_OUT"), help="the one folder everything goes to (or $AKD_DEMO_OUT)")
-    parser.add_argument("--plan", default=env.get("AKD_DEMO_PLAN", "default"),
-                        help=f"a built-in plan: {', '.join(plans.NAMES)} (or $AKD_DEMO_PLAN); README, \"The demo's plans\"")
-    parser.add_argument("--quick", action="store_true", default=env.get("AKD_DEMO_QUICK", "0") not in ("", "0"),
-                        help="the small CI plan, same as --plan quick: minutes, not a result (or $AKD_DEMO_QUICK=1)")
+    parser.add_argument(
+        "--out", default=env.get("AKD_DEMO_OUT"), help="the one folder everything goes to (or $AKD_DEMO_OUT)"
+    )
+    parser.add_argument(
+        "--plan",
+        default=env.get("AKD_DEMO_PLAN", "default"),
+        help=f'a built-in plan: {", ".join(plans.NAMES)} (or $AKD_DEMO_PLAN); README, "The demo\'s plans"',
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=env.get("AKD_DEMO_QUICK", "0") not in ("", "0"),
+        help="the small CI plan, same as --plan quick: minutes, not a result (or $AKD_DEMO_QUICK=1)",
+    )
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished runs")
     parser.add_argument("--config", help="a demo plan TOML instead of a built-in plan")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)")
-    parser.add_argument("--stage", default="all",
-                        help="comma list of teachers, serve, students, evaluate, report (default: all but serve, which "
-                             "the students stage starts itself unless --teacher-url is given)")
-    parser.add_argument("--teacher-url", default=env.get("AKD_TEACHER_URL"),
-                        help="students: use this running teacher service (or $AKD_TEACHER_URL)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)",
+    )
+    parser.add_argument(
+        "--stage",
+        default="all",
+        help="comma list of teachers, serve, students, evaluate, report (default: all but serve, which "
+        "the students stage starts itself unless --teacher-url is given)",
+    )
+    parser.add_argument(
+        "--teacher-url",
+        default=env.get("AKD_TEACHER_URL"),
+        help="students: use this running teacher service (or $AKD_TEACHER_URL)",
+    )
     parser.add_argument("--seeds", help="students: only these seeds (comma list), e.g. to split them across machines")
     parser.add_argument("--host", default=env.get("AKD_HOST", "127.0.0.1"), help="serve: bind address (or $AKD_HOST)")
     parser.add_argument("--port", type=int, default=int(env.get("AKD_PORT", 8000)), help="serve: port (or $AKD_PORT)")
@@ -37,7 +58,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from pipeline import DemoError, demo
     from pipeline.plan import load_plan
 
-    stages = [s for s in demo.STAGES if s != "serve"] if args.stage == "all" else [s.strip() for s in args.stage.split(",")]
+    stages = (
+        [s for s in demo.STAGES if s != "serve"] if args.stage == "all" else [s.strip() for s in args.stage.split(",")]
+    )
     unknown = sorted(set(stages) - set(demo.STAGES))
     try:
         if not args.out:

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from pipeline import DemoError
 from pipeline.jobs import Job, Work, epochs_done, job_env, module, run_jobs, say
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare_out, update_json
-from pipeline.plan import ENSEMBLE, LAST, PlannedTeacher, Plan, relative_to_file, write_toml
+from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
 from shared import scrape
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml
@@ -53,7 +53,9 @@ class Demo:
     def __init__(self, plan: Plan, out: Path, command: str):
         self.plan, self.layout, self.command = plan, Layout(out), command
 
-    def write_run_config(self, run_dir: Path, run: PlannedTeacher, seed: int | None = None, teacher: dict | None = None) -> Path:
+    def write_run_config(
+        self, run_dir: Path, run: PlannedTeacher, seed: int | None = None, teacher: dict | None = None
+    ) -> Path:
         raw = self.plan.raw_run(run, out_dir=".", seed=seed, teacher=teacher)  # out_dir: the folder of run.toml itself
         TrainConfig.model_validate(raw)
         return write_toml(run_dir / "run.toml", raw)
@@ -82,31 +84,50 @@ class Demo:
     # -- teachers ---------------------------------------------------------------------------
 
     def stage_teachers(self) -> None:
-        runs = ((f"teacher {teacher.name}", run_dir, self.write_run_config(run_dir, teacher))
-                for teacher in self.plan.teachers for run_dir in [self.layout.teacher(teacher.name)])
+        runs = (
+            (f"teacher {teacher.name}", run_dir, self.write_run_config(run_dir, teacher))
+            for teacher in self.plan.teachers
+            for run_dir in [self.layout.teacher(teacher.name)]
+        )
         jobs = self.training_jobs("teachers", runs)
         say(f"== teachers: {len(jobs)} to train, {self.plan.jobs} at a time ==")
-        run_jobs("teachers", jobs, self.plan.jobs, self.plan.threads_per_job, later=self.students_left() + self.evaluations_left())
+        run_jobs(
+            "teachers",
+            jobs,
+            self.plan.jobs,
+            self.plan.threads_per_job,
+            later=self.students_left() + self.evaluations_left(),
+        )
         self.write_service_config()
 
     def write_service_config(self) -> None:
         """The teachers as served_teacher_names says: early-stopped (best.pt) and last-epoch (last.pt), together and alone."""
         file = self.layout.service_config
         names = self.plan.teacher_names
-        first = load_checkpoint(self.layout.teacher(names[0]) / "best.pt")  # the checkpoint knows its classes and input shape
+        first = load_checkpoint(
+            self.layout.teacher(names[0]) / "best.pt"
+        )  # the checkpoint knows its classes and input shape
         shape = {"num_classes": first.num_classes, "input_shape": list(first.input_shape)}
         teachers = {}
         for suffix, checkpoint in (("", "best.pt"), (LAST, "last.pt")):
-            members = {name: {"path": relative_to_file(self.layout.teacher(name) / checkpoint, file), "weight": 1.0} for name in names}
+            members = {
+                name: {"path": relative_to_file(self.layout.teacher(name) / checkpoint, file), "weight": 1.0}
+                for name in names
+            }
             teachers[ENSEMBLE + suffix] = {**shape, "members": list(members.values())}
             teachers.update({name + suffix: {**shape, "members": [m]} for name, m in members.items()})
-        server = {**self.plan.service, "cache_dir": relative_to_file(self.layout.cache, file)}  # host, port: when served
+        server = {
+            **self.plan.service,
+            "cache_dir": relative_to_file(self.layout.cache, file),
+        }  # host, port: when served
         write_toml(file, {"server": server, "teachers": teachers})
         for name in names:
             chosen = json.loads((self.layout.teacher(name) / "config.json").read_text())
             best = best_epoch(self.layout.teacher(name))
-            say(f"[teachers] {name}: early-stopped at epoch {best['epoch']}/{chosen['epochs']} "
-                f"(validation PGD accuracy {best['val_robust_acc']:.3f})")
+            say(
+                f"[teachers] {name}: early-stopped at epoch {best['epoch']}/{chosen['epochs']} "
+                f"(validation PGD accuracy {best['val_robust_acc']:.3f})"
+            )
 
     # -- serve ------------------------------------------------------------------------------
 
@@ -116,9 +137,13 @@ class Demo:
         port = free_port()
         log = self.layout.service_log
         with open(log, "ab") as out:
-            proc = subprocess.Popen(module("teacher_service", "--config", str(self.layout.service_config), "--port", str(port)),
-                                    stdout=out, stderr=subprocess.STDOUT, env=job_env(self.plan.threads_per_job),
-                                    preexec_fn=_own_session_ending_with_parent)
+            proc = subprocess.Popen(
+                module("teacher_service", "--config", str(self.layout.service_config), "--port", str(port)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=job_env(self.plan.threads_per_job),
+                preexec_fn=_own_session_ending_with_parent,
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             try:
@@ -132,7 +157,9 @@ class Demo:
                 try:
                     self.save_service_stats(url, cumulative=False)  # a service started here counts from zero
                 except httpx.HTTPError as exc:
-                    say(f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its record")
+                    say(
+                        f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its record"
+                    )
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -144,20 +171,31 @@ class Demo:
     def save_service_stats(self, url: str, cumulative: bool) -> None:
         """Fold the service's counters into service/stats.json (merge_service_stats says how; a session that served nothing changes nothing)."""
         text = httpx.get(url + METRICS_PATH, timeout=30).text
-        stats = {"rows": scrape.total(text, "akd_rows_total"), "hits": scrape.total(text, "akd_cache_hits_total"),
-                 "misses": scrape.total(text, "akd_cache_misses_total"), "largest_batch": scrape.largest(text, "akd_batch_rows_max")}
+        stats = {
+            "rows": scrape.total(text, "akd_rows_total"),
+            "hits": scrape.total(text, "akd_cache_hits_total"),
+            "misses": scrape.total(text, "akd_cache_misses_total"),
+            "largest_batch": scrape.largest(text, "akd_batch_rows_max"),
+        }
         update_json(self.layout.service_stats, lambda old: merge_service_stats(old, stats, cumulative))
 
     # -- students ---------------------------------------------------------------------------
 
     def stage_students(self, teacher_url: str, seeds: list[int] | None = None) -> None:
         """Every student of the plan for `seeds` (the plan's seeds they name; all by default)."""
+
         def runs():
-            for student in self.plan.students:  # every seed of one student before the next: the plan's first comparisons finish first
+            for student in (
+                self.plan.students
+            ):  # every seed of one student before the next: the plan's first comparisons finish first
                 for seed in [s for s in self.plan.seeds if seeds is None or s in seeds]:
                     run_dir = self.layout.student(student.name, seed)
                     teacher = {"url": teacher_url, "name": student.uses} if student.uses else None
-                    yield f"student {student.name} seed {seed}", run_dir, self.write_run_config(run_dir, student, seed, teacher)
+                    yield (
+                        f"student {student.name} seed {seed}",
+                        run_dir,
+                        self.write_run_config(run_dir, student, seed, teacher),
+                    )
 
         jobs = self.training_jobs("students", runs())
         say(f"== students: {len(jobs)} to train against {teacher_url}, {self.plan.jobs} at a time ==")
@@ -194,7 +232,11 @@ class Demo:
         half the radius) is measured at the same radius as everyone else.
         """
         trained = {k: v for k, v in (self.plan.common.get("attack") or {}).items() if k in ("norm", "eps")}
-        chosen = self.plan.eval_attack.model_dump(include=self.plan.eval_attack.model_fields_set) if self.plan.eval_attack else {}
+        chosen = (
+            self.plan.eval_attack.model_dump(include=self.plan.eval_attack.model_fields_set)
+            if self.plan.eval_attack
+            else {}
+        )
         return EVAL_ATTACK.model_copy(update={**trained, **chosen}).resolved(self.plan.dataset)
 
     def stage_evaluate(self) -> None:
@@ -204,17 +246,28 @@ class Demo:
         unfinished = [run_dir for run_dir in self.all_runs() if not trained(run_dir)]
         if unfinished:  # a plan run in parts: evaluate what is trained, and say what is not
             say(f"[evaluate] not trained yet, so not evaluated: {', '.join(r.name for r in unfinished)}")
-        jobs = [job for run_dir in self.all_runs() if run_dir not in unfinished for job in self.evaluation_jobs(run_dir, wanted)]
+        jobs = [
+            job
+            for run_dir in self.all_runs()
+            if run_dir not in unfinished
+            for job in self.evaluation_jobs(run_dir, wanted)
+        ]
         plan = self.plan
-        threat = describe_threat_model(threat_model(wanted, plan.autoattack_limit or None, False, plan.autoattack_version))
-        say(f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the students' "
-            f"final and the teachers' early-stopped), all under {threat}; {plan.jobs} at a time ==")
+        threat = describe_threat_model(
+            threat_model(wanted, plan.autoattack_limit or None, False, plan.autoattack_version)
+        )
+        say(
+            f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the students' "
+            f"final and the teachers' early-stopped), all under {threat}; {plan.jobs} at a time =="
+        )
         run_jobs("evaluate", jobs, plan.jobs, plan.threads_per_job)
 
     def evaluation_jobs(self, run_dir: Path, wanted: dict) -> list[Job]:
         """`akd eval` of a run's best-validation and final checkpoints, where no current evaluation exists."""
         plan = self.plan
-        sets = [arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")]  # TOML values
+        sets = [
+            arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")
+        ]  # TOML values
         limit = ["--limit", str(plan.eval_limit)] if plan.eval_limit else []
         autoattack = ["--autoattack-limit", str(plan.autoattack_limit), "--autoattack-version", plan.autoattack_version]
         jobs = []
@@ -223,8 +276,19 @@ class Demo:
             with_aa = bool(plan.autoattack_limit) and checkpoint == AUTOATTACKED[run_dir in self.teacher_runs()]
             if evaluation_current(out, run_dir / checkpoint, wanted, plan.autoattack_version, with_aa):
                 continue
-            argv = module("student_trainer", "eval", "--checkpoint", str(run_dir / checkpoint),
-                          "--attacks", "clean,pgd,autoattack" if with_aa else "clean,pgd", *autoattack, *sets, *limit, "--out", str(out))
+            argv = module(
+                "student_trainer",
+                "eval",
+                "--checkpoint",
+                str(run_dir / checkpoint),
+                "--attacks",
+                "clean,pgd,autoattack" if with_aa else "clean,pgd",
+                *autoattack,
+                *sets,
+                *limit,
+                "--out",
+                str(out),
+            )
             cost = Work(plan).evaluation(plan.dataset, with_aa)  # for the ETA
             jobs.append(Job(f"eval {run_dir.name} {checkpoint}", argv, out.with_suffix(".log"), passes_per_unit=cost))
         return jobs
@@ -249,7 +313,9 @@ def _own_session_ending_with_parent() -> None:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def evaluation_current(eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack: bool) -> bool:
+def evaluation_current(
+    eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack: bool
+) -> bool:
     """Whether an existing evaluation is of this checkpoint as it is now, under this threat model and AutoAttack: one
     made under another (an older plan) or of an older checkpoint is redone, not mixed in."""
     try:
@@ -285,8 +351,15 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_demo(plan: Plan, out: Path, stages: list[str], fresh: bool, teacher_url: str | None, seeds: list[int] | None,
-             command: str) -> str | None:
+def run_demo(
+    plan: Plan,
+    out: Path,
+    stages: list[str],
+    fresh: bool,
+    teacher_url: str | None,
+    seeds: list[int] | None,
+    command: str,
+) -> str | None:
     prepare_out(out, fresh)
     demo = Demo(plan, out, command)
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
@@ -309,7 +382,9 @@ def run_demo(plan: Plan, out: Path, stages: list[str], fresh: bool, teacher_url:
         with timed("students"):
             if teacher_url:
                 demo.stage_students(teacher_url, seeds)
-                demo.save_service_stats(teacher_url, cumulative=True)  # its counters run since it started, across trainers
+                demo.save_service_stats(
+                    teacher_url, cumulative=True
+                )  # its counters run since it started, across trainers
             else:
                 with demo.service() as url:
                     demo.stage_students(url, seeds)

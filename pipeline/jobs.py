@@ -59,7 +59,9 @@ class Work:
     def evaluation(self, dataset: str, autoattack: bool = True) -> float:
         n = min(self.plan.eval_limit or TEST_IMAGES[dataset], TEST_IMAGES[dataset])
         aa = min(self.plan.autoattack_limit, n) * AUTOATTACK_PASSES[self.plan.autoattack_version] if autoattack else 0
-        return n * (self.plan.eval_attack or EVAL_ATTACK).steps + 2 * n + aa  # PGD, and the clean passes before and after it
+        return (
+            n * (self.plan.eval_attack or EVAL_ATTACK).steps + 2 * n + aa
+        )  # PGD, and the clean passes before and after it
 
 
 def say(text: str) -> None:
@@ -99,7 +101,9 @@ def epochs_done(run_dir: Path | None) -> int:
     return len(metrics.read_text().splitlines()) if metrics and metrics.exists() else 0
 
 
-def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: float = 0.0, report_every_s: float = 15.0) -> None:
+def run_jobs(
+    stage: str, jobs: list[Job], parallel: int, threads: int, later: float = 0.0, report_every_s: float = 15.0
+) -> None:
     """Run jobs `parallel` at a time; show which are running, how far, this stage's ETA and the whole demo's (`later`:
     the work of the stages after this one, in Job.passes_per_unit's unit); fail loudly with the log's tail."""
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
@@ -112,8 +116,15 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: fl
             proc.wait()
 
 
-def _run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: float, report_every_s: float,
-              running: dict[str, tuple[Job, subprocess.Popen]]) -> None:
+def _run_jobs(
+    stage: str,
+    jobs: list[Job],
+    parallel: int,
+    threads: int,
+    later: float,
+    report_every_s: float,
+    running: dict[str, tuple[Job, subprocess.Popen]],
+) -> None:
     pending, finished = list(jobs), set()
     started = last = time.monotonic()
     done = lambda: sum(j.units_done(j.name in finished) * j.passes_per_unit for j in jobs)  # noqa: E731
@@ -123,7 +134,10 @@ def _run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: f
             job = pending.pop(0)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, "ab") as log:
-                running[job.name] = (job, subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)))
+                running[job.name] = (
+                    job,
+                    subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)),
+                )
             say(f"[{stage}] started {job.name} (log: {job.log})")
         time.sleep(0.5)
         for name, (job, proc) in list(running.items()):
@@ -139,15 +153,19 @@ def _run_jobs(stage: str, jobs: list[Job], parallel: int, threads: int, later: f
             last = time.monotonic()
             progress = [job_progress(j) for j, _ in running.values()]
             elapsed = time.monotonic() - started
-            say(f"[{stage}] {len(finished)}/{len(jobs)} done; running: {', '.join(progress)}; {elapsed / 60:.1f} min"
-                + eta_text(done() - at_start, elapsed, total - done(), later))
+            say(
+                f"[{stage}] {len(finished)}/{len(jobs)} done; running: {', '.join(progress)}; {elapsed / 60:.1f} min"
+                + eta_text(done() - at_start, elapsed, total - done(), later)
+            )
 
 
-ETA_AFTER = 0.05  # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
+ETA_AFTER = (
+    0.05  # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
+)
 
 
 def eta_text(work_done: float, elapsed: float, stage_left: float, later: float) -> str:
-    """", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of it."""
+    """ ", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of it."""
     if work_done <= ETA_AFTER * (work_done + stage_left):
         return ""
     rate = work_done / elapsed

@@ -59,7 +59,9 @@ def prepare_out(out: Path, fresh: bool) -> None:
     """--fresh empties the folder, but only one this command made (it carries a marker)."""
     if fresh and out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise DemoError(f"--fresh would delete {out}, which akd demo did not create (no {MARKER} in it); pick another --out")
+            raise DemoError(
+                f"--fresh would delete {out}, which akd demo did not create (no {MARKER} in it); pick another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
@@ -98,6 +100,7 @@ def add_stage_time(layout: Layout, stage: str, seconds: float) -> dict:
     The report runs in a later invocation than the training more often than not, so the time behind the results has to be
     on disk; summing keeps an interrupted run's work and its resume, and --fresh starts the record over.
     """
+
     def add(times: dict) -> dict:
         before = times.get(stage, {"seconds": 0.0, "runs": 0})
         return {**times, stage: {"seconds": before["seconds"] + seconds, "runs": before["runs"] + 1}}

@@ -23,7 +23,9 @@ from student_trainer.config import DISTILLATION_METHODS, AttackConfig, TrainConf
 ENSEMBLE = "ensemble"
 LAST = "-last"
 DEFAULT_METHOD = TrainConfig.model_fields["method"].default
-PLACEHOLDER_URL = "http://127.0.0.1:1"  # a student's teacher before any service runs: validation needs a URL, not a live one
+PLACEHOLDER_URL = (
+    "http://127.0.0.1:1"  # a student's teacher before any service runs: validation needs a URL, not a live one
+)
 
 
 class PlannedTeacher(BaseModel):
@@ -50,7 +52,9 @@ class Plan(StrictConfig):
     jobs: Count = 2
     threads_per_job: Count = 1
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
-    autoattack_version: Literal["standard", "apgd"] = "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
+    autoattack_version: Literal["standard", "apgd"] = (
+        "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
+    )
     eval_limit: Count | None = None
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
@@ -68,8 +72,12 @@ class Plan(StrictConfig):
             raise ValueError(f"every teacher and student needs a unique `name`, got {names}")
         served = set(served_teacher_names(self.teacher_names))
         for student in self.students:
-            if (student.uses is not None) != (self.raw_run(student).get("method", DEFAULT_METHOD) in DISTILLATION_METHODS):
-                raise ValueError(f"student {student.name!r}: distillation methods need `uses`, the others must not have it")
+            if (student.uses is not None) != (
+                self.raw_run(student).get("method", DEFAULT_METHOD) in DISTILLATION_METHODS
+            ):
+                raise ValueError(
+                    f"student {student.name!r}: distillation methods need `uses`, the others must not have it"
+                )
             if student.uses is not None and student.uses not in served:
                 raise ValueError(f"student {student.name!r} uses {student.uses!r}; served teachers: {sorted(served)}")
         _check_service_settings(self.service)
@@ -83,12 +91,16 @@ class Plan(StrictConfig):
 
     def raw_run(self, run: PlannedTeacher, **fields) -> dict:
         """A run's TOML table: [common], its own keys over it, then the `fields` given (seed, out_dir, teacher) over both."""
-        return merge(self.common, {**run.overrides, **{key: value for key, value in fields.items() if value is not None}})
+        return merge(
+            self.common, {**run.overrides, **{key: value for key, value in fields.items() if value is not None}}
+        )
 
     def train_config(self, run: PlannedTeacher, teacher_url: str = PLACEHOLDER_URL) -> TrainConfig:
         """A run of the plan as the TrainConfig it trains with (its teacher at `teacher_url`)."""
         uses = getattr(run, "uses", None)
-        return TrainConfig.model_validate(self.raw_run(run, teacher={"url": teacher_url, "name": uses} if uses else None))
+        return TrainConfig.model_validate(
+            self.raw_run(run, teacher={"url": teacher_url, "name": uses} if uses else None)
+        )
 
     @property
     def dataset(self) -> str:
@@ -100,7 +112,9 @@ def _check_service_settings(settings: dict) -> None:
 
     taken = sorted({"cache_dir", "host", "port"} & set(settings))
     if taken:
-        raise ValueError(f"[service] cannot set {', '.join(taken)}: the demo chooses where the service listens and caches")
+        raise ValueError(
+            f"[service] cannot set {', '.join(taken)}: the demo chooses where the service listens and caches"
+        )
     ServerConfig.model_validate(settings)
 
 
@@ -114,7 +128,9 @@ def merge(base: dict, top: dict) -> dict:
     """Deep merge of TOML tables: `top` wins, sub-tables merge, a None in `top` removes the key."""
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return {k: v for k, v in merged.items() if v is not None}
 
 
@@ -122,9 +138,13 @@ def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | 
     """A plan file, or the built-in plan `name`; `--set key=value` on top (e.g. common.data_dir=..., common.epochs=1)."""
     if path is None:
         if name not in plans.NAMES:
-            raise ConfigError(f"unknown plan {name!r}; built-in plans: {', '.join(plans.NAMES)} (or --config your-plan.toml)")
+            raise ConfigError(
+                f"unknown plan {name!r}; built-in plans: {', '.join(plans.NAMES)} (or --config your-plan.toml)"
+            )
         raw, source = tomllib.loads(plans.plan_text(name)), f"plan {name} (pipeline/plans/{name}.toml)"
-        _resolve_plan_paths(raw, Path.cwd())  # a built-in plan's relative paths (cifar10's data_dir) mean the user's folder
+        _resolve_plan_paths(
+            raw, Path.cwd()
+        )  # a built-in plan's relative paths (cifar10's data_dir) mean the user's folder
     else:
         raw, source = read_toml(path), str(path)
         _resolve_plan_paths(raw, Path(path).resolve().parent)

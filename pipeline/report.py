@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-
 
 from pipeline import DemoError
 from pipeline.layout import Layout, read_stage_times
@@ -20,9 +19,18 @@ from shared.machine import machine, machine_line
 from shared.markdown import markdown_table
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
-COLUMNS = [("clean_acc", "clean acc"), ("pgd_acc", "PGD acc"), ("autoattack_acc", "AutoAttack acc"), ("ece", "ECE"),
-           ("ece_pgd", "ECE on PGD")]
-RUN_COLUMNS = [("train_time_min", "train time (min)"), ("teacher_rows", "teacher rows served"), ("cache_hit_rate", "cache hit rate")]
+COLUMNS = [
+    ("clean_acc", "clean acc"),
+    ("pgd_acc", "PGD acc"),
+    ("autoattack_acc", "AutoAttack acc"),
+    ("ece", "ECE"),
+    ("ece_pgd", "ECE on PGD"),
+]
+RUN_COLUMNS = [
+    ("train_time_min", "train time (min)"),
+    ("teacher_rows", "teacher rows served"),
+    ("cache_hit_rate", "cache hit rate"),
+]
 EVAL_KEYS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "autoattack_n")
 OVERFITTING_WINDOW = 5  # epochs averaged at each end of the best-vs-final gap
 OVERFITTING_POINTS = 0.03  # the gap (PGD-AT's, mean over seeds) from which a regime counts as robust overfitting
@@ -33,9 +41,14 @@ def overfitting_gap(values: list[float], window: int = OVERFITTING_WINDOW) -> di
     the best window anywhere in training against the last one. Robust overfitting is a positive gap."""
     if len(values) < window:
         window = len(values)
-    means = [statistics.fmean(values[i:i + window]) for i in range(len(values) - window + 1)]
+    means = [statistics.fmean(values[i : i + window]) for i in range(len(values) - window + 1)]
     top = max(range(len(means)), key=means.__getitem__)
-    return {"best": means[top], "best_epochs": [top + 1, top + window], "final": means[-1], "gap": means[top] - means[-1]}
+    return {
+        "best": means[top],
+        "best_epochs": [top + 1, top + window],
+        "final": means[-1],
+        "gap": means[top] - means[-1],
+    }
 
 
 def _evaluation(path: Path) -> dict | None:
@@ -89,7 +102,9 @@ def _value(run: dict, key: str, which: str) -> float | None:
 
 def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> str:
     """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final one."""
-    columns = COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]  # AUTOATTACKED
+    columns = (
+        COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]
+    )  # AUTOATTACKED
     rows = []
     for name, runs in students.items():
         cells = [_cell(key, mean_spread([_value(r, key, which) for r in runs]), seeds) for key, _ in columns]
@@ -106,10 +121,25 @@ def overfitting_table(students: dict[str, list[dict]]) -> str:
         gaps = [r["overfitting"] for r in runs]
         best, final, gap = (mean_spread([g[k] for g in gaps]) for k in ("best", "final", "gap"))
         windows = ", ".join(f"{g['best_epochs'][0]}-{g['best_epochs'][1]}" for g in gaps)
-        rows.append([name, f"{best[0]:.4f} ± {best[1]:.4f}", windows, f"{final[0]:.4f} ± {final[1]:.4f}",
-                     f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f}"])
-    return markdown_table(["student", f"best {OVERFITTING_WINDOW}-epoch val PGD acc", "its epochs per seed",
-                   f"last {OVERFITTING_WINDOW} epochs", "gap (points)"], rows)
+        rows.append(
+            [
+                name,
+                f"{best[0]:.4f} ± {best[1]:.4f}",
+                windows,
+                f"{final[0]:.4f} ± {final[1]:.4f}",
+                f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f}",
+            ]
+        )
+    return markdown_table(
+        [
+            "student",
+            f"best {OVERFITTING_WINDOW}-epoch val PGD acc",
+            "its epochs per seed",
+            f"last {OVERFITTING_WINDOW} epochs",
+            "gap (points)",
+        ],
+        rows,
+    )
 
 
 def threat_model_line(runs: dict[str, dict]) -> str:
@@ -127,19 +157,30 @@ def threat_model_line(runs: dict[str, dict]) -> str:
             if run.get(which) is None:
                 continue
             label = name if which == "best" else f"{name} (final epoch)"
-            entry = {k: v for k, v in (run[which].get("threat_model") or {}).items() if k not in ("standard", "autoattack")}
+            entry = {
+                k: v for k, v in (run[which].get("threat_model") or {}).items() if k not in ("standard", "autoattack")
+            }
             pgd.setdefault(json.dumps(entry, sort_keys=True), []).append(label)
             if (run[which].get("threat_model") or {}).get("autoattack"):
-                autoattack.setdefault(json.dumps(run[which]["threat_model"]["autoattack"], sort_keys=True), []).append(label)
+                autoattack.setdefault(json.dumps(run[which]["threat_model"]["autoattack"], sort_keys=True), []).append(
+                    label
+                )
 
     def described(key: str, aa: str | None = None) -> str:
         entry = {**json.loads(key), "autoattack": json.loads(aa) if aa else None}
-        return describe_threat_model(entry) if "step_size" in entry else "not recorded (an eval.json from an older akd eval)"
+        return (
+            describe_threat_model(entry)
+            if "step_size" in entry
+            else "not recorded (an eval.json from an older akd eval)"
+        )
 
     if len(pgd) == 1 and len(autoattack) <= 1:
         return f"- threat model (every teacher and student): {described(next(iter(pgd)), next(iter(autoattack), None))}"
     parts = [f"{', '.join(names)}: {described(key)}" for key, names in pgd.items()]
-    parts += [f"{', '.join(names)}: AutoAttack {json.loads(key)['version']} on {json.loads(key)['n']} images" for key, names in autoattack.items()]
+    parts += [
+        f"{', '.join(names)}: AutoAttack {json.loads(key)['version']} on {json.loads(key)['n']} images"
+        for key, names in autoattack.items()
+    ]
     return f"- threat model: **WARNING: the models were NOT evaluated under one threat model; their numbers do not compare**: {'; '.join(parts)}"
 
 
@@ -147,21 +188,31 @@ def teacher_table(teachers: dict[str, dict]) -> str:
     """Each teacher as served (its early-stopped checkpoint), and its last epoch, served as `<name>-last`."""
     rows = []
     for name, t in teachers.items():
-        for which, label in (("best", f"{t['best_epoch']}/{t['epochs']} (early-stopped)"), ("final", f"{t['epochs']}/{t['epochs']} (last)")):
+        for which, label in (
+            ("best", f"{t['best_epoch']}/{t['epochs']} (early-stopped)"),
+            ("final", f"{t['epochs']}/{t['epochs']} (last)"),
+        ):
             if t[which] is not None:
                 rows.append([name, label, *(_cell(key, mean_spread([t[which].get(key)]), 1) for key, _ in COLUMNS)])
     return markdown_table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
 
 
 MARGIN_SE = 2  # how many standard errors of the mean paired difference make a verdict
-VERDICT_RULE = (f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
-                f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold when it "
-                f"is more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; \"not lower\" (clean "
-                f"accuracy) is a no-clear-drop claim, so it holds unless d̄ < -{MARGIN_SE}·se.")
+VERDICT_RULE = (
+    f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
+    f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold when it "
+    f'is more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; "not lower" (clean '
+    f"accuracy) is a no-clear-drop claim, so it holds unless d̄ < -{MARGIN_SE}·se."
+)
 # The claims, each on the final epoch (the paper's point): (what is compared, its title, the direction the paper expects).
-CLAIMS = (("autoattack_acc", "robust accuracy (AutoAttack)", "higher"), ("pgd_acc", "robust accuracy (PGD)", "higher"),
-          ("clean_acc", "clean accuracy", "not lower"), ("ece", "calibration (ECE, clean)", "lower"),
-          ("ece_pgd", "calibration (ECE on PGD inputs)", "lower"), ("gap", "robust overfitting (best-vs-final validation gap)", "lower"))
+CLAIMS = (
+    ("autoattack_acc", "robust accuracy (AutoAttack)", "higher"),
+    ("pgd_acc", "robust accuracy (PGD)", "higher"),
+    ("clean_acc", "clean accuracy", "not lower"),
+    ("ece", "calibration (ECE, clean)", "lower"),
+    ("ece_pgd", "calibration (ECE on PGD inputs)", "lower"),
+    ("gap", "robust overfitting (best-vs-final validation gap)", "lower"),
+)
 
 
 def paired_mean_se(diffs: list[float]) -> tuple[float, float]:
@@ -208,10 +259,12 @@ def baseline_and_akd(plan: Plan) -> tuple[str | None, str | None]:
 
 
 def described_method(plan: Plan, name: str) -> str:
-    """"akd (ensemble, alpha 0.5, tau 1)": a student's method and teacher as it trained, [common] included."""
+    """ "akd (ensemble, alpha 0.5, tau 1)": a student's method and teacher as it trained, [common] included."""
     student = next(s for s in plan.students if s.name == name)
     run = plan.train_config(student)
-    return f"{run.method} ({student.uses}, alpha {run.alpha:g}, tau {run.temperature:g})" if student.uses else run.method
+    return (
+        f"{run.method} ({student.uses}, alpha {run.alpha:g}, tau {run.temperature:g})" if student.uses else run.method
+    )
 
 
 def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
@@ -230,8 +283,10 @@ def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
         per_seed = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in pairs)
         if len(diffs) > 1:
             per_seed += " (mean {:+.4f}, se {:.4f})".format(*paired_mean_se(diffs))
-        lines.append(f"- {title} ({better} expected): {akd} {a[0]:.4f} ± {a[1]:.4f} vs {baseline} {b[0]:.4f} ± {b[1]:.4f}: "
-                     f"paired differences {per_seed}: **{verdict(diffs, better)}**")
+        lines.append(
+            f"- {title} ({better} expected): {akd} {a[0]:.4f} ± {a[1]:.4f} vs {baseline} {b[0]:.4f} ± {b[1]:.4f}: "
+            f"paired differences {per_seed}: **{verdict(diffs, better)}**"
+        )
     return lines
 
 
@@ -260,7 +315,10 @@ def time_line(stage_times: dict[str, dict]) -> str:
     """Per-stage minutes and their total, from stages.json (see demo.add_stage_time): whichever invocations ran them."""
     if not stage_times:
         return "- time: not recorded (no stage has run in this folder since time recording began)"
-    parts = [f"{stage} {t['seconds'] / 60:.1f} min" + (f" ({t['runs']} invocations)" if t["runs"] > 1 else "") for stage, t in stage_times.items()]
+    parts = [
+        f"{stage} {t['seconds'] / 60:.1f} min" + (f" ({t['runs']} invocations)" if t["runs"] > 1 else "")
+        for stage, t in stage_times.items()
+    ]
     total = sum(t["seconds"] for t in stage_times.values())
     return f"- time: {', '.join(parts)}; total {total / 60:.1f} min (wall time per stage, summed over the invocations on this folder)"
 
@@ -269,8 +327,11 @@ def service_line(service: dict) -> str:
     if not service.get("rows"):
         return "No rows served yet: the students stage has not run against the teacher service for this folder."
     hits, misses = service.get("hits", 0), service.get("misses", 0)
-    return (f"{service['rows']:,.0f} rows served to the students, largest batch {service.get('largest_batch', 0):.0f} rows"
-            + (f", member cache hit rate {hits / (hits + misses):.1%}" if hits + misses else "") + ".")
+    return (
+        f"{service['rows']:,.0f} rows served to the students, largest batch {service.get('largest_batch', 0):.0f} rows"
+        + (f", member cache hit rate {hits / (hits + misses):.1%}" if hits + misses else "")
+        + "."
+    )
 
 
 def write_report(demo) -> str:
@@ -278,7 +339,9 @@ def write_report(demo) -> str:
     layout, plan = demo.layout, demo.plan
     finished = [s for s in plan.students if all(evaluated(layout.student(s.name, seed)) for seed in plan.seeds)]
     if not finished or not all(evaluated(layout.teacher(name)) for name in plan.teacher_names):
-        raise DemoError("nothing to report yet: the teachers and at least one student (every seed) must be trained and evaluated")
+        raise DemoError(
+            "nothing to report yet: the teachers and at least one student (every seed) must be trained and evaluated"
+        )
     unfinished = [s.name for s in plan.students if s not in finished]
     plan = plan.model_copy(update={"students": finished})  # a plan run in parts reports what is done and names the rest
     students = {s.name: [run_summary(layout.student(s.name, seed)) for seed in plan.seeds] for s in plan.students}
@@ -286,34 +349,68 @@ def write_report(demo) -> str:
     service = json.loads(layout.service_stats.read_text()) if layout.service_stats.exists() else {}
     stage_times = read_stage_times(layout)
     _pictures(layout, plan, teachers)
-    every_run = {**teachers, **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(plan.seeds, runs)}}
+    every_run = {
+        **teachers,
+        **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(plan.seeds, runs)},
+    }
     header = [*_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
     if unfinished:
-        header.append(f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
-                      f"{', '.join(unfinished)}")
+        header.append(
+            f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
+            f"{', '.join(unfinished)}"
+        )
     text = "\n".join(["# akd demo: results", "", *header, "", *_sections(layout, plan, students, teachers, service)])
     (layout.root / "RESULTS.md").write_text(text)
-    raw = {"command": demo.command, "machine": machine_line(machine()), "students": students, "teachers": teachers, "service": service,
-           "seeds": plan.seeds, "stages": stage_times, "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None}
+    raw = {
+        "command": demo.command,
+        "machine": machine_line(machine()),
+        "students": students,
+        "teachers": teachers,
+        "service": service,
+        "seeds": plan.seeds,
+        "stages": stage_times,
+        "elapsed_s": sum(t["seconds"] for t in stage_times.values()) if stage_times else None,
+    }
     (layout.root / "results.json").write_text(json.dumps(raw, indent=2))
     return text
 
 
-def _sections(layout: Layout, plan: Plan, students: dict[str, list[dict]], teachers: dict[str, dict], service: dict) -> list[str]:
+def _sections(
+    layout: Layout, plan: Plan, students: dict[str, list[dict]], teachers: dict[str, dict], service: dict
+) -> list[str]:
     """The report's body after its header, the robust-overfitting picture first."""
     seeds = len(plan.seeds)
     return [
         *_overfitting_section(plan, students, teachers),
-        "## Students at the final epoch (the paper's point)", "", student_table(students, seeds, "final"), "",
-        "## Students at their best-validation epoch (early stopping)", "", student_table(students, seeds, "best"), "",
-        "## The claims (AKD with the early-stopped ensemble vs PGD-AT, final epoch)", "", *claim_lines(plan, students), "",
+        "## Students at the final epoch (the paper's point)",
+        "",
+        student_table(students, seeds, "final"),
+        "",
+        "## Students at their best-validation epoch (early stopping)",
+        "",
+        student_table(students, seeds, "best"),
+        "",
+        "## The claims (AKD with the early-stopped ensemble vs PGD-AT, final epoch)",
+        "",
+        *claim_lines(plan, students),
+        "",
         "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired differences)",
-        "", guideline_table(plan, students), "",
-        "## Teachers", "", teacher_table(teachers), "",
-        "## The teacher service", "", service_line(service), "",
-        "## Training dynamics (first seed, adversarial correctness on the training set)", "",
+        "",
+        guideline_table(plan, students),
+        "",
+        "## Teachers",
+        "",
+        teacher_table(teachers),
+        "",
+        "## The teacher service",
+        "",
+        service_line(service),
+        "",
+        "## Training dynamics (first seed, adversarial correctness on the training set)",
+        "",
         _dynamics_table(layout, plan, plan.seeds[0]),
-        "## More pictures", "",
+        "## More pictures",
+        "",
         "![students](pictures/students-curves.png)",
         "![teachers](pictures/teachers-curves.png)",
         *[f"![{s.name}](pictures/{s.name}.reliability.png)" for s in plan.students],
@@ -331,7 +428,7 @@ def _header(demo, stage_times: dict, evaluation: dict) -> list[str]:
     return [
         f"- command: `{demo.command}`",
         f"- machine: {machine_line(machine())}",
-        f"- finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- finished: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
         time_line(stage_times),
         f"- data: {plan.dataset} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "
         f"{evaluation.get('autoattack_n')} for AutoAttack; students: mean ± standard deviation over seeds {plan.seeds}",
@@ -344,11 +441,21 @@ def _overfitting_section(plan: Plan, students: dict[str, list[dict]], teachers: 
     if baseline is not None:
         gap = statistics.fmean(r["overfitting"]["gap"] for r in students[baseline])
         overfits = "robust-overfits" if gap >= OVERFITTING_POINTS else "does **not** robust-overfit"
-        regime = (f"PGD-AT's best-vs-final validation gap is {100 * gap:.2f} points (mean over seeds): this regime {overfits} "
-                  f"(the threshold is {100 * OVERFITTING_POINTS:.0f} points, {OVERFITTING_WINDOW}-epoch averages at each end).")
+        regime = (
+            f"PGD-AT's best-vs-final validation gap is {100 * gap:.2f} points (mean over seeds): this regime {overfits} "
+            f"(the threshold is {100 * OVERFITTING_POINTS:.0f} points, {OVERFITTING_WINDOW}-epoch averages at each end)."
+        )
     stops = ", ".join(f"{name} at epoch {t['best_epoch']}/{t['epochs']}" for name, t in teachers.items())
-    return ["## Robust overfitting", "", "![validation PGD accuracy per epoch](pictures/robust-overfitting.png)", "",
-            f"Teachers early-stopped (best validation PGD accuracy): {stops}. {regime}", "", overfitting_table(students), ""]
+    return [
+        "## Robust overfitting",
+        "",
+        "![validation PGD accuracy per epoch](pictures/robust-overfitting.png)",
+        "",
+        f"Teachers early-stopped (best validation PGD accuracy): {stops}. {regime}",
+        "",
+        overfitting_table(students),
+        "",
+    ]
 
 
 def _pictures(layout: Layout, plan: Plan, teachers: dict[str, dict]) -> None:
@@ -357,14 +464,24 @@ def _pictures(layout: Layout, plan: Plan, teachers: dict[str, dict]) -> None:
     first_seed = plan.seeds[0]
     names = [s.name for s in plan.students]
     for name in names:
-        shutil.copyfile(layout.student(name, first_seed) / "eval-final.reliability.png", pictures / f"{name}.reliability.png")
-    robust_overfitting_curves({name: [read_metrics(layout.student(name, seed) / "metrics.jsonl") for seed in plan.seeds]
-                               for name in names}, {name: t["best_epoch"] for name, t in teachers.items()},
-                              pictures / "robust-overfitting.png")
-    training_curves([layout.student(name, first_seed) / "metrics.jsonl" for name in names],
-                    pictures / "students-curves.png", labels=names)
-    training_curves([layout.teacher(name) / "metrics.jsonl" for name in plan.teacher_names],
-                    pictures / "teachers-curves.png", labels=plan.teacher_names)
+        shutil.copyfile(
+            layout.student(name, first_seed) / "eval-final.reliability.png", pictures / f"{name}.reliability.png"
+        )
+    robust_overfitting_curves(
+        {name: [read_metrics(layout.student(name, seed) / "metrics.jsonl") for seed in plan.seeds] for name in names},
+        {name: t["best_epoch"] for name, t in teachers.items()},
+        pictures / "robust-overfitting.png",
+    )
+    training_curves(
+        [layout.student(name, first_seed) / "metrics.jsonl" for name in names],
+        pictures / "students-curves.png",
+        labels=names,
+    )
+    training_curves(
+        [layout.teacher(name) / "metrics.jsonl" for name in plan.teacher_names],
+        pictures / "teachers-curves.png",
+        labels=plan.teacher_names,
+    )
 
 
 def _dynamics_table(layout: Layout, plan: Plan, seed: int) -> str:

@@ -43,10 +43,15 @@ def main(out: Path) -> None:
         return
     torch.manual_seed(0)
     a = build_model("small_cnn", 10, SHAPE).eval()
-    save_checkpoint(out / "member-a.pt", Checkpoint("small_cnn", 10, SHAPE, a.state_dict(), {"epoch": 0, "note": "untrained example"}))
+    save_checkpoint(
+        out / "member-a.pt",
+        Checkpoint("small_cnn", 10, SHAPE, a.state_dict(), {"epoch": 0, "note": "untrained example"}),
+    )
     b = build_model("small_cnn", 10, SHAPE).eval()
     batch = torch.export.Dim("batch")
-    torch.export.save(torch.export.export(b, (torch.rand(4, *SHAPE),), dynamic_shapes=({0: batch},)), out / "member-b.pt2")
+    torch.export.save(
+        torch.export.export(b, (torch.rand(4, *SHAPE),), dynamic_shapes=({0: batch},)), out / "member-b.pt2"
+    )
     (out / "teachers.toml").write_text(CONFIG)
     print(f"wrote {out}/teachers.toml with members member-a.pt and member-b.pt2")
 

@@ -23,17 +23,25 @@ SUBCOMMANDS = {
     "serve": Subcommand("teacher_service.cli", "serve teacher soft targets over HTTP (POST /soft-targets)"),
     "train": Subcommand("student_trainer.cli", "train one model (PGD-AT, TRADES, AKD, ARD, RSLAD, IAD)"),
     "eval": Subcommand("student_trainer.cli", "robust evaluation of a checkpoint on the test split"),
-    "compare": Subcommand("student_trainer.cli", "compare runs: validation accuracy, curves, forgetting on the hardest samples"),
-    "demo": Subcommand("pipeline.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"),
+    "compare": Subcommand(
+        "student_trainer.cli", "compare runs: validation accuracy, curves, forgetting on the hardest samples"
+    ),
+    "demo": Subcommand(
+        "pipeline.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"
+    ),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
 }
 
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog=prog, description="Adversarial knowledge distillation with a shared teacher service.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Adversarial knowledge distillation with a shared teacher service."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {name: sub.add_parser(name, help=SUBCOMMANDS[name].help, description=SUBCOMMANDS[name].help) for name in commands}
+    parsers = {
+        name: sub.add_parser(name, help=SUBCOMMANDS[name].help, description=SUBCOMMANDS[name].help) for name in commands
+    }
     chosen = argv[0] if argv else None
     if chosen in parsers:  # anything else (no command, --help, a typo) is argparse's to answer
         add_arguments, run = importlib.import_module(SUBCOMMANDS[chosen].module).COMMANDS[chosen]

@@ -60,9 +60,22 @@ def to_transport(inputs: torch.Tensor) -> torch.Tensor:
 
 # safetensors' dtype names (the header's "dtype") as torch names them, for the tensors torch can load
 _HEADER_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
-    "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
 }
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound
 
@@ -99,20 +112,22 @@ def read_header(prefix: bytes) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         raise UnreadableHeader(str(exc)) from None
     if not isinstance(header, dict):
         raise UnreadableHeader("a header that is not a JSON object")
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or info.get("dtype") not in _HEADER_DTYPES:
-            raise UnreadableHeader(f"tensor {name!r} without a known dtype")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise UnreadableHeader(f"tensor {name!r} without a valid shape")
-        tensors[name] = (_HEADER_DTYPES[info["dtype"]], tuple(shape))
-    return tensors
+    return {name: _declared_tensor(name, info) for name, info in header.items() if name != "__metadata__"}
 
 
-def check_inputs_declared(tensors: dict[str, tuple[str, tuple[int, ...]]], input_shape: tuple[int, int, int]) -> tuple[int, ...]:
+def _declared_tensor(name: str, info: object) -> tuple[str, tuple[int, ...]]:
+    """One header entry as (torch dtype name, shape), or UnreadableHeader."""
+    if not isinstance(info, dict) or info.get("dtype") not in _HEADER_DTYPES:
+        raise UnreadableHeader(f"tensor {name!r} without a known dtype")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise UnreadableHeader(f"tensor {name!r} without a valid shape")
+    return _HEADER_DTYPES[info["dtype"]], tuple(shape)
+
+
+def check_inputs_declared(
+    tensors: dict[str, tuple[str, tuple[int, ...]]], input_shape: tuple[int, int, int]
+) -> tuple[int, ...]:
     """Check the `inputs` tensor's name, dtype and shape from {name: (dtype name, shape)}; return its shape.
 
     One check for a decoded body (`validate_inputs`) and for a header read before the body is in (`read_header`),
@@ -120,7 +135,9 @@ def check_inputs_declared(tensors: dict[str, tuple[str, tuple[int, ...]]], input
     """
     if INPUTS_KEY not in tensors:
         found = ", ".join(map(repr, tensors)) or "no tensors"
-        raise CodecError("missing_inputs", f"the body has no {INPUTS_KEY!r} tensor", f"a tensor named {INPUTS_KEY!r}", found)
+        raise CodecError(
+            "missing_inputs", f"the body has no {INPUTS_KEY!r} tensor", f"a tensor named {INPUTS_KEY!r}", found
+        )
     dtype, shape = tensors[INPUTS_KEY]
     if dtype not in INPUT_DTYPES:
         raise CodecError("bad_dtype", f"inputs have dtype {dtype}", f"one of {', '.join(INPUT_DTYPES)}", dtype)
@@ -128,13 +145,17 @@ def check_inputs_declared(tensors: dict[str, tuple[str, tuple[int, ...]]], input
     if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape) or shape[0] < 1:
         only_channels_differ = len(shape) == 4 and shape[0] >= 1 and tuple(shape[2:]) == tuple(input_shape[1:])
         code = "bad_channels" if only_channels_differ else "bad_shape"
-        raise CodecError(code, f"inputs have the wrong shape {shape}", expected_shape, f"{dtype} tensor of shape {shape}")
+        raise CodecError(
+            code, f"inputs have the wrong shape {shape}", expected_shape, f"{dtype} tensor of shape {shape}"
+        )
     return shape
 
 
 def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, int, int]) -> torch.Tensor:
     """Return the `inputs` tensor after checking name, dtype, shape, finiteness and range."""
-    check_inputs_declared({k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}, input_shape)
+    check_inputs_declared(
+        {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}, input_shape
+    )
     x = tensors[INPUTS_KEY]
     if x.dtype != torch.uint8:
         # numpy, not torch: the service validates on its event loop or a worker thread, and keeps torch's
@@ -143,7 +164,12 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
         finite = np.isfinite(values)
         if not finite.all():
             bad = int((~finite).sum())
-            raise CodecError("not_finite", f"inputs hold {bad} NaN/Inf value(s)", "finite values in [0, 1]", f"{bad} non-finite values")
+            raise CodecError(
+                "not_finite",
+                f"inputs hold {bad} NaN/Inf value(s)",
+                "finite values in [0, 1]",
+                f"{bad} non-finite values",
+            )
         lo, hi = float(values.min()), float(values.max())
         if lo < 0.0 or hi > 1.0:
             raise CodecError(

@@ -17,5 +17,7 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{setting} = 'cuda', but torch {torch.__version__} sees no CUDA GPU here; set {setting} = 'cpu' or 'auto'")
+        raise ConfigError(
+            f"{setting} = 'cuda', but torch {torch.__version__} sees no CUDA GPU here; set {setting} = 'cpu' or 'auto'"
+        )
     return torch.device(name)

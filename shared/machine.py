@@ -36,6 +36,6 @@ def machine(device: torch.device | None = None) -> dict:
 
 
 def machine_line(info: dict) -> str:
-    """"x86_64, 2 cores, CPU only, torch 2.13.0+cpu, Python 3.11.7": one line for a report's header."""
+    """ "x86_64, 2 cores, CPU only, torch 2.13.0+cpu, Python 3.11.7": one line for a report's header."""
     device = info["device_name"] if info["device"].startswith("cuda") else "CPU only"
     return f"{info['arch']}, {info['cores']} cores, {device}, torch {info['torch']}, Python {info['python']}"

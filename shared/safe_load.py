@@ -103,7 +103,9 @@ def check_export_archive(file: IO[bytes], name: str) -> None:
             _check_entry_name(entry.filename, name)
             if entry.filename.endswith(".json"):
                 if entry.file_size > MAX_JSON_BYTES:
-                    raise UnsafeFile(f"{name}: {entry.filename} is {entry.file_size} bytes, more than an export's graph ({MAX_JSON_BYTES})")
+                    raise UnsafeFile(
+                        f"{name}: {entry.filename} is {entry.file_size} bytes, more than an export's graph ({MAX_JSON_BYTES})"
+                    )
                 try:
                     document = json.loads(archive.read(entry))
                 except (ValueError, zipfile.BadZipFile, OSError) as exc:
@@ -135,7 +137,9 @@ def _check_document(node: Any, where: str) -> None:
                         _check_operator(value, where)
                     elif key == "expr_str":
                         check_shape_expression(value, where)
-                    elif key == "path_name" and value.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
+                    elif key == "path_name" and value.startswith(
+                        (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
+                    ):
                         raise UnsafeFile(f"{where} names a pickled Python object ({value}); only tensors are accepted")
                 else:
                     stack.append(value)
@@ -171,17 +175,81 @@ def _check_operator(target: str, where: str) -> None:
 
 
 # sympy names a torch.export shape expression uses: its symbolic-int functions and core sympy types.
-_SYMPY_NAMES = frozenset({
-    "Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "floor", "ceiling", "sqrt", "Pow", "Mul", "Add",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "ITE", "oo", "zoo", "nan", "true", "false", "True", "False",
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "IntTrueDiv",
-    "FloatTrueDiv", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt",
-    "RoundDecimal", "ToFloat", "FloatPow", "PowByNatural", "Identity", "OpaqueUnaryFn_sqrt",
-})
+_SYMPY_NAMES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Float",
+        "Rational",
+        "Max",
+        "Min",
+        "Abs",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "Pow",
+        "Mul",
+        "Add",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ITE",
+        "oo",
+        "zoo",
+        "nan",
+        "true",
+        "false",
+        "True",
+        "False",
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "Mod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "IntTrueDiv",
+        "FloatTrueDiv",
+        "LShift",
+        "RShift",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "FloatPow",
+        "PowByNatural",
+        "Identity",
+        "OpaqueUnaryFn_sqrt",
+    }
+)
 _SYMBOL = re.compile(r"[a-z]+\d+")  # s0, u3, s77: the names torch gives shape symbols
 _EXPRESSION_NODES = (
-    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.Compare,
-    ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+    ast.Expression,
+    ast.Call,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.keyword,
+    ast.Tuple,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Compare,
+    ast.BoolOp,
+    ast.operator,
+    ast.unaryop,
+    ast.cmpop,
+    ast.boolop,
 )
 
 
@@ -197,13 +265,17 @@ def check_shape_expression(text: str, where: str = "shape expression") -> None:
         if not isinstance(node, _EXPRESSION_NODES):
             raise UnsafeFile(f"{where}: shape expression {text[:80]!r} contains {type(node).__name__}; refused")
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES):
-            raise UnsafeFile(f"{where}: shape expression {text[:80]!r} calls something other than a sympy function; refused")
+            raise UnsafeFile(
+                f"{where}: shape expression {text[:80]!r} calls something other than a sympy function; refused"
+            )
         if isinstance(node, ast.Name) and node.id not in _SYMPY_NAMES and not _SYMBOL.fullmatch(node.id):
             raise UnsafeFile(f"{where}: shape expression {text[:80]!r} names {node.id!r}; refused")
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and not _SYMBOL.fullmatch(node.value):
             raise UnsafeFile(f"{where}: shape expression {text[:80]!r} holds the string {node.value!r}; refused")
         if isinstance(node, ast.keyword) and (node.arg is None or not node.arg.isalpha()):
-            raise UnsafeFile(f"{where}: shape expression {text[:80]!r} has a keyword argument that is not a sympy assumption")
+            raise UnsafeFile(
+                f"{where}: shape expression {text[:80]!r} has a keyword argument that is not a sympy assumption"
+            )
 
 
 def refused_pickle(path: str | Path, exc: BaseException) -> UnsafeFile:

@@ -1,6 +1,6 @@
 """Reading the service's /metrics (Prometheus text format) from the client side, with prometheus_client's parser.
 
-The service writes these metrics (teacher_service/metrics.py); the demo and the benchmarks read a few of them back.
+The service writes these metrics (teacher_service/metrics.py); the demo, the benchmarks and the tests read them back.
 """
 
 from __future__ import annotations
@@ -8,10 +8,19 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def labelled(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` (e.g. "akd_rows_total")."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
 def samples(text: str, name: str, **labels: str) -> list[float]:
-    """The values of every sample called `name` (e.g. "akd_rows_total") whose labels include `labels`."""
-    return [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()]
+    """The values of every sample called `name` whose labels include `labels`."""
+    return [value for found, value in labelled(text, name) if labels.items() <= found.items()]
 
 
 def total(text: str, name: str, **labels: str) -> float:

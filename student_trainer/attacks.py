@@ -160,8 +160,14 @@ class PGD:
     @classmethod
     def from_config(cls, attack: AttackConfig) -> PGD:
         """The attack a validated, resolved config describes (AttackConfig.resolved: eps and step size filled in)."""
-        return cls(norm=attack.norm, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                   random_start=attack.random_start, eval_mode=attack.eval_mode)
+        return cls(
+            norm=attack.norm,
+            eps=attack.eps,
+            step_size=attack.step_size,
+            steps=attack.steps,
+            random_start=attack.random_start,
+            eval_mode=attack.eval_mode,
+        )
 
     def scaled(self, fraction: float) -> PGD:
         """The same attack in a ball `fraction` times the radius, with steps to match (an eps warm-up)."""

@@ -70,8 +70,12 @@ def reliability_diagram(
     if not curves:
         raise ValueError("reliability_diagram needs at least one curve")
     fig, axes = subplots(
-        2, len(curves), figsize=(4 * len(curves), 5), squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1]}, sharex="col",
+        2,
+        len(curves),
+        figsize=(4 * len(curves), 5),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        sharex="col",
     )
     for column, (name, (probs, y)) in enumerate(curves.items()):
         _draw_panel(axes[0, column], axes[1, column], name, reliability_bins(probs, y, bins))

@@ -14,26 +14,45 @@ from shared.markdown import markdown_table
 from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 
 
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run TOML (every field has a default)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set attack.steps=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set attack.steps=3 (repeatable)",
+    )
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a project checkpoint (.pt) or a torch.export file (.pt2)")
     parser.add_argument("--attacks", default="clean,pgd", help=f"comma list of {', '.join(EVAL_ATTACKS)}")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
-                             "training attack; override it with e.g. --set attack.eps=0.1 --set attack.steps=20, or the "
-                             "checkpoint's config with e.g. --set dataset=cifar10")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
+        "training attack; override it with e.g. --set attack.eps=0.1 --set attack.steps=20, or the "
+        "checkpoint's config with e.g. --set dataset=cifar10",
+    )
     parser.add_argument("--limit", type=int, help="evaluate the first N test images only")
-    parser.add_argument("--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)")
-    parser.add_argument("--autoattack-version", choices=tuple(AUTOATTACK_VERSIONS), default="standard",
-                        help="standard: APGD-CE, APGD-T, FAB-T, Square; apgd: the APGD-CE + APGD-T subset (much cheaper on a CPU)")
-    parser.add_argument("--out", required=True, help="JSON file for the results (a reliability diagram PNG goes beside it)")
+    parser.add_argument(
+        "--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)"
+    )
+    parser.add_argument(
+        "--autoattack-version",
+        choices=tuple(AUTOATTACK_VERSIONS),
+        default="standard",
+        help="standard: APGD-CE, APGD-T, FAB-T, Square; apgd: the APGD-CE + APGD-T subset (much cheaper on a CPU)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="JSON file for the results (a reliability diagram PNG goes beside it)"
+    )
 
 
 def _setup_logging() -> None:
@@ -54,7 +73,9 @@ def run_train(args: argparse.Namespace) -> int:
             if not config_file.exists():
                 raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run folder?")
             cfg = load_train_config(args.config, args.sets, base=json.loads(config_file.read_text()))
-            cfg = cfg.model_copy(update={"out_dir": Path(args.resume).absolute()})  # the run lives where it is now, moved or not
+            cfg = cfg.model_copy(
+                update={"out_dir": Path(args.resume).absolute()}
+            )  # the run lives where it is now, moved or not
         else:
             cfg = load_train_config(args.config, args.sets)
     except ConfigError as exc:
@@ -72,12 +93,17 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         state = trainer.fit()
-    except (TeacherUnavailable, TeacherRequestError) as exc:  # the service went away mid-run: the user's to fix, like at start-up
+    except (
+        TeacherUnavailable,
+        TeacherRequestError,
+    ) as exc:  # the service went away mid-run: the user's to fix, like at start-up
         print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir)}", file=sys.stderr)
         return 2
     finally:
         trainer.close()
-    print(f"done: {cfg.out_dir} (best validation robust accuracy {state.best_val_robust:.4f} at epoch {state.best_epoch})")
+    print(
+        f"done: {cfg.out_dir} (best validation robust accuracy {state.best_val_robust:.4f} at epoch {state.best_epoch})"
+    )
     return 0
 
 
@@ -93,8 +119,14 @@ def run_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     try:
-        job = CheckpointEvaluation.load(Path(args.checkpoint), attacks, args.sets, args.limit,
-                                        autoattack_limit=args.autoattack_limit, autoattack_version=args.autoattack_version)
+        job = CheckpointEvaluation.load(
+            Path(args.checkpoint),
+            attacks,
+            args.sets,
+            args.limit,
+            autoattack_limit=args.autoattack_limit,
+            autoattack_version=args.autoattack_version,
+        )
     except (ConfigError, ValueError) as exc:
         print(f"akd eval: {exc}", file=sys.stderr)
         return 2
@@ -102,9 +134,13 @@ def run_eval(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     origin = "the dataset's standard" if job.standard else "set with --set attack.*"
     print(f"threat model: {describe_threat_model(job.threat())} ({origin})", flush=True)
-    started = time.monotonic()  # each progress line says how long this model has taken so far (the demo shows the last one)
-    report = job.run(out.with_suffix(".reliability.png"),
-                     progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started))
+    started = (
+        time.monotonic()
+    )  # each progress line says how long this model has taken so far (the demo shows the last one)
+    report = job.run(
+        out.with_suffix(".reliability.png"),
+        progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started),
+    )
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out} and {out.with_suffix('.reliability.png')}")
@@ -112,20 +148,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def format_table(report: dict) -> str:
-    rows = [("clean accuracy", report["clean_acc"]), ("PGD accuracy", report.get("pgd_acc")),
-            (f"AutoAttack accuracy ({report.get('autoattack_n')} images)", report.get("autoattack_acc")), ("ECE (clean)", report["ece"]),
-            ("ECE (PGD)", report.get("ece_pgd"))]
+    rows = [
+        ("clean accuracy", report["clean_acc"]),
+        ("PGD accuracy", report.get("pgd_acc")),
+        (f"AutoAttack accuracy ({report.get('autoattack_n')} images)", report.get("autoattack_acc")),
+        ("ECE (clean)", report["ece"]),
+        ("ECE (PGD)", report.get("ece_pgd")),
+    ]
     a = report["attack"]
-    lines = [f"{report['checkpoint']} on {report['dataset']} test ({report['n']} images), "
-             f"{a['norm']} eps {a['eps']:.4g}, PGD-{a['steps']} step {a['step_size']:.4g}"]
-    lines.append(markdown_table(["metric", "value"], [[name, f"{value:.4f}"] for name, value in rows if value is not None]))
+    lines = [
+        f"{report['checkpoint']} on {report['dataset']} test ({report['n']} images), "
+        f"{a['norm']} eps {a['eps']:.4g}, PGD-{a['steps']} step {a['step_size']:.4g}"
+    ]
+    lines.append(
+        markdown_table(["metric", "value"], [[name, f"{value:.4f}"] for name, value in rows if value is not None])
+    )
     return "\n".join(lines)
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl and dynamics.npz)")
     parser.add_argument("--out", required=True, help="folder for compare.md and curves.png")
-    parser.add_argument("--fraction", type=float, default=0.1, help="each run's hardest fraction of samples (default 0.1)")
+    parser.add_argument(
+        "--fraction", type=float, default=0.1, help="each run's hardest fraction of samples (default 0.1)"
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -154,8 +200,22 @@ def run_compare(args: argparse.Namespace) -> int:
         rows.append([name, f"{top['val_robust_acc']:.4f}", str(top["epoch"]), f"{top['val_clean_acc']:.4f}"])
     best = [markdown_table(["run", "best val robust acc", "at epoch", "val clean acc there"], rows)]
     training_curves([r / "metrics.jsonl" for r in runs], out / "curves.png", labels=names)
-    report = "\n".join(["# Runs compared", "", *best, "", "## Adversarial training correctness", "", tables[0],
-                        "## Clean training correctness", "", tables[1], "![training curves](curves.png)", ""])
+    report = "\n".join(
+        [
+            "# Runs compared",
+            "",
+            *best,
+            "",
+            "## Adversarial training correctness",
+            "",
+            tables[0],
+            "## Clean training correctness",
+            "",
+            tables[1],
+            "![training curves](curves.png)",
+            "",
+        ]
+    )
     (out / "compare.md").write_text(report)
     print(report)
     print(f"wrote {out / 'compare.md'} and {out / 'curves.png'}")

@@ -20,17 +20,18 @@ from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
 from student_trainer.losses import METHODS
 
-
-# The classic L-inf radius per dataset (methods.md): 0.3 for MNIST (Madry), 8/255 on colour images.
+# The classic L-inf radius per dataset: 0.3 for MNIST (Madry et al.), 8/255 on colour images.
 # mnist5k has 3,500 training images, so it defaults to the lighter 0.1.
 DEFAULT_EPS = {"mnist5k": 0.1, "mnist": 0.3, "cifar10": 8 / 255, "cifar100": 8 / 255, "svhn": 8 / 255}
 METHOD_NAMES = tuple(METHODS)  # registered where each method is defined (losses.py)
 DISTILLATION_METHODS = tuple(name for name, method in METHODS.items() if method.distils)
 
 
-_REGISTRIES = {"dataset": ("dataset", DATASETS), "arch": ("architecture", tuple(ARCHITECTURES)), "method": ("method", METHOD_NAMES)}
-
-
+_REGISTRIES = {
+    "dataset": ("dataset", DATASETS),
+    "arch": ("architecture", tuple(ARCHITECTURES)),
+    "method": ("method", METHOD_NAMES),
+}
 
 
 class AttackConfig(StrictConfig):
@@ -70,7 +71,9 @@ class TeacherRef(StrictConfig):
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:
         if (self.url is None) == (self.config is None):
-            raise ValueError("the teacher needs exactly one of `url` (a teacher service) or `config` (a local teacher TOML)")
+            raise ValueError(
+                "the teacher needs exactly one of `url` (a teacher service) or `config` (a local teacher TOML)"
+            )
         return self
 
 
@@ -108,7 +111,9 @@ class TrainConfig(StrictConfig):
     # at eps 0.3 do: from scratch, the full radius can leave training stuck at chance. Validation (and with it the
     # best checkpoint) always uses the full radius.
     eps_warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    init_from: Path | None = None  # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+    init_from: Path | None = (
+        None  # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+    )
     # bf16 autocast for training's forward passes (attack and loss) on a GPU; validation and evaluation stay float32.
     # bf16 keeps float32's range, so no loss scaling is needed.
     amp: Literal["none", "bf16"] = "none"
@@ -136,7 +141,9 @@ class TrainConfig(StrictConfig):
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:
         if self.eps_warmup_epochs > self.epochs:
-            raise ValueError(f"eps_warmup_epochs ({self.eps_warmup_epochs}) is longer than training ({self.epochs} epochs)")
+            raise ValueError(
+                f"eps_warmup_epochs ({self.eps_warmup_epochs}) is longer than training ({self.epochs} epochs)"
+            )
         return self
 
     @property
@@ -196,7 +203,9 @@ def resolve_file_paths(raw: dict, base: Path) -> dict:
     return raw
 
 
-def load_train_config(path: str | Path | None = None, sets: list[str] | None = None, base: dict | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, sets: list[str] | None = None, base: dict | None = None
+) -> TrainConfig:
     """The file (if any) over `base` (e.g. a checkpoint's saved config), then `--set` on top."""
     raw: dict = dict(base or {})
     source = "(defaults)"

@@ -34,6 +34,8 @@ TEST_IMAGES = {"mnist5k": MNIST5K_TEST, "mnist": 10000, "cifar10": 10000, "cifar
 
 def default_val_size(name: str) -> int:
     return MNIST5K_VAL if name == "mnist5k" else FULL_VAL
+
+
 MNIST5K_VAL = 500  # default, 50 per class
 FULL_VAL = 1000  # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
 PAD = 4  # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
@@ -287,7 +289,9 @@ def _cifar(
 
 
 def _cifar10(folder: Path | None) -> tuple[Arrays, Arrays]:
-    return _cifar(folder, "CIFAR-10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels")
+    return _cifar(
+        folder, "CIFAR-10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"
+    )
 
 
 def _cifar100(folder: Path | None) -> tuple[Arrays, Arrays]:

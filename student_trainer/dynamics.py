@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-
-from shared.markdown import markdown_table
 import torch
 
 from shared.atomic import replaced_atomically
+from shared.markdown import markdown_table
 
 KINDS = ("clean", "adv")
 UNSEEN = -1
@@ -68,9 +67,7 @@ class CorrectnessLog:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file object: numpy appends no ".npz"
-            np.savez_compressed(
-                f, epochs=self.epochs, n_samples=self.n_samples, **{k: self.matrix(k) for k in KINDS}
-            )
+            np.savez_compressed(f, epochs=self.epochs, n_samples=self.n_samples, **{k: self.matrix(k) for k in KINDS})
 
     @classmethod
     def load(cls, path: str | Path) -> CorrectnessLog:
@@ -170,7 +167,14 @@ def summary_table(comparison: dict) -> str:
         f"(union of each run's hardest {comparison['fraction']:.0%})",
         "",
     ]
-    rows = [[name, f"{s['mean_forgetting']:.3f}", f"{s['never_learned']:.1%}", "n/a" if s["hard_final_acc"] is None else f"{s['hard_final_acc']:.1%}"]
-            for name, s in comparison["runs"].items()]
+    rows = [
+        [
+            name,
+            f"{s['mean_forgetting']:.3f}",
+            f"{s['never_learned']:.1%}",
+            "n/a" if s["hard_final_acc"] is None else f"{s['hard_final_acc']:.1%}",
+        ]
+        for name, s in comparison["runs"].items()
+    ]
     lines.append(markdown_table(["run", "mean forgetting events", "never learned", "final acc on hard set"], rows))
     return "\n".join(lines) + "\n"

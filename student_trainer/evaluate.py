@@ -30,7 +30,9 @@ Progress = Callable[[str], None]
 AUTOATTACK_VERSION = "standard"
 
 
-def threat_model(attack: dict, autoattack_n: int | None, standard: bool, autoattack_version: str = AUTOATTACK_VERSION) -> dict:
+def threat_model(
+    attack: dict, autoattack_n: int | None, standard: bool, autoattack_version: str = AUTOATTACK_VERSION
+) -> dict:
     """The full threat model of one evaluation, as recorded in eval.json's `attack` entry.
 
     A robust accuracy means nothing without it: norm, eps, PGD steps, step size and
@@ -45,16 +47,22 @@ def threat_model(attack: dict, autoattack_n: int | None, standard: bool, autoatt
             package = f"pyautoattack {version('pyautoattack')}"
         except PackageNotFoundError:
             package = "pyautoattack (not installed)"
-        autoattack = {"version": autoattack_version, "attacks": list(AUTOATTACK_VERSIONS[autoattack_version]), "package": package,
-                      "n": autoattack_n}
+        autoattack = {
+            "version": autoattack_version,
+            "attacks": list(AUTOATTACK_VERSIONS[autoattack_version]),
+            "package": package,
+            "n": autoattack_n,
+        }
     return {**attack, "restarts": 0, "standard": standard, "autoattack": autoattack}
 
 
 def describe_threat_model(entry: dict) -> str:
     """One line for people: `akd eval` prints it and the demo's report header states it."""
     start = "random start" if entry.get("random_start", True) else "no random start"
-    text = (f"{entry['norm']} eps {entry['eps']:.4g}, PGD-{entry['steps']} step size {entry['step_size']:.4g}, "
-            f"{start}, {entry.get('restarts', 0)} restarts")
+    text = (
+        f"{entry['norm']} eps {entry['eps']:.4g}, PGD-{entry['steps']} step size {entry['step_size']:.4g}, "
+        f"{start}, {entry.get('restarts', 0)} restarts"
+    )
     aa = entry.get("autoattack")
     if aa:
         text += f"; AutoAttack {aa['version']} ({', '.join(aa['attacks'])}; {aa['package']}) on {aa['n']} images"
@@ -148,7 +156,15 @@ def _autoattack(model: nn.Module, norm: str, eps: float, version: str, device: t
         raise ValueError(f"unknown AutoAttack version {version!r}; known: {', '.join(AUTOATTACK_VERSIONS)}")
     if version == "standard":
         return AutoAttack(model, norm=norm, eps=eps, version="standard", device=device, seed=seed)
-    aa = AutoAttack(model, norm=norm, eps=eps, version="custom", attacks=list(AUTOATTACK_VERSIONS[version]), device=device, seed=seed)
+    aa = AutoAttack(
+        model,
+        norm=norm,
+        eps=eps,
+        version="custom",
+        attacks=list(AUTOATTACK_VERSIONS[version]),
+        device=device,
+        seed=seed,
+    )
     aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = 1  # as "standard" sets them for Linf and L2
     aa.apgd_targeted.n_target_classes = 9
     return aa
@@ -196,8 +212,12 @@ def evaluate(
             pgd_acc, ece_pgd = _accuracy(probs_pgd, y), expected_calibration_error(probs_pgd, y)
             curves["PGD"] = (probs_pgd, y)
         if "autoattack" in attacks:
-            report(f"autoattack {autoattack_version} on {len(x)} images ({', '.join(AUTOATTACK_VERSIONS[autoattack_version])})")
-            x_aa = autoattack_examples(model, x, y, attack.norm, attack.eps, batch_size, device, seed, autoattack_version)
+            report(
+                f"autoattack {autoattack_version} on {len(x)} images ({', '.join(AUTOATTACK_VERSIONS[autoattack_version])})"
+            )
+            x_aa = autoattack_examples(
+                model, x, y, attack.norm, attack.eps, batch_size, device, seed, autoattack_version
+            )
             autoattack_acc = _accuracy(predict(model, x_aa, batch_size, device), y)
     if diagram is not None:
         reliability_diagram(curves, diagram, title=f"n={len(x)}")
@@ -230,7 +250,9 @@ class CheckpointEvaluation:
     autoattack_version: str = AUTOATTACK_VERSION
 
     @classmethod
-    def load(cls, path: Path, attacks: list[str], sets: list[str], limit: int | None = None, **options) -> CheckpointEvaluation:
+    def load(
+        cls, path: Path, attacks: list[str], sets: list[str], limit: int | None = None, **options
+    ) -> CheckpointEvaluation:
         """The checkpoint (a project .pt or a torch.export .pt2), the config it is evaluated under and the test images;
         ConfigError for anything a user must fix."""
         from shared.checkpoint import load_checkpoint
@@ -278,13 +300,28 @@ class CheckpointEvaluation:
 
         device = resolve_device(self.cfg.device)
         x, y, aa_n = self.x, self.y, self.autoattack_n
-        common = dict(attack=PGD.from_config(self.attack), batch_size=self.cfg.eval.batch_size, device=device, seed=self.cfg.seed,
-                      autoattack_version=self.autoattack_version, progress=progress)
+        common = dict(
+            attack=PGD.from_config(self.attack),
+            batch_size=self.cfg.eval.batch_size,
+            device=device,
+            seed=self.cfg.seed,
+            autoattack_version=self.autoattack_version,
+            progress=progress,
+        )
         split_aa = aa_n is not None and aa_n < len(y)  # AutoAttack on the first aa_n images only
         first = [a for a in self.attacks if a != "autoattack"] if split_aa else self.attacks
         result = evaluate(self.model.to(device), x, y, attacks=first, diagram=diagram, **common)
-        report = {**result.to_json(), "checkpoint": str(self.path), "dataset": self.cfg.dataset, "split": "test",
-                  "attack": self.threat(), "attacks": self.attacks, "autoattack_n": aa_n}
+        report = {
+            **result.to_json(),
+            "checkpoint": str(self.path),
+            "dataset": self.cfg.dataset,
+            "split": "test",
+            "attack": self.threat(),
+            "attacks": self.attacks,
+            "autoattack_n": aa_n,
+        }
         if split_aa and aa_n > 0:
-            report["autoattack_acc"] = evaluate(self.model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common).autoattack_acc
+            report["autoattack_acc"] = evaluate(
+                self.model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common
+            ).autoattack_acc
         return report

@@ -1,7 +1,7 @@
 """Training methods, registered by name where they are defined: one step's loss for each robust training method.
 
-Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defaults of the
-methods reference. A method gets one `Step` (the student, a clean batch, the threat model as a
+Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defaults of
+their papers. A method gets one `Step` (the student, a clean batch, the threat model as a
 `PGD`, the `Teacher`, the run's config) and returns the loss to backpropagate plus what the
 trainer logs. The formulas are public pure functions so each can be checked against a hand
 computation; the registry (`METHODS`) is where the config's list of method names comes from.
@@ -68,6 +68,7 @@ METHODS: dict[str, Method] = {}
 
 def method(name: str, distils: bool = False) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
     """Register a method's step function under `name` (the config's `method`)."""
+
     def register(step: Callable[[Step], StepResult]) -> Callable[[Step], StepResult]:
         METHODS[name] = Method(name, distils, step)
         return step
@@ -177,7 +178,9 @@ def _trades(step: Step) -> StepResult:
         p_clean = F.softmax(step.model(step.x), dim=-1)
     x_adv = _kl_attack(step.attack).perturb(step.model, step.x, kl_loss(p_clean), step.generator)
     logits_clean, logits_adv = step.model(step.x), step.model(x_adv)
-    loss = F.cross_entropy(logits_clean, step.y) + step.cfg.trades_beta * kl_div(F.softmax(logits_clean, dim=-1), logits_adv)
+    loss = F.cross_entropy(logits_clean, step.y) + step.cfg.trades_beta * kl_div(
+        F.softmax(logits_clean, dim=-1), logits_adv
+    )
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
@@ -199,7 +202,9 @@ def _akd(step: Step) -> StepResult:
 def _ard(step: Step) -> StepResult:
     """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term."""
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
-    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg)
+    loss, logits_adv, logits_clean = _ard_loss(
+        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg
+    )
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
@@ -223,7 +228,9 @@ def _iad(step: Step) -> StepResult:
     the teacher is not called on x' (a_i is unused), saving its uncacheable request.
     """
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
-    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg)
+    loss, logits_adv, logits_clean = _ard_loss(
+        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg
+    )
     if step.epoch >= step.cfg.iad_warmup_epochs:
         trust = iad_trust(_teacher_on(step.teacher, x_adv), step.y, step.cfg.iad_beta)
         loss = loss + step.cfg.alpha * iad_introspection(logits_clean, logits_adv, trust)

@@ -60,8 +60,9 @@ def training_curves(
     return save_figure(fig, out_png)
 
 
-def robust_overfitting_curves(runs: dict[str, list[list[dict]]], stops: dict[str, int], out_png: str | Path,
-                              key: str = "val_robust_acc") -> Path:
+def robust_overfitting_curves(
+    runs: dict[str, list[list[dict]]], stops: dict[str, int], out_png: str | Path, key: str = "val_robust_acc"
+) -> Path:
     """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their range), with the
     epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to it."""
     import numpy as np
@@ -74,16 +75,30 @@ def robust_overfitting_curves(runs: dict[str, list[list[dict]]], stops: dict[str
         if not epochs:
             continue
         values = np.array([[c[e] for e in epochs] for c in curves])
-        ax.plot(epochs, values.mean(0), color=f"C{i % 10}", label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-        late.extend(values[:, len(epochs) // 2:].ravel())
-        if len(curves) > 1 and i < 2:  # the seeds' range for the first two (the plan's baseline and main student): more is a blur
+        ax.plot(
+            epochs, values.mean(0), color=f"C{i % 10}", label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})"
+        )
+        late.extend(values[:, len(epochs) // 2 :].ravel())
+        if (
+            len(curves) > 1 and i < 2
+        ):  # the seeds' range for the first two (the plan's baseline and main student): more is a blur
             ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.15)
     for j, (teacher, epoch) in enumerate(stops.items()):
         ax.axvline(epoch, color="grey", linestyle=":", alpha=0.8)
-        ax.annotate(f"{teacher} stopped", (epoch, 0.02 + 0.12 * j), xycoords=("data", "axes fraction"), rotation=90,
-                    fontsize=8, color="grey", ha="right")
-    ax.set(title="validation PGD accuracy per epoch (teachers' early-stopping epochs dotted)", xlabel="epoch",
-           ylabel="validation PGD accuracy")
+        ax.annotate(
+            f"{teacher} stopped",
+            (epoch, 0.02 + 0.12 * j),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=8,
+            color="grey",
+            ha="right",
+        )
+    ax.set(
+        title="validation PGD accuracy per epoch (teachers' early-stopping epochs dotted)",
+        xlabel="epoch",
+        ylabel="validation PGD accuracy",
+    )
     if late:
         ax.set_ylim(max(0.0, min(late) - 0.1), min(1.0, max(late) + 0.05))
     ax.grid(alpha=0.3)

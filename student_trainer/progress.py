@@ -13,11 +13,15 @@ log = logging.getLogger("akd.train")
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class Progress:
-    def __init__(self, total_epochs: int, steps_per_epoch: int, start_epoch: int = 0, log_every_s: float = 30.0, stream=None):
+    def __init__(
+        self, total_epochs: int, steps_per_epoch: int, start_epoch: int = 0, log_every_s: float = 30.0, stream=None
+    ):
         self.stream = stream = stream or sys.stderr
         self.total_epochs, self.steps_per_epoch = total_epochs, steps_per_epoch
         self.epoch, self.step_in_epoch = start_epoch, 0
@@ -25,8 +29,13 @@ class Progress:
         self.log_every_s = log_every_s
         self.bar = None
         if stream.isatty():
-            self.bar = tqdm(total=total_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-                            unit="step", dynamic_ncols=True, file=stream)
+            self.bar = tqdm(
+                total=total_epochs * steps_per_epoch,
+                initial=start_epoch * steps_per_epoch,
+                unit="step",
+                dynamic_ncols=True,
+                file=stream,
+            )
             self.bar.set_description(f"epoch {start_epoch + 1}/{total_epochs}")
         self._done_steps = 0  # steps run by this process, for the ETA
 
@@ -39,8 +48,15 @@ class Progress:
             self.bar.update()
         elif time.monotonic() - self.last_line >= self.log_every_s:
             self.last_line = time.monotonic()
-            log.info("epoch %d/%d step %d/%d %s ETA %s", self.epoch + 1, self.total_epochs, self.step_in_epoch,
-                     self.steps_per_epoch, " ".join(f"{k} {v}" for k, v in text.items()), self.eta())
+            log.info(
+                "epoch %d/%d step %d/%d %s ETA %s",
+                self.epoch + 1,
+                self.total_epochs,
+                self.step_in_epoch,
+                self.steps_per_epoch,
+                " ".join(f"{k} {v}" for k, v in text.items()),
+                self.eta(),
+            )
 
     def note(self, text: str) -> None:
         if self.bar is not None:
@@ -54,8 +70,11 @@ class Progress:
     def epoch_done(self, metrics: dict) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
-        shown = {k: metrics[k] for k in ("train_loss", "train_adv_acc", "val_clean_acc", "val_robust_acc")
-                 if metrics.get(k) is not None}
+        shown = {
+            k: metrics[k]
+            for k in ("train_loss", "train_adv_acc", "val_clean_acc", "val_robust_acc")
+            if metrics.get(k) is not None
+        }
         line = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
         message = f"epoch {self.epoch}/{self.total_epochs} {line} ({metrics['epoch_time_s']:.1f}s, ETA {self.eta()})"
         if self.bar is not None:

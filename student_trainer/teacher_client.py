@@ -82,7 +82,9 @@ class RemoteTeacher:
             self.name = teachers[0].name
         match = [t for t in teachers if t.name == self.name]
         if not match:
-            raise TeacherRequestError(f"{self.url} serves {[t.name for t in teachers]}, not {self.name!r}: set teacher.name")
+            raise TeacherRequestError(
+                f"{self.url} serves {[t.name for t in teachers]}, not {self.name!r}: set teacher.name"
+            )
         return match[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

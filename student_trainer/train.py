@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from shared.codec import to_unit_float
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared.codec import to_unit_float
 from shared.devices import resolve_device
 from shared.models import build_model
 from student_trainer.attacks import PGD
@@ -80,7 +80,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
-        self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_shape, self.data.mean, self.data.std).to(self.device)
+        self.model = build_model(
+            cfg.arch, self.data.num_classes, self.data.input_shape, self.data.mean, self.data.std
+        ).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -103,8 +105,10 @@ class Trainer:
         ours = (self.cfg.arch, self.data.num_classes, tuple(self.data.input_shape))
         theirs = (ckpt.arch, ckpt.num_classes, tuple(ckpt.input_shape))
         if ours != theirs:
-            raise ValueError(f"init_from {path} holds {theirs[0]} with {theirs[1]} classes and input shape {theirs[2]}; "
-                             f"this run trains {ours[0]} with {ours[1]} classes and input shape {ours[2]}")
+            raise ValueError(
+                f"init_from {path} holds {theirs[0]} with {theirs[1]} classes and input shape {theirs[2]}; "
+                f"this run trains {ours[0]} with {ours[1]} classes and input shape {ours[2]}"
+            )
         self.model.load_state_dict(ckpt.state_dict)
         log.info("initialised from %s", path)
 
@@ -125,11 +129,17 @@ class Trainer:
                 "data_gen": self.data_gen.get_state(),
                 "attack_gen": self.attack_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "state": {"epoch": self.state.epoch, "best_val_robust": self.state.best_val_robust,
-                          "best_epoch": self.state.best_epoch, "history": self.state.history},
+                "state": {
+                    "epoch": self.state.epoch,
+                    "best_val_robust": self.state.best_val_robust,
+                    "best_epoch": self.state.best_epoch,
+                    "history": self.state.history,
+                },
             }
         return Checkpoint(
-            self.cfg.arch, self.data.num_classes, self.data.input_shape,
+            self.cfg.arch,
+            self.data.num_classes,
+            self.data.input_shape,
             {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             {"epoch": self.state.epoch, "metrics": metrics, "config": self.cfg.model_dump(mode="json")},
             extra,
@@ -176,7 +186,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         self._rewrite_metrics()
-        progress = Progress(total_epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch, start_epoch=self.state.epoch)
+        progress = Progress(
+            total_epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch, start_epoch=self.state.epoch
+        )
         while self.state.epoch < min(stop_after or self.cfg.epochs, self.cfg.epochs):
             metrics = self._epoch(self.state.epoch, progress)
             self.state.epoch += 1
@@ -251,13 +263,23 @@ class Trainer:
         progress.note("validating")
         val = self.data.val
         result = evaluate(
-            self.model, to_unit_float(val.x), val.y, attacks=("clean", "pgd"), attack=self.val_attack,
-            batch_size=self.cfg.eval.batch_size, device=self.device, seed=self.cfg.seed,
+            self.model,
+            to_unit_float(val.x),
+            val.y,
+            attacks=("clean", "pgd"),
+            attack=self.val_attack,
+            batch_size=self.cfg.eval.batch_size,
+            device=self.device,
+            seed=self.cfg.seed,
         )
         if result.pgd_acc > self.state.best_val_robust:
             self.state.best_val_robust, self.state.best_epoch = result.pgd_acc, epoch
-        return {"val_clean_acc": result.clean_acc, "val_robust_acc": result.pgd_acc, "val_ece": result.ece,
-                "best_epoch": self.state.best_epoch}
+        return {
+            "val_clean_acc": result.clean_acc,
+            "val_robust_acc": result.pgd_acc,
+            "val_ece": result.ece,
+            "best_epoch": self.state.best_epoch,
+        }
 
     def _teacher_counts(self) -> tuple[int, int]:
         if self.teacher is None:

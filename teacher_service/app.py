@@ -32,8 +32,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         service.batchers = {
             name: Batcher(
-                name, runner.run, service.executor, service.metrics,
-                server.max_batch_rows, server.max_wait_ms, server.max_queue_rows, coalesce=server.batching,
+                name,
+                runner.run,
+                service.executor,
+                service.metrics,
+                server.max_batch_rows,
+                server.max_wait_ms,
+                server.max_queue_rows,
+                coalesce=server.batching,
             )
             for name, runner in service.runners.items()
         }
@@ -84,6 +90,6 @@ def _add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs", swagger_ui_parameters={"spec": app.openapi()})
-
-
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - docs", swagger_ui_parameters={"spec": app.openapi()}
+        )

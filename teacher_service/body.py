@@ -19,7 +19,6 @@ from teacher_service.errors import ClientGone, ServiceError
 from teacher_service.inference import Rows
 from teacher_service.service import Held
 
-
 # Below this many bytes, decoding or encoding on the event loop costs less than the hop to a worker thread
 # (about 0.1 ms per 32 KiB here), and the loop stays free for other requests.
 INLINE_BYTES = 128 << 10
@@ -41,7 +40,9 @@ async def read_body(request: Request, limits: ServerConfig, held: Held, check_he
     limit = limits.max_body_bytes
 
     def too_large(size: str) -> ServiceError:
-        return ServiceError(413, "body_too_large", "the request body is over the configured limit", f"at most {limit} bytes", size)
+        return ServiceError(
+            413, "body_too_large", "the request body is over the configured limit", f"at most {limit} bytes", size
+        )
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
@@ -68,12 +69,19 @@ async def read_body(request: Request, limits: ServerConfig, held: Held, check_he
     try:
         return await asyncio.wait_for(read(), limits.timeout_body_s)  # one deadline for the whole body, on 3.10 too
     except TimeoutError:
-        raise ServiceError(408, "body_timeout", "the request body did not arrive in time",
-                           f"the whole body within {limits.timeout_body_s:g} s of the request head",
-                           f"{held.bytes} of {declared or 'an undeclared number of'} bytes", headers={"Connection": "close"}) from None
+        raise ServiceError(
+            408,
+            "body_timeout",
+            "the request body did not arrive in time",
+            f"the whole body within {limits.timeout_body_s:g} s of the request head",
+            f"{held.bytes} of {declared or 'an undeclared number of'} bytes",
+            headers={"Connection": "close"},
+        ) from None
 
 
-HEADER_PEEK_BYTES = 1 << 20  # a header declaring a few tensors takes a few hundred bytes; this bounds the copy kept while it arrives
+HEADER_PEEK_BYTES = (
+    1 << 20
+)  # a header declaring a few tensors takes a few hundred bytes; this bounds the copy kept while it arrives
 
 
 def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[bytes], bool]:
@@ -82,6 +90,7 @@ def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[
     Returns True while the header is incomplete. A header that does not parse, or is not complete within
     HEADER_PEEK_BYTES, is left for `codec.decode`, whose error names the body's size, known once it is all in.
     """
+
     def check(prefix: bytes) -> bool:
         try:
             tensors = codec.read_header(prefix)
@@ -101,7 +110,13 @@ def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[
 
 def check_rows(rows: int, max_rows: int) -> None:
     if rows > max_rows:
-        raise ServiceError(413, "too_many_rows", "the request has more rows than the queue holds", f"at most {max_rows} rows", f"{rows} rows")
+        raise ServiceError(
+            413,
+            "too_many_rows",
+            "the request has more rows than the queue holds",
+            f"at most {max_rows} rows",
+            f"{rows} rows",
+        )
 
 
 def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMode) -> Rows:
@@ -111,5 +126,3 @@ def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMod
         status = 400 if exc.code == "bad_body" else 422
         raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None
     return Rows(x, row_keys(x), cache)  # scaled to [0, 1] on the inference thread
-
-

@@ -93,7 +93,11 @@ def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray
     if n == 0:
         return np.zeros(0, np.uint64)
     rows = np.concatenate(
-        [np.ascontiguousarray(keys, np.uint8).reshape(n, KEY_BYTES), np.ascontiguousarray(logits, "<f4").view(np.uint8).reshape(n, -1)], axis=1
+        [
+            np.ascontiguousarray(keys, np.uint8).reshape(n, KEY_BYTES),
+            np.ascontiguousarray(logits, "<f4").view(np.uint8).reshape(n, -1),
+        ],
+        axis=1,
     )
     seed = hashlib.blake2b(f"{FORMAT}|{version}|".encode(), digest_size=CHECK_BYTES)
 
@@ -123,7 +127,9 @@ class CacheBudget:
         if fit < rows and not self.full:
             self.full = True
             log.warning(
-                "cache is full (%d of %d bytes): new rows are served but no longer stored", self.used_bytes, self.max_bytes
+                "cache is full (%d of %d bytes): new rows are served but no longer stored",
+                self.used_bytes,
+                self.max_bytes,
             )
         return fit
 
@@ -134,7 +140,9 @@ class CacheBudget:
         """A write failed for lack of space: the store cannot take more, whatever the bound says."""
         if not self.out_of_space:
             self.out_of_space = self.full = True
-            log.warning("cache store %s is out of disk space: new rows are served but no longer stored until a restart", store)
+            log.warning(
+                "cache store %s is out of disk space: new rows are served but no longer stored until a restart", store
+            )
 
 
 def _out_of_space(exc: BaseException) -> bool:
@@ -214,6 +222,28 @@ class NamespaceDamaged(Exception):
         self.rows = rows
 
 
+def _checked_array(group, name: str, dtype: np.dtype, tail: tuple, committed: int, keys) -> zarr.Array:
+    """One of a namespace's arrays, if its metadata is what the format says (`keys`: the keys array, checked first,
+    whose chunking every other array shares); else NamespaceDamaged."""
+    try:
+        array = group[name]
+    except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
+        raise NamespaceDamaged(f"array {name} unreadable ({type(exc).__name__}: {exc})", rows=committed) from None
+    if not isinstance(array, zarr.Array) or array.dtype != dtype or array.shape[1:] != tail or array.chunks[1:] != tail:
+        raise NamespaceDamaged(
+            f"array {name} is not ({'N, ' + ', '.join(map(str, tail)) if tail else 'N,'}) {dtype}",
+            rows=committed,
+        )
+    if keys is not None and array.chunks[0] != keys.chunks[0]:
+        raise NamespaceDamaged(
+            f"array {name} has chunks of {array.chunks[0]} rows, keys of {keys.chunks[0]}",
+            rows=committed,
+        )
+    if array.shape[0] < committed:
+        raise NamespaceDamaged(f"committed_rows is {committed}, more than the {array.shape[0]} rows of array {name}")
+    return array
+
+
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -221,8 +251,16 @@ def _count(value) -> bool:
 class MemberCache:
     """One member version's namespace: index, mirror, and its chunked append log."""
 
-    def __init__(self, version: str, arrays: _Arrays, rows: _Rows, committed: int, writer: ThreadPoolExecutor, budget: CacheBudget,
-                 folder: Path | None = None):
+    def __init__(
+        self,
+        version: str,
+        arrays: _Arrays,
+        rows: _Rows,
+        committed: int,
+        writer: ThreadPoolExecutor,
+        budget: CacheBudget,
+        folder: Path | None = None,
+    ):
         self.version = version
         self.num_classes = arrays.logits.shape[1]
         self._arrays, self._writer, self._budget = arrays, writer, budget
@@ -323,7 +361,9 @@ class MemberCache:
             self.write_errors += 1
             if _out_of_space(exc):
                 self._budget.disk_full(str(self._folder or a.group.store))
-            log.exception("cache namespace %s: write failed; rows past %d stay in memory only", self.version, self.committed)
+            log.exception(
+                "cache namespace %s: write failed; rows past %d stay in memory only", self.version, self.committed
+            )
 
     def _sync_chunk(self, chunk: int, resized: bool) -> None:
         """The chunk files and the folder entries that name them; after a resize, the new folders and shapes too."""
@@ -368,7 +408,9 @@ def _lock_folder(folder: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreLocked(f"cache store {folder} is in use by another teacher service; give each server its own cache_dir") from None
+        raise StoreLocked(
+            f"cache store {folder} is in use by another teacher service; give each server its own cache_dir"
+        ) from None
     return fd
 
 
@@ -428,8 +470,15 @@ class LogitCache:
                 sync(store.delete("zarr.json"))
                 where = "deleted (this store cannot keep a copy aside)"
             else:
-                raise RuntimeError(f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point cache_dir elsewhere") from None
-        log.warning("cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one", self.store, reason, where)
+                raise RuntimeError(
+                    f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point cache_dir elsewhere"
+                ) from None
+        log.warning(
+            "cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one",
+            self.store,
+            reason,
+            where,
+        )
         return zarr.open_group(self.store, mode="a")
 
     def _inspect_namespaces(self) -> tuple[dict[str, _Header], set[str]]:
@@ -460,24 +509,21 @@ class LogitCache:
         committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
         if attrs.get("format") != FORMAT:
             found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
-            raise NamespaceDamaged(f"{found}, not {FORMAT}: its rows carry no checksums and cannot be verified", rows=committed if _count(committed) else 0)
+            raise NamespaceDamaged(
+                f"{found}, not {FORMAT}: its rows carry no checksums and cannot be verified",
+                rows=committed if _count(committed) else 0,
+            )
         if not _count(committed):
             raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
         if not _count(num_classes) or num_classes < 1:
             raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
         arrays = {}
-        for name, dtype, tail in (("keys", np.uint8, (KEY_BYTES,)), ("logits", np.float32, (num_classes,)), ("checks", np.uint64, ())):
-            try:
-                array = group[name]
-            except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
-                raise NamespaceDamaged(f"array {name} unreadable ({type(exc).__name__}: {exc})", rows=committed) from None
-            if not isinstance(array, zarr.Array) or array.dtype != np.dtype(dtype) or array.shape[1:] != tail or array.chunks[1:] != tail:
-                raise NamespaceDamaged(f"array {name} is not ({'N, ' + ', '.join(map(str, tail)) if tail else 'N,'}) {np.dtype(dtype)}", rows=committed)
-            if array.chunks[0] != arrays.get("keys", array).chunks[0]:
-                raise NamespaceDamaged(f"array {name} has chunks of {array.chunks[0]} rows, keys of {arrays['keys'].chunks[0]}", rows=committed)
-            if array.shape[0] < committed:
-                raise NamespaceDamaged(f"committed_rows is {committed}, more than the {array.shape[0]} rows of array {name}")
-            arrays[name] = array
+        for name, dtype, tail in (
+            ("keys", np.uint8, (KEY_BYTES,)),
+            ("logits", np.float32, (num_classes,)),
+            ("checks", np.uint64, ()),
+        ):
+            arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
         return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes)
 
     def _aside_path(self, name: str) -> Path:
@@ -525,13 +571,19 @@ class LogitCache:
         rows, problems = self._read_verified(version, header)
         bad = header.committed - len(rows.keys)
         if not bad:
-            ns = MemberCache(version, header.arrays, rows, header.committed, self._writer, self.budget, self._durable_folder(version))
+            ns = MemberCache(
+                version, header.arrays, rows, header.committed, self._writer, self.budget, self._durable_folder(version)
+            )
             log.info("cache namespace %s: %d rows restored and verified", version, ns.rows)
             return ns
         self.budget.release(header.nbytes)
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more chunks" if len(problems) > 8 else "")
-        self._set_aside(version, f"{bad} of {header.committed} rows fail their checks ({shown})", bad,
-                        f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for")
+        self._set_aside(
+            version,
+            f"{bad} of {header.committed} rows fail their checks ({shown})",
+            bad,
+            f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for",
+        )
         return self._fresh(version, num_classes, rows)
 
     def _read_verified(self, version: str, header: _Header) -> tuple[_Rows, list[str]]:
@@ -556,7 +608,9 @@ class LogitCache:
                         read(first, last)
                     except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
                         readable[first:last] = False
-                        problems.append(f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}")
+                        problems.append(
+                            f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}"
+                        )
         good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
         if good.all():
             return rows, problems

@@ -22,8 +22,6 @@ __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "Teac
 ENV_PREFIX = "AKD_"
 
 
-
-
 class MemberConfig(StrictConfig):
     """One model of an ensemble: a project checkpoint, a `.pt2` export, or a RobustBench id."""
 
@@ -52,12 +50,15 @@ class TeacherConfig(StrictConfig):
 class ServerConfig(StrictConfig):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    cache_dir: str | None = Field(None, description="zarr store (a folder or a zarr store URL); none disables the cache.")
+    cache_dir: str | None = Field(
+        None, description="zarr store (a folder or a zarr store URL); none disables the cache."
+    )
     cache_max_bytes: Annotated[int, Field(ge=0)] = 2 << 30
     cache_chunk_rows: Count = 1024
     cache_flush_s: Positive = 10.0
     cache_durable: bool = Field(
-        False, description="fsync each chunk (and its folder) before committing it, and the commit after: survives power loss, costs write speed."
+        False,
+        description="fsync each chunk (and its folder) before committing it, and the commit after: survives power loss, costs write speed.",
     )
     max_batch_rows: Count = 512
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
@@ -70,17 +71,23 @@ class ServerConfig(StrictConfig):
     max_connections: Count = Field(
         256, description="Open connections; a request on a connection past this gets 503 and the connection is closed."
     )
-    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(65536, description="Request line plus headers; past it, 400.")
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
+        65536, description="Request line plus headers; past it, 400."
+    )
     timeout_header_s: Positive = Field(
-        10.0, description="A connection must deliver a complete request head this soon after it opens or after its last response."
+        10.0,
+        description="A connection must deliver a complete request head this soon after it opens or after its last response.",
     )
     timeout_body_s: Positive = Field(
-        60.0, description="The whole request body must arrive this soon after its head; else 408 and the connection closes."
+        60.0,
+        description="The whole request body must arrive this soon after its head; else 408 and the connection closes.",
     )
     timeout_keep_alive_s: Positive = Field(
         5.0, description="An idle keep-alive connection closes after this long without a new request."
     )
-    token: str | None = Field(None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`.")
+    token: str | None = Field(
+        None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
@@ -147,7 +154,9 @@ def _absolute_store(store: Any, base: Path) -> Any:
 def _file_url_folder(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
-        raise ConfigError(f"server.cache_dir: expected a file URL of an absolute folder (file:///path/to/cache), got {url!r}")
+        raise ConfigError(
+            f"server.cache_dir: expected a file URL of an absolute folder (file:///path/to/cache), got {url!r}"
+        )
     return unquote(parts.path)
 
 

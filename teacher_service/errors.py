@@ -20,7 +20,15 @@ log = logging.getLogger("akd.service")
 class ServiceError(Exception):
     """A request the service refuses: becomes a JSON error saying what was expected and what came."""
 
-    def __init__(self, status: int, code: str, message: str, expected: str | None = None, received: str | None = None, headers=None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        expected: str | None = None,
+        received: str | None = None,
+        headers=None,
+    ):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.detail = ErrorDetail(code=code, message=message, expected=expected, received=received)
@@ -55,7 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("request failed: %s", exc)
-        detail = ErrorDetail(code="internal_error", message=f"the service failed on this request: {type(exc).__name__}: {exc}")
+        detail = ErrorDetail(
+            code="internal_error", message=f"the service failed on this request: {type(exc).__name__}: {exc}"
+        )
         return respond(request, 500, detail)
 
     @app.exception_handler(RequestValidationError)
@@ -67,5 +77,3 @@ def install_error_handlers(app: FastAPI) -> None:
             code="bad_parameter", message=f"{where}: {err['msg']}", expected=err["msg"], received=repr(err.get("input"))
         )
         return respond(request, 400, detail)
-
-

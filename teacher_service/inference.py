@@ -54,7 +54,9 @@ class TeacherRunner:
         self.channels_last = channels_last
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast)
         k = teacher.config.num_classes
-        self.caches: list[MemberCache | None] = [cache.namespace(m.version, k) if cache else None for m in teacher.members]
+        self.caches: list[MemberCache | None] = [
+            cache.namespace(m.version, k) if cache else None for m in teacher.members
+        ]
         if channels_last:
             for m in teacher.members:
                 m.model.to(memory_format=torch.channels_last)

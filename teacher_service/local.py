@@ -31,7 +31,9 @@ class InProcessTeacher:
             raise ValueError(f"{config_path} declares teachers {sorted(teachers)}, not {name!r}: set teacher.name")
         self.name = name
         self._teacher = teachers[name]
-        self._runner = TeacherRunner(self._teacher, None, device, Metrics(), config.server.autocast, config.server.channels_last)
+        self._runner = TeacherRunner(
+            self._teacher, None, device, Metrics(), config.server.autocast, config.server.channels_last
+        )
 
     @property
     def default_temperature(self) -> float:

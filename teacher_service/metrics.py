@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported for the app)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -15,31 +15,53 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("akd_requests", "Soft-target requests by teacher and HTTP status.", ["teacher", "status"], registry=r)
+        self.requests = Counter(
+            "akd_requests", "Soft-target requests by teacher and HTTP status.", ["teacher", "status"], registry=r
+        )
         self.rows = Counter("akd_rows", "Input rows answered.", ["teacher"], registry=r)
-        self.batch_rows = Histogram("akd_batch_rows", "Rows per formed batch.", ["teacher"], buckets=_ROW_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            "akd_batch_rows", "Rows per formed batch.", ["teacher"], buckets=_ROW_BUCKETS, registry=r
+        )
         self.batch_rows_max = Gauge("akd_batch_rows_max", "Largest batch formed so far.", ["teacher"], registry=r)
         self.queue_wait_seconds = Histogram(
-            "akd_queue_wait_seconds", "Time rows waited for their batch.", ["teacher"], buckets=_TIME_BUCKETS, registry=r
+            "akd_queue_wait_seconds",
+            "Time rows waited for their batch.",
+            ["teacher"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
         )
         self.compute_seconds = Histogram(
-            "akd_compute_seconds", "Time to run one batch (cache + forward).", ["teacher"], buckets=_TIME_BUCKETS, registry=r
+            "akd_compute_seconds",
+            "Time to run one batch (cache + forward).",
+            ["teacher"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
         )
         self.queued_rows = Gauge("akd_queue_rows", "Rows waiting for a batch.", ["teacher"], registry=r)
         self.inflight_bytes = Gauge("akd_inflight_bytes", "Request body bytes held by requests in flight.", registry=r)
         self.cache_hits = Counter("akd_cache_hits", "Member rows served from the cache.", ["member"], registry=r)
         self.cache_misses = Counter("akd_cache_misses", "Member rows computed.", ["member"], registry=r)
-        self.cache_rows = Gauge("akd_cache_rows", "Rows held by the cache (buffered or committed).", ["member"], registry=r)
-        self.cache_committed_rows = Gauge("akd_cache_committed_rows", "Rows durable in the store.", ["member"], registry=r)
+        self.cache_rows = Gauge(
+            "akd_cache_rows", "Rows held by the cache (buffered or committed).", ["member"], registry=r
+        )
+        self.cache_committed_rows = Gauge(
+            "akd_cache_committed_rows", "Rows durable in the store.", ["member"], registry=r
+        )
         self.cache_bytes = Gauge("akd_cache_bytes", "Bytes counted against cache_max_bytes.", registry=r)
         self.cache_max_bytes = Gauge("akd_cache_max_bytes", "The cache size bound.", registry=r)
         self.cache_full = Gauge("akd_cache_full", "1 once the size bound (or a full disk) stopped inserts.", registry=r)
         self.cache_write_errors = Gauge("akd_cache_write_errors", "Failed chunk writes.", ["member"], registry=r)
         self.cache_damaged_rows = Gauge(
-            "akd_cache_damaged_rows", "Stored rows found damaged or unverifiable at start-up: never served, recomputed when asked for.", ["member"], registry=r
+            "akd_cache_damaged_rows",
+            "Stored rows found damaged or unverifiable at start-up: never served, recomputed when asked for.",
+            ["member"],
+            registry=r,
         )
         self.cache_damaged_namespaces = Gauge(
-            "akd_cache_damaged_namespaces", "Namespaces set aside as damaged at start-up (see the log for where).", ["member"], registry=r
+            "akd_cache_damaged_namespaces",
+            "Namespaces set aside as damaged at start-up (see the log for where).",
+            ["member"],
+            registry=r,
         )
         self._collect_hooks: list[Callable[[], None]] = []
         self._largest_batch: dict[str, int] = {}

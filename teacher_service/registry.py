@@ -54,7 +54,14 @@ class Teacher:
             aggregate=self.config.aggregate,
             temperature=self.config.temperature,
             members=[
-                MemberInfo(source=m.source, path=str(m.path), weight=float(w), version=m.version, arch=m.arch, metadata=m.metadata)
+                MemberInfo(
+                    source=m.source,
+                    path=str(m.path),
+                    weight=float(w),
+                    version=m.version,
+                    arch=m.arch,
+                    metadata=m.metadata,
+                )
                 for m, w in zip(self.members, self.weights)
             ],
         )
@@ -79,7 +86,9 @@ def _load_member(
     problem = not_a_model_file(path)
     if problem is not None:
         if mconf.robustbench is not None and not path.exists():
-            raise ConfigError(f"{where}: RobustBench weights for {mconf.robustbench!r} are not at {path}; nothing is downloaded, put the file there")
+            raise ConfigError(
+                f"{where}: RobustBench weights for {mconf.robustbench!r} are not at {path}; nothing is downloaded, put the file there"
+            )
         raise ConfigError(f"{where}: weights file {path} {problem}")
     version = file_version(path)
     if version not in loaded:
@@ -130,10 +139,14 @@ def _check_output(where: str, member: Member, tconf: TeacherConfig, device: torc
         with torch.inference_mode():
             out = member.model(probe)
     except Exception as exc:
-        raise ConfigError(f"{where}: {member.path} fails on inputs of shape (2, {', '.join(map(str, tconf.input_shape))}): {exc}") from exc
+        raise ConfigError(
+            f"{where}: {member.path} fails on inputs of shape (2, {', '.join(map(str, tconf.input_shape))}): {exc}"
+        ) from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, tconf.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"{where}: {member.path} returns {got} for 2 inputs, expected logits of shape (2, {tconf.num_classes})")
+        raise ConfigError(
+            f"{where}: {member.path} returns {got} for 2 inputs, expected logits of shape (2, {tconf.num_classes})"
+        )
 
 
 def _robustbench_file(mconf: MemberConfig) -> Path:
@@ -145,15 +158,19 @@ def _load_robustbench(where: str, mconf: MemberConfig) -> nn.Module:
     try:
         from robustbench.utils import load_model
     except ImportError:
-        raise ConfigError(f"{where}: robustbench = {mconf.robustbench!r} needs the `robustbench` package installed") from None
+        raise ConfigError(
+            f"{where}: robustbench = {mconf.robustbench!r} needs the `robustbench` package installed"
+        ) from None
     path = _robustbench_file(mconf)
     with weights_only_unpickling():  # robustbench calls torch.load itself; this makes that load weights-only
         try:
             return load_model(
-                model_name=mconf.robustbench, model_dir=str(mconf.robustbench_dir), dataset=mconf.dataset, threat_model=mconf.threat_model
+                model_name=mconf.robustbench,
+                model_dir=str(mconf.robustbench_dir),
+                dataset=mconf.dataset,
+                threat_model=mconf.threat_model,
             )
         except pickle.UnpicklingError as exc:
             raise ConfigError(f"{where}: {refused_pickle(path, exc)}") from exc
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise ConfigError(f"{where}: RobustBench could not load {path}: {first_line(exc)}") from exc
-

@@ -35,8 +35,14 @@ def require_token(request: Request) -> None:
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         received = "no Authorization header" if not given else "a different token"
-        raise ServiceError(401, "unauthorized", "this service needs a bearer token", "Authorization: Bearer <token>", received,
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise ServiceError(
+            401,
+            "unauthorized",
+            "this service needs a bearer token",
+            "Authorization: Bearer <token>",
+            received,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -61,15 +67,24 @@ _RESPONSES = {
         ),
         "content": {protocol.MEDIA_TYPE: _BINARY},
         "headers": {
-            protocol.HEADER_CACHE_HITS: {"description": "Rows for which every member came from the cache.", "schema": {"type": "integer"}},
-            protocol.HEADER_TEACHER_VERSIONS: {"description": "Member versions (weight hashes), comma-separated.", "schema": {"type": "string"}},
+            protocol.HEADER_CACHE_HITS: {
+                "description": "Rows for which every member came from the cache.",
+                "schema": {"type": "integer"},
+            },
+            protocol.HEADER_TEACHER_VERSIONS: {
+                "description": "Member versions (weight hashes), comma-separated.",
+                "schema": {"type": "string"},
+            },
         },
     },
     400: {"model": ErrorBody, "description": "The body is not a safetensors file, or a query parameter is wrong."},
     401: {"model": ErrorBody, "description": "A bearer token is configured and was not given."},
     404: {"model": ErrorBody, "description": "Unknown teacher."},
     413: {"model": ErrorBody, "description": "The body (or its row count) is over the configured limit."},
-    422: {"model": ErrorBody, "description": "The `inputs` tensor has the wrong dtype, shape, range, or non-finite values."},
+    422: {
+        "model": ErrorBody,
+        "description": "The `inputs` tensor has the wrong dtype, shape, range, or non-finite values.",
+    },
     503: {"model": ErrorBody, "description": "The queue is full; retry after `Retry-After` seconds."},
 }
 
@@ -98,7 +113,13 @@ async def soft_targets(
     try:
         wanted = protocol.parse_outputs(outputs)
     except ValueError as exc:
-        raise ServiceError(400, "bad_outputs", f"outputs: {exc}", f"a comma list of {', '.join(o.value for o in Output)}", repr(outputs)) from None
+        raise ServiceError(
+            400,
+            "bad_outputs",
+            f"outputs: {exc}",
+            f"a comma list of {', '.join(o.value for o in Output)}",
+            repr(outputs),
+        ) from None
     batcher = service.batchers[t.name]
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
@@ -109,17 +130,27 @@ async def soft_targets(
             try:
                 queued = batcher.enqueue(rows)
             except QueueFull as exc:
-                raise ServiceError(503, "queue_full", "the service is saturated; retry shortly",
-                                   f"fewer than {exc.limit} queued rows", f"{exc.queued} queued rows", headers={"Retry-After": "1"}) from None
+                raise ServiceError(
+                    503,
+                    "queue_full",
+                    "the service is saturated; retry shortly",
+                    f"fewer than {exc.limit} queued rows",
+                    f"{exc.queued} queued rows",
+                    headers={"Retry-After": "1"},
+                ) from None
         result = await queued
         tau = t.config.temperature if temperature is None else temperature
         payload = await off_loop_if_large(result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted)
     service.metrics.request(t.name, 200, len(rows.keys))
-    return Response(payload, media_type=protocol.MEDIA_TYPE, headers={
-        protocol.HEADER_CACHE_HITS: str(result.cache_hits),
-        protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
-        protocol.HEADER_TEACHER: t.name,
-    })
+    return Response(
+        payload,
+        media_type=protocol.MEDIA_TYPE,
+        headers={
+            protocol.HEADER_CACHE_HITS: str(result.cache_hits),
+            protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
+            protocol.HEADER_TEACHER: t.name,
+        },
+    )
 
 
 @router.get(protocol.TEACHERS_PATH, response_model=TeachersResponse)

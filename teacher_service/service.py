@@ -36,9 +36,14 @@ class InflightBytes:
     def check(self, n: int) -> None:
         """Refuse now if `n` more bytes would not fit (503 with Retry-After, like a full queue)."""
         if self.used + n > self.limit:
-            raise ServiceError(503, "inflight_full", "the service holds as many request bytes as it may; retry shortly",
-                               f"at most {self.limit} bytes held by requests in flight", f"{self.used} bytes in flight and {n} more",
-                               headers={"Retry-After": "1"})
+            raise ServiceError(
+                503,
+                "inflight_full",
+                "the service holds as many request bytes as it may; retry shortly",
+                f"at most {self.limit} bytes held by requests in flight",
+                f"{self.used} bytes in flight and {n} more",
+                headers={"Retry-After": "1"},
+            )
 
     @contextlib.contextmanager
     def hold(self):
@@ -78,9 +83,17 @@ class Service:
         if name is None:
             if len(self.teachers) == 1:
                 return next(iter(self.teachers.values()))
-            raise ServiceError(400, "teacher_required", "several teachers are served: name one with ?teacher=", f"one of {sorted(self.teachers)}", "no teacher")
+            raise ServiceError(
+                400,
+                "teacher_required",
+                "several teachers are served: name one with ?teacher=",
+                f"one of {sorted(self.teachers)}",
+                "no teacher",
+            )
         if name not in self.teachers:
-            raise ServiceError(404, "unknown_teacher", f"no teacher named {name!r}", f"one of {sorted(self.teachers)}", repr(name))
+            raise ServiceError(
+                404, "unknown_teacher", f"no teacher named {name!r}", f"one of {sorted(self.teachers)}", repr(name)
+            )
         return self.teachers[name]
 
     def label(self, request: Request) -> str:
@@ -96,13 +109,27 @@ def build_service(config: ServiceConfig) -> Service:
     device = resolve_device(config.server.device, "server.device")
     teachers = load_teachers(config, device)
     server = config.server
-    cache = LogitCache(server.cache_dir, server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable) if server.cache_dir else None
+    cache = (
+        LogitCache(server.cache_dir, server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable)
+        if server.cache_dir
+        else None
+    )
     metrics = Metrics()
     runners = {
-        name: TeacherRunner(t, cache, device, metrics, server.autocast, server.channels_last) for name, t in teachers.items()
+        name: TeacherRunner(t, cache, device, metrics, server.autocast, server.channels_last)
+        for name, t in teachers.items()
     }
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-inference")
-    service = Service(config, teachers, runners, cache, metrics, executor, str(device), InflightBytes(server.max_inflight_bytes, metrics))
+    service = Service(
+        config,
+        teachers,
+        runners,
+        cache,
+        metrics,
+        executor,
+        str(device),
+        InflightBytes(server.max_inflight_bytes, metrics),
+    )
     metrics.on_collect(lambda: _refresh_cache_gauges(service))
     return service
 
@@ -129,5 +156,3 @@ async def flush_periodically(service: Service, every_s: float) -> None:
         await asyncio.sleep(every_s)
         # submitted from the inference thread, which owns the cache's in-memory state
         await loop.run_in_executor(service.executor, lambda: [ns.flush() for ns in service.cache.namespaces])
-
-

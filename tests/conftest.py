@@ -13,11 +13,14 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
-from shared.checkpoint import Checkpoint, save_checkpoint
+from shared import codec
+from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.health import free_port, wait_healthy  # noqa: F401  (free_port: used by the tests)
 from shared.models import build_model
 from teacher_service.app import create_app
@@ -36,8 +39,16 @@ def copy_checkout(dst: Path) -> Path:
 
     The user's-side tests run the README's commands there: no .venv, runs/ or build/ of the developer's.
     """
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():  # a tracked file deleted in the working tree is not part of the copy
@@ -51,7 +62,9 @@ def seeded_model(seed: int, arch: str = "small_cnn", shape=MNIST_SHAPE, num_clas
     return build_model(arch, num_classes, shape).eval()
 
 
-def save_member(path: Path, seed: int, arch: str = "small_cnn", shape=MNIST_SHAPE, num_classes: int = 10, epoch: int = 1) -> Path:
+def save_member(
+    path: Path, seed: int, arch: str = "small_cnn", shape=MNIST_SHAPE, num_classes: int = 10, epoch: int = 1
+) -> Path:
     model = seeded_model(seed, arch, shape, num_classes)
     save_checkpoint(path, Checkpoint(arch, num_classes, shape, model.state_dict(), {"epoch": epoch, "seed": seed}))
     return path
@@ -101,7 +114,9 @@ def live_server(config_path: Path, **overrides):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     # the timeouts, limits and protocol `akd serve` runs with (teacher_service.server), quieter
-    server = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options(config.server), "log_level": "warning"}, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, **{**uvicorn_options(config.server), "log_level": "warning"}, lifespan="on")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -117,15 +132,27 @@ def live_server(config_path: Path, **overrides):
 class ServerProcess:
     """`python -m teacher_service` as its own process, for restarts and kill -9."""
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict | None = None, port: int | None = None, max_files: int | None = None):
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        env: dict | None = None,
+        port: int | None = None,
+        max_files: int | None = None,
+    ):
         self.log_path = log_path
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "ab")  # noqa: SIM115 (held open for the server's lifetime; closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "teacher_service", "--config", str(config_path), "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
-            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))) if max_files else None,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files)))
+            if max_files
+            else None,
         )
         wait_healthy(self.base, alive=lambda: self.proc.poll() is None, timeout_s=HANG_S)
 
@@ -172,6 +199,29 @@ def random_inputs(n: int, dtype=torch.float32, seed: int = 0, shape=MNIST_SHAPE)
 # (a head sent in pieces, a body that stops halfway, a connection that sends nothing)
 
 
+def metric_series(text: str) -> dict[str, float]:
+    """Every sample of a /metrics page (prometheus_client's parser), keyed as Prometheus writes it with its labels
+    in name order, e.g. 'akd_rows_total{teacher="m"}'."""
+    series = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            series[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return series
+
+
+def metric(text: str, series: str, default: float | None = None) -> float:
+    """One sample's value (see metric_series); `default` when it is absent, or a failed assertion without one."""
+    values = metric_series(text)
+    assert series in values or default is not None, f"{series} not in /metrics"
+    return values.get(series, default)
+
+
+def gauge(text: str, name: str) -> float:
+    """A sample's value, 0 until the service has one (a cache namespace not yet made)."""
+    return metric(text, name, default=0.0)
+
+
 def raw_connect(base: str) -> socket.socket:
     """A plain TCP connection to a live server's base URL; reads on it give up after HANG_S."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -213,3 +263,67 @@ def closed_by_peer(sock: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+# ---------------------------------------------------------------- what several test files share
+
+
+def load_in_process(path):
+    if path.suffix == ".pt2":
+        return torch.export.load(path).module()
+    return load_checkpoint(path).build()
+
+
+def reference_member_logits(paths, x: torch.Tensor) -> torch.Tensor:
+    xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    with torch.inference_mode():
+        return torch.stack([load_in_process(p)(xf) for p in paths])
+
+
+def reference_probs(member_logits, weights, tau, aggregate):
+    beta = torch.tensor(weights) / sum(weights)
+    if aggregate == "logits":
+        return torch.softmax(sum(b * z for b, z in zip(beta, member_logits)) / tau, dim=-1)
+    return sum(b * torch.softmax(z / tau, dim=-1) for b, z in zip(beta, member_logits))
+
+
+def post(base, x, **params) -> httpx.Response:
+    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=HANG_S)
+    assert r.status_code == 200, r.text
+    return r
+
+
+FAKE_ROBUSTBENCH = '''
+"""Test double: the real robustbench package (and its weights) cannot be installed offline here."""
+import torch
+from shared.models import build_model
+
+CALLS = []
+
+def load_model(model_name, model_dir, dataset, threat_model):
+    CALLS.append((model_name, model_dir, dataset, threat_model))
+    model = build_model("small_cnn", 10, (1, 28, 28))
+    model.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt"))
+    return model.eval()
+'''
+
+
+@pytest.fixture
+def fake_robustbench(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "robustbench"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "utils.py").write_text(FAKE_ROBUSTBENCH)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield
+    for name in ("robustbench", "robustbench.utils"):
+        sys.modules.pop(name, None)
+
+
+def robustbench_config(tmp_path, model_id="Fake2024"):
+    teacher = {
+        "num_classes": 10,
+        "input_shape": [1, 28, 28],
+        "members": [{"robustbench": model_id, "dataset": "mnist"}],
+    }
+    return write_config(tmp_path / "t.toml", {"rb": teacher})

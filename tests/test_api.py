@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
+
 from shared import codec
 from shared.hashing import file_version
 from shared.protocol import TeachersResponse
@@ -16,7 +16,10 @@ def server(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["b"], 3.0)]
     config = write_config(
         tmp_path / "t.toml",
-        {"ens": mnist_teacher(members, aggregate="logits", temperature=3.0), "solo": mnist_teacher([(mnist_members["c"], 1.0)])},
+        {
+            "ens": mnist_teacher(members, aggregate="logits", temperature=3.0),
+            "solo": mnist_teacher([(mnist_members["c"], 1.0)]),
+        },
     )
     with live_server(config) as (base, _):
         yield base
@@ -40,11 +43,28 @@ def test_teacher_is_required_when_several_are_served(server):
 
 
 def test_healthz_and_metrics(server):
-    assert httpx.get(f"{server}/healthz", timeout=HANG_S).json() == {"status": "ok", "device": "cpu", "teachers": ["ens", "solo"]}
-    httpx.post(f"{server}/soft-targets", params={"teacher": "solo"}, content=codec.encode_inputs(random_inputs(3)), timeout=HANG_S)
+    assert httpx.get(f"{server}/healthz", timeout=HANG_S).json() == {
+        "status": "ok",
+        "device": "cpu",
+        "teachers": ["ens", "solo"],
+    }
+    httpx.post(
+        f"{server}/soft-targets",
+        params={"teacher": "solo"},
+        content=codec.encode_inputs(random_inputs(3)),
+        timeout=HANG_S,
+    )
     text = httpx.get(f"{server}/metrics", timeout=HANG_S).text
-    for name in ("akd_requests_total", "akd_rows_total", "akd_batch_rows_bucket", "akd_queue_wait_seconds_bucket",
-                 "akd_compute_seconds_bucket", "akd_cache_hits_total", "akd_cache_misses_total", "akd_queue_rows"):
+    for name in (
+        "akd_requests_total",
+        "akd_rows_total",
+        "akd_batch_rows_bucket",
+        "akd_queue_wait_seconds_bucket",
+        "akd_compute_seconds_bucket",
+        "akd_cache_hits_total",
+        "akd_cache_misses_total",
+        "akd_queue_rows",
+    ):
         assert name in text, name
     assert 'akd_requests_total{status="200",teacher="solo"} 1.0' in text
     assert 'akd_rows_total{teacher="solo"} 3.0' in text
@@ -55,15 +75,24 @@ def test_openapi_describes_the_binary_format(server):
     op = spec["paths"]["/soft-targets"]["post"]
     body = op["requestBody"]
     assert body["content"]["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
-    assert "safetensors" in body["description"] and "uint8" in body["description"] and "(B, C, H, W)" in body["description"]
+    assert (
+        "safetensors" in body["description"]
+        and "uint8" in body["description"]
+        and "(B, C, H, W)" in body["description"]
+    )
     ok = op["responses"]["200"]
     assert "application/octet-stream" in ok["content"] and "member_logits" in ok["description"]
     assert {"X-Cache-Hits", "X-Teacher-Versions"} <= set(ok["headers"])
     params = {p["name"] for p in op["parameters"]}
     assert params == {"teacher", "temperature", "outputs", "cache"}
     # what a wrong query parameter gets (400) and what a wrong `inputs` tensor gets (422), as the service answers
-    assert "query parameter" in op["responses"]["400"]["description"] and "`inputs`" in op["responses"]["422"]["description"]
+    assert (
+        "query parameter" in op["responses"]["400"]["description"]
+        and "`inputs`" in op["responses"]["422"]["description"]
+    )
     assert "HTTPValidationError" not in str(spec)  # FastAPI's default 422 for parameters is not what the service sends
-    r = httpx.post(f"{server}/soft-targets", params={"teacher": "solo", "temperature": "-1"}, content=b"", timeout=HANG_S)
+    r = httpx.post(
+        f"{server}/soft-targets", params={"teacher": "solo", "temperature": "-1"}, content=b"", timeout=HANG_S
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_parameter"
     assert httpx.get(f"{server}/docs", timeout=HANG_S).status_code == 200

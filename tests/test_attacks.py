@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from student_trainer.attacks import STEPS, PGD, L2Step, LinfStep, attack_mode, ce_loss, kl_loss
+from student_trainer.attacks import PGD, STEPS, L2Step, LinfStep, attack_mode, ce_loss, kl_loss
 
 SHAPE = (1, 4, 4)
 K = 3

@@ -17,12 +17,12 @@ import time
 import httpx
 import pytest
 import torch
-from safetensors.torch import save as st_save
-
 from conftest import (
     HANG_S,
     export_member,
     live_server,
+    metric,
+    metric_series,
     mnist_teacher,
     random_inputs,
     raw_connect,
@@ -31,6 +31,9 @@ from conftest import (
     save_member,
     write_config,
 )
+from safetensors.torch import save as st_save
+
+from shared import scrape
 from shared.codec import decode, encode_inputs
 from shared.protocol import HEADER_CACHE_HITS, INPUT_DTYPES
 
@@ -96,7 +99,9 @@ _good_seed = iter(range(10_000, 20_000))
 def assert_still_serving(client: httpx.Client, headers: dict | None = None, params: dict | None = None) -> None:
     """A fresh good request (bypassing the cache, so the models really run) gets correct probs."""
     x = random_inputs(3, seed=next(_good_seed))
-    r = client.post(SOFT_TARGETS, params={**(params or MNIST), "cache": "bypass"}, content=encode_inputs(x), headers=headers)
+    r = client.post(
+        SOFT_TARGETS, params={**(params or MNIST), "cache": "bypass"}, content=encode_inputs(x), headers=headers
+    )
     assert r.status_code == 200, r.text
     probs = decode(r.content)["probs"]
     assert probs.dtype == torch.float32
@@ -141,13 +146,31 @@ ALLOWED = list(INPUT_DTYPES)
 
 TENSOR_CASES = [
     # id, tensors in the body, code, substrings of expected, substrings of received
-    ("shape_28x27", lambda: {"inputs": torch.rand(2, 1, 28, 27)}, "bad_shape", [EXPECTED_SHAPE], ["(2, 1, 28, 27)", "float32"]),
+    (
+        "shape_28x27",
+        lambda: {"inputs": torch.rand(2, 1, 28, 27)},
+        "bad_shape",
+        [EXPECTED_SHAPE],
+        ["(2, 1, 28, 27)", "float32"],
+    ),
     ("channels_3", lambda: {"inputs": torch.rand(2, 3, 28, 28)}, "bad_channels", [EXPECTED_SHAPE], ["(2, 3, 28, 28)"]),
     ("ndim_3", lambda: {"inputs": torch.rand(1, 28, 28)}, "bad_shape", [EXPECTED_SHAPE], ["(1, 28, 28)"]),
     ("ndim_5", lambda: {"inputs": torch.rand(2, 1, 1, 28, 28)}, "bad_shape", [EXPECTED_SHAPE], ["(2, 1, 1, 28, 28)"]),
-    ("zero_rows", lambda: {"inputs": torch.rand(0, 1, 28, 28)}, "bad_shape", [EXPECTED_SHAPE, "B >= 1"], ["(0, 1, 28, 28)"]),
+    (
+        "zero_rows",
+        lambda: {"inputs": torch.rand(0, 1, 28, 28)},
+        "bad_shape",
+        [EXPECTED_SHAPE, "B >= 1"],
+        ["(0, 1, 28, 28)"],
+    ),
     ("dtype_int64", lambda: {"inputs": torch.randint(0, 2, (2, 1, 28, 28))}, "bad_dtype", ALLOWED, ["int64"]),
-    ("dtype_float64", lambda: {"inputs": torch.rand(2, 1, 28, 28, dtype=torch.float64)}, "bad_dtype", ALLOWED, ["float64"]),
+    (
+        "dtype_float64",
+        lambda: {"inputs": torch.rand(2, 1, 28, 28, dtype=torch.float64)},
+        "bad_dtype",
+        ALLOWED,
+        ["float64"],
+    ),
     ("dtype_bool", lambda: {"inputs": torch.zeros(2, 1, 28, 28, dtype=torch.bool)}, "bad_dtype", ALLOWED, ["bool"]),
     ("nan", lambda: {"inputs": _with(float("nan"))}, "not_finite", ["finite"], ["1 non-finite"]),
     ("pos_inf", lambda: {"inputs": _with(float("inf"))}, "not_finite", ["finite"], ["1 non-finite"]),
@@ -228,7 +251,11 @@ def test_bad_outputs_is_400(client, outputs, received):
     assert_still_serving(client)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "inf", "nan", "-0.0", ""], ids=["zero", "minus_one", "abc", "inf", "nan", "neg_zero", "empty"])
+@pytest.mark.parametrize(
+    "value",
+    ["0", "-1", "abc", "inf", "nan", "-0.0", ""],
+    ids=["zero", "minus_one", "abc", "inf", "nan", "neg_zero", "empty"],
+)
 def test_bad_temperature_is_400(client, value):
     """A wrong query parameter is the client's 400 (as README and the OpenAPI spec say), not FastAPI's default 422."""
     r = client.post(SOFT_TARGETS, params={**MNIST, "temperature": value}, content=_valid_body())
@@ -305,15 +332,35 @@ def _header_of(body: bytes) -> bytes:
 
 HEADER_CASES = [
     # id, tensors, status, code, received
-    ("too_many_rows", lambda: {"inputs": torch.zeros(MAX_ROWS + 1, 1, 28, 28, dtype=torch.uint8)}, 413, "too_many_rows", f"{MAX_ROWS + 1} rows"),
+    (
+        "too_many_rows",
+        lambda: {"inputs": torch.zeros(MAX_ROWS + 1, 1, 28, 28, dtype=torch.uint8)},
+        413,
+        "too_many_rows",
+        f"{MAX_ROWS + 1} rows",
+    ),
     ("dtype_float64", lambda: {"inputs": torch.zeros(2, 1, 28, 28, dtype=torch.float64)}, 422, "bad_dtype", "float64"),
-    ("shape", lambda: {"inputs": torch.zeros(2, 1, 28, 27)}, 422, "bad_shape", "float32 tensor of shape (2, 1, 28, 27)"),
-    ("channels", lambda: {"inputs": torch.zeros(2, 3, 28, 28, dtype=torch.uint8)}, 422, "bad_channels", "(2, 3, 28, 28)"),
+    (
+        "shape",
+        lambda: {"inputs": torch.zeros(2, 1, 28, 27)},
+        422,
+        "bad_shape",
+        "float32 tensor of shape (2, 1, 28, 27)",
+    ),
+    (
+        "channels",
+        lambda: {"inputs": torch.zeros(2, 3, 28, 28, dtype=torch.uint8)},
+        422,
+        "bad_channels",
+        "(2, 3, 28, 28)",
+    ),
     ("missing_inputs", lambda: {"images": torch.zeros(2, 1, 28, 28)}, 422, "missing_inputs", "'images'"),
 ]
 
 
-@pytest.mark.parametrize(("tensors", "status", "code", "received"), [pytest.param(*c[1:], id=c[0]) for c in HEADER_CASES])
+@pytest.mark.parametrize(
+    ("tensors", "status", "code", "received"), [pytest.param(*c[1:], id=c[0]) for c in HEADER_CASES]
+)
 def test_refused_from_the_header_before_the_body_arrives(client, tensors, status, code, received):
     """The header (the first bytes) decides: the answer comes while the rest of the body was never sent."""
     body = body_of(**tensors())
@@ -402,23 +449,18 @@ def test_metrics_count_the_errors_and_no_500(client):
     text = r.text
     assert 'status="500"' not in text
     assert not re.search(r'status="5\d\d"', text)
-    counted = {
-        int(m.group(1))
-        for m in re.finditer(r'^akd_requests_total\{[^}]*status="(\d+)"[^}]*\} ([0-9.e+]+)$', text, re.M)
-        if float(m.group(2)) > 0
-    }
+    counted = {int(labels["status"]) for labels, value in scrape.labelled(text, "akd_requests_total") if value > 0}
     assert set(statuses) <= counted, (set(statuses), counted)
     assert 200 in counted
 
 
 def _series(text: str) -> set[str]:
     """Every metric series (name and labels) in a Prometheus text page."""
-    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("akd_")}
+    return {name for name in metric_series(text) if name.startswith("akd_")}
 
 
 def _count(text: str, status: int, teacher: str = "mnist") -> float:
-    m = re.search(rf'^akd_requests_total\{{status="{status}",teacher="{teacher}"\}} ([0-9.e+]+)$', text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
+    return metric(text, f'akd_requests_total{{status="{status}",teacher="{teacher}"}}', default=0.0)
 
 
 class _Records(logging.Handler):
@@ -443,7 +485,10 @@ def test_client_hanging_up_mid_upload_is_a_499_not_a_500(client):
         before = client.get("/metrics").text
         body = _valid_body()
         with raw_connect(str(client.base_url)) as sock:
-            sock.sendall(raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + body[: len(body) // 2])
+            sock.sendall(
+                raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)})
+                + body[: len(body) // 2]
+            )
         deadline = time.monotonic() + HANG_S
         while _count(text := client.get("/metrics").text, 499) == _count(before, 499):
             assert time.monotonic() < deadline, "the hang-up was never counted"
@@ -457,7 +502,9 @@ def test_client_hanging_up_mid_upload_is_a_499_not_a_500(client):
     assert [r for r in records.records if r.exc_info] == []
     gone = [r.getMessage() for r in records.records if r.name == "akd.service" and "went away" in r.getMessage()]
     # how much of the half the app read before the hang-up showed depends on the scheduling: at most that half
-    assert len(gone) == 1 and re.fullmatch(rf"POST /soft-targets: the client went away after \d+ of {len(body)} body bytes", gone[0]), gone
+    assert len(gone) == 1 and re.fullmatch(
+        rf"POST /soft-targets: the client went away after \d+ of {len(body)} body bytes", gone[0]
+    ), gone
     assert int(gone[0].split(" after ")[1].split()[0]) <= len(body) // 2
     assert_still_serving(client)
 
@@ -498,7 +545,12 @@ def test_token_is_checked_before_the_body(token_client):
 @pytest.mark.parametrize("path", ["/teachers", "/metrics", "/openapi.json", "/docs"])
 def test_token_guards_teachers_metrics_and_docs(token_client, path):
     assert_error(token_client.get(path), 401, "unauthorized", received=["no Authorization header"])
-    assert_error(token_client.get(path, headers={"Authorization": "Bearer x"}), 401, "unauthorized", received=["a different token"])
+    assert_error(
+        token_client.get(path, headers={"Authorization": "Bearer x"}),
+        401,
+        "unauthorized",
+        received=["a different token"],
+    )
     assert token_client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
@@ -515,18 +567,27 @@ def test_random_teacher_names_add_no_metric_series(token_client):
     auth = {"Authorization": "Bearer s3cret"}
     for headers in (None, auth):  # one of each refusal first, so the fixed label's series exist
         token_client.post(SOFT_TARGETS, params={"teacher": "warm-up"}, content=_valid_body(), headers=headers)
-    token_client.post(SOFT_TARGETS, params={"teacher": "warm-up", "temperature": "0"}, content=_valid_body(), headers=auth)
+    token_client.post(
+        SOFT_TARGETS, params={"teacher": "warm-up", "temperature": "0"}, content=_valid_body(), headers=auth
+    )
     before = _series(token_client.get("/metrics", headers=auth).text)
     names = [f"t{secrets.token_hex(6)}" for _ in range(200)]
     statuses = set()
     for i, name in enumerate(names):
         params = {"teacher": name, **({"temperature": "0"} if i % 4 == 3 else {})}
-        statuses.add(token_client.post(SOFT_TARGETS, params=params, content=_valid_body(), headers=auth if i % 2 else None).status_code)
+        statuses.add(
+            token_client.post(
+                SOFT_TARGETS, params=params, content=_valid_body(), headers=auth if i % 2 else None
+            ).status_code
+        )
     assert statuses == {400, 401, 404}
     text = token_client.get("/metrics", headers=auth).text
     assert _series(text) == before
     assert not any(name in text for name in names)
-    assert 'akd_requests_total{status="401",teacher="-"}' in text and 'akd_requests_total{status="404",teacher="-"}' in text
+    assert (
+        'akd_requests_total{status="401",teacher="-"}' in text
+        and 'akd_requests_total{status="404",teacher="-"}' in text
+    )
 
 
 def test_healthz_needs_no_token(token_client):

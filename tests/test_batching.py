@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import torch
+from conftest import (
+    HANG_S,
+    live_server,
+    metric,
+    mnist_teacher,
+    random_inputs,
+    reference_member_logits,
+    reference_probs,
+    write_config,
+)
 
-from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
 from shared import codec
-from test_soft_targets import reference_member_logits, reference_probs
 
 CLIENTS, ROWS, ROUNDS = 8, 4, 6
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 async def _client(base: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -34,7 +35,9 @@ async def _client(base: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 def test_eight_concurrent_clients_are_answered_correctly_in_shared_batches(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)]
-    config = write_config(tmp_path / "t.toml", {"m": mnist_teacher(members)}, {"max_wait_ms": 1000.0, "max_batch_rows": 256})
+    config = write_config(
+        tmp_path / "t.toml", {"m": mnist_teacher(members)}, {"max_wait_ms": 1000.0, "max_batch_rows": 256}
+    )
 
     async def all_clients(base):
         return await asyncio.gather(*(_client(base, seed) for seed in range(CLIENTS)))
@@ -57,10 +60,14 @@ def test_eight_concurrent_clients_are_answered_correctly_in_shared_batches(tmp_p
 
 def test_a_lone_request_does_not_wait_for_company(tmp_path, mnist_members):
     """With nobody else on the way in, a batch runs at once instead of waiting out max_wait_ms."""
-    config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_wait_ms": 5000.0})
+    config = write_config(
+        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_wait_ms": 5000.0}
+    )
     with live_server(config) as (base, _):
         for seed in range(3):
-            r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(random_inputs(ROWS, seed=seed)), timeout=HANG_S)
+            r = httpx.post(
+                f"{base}/soft-targets", content=codec.encode_inputs(random_inputs(ROWS, seed=seed)), timeout=HANG_S
+            )
             assert r.status_code == 200
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert metric(metrics, 'akd_batch_rows_count{teacher="m"}') == 3
@@ -118,8 +125,13 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(tmp_path):
 
     async def scenario(base):
         async with httpx.AsyncClient(base_url=base, timeout=HANG_S) as client:
+
             def send(seed):
-                return asyncio.create_task(client.post("/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=seed, shape=(3, 32, 32)))))
+                return asyncio.create_task(
+                    client.post(
+                        "/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=seed, shape=(3, 32, 32)))
+                    )
+                )
 
             computing = send(0)
             while 'akd_queue_wait_seconds_count{teacher="wrn"} 1.0' not in (await client.get("/metrics")).text:
@@ -127,9 +139,13 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(tmp_path):
             queued = [send(1), send(2)]  # 8 rows: the queue's bound
             while metric((await client.get("/metrics")).text, 'akd_queue_rows{teacher="wrn"}') < 8:
                 await asyncio.sleep(0.01)
-            refused = await client.post("/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=3, shape=(3, 32, 32))))
+            refused = await client.post(
+                "/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=3, shape=(3, 32, 32)))
+            )
             accepted = await asyncio.gather(computing, *queued)
-            retried = await client.post("/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=3, shape=(3, 32, 32))))
+            retried = await client.post(
+                "/soft-targets", content=codec.encode_inputs(random_inputs(4, seed=3, shape=(3, 32, 32)))
+            )
             return refused, accepted, retried
 
     with live_server(config) as (base, _):

@@ -11,23 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_S, REPO, live_server, random_inputs
 
 from bench.config import load_bench_config
 from bench.timing import alternate
-from conftest import HANG_S, REPO, live_server, random_inputs
 from shared.configfile import ConfigError
 
 BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer"}
 
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     here = tmp_path_factory.mktemp("bench")
-    return here / "out", akd_bench("--config", "tiny", "--device", "cpu", "--out", "out", cwd=here)  # a relative --out, as people type it
+    return here / "out", akd_bench(
+        "--config", "tiny", "--device", "cpu", "--out", "out", cwd=here
+    )  # a relative --out, as people type it
 
 
 def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
@@ -40,12 +44,18 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
         assert section["rows"], f"{key} measured nothing"
         for target in section["targets"]:
             assert math.isfinite(target["measured"]) and target["measured"] > 0, (key, target)
-            assert target["met"] == (target["measured"] <= target["threshold"] if target["op"] == "<=" else target["measured"] >= target["threshold"])
+            assert target["met"] == (
+                target["measured"] <= target["threshold"]
+                if target["op"] == "<="
+                else target["measured"] >= target["threshold"]
+            )
     # each issue target that the tiny preset's sizes reach is checked
     assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
     assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
     assert {r["dtype"] for r in sections["transport"]["rows"]} == {"uint8", "float16", "float32"}
-    assert all(r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"])  # cache_durable off vs on
+    assert all(
+        r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"]
+    )  # cache_durable off vs on
     sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
     assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
@@ -59,7 +69,15 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
     out, result = tiny_run
     text = (out / "RESULTS.md").read_text()
     assert "akd bench --config tiny" in text and "cores" in text and "torch" in text
-    for title in ("## Targets", "## 1. Service overhead", "## 2. Cache", "## 3. Sharing", "## 4. Transport", "## 5. End to end", "## 6. A peer"):
+    for title in (
+        "## Targets",
+        "## 1. Service overhead",
+        "## 2. Cache",
+        "## 3. Sharing",
+        "## 4. Transport",
+        "## 5. End to end",
+        "## 6. A peer",
+    ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "benchmark 6/6: peer" in result.stderr
@@ -75,7 +93,11 @@ def test_bad_arguments_fail_clearly(tmp_path):
 
 
 def test_a_benchmark_config_naming_an_undeclared_teacher_is_refused(tmp_path):
-    text = (REPO / "bench" / "presets" / "tiny.toml").read_text().replace('[overhead]\nteachers = ["small_cnn"]', '[overhead]\nteachers = ["resnet_xl"]')
+    text = (
+        (REPO / "bench" / "presets" / "tiny.toml")
+        .read_text()
+        .replace('[overhead]\nteachers = ["small_cnn"]', '[overhead]\nteachers = ["resnet_xl"]')
+    )
     (tmp_path / "b.toml").write_text(text)
     with pytest.raises(ConfigError, match=r"resnet_xl"):
         load_bench_config(str(tmp_path / "b.toml"))
@@ -83,7 +105,12 @@ def test_a_benchmark_config_naming_an_undeclared_teacher_is_refused(tmp_path):
 
 def test_alternate_interleaves_after_warming_up():
     calls = []
-    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repetitions=3, warmup=1, device=torch.device("cpu"))
+    times = alternate(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repetitions=3,
+        warmup=1,
+        device=torch.device("cpu"),
+    )
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then ABBA...
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
@@ -91,8 +118,13 @@ def test_alternate_interleaves_after_warming_up():
 def test_fast_candidates_repeat_until_min_seconds_are_spent():
     import time
 
-    times = alternate({"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.002)}, repetitions=2, warmup=0,
-                      device=torch.device("cpu"), min_seconds=0.06)
+    times = alternate(
+        {"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.002)},
+        repetitions=2,
+        warmup=0,
+        device=torch.device("cpu"),
+        min_seconds=0.06,
+    )
     assert 8 <= len(times["a"]) == len(times["b"]) <= 25  # about 0.06 s / 3 ms per round, not 2
 
 

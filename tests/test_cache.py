@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,23 +11,22 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import (
+    HANG_S,
+    ServerProcess,
+    gauge,
+    live_server,
+    mnist_teacher,
+    post,
+    random_inputs,
+    reference_member_logits,
+    save_member,
+    write_config,
+)
 
-from conftest import HANG_S, ServerProcess, live_server, mnist_teacher, random_inputs, save_member, write_config
 from shared import codec
 from shared.hashing import file_version, row_keys
 from teacher_service.cache import COMMITTED, LogitCache, row_bytes
-from test_soft_targets import reference_member_logits
-
-
-def post(base, x, **params) -> httpx.Response:
-    r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params=params, timeout=HANG_S)
-    assert r.status_code == 200, r.text
-    return r
-
-
-def gauge(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture
@@ -77,7 +75,7 @@ def test_cache_survives_a_restart(cached_config):
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert again.headers["X-Cache-Hits"] == "20"
     assert again.content == first.content
-    assert "akd_cache_committed_rows" in metrics and 'akd_cache_full 0.0' in metrics
+    assert "akd_cache_committed_rows" in metrics and "akd_cache_full 0.0" in metrics
 
 
 def test_changed_checkpoint_gets_no_stale_rows(cached_config, mnist_members):
@@ -125,7 +123,10 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
     assert gauge(metrics, "akd_cache_bytes") <= limit
     assert again.headers["X-Cache-Hits"] == "10"  # the first 10 rows fit; the rest are still served
     torch.testing.assert_close(
-        codec.decode(again.content)["member_logits"], reference_member_logits([mnist_members["a"]], x), rtol=1e-5, atol=1e-5
+        codec.decode(again.content)["member_logits"],
+        reference_member_logits([mnist_members["a"]], x),
+        rtol=1e-5,
+        atol=1e-5,
     )
     assert any("cache is full" in r.message for r in caplog.records)
     with live_server(config) as (base, _):  # the bound counts what is already stored
@@ -142,6 +143,16 @@ def read_visible_rows(store) -> dict[bytes, dict[str, np.ndarray]]:
         keys, logits = group["keys"][:n], group["logits"][:n]
         visible[version] = {k.tobytes(): row for k, row in zip(keys, logits)}
     return visible
+
+
+def wait_for_committed_rows(base: str, version: str, rows: int) -> None:
+    """Until the service's cache has made `rows` rows of member `version` durable (or HANG_S passes)."""
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics", timeout=HANG_S).text
+        if gauge(text, f'akd_cache_committed_rows{{member="{version}"}}') >= rows:
+            return
+        time.sleep(0.02)
 
 
 def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_members):
@@ -162,7 +173,9 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
                     return
                 x = random_inputs(3, seed=worker * 100_000 + i)
                 try:
-                    r = client.post("/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"})
+                    r = client.post(
+                        "/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}
+                    )
                 except httpx.HTTPError:
                     return  # the server died under us: that is the point
                 for key, row, logits in zip(row_keys(x), x, codec.decode(r.content)["member_logits"].unbind(1)):
@@ -172,11 +185,7 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     try:
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(load, w, server.base) for w in range(4)]
-            deadline = time.monotonic() + HANG_S
-            while time.monotonic() < deadline:  # until several chunks are durable, still under load
-                if gauge(httpx.get(f"{server.base}/metrics", timeout=HANG_S).text, "akd_cache_committed_rows" + '{member="%s"}' % file_version(paths[0])) >= 48:
-                    break
-                time.sleep(0.02)
+            wait_for_committed_rows(server.base, file_version(paths[0]), 48)  # several durable chunks, under load
             server.kill9()
             stop.set()
             for job in jobs:
@@ -196,7 +205,9 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
         fresh = reference_member_logits([path], torch.stack([sent[k] for k in keys]))[0]
         stored = torch.from_numpy(np.stack([rows[k] for k in keys]))
         torch.testing.assert_close(stored, fresh, rtol=1e-5, atol=1e-5)
-        assert all(torch.equal(torch.from_numpy(rows[k]), served[k][m]) for k in keys), "stored bytes differ from served"
+        assert all(torch.equal(torch.from_numpy(rows[k]), served[k][m]) for k in keys), (
+            "stored bytes differ from served"
+        )
 
     restarted = ServerProcess(config, tmp_path / "server.log")  # a readable cache; visible rows are hits
     try:
@@ -269,7 +280,10 @@ class TestStores:
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "teacher_service", "--config", str(cached_config), "--port", str(free_port())],
-                capture_output=True, text=True, timeout=HANG_S, cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=HANG_S,
+                cwd=REPO,
             )
         finally:
             held.close()

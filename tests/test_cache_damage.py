@@ -20,9 +20,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_cache import gauge, post
+from conftest import (
+    HANG_S,
+    export_member,
+    gauge,
+    live_server,
+    mnist_teacher,
+    post,
+    random_inputs,
+    save_member,
+    write_config,
+)
 
-from conftest import HANG_S, export_member, live_server, mnist_teacher, random_inputs, save_member, write_config
 from shared import codec
 from shared.hashing import file_version
 from teacher_service.cache import COMMITTED, DAMAGED_DIR, FORMAT, LogitCache, _out_of_space
@@ -38,7 +47,9 @@ def ask_row_by_row(base: str, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]
     so a recomputed row equals the first computation bit for bit, and each row's hit is told apart.
     """
     answers = [post(base, x[i : i + 1], outputs="member_logits") for i in range(len(x))]
-    return torch.cat([codec.decode(a.content)["member_logits"] for a in answers], dim=1), [int(a.headers["X-Cache-Hits"]) for a in answers]
+    return torch.cat([codec.decode(a.content)["member_logits"] for a in answers], dim=1), [
+        int(a.headers["X-Cache-Hits"]) for a in answers
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +57,11 @@ def pristine(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor, list[s
     """A teacher of two members, a cache of 20 rows each, and the member logits first served (computed fresh)."""
     home = tmp_path_factory.mktemp("pristine")
     members = [save_member(home / "a.pt", seed=1), export_member(home / "b.pt2", seed=3)]
-    config = write_config(home / "teachers.toml", {"ens": mnist_teacher([(p, 1.0) for p in members])},
-                          {"cache_dir": "cache", "cache_chunk_rows": CHUNK})
+    config = write_config(
+        home / "teachers.toml",
+        {"ens": mnist_teacher([(p, 1.0) for p in members])},
+        {"cache_dir": "cache", "cache_chunk_rows": CHUNK},
+    )
     x = random_inputs(ROWS, dtype=torch.uint8, seed=5)
     with live_server(config) as (base, _):
         fresh, hits = ask_row_by_row(base, x)
@@ -86,15 +100,30 @@ DAMAGE = {
     "bit flipped in a logits chunk's header": (lambda ns: flip_bit(ns / "logits/c/1/0", 0.0), CHUNK_1, 8, True),
     "logits chunk deleted (reads as zeros)": (lambda ns: (ns / "logits/c/1/0").unlink(), CHUNK_1, 8, True),
     "checks chunk deleted": (lambda ns: (ns / "checks/c/0").unlink(), CHUNK_0, 8, True),
-    "two logits chunks swapped": (lambda ns: swap(ns / "logits/c/0/0", ns / "logits/c/1/0"), CHUNK_0 | CHUNK_1, 16, True),
+    "two logits chunks swapped": (
+        lambda ns: swap(ns / "logits/c/0/0", ns / "logits/c/1/0"),
+        CHUNK_0 | CHUNK_1,
+        16,
+        True,
+    ),
     "tail logits chunk truncated to 0 bytes": (lambda ns: truncate(ns / "logits/c/2/0", 0), TAIL, 4, True),
     "keys chunk truncated to half": (lambda ns: truncate(ns / "keys/c/0/0", 0.5), CHUNK_0, 8, True),
-    "namespace zarr.json unreadable": (lambda ns: (ns / "zarr.json").write_text('{"zarr_format": 3, "node'), ALL, 0, True),
+    "namespace zarr.json unreadable": (
+        lambda ns: (ns / "zarr.json").write_text('{"zarr_format": 3, "node'),
+        ALL,
+        0,
+        True,
+    ),
     "logits zarr.json empty": (lambda ns: (ns / "logits/zarr.json").write_bytes(b""), ALL, ROWS, True),
     "committed_rows -1": (lambda ns: set_attr(ns / "zarr.json", **{COMMITTED: -1}), ALL, 0, True),
     "committed_rows a string": (lambda ns: set_attr(ns / "zarr.json", **{COMMITTED: "20"}), ALL, 0, True),
     "committed_rows past the arrays": (lambda ns: set_attr(ns / "zarr.json", **{COMMITTED: 10**6}), ALL, 0, True),
-    "old format without checksums": (lambda ns: (set_attr(ns / "zarr.json", format="akd-logit-cache/1"), shutil.rmtree(ns / "checks")), ALL, ROWS, True),
+    "old format without checksums": (
+        lambda ns: (set_attr(ns / "zarr.json", format="akd-logit-cache/1"), shutil.rmtree(ns / "checks")),
+        ALL,
+        ROWS,
+        True,
+    ),
     "root zarr.json unreadable": (lambda ns: (ns.parent / "zarr.json").write_text("not json"), set(), 0, False),
 }
 
@@ -114,7 +143,10 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
     damage, lost, damaged_rows, set_aside = DAMAGE[case]
     damage(tmp_path / "run" / "cache" / version_a)
 
-    with caplog.at_level(logging.WARNING, logger="akd.cache"), live_server(tmp_path / "run" / "teachers.toml") as (base, _):
+    with (
+        caplog.at_level(logging.WARNING, logger="akd.cache"),
+        live_server(tmp_path / "run" / "teachers.toml") as (base, _),
+    ):
         served, hits = ask_row_by_row(base, x)  # the service started, and answers
         metrics = scrape(base)
     missed = {i for i, hit in enumerate(hits) if not hit}
@@ -134,14 +166,22 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
     assert len(kept) == 1, kept
     if set_aside:
         assert kept[0].startswith(f"{version_a}-")
-        assert (tmp_path / "run" / "cache" / DAMAGED_DIR / kept[0] / "logits").is_dir(), "the damaged namespace is kept whole"
+        assert (tmp_path / "run" / "cache" / DAMAGED_DIR / kept[0] / "logits").is_dir(), (
+            "the damaged namespace is kept whole"
+        )
         assert any(version_a in w and kept[0] in w for w in warnings), warnings
     else:
-        assert kept[0].startswith("root-") and (tmp_path / "run" / "cache" / DAMAGED_DIR / kept[0] / "zarr.json").read_text() == "not json"
+        assert (
+            kept[0].startswith("root-")
+            and (tmp_path / "run" / "cache" / DAMAGED_DIR / kept[0] / "zarr.json").read_text() == "not json"
+        )
         assert any("root zarr.json" in w and kept[0] in w for w in warnings), warnings
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="akd.cache"), live_server(tmp_path / "run" / "teachers.toml") as (base, _):
+    with (
+        caplog.at_level(logging.WARNING, logger="akd.cache"),
+        live_server(tmp_path / "run" / "teachers.toml") as (base, _),
+    ):
         again, hits = ask_row_by_row(base, x)  # the rebuilt namespace: verified rows and recomputed ones, all stored
         metrics = scrape(base)
     assert hits == [1] * ROWS
@@ -197,7 +237,11 @@ class TestDurableCommits:
 
 @pytest.fixture
 def cached_config_durable(tmp_path, mnist_members):
-    return write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache_dir": "cache", "cache_chunk_rows": 4})
+    return write_config(
+        tmp_path / "t.toml",
+        {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
+        {"cache_dir": "cache", "cache_chunk_rows": 4},
+    )
 
 
 def test_a_full_disk_shows_in_cache_full(tmp_path, mnist_members, monkeypatch, caplog):
@@ -205,7 +249,11 @@ def test_a_full_disk_shows_in_cache_full(tmp_path, mnist_members, monkeypatch, c
     function raises what a full disk raises, OSError(ENOSPC), for chunk files, after start-up."""
     import zarr.storage._local as local_store
 
-    config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache_dir": "cache", "cache_chunk_rows": 4})
+    config = write_config(
+        tmp_path / "t.toml",
+        {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
+        {"cache_dir": "cache", "cache_chunk_rows": 4},
+    )
     real_put = local_store._put
 
     def full_disk(path, value, exclusive=False):
@@ -259,7 +307,9 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     """No folder to move things into: a damaged namespace or root metadata is deleted and rebuilt, and the log says so."""
     from zarr.storage import MemoryStore
 
-    store = MemoryStore() if kind == "zarr store object" else f"memory://{tmp_path.name}"  # fsspec's in-process file system
+    store = (
+        MemoryStore() if kind == "zarr store object" else f"memory://{tmp_path.name}"
+    )  # fsspec's in-process file system
     cache = LogitCache(store, max_bytes=1 << 20, chunk_rows=2)
     cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16, b"c" * 16], np.ones((3, 2), np.float32))
     cache.namespace("v2", 2).insert([b"a" * 16], np.ones((1, 2), np.float32))
@@ -282,6 +332,8 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
         again = LogitCache(store, max_bytes=1 << 20, chunk_rows=2)
     assert any("root zarr.json unreadable" in r.getMessage() and "deleted" in r.getMessage() for r in caplog.records)
-    assert again.namespace("v1", 2).rows == 1 and again.damage_counts() == {"v1": (0, 0)}  # the namespaces, as rebuilt, are sound
+    assert again.namespace("v1", 2).rows == 1 and again.damage_counts() == {
+        "v1": (0, 0)
+    }  # the namespaces, as rebuilt, are sound
     again.close()
     assert zarr.open_group(store, mode="r").attrs["format"] == FORMAT

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import HANG_S, REPO, free_port
 
 BIN = Path(sys.executable).parent
@@ -57,15 +56,19 @@ def test_compose_declares_the_pipeline():
         assert services[trainer]["environment"]["AKD_TEACHER_URL"] == "http://teacher:8000"
     assert set(services["report"]["depends_on"]) == {"trainer-seed0", "trainer-seed1"}
     assert all(interpolate(s["image"], {}) == "akd:latest" for s in services.values())
-    assert all(s["volumes"] == ["./runs/compose:/data/demo"] and s["environment"]["AKD_DEMO_OUT"] == "/data/demo"
-               for s in services.values())  # the results are on the host, in runs/compose
+    assert all(
+        s["volumes"] == ["./runs/compose:/data/demo"] and s["environment"]["AKD_DEMO_OUT"] == "/data/demo"
+        for s in services.values()
+    )  # the results are on the host, in runs/compose
     assert services["teacher"]["ports"] == ["${AKD_HOST_PORT:-8000}:8000"]
     assert all(s["command"][:2] == ["akd", "demo"] for s in services.values())  # the local path's command
     gpu = compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]["teacher"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed; the YAML checks still ran")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed; the YAML checks still ran"
+)
 def test_docker_compose_config_validates():
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
         args = [a for f in files for a in ("-f", f)]
@@ -76,13 +79,23 @@ def test_docker_compose_config_validates():
 def test_compose_services_run_as_local_processes(tmp_path):
     services = compose()["services"]
     port = free_port()
-    overrides = {"AKD_DEMO_OUT": str(tmp_path / "demo"), "AKD_DEMO_QUICK": "1", "AKD_PORT": str(port),
-                 "AKD_HOST": "127.0.0.1", "AKD_TEACHER_URL": f"http://127.0.0.1:{port}"}  # the host name `teacher` is this machine
+    overrides = {
+        "AKD_DEMO_OUT": str(tmp_path / "demo"),
+        "AKD_DEMO_QUICK": "1",
+        "AKD_PORT": str(port),
+        "AKD_HOST": "127.0.0.1",
+        "AKD_TEACHER_URL": f"http://127.0.0.1:{port}",
+    }  # the host name `teacher` is this machine
 
     def start(name: str) -> subprocess.Popen:
         spec = services[name]
-        return subprocess.Popen(local_argv(spec["command"]), env=service_env(spec, overrides), cwd=tmp_path,
-                                stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            local_argv(spec["command"]),
+            env=service_env(spec, overrides),
+            cwd=tmp_path,
+            stdout=open(tmp_path / f"{name}.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
 
     def completes(*names: str) -> None:
         procs = [start(n) for n in names]
@@ -94,7 +107,9 @@ def test_compose_services_run_as_local_processes(tmp_path):
     try:
         check = local_argv(services["teacher"]["healthcheck"]["test"][1:])
         deadline = time.monotonic() + HANG_S
-        while subprocess.run(check, env=service_env(services["teacher"], overrides), capture_output=True).returncode != 0:
+        while (
+            subprocess.run(check, env=service_env(services["teacher"], overrides), capture_output=True).returncode != 0
+        ):
             assert teacher.poll() is None, (tmp_path / "teacher.log").read_text()
             assert time.monotonic() < deadline, "the teacher service never passed its health check"
             time.sleep(0.5)
@@ -106,7 +121,9 @@ def test_compose_services_run_as_local_processes(tmp_path):
     demo = tmp_path / "demo"
     assert "| akd-ensemble |" in (demo / "RESULTS.md").read_text()
     results = json.loads((demo / "results.json").read_text())  # written by a later invocation than the trainers'
-    assert results["service"]["rows"] > 0 and results["service"] == json.loads((demo / "service" / "stats.json").read_text())
+    assert results["service"]["rows"] > 0 and results["service"] == json.loads(
+        (demo / "service" / "stats.json").read_text()
+    )
     assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
     log = (tmp_path / "trainer-seed1.log").read_text()
     assert "0 to train" in log  # the quick plan has seed 0 only: the second trainer has nothing to do
@@ -129,8 +146,12 @@ def test_the_image_lock_pins_every_dependency_within_the_project_ranges():
         if requirement.name == "torch":
             continue
         pinned = pins.get(canonicalize_name(requirement.name))
-        assert pinned is not None, f"{requirement.name} is in pyproject.toml but not pinned in requirements.lock (make lock)"
-        assert requirement.specifier.contains(pinned), f"requirements.lock pins {requirement.name}=={pinned}, outside {requirement}"
+        assert pinned is not None, (
+            f"{requirement.name} is in pyproject.toml but not pinned in requirements.lock (make lock)"
+        )
+        assert requirement.specifier.contains(pinned), (
+            f"requirements.lock pins {requirement.name}=={pinned}, outside {requirement}"
+        )
 
 
 def test_the_build_context_holds_every_package_the_akd_command_can_reach():

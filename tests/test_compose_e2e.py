@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from conftest import HANG_S, copy_checkout, free_port
 
 STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
@@ -70,6 +69,7 @@ def local_torch_wheel() -> Path | None:
 @contextlib.contextmanager
 def served_folder(folder: Path):
     """A folder over HTTP on a loopback port (the build runs with --network host, so it reaches it)."""
+
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
@@ -100,11 +100,20 @@ class Pipeline:
 
     def containers(self) -> dict[str, tuple[str, int]]:
         """Every stage's (status, exit code), as the engine reports them."""
-        listed = quiet(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"])
+        listed = quiet(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"]
+        )
         states = {}
         for container in listed.stdout.split():
-            service, status, code = quiet(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.service"}} '
-                                           "{{.State.Status}} {{.State.ExitCode}}", container]).stdout.split()
+            service, status, code = quiet(
+                [
+                    "docker",
+                    "inspect",
+                    "-f",
+                    '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{.State.ExitCode}}',
+                    container,
+                ]
+            ).stdout.split()
             states[service] = (status, int(code))
         return states
 
@@ -122,15 +131,22 @@ def run_script(clone: Path, env: dict) -> subprocess.CompletedProcess:
     with served_folder(wheel.parent) if wheel else contextlib.nullcontext() as url:
         if wheel:
             env["TORCH"] = f"{url}/{wheel.name}"
-        return subprocess.run(["scripts/compose_demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=HANG_S)
+        return subprocess.run(
+            ["scripts/compose_demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=HANG_S
+        )
 
 
 @pytest.fixture(scope="module")
 def quick_pipeline(tmp_path_factory):
     """The quick pipeline in a fresh copy of the checkout; torn down (with its volumes and image) after the module."""
     clone = copy_checkout(tmp_path_factory.mktemp("compose") / "akd")
-    env = {**os.environ, "AKD_DEMO_QUICK": "1", "AKD_IMAGE": IMAGE, "AKD_HOST_PORT": str(free_port()),
-           "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}"}
+    env = {
+        **os.environ,
+        "AKD_DEMO_QUICK": "1",
+        "AKD_IMAGE": IMAGE,
+        "AKD_HOST_PORT": str(free_port()),
+        "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}",
+    }
     run = Pipeline(clone, env)
     run.done = run.run()
     try:

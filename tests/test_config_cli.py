@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from conftest import (
     HANG_S,
     REPO,
@@ -29,6 +28,7 @@ from conftest import (
     wait_healthy,
     write_config,
 )
+
 from shared.checkpoint import Checkpoint, save_checkpoint
 from shared.codec import decode, encode_inputs
 from teacher_service.app import create_app
@@ -76,24 +76,64 @@ CONFIG_ERRORS = [
     # id, TOML text, substrings the ConfigError message must hold
     ("missing_teachers", "[server]\nport = 8000\n", ["teachers", "Field required"]),
     ("empty_teachers", "[teachers]\n", ["teachers", "at least 1"]),
-    ("num_classes_1", _teacher("num_classes = 1\ninput_shape = [1, 28, 28]"), ["teachers.mnist.num_classes", "greater than or equal to 2", "got 1"]),
+    (
+        "num_classes_1",
+        _teacher("num_classes = 1\ninput_shape = [1, 28, 28]"),
+        ["teachers.mnist.num_classes", "greater than or equal to 2", "got 1"],
+    ),
     ("num_classes_missing", _teacher("input_shape = [1, 28, 28]"), ["teachers.mnist.num_classes", "Field required"]),
     ("input_shape_2d", _teacher("num_classes = 10\ninput_shape = [28, 28]"), ["teachers.mnist.input_shape"]),
     ("input_shape_zero", _teacher("num_classes = 10\ninput_shape = [0, 28, 28]"), ["teachers.mnist.input_shape"]),
-    ("temperature_0", _teacher("num_classes = 10\ninput_shape = [1, 28, 28]\ntemperature = 0.0"), ["teachers.mnist.temperature", "greater than 0"]),
-    ("aggregate_unknown", _teacher("num_classes = 10\ninput_shape = [1, 28, 28]\naggregate = \"median\""), ["teachers.mnist.aggregate", "'median'"]),
-    ("no_members", "[teachers.mnist]\nnum_classes = 10\ninput_shape = [1, 28, 28]\nmembers = []\n", ["teachers.mnist.members", "at least 1"]),
-    ("weight_0", _member('path = "a.pt"\nweight = 0.0'), ["teachers.mnist.members.0.weight", "greater than 0", "got 0.0"]),
-    ("weight_negative", _member('path = "a.pt"\nweight = -1.0'), ["teachers.mnist.members.0.weight", "greater than 0", "got -1.0"]),
+    (
+        "temperature_0",
+        _teacher("num_classes = 10\ninput_shape = [1, 28, 28]\ntemperature = 0.0"),
+        ["teachers.mnist.temperature", "greater than 0"],
+    ),
+    (
+        "aggregate_unknown",
+        _teacher('num_classes = 10\ninput_shape = [1, 28, 28]\naggregate = "median"'),
+        ["teachers.mnist.aggregate", "'median'"],
+    ),
+    (
+        "no_members",
+        "[teachers.mnist]\nnum_classes = 10\ninput_shape = [1, 28, 28]\nmembers = []\n",
+        ["teachers.mnist.members", "at least 1"],
+    ),
+    (
+        "weight_0",
+        _member('path = "a.pt"\nweight = 0.0'),
+        ["teachers.mnist.members.0.weight", "greater than 0", "got 0.0"],
+    ),
+    (
+        "weight_negative",
+        _member('path = "a.pt"\nweight = -1.0'),
+        ["teachers.mnist.members.0.weight", "greater than 0", "got -1.0"],
+    ),
     ("weight_nan", _member('path = "a.pt"\nweight = nan'), ["teachers.mnist.members.0.weight", "finite"]),
-    ("member_both_sources", _member('path = "a.pt"\nrobustbench = "Carmon2019Unlabeled"'), ["teachers.mnist.members.0", "exactly one of `path` or `robustbench`"]),
-    ("member_no_source", _member("weight = 1.0"), ["teachers.mnist.members.0", "exactly one of `path` or `robustbench`"]),
+    (
+        "member_both_sources",
+        _member('path = "a.pt"\nrobustbench = "Carmon2019Unlabeled"'),
+        ["teachers.mnist.members.0", "exactly one of `path` or `robustbench`"],
+    ),
+    (
+        "member_no_source",
+        _member("weight = 1.0"),
+        ["teachers.mnist.members.0", "exactly one of `path` or `robustbench`"],
+    ),
     ("unknown_server_key", "[server]\nprot = 8000\n" + TEACHER, ["server.prot", "Extra inputs are not permitted"]),
-    ("unknown_teacher_key", _teacher("num_classes = 10\ninput_shape = [1, 28, 28]\ntemprature = 2.0"), ["teachers.mnist.temprature", "Extra inputs are not permitted"]),
-    ("unknown_member_key", _member('path = "a.pt"\nwieght = 2.0'), ["teachers.mnist.members.0.wieght", "Extra inputs are not permitted"]),
+    (
+        "unknown_teacher_key",
+        _teacher("num_classes = 10\ninput_shape = [1, 28, 28]\ntemprature = 2.0"),
+        ["teachers.mnist.temprature", "Extra inputs are not permitted"],
+    ),
+    (
+        "unknown_member_key",
+        _member('path = "a.pt"\nwieght = 2.0'),
+        ["teachers.mnist.members.0.wieght", "Extra inputs are not permitted"],
+    ),
     ("unknown_top_level_table", "[servre]\nport = 8000\n" + TEACHER, ["servre", "Extra inputs are not permitted"]),
     ("port_out_of_range", "[server]\nport = 70000\n" + TEACHER, ["server.port", "70000"]),
-    ("device_unknown", "[server]\ndevice = \"tpu\"\n" + TEACHER, ["server.device", "'tpu'"]),
+    ("device_unknown", '[server]\ndevice = "tpu"\n' + TEACHER, ["server.device", "'tpu'"]),
     ("max_body_bytes_0", "[server]\nmax_body_bytes = 0\n" + TEACHER, ["server.max_body_bytes"]),
     ("invalid_toml", "[teachers.mnist\nnum_classes = 10\n", ["not valid TOML"]),
     ("invalid_toml_value", "[server]\nport = eighty\n", ["not valid TOML"]),
@@ -300,10 +340,13 @@ def test_export_with_other_input_shape(tmp_path):
 def test_shared_member_that_does_not_fit_the_second_teacher(tmp_path):
     """One file in two teachers is loaded once, but must still be checked against each teacher."""
     p = save_member(tmp_path / "a.pt", seed=1)
-    message = _app_error(tmp_path, {
-        "ten": mnist_teacher([(p, 1.0)]),
-        "five": {**mnist_teacher([(p, 1.0)]), "num_classes": 5},
-    })
+    message = _app_error(
+        tmp_path,
+        {
+            "ten": mnist_teacher([(p, 1.0)]),
+            "five": {**mnist_teacher([(p, 1.0)]), "num_classes": 5},
+        },
+    )
     assert "teachers.five.members[0]" in message
     assert "10" in message and "5" in message
 
@@ -327,10 +370,14 @@ def test_missing_robustbench_file_names_the_path(tmp_path):
     assert "teachers.mnist.members[0]" in str(info.value)
 
 
-@pytest.mark.parametrize(("make", "says"), [
-    (lambda tmp: tmp, "is a directory, not a weights file"),
-    (lambda tmp: Path("/dev/zero"), "is not a regular file"),
-], ids=["directory", "dev_zero"])
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda tmp: tmp, "is a directory, not a weights file"),
+        (lambda tmp: Path("/dev/zero"), "is not a regular file"),
+    ],
+    ids=["directory", "dev_zero"],
+)
 def test_member_that_is_not_a_file_says_what_it_is(tmp_path, make, says):
     """Not "does not exist": it does. And /dev/zero is never read (hashing it would not end)."""
     message = _app_error(tmp_path, {"mnist": mnist_teacher([(make(tmp_path), 1.0)])})
@@ -342,8 +389,11 @@ def test_file_url_cache_is_the_folder_it_names(tmp_path, mnist_members):
     from teacher_service.cache import StoreLocked
 
     folder = tmp_path / "cache dir"
-    config_path = write_config(tmp_path / "t.toml", {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])},
-                               {"device": "cpu", "cache_dir": folder.as_uri()})
+    config_path = write_config(
+        tmp_path / "t.toml",
+        {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])},
+        {"device": "cpu", "cache_dir": folder.as_uri()},
+    )
     config = load_config(config_path, environ={})
     assert config.server.cache_dir == str(folder)
     app = create_app(config)
@@ -414,7 +464,9 @@ COMMANDS = {
 def _bad_configs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
     bad_field = tmp_path / "bad_field.toml"
     bad_field.write_text(_teacher("num_classes = 1\ninput_shape = [1, 28, 28]"))
-    missing_member = write_config(tmp_path / "missing_member.toml", {"mnist": mnist_teacher([(tmp_path / "gone.pt", 1.0)])}, {"device": "cpu"})
+    missing_member = write_config(
+        tmp_path / "missing_member.toml", {"mnist": mnist_teacher([(tmp_path / "gone.pt", 1.0)])}, {"device": "cpu"}
+    )
     return {
         "bad_field": (bad_field, ["teachers.mnist.num_classes"]),
         "missing_member": (missing_member, ["does not exist", str(tmp_path / "gone.pt")]),
@@ -496,7 +548,8 @@ def _check_serving(base: str, conf_dir: Path) -> None:
     (info,) = teachers.json()["teachers"]
     assert info["name"] == "mnist" and info["num_classes"] == 10 and info["input_shape"] == [1, 28, 28]
     assert [Path(m["path"]).resolve() for m in info["members"]] == [
-        (conf_dir / "weights" / "a.pt").resolve(), (conf_dir / "weights" / "c.pt2").resolve(),
+        (conf_dir / "weights" / "a.pt").resolve(),
+        (conf_dir / "weights" / "c.pt2").resolve(),
     ]
     assert [m["weight"] for m in info["members"]] == pytest.approx([0.25, 0.75])
     r = httpx.post(base + "/soft-targets", content=encode_inputs(random_inputs(2, seed=4)), timeout=HANG_S)
@@ -530,7 +583,9 @@ def test_akd_serve_takes_port_and_cache_dir_from_the_environment(tmp_path, relat
     log_path = tmp_path / "akd.log"
     env = _clean_env(AKD_PORT=str(port), AKD_CACHE_DIR="env-cache")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(AKD_SCRIPT), "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        proc = subprocess.Popen(
+            [str(AKD_SCRIPT), "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             wait_healthy(base, alive=lambda: proc.poll() is None, timeout_s=HANG_S)
@@ -548,11 +603,14 @@ def test_akd_serve_takes_port_and_cache_dir_from_the_environment(tmp_path, relat
     assert not (conf_dir / "env-cache").exists()
 
 
-@pytest.mark.parametrize("argv,imported", [(["serve", "--help"], ["teacher_service"]), (["--help"], []),
-                                           (["bench", "--help"], ["bench"])])
+@pytest.mark.parametrize(
+    "argv,imported", [(["serve", "--help"], ["teacher_service"]), (["--help"], []), (["bench", "--help"], ["bench"])]
+)
 def test_akd_imports_only_the_subcommand_it_runs(argv, imported):
     """An image without bench once could not even serve (`from bench import cli` ran first): each side loads alone."""
-    code = ("import sys\nfrom shared.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'bench', 'student_trainer', 'teacher_service'}))")
+    code = (
+        "import sys\nfrom shared.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'bench', 'student_trainer', 'teacher_service'}))"
+    )
     done = _run_cli([sys.executable, "-c", code, *argv])
     assert done.stdout.strip().splitlines()[-1] == str(imported), done.stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
 from conftest import REPO
+
 from student_trainer.config import load_train_config
 from teacher_service.config import load_config
 
@@ -29,7 +29,10 @@ def test_weak_teacher_trains_weaker_but_validates_at_full_strength():
 def test_service_serves_the_teachers_best_checkpoints_where_the_student_looks():
     service = load_config(CONFIGS / "teachers.toml", environ={})
     members = {Path(m.path).resolve() for m in service.teachers["mnist"].members}
-    runs = {(Path(load_train_config(CONFIGS / f"{n}.toml").out_dir) / "best.pt").resolve() for n in ("teacher-at", "teacher-weak")}
+    runs = {
+        (Path(load_train_config(CONFIGS / f"{n}.toml").out_dir) / "best.pt").resolve()
+        for n in ("teacher-at", "teacher-weak")
+    }
     assert members == runs
     student = load_train_config(CONFIGS / "student-akd.toml")
     assert urlparse(student.teacher.url).port == service.server.port and student.teacher.name in service.teachers

@@ -190,7 +190,9 @@ def test_cifar10(tmp_path):
 def test_cifar100_and_safe_unpickling(tmp_path):
     root = tmp_path / "cifar-100-python"
     x, test_x = images(12, 0), images(3, 1)
-    write_pickle(root / "train", {b"fine_labels": list(range(88, 100)), b"coarse_labels": [0] * 12, b"data": x.reshape(12, -1)})
+    write_pickle(
+        root / "train", {b"fine_labels": list(range(88, 100)), b"coarse_labels": [0] * 12, b"data": x.reshape(12, -1)}
+    )
     write_pickle(root / "test", {b"fine_labels": [99, 0, 50], b"data": test_x.reshape(3, -1)})
     ds = load_dataset("cifar100", tmp_path, val_size=2, limit_train=4)
     assert (ds.num_classes, len(ds.train), len(ds.val), len(ds.test), ds.augment) == (100, 4, 2, 3, True)
@@ -207,7 +209,10 @@ def test_cifar100_and_safe_unpickling(tmp_path):
 
 def test_svhn(tmp_path):
     hwcn = {n: np.random.default_rng(n).integers(0, 256, (32, 32, 3, n), dtype=np.uint8) for n in (8, 3)}
-    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": hwcn[8], "y": np.array([[10], [1], [2], [3], [4], [5], [6], [10]], np.uint8)})
+    scipy.io.savemat(
+        tmp_path / "train_32x32.mat",
+        {"X": hwcn[8], "y": np.array([[10], [1], [2], [3], [4], [5], [6], [10]], np.uint8)},
+    )
     scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": hwcn[3], "y": np.array([[10], [9], [1]], np.uint8)})
     ds = load_dataset("svhn", tmp_path, val_size=2)
     assert (ds.num_classes, ds.input_shape, ds.augment, len(ds.train), len(ds.val)) == (10, (3, 32, 32), False, 6, 2)
@@ -228,8 +233,12 @@ def write_idx(path, array: np.ndarray, compress: bool):
 def test_mnist_idx(tmp_path, compress):
     train_x, test_x = images(20, 0, (28, 28)), images(5, 1, (28, 28))
     train_y, test_y = np.arange(20) % 10, np.array([3, 1, 4, 1, 5])
-    for name, array in [("train-images-idx3-ubyte", train_x), ("train-labels-idx1-ubyte", train_y),
-                        ("t10k-images-idx3-ubyte", test_x), ("t10k-labels-idx1-ubyte", test_y)]:
+    for name, array in [
+        ("train-images-idx3-ubyte", train_x),
+        ("train-labels-idx1-ubyte", train_y),
+        ("t10k-images-idx3-ubyte", test_x),
+        ("t10k-labels-idx1-ubyte", test_y),
+    ]:
         write_idx(tmp_path / name, array, compress)
     ds = load_dataset("mnist", tmp_path, val_size=10)
     assert (ds.input_shape, ds.augment, len(ds.train), len(ds.val), len(ds.test)) == ((1, 28, 28), False, 10, 10, 5)
@@ -240,7 +249,12 @@ def test_mnist_idx(tmp_path, compress):
 
 
 def test_mnist_idx_bad_magic(tmp_path):
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (tmp_path / name).write_bytes(b"\x00\x00\x0d\x03" + bytes(12))  # float32 type code, not ubyte
     with pytest.raises(ValueError, match="idx"):
         load_dataset("mnist", tmp_path)
@@ -249,7 +263,10 @@ def test_mnist_idx_bad_magic(tmp_path):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("mnist", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+        (
+            "mnist",
+            ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+        ),
         ("cifar10", ["cifar-10-batches-py/", "data_batch_1", "data_batch_5", "test_batch", "cs.toronto.edu"]),
         ("cifar100", ["cifar-100-python/", "train", "test", "cs.toronto.edu"]),
         ("svhn", ["train_32x32.mat", "test_32x32.mat"]),

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import HANG_S, REPO
+
 from pipeline.report import CLAIMS, VERDICT_RULE
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
@@ -21,7 +21,9 @@ NUMBERS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece")
 
 
 def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,10 @@ def quick_demo(tmp_path_factory):
 
 def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     out, done = quick_demo
-    assert ("| student | clean acc | PGD acc | AutoAttack acc | ECE | ECE on PGD | train time (min) | teacher rows served | "
-            "cache hit rate |") in done.stdout
+    assert (
+        "| student | clean acc | PGD acc | AutoAttack acc | ECE | ECE on PGD | train time (min) | teacher rows served | "
+        "cache hit rate |"
+    ) in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == set(STUDENTS) and set(results["teachers"]) == set(TEACHERS)
     for run in [*(r for runs in results["students"].values() for r in runs), *results["teachers"].values()]:
@@ -49,20 +53,35 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert results["service"]["rows"] == sum(r["teacher_rows"] for r in distilled)
     text = (out / "RESULTS.md").read_text()
     assert "## The claims" in text and VERDICT_RULE in text
-    assert text.count("**inconclusive (one seed)**") == len(CLAIMS)  # the quick plan has one seed: no verdict from one pair
-    assert text.index("![validation PGD accuracy per epoch](pictures/robust-overfitting.png)") < text.index("## Students")
+    assert text.count("**inconclusive (one seed)**") == len(
+        CLAIMS
+    )  # the quick plan has one seed: no verdict from one pair
+    assert text.index("![validation PGD accuracy per epoch](pictures/robust-overfitting.png)") < text.index(
+        "## Students"
+    )
     assert "this regime does **not** robust-overfit" in text  # 2 epochs: nothing to overfit
     guidelines = text.split("## The guidelines one at a time")[1].split("##")[0]
     assert all(f"| {name} |" in guidelines for name in STUDENTS[1:]) and "| pgd-at |" not in guidelines
     assert "paired differences seed 0 " in text
     assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
     assert f"{results['service']['rows']:,.0f} rows served to the students" in text and "- time: teachers " in text
-    for picture in ["robust-overfitting.png", "students-curves.png", "teachers-curves.png", *[f"{s}.reliability.png" for s in STUDENTS]]:
+    for picture in [
+        "robust-overfitting.png",
+        "students-curves.png",
+        "teachers-curves.png",
+        *[f"{s}.reliability.png" for s in STUDENTS],
+    ]:
         assert (out / "pictures" / picture).read_bytes()[:4] == b"\x89PNG", picture
     for run in [*(out / "teachers").iterdir(), *(out / "students").iterdir()]:
-        assert {"best.pt", "last.pt", "eval.json", "eval-final.json", "metrics.jsonl", "run.toml"} <= {p.name for p in run.iterdir()}, run
+        assert {"best.pt", "last.pt", "eval.json", "eval-final.json", "metrics.jsonl", "run.toml"} <= {
+            p.name for p in run.iterdir()
+        }, run
     assert (out / "service" / "teachers.toml").exists() and (out / "service" / "cache" / "zarr.json").exists()
-    assert "[teachers] started" in done.stdout and "[students] started" in done.stdout and "[serve] teacher service up" in done.stdout
+    assert (
+        "[teachers] started" in done.stdout
+        and "[students] started" in done.stdout
+        and "[serve] teacher service up" in done.stdout
+    )
 
 
 def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, tmp_path):
@@ -75,8 +94,13 @@ def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, 
     assert again.returncode == 0, again.stderr
     after = json.loads((copy / "results.json").read_text())
     assert after["service"] == before["service"] and after["service"]["rows"] > 0
-    assert after["stages"] == before["stages"] and after["elapsed_s"] == before["elapsed_s"] > 0  # the report is not timed
-    assert f"{after['service']['rows']:,.0f} rows served to the students" in again.stdout + (copy / "RESULTS.md").read_text()
+    assert (
+        after["stages"] == before["stages"] and after["elapsed_s"] == before["elapsed_s"] > 0
+    )  # the report is not timed
+    assert (
+        f"{after['service']['rows']:,.0f} rows served to the students"
+        in again.stdout + (copy / "RESULTS.md").read_text()
+    )
     assert f"total {after['elapsed_s'] / 60:.1f} min" in (copy / "RESULTS.md").read_text()
 
 
@@ -86,29 +110,48 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
 
     out, done = quick_demo
     runs = [*(out / "teachers").iterdir(), *(out / "students").iterdir()]
+
     def pgd(run, name):  # the PGD part of the threat model; AutoAttack's is checked apart
         return {k: v for k, v in json.loads((run / name).read_text())["attack"].items() if k != "autoattack"}
 
     attacks = {run.name: pgd(run, "eval.json") for run in runs}
     assert len(attacks) == len(TEACHERS) + len(STUDENTS)
-    assert attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10  # not its training attack (eps 0.05, PGD-1)
+    assert (
+        attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10
+    )  # not its training attack (eps 0.05, PGD-1)
     assert all(a == attacks["at-s10"] for a in attacks.values()), attacks  # nor the others' PGD-2
     assert all(pgd(run, "eval-final.json") == attacks["at-s10"] for run in runs)  # the final epochs too
-    autoattacked = {run.parent.name: {name for name in ("eval.json", "eval-final.json")
-                                      if json.loads((run / name).read_text())["attack"]["autoattack"]} for run in runs}
+    autoattacked = {
+        run.parent.name: {
+            name
+            for name in ("eval.json", "eval-final.json")
+            if json.loads((run / name).read_text())["attack"]["autoattack"]
+        }
+        for run in runs
+    }
     assert autoattacked == {"teachers": {"eval.json"}, "students": {"eval-final.json"}}  # where the claims look
     assert json.loads((out / "teachers" / "at-s10" / "eval.json").read_text())["attack"]["autoattack"]["n"] == 8
-    assert "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final and " \
-           "the teachers' early-stopped), all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
-    header = ("- threat model (every teacher and student): linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts; "
-              "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ")
+    assert (
+        "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final and "
+        "the teachers' early-stopped), all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
+    )
+    header = (
+        "- threat model (every teacher and student): linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts; "
+        "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack "
+    )
     line = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("- threat model"))
     assert line.startswith(header) and line.endswith(") on 8 images"), line
     wanted = Demo(load_plan(None, "quick"), out, "test").eval_attack().model_dump()
     weak_run = out / "teachers" / "weak-s12"
-    assert evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)  # reused on a re-run ...
-    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True)  # redone
-    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)  # for another plan
+    assert evaluation_current(
+        weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True
+    )  # reused on a re-run ...
+    assert not evaluation_current(
+        weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True
+    )  # redone
+    assert not evaluation_current(
+        weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True
+    )  # for another plan
     assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
     copy = shutil.copytree(out, tmp_path / "copy")  # a model evaluated otherwise is called out, never mixed in silently
     weak = copy / "teachers" / "weak-s12" / "eval.json"
@@ -116,7 +159,9 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
     weak.write_text(json.dumps({**recorded, "attack": {**recorded["attack"], "eps": 0.05}}))
     Demo(load_plan(None, "quick"), copy, "test").stage_report()
     text = (copy / "RESULTS.md").read_text()
-    assert "**WARNING: the models were NOT evaluated under one threat model" in text and "weak-s12: linf eps 0.05," in text
+    assert (
+        "**WARNING: the models were NOT evaluated under one threat model" in text and "weak-s12: linf eps 0.05," in text
+    )
     assert "(every teacher and student)" not in text
 
 
@@ -138,16 +183,23 @@ def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_d
     again = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
     assert again.returncode == 0, again.stderr
     text = (copy / "RESULTS.md").read_text()
-    assert "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): akd-single" in text
+    assert (
+        "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): akd-single"
+        in text
+    )
     assert "| akd-single |" not in text and "| akd-ensemble |" in text
-    unfinished = copy / "students" / "rslad-ensemble-s0"  # interrupted after its first epoch: not evaluated, and said so
+    unfinished = (
+        copy / "students" / "rslad-ensemble-s0"
+    )  # interrupted after its first epoch: not evaluated, and said so
     (unfinished / "metrics.jsonl").write_text((unfinished / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     for name in ("eval.json", "eval-final.json"):
         (unfinished / name).unlink()
     evaluated = akd("demo", "--quick", "--stage", "evaluate", "--out", str(copy))
     assert evaluated.returncode == 0, evaluated.stderr
     assert "[evaluate] not trained yet, so not evaluated: rslad-ensemble-s0" in evaluated.stdout
-    assert not (unfinished / "eval.json").exists() and (copy / "students" / "akd-single-s0" / "eval-final.json").exists()
+    assert (
+        not (unfinished / "eval.json").exists() and (copy / "students" / "akd-single-s0" / "eval-final.json").exists()
+    )
     for run in (copy / "teachers").iterdir():
         (run / "eval.json").unlink()
     none = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
@@ -187,10 +239,18 @@ def processes_mentioning(text: str) -> list[str]:
 def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_path, to_group):
     """`kill PID`, and `timeout` or a terminal's Ctrl-C, which signal the whole process group, service included."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "demo", "--quick", "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        for line in proc.stdout:  # bounded by the quick plan's length: the students stage starts within it, or the demo ends
+        for (
+            line
+        ) in proc.stdout:  # bounded by the quick plan's length: the students stage starts within it, or the demo ends
             if line.startswith("[students] started"):
                 break
         if to_group:
@@ -218,8 +278,14 @@ def test_fresh_only_deletes_a_folder_the_demo_made(tmp_path):
     "plan,message",
     [
         ("seeds = []\nteachers = [{name = 't'}]\nstudents = [{name = 's', method = 'at'}]", "seeds"),
-        ("seeds = [0]\nteachers = [{name = 't'}]\nstudents = [{name = 's', method = 'akd'}]", "distillation methods need `uses`"),
-        ("seeds = [0]\nteachers = [{name = 't'}]\nstudents = [{name = 's', method = 'akd', uses = 'u'}]", "served teachers"),
+        (
+            "seeds = [0]\nteachers = [{name = 't'}]\nstudents = [{name = 's', method = 'akd'}]",
+            "distillation methods need `uses`",
+        ),
+        (
+            "seeds = [0]\nteachers = [{name = 't'}]\nstudents = [{name = 's', method = 'akd', uses = 'u'}]",
+            "served teachers",
+        ),
         ("seeds = [0]\nteachers = [{name = 't', epochs = 0}]\nstudents = [{name = 's', method = 'at'}]", "epochs"),
     ],
 )
@@ -234,8 +300,10 @@ def test_paths_in_a_plan_file_resolve_against_its_folder(tmp_path):
 
     plan = tmp_path / "plans" / "plan.toml"
     plan.parent.mkdir()
-    plan.write_text("seeds = [0]\ncommon = { data_dir = 'data' }\nteachers = [{name = 't', data_dir = '../elsewhere'}]\n"
-                    "students = [{name = 's', method = 'at'}]\n")
+    plan.write_text(
+        "seeds = [0]\ncommon = { data_dir = 'data' }\nteachers = [{name = 't', data_dir = '../elsewhere'}]\n"
+        "students = [{name = 's', method = 'at'}]\n"
+    )
     cfg = load_plan(plan)
     assert cfg.common["data_dir"] == str(plan.parent / "data")
     assert cfg.teachers[0].overrides["data_dir"] == str(tmp_path / "elsewhere")

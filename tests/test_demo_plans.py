@@ -11,15 +11,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import HANG_S, REPO
-from student_trainer.config import TrainConfig
+
 from pipeline import plans
 from pipeline.plan import load_plan, merge
+from student_trainer.config import TrainConfig
 
 
 def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize("plan", plans.NAMES)
@@ -34,7 +36,9 @@ def test_the_overfit_plan_is_the_regime_its_header_describes():
     assert (student.arch, student.limit_train, student.epochs, student.eps_warmup_epochs) == ("tiny_cnn", 500, 100, 10)
     assert student.train_attack.eps == student.val_attack.eps == 0.3 and student.train_attack.steps == 10
     teachers = {t.name: cfg.train_config(t) for t in cfg.teachers}
-    assert all(t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values())  # more capacity; one yardstick
+    assert all(
+        t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values()
+    )  # more capacity; one yardstick
     assert teachers["weak-s12"].train_attack.eps == 0.15
     assert len(cfg.seeds) >= 3 and cfg.autoattack_limit >= 500 and cfg.autoattack_version == "apgd"
 
@@ -45,15 +49,28 @@ def write_synthetic_cifar10(root, per_batch: int = 8, test: int = 16) -> None:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", test)]:
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
-                 b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
 SHRUNK = [  # the plan's sizes, not its models, methods or threat model: one epoch of one batch, no AutoAttack
-    "seeds=[0]", "common.device=cpu", "common.epochs=1", "common.limit_train=16", "common.batch_size=16", "common.val_size=8",
-    "common.attack.steps=1", "common.eval.attack.steps=1", "eval_attack.steps=1", "eval_limit=8", "autoattack_limit=0",
-    "threads_per_job=1", "jobs=2",
+    "seeds=[0]",
+    "common.device=cpu",
+    "common.epochs=1",
+    "common.limit_train=16",
+    "common.batch_size=16",
+    "common.val_size=8",
+    "common.attack.steps=1",
+    "common.eval.attack.steps=1",
+    "eval_attack.steps=1",
+    "eval_limit=8",
+    "autoattack_limit=0",
+    "threads_per_job=1",
+    "jobs=2",
 ]
 
 
@@ -65,7 +82,9 @@ def test_the_cifar10_plan_runs_end_to_end_on_synthetic_files(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cfg = load_plan(None, "cifar10")
     results = json.loads((out / "results.json").read_text())
-    assert set(results["students"]) == {s.name for s in cfg.students} and set(results["teachers"]) == set(cfg.teacher_names)
+    assert set(results["students"]) == {s.name for s in cfg.students} and set(results["teachers"]) == set(
+        cfg.teacher_names
+    )
     trained = {name: json.loads((out / "teachers" / name / "config.json").read_text()) for name in cfg.teacher_names}
     assert trained["at-wrn34-s11"]["arch"] == "wrn34_10" and trained["at-prn18-s10"]["arch"] == "preact_resnet18"
     assert all(t["dataset"] == "cifar10" and t["amp"] == "bf16" for t in trained.values())
@@ -80,9 +99,20 @@ def test_the_cifar10_plan_runs_end_to_end_on_synthetic_files(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the refusal cannot happen here")
 def test_a_gpu_plan_on_a_machine_without_one_says_so_in_one_line(tmp_path):
     write_synthetic_cifar10(tmp_path / "data")
-    done = akd("train", "--set", "dataset=cifar10", "--set", f"data_dir={tmp_path / 'data'}", "--set", "device=cuda",
-               "--set", f"out_dir={tmp_path / 'run'}")
-    assert done.returncode == 2 and "sees no CUDA GPU here" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = akd(
+        "train",
+        "--set",
+        "dataset=cifar10",
+        "--set",
+        f"data_dir={tmp_path / 'data'}",
+        "--set",
+        "device=cuda",
+        "--set",
+        f"out_dir={tmp_path / 'run'}",
+    )
+    assert done.returncode == 2 and "sees no CUDA GPU here" in done.stderr and "Traceback" not in done.stderr, (
+        done.stderr
+    )
 
 
 def test_the_whole_demo_eta_counts_the_stages_still_to_come():
@@ -91,13 +121,21 @@ def test_the_whole_demo_eta_counts_the_stages_still_to_come():
 
     assert eta_text(0, 10.0, 100, 100) == ""  # no progress yet: no guess
     assert eta_text(4, 10.0, 96, 100) == ""  # one cheap evaluation out of many ended: too little to go on
-    assert eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"  # 50 units a minute: 100 here, 300 in all
+    assert (
+        eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"
+    )  # 50 units a minute: 100 here, 300 in all
     assert eta_text(50, 60.0, 100, 0) == ", ETA 2.0 min"
     cfg = load_plan(None, "overfit")
     student = TrainConfig.model_validate(merge(cfg.common, {"method": "at"}))
-    assert Work(cfg).epoch(student) == 500 * 11 + 500 * 11  # 500 training images x (PGD-10 + update), 500 validated by PGD-10
-    assert Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000  # PGD-10 and two clean passes on 1,000; APGD on 500
+    assert (
+        Work(cfg).epoch(student) == 500 * 11 + 500 * 11
+    )  # 500 training images x (PGD-10 + update), 500 validated by PGD-10
+    assert (
+        Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000
+    )  # PGD-10 and two clean passes on 1,000; APGD on 500
     demo = Demo(cfg, REPO / "build" / "no-such-demo", "test")  # nothing done yet: everything is left
     assert demo.students_left() == len(cfg.students) * len(cfg.seeds) * student.epochs * Work(cfg).epoch(student)
     runs = len(cfg.teachers) + len(cfg.students) * len(cfg.seeds)  # each evaluated twice, once with AutoAttack
-    assert demo.evaluations_left() == runs * (Work(cfg).evaluation("mnist5k") + Work(cfg).evaluation("mnist5k", autoattack=False))
+    assert demo.evaluations_left() == runs * (
+        Work(cfg).evaluation("mnist5k") + Work(cfg).evaluation("mnist5k", autoattack=False)
+    )

@@ -140,8 +140,14 @@ def full_run(setup, tmp_path_factory):
     messages = []
     diagram = tmp_path_factory.mktemp("eval") / "reliability.png"
     result = evaluate(
-        model, x, y, attacks=("clean", "pgd", "autoattack"), attack=strong_pgd(),
-        batch_size=16, diagram=diagram, progress=messages.append,
+        model,
+        x,
+        y,
+        attacks=("clean", "pgd", "autoattack"),
+        attack=strong_pgd(),
+        batch_size=16,
+        diagram=diagram,
+        progress=messages.append,
     )
     return result, model, messages, diagram
 
@@ -158,7 +164,12 @@ def test_evaluate_accuracies(full_run):
 def test_evaluate_restores_mode_reports_progress_and_draws(full_run):
     _, model, messages, diagram = full_run
     assert model.training
-    assert messages == ["clean", "pgd 1/2 batches", "pgd 2/2 batches", "autoattack standard on 32 images (apgd-ce, apgd-t, fab-t, square)"]
+    assert messages == [
+        "clean",
+        "pgd 1/2 batches",
+        "pgd 2/2 batches",
+        "autoattack standard on 32 images (apgd-ce, apgd-t, fab-t, square)",
+    ]
     assert_png(diagram)
 
 

@@ -16,8 +16,19 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import (
+    HANG_S,
+    closed_by_peer,
+    live_server,
+    mnist_teacher,
+    random_inputs,
+    raw_connect,
+    raw_head,
+    raw_response,
+    save_member,
+    write_config,
+)
 
-from conftest import HANG_S, closed_by_peer, live_server, mnist_teacher, random_inputs, raw_connect, raw_head, raw_response, save_member, write_config
 from shared.codec import decode, encode_inputs
 
 SOFT_TARGETS = "/soft-targets"
@@ -29,7 +40,9 @@ def member(tmp_path_factory):
 
 
 def _config(tmp_path, member, **server):
-    return write_config(tmp_path / "teachers.toml", {"mnist": mnist_teacher([(member, 1.0)])}, server={"device": "cpu", **server})
+    return write_config(
+        tmp_path / "teachers.toml", {"mnist": mnist_teacher([(member, 1.0)])}, server={"device": "cpu", **server}
+    )
 
 
 def _good(base: str, rows: int = 2, deadlines: bool = False) -> None:
@@ -41,7 +54,12 @@ def _good(base: str, rows: int = 2, deadlines: bool = False) -> None:
     give_up = time.monotonic() + HANG_S
     while True:
         try:
-            r = httpx.post(f"{base}{SOFT_TARGETS}", content=encode_inputs(random_inputs(rows, seed=rows)), params={"cache": "bypass"}, timeout=HANG_S)
+            r = httpx.post(
+                f"{base}{SOFT_TARGETS}",
+                content=encode_inputs(random_inputs(rows, seed=rows)),
+                params={"cache": "bypass"},
+                timeout=HANG_S,
+            )
         except httpx.TransportError:
             if not deadlines or time.monotonic() > give_up:
                 raise
@@ -76,23 +94,38 @@ def _error(status: int, headers: dict, body: bytes) -> dict:
 def test_bytes_in_flight_are_bounded_across_requests(tmp_path, member):
     """One upload held open holds its bytes; a second that would pass the bound gets 503 + Retry-After, then fits."""
     # deadlines longer than the test: the upload held open must stay open however slow the machine
-    config = _config(tmp_path, member, max_body_bytes=100_000, max_inflight_bytes=150_000, timeout_header_s=HANG_S, timeout_body_s=HANG_S)
+    config = _config(
+        tmp_path,
+        member,
+        max_body_bytes=100_000,
+        max_inflight_bytes=150_000,
+        timeout_header_s=HANG_S,
+        timeout_body_s=HANG_S,
+    )
     body_a = encode_inputs(random_inputs(100, dtype=torch.uint8, seed=1))  # 78,400 bytes of rows
     body_b = encode_inputs(random_inputs(95, dtype=torch.uint8, seed=2))  # 74,480: each fits alone, not both
     assert max(len(body_a), len(body_b)) <= 100_000 and len(body_a) - 1 + len(body_b) > 150_000
     with live_server(config) as (base, _):
         with raw_connect(base) as a:
-            a.sendall(raw_head("POST", SOFT_TARGETS, {"Content-Length": len(body_a)}) + body_a[:-1])  # all but its last byte
+            a.sendall(
+                raw_head("POST", SOFT_TARGETS, {"Content-Length": len(body_a)}) + body_a[:-1]
+            )  # all but its last byte
             _until(lambda: _gauge(base, "akd_inflight_bytes") == len(body_a) - 1, "the held upload is counted")
 
-            declared = httpx.post(f"{base}{SOFT_TARGETS}", content=body_b, timeout=HANG_S)  # refused from Content-Length
+            declared = httpx.post(
+                f"{base}{SOFT_TARGETS}", content=body_b, timeout=HANG_S
+            )  # refused from Content-Length
             assert declared.status_code == 503 and declared.headers["retry-after"] == "1", declared.text
             err = declared.json()["error"]
-            assert err["code"] == "inflight_full" and err["expected"] == "at most 150000 bytes held by requests in flight"
+            assert (
+                err["code"] == "inflight_full" and err["expected"] == "at most 150000 bytes held by requests in flight"
+            )
             assert err["received"] == f"{len(body_a) - 1} bytes in flight and {len(body_b)} more"
 
             chunks = [body_b[i : i + 10_000] for i in range(0, len(body_b), 10_000)]
-            streamed = httpx.post(f"{base}{SOFT_TARGETS}", content=iter(chunks), timeout=HANG_S)  # refused as its bytes arrive
+            streamed = httpx.post(
+                f"{base}{SOFT_TARGETS}", content=iter(chunks), timeout=HANG_S
+            )  # refused as its bytes arrive
             assert "content-length" not in streamed.request.headers
             assert streamed.status_code == 503 and streamed.json()["error"]["code"] == "inflight_full", streamed.text
             assert _gauge(base, "akd_inflight_bytes") == len(body_a) - 1  # the refused request's bytes were given back
@@ -118,7 +151,9 @@ def test_inflight_bound_below_the_body_limit_is_a_config_error(tmp_path, member)
 
 def _trickle_head_until_closed(base: str) -> tuple[float, bytes]:
     """Send a request head a byte at a time, never finishing it, until the server hangs up; (seconds, what it sent)."""
-    started = time.monotonic()  # before connecting: the server's clock starts later, so it cannot fire before `started + timeout`
+    started = (
+        time.monotonic()
+    )  # before connecting: the server's clock starts later, so it cannot fire before `started + timeout`
     sock = raw_connect(base)
     head = b"POST /soft-targets HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
     sent = 0
@@ -162,12 +197,18 @@ def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, me
     with live_server(config) as (base, _):
         body = encode_inputs(random_inputs(2))
         with raw_connect(base) as stalled:
-            stalled.sendall(raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + body[:100])
+            stalled.sendall(
+                raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + body[:100]
+            )
             _good(base, deadlines=True)  # served while it stalls
             status, headers, payload = raw_response(stalled)  # the body deadline, then the connection closes
             assert status == 408 and headers["connection"] == "close"
             err = _error(status, headers, payload)
-            assert err["code"] == "body_timeout" and "1 s" in err["expected"] and err["received"].endswith(f"of {len(body)} bytes"), err
+            assert (
+                err["code"] == "body_timeout"
+                and "1 s" in err["expected"]
+                and err["received"].endswith(f"of {len(body)} bytes")
+            ), err
             assert closed_by_peer(stalled) == b""
 
         with raw_connect(base) as keep_alive:
@@ -180,7 +221,10 @@ def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, me
 
 
 def test_a_head_over_the_size_bound_is_431(tmp_path, member):
-    with live_server(_config(tmp_path, member, max_header_bytes=4096, timeout_header_s=HANG_S)) as (base, _), raw_connect(base) as sock:
+    with (
+        live_server(_config(tmp_path, member, max_header_bytes=4096, timeout_header_s=HANG_S)) as (base, _),
+        raw_connect(base) as sock,
+    ):
         sock.sendall(raw_head("GET", "/healthz", {"X-Big": "a" * 5000}))
         status, headers, payload = raw_response(sock)
         assert status == 431 and _error(status, headers, payload)["code"] == "header_too_large"
@@ -206,7 +250,10 @@ def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path, me
         for sock in held:
             sock.close()
         # once the server has seen them go, a new connection is served
-        _until(lambda: httpx.get(f"{base}/healthz", timeout=HANG_S).status_code == 200, "served again after the held connections closed")
+        _until(
+            lambda: httpx.get(f"{base}/healthz", timeout=HANG_S).status_code == 200,
+            "served again after the held connections closed",
+        )
         _good(base)
 
 
@@ -219,7 +266,9 @@ def test_idle_sockets_past_the_descriptor_limit_cannot_lock_good_clients_out(tmp
     """
     from conftest import ServerProcess
 
-    server = ServerProcess(_config(tmp_path, member, timeout_header_s=1.0, max_connections=64), tmp_path / "server.log", max_files=128)
+    server = ServerProcess(
+        _config(tmp_path, member, timeout_header_s=1.0, max_connections=64), tmp_path / "server.log", max_files=128
+    )
     try:
         idle = [raw_connect(server.base) for _ in range(160)]
         for sock in idle:

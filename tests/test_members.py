@@ -2,48 +2,23 @@
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import pytest
 import torch
+from conftest import (
+    HANG_S,
+    live_server,
+    mnist_teacher,
+    random_inputs,
+    reference_member_logits,
+    robustbench_config,
+    seeded_model,
+    write_config,
+)
 
-from conftest import HANG_S, live_server, mnist_teacher, random_inputs, seeded_model, write_config
 from shared import codec
 from teacher_service.config import ConfigError, load_config
 from teacher_service.registry import load_teachers
-from test_soft_targets import reference_member_logits
-
-FAKE_ROBUSTBENCH = '''
-"""Test double: the real robustbench package (and its weights) cannot be installed offline here."""
-import torch
-from shared.models import build_model
-
-CALLS = []
-
-def load_model(model_name, model_dir, dataset, threat_model):
-    CALLS.append((model_name, model_dir, dataset, threat_model))
-    model = build_model("small_cnn", 10, (1, 28, 28))
-    model.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt"))
-    return model.eval()
-'''
-
-
-@pytest.fixture
-def fake_robustbench(tmp_path, monkeypatch):
-    package = tmp_path / "site" / "robustbench"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "utils.py").write_text(FAKE_ROBUSTBENCH)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    yield
-    for name in ("robustbench", "robustbench.utils"):
-        sys.modules.pop(name, None)
-
-
-def robustbench_config(tmp_path, model_id="Fake2024"):
-    teacher = {"num_classes": 10, "input_shape": [1, 28, 28], "members": [{"robustbench": model_id, "dataset": "mnist"}]}
-    return write_config(tmp_path / "t.toml", {"rb": teacher})
 
 
 def test_robustbench_member_loads_from_local_weights_only(tmp_path, fake_robustbench):
@@ -71,8 +46,14 @@ def test_device_options_keep_outputs_close(tmp_path, mnist_members, server):
     config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, server)
     x = random_inputs(5)
     with live_server(config) as (base, _):
-        r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}, timeout=HANG_S)
+        r = httpx.post(
+            f"{base}/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}, timeout=HANG_S
+        )
     assert r.status_code == 200
     tolerance = 5e-2 if "autocast" in server else 1e-5  # bf16 keeps ~3 significant digits
-    torch.testing.assert_close(codec.decode(r.content)["member_logits"], reference_member_logits([mnist_members["a"]], x),
-                               rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(
+        codec.decode(r.content)["member_logits"],
+        reference_member_logits([mnist_members["a"]], x),
+        rtol=tolerance,
+        atol=tolerance,
+    )

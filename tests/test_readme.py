@@ -9,8 +9,8 @@ import tomllib
 
 import httpx
 import torch
-
 from conftest import HANG_S, REPO, live_server, random_inputs
+
 from shared import codec
 from teacher_service.config import ServerConfig, ServiceConfig
 
@@ -21,14 +21,20 @@ def test_readme_config_block_shows_the_defaults():
     defaults = ServerConfig()
     for field, value in config.server.model_dump().items():
         if field not in ("token", "cache_dir"):
-            assert value == getattr(defaults, field), f"README shows {field} = {value}, the default is {getattr(defaults, field)}"
+            assert value == getattr(defaults, field), (
+                f"README shows {field} = {value}, the default is {getattr(defaults, field)}"
+            )
 
 
 def test_example_teachers_of_the_main_job_serve(tmp_path):
     out = tmp_path / "example"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_example_teachers.py"), str(out)], check=True, cwd=REPO)
     with live_server(out / "teachers.toml", port=0) as (base, _):
-        r = httpx.post(f"{base}/soft-targets", content=codec.encode_inputs(random_inputs(3, dtype=torch.uint8)),
-                       params={"outputs": "member_logits"}, timeout=HANG_S)
+        r = httpx.post(
+            f"{base}/soft-targets",
+            content=codec.encode_inputs(random_inputs(3, dtype=torch.uint8)),
+            params={"outputs": "member_logits"},
+            timeout=HANG_S,
+        )
     assert r.status_code == 200 and codec.decode(r.content)["member_logits"].shape == (2, 3, 10)
     assert (out / "cache" / "zarr.json").exists()  # cache_dir relative to the config's folder

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import HANG_S, REPO, copy_checkout, free_port, wait_healthy
 
 README = (REPO / "README.md").read_text()
@@ -97,7 +96,9 @@ def test_the_walkthrough_as_written_trains_serves_distils_and_evaluates(clone):
                 continue
             if argv[1] == "train":
                 config = tomllib.loads((clone / argv[argv.index("--config") + 1]).read_text())
-                argv += TRAIN_BUDGET + (["--set", f"teacher.url=http://127.0.0.1:{port}"] if "teacher" in config else [])
+                argv += TRAIN_BUDGET + (
+                    ["--set", f"teacher.url=http://127.0.0.1:{port}"] if "teacher" in config else []
+                )
             if argv[1] == "eval":
                 argv += EVAL_BUDGET
             run(argv, clone, env)

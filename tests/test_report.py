@@ -93,7 +93,12 @@ def test_a_session_that_served_nothing_keeps_the_record(cumulative):
 def test_sessions_of_a_service_the_demo_started_add_up():
     """An interrupted students stage and its resume: two services, each counting from zero."""
     resume = {"rows": 200.0, "hits": 10.0, "misses": 40.0, "largest_batch": 150.0}
-    assert merge_service_stats(SESSION, resume, cumulative=False) == {"rows": 800.0, "hits": 50.0, "misses": 200.0, "largest_batch": 150.0}
+    assert merge_service_stats(SESSION, resume, cumulative=False) == {
+        "rows": 800.0,
+        "hits": 50.0,
+        "misses": 200.0,
+        "largest_batch": 150.0,
+    }
 
 
 def test_an_external_service_count_is_cumulative_so_the_larger_one_is_later():
@@ -121,7 +126,9 @@ def test_the_overfitting_gap_averages_five_epochs_at_each_end():
     curve = [0.1, 0.5, 0.7, 0.80, 0.82, 0.84, 0.83, 0.81, 0.76, 0.75, 0.74, 0.95, 0.74, 0.73, 0.72, 0.72, 0.71]
     gap = overfitting_gap(curve)
     assert gap["best_epochs"] == [4, 8]  # the best 5-epoch window, not around the one lucky epoch (0.95 at epoch 12)
-    assert gap["best"] == pytest.approx(statistics.fmean(curve[3:8])) and gap["final"] == pytest.approx(statistics.fmean(curve[-5:]))
+    assert gap["best"] == pytest.approx(statistics.fmean(curve[3:8])) and gap["final"] == pytest.approx(
+        statistics.fmean(curve[-5:])
+    )
     assert gap["gap"] == pytest.approx(gap["best"] - gap["final"]) and gap["gap"] > 0.03
     rising = overfitting_gap([0.1 * i for i in range(10)])  # still learning at the end: no overfitting
     assert rising["gap"] == 0 and rising["best_epochs"] == [6, 10]
@@ -136,13 +143,23 @@ def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
         evaluation = {"clean_acc": 0.9, "pgd_acc": pgd, "autoattack_acc": None, "ece": 0.02, "ece_pgd": 0.1}
         return {"final": evaluation, "best": evaluation, "overfitting": {"gap": gap}}
 
-    cfg = Plan.model_validate({"seeds": [0, 1, 2], "common": {"method": "at"}, "teachers": [{"name": "at-s10"}], "students": [
-        {"name": "pgd-at"}, {"name": "akd", "method": "akd", "uses": "ensemble", "alpha": 0.5}]})
-    students = {"pgd-at": [run(0.70, 0.04), run(0.72, 0.05), run(0.68, 0.03)],
-                "akd": [run(0.73, 0.01), run(0.75, 0.02), run(0.71, 0.00)]}
+    cfg = Plan.model_validate(
+        {
+            "seeds": [0, 1, 2],
+            "common": {"method": "at"},
+            "teachers": [{"name": "at-s10"}],
+            "students": [{"name": "pgd-at"}, {"name": "akd", "method": "akd", "uses": "ensemble", "alpha": 0.5}],
+        }
+    )
+    students = {
+        "pgd-at": [run(0.70, 0.04), run(0.72, 0.05), run(0.68, 0.03)],
+        "akd": [run(0.73, 0.01), run(0.75, 0.02), run(0.71, 0.00)],
+    }
     row = next(line for line in guideline_table(cfg, students).splitlines() if line.startswith("| akd |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "akd (ensemble, alpha 0.5, tau 1)"
     assert cells[2] == "n/a"  # AutoAttack not measured
-    assert cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"  # PGD up by 3 points on every seed; clean level
+    assert (
+        cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"
+    )  # PGD up by 3 points on every seed; clean level
     assert cells[7] == "-3.00 ± 0.00 holds"  # the gap shrinks by 3 points on every seed

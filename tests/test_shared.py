@@ -21,7 +21,9 @@ def test_ensemble_matches_hand_computation():
     torch.testing.assert_close(aggregate_probs(z, w, 1.0)[0], expected_probs)
     # logits aggregation: softmax(0.25 * [2, 0] / 0.5) = softmax([1, 0])
     e1 = torch.exp(torch.tensor(1.0))
-    torch.testing.assert_close(aggregate_probs(z, w, 0.5, Aggregate.logits)[0], torch.tensor([e1 / (e1 + 1), 1 / (e1 + 1)]))
+    torch.testing.assert_close(
+        aggregate_probs(z, w, 0.5, Aggregate.logits)[0], torch.tensor([e1 / (e1 + 1), 1 / (e1 + 1)])
+    )
     torch.testing.assert_close(mean_logits(z, w)[0], torch.tensor([0.5, 0.0]))
 
 

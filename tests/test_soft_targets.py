@@ -5,31 +5,19 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+from conftest import (
+    HANG_S,
+    live_server,
+    mnist_teacher,
+    random_inputs,
+    reference_member_logits,
+    reference_probs,
+    write_config,
+)
 
-from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
 from shared import codec
-from shared.checkpoint import load_checkpoint
 
 WEIGHTS = (1.0, 2.0, 3.0)
-
-
-def load_in_process(path):
-    if path.suffix == ".pt2":
-        return torch.export.load(path).module()
-    return load_checkpoint(path).build()
-
-
-def reference_member_logits(paths, x: torch.Tensor) -> torch.Tensor:
-    xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    with torch.inference_mode():
-        return torch.stack([load_in_process(p)(xf) for p in paths])
-
-
-def reference_probs(member_logits, weights, tau, aggregate):
-    beta = torch.tensor(weights) / sum(weights)
-    if aggregate == "logits":
-        return torch.softmax(sum(b * z for b, z in zip(beta, member_logits)) / tau, dim=-1)
-    return sum(b * torch.softmax(z / tau, dim=-1) for b, z in zip(beta, member_logits))
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +85,15 @@ def test_uint8_and_float_views_of_one_image_agree(server):
 
 
 def test_large_request_is_split_across_batches(tmp_path, mnist_members):
-    config = write_config(tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_batch_rows": 16})
+    config = write_config(
+        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_batch_rows": 16}
+    )
     with live_server(config) as (base, _):
         x = random_inputs(50, seed=3)
         _, out = post(base, x, outputs="member_logits", cache="bypass")
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
-    torch.testing.assert_close(out["member_logits"], reference_member_logits([mnist_members["a"]], x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out["member_logits"], reference_member_logits([mnist_members["a"]], x), rtol=1e-5, atol=1e-5
+    )
     assert 'akd_batch_rows_max{teacher="m"} 16.0' in metrics
     assert 'akd_batch_rows_count{teacher="m"} 4.0' in metrics  # 16 + 16 + 16 + 2

@@ -7,17 +7,27 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    HANG_S,
+    ServerProcess,
+    free_port,
+    live_server,
+    mnist_teacher,
+    random_inputs,
+    reference_member_logits,
+    write_config,
+)
 
-from conftest import HANG_S, ServerProcess, free_port, live_server, mnist_teacher, random_inputs, write_config
 from shared.ensemble import aggregate_probs, normalised_weights
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, TeacherRequestError, TeacherUnavailable
-from test_soft_targets import reference_member_logits
 
 
 @pytest.fixture
 def ensemble_config(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)]
-    return write_config(tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=9.0)}, {"cache_dir": "cache"}), members
+    return write_config(
+        tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=9.0)}, {"cache_dir": "cache"}
+    ), members
 
 
 def test_remote_and_local_teachers_give_the_ensemble_formula(ensemble_config):
@@ -29,7 +39,9 @@ def test_remote_and_local_teachers_give_the_ensemble_formula(ensemble_config):
     with live_server(config) as (base, _):
         remote = RemoteTeacher(base, None, temperature=2.0)
         assert remote.info().name == "ens"
-        torch.testing.assert_close(remote(x), expected, rtol=1e-5, atol=1e-6)  # the run's temperature, not the config's 9
+        torch.testing.assert_close(
+            remote(x), expected, rtol=1e-5, atol=1e-6
+        )  # the run's temperature, not the config's 9
         remote(x)
         assert (remote.rows_requested, remote.cache_hits) == (12, 6)
         remote.close()

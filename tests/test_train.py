@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import HANG_S, REPO, live_server, write_config
+
 from shared.checkpoint import load_checkpoint
 from student_trainer.config import load_train_config
 from student_trainer.train import Trainer, train
@@ -35,8 +35,11 @@ def teacher_run(tmp_path_factory):
 def served_teacher(teacher_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("service")
     member = {"path": str(teacher_run / "best.pt")}
-    config = write_config(folder / "teachers.toml", {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28], "members": [member]}},
-                          {"cache_dir": "cache"})
+    config = write_config(
+        folder / "teachers.toml",
+        {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28], "members": [member]}},
+        {"cache_dir": "cache"},
+    )
     with live_server(config) as (base, _):
         yield base, config
 
@@ -57,7 +60,11 @@ def test_at_run_learns_and_leaves_checkpoints(teacher_run):
 def test_akd_student_learns_against_a_live_service(served_teacher, tmp_path):
     base, _ = served_teacher
     out = tmp_path / "akd"
-    train(load_train_config(sets=QUICK + [f"out_dir={out}", "method=akd", "alpha=0.5", f"teacher.url={base}", "teacher.name=mnist"]))
+    train(
+        load_train_config(
+            sets=QUICK + [f"out_dir={out}", "method=akd", "alpha=0.5", f"teacher.url={base}", "teacher.name=mnist"]
+        )
+    )
     metrics = read_metrics(out)
     assert metrics[-1]["val_clean_acc"] > 5 * CHANCE and metrics[-1]["val_robust_acc"] > 2.5 * CHANCE, metrics[-1]
     assert [m["teacher_rows"] for m in metrics] == [800, 800]  # one query per adversarial row
@@ -76,7 +83,11 @@ def test_ard_queries_clean_inputs_that_hit_the_cache_from_the_second_epoch(serve
 def test_rslad_with_a_local_teacher_config(served_teacher, tmp_path):
     _, config = served_teacher
     out = tmp_path / "rslad"
-    train(load_train_config(sets=QUICK + [f"out_dir={out}", "method=rslad", "alpha=0.8", "epochs=1", f"teacher.config={config}"]))
+    train(
+        load_train_config(
+            sets=QUICK + [f"out_dir={out}", "method=rslad", "alpha=0.8", "epochs=1", f"teacher.config={config}"]
+        )
+    )
     (metrics,) = read_metrics(out)
     assert metrics["teacher_rows"] == 800 and metrics["val_clean_acc"] > 3 * CHANCE
 
@@ -98,7 +109,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def akd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=HANG_S, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=HANG_S, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,19 +136,36 @@ def test_missing_dataset_folder_says_what_to_put_where(tmp_path):
 
 def test_akd_eval_writes_json_table_and_diagram(teacher_run, tmp_path):
     out = tmp_path / "eval.json"
-    done = akd("eval", "--checkpoint", str(teacher_run / "best.pt"), "--attacks", "clean,pgd,autoattack",
-               "--limit", "12", "--autoattack-limit", "4", "--set", "attack.eps=0.3", "--out", str(out))
+    done = akd(
+        "eval",
+        "--checkpoint",
+        str(teacher_run / "best.pt"),
+        "--attacks",
+        "clean,pgd,autoattack",
+        "--limit",
+        "12",
+        "--autoattack-limit",
+        "4",
+        "--set",
+        "attack.eps=0.3",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert {"clean_acc", "pgd_acc", "autoattack_acc", "ece"} <= set(report)
-    assert report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3  # AutoAttack is the costly part
+    assert (
+        report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3
+    )  # AutoAttack is the costly part
     assert report["autoattack_acc"] <= report["clean_acc"]
     aa = report["attack"]["autoattack"]  # the threat model is recorded whole: PGD's and AutoAttack's
     assert aa["version"] == "standard" and aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["n"] == 4
     assert report["attack"]["steps"] == 10 and not report["attack"]["standard"]
     line = next(line for line in done.stdout.splitlines() if line.startswith("threat model: "))
-    assert line.startswith("threat model: linf eps 0.3, PGD-10 step size 0.075, random start, 0 restarts; "
-                           "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack ") and line.endswith(") on 4 images (set with --set attack.*)")
+    assert line.startswith(
+        "threat model: linf eps 0.3, PGD-10 step size 0.075, random start, 0 restarts; "
+        "AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack "
+    ) and line.endswith(") on 4 images (set with --set attack.*)")
     assert "| PGD accuracy |" in done.stdout
     assert out.with_suffix(".reliability.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -144,8 +174,20 @@ def test_akd_eval_writes_json_table_and_diagram(teacher_run, tmp_path):
 def weak_run(tmp_path_factory):
     """A run trained with a weak, cheap attack (eps 0.05, PGD-2): what `akd eval` must not measure it with."""
     out = tmp_path_factory.mktemp("runs") / "weak"
-    train(load_train_config(sets=["arch=tiny_cnn", "limit_train=128", "val_size=50", "epochs=1", "batch_size=64",
-                                  "attack.steps=2", "attack.eps=0.05", f"out_dir={out}"]))
+    train(
+        load_train_config(
+            sets=[
+                "arch=tiny_cnn",
+                "limit_train=128",
+                "val_size=50",
+                "epochs=1",
+                "batch_size=64",
+                "attack.steps=2",
+                "attack.eps=0.05",
+                f"out_dir={out}",
+            ]
+        )
+    )
     return out
 
 
@@ -153,26 +195,64 @@ def test_akd_eval_uses_the_datasets_standard_threat_model_not_the_training_attac
     out = tmp_path / "eval.json"
     done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--limit", "32", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "threat model: linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts (the dataset's standard)" in done.stdout
+    assert (
+        "threat model: linf eps 0.1, PGD-10 step size 0.025, random start, 0 restarts (the dataset's standard)"
+        in done.stdout
+    )
     attack = json.loads(out.read_text())["attack"]
-    assert attack["norm"] == "linf" and attack["eps"] == 0.1 and attack["steps"] == 10 and attack["step_size"] == pytest.approx(0.025)
+    assert (
+        attack["norm"] == "linf"
+        and attack["eps"] == 0.1
+        and attack["steps"] == 10
+        and attack["step_size"] == pytest.approx(0.025)
+    )
     assert attack["restarts"] == 0 and attack["random_start"] and attack["standard"] and attack["autoattack"] is None
 
 
 def test_akd_eval_honours_an_explicit_threat_model(weak_run, tmp_path):
     out = tmp_path / "eval.json"
-    done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--limit", "32", "--set", "attack.eps=0.05", "--set", "attack.steps=2",
-               "--out", str(out))
+    done = akd(
+        "eval",
+        "--checkpoint",
+        str(weak_run / "best.pt"),
+        "--limit",
+        "32",
+        "--set",
+        "attack.eps=0.05",
+        "--set",
+        "attack.steps=2",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
-    assert "threat model: linf eps 0.05, PGD-2 step size 0.0625, random start, 0 restarts (set with --set attack.*)" in done.stdout
+    assert (
+        "threat model: linf eps 0.05, PGD-2 step size 0.0625, random start, 0 restarts (set with --set attack.*)"
+        in done.stdout
+    )
     attack = json.loads(out.read_text())["attack"]
-    assert attack["eps"] == 0.05 and attack["steps"] == 2 and attack["step_size"] == pytest.approx(0.0625) and not attack["standard"]
+    assert (
+        attack["eps"] == 0.05
+        and attack["steps"] == 2
+        and attack["step_size"] == pytest.approx(0.0625)
+        and not attack["standard"]
+    )
 
 
 def test_akd_eval_runs_the_apgd_subset_of_autoattack_and_names_it(weak_run, tmp_path):
     out = tmp_path / "eval.json"
-    done = akd("eval", "--checkpoint", str(weak_run / "best.pt"), "--attacks", "clean,autoattack", "--autoattack-version", "apgd",
-               "--limit", "16", "--out", str(out))
+    done = akd(
+        "eval",
+        "--checkpoint",
+        str(weak_run / "best.pt"),
+        "--attacks",
+        "clean,autoattack",
+        "--autoattack-version",
+        "apgd",
+        "--limit",
+        "16",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     aa = report["attack"]["autoattack"]
@@ -186,7 +266,10 @@ def test_akd_eval_runs_the_apgd_subset_of_autoattack_and_names_it(weak_run, tmp_
 def test_akd_eval_of_a_torch_export(teacher_run, tmp_path):
     model = load_checkpoint(teacher_run / "best.pt").build()
     exported = tmp_path / "teacher.pt2"
-    torch.export.save(torch.export.export(model, (torch.rand(4, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("batch")},)), exported)
+    torch.export.save(
+        torch.export.export(model, (torch.rand(4, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+        exported,
+    )
     out = tmp_path / "eval.json"
     done = akd("eval", "--checkpoint", str(exported), "--set", "dataset=mnist5k", "--limit", "64", "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -211,8 +294,12 @@ def test_akd_train_resume_after_kill_9(tmp_path):
 
     out = tmp_path / "run"
     sets = ["limit_train=256", "val_size=100", "epochs=3", "batch_size=64", "attack.steps=2", f"out_dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_first_epoch(proc, out)
     finally:
@@ -285,15 +372,32 @@ def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resu
     """The same failure as an unreachable service at start-up: one message, rc 2, and the command that continues the run."""
     from conftest import ServerProcess
 
-    config = write_config(tmp_path / "teachers.toml", {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28],
-                                                                 "members": [{"path": str(teacher_run / "best.pt")}]}})
+    config = write_config(
+        tmp_path / "teachers.toml",
+        {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28], "members": [{"path": str(teacher_run / "best.pt")}]}},
+    )
     server = ServerProcess(config, tmp_path / "server.log")
     out = tmp_path / "run"
-    sets = ["limit_train=256", "val_size=100", "epochs=50", "batch_size=64", "attack.steps=1", f"out_dir={out}", "method=akd",
-            f"teacher.url={server.base}", "teacher.give_up_after_s=1"]
-    with open(tmp_path / "train.err", "w+") as err:  # a file, not a pipe: the run's log lines can never fill it and block the run
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=err)
+    sets = [
+        "limit_train=256",
+        "val_size=100",
+        "epochs=50",
+        "batch_size=64",
+        "attack.steps=1",
+        f"out_dir={out}",
+        "method=akd",
+        f"teacher.url={server.base}",
+        "teacher.give_up_after_s=1",
+    ]
+    with open(
+        tmp_path / "train.err", "w+"
+    ) as err:  # a file, not a pipe: the run's log lines can never fill it and block the run
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
             wait_for_first_epoch(proc, out)
         finally:
@@ -310,8 +414,19 @@ def test_service_unreachable_at_start_up_is_one_message_that_says_what_to_do(tmp
     from conftest import free_port
 
     out = tmp_path / "run"
-    done = akd("train", "--set", "method=akd", "--set", f"teacher.url=http://127.0.0.1:{free_port()}", "--set", "teacher.give_up_after_s=0.5",
-               "--set", f"out_dir={out}", "--set", "limit_train=64")
+    done = akd(
+        "train",
+        "--set",
+        "method=akd",
+        "--set",
+        f"teacher.url=http://127.0.0.1:{free_port()}",
+        "--set",
+        "teacher.give_up_after_s=0.5",
+        "--set",
+        f"out_dir={out}",
+        "--set",
+        "limit_train=64",
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "unavailable" in done.stderr
     assert "once the service is up, run the same command again" in done.stderr
@@ -334,19 +449,34 @@ def test_resume_survives_a_torn_dynamics_file(tmp_path):
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
     from student_trainer.dynamics import CorrectnessLog
 
-    assert len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1  # the resumed epoch only: the torn history is gone
+    assert (
+        len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1
+    )  # the resumed epoch only: the torn history is gone
 
 
 def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_radius(tmp_path):
-    cfg = load_train_config(sets=["limit_train=256", "val_size=100", "epochs=3", "batch_size=64", "attack.steps=2",
-                                  "attack.eps=0.2", "eps_warmup_epochs=2", "track_dynamics=false", f"out_dir={tmp_path}"])
+    cfg = load_train_config(
+        sets=[
+            "limit_train=256",
+            "val_size=100",
+            "epochs=3",
+            "batch_size=64",
+            "attack.steps=2",
+            "attack.eps=0.2",
+            "eps_warmup_epochs=2",
+            "track_dynamics=false",
+            f"out_dir={tmp_path}",
+        ]
+    )
     trainer = Trainer(cfg)
     radii, method = [], trainer.method
     trainer.method = lambda model, x, y, attack, *rest: radii.append(attack.eps) or method(model, x, y, attack, *rest)
     trainer.fit()
     trainer.close()
     steps = trainer.steps_per_epoch  # 4: the radius grows by 0.2 / 8 each step, then stays at 0.2
-    torch.testing.assert_close(torch.tensor(radii), torch.tensor([0.2 * min(1, (i + 1) / (2 * steps)) for i in range(3 * steps)]))
+    torch.testing.assert_close(
+        torch.tensor(radii), torch.tensor([0.2 * min(1, (i + 1) / (2 * steps)) for i in range(3 * steps)])
+    )
     assert [round(m["train_eps"], 6) for m in read_metrics(tmp_path)] == [0.1, 0.2, 0.2]
     assert trainer.val_attack.eps == 0.2
 
@@ -357,14 +487,26 @@ def test_init_from_starts_at_the_checkpoints_weights_and_refuses_another_archite
     trainer = Trainer(cfg)
     assert all(torch.equal(v, start.state_dict[k]) for k, v in trainer.model.state_dict().items())
     trainer.close()
-    done = akd("train", "--set", "arch=tiny_cnn", "--set", f"init_from={teacher_run / 'best.pt'}", "--set", f"out_dir={tmp_path / 'bad'}")
-    assert done.returncode == 2 and "holds small_cnn" in done.stderr and "this run trains tiny_cnn" in done.stderr, done.stderr
+    done = akd(
+        "train",
+        "--set",
+        "arch=tiny_cnn",
+        "--set",
+        f"init_from={teacher_run / 'best.pt'}",
+        "--set",
+        f"out_dir={tmp_path / 'bad'}",
+    )
+    assert done.returncode == 2 and "holds small_cnn" in done.stderr and "this run trains tiny_cnn" in done.stderr, (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr
 
 
 def test_eps_warmup_longer_than_training_is_a_config_error():
     done = akd("train", "--set", "epochs=2", "--set", "eps_warmup_epochs=3")
-    assert done.returncode == 2 and "eps_warmup_epochs (3) is longer than training (2 epochs)" in done.stderr, done.stderr
+    assert done.returncode == 2 and "eps_warmup_epochs (3) is longer than training (2 epochs)" in done.stderr, (
+        done.stderr
+    )
 
 
 def test_validation_attack_takes_its_own_keys_and_the_training_attacks_for_the_rest():
@@ -372,4 +514,6 @@ def test_validation_attack_takes_its_own_keys_and_the_training_attacks_for_the_r
     assert (cfg.val_attack.eps, cfg.val_attack.steps) == (0.3, 10)
     assert cfg.val_attack.step_size == pytest.approx(2.5 * 0.3 / 10)  # derived for its own steps, not the training's
     assert load_train_config(sets=["attack.eps=0.3", "eval.attack.eps=0.2"]).val_attack.eps == 0.2
-    assert load_train_config(sets=["attack.eps=0.3"]).val_attack == load_train_config(sets=["attack.eps=0.3"]).train_attack
+    assert (
+        load_train_config(sets=["attack.eps=0.3"]).val_attack == load_train_config(sets=["attack.eps=0.3"]).train_attack
+    )

@@ -18,12 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    HANG_S,
+    REPO,
+    export_member,
+    mnist_teacher,
+    random_inputs,
+    robustbench_config,
+    seeded_model,
+    write_config,
+)
 
-from conftest import HANG_S, REPO, export_member, mnist_teacher, random_inputs, seeded_model, write_config
 from shared.safe_load import UnsafeFile, check_shape_expression, load_export
 from teacher_service.config import ConfigError, load_config
 from teacher_service.registry import load_teachers
-from test_members import fake_robustbench, robustbench_config  # noqa: F401  (a fixture)
 
 
 class Plant:
@@ -66,28 +74,46 @@ def edit_json(entries: dict, name: str, change) -> None:
 
 def pickled_weight(marker):
     def edit(entries, prefix):
-        edit_json(entries, prefix + "data/weights/model_weights_config.json",
-                  lambda d: d["config"]["net.0.weight"].update(use_pickle=True))
+        edit_json(
+            entries,
+            prefix + "data/weights/model_weights_config.json",
+            lambda d: d["config"]["net.0.weight"].update(use_pickle=True),
+        )
         entries[prefix + "data/weights/weight_0"] = torch_saved(Plant(marker))
+
     return edit
 
 
 def pickled_tensor_constant(marker):
     def edit(entries, prefix):
-        edit_json(entries, prefix + "data/constants/model_constants_config.json",
-                  lambda d: d["config"].update(c0={"path_name": "tensor_0", "is_param": False, "use_pickle": True, "tensor_meta": None}))
+        edit_json(
+            entries,
+            prefix + "data/constants/model_constants_config.json",
+            lambda d: d["config"].update(
+                c0={"path_name": "tensor_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+            ),
+        )
         entries[prefix + "data/constants/tensor_0"] = torch_saved(Plant(marker))
+
     return edit
 
 
 def pickled_object(kind: str):
     """A constant stored as a pickled Python object: torch.export names them `opaque_obj_*` and `custom_obj_*`."""
+
     def craft(marker):
         def edit(entries, prefix):
-            edit_json(entries, prefix + "data/constants/model_constants_config.json",
-                      lambda d: d["config"].update(c0={"path_name": f"{kind}_0", "is_param": False, "use_pickle": True, "tensor_meta": None}))
+            edit_json(
+                entries,
+                prefix + "data/constants/model_constants_config.json",
+                lambda d: d["config"].update(
+                    c0={"path_name": f"{kind}_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+                ),
+            )
             entries[prefix + f"data/constants/{kind}_0"] = pickle.dumps(Plant(marker))
+
         return edit
+
     return craft
 
 
@@ -97,6 +123,7 @@ opaque_object, custom_object = pickled_object("opaque_obj"), pickled_object("cus
 def sample_inputs(marker):
     def edit(entries, prefix):
         entries[prefix + "data/sample_inputs/model.pt"] = torch_saved(Plant(marker))
+
     return edit
 
 
@@ -107,6 +134,7 @@ def shape_expression(marker):
         honest = "Symbol('s31', positive=True, integer=True)"
         assert honest in text, "the honest export's batch symbol moved; update this test"
         entries[model] = text.replace(json.dumps(honest)[1:-1], json.dumps(payload_code(marker))[1:-1]).encode()
+
     return edit
 
 
@@ -114,6 +142,7 @@ def node_target(marker):
     def edit(entries, prefix):
         model = prefix + "models/model.json"
         entries[model] = entries[model].replace(b'"torch.ops.aten.relu.default"', b'"torch.os.system"')
+
     return edit
 
 
@@ -148,7 +177,9 @@ def test_crafted_export_is_refused_and_runs_nothing(tmp_path, honest_export, kin
     assert not marker.exists()
 
 
-def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full_unpickling(tmp_path, honest_export, monkeypatch):
+def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full_unpickling(
+    tmp_path, honest_export, monkeypatch
+):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "ran"
     crafted = rewrite(honest_export, tmp_path / "w.pt2", pickled_weight(marker))
@@ -157,7 +188,9 @@ def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full
     assert not marker.exists()
     import os
 
-    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored
+    assert (
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    )  # restored
 
 
 def test_stored_guard_code_is_never_compiled(tmp_path, honest_export):
@@ -165,7 +198,9 @@ def test_stored_guard_code_is_never_compiled(tmp_path, honest_export):
     marker = tmp_path / "ran"
 
     def guard(entries, prefix):
-        edit_json(entries, prefix + "models/model.json", lambda d: d.update(guards_code=[f"{payload_code(marker)} > 0"]))
+        edit_json(
+            entries, prefix + "models/model.json", lambda d: d.update(guards_code=[f"{payload_code(marker)} > 0"])
+        )
 
     crafted = rewrite(honest_export, tmp_path / "guard.pt2", guard)
     model = load_export(crafted)
@@ -195,23 +230,34 @@ def test_legacy_archive_with_a_pickled_state_dict_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("text", [
-    "__import__('os').system('true')",
-    "open('x', 'w')",
-    "Symbol('s0').__class__",
-    "lambda: 0",
-    "Symbol('s0', **{'a': 1})",
-    "[s0 for s0 in (1,)]",
-    "Symbol('../../x')",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('true')",
+        "open('x', 'w')",
+        "Symbol('s0').__class__",
+        "lambda: 0",
+        "Symbol('s0', **{'a': 1})",
+        "[s0 for s0 in (1,)]",
+        "Symbol('../../x')",
+    ],
+)
 def test_shape_expressions_allow_arithmetic_over_symbols_only(text):
     with pytest.raises(UnsafeFile):
         check_shape_expression(text)
 
 
-@pytest.mark.parametrize("text", [
-    "Symbol('s31', positive=True, integer=True)", "s0 + 2*s1", "Max(1, s0)", "FloorDiv(s0, 2) <= 64", "Mod(s0, 8)", "-s3 + 1.5",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Symbol('s31', positive=True, integer=True)",
+        "s0 + 2*s1",
+        "Max(1, s0)",
+        "FloorDiv(s0, 2) <= 64",
+        "Mod(s0, 8)",
+        "-s3 + 1.5",
+    ],
+)
 def test_shape_expressions_torch_writes_pass(text):
     check_shape_expression(text)
 
@@ -251,8 +297,20 @@ def test_akd_refuses_a_crafted_export_in_one_line(tmp_path, honest_export, comma
     if command == "serve":
         argv = ["serve", "--config", str(write_config(tmp_path / "t.toml", {"m": mnist_teacher([(crafted, 1.0)])}))]
     else:
-        argv = ["eval", "--checkpoint", str(crafted), "--set", "dataset=mnist5k", "--limit", "8", "--out", str(tmp_path / "e.json")]
-    done = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+        argv = [
+            "eval",
+            "--checkpoint",
+            str(crafted),
+            "--set",
+            "dataset=mnist5k",
+            "--limit",
+            "8",
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "pickled Python object" in done.stderr
     assert not marker.exists()

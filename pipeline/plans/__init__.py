@@ -3,7 +3,9 @@ long it takes. Listed from the folder itself, so adding a file adds a plan."""
 
 from importlib import resources
 
-NAMES = tuple(sorted(f.name.removesuffix(".toml") for f in resources.files(__name__).iterdir() if f.name.endswith(".toml")))
+NAMES = tuple(
+    sorted(f.name.removesuffix(".toml") for f in resources.files(__name__).iterdir() if f.name.endswith(".toml"))
+)
 
 
 def plan_text(name: str) -> str:

@@ -61,8 +61,7 @@ def build_model(
     std = [_DEFAULT_STD] * channels if std is None else list(std)
     if len(mean) != channels or len(std) != channels:
         raise ValueError(
-            f"mean and std need one value per channel ({channels}); "
-            f"got {len(mean)} means and {len(std)} stds"
+            f"mean and std need one value per channel ({channels}); got {len(mean)} means and {len(std)} stds"
         )
     return nn.Sequential(
         OrderedDict(
@@ -77,11 +76,7 @@ def _check_input_shape(arch: str, input_shape: Sequence[int]) -> int:
     sizes = _SPATIAL_SIZES[arch]
     expected = " or ".join(f"(C, {h}, {w})" for h, w in sizes)
     shape = tuple(input_shape)
-    fits = (
-        len(shape) == 3
-        and all(isinstance(d, int) and d > 0 for d in shape)
-        and shape[1:] in sizes
-    )
+    fits = len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape) and shape[1:] in sizes
     if not fits:
         raise ValueError(f"{arch} expects input_shape {expected}; got {shape}")
     return shape[0]

@@ -17,9 +17,7 @@ class WideResNet(nn.Module):
     """Stem conv 16, three groups of (depth-4)/6 blocks at 16k, 32k, 64k channels,
     final BN-ReLU, avgpool, fc."""
 
-    def __init__(
-        self, num_classes: int, in_channels: int, depth: int = 34, widen_factor: int = 10
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int, depth: int = 34, widen_factor: int = 10) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n+4; got {depth}")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import plans
-from shared.configfile import ConfigError
+from shared.configfile import ConfigError, add_set_argument
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +30,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished runs")
     parser.add_argument("--config", help="a demo plan TOML instead of a built-in plan")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)",
+    add_set_argument(
+        parser,
+        "change the plan, e.g. common.data_dir=data/cifar10 or common.epochs=1 (repeatable)",
     )
     parser.add_argument(
         "--stage",

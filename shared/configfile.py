@@ -5,6 +5,7 @@ The service and the trainer both declare their configs as TOML validated by pyda
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -58,3 +59,8 @@ def validation_error(exc: ValidationError, source: str) -> ConfigError:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
     return ConfigError("\n".join(lines))
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY=VALUE` (repeatable, collected in `args.sets`): one config key changed from the command line."""
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help_text)

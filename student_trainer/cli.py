@@ -9,20 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from shared.configfile import ConfigError
+from shared.configfile import ConfigError, add_set_argument
 from shared.markdown import markdown_table
 from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run TOML (every field has a default)")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set attack.steps=3 (repeatable)",
+    add_set_argument(
+        parser,
+        "override any config key, e.g. --set attack.steps=3 (repeatable)",
     )
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
 
@@ -30,13 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a project checkpoint (.pt) or a torch.export file (.pt2)")
     parser.add_argument("--attacks", default="clean,pgd", help=f"comma list of {', '.join(EVAL_ATTACKS)}")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
+    add_set_argument(
+        parser,
+        "the threat model is the dataset's standard one (L-inf, its eps, PGD-10), not the checkpoint's "
         "training attack; override it with e.g. --set attack.eps=0.1 --set attack.steps=20, or the "
         "checkpoint's config with e.g. --set dataset=cifar10",
     )

@@ -101,6 +101,12 @@ STEPS: dict[str, type[AttackerStep]] = {"linf": LinfStep, "l2": L2Step}
 STARTS = ("uniform", "normal")
 
 
+def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Each sample's ||x_adv - x|| in the threat model's norm (B,): how far an attack moved it."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+
+
 def ce_loss(y: torch.Tensor) -> LossFn:
     """Per-sample cross-entropy to the labels: the Madry / AKD / ARD / IAD attack."""
     return lambda logits: F.cross_entropy(logits, y, reduction="none")

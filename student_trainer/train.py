@@ -21,7 +21,7 @@ from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.codec import to_unit_float
 from shared.devices import resolve_device
 from shared.models import build_model
-from student_trainer.attacks import PGD
+from student_trainer.attacks import PGD, perturbation_norms
 from student_trainer.config import TrainConfig
 from student_trainer.data import Dataset, iterate_batches, load_dataset
 from student_trainer.dynamics import CorrectnessLog
@@ -204,12 +204,13 @@ class Trainer:
     def _epoch(self, epoch: int, progress: Progress) -> dict:
         started = time.perf_counter()
         teacher_rows, teacher_hits = self._teacher_counts()
-        totals = {"loss": 0.0, "clean": 0, "adv": 0, "n": 0}
+        totals = {"loss": 0.0, "clean": 0, "adv": 0, "perturbation": 0.0, "n": 0}
         self.model.train()
         batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
         for step_in_epoch, (indices, xb, yb) in enumerate(batches):
             x, y = to_unit_float(xb).to(self.device), yb.to(self.device)
-            result = self.step(x, y, epoch, self.attack.scaled(self.radius_fraction(epoch, step_in_epoch)))
+            attack = self.attack.scaled(self.radius_fraction(epoch, step_in_epoch))
+            result = self.step(x, y, epoch, attack)
             correct_clean = self._clean_correct(result, x, y)
             correct_adv = result.logits_adv.argmax(1) == y
             if self.dynamics is not None:
@@ -218,6 +219,7 @@ class Trainer:
             totals["loss"] += float(result.loss.detach()) * n
             totals["clean"] += int(correct_clean.sum())
             totals["adv"] += int(correct_adv.sum())
+            totals["perturbation"] += float(perturbation_norms(result.x_adv, x, attack.norm).sum())
             totals["n"] += n
             progress.step(loss=totals["loss"] / totals["n"], adv_acc=totals["adv"] / totals["n"])
         rows, hits = self._teacher_counts()
@@ -228,6 +230,8 @@ class Trainer:
             "train_loss": totals["loss"] / totals["n"],
             "train_clean_acc": totals["clean"] / totals["n"],
             "train_adv_acc": totals["adv"] / totals["n"],
+            # the mean distance the attack moved a training input: near train_eps when it reaches the ball's surface
+            "train_perturbation": totals["perturbation"] / totals["n"],
             "teacher_rows": rows - teacher_rows,
             "teacher_cache_hits": hits - teacher_hits,
         }

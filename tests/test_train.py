@@ -470,15 +470,19 @@ def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_rad
     )
     trainer = Trainer(cfg)
     radii, method = [], trainer.method
-    trainer.method = lambda model, x, y, attack, *rest: radii.append(attack.eps) or method(model, x, y, attack, *rest)
+    trainer.method = lambda step: radii.append(step.attack.eps) or method(step)
     trainer.fit()
     trainer.close()
     steps = trainer.steps_per_epoch  # 4: the radius grows by 0.2 / 8 each step, then stays at 0.2
     torch.testing.assert_close(
         torch.tensor(radii), torch.tensor([0.2 * min(1, (i + 1) / (2 * steps)) for i in range(3 * steps)])
     )
-    assert [round(m["train_eps"], 6) for m in read_metrics(tmp_path)] == [0.1, 0.2, 0.2]
+    metrics = read_metrics(tmp_path)
+    assert [round(m["train_eps"], 6) for m in metrics] == [0.1, 0.2, 0.2]
     assert trainer.val_attack.eps == 0.2
+    # how far the attack moved the inputs (mean L-inf norm): inside each epoch's ball, and off x
+    assert all(0 < m["train_perturbation"] <= m["train_eps"] + 1e-6 for m in metrics[1:])
+    assert 0 < metrics[0]["train_perturbation"] <= 0.1 + 1e-6  # the warm-up's radii, 0.025 to 0.1
 
 
 def test_init_from_starts_at_the_checkpoints_weights_and_refuses_another_architecture(teacher_run, tmp_path):

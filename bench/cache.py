@@ -31,8 +31,10 @@ def run(ctx: Context) -> Section:
         "2. Cache hits vs recomputation",
         "Rows per second through the service for one batch sent again and again: all rows cache hits "
         "(`cache=use`, after one priming request) vs recomputed (`cache=bypass`); uint8 inputs; alternated. "
-        f"Writes: {spec.write_rows:,} rows committed to a fresh local store (chunks of {spec.write_chunk_rows} rows) through "
-        "`LogitCache.insert` of `batch` rows at a time and a final flush, `cache_durable` off vs on (fsync of every chunk file "
+        f"Writes: {spec.write_rows:,} rows committed to a fresh local store (chunks of {spec.write_chunk_rows} rows) "
+        "through "
+        "`LogitCache.insert` of `batch` rows at a time and a final flush, `cache_durable` off vs on (fsync of every "
+        "chunk file "
         "and folder before its commit, and of the commit); alternated; on the disk under `--out`.",
         [
             "teacher",

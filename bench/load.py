@@ -70,5 +70,6 @@ async def _run(url: str, requests: list[Request], count: int, server_cpu: Callab
 def closed_loop(
     url: str, requests: list[Request], count: int, server_cpu: Callable[[], float | None] = lambda: None
 ) -> LoadResult:
-    """One client per entry of `requests`, each sending its request `count` times; `server_cpu` reads the server's CPU time."""
+    """One client per entry of `requests`, each sending its request `count` times; `server_cpu` reads the server's CPU
+    time."""
     return asyncio.run(_run(url, requests, count, server_cpu))

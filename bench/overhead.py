@@ -31,7 +31,8 @@ def run(ctx: Context) -> Section:
         "(real uvicorn process, real httpx client, loopback, `cache=bypass`, float32 inputs) and in-process "
         "(`LocalTeacher`: the service's own forward pass and ensemble formula, same device); alternated. "
         "`server forward ms`: the service's own mean batch time (its `akd_compute_seconds` metric), so "
-        "`service - server forward` (means) is what the HTTP path adds, apart from how fast each process runs the model.",
+        "`service - server forward` (means) is what the HTTP path adds, apart from how fast each process runs the "
+        "model.",
         [
             "teacher",
             "batch",
@@ -99,7 +100,8 @@ def _targets(section: Section) -> None:
                     "<=",
                     TARGET_RATIO,
                     row["ratio"],
-                    f"{row['service ms']:.1f} ms vs {row['in-process ms']:.1f} ms: {row['overhead ms']:.1f} ms per request; "
+                    f"{row['service ms']:.1f} ms vs {row['in-process ms']:.1f} ms: {row['overhead ms']:.1f} ms per "
+                    "request; "
                     f"the service's own forward took {row['server forward ms']:.1f} ms, so its HTTP path added "
                     f"{row['service - server forward ms']:.1f} ms",
                 )

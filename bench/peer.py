@@ -86,7 +86,8 @@ def run(ctx: Context) -> Section:
                 TARGET_RATIO,
                 row["ours / LitServe"],
                 f"{row['ours rows/s']:,.0f} vs {row['LitServe rows/s']:,.0f} rows/s; round by round "
-                f"{min(paired):.2f} to {max(paired):.2f}; lowest ratio over all loads {worst['ours / LitServe']:.2f} at {worst['load']}",
+                f"{min(paired):.2f} to {max(paired):.2f}; lowest ratio over all loads {worst['ours / LitServe']:.2f} "
+                f"at {worst['load']}",
             )
         )
     return section

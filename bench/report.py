@@ -33,7 +33,8 @@ def markdown(sections: list[Section], machine: dict, command: str, preset: str, 
         "",
         f"- command: `{command}` (config: {preset}; {repetitions} repetitions, medians)",
         f"- machine: {machine['cores']} cores ({machine['cpu']}), device {device}, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), Python {machine['python']}, LitServe {machine['litserve'] or 'not installed'}",
+        f"({machine['torch_threads']} threads), Python {machine['python']}, LitServe "
+        f"{machine['litserve'] or 'not installed'}",
         f"- date: {machine['date']}, commit {machine['git_commit'] or 'unknown'}",
         "",
         "## Targets",

@@ -61,7 +61,8 @@ class ServerProcess:
     log: Path
 
     def pause(self) -> None:
-        """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured one."""
+        """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured
+        one."""
         self._signal_group(signal.SIGSTOP)
 
     def resume(self) -> None:

@@ -159,9 +159,11 @@ def run(ctx: Context) -> Section:
                 ">=",
                 TARGET_FRACTION,
                 shared["rows/s"] / alone["rows/s"],
-                f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to {max(paired):.2f}; "
+                f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to "
+                f"{max(paired):.2f}; "
                 f"server {cores_text(shared['server cores'])} vs {cores_text(alone['server cores'])} cores, clients "
-                f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching {off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)",
+                f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching "
+                f"{off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)",
             )
         )
     ctx.stop("service-no-batching")

@@ -101,7 +101,8 @@ class Demo:
         self.write_service_config()
 
     def write_service_config(self) -> None:
-        """The teachers as served_teacher_names says: early-stopped (best.pt) and last-epoch (last.pt), together and alone."""
+        """The teachers as served_teacher_names says: early-stopped (best.pt) and last-epoch (last.pt), together and
+        alone."""
         file = self.layout.service_config
         names = self.plan.teacher_names
         first = load_checkpoint(
@@ -158,7 +159,8 @@ class Demo:
                     self.save_service_stats(url, cumulative=False)  # a service started here counts from zero
                 except httpx.HTTPError as exc:
                     say(
-                        f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its record"
+                        f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its "
+                        "record"
                     )
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -169,7 +171,8 @@ class Demo:
             say("[serve] teacher service stopped")
 
     def save_service_stats(self, url: str, cumulative: bool) -> None:
-        """Fold the service's counters into service/stats.json (merge_service_stats says how; a session that served nothing changes nothing)."""
+        """Fold the service's counters into service/stats.json (merge_service_stats says how; a session that served
+        nothing changes nothing)."""
         text = httpx.get(url + METRICS_PATH, timeout=30).text
         stats = {
             "rows": scrape.total(text, "akd_rows_total"),
@@ -257,7 +260,8 @@ class Demo:
             threat_model(wanted, plan.autoattack_limit or None, False, plan.autoattack_version)
         )
         say(
-            f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the students' "
+            f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the "
+            "students' "
             f"final and the teachers' early-stopped), all under {threat}; {plan.jobs} at a time =="
         )
         run_jobs("evaluate", jobs, plan.jobs, plan.threads_per_job)
@@ -363,7 +367,8 @@ def run_demo(
     prepare_out(out, fresh)
     demo = Demo(plan, out, command)
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
-    # SIGTERM (kill, docker stop) ends the demo the way Ctrl-C does: the running jobs and the service stop, and the stage's
+    # SIGTERM (kill, docker stop) ends the demo the way Ctrl-C does: the running jobs and the service stop, and the
+    # stage's
     # time and the service's counts are recorded; without this, Python dies at once and the jobs run on, orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 

@@ -165,7 +165,8 @@ ETA_AFTER = (
 
 
 def eta_text(work_done: float, elapsed: float, stage_left: float, later: float) -> str:
-    """ ", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of it."""
+    """ ", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of
+    it."""
     if work_done <= ETA_AFTER * (work_done + stage_left):
         return ""
     rate = work_done / elapsed

@@ -68,7 +68,8 @@ def prepare_out(out: Path, fresh: bool) -> None:
 
 
 def update_json(path: Path, change) -> dict:
-    """Read-modify-write of a small JSON record, locked and atomic: concurrent stages (compose's trainers) lose no update."""
+    """Read-modify-write of a small JSON record, locked and atomic: concurrent stages (compose's trainers) lose no
+    update."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -95,9 +96,11 @@ def merge_service_stats(old: dict, new: dict, cumulative: bool) -> dict:
 
 
 def add_stage_time(layout: Layout, stage: str, seconds: float) -> dict:
-    """stages.json: each stage's wall time summed over every invocation on this folder (a reused stage adds its seconds).
+    """stages.json: each stage's wall time summed over every invocation on this folder (a reused stage adds its
+    seconds).
 
-    The report runs in a later invocation than the training more often than not, so the time behind the results has to be
+    The report runs in a later invocation than the training more often than not, so the time behind the results has to
+    be
     on disk; summing keeps an interrupted run's work and its resume, and --fresh starts the record over.
     """
 

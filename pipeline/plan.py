@@ -59,7 +59,8 @@ class Plan(StrictConfig):
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
     eval_attack: AttackConfig | None = None
-    # The service's [server] settings beyond where it listens and caches, e.g. { autocast = "bf16", max_batch_rows = 1024 }.
+    # The service's [server] settings beyond where it listens and caches, e.g. { autocast = "bf16", max_batch_rows =
+    # 1024 }.
     service: dict = {}
     common: dict = {}
     teachers: Annotated[list[PlannedTeacher], Field(min_length=1)]
@@ -90,7 +91,8 @@ class Plan(StrictConfig):
         return [teacher.name for teacher in self.teachers]
 
     def raw_run(self, run: PlannedTeacher, **fields) -> dict:
-        """A run's TOML table: [common], its own keys over it, then the `fields` given (seed, out_dir, teacher) over both."""
+        """A run's TOML table: [common], its own keys over it, then the `fields` given (seed, out_dir, teacher) over
+        both."""
         return merge(
             self.common, {**run.overrides, **{key: value for key, value in fields.items() if value is not None}}
         )
@@ -135,7 +137,8 @@ def merge(base: dict, top: dict) -> dict:
 
 
 def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | None = None) -> Plan:
-    """A plan file, or the built-in plan `name`; `--set key=value` on top (e.g. common.data_dir=..., common.epochs=1)."""
+    """A plan file, or the built-in plan `name`; `--set key=value` on top (e.g. common.data_dir=...,
+    common.epochs=1)."""
     if path is None:
         if name not in plans.NAMES:
             raise ConfigError(

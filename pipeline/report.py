@@ -101,7 +101,8 @@ def _value(run: dict, key: str, which: str) -> float | None:
 
 
 def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> str:
-    """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final one."""
+    """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final
+    one."""
     columns = (
         COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]
     )  # AUTOATTACKED
@@ -143,7 +144,8 @@ def overfitting_table(students: dict[str, list[dict]]) -> str:
 
 
 def threat_model_line(runs: dict[str, dict]) -> str:
-    """The header's threat model, read from every evaluation's eval.json: PGD's from all, AutoAttack's from those that ran it.
+    """The header's threat model, read from every evaluation's eval.json: PGD's from all, AutoAttack's from those that
+    ran it.
 
     Numbers measured under different threat models do not compare, so the report never mixes them silently: it names
     which run used which, loudly. Whether a run used the standard attack or the same one spelled out does not matter.
@@ -181,7 +183,10 @@ def threat_model_line(runs: dict[str, dict]) -> str:
         f"{', '.join(names)}: AutoAttack {json.loads(key)['version']} on {json.loads(key)['n']} images"
         for key, names in autoattack.items()
     ]
-    return f"- threat model: **WARNING: the models were NOT evaluated under one threat model; their numbers do not compare**: {'; '.join(parts)}"
+    return (
+        "- threat model: **WARNING: the models were NOT evaluated under one threat model; their numbers do not "
+        f"compare**: {'; '.join(parts)}"
+    )
 
 
 def teacher_table(teachers: dict[str, dict]) -> str:
@@ -200,11 +205,13 @@ def teacher_table(teachers: dict[str, dict]) -> str:
 MARGIN_SE = 2  # how many standard errors of the mean paired difference make a verdict
 VERDICT_RULE = (
     f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
-    f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold when it "
+    f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold "
+    "when it "
     f'is more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; "not lower" (clean '
     f"accuracy) is a no-clear-drop claim, so it holds unless d̄ < -{MARGIN_SE}·se."
 )
-# The claims, each on the final epoch (the paper's point): (what is compared, its title, the direction the paper expects).
+# The claims, each on the final epoch (the paper's point): (what is compared, its title, the direction the paper
+# expects).
 CLAIMS = (
     ("autoattack_acc", "robust accuracy (AutoAttack)", "higher"),
     ("pgd_acc", "robust accuracy (PGD)", "higher"),
@@ -223,8 +230,10 @@ def paired_mean_se(diffs: list[float]) -> tuple[float, float]:
 def verdict(diffs: list[float], expected: str) -> str:
     """Holds / does not hold / inconclusive from paired per-seed differences, not from the sign of the mean.
 
-    The sign alone flips with seed noise (-0.0004 ± 0.0063 read "holds"); comparing the mean paired difference with MARGIN_SE
-    of its standard errors only calls a claim when the seeds agree. "not lower" asks for no clear drop, so only a drop beyond
+    The sign alone flips with seed noise (-0.0004 ± 0.0063 read "holds"); comparing the mean paired difference with
+    MARGIN_SE
+    of its standard errors only calls a claim when the seeds agree. "not lower" asks for no clear drop, so only a drop
+    beyond
     MARGIN_SE·se refutes it and there is no middle ground, except that one seed has no spread and settles nothing.
     """
     if expected not in ("higher", "lower", "not lower"):
@@ -268,7 +277,8 @@ def described_method(plan: Plan, name: str) -> str:
 
 
 def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
-    """The paper's claims, checked on this run's numbers: AKD with the early-stopped ensemble vs PGD-AT, paired by seed."""
+    """The paper's claims, checked on this run's numbers: AKD with the early-stopped ensemble vs PGD-AT, paired by
+    seed."""
     baseline, akd = baseline_and_akd(plan)
     if baseline is None or akd is None:
         return ["The plan has no PGD-AT baseline or no AKD-with-ensemble student: the claims are not checked."]
@@ -291,7 +301,8 @@ def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
 
 
 def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
-    """Every student against PGD-AT on each claim: mean paired difference ± its standard error, in points, and the verdict."""
+    """Every student against PGD-AT on each claim: mean paired difference ± its standard error, in points, and the
+    verdict."""
     baseline, _ = baseline_and_akd(plan)
     if baseline is None:
         return "The plan has no PGD-AT baseline."
@@ -320,7 +331,10 @@ def time_line(stage_times: dict[str, dict]) -> str:
         for stage, t in stage_times.items()
     ]
     total = sum(t["seconds"] for t in stage_times.values())
-    return f"- time: {', '.join(parts)}; total {total / 60:.1f} min (wall time per stage, summed over the invocations on this folder)"
+    return (
+        f"- time: {', '.join(parts)}; total {total / 60:.1f} min (wall time per stage, summed over the invocations "
+        "on this folder)"
+    )
 
 
 def service_line(service: dict) -> str:
@@ -356,7 +370,8 @@ def write_report(demo) -> str:
     header = [*_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
     if unfinished:
         header.append(
-            f"- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
+            "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go "
+            "on): "
             f"{', '.join(unfinished)}"
         )
     text = "\n".join(["# akd demo: results", "", *header, "", *_sections(layout, plan, students, teachers, service)])
@@ -394,7 +409,8 @@ def _sections(
         "",
         *claim_lines(plan, students),
         "",
-        "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired differences)",
+        "## The guidelines one at a time (each student vs PGD-AT, final epoch; Δ in points, mean ± se of the paired "
+        "differences)",
         "",
         guideline_table(plan, students),
         "",
@@ -442,8 +458,10 @@ def _overfitting_section(plan: Plan, students: dict[str, list[dict]], teachers: 
         gap = statistics.fmean(r["overfitting"]["gap"] for r in students[baseline])
         overfits = "robust-overfits" if gap >= OVERFITTING_POINTS else "does **not** robust-overfit"
         regime = (
-            f"PGD-AT's best-vs-final validation gap is {100 * gap:.2f} points (mean over seeds): this regime {overfits} "
-            f"(the threshold is {100 * OVERFITTING_POINTS:.0f} points, {OVERFITTING_WINDOW}-epoch averages at each end)."
+            f"PGD-AT's best-vs-final validation gap is {100 * gap:.2f} points (mean over seeds): this regime "
+            f"{overfits} "
+            f"(the threshold is {100 * OVERFITTING_POINTS:.0f} points, {OVERFITTING_WINDOW}-epoch averages at each "
+            "end)."
         )
     stops = ", ".join(f"{name} at epoch {t['best_epoch']}/{t['epochs']}" for name, t in teachers.items())
     return [

@@ -104,7 +104,8 @@ def check_export_archive(file: IO[bytes], name: str) -> None:
             if entry.filename.endswith(".json"):
                 if entry.file_size > MAX_JSON_BYTES:
                     raise UnsafeFile(
-                        f"{name}: {entry.filename} is {entry.file_size} bytes, more than an export's graph ({MAX_JSON_BYTES})"
+                        f"{name}: {entry.filename} is {entry.file_size} bytes, more than an export's graph "
+                        f"({MAX_JSON_BYTES})"
                     )
                 try:
                     document = json.loads(archive.read(entry))

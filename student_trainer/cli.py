@@ -101,7 +101,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _how_to_continue(out_dir: Path) -> str:
     if (Path(out_dir) / "last.pt").exists():
-        return f"akd train: the last finished epoch is saved; once the service is back, continue with: akd train --resume {out_dir}"
+        return (
+            "akd train: the last finished epoch is saved; once the service is back, continue with: akd train "
+            f"--resume {out_dir}"
+        )
     return "akd train: no epoch of this run is saved yet; once the service is up, run the same command again"
 
 

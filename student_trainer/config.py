@@ -152,7 +152,8 @@ class TrainConfig(StrictConfig):
 
     @property
     def val_attack(self) -> AttackConfig:
-        """The validation attack: [eval.attack]'s keys over the training attack's (a run trained at eps 0.3 validates at 0.3)."""
+        """The validation attack: [eval.attack]'s keys over the training attack's (a run trained at eps 0.3 validates at
+        0.3)."""
         chosen = self.eval.attack.model_dump(include=self.eval.attack.model_fields_set) if self.eval.attack else {}
         if "steps" in chosen and "step_size" not in chosen:
             chosen["step_size"] = None  # derived again for the validation's own number of steps

@@ -2,7 +2,8 @@
 
 Images stay uint8 (N, C, H, W) end to end: the teacher service hashes the exact bytes
 it receives, so uint8 inputs make its cache hit for clean and re-seeded augmented
-batches. `shared.codec.to_unit_float` converts at the model boundary, as the service does; normalisation lives in the model,
+batches. `shared.codec.to_unit_float` converts at the model boundary, as the service does; normalisation lives in the
+model,
 from the `mean`/`std` given here.
 
 Every split is fixed by the data alone (a numpy default_rng(0) permutation), never by a
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn")
 
 MNIST5K_TEST = 1000  # 100 per class
-# Images in each release's training (before the validation split) and test sets: for estimates made before anything loads.
+# Images in each release's training (before the validation split) and test sets: for estimates made before anything
+# loads.
 TRAIN_IMAGES = {"mnist5k": 4000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
 TEST_IMAGES = {"mnist5k": MNIST5K_TEST, "mnist": 10000, "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
 

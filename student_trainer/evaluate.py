@@ -213,7 +213,8 @@ def evaluate(
             curves["PGD"] = (probs_pgd, y)
         if "autoattack" in attacks:
             report(
-                f"autoattack {autoattack_version} on {len(x)} images ({', '.join(AUTOATTACK_VERSIONS[autoattack_version])})"
+                f"autoattack {autoattack_version} on {len(x)} images "
+                f"({', '.join(AUTOATTACK_VERSIONS[autoattack_version])})"
             )
             x_aa = autoattack_examples(
                 model, x, y, attack.norm, attack.eps, batch_size, device, seed, autoattack_version

@@ -63,8 +63,10 @@ def training_curves(
 def robust_overfitting_curves(
     runs: dict[str, list[list[dict]]], stops: dict[str, int], out_png: str | Path, key: str = "val_robust_acc"
 ) -> Path:
-    """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their range), with the
-    epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to it."""
+    """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their
+    range), with the
+    epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to
+    it."""
     import numpy as np
 
     fig, ax = subplots(figsize=(10, 6))

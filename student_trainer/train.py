@@ -172,7 +172,8 @@ class Trainer:
         log.info("resumed %s after epoch %d", self.out, self.state.epoch)
 
     def _restored_dynamics(self, path: Path) -> CorrectnessLog:
-        """The run's correctness log; one that cannot be read (damaged, or torn by an older akd) costs its history, not the run."""
+        """The run's correctness log; one that cannot be read (damaged, or torn by an older akd) costs its history, not
+        the run."""
         try:
             return CorrectnessLog.load(path)
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -240,7 +241,8 @@ class Trainer:
         return metrics
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, attack: PGD | None = None):
-        """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the update."""
+        """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the
+        update."""
         attack = attack or self.attack
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
             result = self.method(Step(self.model, x, y, attack, self.cfg, self.teacher, epoch, self.attack_gen))

@@ -401,7 +401,8 @@ def _local_folder(store: StoreLike) -> Path | None:
 
 
 def _lock_folder(folder: Path) -> int:
-    """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even on kill -9."""
+    """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even on kill
+    -9."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -471,7 +472,8 @@ class LogitCache:
                 where = "deleted (this store cannot keep a copy aside)"
             else:
                 raise RuntimeError(
-                    f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point cache_dir elsewhere"
+                    f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point "
+                    "cache_dir elsewhere"
                 ) from None
         log.warning(
             "cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one",
@@ -482,7 +484,8 @@ class LogitCache:
         return zarr.open_group(self.store, mode="a")
 
     def _inspect_namespaces(self) -> tuple[dict[str, _Header], set[str]]:
-        """Every namespace whose metadata passes; the rest are set aside. Entries without zarr.json are not ours: left alone."""
+        """Every namespace whose metadata passes; the rest are set aside. Entries without zarr.json are not ours: left
+        alone."""
         store = self._root.store
         headers, foreign = {}, set()
         for name in sorted(sync(_list_dir(store, ""))):
@@ -587,7 +590,8 @@ class LogitCache:
         return self._fresh(version, num_classes, rows)
 
     def _read_verified(self, version: str, header: _Header) -> tuple[_Rows, list[str]]:
-        """The committed rows that read back and match their checksums, and what was wrong with the others, per chunk."""
+        """The committed rows that read back and match their checksums, and what was wrong with the others, per
+        chunk."""
         n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
         rows = _Rows.empty(n, header.num_classes)
         readable = np.ones(n, bool)
@@ -609,7 +613,8 @@ class LogitCache:
                     except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
                         readable[first:last] = False
                         problems.append(
-                            f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}"
+                            f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: "
+                            f"{exc}"
                         )
         good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
         if good.all():

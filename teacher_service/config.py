@@ -58,7 +58,8 @@ class ServerConfig(StrictConfig):
     cache_flush_s: Positive = 10.0
     cache_durable: bool = Field(
         False,
-        description="fsync each chunk (and its folder) before committing it, and the commit after: survives power loss, costs write speed.",
+        description="fsync each chunk (and its folder) before committing it, and the commit after: survives power "
+        "loss, costs write speed.",
     )
     max_batch_rows: Count = 512
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
@@ -76,7 +77,8 @@ class ServerConfig(StrictConfig):
     )
     timeout_header_s: Positive = Field(
         10.0,
-        description="A connection must deliver a complete request head this soon after it opens or after its last response.",
+        description="A connection must deliver a complete request head this soon after it opens or after its last "
+        "response.",
     )
     timeout_body_s: Positive = Field(
         60.0,
@@ -97,7 +99,8 @@ class ServerConfig(StrictConfig):
     def _one_body_fits_in_flight(self) -> ServerConfig:
         if self.max_inflight_bytes < self.max_body_bytes:
             raise ValueError(
-                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_body_bytes ({self.max_body_bytes}):"
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}):"
                 " a body the service accepts must also fit in flight, or it would get 503 forever"
             )
         return self
@@ -141,7 +144,8 @@ def load_config(
 
 
 def _absolute_store(store: Any, base: Path) -> Any:
-    """A folder is made absolute; a `file://` URL becomes the folder it names (locked like any folder); other URLs pass."""
+    """A folder is made absolute; a `file://` URL becomes the folder it names (locked like any folder); other URLs
+    pass."""
     if not isinstance(store, str) or not store:
         return store
     if store.startswith("file:"):

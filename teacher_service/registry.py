@@ -87,7 +87,8 @@ def _load_member(
     if problem is not None:
         if mconf.robustbench is not None and not path.exists():
             raise ConfigError(
-                f"{where}: RobustBench weights for {mconf.robustbench!r} are not at {path}; nothing is downloaded, put the file there"
+                f"{where}: RobustBench weights for {mconf.robustbench!r} are not at {path}; nothing is downloaded, "
+                "put the file there"
             )
         raise ConfigError(f"{where}: weights file {path} {problem}")
     version = file_version(path)

@@ -195,7 +195,8 @@ def random_inputs(n: int, dtype=torch.float32, seed: int = 0, shape=MNIST_SHAPE)
     return torch.rand(n, *shape, generator=g).to(dtype)
 
 
-# --------------------------------------------------------------------------- raw sockets, for what an HTTP client will not do
+# --------------------------------------------------------------------------- raw sockets, for what an HTTP client will
+# not do
 # (a head sent in pieces, a body that stops halfway, a connection that sends nothing)
 
 
@@ -255,7 +256,8 @@ def raw_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def closed_by_peer(sock: socket.socket) -> bytes:
-    """Everything the server still sends, until it closes the connection (bounded by HANG_S); a reset counts as closed."""
+    """Everything the server still sends, until it closes the connection (bounded by HANG_S); a reset counts as
+    closed."""
     data = b""
     try:
         while chunk := sock.recv(65536):

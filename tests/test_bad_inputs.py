@@ -555,7 +555,8 @@ def test_token_guards_teachers_metrics_and_docs(token_client, path):
 
 
 def test_docs_page_carries_the_spec_and_redoc_is_gone(token_client):
-    """A browser sends no bearer token when the docs page fetches the spec, so the page holds it; /redoc is not served."""
+    """A browser sends no bearer token when the docs page fetches the spec, so the page holds it; /redoc is not
+    served."""
     html = token_client.get("/docs", headers={"Authorization": "Bearer s3cret"}).text
     assert "SwaggerUIBundle" in html and '"/soft-targets"' in html and "safetensors" in html
     assert token_client.get("/redoc").status_code == 404

@@ -93,8 +93,10 @@ def set_attr(path: Path, **attrs) -> None:
 
 
 CHUNK_0, CHUNK_1, TAIL, ALL = set(range(8)), set(range(8, 16)), set(range(16, 20)), set(range(ROWS))
-# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows, namespace set aside)
-# `lost` None: a bit flipped in compressed data either breaks the chunk's decoding or changes a value; the codec decides.
+# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows, namespace
+# set aside)
+# `lost` None: a bit flipped in compressed data either breaks the chunk's decoding or changes a value; the codec
+# decides.
 DAMAGE = {
     "bit flipped in a logits chunk's data": (lambda ns: flip_bit(ns / "logits/c/1/0", 0.6), None, None, True),
     "bit flipped in a logits chunk's header": (lambda ns: flip_bit(ns / "logits/c/1/0", 0.0), CHUNK_1, 8, True),
@@ -304,7 +306,8 @@ def write_root_metadata(store, data: bytes) -> None:
 
 @pytest.mark.parametrize("kind", ["zarr store object", "store URL"])
 def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp_path, caplog):
-    """No folder to move things into: a damaged namespace or root metadata is deleted and rebuilt, and the log says so."""
+    """No folder to move things into: a damaged namespace or root metadata is deleted and rebuilt, and the log says
+    so."""
     from zarr.storage import MemoryStore
 
     store = (

@@ -155,7 +155,8 @@ def test_the_image_lock_pins_every_dependency_within_the_project_ranges():
 
 
 def test_the_build_context_holds_every_package_the_akd_command_can_reach():
-    """.dockerignore is an allow-list: each package pyproject.toml installs must be on it (the image once lacked bench)."""
+    """.dockerignore is an allow-list: each package pyproject.toml installs must be on it (the image once lacked
+    bench)."""
     included = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     allowed = {line.strip("!/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     assert {pattern.rstrip("*") for pattern in included} <= allowed

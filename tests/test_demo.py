@@ -37,7 +37,8 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     out, done = quick_demo
     assert (
-        "| student | clean acc | PGD acc | AutoAttack acc | ECE | ECE on PGD | train time (min) | teacher rows served | "
+        "| student | clean acc | PGD acc | AutoAttack acc | ECE | ECE on PGD | train time (min) | teacher rows served "
+        "| "
         "cache hit rate |"
     ) in done.stdout
     results = json.loads((out / "results.json").read_text())
@@ -132,7 +133,8 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
     assert autoattacked == {"teachers": {"eval.json"}, "students": {"eval-final.json"}}  # where the claims look
     assert json.loads((out / "teachers" / "at-s10" / "eval.json").read_text())["attack"]["autoattack"]["n"] == 8
     assert (
-        "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final and "
+        "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final "
+        "and "
         "the teachers' early-stopped), all under linf eps 0.1, PGD-10 step size 0.025" in done.stdout
     )
     header = (
@@ -184,8 +186,8 @@ def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_d
     assert again.returncode == 0, again.stderr
     text = (copy / "RESULTS.md").read_text()
     assert (
-        "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): akd-single"
-        in text
+        "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go on): "
+        "akd-single" in text
     )
     assert "| akd-single |" not in text and "| akd-ensemble |" in text
     unfinished = (

@@ -172,7 +172,8 @@ def _trickle_head_until_closed(base: str) -> tuple[float, bytes]:
 
 
 def test_idle_and_trickling_heads_are_cut_off_while_good_clients_are_served(tmp_path, member):
-    """A request head must be complete a second after connecting, however its bytes trickle; good clients meanwhile are served."""
+    """A request head must be complete a second after connecting, however its bytes trickle; good clients meanwhile are
+    served."""
     with live_server(_config(tmp_path, member, timeout_header_s=1.0)) as (base, _):
         started = time.monotonic()
         idle = [raw_connect(base) for _ in range(5)]  # connect, send nothing
@@ -191,7 +192,8 @@ def test_idle_and_trickling_heads_are_cut_off_while_good_clients_are_served(tmp_
 
 
 def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, member):
-    """The body must be in a second after its head (408, close); after an answer, a silent connection closes a second later."""
+    """The body must be in a second after its head (408, close); after an answer, a silent connection closes a second
+    later."""
     # a head deadline longer than the test: whatever the machine's load, only the deadlines under test can fire
     config = _config(tmp_path, member, timeout_header_s=HANG_S, timeout_body_s=1.0, timeout_keep_alive_s=1.0)
     with live_server(config) as (base, _):

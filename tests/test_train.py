@@ -369,7 +369,8 @@ def test_akd_compare_puts_runs_side_by_side(teacher_run, tmp_path):
 
 
 def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resume(teacher_run, tmp_path):
-    """The same failure as an unreachable service at start-up: one message, rc 2, and the command that continues the run."""
+    """The same failure as an unreachable service at start-up: one message, rc 2, and the command that continues the
+    run."""
     from conftest import ServerProcess
 
     config = write_config(

@@ -194,7 +194,8 @@ def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full
 
 
 def test_stored_guard_code_is_never_compiled(tmp_path, honest_export):
-    """Guards are code `.module()` would `exec`; the loader builds the module without them, and it still answers right."""
+    """Guards are code `.module()` would `exec`; the loader builds the module without them, and it still answers
+    right."""
     marker = tmp_path / "ran"
 
     def guard(entries, prefix):
@@ -272,8 +273,9 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_robustbench_weights_with_pickled_code_are_refused(tmp_path, fake_robustbench, monkeypatch):  # noqa: F811
-    """robustbench calls plain `torch.load(path)`: the environment can make that a full unpickle, our loader cannot be."""
+def test_robustbench_weights_with_pickled_code_are_refused(tmp_path, fake_robustbench, monkeypatch):
+    """robustbench calls plain `torch.load(path)`: the environment can make that a full unpickle, our loader cannot
+    be."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "ran"
     weights = tmp_path / "models" / "mnist" / "Linf" / "Fake2024.pt"

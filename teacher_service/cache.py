@@ -401,8 +401,8 @@ def _local_folder(store: StoreLike) -> Path | None:
 
 
 def _lock_folder(folder: Path) -> int:
-    """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even on kill
-    -9."""
+    """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even
+    on kill -9."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -368,8 +368,8 @@ def run_demo(
     demo = Demo(plan, out, command)
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
     # SIGTERM (kill, docker stop) ends the demo the way Ctrl-C does: the running jobs and the service stop, and the
-    # stage's
-    # time and the service's counts are recorded; without this, Python dies at once and the jobs run on, orphaned.
+    # stage's time and the service's counts are recorded; without this, Python dies at once and the jobs run on,
+    # orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     @contextlib.contextmanager

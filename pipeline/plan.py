@@ -52,15 +52,14 @@ class Plan(StrictConfig):
     jobs: Count = 2
     threads_per_job: Count = 1
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
-    autoattack_version: Literal["standard", "apgd"] = (
-        "standard"  # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
-    )
+    # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
+    autoattack_version: Literal["standard", "apgd"] = "standard"
     eval_limit: Count | None = None
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
     eval_attack: AttackConfig | None = None
-    # The service's [server] settings beyond where it listens and caches, e.g. { autocast = "bf16", max_batch_rows =
-    # 1024 }.
+    # The service's [server] settings beyond where it listens and caches,
+    # e.g. { autocast = "bf16", max_batch_rows = 1024 }.
     service: dict = {}
     common: dict = {}
     teachers: Annotated[list[PlannedTeacher], Field(min_length=1)]

@@ -195,9 +195,8 @@ def random_inputs(n: int, dtype=torch.float32, seed: int = 0, shape=MNIST_SHAPE)
     return torch.rand(n, *shape, generator=g).to(dtype)
 
 
-# --------------------------------------------------------------------------- raw sockets, for what an HTTP client will
-# not do
-# (a head sent in pieces, a body that stops halfway, a connection that sends nothing)
+# --------------------------------------------------------------------------- raw sockets
+# for what an HTTP client will not do: a head sent in pieces, a body that stops halfway, a connection sending nothing
 
 
 def metric_series(text: str) -> dict[str, float]:

@@ -93,10 +93,9 @@ def set_attr(path: Path, **attrs) -> None:
 
 
 CHUNK_0, CHUNK_1, TAIL, ALL = set(range(8)), set(range(8, 16)), set(range(16, 20)), set(range(ROWS))
-# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows, namespace
-# set aside)
-# `lost` None: a bit flipped in compressed data either breaks the chunk's decoding or changes a value; the codec
-# decides.
+# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows,
+# namespace set aside). `lost` None: a bit flipped in compressed data either breaks the chunk's decoding or changes
+# a value; the codec decides.
 DAMAGE = {
     "bit flipped in a logits chunk's data": (lambda ns: flip_bit(ns / "logits/c/1/0", 0.6), None, None, True),
     "bit flipped in a logits chunk's header": (lambda ns: flip_bit(ns / "logits/c/1/0", 0.0), CHUNK_1, 8, True),

@@ -185,7 +185,8 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     try:
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(load, w, server.base) for w in range(4)]
-            wait_for_committed_rows(server.base, file_version(paths[0]), 48)  # several durable chunks, under load
+            for path in paths:  # several durable chunks of each member, under load (flushed one after the other)
+                wait_for_committed_rows(server.base, file_version(path), 48)
             server.kill9()
             stop.set()
             for job in jobs:

@@ -6,6 +6,7 @@ on what a network has learned, and nothing has to be trained or downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,6 +60,7 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log: Path
+    stop_timeout_s: float = 30.0  # for a clean shutdown, before the kill
 
     def pause(self) -> None:
         """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured
@@ -80,14 +82,18 @@ class ServerProcess:
             return None
 
     def stop(self) -> None:
+        """A clean shutdown first, then whatever of the group outlived its leader (LitServe's workers can) is
+        killed: a benchmark leaves no server process behind."""
         self.resume()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # both uvicorn and LitServe shut down cleanly on SIGINT
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
 
 
 def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], health_path: str) -> ServerProcess:

@@ -137,20 +137,30 @@ def merge(base: dict, top: dict) -> dict:
 
 def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | None = None) -> Plan:
     """A plan file, or the built-in plan `name`; `--set key=value` on top (e.g. common.data_dir=...,
-    common.epochs=1)."""
+    common.epochs=1). A file with `base = "NAME"` changes that built-in plan: its tables merge over the plan's, and its
+    lists (seeds, teachers, students) replace the plan's whole."""
     if path is None:
-        if name not in plans.NAMES:
-            raise ConfigError(
-                f"unknown plan {name!r}; built-in plans: {', '.join(plans.NAMES)} (or --config your-plan.toml)"
-            )
-        raw, source = tomllib.loads(plans.plan_text(name)), f"plan {name} (pipeline/plans/{name}.toml)"
-        _resolve_plan_paths(
-            raw, Path.cwd()
-        )  # a built-in plan's relative paths (cifar10's data_dir) mean the user's folder
+        raw, source = _built_in_plan(name), f"plan {name} (pipeline/plans/{name}.toml)"
     else:
         raw, source = read_toml(path), str(path)
         _resolve_plan_paths(raw, Path(path).resolve().parent)
+        base = raw.pop("base", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"{path}: `base` names a built-in plan ({', '.join(plans.NAMES)}), got {base!r}")
+            raw = merge(_built_in_plan(base, f"{path}: `base`"), raw)
     return validated(Plan, apply_sets(raw, sets or [], Path.cwd()), source)
+
+
+def _built_in_plan(name: str, where: str = "--plan") -> dict:
+    """A built-in plan's raw tables; its relative paths (cifar10's data_dir) mean the user's folder."""
+    if name not in plans.NAMES:
+        raise ConfigError(
+            f"{where}: unknown plan {name!r}; built-in plans: {', '.join(plans.NAMES)} (or --config your-plan.toml)"
+        )
+    raw = tomllib.loads(plans.plan_text(name))
+    _resolve_plan_paths(raw, Path.cwd())
+    return raw
 
 
 def _resolve_plan_paths(raw: dict, base: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,46 @@ def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
         refused = httpx.post(peer.url + PREDICT_PATH, json={"pixels": []}, timeout=HANG_S)
     finally:
         peer.stop()
+    assert _group_gone(peer.process.pid), "LitServe's workers outlived the benchmark"
     with live_server(config) as (base, _):
         ours = httpx.post(base + "/soft-targets", content=body, params={"teacher": "small_cnn"}, timeout=HANG_S)
     assert theirs.status_code == 200 and ours.status_code == 200
     torch.testing.assert_close(codec.decode(theirs.content)["probs"], codec.decode(ours.content)["probs"])
     assert refused.status_code == 422 and "inputs" in refused.text
+
+
+def test_stopping_a_server_that_ignores_sigint_leaves_none_of_its_processes(tmp_path):
+    """A server whose shutdown hangs is killed with every process of its group, workers included: a benchmark left
+    no peer behind even when LitServe's clean shutdown stalled on a busy machine."""
+    from bench.servers import ServerProcess
+
+    ignores_sigint = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print('up', flush=True); "
+        "time.sleep(600)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", ignores_sigint], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert process.stdout.readline() == "up\n"  # its worker has been started
+    ServerProcess("stubborn", "http://127.0.0.1:1", process, tmp_path / "log", stop_timeout_s=0.5).stop()
+    assert process.poll() is not None
+    assert _group_gone(process.pid), "the worker outlived its server"
+
+
+def _group_gone(pgid: int) -> bool:
+    """True once no live process (zombies aside) is left in process group `pgid`; False after HANG_S."""
+    deadline = time.monotonic() + HANG_S  # a hang guard only: a killed process leaves within milliseconds
+    while time.monotonic() < deadline:
+        if not any(_live_in_group(stat, pgid) for stat in Path("/proc").glob("[0-9]*/stat")):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _live_in_group(stat: Path, pgid: int) -> bool:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+    except OSError:
+        return False  # it exited while we looked
+    return fields[2] == str(pgid) and fields[0] not in "ZX"

@@ -309,3 +309,26 @@ def test_paths_in_a_plan_file_resolve_against_its_folder(tmp_path):
     cfg = load_plan(plan)
     assert cfg.common["data_dir"] == str(plan.parent / "data")
     assert cfg.teachers[0].overrides["data_dir"] == str(tmp_path / "elsewhere")
+
+
+def test_a_plan_file_can_change_a_built_in_plan_without_copying_it(tmp_path):
+    """`base = "overfit"`: the file's tables merge over the plan's, its lists replace the plan's whole (how
+    RESULTS.md's extra teacher sets were declared)."""
+    from pipeline.plan import load_plan
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        "base = 'overfit'\nseeds = [5]\ncommon = { epochs = 70 }\n"
+        "teachers = [{name = 'at-s20', seed = 20, arch = 'small_cnn'}]\n"
+        "students = [{name = 'pgd-at', method = 'at'}, {name = 'akd', method = 'akd', uses = 'ensemble'}]\n"
+    )
+    cfg, overfit = load_plan(plan), load_plan(None, "overfit")
+    assert cfg.seeds == [5] and [t.name for t in cfg.teachers] == ["at-s20"]
+    assert [s.name for s in cfg.students] == ["pgd-at", "akd"]
+    assert cfg.common["epochs"] == 70 and cfg.common["limit_train"] == overfit.common["limit_train"] == 500
+    assert cfg.eval_attack == overfit.eval_attack and cfg.autoattack_limit == overfit.autoattack_limit
+
+    plan.write_text("base = 'overfitt'\n")
+    done = akd("demo", "--config", str(plan), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "unknown plan 'overfitt'" in done.stderr and "overfit" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,7 @@
 
 Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defaults of
 their papers. A method gets one `Step` (the student, a clean batch, the threat model as a
-`PGD`, the `Teacher`, the run's config) and returns the loss to backpropagate plus what the
+`PGD`, the teacher's `SoftTargets`, the run's config) and returns the loss to backpropagate plus what the
 trainer logs. The formulas are public pure functions so each can be checked against a hand
 computation; the registry (`METHODS`) is where the config's list of method names comes from.
 
@@ -26,8 +26,9 @@ from student_trainer.attacks import PGD, attack_mode, ce_loss, kl_loss
 if TYPE_CHECKING:
     from student_trainer.config import TrainConfig
 
-Teacher = Callable[[torch.Tensor], torch.Tensor]
-"""x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service)."""
+SoftTargets = Callable[[torch.Tensor], torch.Tensor]
+"""x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service). A
+`teacher_client.Teacher` is one; the losses need nothing else of it."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Step:
     y: torch.Tensor
     attack: PGD
     cfg: TrainConfig
-    teacher: Teacher | None = None
+    teacher: SoftTargets | None = None
     epoch: int = 0  # 0-based
     generator: torch.Generator | None = None  # the attack's random starts
 
@@ -118,7 +119,7 @@ def _kl_attack(attack: PGD) -> PGD:
     return replace(attack, random_start=True, start="normal")
 
 
-def _teacher_on(teacher: Teacher | None, x: torch.Tensor) -> torch.Tensor:
+def _teacher_on(teacher: SoftTargets | None, x: torch.Tensor) -> torch.Tensor:
     """The teacher's probabilities on x, as constants on x's device."""
     if teacher is None:
         raise ValueError("this method needs a teacher; got teacher=None")
@@ -223,7 +224,7 @@ def _rslad(step: Step) -> StepResult:
 def _iad(step: Step) -> StepResult:
     """IAD-I: ARD's loss, plus from the warm-up epoch on alpha * mean_i (1 - a_i) KL(p(S(x_i)) || p(S(x'_i))).
 
-    a_i = P_T(y | x')^beta from the Teacher's (tempered) probabilities; the official
+    a_i = P_T(y | x')^beta from the teacher's (tempered) probabilities; the official
     code uses tau = 1 there, which is what the default tau gives. Before the warm-up
     the teacher is not called on x' (a_i is unused), saving its uncacheable request.
     """

@@ -57,6 +57,20 @@ class AttackConfig(StrictConfig):
 EVAL_ATTACK = AttackConfig(norm="linf", steps=10, random_start=True)
 
 
+class TeacherCache(StrictConfig):
+    """The service's cache mode for each kind of query. Fresh adversarial examples never repeat, so storing them
+    (the default before) only filled the cache with rows nobody reads and crowded out the clean rows ARD and RSLAD
+    hit from the second epoch on."""
+
+    clean: CacheMode = CacheMode.use
+    adversarial: CacheMode = CacheMode.bypass
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_mode_for_both(cls, value: Any) -> Any:
+        return {"clean": value, "adversarial": value} if isinstance(value, str | CacheMode) else value
+
+
 class TeacherRef(StrictConfig):
     """Where soft targets come from: a teacher service (url + name) or a local teacher config."""
 
@@ -66,7 +80,7 @@ class TeacherRef(StrictConfig):
     token: str | None = None
     timeout_s: Positive = 60.0
     give_up_after_s: Positive = 300.0  # how long the service may stay unreachable before the run fails
-    cache: CacheMode = CacheMode.use  # the service's cache: `bypass` skips storing inputs that never repeat
+    cache: TeacherCache = TeacherCache()  # one mode for both kinds of input: cache = "use"
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,12 @@ from student_trainer.attacks import PGD, attack_mode, ce_loss, kl_loss
 if TYPE_CHECKING:
     from student_trainer.config import TrainConfig
 
-SoftTargets = Callable[[torch.Tensor], torch.Tensor]
-"""x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service). A
-`teacher_client.Teacher` is one; the losses need nothing else of it."""
+
+class SoftTargets(Protocol):
+    """x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service). A
+    `teacher_client.Teacher` is one; the losses need nothing else of it."""
+
+    def __call__(self, x: torch.Tensor, *, adversarial: bool) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,12 @@ def _kl_attack(attack: PGD) -> PGD:
     return replace(attack, random_start=True, start="normal")
 
 
-def _teacher_on(teacher: SoftTargets | None, x: torch.Tensor) -> torch.Tensor:
+def _teacher_on(teacher: SoftTargets | None, x: torch.Tensor, adversarial: bool) -> torch.Tensor:
     """The teacher's probabilities on x, as constants on x's device."""
     if teacher is None:
         raise ValueError("this method needs a teacher; got teacher=None")
     with torch.no_grad():
-        probs = teacher(x.detach())
+        probs = teacher(x.detach(), adversarial=adversarial)
     if probs.dim() != 2 or len(probs) != len(x):
         raise ValueError(f"teacher returned shape {tuple(probs.shape)} for {len(x)} inputs; expected (B, K)")
     return probs.detach().to(x.device)
@@ -195,7 +198,7 @@ def _akd(step: Step) -> StepResult:
     logits_adv = step.model(x_adv)
     if step.cfg.alpha == 0:
         return _result(F.cross_entropy(logits_adv, step.y), logits_adv, x_adv)
-    q = mix_labels(_teacher_on(step.teacher, x_adv), step.y, step.cfg.alpha)
+    q = mix_labels(_teacher_on(step.teacher, x_adv, adversarial=True), step.y, step.cfg.alpha)
     return _result(soft_cross_entropy(logits_adv, q), logits_adv, x_adv)
 
 
@@ -204,7 +207,7 @@ def _ard(step: Step) -> StepResult:
     """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term."""
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
     loss, logits_adv, logits_clean = _ard_loss(
-        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg
+        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x, adversarial=False), step.cfg
     )
     return _result(loss, logits_adv, x_adv, logits_clean)
 
@@ -213,7 +216,7 @@ def _ard(step: Step) -> StepResult:
 def _rslad(step: Step) -> StepResult:
     """RSLAD with label mixing: P = alpha * p_T(x) + (1 - alpha) * onehot(y) (alpha = 1: plain RSLAD);
     x' maximises KL(P || p(S(x'))); loss 5/6 KL(P || p(S(x'))) + 1/6 KL(P || p(S(x))). tau = 1 on the student."""
-    target = mix_labels(_teacher_on(step.teacher, step.x), step.y, step.cfg.alpha)
+    target = mix_labels(_teacher_on(step.teacher, step.x, adversarial=False), step.y, step.cfg.alpha)
     x_adv = _kl_attack(step.attack).perturb(step.model, step.x, kl_loss(target), step.generator)
     logits_adv, logits_clean = step.model(x_adv), step.model(step.x)
     loss = 5 / 6 * kl_div(target, logits_adv) + 1 / 6 * kl_div(target, logits_clean)
@@ -230,10 +233,10 @@ def _iad(step: Step) -> StepResult:
     """
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
     loss, logits_adv, logits_clean = _ard_loss(
-        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x), step.cfg
+        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x, adversarial=False), step.cfg
     )
     if step.epoch >= step.cfg.iad_warmup_epochs:
-        trust = iad_trust(_teacher_on(step.teacher, x_adv), step.y, step.cfg.iad_beta)
+        trust = iad_trust(_teacher_on(step.teacher, x_adv, adversarial=True), step.y, step.cfg.iad_beta)
         loss = loss + step.cfg.alpha * iad_introspection(logits_clean, logits_adv, trust)
     return _result(loss, logits_adv, x_adv, logits_clean)
 

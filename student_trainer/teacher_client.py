@@ -31,8 +31,9 @@ class Teacher(Protocol):
     def info(self) -> TeacherInfo:
         """What the teacher is (classes, input shape, members); checked against the dataset before training."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft targets (B, K) for inputs x (B, C, H, W) in [0, 1], on x's device."""
+    def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
+        """Soft targets (B, K) for inputs x (B, C, H, W) in [0, 1], on x's device; `adversarial`: x was made by an
+        attack (it picks the service's cache mode)."""
 
     def close(self) -> None: ...
 
@@ -52,8 +53,9 @@ class RemoteTeacher:
     Retry-After) until `give_up_after_s` has passed since the first failure.
     Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical
     bytes from every job, which is what lets the service's cache hit across jobs.
-    `cache` is the service's cache mode for every request (`bypass` for inputs
-    that never repeat, such as fresh adversarial examples).
+    The service's cache mode depends on what is asked about: `clean_cache` for
+    clean inputs (which repeat every epoch), `adversarial_cache` for adversarial
+    ones (fresh every step, so `bypass` by default: storing them helps nobody).
     """
 
     def __init__(
@@ -65,11 +67,13 @@ class RemoteTeacher:
         timeout_s: float = 60.0,
         give_up_after_s: float = 300.0,
         max_backoff_s: float = 5.0,
-        cache: CacheMode = CacheMode.use,
+        clean_cache: CacheMode = CacheMode.use,
+        adversarial_cache: CacheMode = CacheMode.bypass,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.url, self.name, self.temperature, self.cache = url, name, temperature, CacheMode(cache)
+        self.url, self.name, self.temperature = url, name, temperature
+        self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
         self.rows_requested = 0
         self.cache_hits = 0
@@ -87,9 +91,9 @@ class RemoteTeacher:
             )
         return match[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
         body = codec.encode_inputs(codec.to_transport(x.detach().cpu()))
-        params = {"temperature": self.temperature, "outputs": "probs", "cache": self.cache.value}
+        params = {"temperature": self.temperature, "outputs": "probs", "cache": self.cache_modes[adversarial].value}
         if self.name:
             params["teacher"] = self.name
         response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, content=body)
@@ -153,7 +157,8 @@ class LocalTeacher:
     def info(self) -> TeacherInfo:
         return self._teacher.info()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
+        """`adversarial` only matters to a cache, which this has none of."""
         self.rows_requested += len(x)
         return self._teacher.probs(x, self.temperature).to(x.device)
 

@@ -41,7 +41,16 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
         return None
     t = cfg.teacher
     if t.url is not None:
-        teacher = RemoteTeacher(t.url, t.name, cfg.temperature, t.token, t.timeout_s, t.give_up_after_s, cache=t.cache)
+        teacher = RemoteTeacher(
+            t.url,
+            t.name,
+            cfg.temperature,
+            t.token,
+            t.timeout_s,
+            t.give_up_after_s,
+            clean_cache=t.cache.clean,
+            adversarial_cache=t.cache.adversarial,
+        )
     else:
         teacher = LocalTeacher(t.config, t.name, cfg.temperature, device)
     info = teacher.info()

@@ -94,10 +94,12 @@ class FakeTeacher:
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), K))
         self.calls: list[torch.Tensor] = []
+        self.adversarial: list[bool] = []  # what each call said its inputs were (it picks the service's cache mode)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, adversarial: bool) -> torch.Tensor:
         assert not x.requires_grad and float(x.min()) >= 0 and float(x.max()) <= 1
         self.calls.append(x.clone())
+        self.adversarial.append(adversarial)
         return softmax(self.net(x))
 
     def probs(self, x):
@@ -105,7 +107,7 @@ class FakeTeacher:
             return softmax(self.net(x))
 
 
-def refuse_teacher(x):
+def refuse_teacher(x, *, adversarial):
     raise AssertionError("the teacher must not be called")
 
 
@@ -165,7 +167,7 @@ def test_trades_always_starts_normal_even_when_the_attack_has_no_random_start():
 def test_akd_teacher_on_x_adv_with_label_mixing():
     teacher, cfg = FakeTeacher(), TrainConfig(alpha=0.7)
     r, model, x, y = run("akd", cfg, teacher)
-    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], r.x_adv)
+    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], r.x_adv) and teacher.adversarial == [True]
     q = 0.7 * teacher.probs(r.x_adv) + 0.3 * F.one_hot(y, K).float()
     torch.testing.assert_close(r.loss, -(q * F.log_softmax(model(r.x_adv), 1)).sum(1).mean())
 
@@ -182,7 +184,7 @@ def test_akd_with_alpha_zero_is_at_and_never_calls_the_teacher():
 def test_ard_teacher_on_clean_x():
     teacher, cfg = FakeTeacher(), TrainConfig(alpha=0.7, temperature=3.0)
     r, model, x, y = run("ard", cfg, teacher)
-    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x)
+    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x) and teacher.adversarial == [False]
     assert torch.equal(r.x_adv, ATTACK.perturb(model, x, ce_loss(y), torch.Generator().manual_seed(5)))
     expected = 0.7 * 9 * kl(teacher.probs(x), model(r.x_adv), tau=3.0) + 0.3 * F.cross_entropy(model(x), y)
     torch.testing.assert_close(r.loss, expected)
@@ -192,7 +194,7 @@ def test_ard_teacher_on_clean_x():
 def test_rslad_with_mixed_target(alpha):
     teacher = FakeTeacher()
     r, model, x, y = run("rslad", TrainConfig(alpha=alpha), teacher)
-    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x)
+    assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x) and teacher.adversarial == [False]
     target = alpha * teacher.probs(x) + (1 - alpha) * F.one_hot(y, K).float()
     expected_x = replace(ATTACK, start="normal").perturb(model, x, kl_loss(target), torch.Generator().manual_seed(5))
     assert torch.equal(r.x_adv, expected_x)
@@ -216,6 +218,7 @@ def test_iad_warmup_and_trust(epoch):
         expected = expected + 0.8 * ((1 - a) * per_sample).mean()
         assert len(teacher.calls) == 2
         assert torch.equal(teacher.calls[0], x) and torch.equal(teacher.calls[1], r.x_adv)
+        assert teacher.adversarial == [False, True]
     else:
         assert len(teacher.calls) == 1 and torch.equal(teacher.calls[0], x)
     torch.testing.assert_close(r.loss, expected)
@@ -282,7 +285,7 @@ def test_every_method_backprops_on_a_cnn(name):
     x, y = data(8)
     calls = []
 
-    def teacher(inputs):
+    def teacher(inputs, *, adversarial):
         calls.append(inputs)
         return softmax(teacher_net(inputs))
 
@@ -309,7 +312,9 @@ def test_small_cnn_student_with_a_teacher():
     model, teacher_net = build_model("small_cnn", 10, (1, 28, 28)).train(), build_model("small_cnn", 10, (1, 28, 28))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, 1, 28, 28, generator=g), torch.randint(0, 10, (2,), generator=g)
-    r = get_method("iad")(Step(model, x, y, replace(ATTACK, steps=1), TrainConfig(), lambda z: softmax(teacher_net(z))))
+    r = get_method("iad")(
+        Step(model, x, y, replace(ATTACK, steps=1), TrainConfig(), lambda z, adversarial: softmax(teacher_net(z)))
+    )
     r.loss.backward()
     assert torch.isfinite(r.loss) and r.logits_adv.shape == (2, 10)
     assert all(p.grad is not None for p in model.parameters())

@@ -66,7 +66,7 @@ def test_cache_bypass_neither_reads_nor_stores(ensemble_config):
     config, _ = ensemble_config
     x = random_inputs(4, dtype=torch.uint8).float() / 255
     with live_server(config) as (base, app):
-        bypass = RemoteTeacher(base, "ens", 1.0, cache="bypass")
+        bypass = RemoteTeacher(base, "ens", 1.0, clean_cache="bypass")
         first, second = bypass(x), bypass(x)
         assert bypass.cache_hits == 0
         assert sum(ns.rows for ns in app.state.service.cache.namespaces) == 0
@@ -74,6 +74,24 @@ def test_cache_bypass_neither_reads_nor_stores(ensemble_config):
         torch.testing.assert_close(using(x), first)
         torch.testing.assert_close(second, first)
         assert using.cache_hits == 0 and using(x) is not None and using.cache_hits == 4
+
+
+def test_adversarial_queries_bypass_the_cache_and_clean_ones_use_it_by_default(ensemble_config):
+    """AKD's fresh adversarial examples never repeat: storing them would fill the cache with rows nobody reads."""
+    config, _ = ensemble_config
+    x = random_inputs(4, dtype=torch.uint8).float() / 255
+    with live_server(config) as (base, app):
+        rows = lambda: sum(ns.rows for ns in app.state.service.cache.namespaces)  # noqa: E731
+        client = RemoteTeacher(base, "ens", 1.0)
+        adversarial = client(x, adversarial=True)
+        assert rows() == 0 and client.cache_hits == 0
+        torch.testing.assert_close(client(x), adversarial)  # same answer either way; now stored
+        stored = rows()
+        assert stored > 0 and client(x, adversarial=True) is not None and client.cache_hits == 0
+        assert rows() == stored
+        storing = RemoteTeacher(base, "ens", 1.0, adversarial_cache="use")  # the config can say otherwise
+        storing(x, adversarial=True)
+        assert storing.cache_hits == 4
 
 
 def test_client_rides_out_a_service_restart(tmp_path, ensemble_config):

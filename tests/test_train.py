@@ -7,11 +7,13 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
-from conftest import HANG_S, REPO, live_server, write_config
+from conftest import HANG_S, REPO, live_server, metric_series, write_config
 
 from shared.checkpoint import load_checkpoint
+from shared.configfile import ConfigError
 from student_trainer.config import load_train_config
 from student_trainer.train import Trainer, train
 
@@ -69,6 +71,19 @@ def test_akd_student_learns_against_a_live_service(served_teacher, tmp_path):
     assert metrics[-1]["val_clean_acc"] > 5 * CHANCE and metrics[-1]["val_robust_acc"] > 2.5 * CHANCE, metrics[-1]
     assert [m["teacher_rows"] for m in metrics] == [800, 800]  # one query per adversarial row
     assert metrics[-1]["teacher_cache_hits"] == 0  # adversarial rows are new every step
+    assert cached_rows(base) == 0  # so they bypass the cache (teacher.cache.adversarial = "bypass")
+
+
+def test_a_config_can_store_adversarial_rows_and_one_string_sets_both_modes(served_teacher, tmp_path):
+    base, _ = served_teacher
+    akd = [*QUICK, "epochs=1", f"out_dir={tmp_path / 'akd'}", "method=akd", "alpha=0.5", f"teacher.url={base}"]
+    cfg = load_train_config(sets=[*akd, 'teacher.cache="use"'])
+    assert (cfg.teacher.cache.clean, cfg.teacher.cache.adversarial) == ("use", "use")
+    before = cached_rows(base)
+    train(cfg)
+    assert cached_rows(base) == before + 800
+    with pytest.raises(ConfigError, match="adversarial"):
+        load_train_config(sets=[*QUICK, f"teacher.url={base}", 'teacher.cache.adversarial="keep"'])
 
 
 def test_ard_queries_clean_inputs_that_hit_the_cache_from_the_second_epoch(served_teacher, tmp_path):
@@ -522,3 +537,9 @@ def test_validation_attack_takes_its_own_keys_and_the_training_attacks_for_the_r
     assert (
         load_train_config(sets=["attack.eps=0.3"]).val_attack == load_train_config(sets=["attack.eps=0.3"]).train_attack
     )
+
+
+def cached_rows(base: str) -> float:
+    """Rows the service's cache holds, over every member."""
+    text = httpx.get(base + "/metrics", timeout=HANG_S).text
+    return sum(value for series, value in metric_series(text).items() if series.startswith("akd_cache_rows"))

@@ -231,10 +231,9 @@ def verdict(diffs: list[float], expected: str) -> str:
     """Holds / does not hold / inconclusive from paired per-seed differences, not from the sign of the mean.
 
     The sign alone flips with seed noise (-0.0004 ± 0.0063 read "holds"); comparing the mean paired difference with
-    MARGIN_SE
-    of its standard errors only calls a claim when the seeds agree. "not lower" asks for no clear drop, so only a drop
-    beyond
-    MARGIN_SE·se refutes it and there is no middle ground, except that one seed has no spread and settles nothing.
+    MARGIN_SE of its standard errors only calls a claim when the seeds agree. "not lower" asks for no clear drop, so
+    only a drop beyond MARGIN_SE·se refutes it and there is no middle ground, except that one seed has no spread and
+    settles nothing.
     """
     if expected not in ("higher", "lower", "not lower"):
         raise ValueError(f"expected must be higher, lower or not lower, got {expected!r}")

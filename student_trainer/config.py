@@ -74,7 +74,8 @@ class TeacherCache(StrictConfig):
 class TeacherRef(StrictConfig):
     """Where soft targets come from: a teacher service (url + name) or a local teacher config."""
 
-    url: str | None = None
+    # One service, or several replicas of it: requests are spread over them and fail over when one refuses or is full.
+    url: str | Annotated[list[str], Field(min_length=1)] | None = None
     name: str | None = None
     config: Path | None = None  # a teacher-service TOML, run in-process (no service)
     token: str | None = None
@@ -88,7 +89,14 @@ class TeacherRef(StrictConfig):
             raise ValueError(
                 "the teacher needs exactly one of `url` (a teacher service) or `config` (a local teacher TOML)"
             )
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"teacher.url: expected http:// or https:// addresses, got {url!r}")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
 
 
 class EvalConfig(StrictConfig):

@@ -49,8 +49,13 @@ class TeacherRequestError(RuntimeError):
 class RemoteTeacher:
     """POST /soft-targets with connection reuse, timeouts, and retries that ride out a service restart.
 
-    Connection errors and 503s are retried with exponential backoff (honouring
-    Retry-After) until `give_up_after_s` has passed since the first failure.
+    `url` is one service or a list of its replicas (behind no load balancer, or
+    several): calls go to them in turn, and a call that a replica refuses
+    (connection error or 503) goes to the next one at once. Each call's soft
+    targets are exactly one replica's answer, so a lost replica costs no step and
+    repeats none. When every replica has failed in a row, the round is retried
+    with exponential backoff (honouring Retry-After) until `give_up_after_s` has
+    passed since the first failure.
     Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical
     bytes from every job, which is what lets the service's cache hit across jobs.
     The service's cache mode depends on what is asked about: `clean_cache` for
@@ -60,7 +65,7 @@ class RemoteTeacher:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         name: str | None,
         temperature: float,
         token: str | None = None,
@@ -71,23 +76,45 @@ class RemoteTeacher:
         adversarial_cache: CacheMode = CacheMode.bypass,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.url, self.name, self.temperature = url, name, temperature
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("RemoteTeacher needs at least one url")
+        self._replicas = [httpx.Client(base_url=u.rstrip("/"), headers=headers, timeout=timeout_s) for u in urls]
+        self._next_replica = 0
+        self._down: set[str] = set()  # replicas whose last answer was a refusal: logged once, not on every call
+        self.url, self.name, self.temperature = ", ".join(urls), name, temperature
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
         self.rows_requested = 0
         self.cache_hits = 0
 
     def info(self) -> TeacherInfo:
-        """The served teacher's description; also the start-up check that the service is there."""
-        response = self._send("GET", protocol.TEACHERS_PATH)
+        """The served teacher's description; also the start-up check that the service is there, and that every
+        replica reachable now serves the same teacher (same members, versions, weights and temperature): soft targets
+        must not depend on which replica answered."""
+        teacher = self._teacher_in(self._send("GET", protocol.TEACHERS_PATH))
+        for replica in self._replicas:
+            try:
+                other = self._teacher_in(self._checked(replica.get(protocol.TEACHERS_PATH)))
+            except (httpx.TransportError, TeacherRequestError) as exc:
+                log.warning("teacher replica %s not checked at start: %s", replica.base_url, exc)
+                continue
+            if other != teacher:
+                raise TeacherRequestError(
+                    f"teacher replicas differ: {replica.base_url} serves {other.name!r} with members "
+                    f"{[m.version for m in other.members]}, another {[m.version for m in teacher.members]}; "
+                    "every url in teacher.url must serve the same teacher config"
+                )
+        return teacher
+
+    def _teacher_in(self, response: httpx.Response) -> TeacherInfo:
         teachers = TeachersResponse.model_validate(response.json()).teachers
         if self.name is None and len(teachers) == 1:
             self.name = teachers[0].name
         match = [t for t in teachers if t.name == self.name]
         if not match:
             raise TeacherRequestError(
-                f"{self.url} serves {[t.name for t in teachers]}, not {self.name!r}: set teacher.name"
+                f"{response.url} serves {[t.name for t in teachers]}, not {self.name!r}: set teacher.name"
             )
         return match[0]
 
@@ -104,13 +131,20 @@ class RemoteTeacher:
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         first_failure, backoff = None, 0.1
         while True:
-            try:
-                response = self._client.request(method, path, **kwargs)
-                if response.status_code != 503:
-                    return self._checked(response)
-                problem, wait = "503 (queue full)", float(response.headers.get("Retry-After", backoff))
-            except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
-                problem, wait = f"{type(exc).__name__}: {exc}", backoff
+            problem, waits = None, []
+            for replica in self._round():
+                try:
+                    response = replica.request(method, path, **kwargs)
+                    if response.status_code != 503:
+                        self._mark(replica, None)
+                        return self._checked(response)
+                    problem = "503 (queue full)"
+                    waits.append(_retry_after(response, backoff))
+                except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
+                    problem = f"{type(exc).__name__}: {exc}"
+                    waits.append(backoff)
+                self._mark(replica, problem)
+            wait = min(waits)
             first_failure = first_failure or time.monotonic()
             waited = time.monotonic() - first_failure
             if waited > self.give_up_after_s:
@@ -121,6 +155,20 @@ class RemoteTeacher:
             log.warning("teacher service %s: %s; retrying in %.1fs", self.url, problem, wait)
             time.sleep(min(wait, self.max_backoff_s))
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _round(self) -> list[httpx.Client]:
+        """Every replica once, starting with the next in turn: calls spread over the replicas."""
+        start, self._next_replica = self._next_replica, (self._next_replica + 1) % len(self._replicas)
+        return self._replicas[start:] + self._replicas[:start]
+
+    def _mark(self, replica: httpx.Client, problem: str | None) -> None:
+        url = str(replica.base_url)
+        if problem is None and url in self._down:
+            self._down.discard(url)
+            log.info("teacher replica %s answers again", url)
+        elif problem is not None and url not in self._down and len(self._replicas) > 1:
+            self._down.add(url)
+            log.warning("teacher replica %s: %s; using the others", url, problem)
 
     @staticmethod
     def _checked(response: httpx.Response) -> httpx.Response:
@@ -134,7 +182,8 @@ class RemoteTeacher:
         raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}")
 
     def close(self) -> None:
-        self._client.close()
+        for replica in self._replicas:
+            replica.close()
 
 
 class LocalTeacher:
@@ -164,3 +213,11 @@ class LocalTeacher:
 
     def close(self) -> None:
         pass
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    """The 503's Retry-After in seconds, or `default` when it is missing or not a number of seconds."""
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", default)))
+    except ValueError:
+        return default

@@ -42,7 +42,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
     t = cfg.teacher
     if t.url is not None:
         teacher = RemoteTeacher(
-            t.url,
+            t.urls,
             t.name,
             cfg.temperature,
             t.token,

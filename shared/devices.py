@@ -10,14 +10,17 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str, setting: str = "device") -> torch.device:
-    """'auto' is the GPU when torch sees one, else the CPU; 'cuda' without one is a ConfigError naming `setting`
-    (the config key or flag the user wrote), rather than a failure at the first tensor moved."""
-    if name not in DEVICES:
-        raise ConfigError(f"{setting} = {name!r}: expected one of {', '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+    """'auto' is the GPU when torch sees one, else the CPU; 'cuda' (or 'cuda:N') without that GPU is a ConfigError
+    naming `setting` (the config key or flag the user wrote), rather than a failure at the first tensor moved."""
+    kind, _, index = name.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{setting} = {name!r}: expected one of {', '.join(DEVICES)} (or cuda:N for GPU N)")
+    if kind == "auto":
+        kind = name = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"{setting} = 'cuda', but torch {torch.__version__} sees no CUDA GPU here; set {setting} = 'cpu' or 'auto'"
+            f"{setting} = {name!r}, but torch {torch.__version__} sees no CUDA GPU here; set {setting} = 'cpu' or 'auto'"
         )
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{setting} = {name!r}, but torch sees {torch.cuda.device_count()} GPUs here (cuda:0 ...)")
     return torch.device(name)

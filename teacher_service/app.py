@@ -33,15 +33,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.batchers = {
             name: Batcher(
                 name,
-                runner.run,
-                service.executor,
+                service.devices,
                 service.metrics,
                 server.max_batch_rows,
                 server.max_wait_ms,
                 server.max_queue_rows,
                 coalesce=server.batching,
             )
-            for name, runner in service.runners.items()
+            for name in service.teachers
         }
         for b in service.batchers.values():
             b.start()
@@ -55,9 +54,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for b in service.batchers.values():
                 await b.close()
             if service.cache:
-                await asyncio.get_running_loop().run_in_executor(service.executor, service.cache.close)
+                await asyncio.get_running_loop().run_in_executor(service.cache_executor, service.cache.close)
                 log.info("cache flushed")
-            service.executor.shutdown(wait=True)
+            service.shutdown()
 
     app = FastAPI(
         title="AKD teacher service",

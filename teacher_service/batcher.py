@@ -4,10 +4,13 @@ A batch closes when it holds `max_batch_rows`, when `max_wait_ms` has passed sin
 its first rows arrived, or as soon as no other request is on its way in (being
 received or decoded): waiting for requests nobody is sending only adds latency,
 while requests that arrive during a forward pass queue up and fill the next
-batch anyway. Requests larger than a batch are split into slices. The
-forward pass runs on the inference thread, so the event loop keeps accepting
-requests (and filling the next batch) while a batch computes. The queue is
-bounded in rows: past the bound, `QueueFull` (the app answers 503).
+batch anyway. A batch forms only once a device is idle (the `DevicePool`,
+shared by every teacher's batcher), so with one device batches run one after
+the other, and with several each idle device takes the next batch. Requests
+larger than a batch are split into slices. The forward pass runs on the
+device's worker thread, so the event loop keeps accepting requests (and filling
+the next batch) while a batch computes. The queue is bounded in rows: past the
+bound, `QueueFull` (the app answers 503).
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from teacher_service.service import DevicePool, DeviceWorker
 
 
 class QueueFull(Exception):
@@ -43,8 +49,7 @@ class Batcher:
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[list[Rows]], list[RowsResult]],
-        executor: Executor,
+        devices: DevicePool,
         metrics: Metrics,
         max_batch_rows: int,
         max_wait_ms: float,
@@ -52,7 +57,7 @@ class Batcher:
         coalesce: bool = True,
     ):
         self.name = name
-        self._run_batch, self._executor, self._metrics = run_batch, executor, metrics
+        self._devices, self._metrics = devices, metrics
         self.max_batch_rows, self.max_wait_s, self.max_queue_rows = max_batch_rows, max_wait_ms / 1000, max_queue_rows
         self.coalesce = coalesce
         self._queue: deque[_Pending] = deque()
@@ -60,6 +65,7 @@ class Batcher:
         self._arriving = 0  # requests being received or decoded, not yet submitted
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # batches on their devices
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
@@ -68,6 +74,7 @@ class Batcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)  # let running batches end on their devices
         for pending in self._queue:
             pending.future.cancel()
 
@@ -97,13 +104,20 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._form_batch()
-            await self._run(batch)
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            worker = await self._devices.acquire()  # rows first, then a device: an idle device is never held waiting
+            try:
+                batch = await self._form_batch()
+            except BaseException:
+                self._devices.release(worker)
+                raise
+            task = asyncio.get_running_loop().create_task(self._run(batch, worker))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _form_batch(self) -> list[_Pending]:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
         batch = [self._queue.popleft()]
         rows = len(batch[0].rows.keys)
         deadline = time.perf_counter() + self.max_wait_s
@@ -127,7 +141,13 @@ class Batcher:
         self._metrics.queue_rows(self.name, self._queued_rows)
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending], worker: DeviceWorker) -> None:
+        try:
+            await self._run_on(batch, worker)
+        finally:
+            self._devices.release(worker)
+
+    async def _run_on(self, batch: list[_Pending], worker: DeviceWorker) -> None:
         started = time.perf_counter()
         live = [p for p in batch if not p.future.done()]  # a client that went away cancels its future
         if not live:
@@ -135,9 +155,7 @@ class Batcher:
         for p in live:
             self._metrics.queue_wait(self.name, started - p.enqueued)
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, [p.rows for p in live]
-            )
+            results = await worker.run(self.name, [p.rows for p in live])
         except Exception as exc:  # a failing batch fails its requests, never the loop
             for p in live:
                 if not p.future.done():

@@ -91,6 +91,11 @@ class ServerConfig(StrictConfig):
         None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="Several devices, each with its own copy of the teachers and its own inference worker (e.g. "
+        '["cuda:0", "cuda:1"], or ["cpu", "cpu"]); a formed batch goes to an idle one. Replaces `device`.',
+    )
     autocast: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     log_level: str = "info"

@@ -1,15 +1,18 @@
 """One formed batch through a teacher: cache lookups, forward passes for misses, inserts.
 
-Runs on the single inference thread, which therefore owns every cache mutation and
-does all of the service's parallel tensor work (one OpenMP thread team per process).
-Each member runs only on the rows it misses; a batch whose rows all hit costs
-no forward pass.
+A batch goes through three steps: `lookup` (cache reads), `compute` (the forward
+passes for the misses, on the runner's device) and `finish` (cache inserts, the
+answer). `lookup` and `finish` run on the one thread that owns every cache mutation;
+`compute` runs on the device's own worker thread. With one device both threads are
+the same inference thread (`run` does all three), which then does all of the
+service's parallel tensor work (one OpenMP thread team per process). Each member runs
+only on the rows it misses; a batch whose rows all hit costs no forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +41,19 @@ class RowsResult:
     cache_hits: int  # rows for which every member came from the cache
 
 
+@dataclass
+class BatchWork:
+    """A formed batch between its three steps."""
+
+    batch: list[Rows]
+    keys: list[bytes]
+    readable: np.ndarray  # rows that may be answered from the cache (mode use)
+    writable: np.ndarray  # rows the cache may store (mode use or refresh)
+    out: torch.Tensor | None = None  # (M, n, K): hits after lookup, every row after compute
+    all_hit: np.ndarray | None = None  # rows for which every member came from the cache
+    misses: list[np.ndarray] = field(default_factory=list)  # per member, the row positions it computes
+
+
 class TeacherRunner:
     def __init__(
         self,
@@ -62,35 +78,56 @@ class TeacherRunner:
                 m.model.to(memory_format=torch.channels_last)
 
     def run(self, batch: list[Rows]) -> list[RowsResult]:
-        x = torch.cat([to_unit_float(r.inputs) for r in batch])  # here: all of the service's tensor work on one thread
+        """All three steps on the calling thread: the one-device service, which has a single inference thread."""
+        return self.finish(self.compute(self.lookup(batch)))
+
+    def lookup(self, batch: list[Rows]) -> BatchWork:
+        """Cache reads: each member's hits copied into the answer, its misses listed (on the cache's thread)."""
         keys = [k for r in batch for k in r.keys]
         modes = np.concatenate([np.full(len(r.keys), r.cache.value) for r in batch])
-        readable, writable = modes == CacheMode.use.value, modes != CacheMode.bypass.value
-        out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
-        all_hit = np.ones(len(keys), dtype=bool)
+        readable = modes == CacheMode.use.value
+        work = BatchWork(batch, keys, readable, modes != CacheMode.bypass.value)
+        work.out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
+        work.all_hit = np.ones(len(keys), dtype=bool)
         for m, (member, cache) in enumerate(zip(self.teacher.members, self.caches)):
-            hit = self._fill_member(out[m], member, cache, x, keys, readable, writable)
-            all_hit &= hit
-        return self._split(batch, out, all_hit)
+            positions = cache.lookup(keys) if cache else np.full(len(keys), -1)
+            hit = (positions >= 0) & readable
+            if hit.any():
+                work.out[m][torch.from_numpy(hit)] = torch.from_numpy(cache.take(positions[hit]))
+            work.misses.append(np.flatnonzero(~hit))
+            work.all_hit &= hit
+            self.metrics.cache_lookups(member.version, hits=int(hit.sum()), misses=len(work.misses[m]))
+        return work
 
-    def _fill_member(self, out, member: Member, cache, x, keys, readable, writable) -> np.ndarray:
-        positions = cache.lookup(keys) if cache else np.full(len(keys), -1)
-        hit = (positions >= 0) & readable
-        if hit.any():
-            out[torch.from_numpy(hit)] = torch.from_numpy(cache.take(positions[hit]))
-        miss = np.flatnonzero(~hit)
-        self.metrics.cache_lookups(member.version, hits=int(hit.sum()), misses=len(miss))
-        if len(miss):
-            logits = self.forward(member, x[torch.from_numpy(miss)])
-            out[torch.from_numpy(miss)] = logits
-            if cache:
-                self._store(cache, [keys[i] for i in miss], logits.numpy(), writable[miss])
-        return hit
+    def compute(self, work: BatchWork) -> BatchWork:
+        """Forward passes for the misses (on this runner's device's thread): no cache access here."""
+        if not any(len(miss) for miss in work.misses):
+            return work
+        x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
+        for m, (member, miss) in enumerate(zip(self.teacher.members, work.misses)):
+            if len(miss):
+                work.out[m][torch.from_numpy(miss)] = self.forward(member, x[torch.from_numpy(miss)])
+        return work
+
+    def finish(self, work: BatchWork) -> list[RowsResult]:
+        """Cache inserts for the computed rows (on the cache's thread), then each request's part of the answer."""
+        for m, cache in enumerate(self.caches):
+            miss = work.misses[m]
+            if cache and len(miss):
+                rows = work.out[m][torch.from_numpy(miss)].numpy()
+                self._store(cache, [work.keys[i] for i in miss], rows, work.readable[miss], work.writable[miss])
+        return self._split(work.batch, work.out, work.all_hit)
 
     @staticmethod
-    def _store(cache: MemberCache, keys: list[bytes], logits: np.ndarray, writable: np.ndarray) -> None:
-        first = {}  # one stored row per distinct key in this batch
-        for i, (key, ok) in enumerate(zip(keys, writable)):
+    def _store(
+        cache: MemberCache, keys: list[bytes], logits: np.ndarray, readable: np.ndarray, writable: np.ndarray
+    ) -> None:
+        """One stored row per distinct key. A `use` row stored since the lookup (by a batch that computed on another
+        device meanwhile) is not stored again: the cache appends, so it would only waste a row. `refresh` rows are
+        stored anew (newest wins)."""
+        stored_since = (cache.lookup(keys) >= 0) & readable
+        first = {}
+        for i, (key, ok) in enumerate(zip(keys, writable & ~stored_since)):
             if ok and key not in first:
                 first[key] = i
         if first:

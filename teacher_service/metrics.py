@@ -19,6 +19,9 @@ class Metrics:
             "akd_requests", "Soft-target requests by teacher and HTTP status.", ["teacher", "status"], registry=r
         )
         self.rows = Counter("akd_rows", "Input rows answered.", ["teacher"], registry=r)
+        self.device_batches = Counter(
+            "akd_device_batches", "Batches run by each device worker (index:device).", ["worker"], registry=r
+        )
         self.batch_rows = Histogram(
             "akd_batch_rows", "Rows per formed batch.", ["teacher"], buckets=_ROW_BUCKETS, registry=r
         )

@@ -1,5 +1,6 @@
-"""The running service's state: its teachers and their runners, the cache, the metrics, the inference thread, and the
-bound on request bytes held at once. Built once per app (`build_service`), shared by every request.
+"""The running service's state: its teachers and their runners on each device, the cache and the one thread that owns
+it, the metrics, and the bound on request bytes held at once. Built once per app (`build_service`), shared by every
+request.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from fastapi import Request
 
 from shared.devices import resolve_device
@@ -16,7 +18,7 @@ from teacher_service.batcher import Batcher
 from teacher_service.cache import LogitCache
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import ServiceError
-from teacher_service.inference import TeacherRunner
+from teacher_service.inference import Rows, RowsResult, TeacherRunner
 from teacher_service.metrics import Metrics
 from teacher_service.registry import Teacher, load_teachers
 
@@ -67,17 +69,76 @@ class Held:
         self.budget._metrics.inflight_bytes.set(self.budget.used)
 
 
+class DeviceWorker:
+    """One device: its own copy of the teachers (a runner each) and its own thread for their forward passes.
+
+    The cache has one owner whatever the number of devices: every lookup and insert runs on `cache_executor`.
+    With one device that is the worker's own thread, so a batch runs start to end on it as one task; with several,
+    a batch's cache steps go to the shared cache thread and only its forward passes to the device's thread.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        device: torch.device,
+        runners: dict[str, TeacherRunner],
+        cache_executor: ThreadPoolExecutor | None,
+        metrics: Metrics,
+    ):
+        self.label, self.device, self.runners = label, device, runners
+        self._batches = metrics.device_batches.labels(label)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"akd-inference-{device}")
+        self.cache_executor = cache_executor or self.executor
+
+    async def run(self, teacher: str, batch: list[Rows]) -> list[RowsResult]:
+        loop, runner = asyncio.get_running_loop(), self.runners[teacher]
+        self._batches.inc()
+        if self.cache_executor is self.executor:
+            return await loop.run_in_executor(self.executor, runner.run, batch)
+        work = await loop.run_in_executor(self.cache_executor, runner.lookup, batch)
+        work = await loop.run_in_executor(self.executor, runner.compute, work)
+        return await loop.run_in_executor(self.cache_executor, runner.finish, work)
+
+
+class DevicePool:
+    """The idle devices, shared by every teacher's batcher: a batch waits for one, then has it to itself."""
+
+    def __init__(self, workers: list[DeviceWorker]):
+        self.workers = workers
+        self._idle: asyncio.Queue[DeviceWorker] | None = None
+
+    async def acquire(self) -> DeviceWorker:
+        if self._idle is None:  # made on the event loop that uses it
+            self._idle = asyncio.Queue()
+            for worker in self.workers:
+                self._idle.put_nowait(worker)
+        return await self._idle.get()
+
+    def release(self, worker: DeviceWorker) -> None:
+        self._idle.put_nowait(worker)
+
+
 @dataclass
 class Service:
     config: ServiceConfig
     teachers: dict[str, Teacher]
-    runners: dict[str, TeacherRunner]
     cache: LogitCache | None
     metrics: Metrics
-    executor: ThreadPoolExecutor
+    devices: DevicePool
+    cache_executor: ThreadPoolExecutor  # the one thread that touches the cache's state
     device: str
     inflight: InflightBytes
     batchers: dict[str, Batcher] | None = None
+
+    @property
+    def runners(self) -> dict[str, TeacherRunner]:
+        """The first device's runners: the in-process reference path, and how tests reach a teacher's runner."""
+        return self.devices.workers[0].runners
+
+    def shutdown(self) -> None:
+        for worker in self.devices.workers:
+            worker.executor.shutdown(wait=True)
+        self.cache_executor.shutdown(wait=True)
 
     def teacher(self, name: str | None) -> Teacher:
         if name is None:
@@ -106,32 +167,44 @@ class Service:
 
 
 def build_service(config: ServiceConfig) -> Service:
-    device = resolve_device(config.server.device, "server.device")
-    teachers = load_teachers(config, device)
     server = config.server
+    names = server.devices or [server.device]
+    setting = "server.devices" if server.devices else "server.device"
+    devices = [resolve_device(name, setting) for name in names]
     cache = (
         LogitCache(server.cache_dir, server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable)
         if server.cache_dir
         else None
     )
     metrics = Metrics()
-    runners = {
-        name: TeacherRunner(t, cache, device, metrics, server.autocast, server.channels_last)
-        for name, t in teachers.items()
-    }
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-inference")
+    shared_cache_thread = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-cache") if len(devices) > 1 else None
+    )
+    workers = [
+        DeviceWorker(f"{i}:{device}", device, _runners(config, device, cache, metrics), shared_cache_thread, metrics)
+        for i, device in enumerate(devices)
+    ]
     service = Service(
         config,
-        teachers,
-        runners,
+        {name: runner.teacher for name, runner in workers[0].runners.items()},
         cache,
         metrics,
-        executor,
-        str(device),
+        DevicePool(workers),
+        workers[0].cache_executor,
+        ", ".join(str(d) for d in devices),
         InflightBytes(server.max_inflight_bytes, metrics),
     )
     metrics.on_collect(lambda: _refresh_cache_gauges(service))
     return service
+
+
+def _runners(config: ServiceConfig, device: torch.device, cache: LogitCache | None, metrics: Metrics):
+    """The teachers loaded onto `device`, each with its runner."""
+    server = config.server
+    return {
+        name: TeacherRunner(teacher, cache, device, metrics, server.autocast, server.channels_last)
+        for name, teacher in load_teachers(config, device).items()
+    }
 
 
 def _refresh_cache_gauges(service: Service) -> None:
@@ -154,5 +227,5 @@ async def flush_periodically(service: Service, every_s: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(every_s)
-        # submitted from the inference thread, which owns the cache's in-memory state
-        await loop.run_in_executor(service.executor, lambda: [ns.flush() for ns in service.cache.namespaces])
+        # submitted from the cache's thread, which owns its in-memory state
+        await loop.run_in_executor(service.cache_executor, lambda: [ns.flush() for ns in service.cache.namespaces])

@@ -14,6 +14,7 @@ import torch
 from teacher_service.batcher import Batcher, QueueFull
 from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import Metrics
+from teacher_service.service import DevicePool
 
 
 def rows(n: int, start: int = 0) -> Rows:
@@ -36,6 +37,20 @@ class Recorder:
         return [RowsResult(r.inputs.view(1, -1, 1).expand(1, -1, 2).clone(), cache_hits=0) for r in batch]
 
 
+class RecordingDevice:
+    """A stand-in device worker: the recorder on its own thread, as a DeviceWorker runs a teacher's batch."""
+
+    def __init__(self, recorder: Recorder, executor: ThreadPoolExecutor):
+        self.recorder, self.executor = recorder, executor
+
+    async def run(self, teacher: str, batch: list[Rows]) -> list[RowsResult]:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.recorder, batch)
+
+
+def one_device(recorder: Recorder, executor: ThreadPoolExecutor) -> DevicePool:
+    return DevicePool([RecordingDevice(recorder, executor)])
+
+
 def ids(result: RowsResult) -> list[int]:
     return result.member_logits[0, :, 0].int().tolist()
 
@@ -44,7 +59,7 @@ async def serve(recorder: Recorder, requests: list[Rows], **limits) -> list:
     """Queue every request, then let the batcher run until each is answered (or failed)."""
     options = {"max_batch_rows": 64, "max_wait_ms": 1000.0, "max_queue_rows": 1024, **limits}
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher("t", recorder, executor, Metrics(), **options)
+        batcher = Batcher("t", one_device(recorder, executor), Metrics(), **options)
         answers = [batcher.enqueue(r) for r in requests]  # all queued before the batcher's loop first runs
         batcher.start()
         try:
@@ -83,7 +98,7 @@ def test_without_coalescing_each_request_is_its_own_batch():
 def test_the_queue_is_bounded_in_rows_and_what_it_holds_is_still_served():
     async def scenario():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher("t", Recorder(), executor, Metrics(), 64, 1000.0, max_queue_rows=5)
+            batcher = Batcher("t", one_device(Recorder(), executor), Metrics(), 64, 1000.0, max_queue_rows=5)
             first = batcher.enqueue(rows(4))
             with pytest.raises(QueueFull) as refused:
                 batcher.enqueue(rows(2, 100))
@@ -103,7 +118,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_serves_the_next():
 
     async def scenario():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher("t", recorder, executor, Metrics(), 64, 1000.0, 1024)
+            batcher = Batcher("t", one_device(recorder, executor), Metrics(), 64, 1000.0, 1024)
             batcher.start()
             try:
                 failed = await asyncio.gather(batcher.enqueue(rows(2)), return_exceptions=True)

@@ -51,8 +51,8 @@ def run(ctx: Context) -> Section:
     url = ctx.service().url
     for name in spec.teachers:
         shape = ctx.teacher(name).input_shape
-        hits = RemoteTeacher(url, name, temperature=1.0, cache=CacheMode.use)
-        recompute = RemoteTeacher(url, name, temperature=1.0, cache=CacheMode.bypass)
+        hits = RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.use)
+        recompute = RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass)
         try:
             for batch in spec.batches:
                 ctx.progress(f"cache: {name} batch {batch}")

@@ -47,7 +47,7 @@ def run(ctx: Context) -> Section:
     url = ctx.service().url
     for name in spec.teachers:
         shape = ctx.teacher(name).input_shape
-        remote = RemoteTeacher(url, name, temperature=1.0, cache=CacheMode.bypass)
+        remote = RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass)
         local = LocalTeacher(ctx.service_config, name, temperature=1.0, device=ctx.device)
         try:
             for batch in spec.batches:

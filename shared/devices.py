@@ -19,7 +19,8 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
         kind = name = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"{setting} = {name!r}, but torch {torch.__version__} sees no CUDA GPU here; set {setting} = 'cpu' or 'auto'"
+            f"{setting} = {name!r}, but torch {torch.__version__} sees no CUDA GPU here; "
+            f"set {setting} = 'cpu' or 'auto'"
         )
     if index and int(index) >= torch.cuda.device_count():
         raise ConfigError(f"{setting} = {name!r}, but torch sees {torch.cuda.device_count()} GPUs here (cuda:0 ...)")

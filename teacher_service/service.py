@@ -130,11 +130,6 @@ class Service:
     inflight: InflightBytes
     batchers: dict[str, Batcher] | None = None
 
-    @property
-    def runners(self) -> dict[str, TeacherRunner]:
-        """The first device's runners: the in-process reference path, and how tests reach a teacher's runner."""
-        return self.devices.workers[0].runners
-
     def shutdown(self) -> None:
         for worker in self.devices.workers:
             worker.executor.shutdown(wait=True)

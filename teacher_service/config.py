@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
@@ -94,11 +94,18 @@ class ServerConfig(StrictConfig):
     devices: Annotated[list[str], Field(min_length=1)] | None = Field(
         None,
         description="Several devices, each with its own copy of the teachers and its own inference worker (e.g. "
-        '["cuda:0", "cuda:1"], or ["cpu", "cpu"]); a formed batch goes to an idle one. Replaces `device`.',
+        '["cuda:0", "cuda:1"], or ["cpu", "cpu"]; AKD_DEVICES=cuda:0,cuda:1); a formed batch goes to an idle one. '
+        "Replaces `device`.",
     )
     autocast: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     log_level: str = "info"
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """AKD_DEVICES=cuda:0,cuda:1 (an environment variable is a string)."""
+        return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_body_fits_in_flight(self) -> ServerConfig:

@@ -114,3 +114,8 @@ def test_a_batcher_keeps_every_idle_device_busy():
     results, batches = asyncio.run(serve())
     assert [r.member_logits[0, :, 0].tolist() for r in results] == [[i, i] for i in range(4)]
     assert batches == [2, 2]
+
+
+def test_devices_from_the_environment_are_a_comma_list(tmp_path, mnist_members):
+    config, _ = two_devices(tmp_path, mnist_members)
+    assert load_config(config, environ={"AKD_DEVICES": "cpu, cpu, cpu"}).server.devices == ["cpu", "cpu", "cpu"]

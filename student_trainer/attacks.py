@@ -35,11 +35,28 @@ def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_sample.view(-1, *([1] * (like.dim() - 1)))
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """A generator for one rank's rows [start, stop) of a global batch of `total` rows: noise is drawn for all of
+    them and sliced, so each rank gets exactly the noise the single-process run gives those rows, and every rank's
+    generator stays in step."""
+
+    generator: torch.Generator
+    start: int
+    stop: int
+    total: int
+
+
 def _cpu_noise(
-    kind: str, shape: torch.Size | tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+    kind: str, shape: torch.Size | tuple[int, ...], like: torch.Tensor, generator: torch.Generator | RowShard | None
 ) -> torch.Tensor:
     """Noise drawn on the CPU from `generator`, then moved: the same seed gives the same start on any device."""
     draw = torch.rand if kind == "uniform" else torch.randn
+    if isinstance(generator, RowShard):
+        if shape[0] != generator.stop - generator.start:
+            raise ValueError(f"noise for {shape[0]} rows asked of a shard of {generator.stop - generator.start}")
+        full = draw((generator.total, *shape[1:]), generator=generator.generator, dtype=like.dtype)
+        return full[generator.start : generator.stop].to(like.device)
     return draw(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 

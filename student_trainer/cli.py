@@ -93,9 +93,11 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     finally:
         trainer.close()
-    print(
-        f"done: {cfg.out_dir} (best validation robust accuracy {state.best_val_robust:.4f} at epoch {state.best_epoch})"
-    )
+    if trainer.world.is_main:
+        print(
+            f"done: {cfg.out_dir} (best validation robust accuracy {state.best_val_robust:.4f} at epoch "
+            f"{state.best_epoch})"
+        )
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Everything random draws from two generators seeded by the run's seed (data order
 and augmentation; attack starts), and both are saved in `last.pt`, so a resumed
-run continues exactly where it stopped.
+run continues exactly where it stopped. Under torchrun each rank trains its share of
+every global batch and DDP averages the gradients (student_trainer/distributed.py);
+rank 0 validates and writes the run's files.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.codec import to_unit_float
 from shared.devices import resolve_device
 from shared.models import build_model
-from student_trainer.attacks import PGD, perturbation_norms
+from student_trainer.attacks import PGD, RowShard, perturbation_norms
 from student_trainer.config import TrainConfig
 from student_trainer.data import Dataset, iterate_batches, load_dataset
+from student_trainer.distributed import World
 from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import Step, get_method
@@ -86,12 +89,17 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.device)
+        self.world = World.from_env()
+        self.device = self.world.device(resolve_device(cfg.device))
+        self.world.start(self.device)
+        if not self.world.is_main:
+            logging.getLogger("akd").setLevel(logging.WARNING)  # one rank reports progress
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
         self.model = build_model(
             cfg.arch, self.data.num_classes, self.data.input_shape, self.data.mean, self.data.std
         ).to(self.device)
+        self.trained = self._parallel(self.model)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -107,6 +115,25 @@ class Trainer:
         self.attack_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.state = RunState()
         self.dynamics = CorrectnessLog(len(self.data.train)) if cfg.track_dynamics else None
+        self._check_batches_fill_the_world()
+
+    def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the steps train: DDP over the ranks under torchrun, the model itself otherwise."""
+        if not self.world.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _check_batches_fill_the_world(self) -> None:
+        last = len(self.data.train) % self.cfg.batch_size
+        if self.world.distributed and (self.cfg.batch_size < self.world.size or 0 < last < self.world.size):
+            raise ValueError(
+                f"{self.world.size} ranks need at least {self.world.size} rows in every batch; batch_size "
+                f"{self.cfg.batch_size} over {len(self.data.train)} training images leaves "
+                f"{last or self.cfg.batch_size} in one: change batch_size or limit_train"
+            )
 
     def _initialise_from(self, path: Path) -> None:
         """Weights from another run's checkpoint (a warm start); the optimiser, schedule and RNGs start fresh."""
@@ -155,6 +182,8 @@ class Trainer:
         )
 
     def _save(self, metrics: dict) -> None:
+        if not self.world.is_main:
+            return
         epoch = self.state.epoch
         if epoch % self.cfg.save_every == 0 or epoch == self.cfg.epochs:
             save_checkpoint(self.out / f"epoch_{epoch:03d}.pt", self._checkpoint(metrics, resumable=False))
@@ -193,9 +222,10 @@ class Trainer:
 
     def fit(self, stop_after: int | None = None) -> RunState:
         """Train until `stop_after` epochs are done (default: all), as an interruption would leave it."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
-        self._rewrite_metrics()
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
+            self._rewrite_metrics()
         progress = Progress(
             total_epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch, start_epoch=self.state.epoch
         )
@@ -203,28 +233,32 @@ class Trainer:
             metrics = self._epoch(self.state.epoch, progress)
             self.state.epoch += 1
             self.state.history.append(metrics)
-            with open(self.out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            if self.world.is_main:
+                with open(self.out / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             self._save(metrics)
             progress.epoch_done(metrics)
         progress.close()
-        self._pictures()
+        if self.world.is_main:
+            self._pictures()
         return self.state
 
     def _epoch(self, epoch: int, progress: Progress) -> dict:
         started = time.perf_counter()
         teacher_rows, teacher_hits = self._teacher_counts()
         totals = {"loss": 0.0, "clean": 0, "adv": 0, "perturbation": 0.0, "n": 0}
+        records = []  # (indices, clean correct, adversarial correct) per batch, for the training dynamics
         self.model.train()
         batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
         for step_in_epoch, (indices, xb, yb) in enumerate(batches):
-            x, y = to_unit_float(xb).to(self.device), yb.to(self.device)
+            mine = self.world.rows(len(yb))  # this rank's share of the global batch (all of it on one process)
+            indices, x, y = indices[mine], to_unit_float(xb[mine]).to(self.device), yb[mine].to(self.device)
             attack = self.attack.scaled(self.radius_fraction(epoch, step_in_epoch))
-            result = self.step(x, y, epoch, attack)
+            result = self.step(x, y, epoch, attack, rows=(mine, len(yb)))
             correct_clean = self._clean_correct(result, x, y)
             correct_adv = result.logits_adv.argmax(1) == y
             if self.dynamics is not None:
-                self.dynamics.record(epoch, indices, correct_clean.cpu(), correct_adv.cpu())
+                records.append((indices, correct_clean.cpu(), correct_adv.cpu()))
             n = len(y)
             totals["loss"] += float(result.loss.detach()) * n
             totals["clean"] += int(correct_clean.sum())
@@ -232,7 +266,11 @@ class Trainer:
             totals["perturbation"] += float(perturbation_norms(result.x_adv, x, attack.norm).sum())
             totals["n"] += n
             progress.step(loss=totals["loss"] / totals["n"], adv_acc=totals["adv"] / totals["n"])
+        self._record_dynamics(epoch, records)
         rows, hits = self._teacher_counts()
+        keys = list(totals)
+        summed = self.world.sum([totals[k] for k in keys] + [rows - teacher_rows, hits - teacher_hits], self.device)
+        totals = dict(zip(keys, summed))
         metrics = {
             "epoch": epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -242,21 +280,34 @@ class Trainer:
             "train_adv_acc": totals["adv"] / totals["n"],
             # the mean distance the attack moved a training input: near train_eps when it reaches the ball's surface
             "train_perturbation": totals["perturbation"] / totals["n"],
-            "teacher_rows": rows - teacher_rows,
-            "teacher_cache_hits": hits - teacher_hits,
+            "teacher_rows": int(summed[-2]),
+            "teacher_cache_hits": int(summed[-1]),
+            "world_size": self.world.size,
         }
         metrics.update(self._validate(epoch + 1, progress))
         metrics["epoch_time_s"] = time.perf_counter() - started
         return metrics
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, attack: PGD | None = None):
+    def step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epoch: int,
+        attack: PGD | None = None,
+        rows: tuple[slice, int] | None = None,
+    ):
         """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the
-        update."""
+        update. `rows`: which rows of a global batch of how many x is, under torchrun."""
         attack = attack or self.attack
+        generator, weight = self.attack_gen, 1.0
+        if rows is not None and self.world.distributed:
+            mine, total = rows
+            generator = RowShard(self.attack_gen, mine.start, mine.stop, total)
+            weight = len(y) * self.world.size / total  # DDP averages over ranks: this makes it the batch's mean
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
-            result = self.method(Step(self.model, x, y, attack, self.cfg, self.teacher, epoch, self.attack_gen))
+            result = self.method(Step(self.trained, x, y, attack, self.cfg, self.teacher, epoch, generator))
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        (result.loss * weight if weight != 1.0 else result.loss).backward()
         self.optimizer.step()
         self.scheduler.step()
         return result
@@ -273,7 +324,7 @@ class Trainer:
         return correct
 
     def _validate(self, epoch: int, progress: Progress) -> dict:
-        if epoch % self.cfg.eval.every != 0 and epoch != self.cfg.epochs:
+        if not self.world.is_main or (epoch % self.cfg.eval.every != 0 and epoch != self.cfg.epochs):
             return {"val_clean_acc": None, "val_robust_acc": None}
         progress.note("validating")
         val = self.data.val
@@ -312,9 +363,19 @@ class Trainer:
 
         training_curves(self.out / METRICS_FILE, self.out / "curves.png", labels=[self.cfg.method])
 
+    def _record_dynamics(self, epoch: int, records: list) -> None:
+        """Every rank's rows into rank 0's correctness log."""
+        if self.dynamics is None:
+            return
+        for rank_records in self.world.gather(records):
+            for indices, clean, adv in rank_records:
+                self.dynamics.record(epoch, indices, clean, adv)
+
     def close(self) -> None:
         if self.teacher is not None:
             self.teacher.close()
+        self.world.barrier()  # rank 0 may still be writing the last epoch's files
+        self.world.stop()
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> RunState:

@@ -77,7 +77,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) of the server and its worker processes so far; None off Linux."""
         try:
-            return sum(_process_cpu(pid) for pid in _process_tree(self.process.pid))
+            return sum(_process_cpu(pid) for pid in process_tree(self.process.pid))
         except OSError:
             return None
 
@@ -151,13 +151,21 @@ def litserve_peer(
     return start(name, command, log_dir, {}, health_path="/health")
 
 
-def _process_tree(pid: int) -> list[int]:
-    pids, i = [pid], 0
-    while i < len(pids):
-        for task in os.listdir(f"/proc/{pids[i]}/task"):
-            pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{task}/children").read_text().split()]
-        i += 1
-    return pids
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it, from /proc's parent links (a process that exits meanwhile is
+    skipped)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
 
 
 def _process_cpu(pid: int) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from conftest import HANG_S, REPO, live_server, mnist_teacher, write_config
 
+from bench.servers import process_tree
 from shared.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -105,19 +106,3 @@ def test_a_batch_too_small_to_share_is_refused_before_training(tmp_path):
     assert run.returncode != 0
     assert "2 ranks need at least 2 rows in every batch" in log and "leaves 1 in one" in log
     assert not (tmp_path / "r" / "last.pt").exists()
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every process descended from it, from /proc's parent links."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree

@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # The demo's pipeline under docker compose, with an end: build the image, bring the services up, wait for
-# `report`, print every stage's exit code, and exit non-zero when any stage failed. The teacher service
-# stays up for more students (`docker compose down` stops it). Results: runs/compose/ (RESULTS.md, pictures).
+# `report`, print every stage's exit code, and exit non-zero when any stage failed. The teacher service and its
+# balancer stay up for more students (`docker compose down` stops them). Results: runs/compose/ (RESULTS.md, pictures).
 #
-#   scripts/compose_demo.sh                      # the full plan
-#   AKD_DEMO_QUICK=1 scripts/compose_demo.sh     # the quick plan
+#   scripts/compose_demo.sh                           # the full plan
+#   AKD_DEMO_QUICK=1 scripts/compose_demo.sh          # the quick plan
+#   AKD_TEACHER_REPLICAS=2 scripts/compose_demo.sh    # two teacher replicas behind the balancer
 #
 # Read from the environment: TORCH (the image's torch; see the Dockerfile), AKD_IMAGE (default akd:latest),
-# AKD_HOST_PORT (the service's port on this host, default 8000), COMPOSE_PROJECT_NAME (default akd).
+# AKD_TEACHER_REPLICAS (default 1), AKD_NGINX_IMAGE (the balancer's, default nginx:1.28),
+# AKD_HOST_PORT (the balancer's port on this host, default 8000), COMPOSE_PROJECT_NAME (default akd).
 # Works with compose v2 (`docker compose`) and v1 (`docker-compose`, what Debian ships).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-akd} AKD_IMAGE=${AKD_IMAGE:-akd:latest}
-STAGES=(teachers teacher trainer-seed0 trainer-seed1 report)
+REPLICAS=${AKD_TEACHER_REPLICAS:-1}
+STAGES=(teachers teacher balancer trainer-seed0 trainer-seed1 report)
+LONG_LIVED=" teacher balancer "
 
 compose() {
   if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
 }
 
-container() {  # a service's container, running or exited, by compose's own labels (the same in v1 and v2)
+containers() {  # a service's containers (replicas), running or exited, by compose's own labels (v1 and v2 alike)
   docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
-    --filter "label=com.docker.compose.service=$1" | head -n 1
+    --filter "label=com.docker.compose.service=$1"
 }
 
 started=$SECONDS
@@ -29,28 +33,30 @@ mkdir -p runs/compose  # made by this user, not by the engine as root
 # One-shot stages left from an earlier run would report that run's exit codes for a stage this run never reaches.
 compose rm -f -s teachers trainer-seed0 trainer-seed1 report >/dev/null 2>&1 || true
 # `up -d` starts each stage once its dependencies are done (or healthy); a failed stage stops it early.
-compose up -d --no-build || echo "compose up stopped early: a stage failed (exit codes below)"
-report=$(container report)
+compose up -d --no-build --scale "teacher=$REPLICAS" || echo "compose up stopped early: a stage failed (exit codes below)"
+report=$(containers report | head -n 1)
 if [ -n "$report" ]; then docker wait "$report" >/dev/null; fi
 
 failed=0
 for stage in "${STAGES[@]}"; do
-  id=$(container "$stage")
-  if [ -z "$id" ]; then
+  ids=$(containers "$stage")
+  if [ -z "$ids" ]; then
     echo "$stage: never started"; failed=1; continue
   fi
-  state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")
-  if [ "$stage" = teacher ]; then
-    echo "teacher: $state (the long-lived service)"
-    [ "${state%% *}" = running ] || { failed=1; docker logs --tail 20 "$id"; }
-  else
-    echo "$stage: ${state}"
-    [ "$state" = "exited 0" ] || { failed=1; docker logs --tail 20 "$id"; }
-  fi
+  for id in $ids; do
+    state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")
+    if [[ "$LONG_LIVED" == *" $stage "* ]]; then
+      echo "$stage: $state (long-lived)"
+      [ "${state%% *}" = running ] || { failed=1; docker logs --tail 20 "$id"; }
+    else
+      echo "$stage: ${state}"
+      [ "$state" = "exited 0" ] || { failed=1; docker logs --tail 20 "$id"; }
+    fi
+  done
 done
 echo "pipeline took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 if [ "$failed" != 0 ]; then
   echo "FAILED: a stage did not finish (its log's end is above; all: docker logs <container>)" >&2
   exit 1
 fi
-echo "results: runs/compose/RESULTS.md; the teacher service still answers on port ${AKD_HOST_PORT:-8000} (stop: docker compose down)"
+echo "results: runs/compose/RESULTS.md; the teacher service ($REPLICAS replica(s) behind the balancer) still answers on port ${AKD_HOST_PORT:-8000} (stop: docker compose down)"

@@ -23,6 +23,9 @@ INPUT_DTYPES = ("uint8", "float16", "float32")
 HEADER_CACHE_HITS = "X-Cache-Hits"
 HEADER_TEACHER_VERSIONS = "X-Teacher-Versions"
 HEADER_TEACHER = "X-Teacher"
+# Set by clients on queries whose rows the cache keeps; a load balancer in front of replicas routes one value to
+# one replica (deploy/nginx.conf hashes it), so those rows are cached once and hit. The service ignores it.
+HEADER_AFFINITY = "X-AKD-Affinity"
 
 
 class Output(str, Enum):

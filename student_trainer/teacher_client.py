@@ -46,12 +46,20 @@ class TeacherRequestError(RuntimeError):
     """The service refused a request (a 4xx): retrying would not help."""
 
 
+# Answers that say "not now" rather than "no": the call goes to the next replica, then is retried with backoff.
+PASSING_TROUBLE = {
+    502: "bad gateway: a load balancer found no live replica",
+    503: "queue full, or shutting down",
+    504: "gateway timeout: a load balancer's replica did not answer in time",
+}
+
+
 class RemoteTeacher:
     """POST /soft-targets with connection reuse, timeouts, and retries that ride out a service restart.
 
     `url` is one service or a list of its replicas (behind no load balancer, or
     several): calls go to them in turn, and a call that a replica refuses
-    (connection error or 503) goes to the next one at once. Each call's soft
+    (connection error, 503, or a load balancer's 502/504) goes to the next one at once. Each call's soft
     targets are exactly one replica's answer, so a lost replica costs no step and
     repeats none. When every replica has failed in a row, the round is retried
     with exponential backoff (honouring Retry-After) until `give_up_after_s` has
@@ -123,7 +131,10 @@ class RemoteTeacher:
         params = {"temperature": self.temperature, "outputs": "probs", "cache": self.cache_modes[adversarial].value}
         if self.name:
             params["teacher"] = self.name
-        response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, content=body)
+        headers = {}
+        if self.cache_modes[adversarial] is not CacheMode.bypass:  # rows worth caching: one replica behind a balancer
+            headers[protocol.HEADER_AFFINITY] = self.name or "default"
+        response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, headers=headers, content=body)
         self.rows_requested += len(x)
         self.cache_hits += int(response.headers.get(protocol.HEADER_CACHE_HITS, 0))
         return codec.decode(response.content)["probs"].to(x.device)
@@ -135,10 +146,10 @@ class RemoteTeacher:
             for replica in self._round():
                 try:
                     response = replica.request(method, path, **kwargs)
-                    if response.status_code != 503:
+                    if response.status_code not in PASSING_TROUBLE:
                         self._mark(replica, None)
                         return self._checked(response)
-                    problem = "503 (queue full)"
+                    problem = f"{response.status_code} ({PASSING_TROUBLE[response.status_code]})"
                     waits.append(_retry_after(response, backoff))
                 except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
                     problem = f"{type(exc).__name__}: {exc}"

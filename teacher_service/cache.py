@@ -415,6 +415,26 @@ def _lock_folder(folder: Path) -> int:
     return fd
 
 
+def claim_slot(parent: Path, slots: int, max_bytes: int, chunk_rows: int = 1024, durable: bool = False) -> LogitCache:
+    """The cache of the first `replica-<i>` folder under `parent` that no running replica holds.
+
+    Replicas of one config (a scaled compose service) cannot each be given a cache_dir, and must not share one
+    (one writer per store): each claims a folder with the same kernel lock a single store takes, so the rule
+    stands, and a replica restarted after a crash takes a free folder back, rows and all.
+    """
+    for slot in range(slots):
+        try:
+            cache = LogitCache(Path(parent) / f"replica-{slot}", max_bytes, chunk_rows, durable)
+        except StoreLocked:
+            continue
+        log.info("cache: this replica claimed %s (slot %d of %d)", cache._folder, slot, slots)
+        return cache
+    raise StoreLocked(
+        f"all {slots} cache folders replica-0..replica-{slots - 1} in {parent} are held by running replicas: "
+        f"raise cache_slots to at least the number of replicas"
+    )
+
+
 def _remove_torn_writes(folder: Path) -> None:
     """zarr's local store writes `<key>.<uuid>.partial` then renames it; a kill -9 can leave one behind."""
     for leftover in folder.rglob("*.partial"):

@@ -53,7 +53,13 @@ class ServerConfig(StrictConfig):
     cache_dir: str | None = Field(
         None, description="zarr store (a folder or a zarr store URL); none disables the cache."
     )
-    cache_max_bytes: Annotated[int, Field(ge=0)] = 2 << 30
+    cache_slots: Count | None = Field(
+        None,
+        description="Replicas started from one config (a scaled compose service) share cache_dir, a local folder: "
+        "each claims the first `replica-<i>` folder in it (i < cache_slots) that no running replica holds, so each "
+        "keeps one writer, and a restarted replica takes a free folder back with its rows.",
+    )
+    cache_max_bytes: Annotated[int, Field(ge=0)] = Field(2 << 30, description="Per replica (each has its own folder).")
     cache_chunk_rows: Count = 1024
     cache_flush_s: Positive = 10.0
     cache_durable: bool = Field(
@@ -106,6 +112,15 @@ class ServerConfig(StrictConfig):
     def _comma_list(cls, value: Any) -> Any:
         """AKD_DEVICES=cuda:0,cuda:1 (an environment variable is a string)."""
         return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _slots_need_a_folder(self) -> ServerConfig:
+        if self.cache_slots is not None and (self.cache_dir is None or "://" in self.cache_dir):
+            raise ValueError(
+                f"cache_slots needs cache_dir to be a local folder (replicas claim folders in it with a lock), "
+                f"got cache_dir={self.cache_dir!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_body_fits_in_flight(self) -> ServerConfig:

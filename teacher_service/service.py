@@ -9,14 +9,15 @@ import asyncio
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import Request
 
 from shared.devices import resolve_device
 from teacher_service.batcher import Batcher
-from teacher_service.cache import LogitCache
-from teacher_service.config import ServiceConfig
+from teacher_service.cache import LogitCache, claim_slot
+from teacher_service.config import ServerConfig, ServiceConfig
 from teacher_service.errors import ServiceError
 from teacher_service.inference import Rows, RowsResult, TeacherRunner
 from teacher_service.metrics import Metrics
@@ -166,11 +167,7 @@ def build_service(config: ServiceConfig) -> Service:
     names = server.devices or [server.device]
     setting = "server.devices" if server.devices else "server.device"
     devices = [resolve_device(name, setting) for name in names]
-    cache = (
-        LogitCache(server.cache_dir, server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable)
-        if server.cache_dir
-        else None
-    )
+    cache = _open_cache(server)
     metrics = Metrics()
     shared_cache_thread = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-cache") if len(devices) > 1 else None
@@ -191,6 +188,15 @@ def build_service(config: ServiceConfig) -> Service:
     )
     metrics.on_collect(lambda: _refresh_cache_gauges(service))
     return service
+
+
+def _open_cache(server: ServerConfig) -> LogitCache | None:
+    settings = (server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable)
+    if server.cache_dir is None:
+        return None
+    if server.cache_slots is not None:
+        return claim_slot(Path(server.cache_dir), server.cache_slots, *settings)
+    return LogitCache(server.cache_dir, *settings)
 
 
 def _runners(config: ServiceConfig, device: torch.device, cache: LogitCache | None, metrics: Metrics):

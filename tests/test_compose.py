@@ -15,11 +15,16 @@ import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from conftest import HANG_S, REPO, free_port
 
+from bench.servers import nginx_balancer
+from shared import scrape
+
 BIN = Path(sys.executable).parent
+NGINX = shutil.which("nginx", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
 
 def compose(*files: str) -> dict:
@@ -49,19 +54,26 @@ def local_argv(argv: list[str]) -> list[str]:
 
 def test_compose_declares_the_pipeline():
     services = compose()["services"]
-    assert set(services) == {"teachers", "teacher", "trainer-seed0", "trainer-seed1", "report"}
+    assert set(services) == {"teachers", "teacher", "balancer", "trainer-seed0", "trainer-seed1", "report"}
     assert services["teacher"]["depends_on"] == {"teachers": {"condition": "service_completed_successfully"}}
+    assert services["balancer"]["depends_on"] == {"teacher": {"condition": "service_healthy"}}
     for trainer in ("trainer-seed0", "trainer-seed1"):
-        assert services[trainer]["depends_on"] == {"teacher": {"condition": "service_healthy"}}
-        assert services[trainer]["environment"]["AKD_TEACHER_URL"] == "http://teacher:8000"
+        assert services[trainer]["depends_on"] == {"balancer": {"condition": "service_healthy"}}
+        assert services[trainer]["environment"]["AKD_TEACHER_URL"] == "http://balancer:8000"
     assert set(services["report"]["depends_on"]) == {"trainer-seed0", "trainer-seed1"}
-    assert all(interpolate(s["image"], {}) == "akd:latest" for s in services.values())
+    akd = {name: spec for name, spec in services.items() if name != "balancer"}
+    assert all(interpolate(s["image"], {}) == "akd:latest" for s in akd.values())
     assert all(
         s["volumes"] == ["./runs/compose:/data/demo"] and s["environment"]["AKD_DEMO_OUT"] == "/data/demo"
-        for s in services.values()
+        for s in akd.values()
     )  # the results are on the host, in runs/compose
-    assert services["teacher"]["ports"] == ["${AKD_HOST_PORT:-8000}:8000"]
-    assert all(s["command"][:2] == ["akd", "demo"] for s in services.values())  # the local path's command
+    # scaled replicas share the config and publish no port of their own: the balancer is the one address
+    assert "ports" not in services["teacher"] and int(services["teacher"]["environment"]["AKD_CACHE_SLOTS"]) >= 2
+    balancer = services["balancer"]
+    assert interpolate(balancer["image"], {}).startswith("nginx:")  # the official image
+    assert balancer["volumes"] == ["./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
+    assert balancer["ports"] == ["${AKD_HOST_PORT:-8000}:8000"]
+    assert all(s["command"][:2] == ["akd", "demo"] for s in akd.values())  # the local path's command
     gpu = compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]["teacher"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
@@ -76,47 +88,63 @@ def test_docker_compose_config_validates():
         assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx-light)")
 def test_compose_services_run_as_local_processes(tmp_path):
+    """Two `teacher` replicas from the one config, behind deploy/nginx.conf run by Debian's nginx (the balancer's
+    host name is this machine), as `docker compose up --scale teacher=2` runs them."""
     services = compose()["services"]
-    port = free_port()
     overrides = {
         "AKD_DEMO_OUT": str(tmp_path / "demo"),
         "AKD_DEMO_QUICK": "1",
-        "AKD_PORT": str(port),
         "AKD_HOST": "127.0.0.1",
-        "AKD_TEACHER_URL": f"http://127.0.0.1:{port}",
-    }  # the host name `teacher` is this machine
+    }
+    replica_ports = [free_port(), free_port()]
 
-    def start(name: str) -> subprocess.Popen:
+    def start(name: str, **env: str) -> subprocess.Popen:
         spec = services[name]
         return subprocess.Popen(
             local_argv(spec["command"]),
-            env=service_env(spec, overrides),
+            env=service_env(spec, {**overrides, **env}),
             cwd=tmp_path,
-            stdout=open(tmp_path / f"{name}.log", "wb"),
+            stdout=open(tmp_path / f"{name}{env.get('AKD_PORT', '')}.log", "wb"),
             stderr=subprocess.STDOUT,
         )
 
-    def completes(*names: str) -> None:
-        procs = [start(n) for n in names]
+    def completes(*names: str, **env: str) -> None:
+        procs = [start(n, **env) for n in names]
         for name, proc in zip(names, procs):
             assert proc.wait(timeout=HANG_S) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
 
-    completes("teachers")
-    teacher = start("teacher")
-    try:
+    def healthy(replica: subprocess.Popen, port: int) -> None:
+        env = service_env(services["teacher"], {**overrides, "AKD_PORT": str(port)})
         check = local_argv(services["teacher"]["healthcheck"]["test"][1:])
         deadline = time.monotonic() + HANG_S
-        while (
-            subprocess.run(check, env=service_env(services["teacher"], overrides), capture_output=True).returncode != 0
-        ):
-            assert teacher.poll() is None, (tmp_path / "teacher.log").read_text()
-            assert time.monotonic() < deadline, "the teacher service never passed its health check"
+        while subprocess.run(check, env=env, capture_output=True).returncode != 0:
+            assert replica.poll() is None, (tmp_path / f"teacher{port}.log").read_text()
+            assert time.monotonic() < deadline, "a teacher replica never passed its health check"
             time.sleep(0.5)
-        completes("trainer-seed0", "trainer-seed1")  # concurrently, against the one service
+
+    completes("teachers")
+    replicas = [start("teacher", AKD_PORT=str(port)) for port in replica_ports]
+    balancer = None
+    try:
+        for replica, port in zip(replicas, replica_ports, strict=True):
+            healthy(replica, port)
+        balancer = nginx_balancer("balancer", [f"http://127.0.0.1:{p}" for p in replica_ports], tmp_path / "nginx")
+        completes("trainer-seed0", "trainer-seed1", AKD_TEACHER_URL=balancer.url)  # concurrently, through nginx
+        served = [
+            scrape.total(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=HANG_S).text, "akd_rows_total")
+            for p in replica_ports
+        ]
     finally:
-        teacher.send_signal(signal.SIGTERM)
-        teacher.wait(timeout=HANG_S)
+        if balancer is not None:
+            balancer.stop()
+        for replica in replicas:
+            replica.send_signal(signal.SIGTERM)
+            replica.wait(timeout=HANG_S)
+    assert all(rows > 0 for rows in served), served  # both replicas answered the trainers
+    cache = tmp_path / "demo" / "service" / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["replica-0", "replica-1"]  # one cache folder each
     completes("report")
     demo = tmp_path / "demo"
     assert "| akd-ensemble |" in (demo / "RESULTS.md").read_text()

@@ -1,6 +1,10 @@
 """`docker compose` for real: build the image from a fresh copy of the checkout and run the quick pipeline with
-the README's command (scripts/compose_demo.sh), then check every stage's exit code, the results on the host,
-and the teacher service answering from the host; a failing stage must fail the command.
+the README's command (scripts/compose_demo.sh) and two teacher replicas behind the balancer, then check every
+stage's exit code, the results on the host, each replica's own cache folder and share of the work, and the
+service answering from the host through the balancer; a failing stage must fail the command.
+
+The balancer's image is the official nginx image in docker-compose.yml; no registry is reachable here, so this
+test builds a stand-in with Debian's nginx (NGINX_IMAGE below) and runs the same deploy/nginx.conf in it.
 
 Runs where a Docker engine answers `docker info` (.ci/run starts one with ../shared/container/docker-engine.sh
 where that script exists); elsewhere it is skipped, saying why. The image under test takes the CPU build of
@@ -29,8 +33,18 @@ import pytest
 import torch
 from conftest import HANG_S, copy_checkout, free_port
 
+from shared import scrape
+
 STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
 IMAGE = "akd:e2e-test"
+NGINX_IMAGE = "akd-nginx:e2e-test"
+# Debian's nginx where the official image cannot be pulled; its stock site is removed so only conf.d/ is served.
+NGINX_DOCKERFILE = """FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends nginx-light curl \\
+ && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/*
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+"""
 
 
 def quiet(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -98,8 +112,8 @@ class Pipeline:
         self.images.update(built.stdout.split())
         return done
 
-    def containers(self) -> dict[str, tuple[str, int]]:
-        """Every stage's (status, exit code), as the engine reports them."""
+    def containers(self) -> dict[str, list[tuple[str, int, str]]]:
+        """Every service's containers (replicas) as (status, exit code, id), as the engine reports them."""
         listed = quiet(
             ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"]
         )
@@ -114,7 +128,7 @@ class Pipeline:
                     container,
                 ]
             ).stdout.split()
-            states[service] = (status, int(code))
+            states.setdefault(service, []).append((status, int(code), container))
         return states
 
     def down(self) -> None:
@@ -138,16 +152,28 @@ def run_script(clone: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick_pipeline(tmp_path_factory):
-    """The quick pipeline in a fresh copy of the checkout; torn down (with its volumes and image) after the module."""
+    """The quick pipeline in a fresh copy of the checkout, two teacher replicas; torn down (with its volumes and
+    images) after the module."""
     clone = copy_checkout(tmp_path_factory.mktemp("compose") / "akd")
     env = {
         **os.environ,
         "AKD_DEMO_QUICK": "1",
         "AKD_IMAGE": IMAGE,
+        "AKD_NGINX_IMAGE": NGINX_IMAGE,
+        "AKD_TEACHER_REPLICAS": "2",
         "AKD_HOST_PORT": str(free_port()),
         "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}",
     }
     run = Pipeline(clone, env)
+    built = subprocess.run(
+        ["docker", "build", "--network", "host", "-t", NGINX_IMAGE, "-"],
+        input=NGINX_DOCKERFILE,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    run.images.add(NGINX_IMAGE)
     run.done = run.run()
     try:
         yield run
@@ -159,12 +185,33 @@ def test_the_quick_pipeline_runs_to_its_end_and_says_so(quick_pipeline):
     done = quick_pipeline.done
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     states = quick_pipeline.containers()
-    assert {stage: states[stage] for stage in STAGES} == {stage: ("exited", 0) for stage in STAGES}, states
-    assert states["teacher"][0] == "running"  # the shared service outlives the pipeline
+    assert {stage: [s[:2] for s in states[stage]] for stage in STAGES} == {stage: [("exited", 0)] for stage in STAGES}
+    # the shared service (two replicas) and its balancer outlive the pipeline
+    assert [s[0] for s in states["teacher"]] == ["running", "running"] and states["balancer"][0][0] == "running"
     for stage in STAGES:
         assert f"{stage}: exited 0" in done.stdout
     results = quick_pipeline.clone / "runs" / "compose" / "RESULTS.md"  # on the host, where the README says
     assert "| pgd-at |" in results.read_text() and "| akd-ensemble |" in results.read_text()
+
+
+def test_each_replica_keeps_its_own_cache_and_both_answer_the_trainers(quick_pipeline):
+    cache = quick_pipeline.clone / "runs" / "compose" / "service" / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["replica-0", "replica-1"]
+    served = []
+    for _, _, container in quick_pipeline.containers()["teacher"]:
+        metrics = quiet(
+            [
+                "docker",
+                "exec",
+                container,
+                "python",
+                "-c",
+                "import httpx; print(httpx.get('http://127.0.0.1:8000/metrics').text)",
+            ]
+        )
+        assert metrics.returncode == 0, metrics.stderr
+        served.append(scrape.total(metrics.stdout, "akd_rows_total"))
+    assert len(served) == 2 and all(rows > 0 for rows in served), served
 
 
 def test_the_teacher_service_answers_from_the_host(quick_pipeline):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import tomli_w
 import torch
@@ -96,9 +99,16 @@ class ServerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
 
 
-def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], health_path: str) -> ServerProcess:
-    """Start a server process on a free loopback port ({port} in `command`) and wait until it is healthy."""
+def start(
+    name: str, command: list[str], log_dir: Path, env: dict[str, str], health_path: str, listen_in: Path | None = None
+) -> ServerProcess:
+    """Start a server process on a free loopback port ({port} in `command`, or in the `listen 8000;` line of the
+    config file `listen_in`) and wait until it is healthy."""
     port = free_port()
+    if listen_in is not None:
+        listen_in.write_text(
+            re.sub(r"^(\s*)listen 8000;$", rf"\1listen 127.0.0.1:{port};", listen_in.read_text(), flags=re.M)
+        )
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with log.open("w") as out:
@@ -119,9 +129,15 @@ def start(name: str, command: list[str], log_dir: Path, env: dict[str, str], hea
 
 
 def teacher_service(
-    name: str, config: Path, log_dir: Path, device: str, batching: bool, cache_dir: Path | None
+    name: str,
+    config: Path,
+    log_dir: Path,
+    device: str,
+    batching: bool,
+    cache_dir: Path | None,
+    extra_env: dict[str, str] | None = None,  # e.g. AKD_DEVICES=cpu,cpu, OMP_NUM_THREADS=1
 ) -> ServerProcess:
-    env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower()}
+    env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower(), **(extra_env or {})}
     if cache_dir is not None:
         env["AKD_CACHE_DIR"] = str(cache_dir)
     command = [sys.executable, "-m", "teacher_service", "--config", str(config), "--port", "{port}"]
@@ -149,6 +165,56 @@ def litserve_peer(
         str(batch_timeout_s),
     ]
     return start(name, command, log_dir, {}, health_path="/health")
+
+
+NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+_UPSTREAM_SERVER = re.compile(r"^(\s*)server teacher:8000( [^;]*);$", re.M)
+
+
+def nginx_balancer(name: str, replicas: list[str], log_dir: Path) -> ServerProcess:
+    """deploy/nginx.conf (what compose's `balancer` runs) in front of `replicas` (http://host:port), with the
+    nginx on PATH (Debian's package here), as its own process on a free loopback port."""
+    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")  # Debian's is outside users' PATH
+    if nginx is None:
+        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
+    prefix = log_dir / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / "conf.d").mkdir(exist_ok=True)
+    (prefix / "conf.d" / "akd.conf").write_text(balancer_conf(replicas))
+    user = "user root;" if os.geteuid() == 0 else ""  # workers write temp files in this folder, as its owner
+    (prefix / "nginx.conf").write_text(
+        f"""{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/conf.d/*.conf;
+}}
+"""
+    )
+    command = [nginx, "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+    return start(name, command, log_dir, {}, health_path="/healthz", listen_in=prefix / "conf.d" / "akd.conf")
+
+
+def balancer_conf(replicas: list[str]) -> str:
+    """deploy/nginx.conf with its one `server teacher:8000 ...;` line made one line per replica."""
+    if not NGINX_CONF.is_file():  # an installed package (the image) has no deploy/ folder
+        raise RuntimeError(f"no balancer config at {NGINX_CONF}: run from a checkout of the project")
+    text = NGINX_CONF.read_text()
+    match = _UPSTREAM_SERVER.search(text)
+    if match is None:
+        raise RuntimeError(f"{NGINX_CONF} has no `server teacher:8000 ...;` line to point at the replicas")
+    indent, params = match.groups()
+    servers = "\n".join(f"{indent}server {urlsplit(url).netloc}{params};" for url in replicas)
+    return text[: match.start()] + servers + text[match.end() :]
 
 
 def process_tree(root: int) -> list[int]:

@@ -69,6 +69,9 @@ class RemoteTeacher:
     The service's cache mode depends on what is asked about: `clean_cache` for
     clean inputs (which repeat every epoch), `adversarial_cache` for adversarial
     ones (fresh every step, so `bypass` by default: storing them helps nobody).
+    Queries the cache keeps carry X-AKD-Affinity (the teacher's name) unless
+    `affinity` is off: a load balancer that hashes it (deploy/nginx.conf) sends them
+    all to one replica, where their rows are cached once and hit.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class RemoteTeacher:
         max_backoff_s: float = 5.0,
         clean_cache: CacheMode = CacheMode.use,
         adversarial_cache: CacheMode = CacheMode.bypass,
+        affinity: bool = True,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         urls = [url] if isinstance(url, str) else list(url)
@@ -93,6 +97,7 @@ class RemoteTeacher:
         self.url, self.name, self.temperature = ", ".join(urls), name, temperature
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
+        self.affinity = affinity
         self.rows_requested = 0
         self.cache_hits = 0
 
@@ -132,7 +137,7 @@ class RemoteTeacher:
         if self.name:
             params["teacher"] = self.name
         headers = {}
-        if self.cache_modes[adversarial] is not CacheMode.bypass:  # rows worth caching: one replica behind a balancer
+        if self.affinity and self.cache_modes[adversarial] is not CacheMode.bypass:  # rows worth caching: one replica
             headers[protocol.HEADER_AFFINITY] = self.name or "default"
         response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, headers=headers, content=body)
         self.rows_requested += len(x)

@@ -53,6 +53,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
             t.give_up_after_s,
             clean_cache=t.cache.clean,
             adversarial_cache=t.cache.adversarial,
+            affinity=t.affinity,
         )
     else:
         teacher = LocalTeacher(t.config, t.name, cfg.temperature, device)

@@ -105,6 +105,14 @@ def test_adversarial_queries_are_spread_and_clean_ones_stay_on_one_replica_and_h
     grew = [after - was for after, was in zip((rows_answered(a), rows_answered(b)), before, strict=True)]
     assert sorted(grew) == [0, 40], grew  # every clean query on one replica
     assert client.cache_hits - hits_before == 4 * 8  # ... which keeps its rows and hits
+    spread = RemoteTeacher(balancer.url, "ens", 1.0, give_up_after_s=HANG_S, affinity=False)
+    before = (rows_answered(a), rows_answered(b))
+    other = random_inputs(8, seed=2)
+    for _ in range(4):
+        spread(other)
+    grew = [after - was for after, was in zip((rows_answered(a), rows_answered(b)), before, strict=True)]
+    assert grew == [16, 16], grew  # affinity off: clean queries spread too ...
+    assert spread.cache_hits == 2 * 8  # ... and each replica computes the rows once: 2 misses of 4, not 1
 
 
 @needs_nginx

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from shared.configfile import ConfigError, Count, StrictConfig, read_toml, validated
+from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
 
@@ -78,6 +78,31 @@ class PeerSpec(LoadSpec):
     """LitServe serving the same teacher with its own batching, under the load of the sharing benchmark."""
 
 
+class ScaleOutSpec(StrictConfig):
+    """Issue 13 on this machine: 1 vs 2 devices in one service, 1 vs 2 replicas behind nginx, 1 vs 2 DDP ranks, and a
+    replica killed (kill -9) under load."""
+
+    teacher: str
+    clients: Count = 8  # closed-loop clients
+    rows_per_client: Count = 16  # float32 rows per request, cache=bypass
+    requests_per_client: Count = 16  # per client and round
+    one_thread: bool = True  # on CPUs, also measure with OMP_NUM_THREADS=1 (a device worker's service, 1 DDP rank)
+    dataset: str = "mnist5k"  # DDP: AKD training of a small_cnn student against `teacher` behind the service
+    train_rows: Count = 512  # limit_train: the same global batches for 1 and 2 ranks
+    train_batch: Count = 64  # the global batch, whatever the number of ranks
+    train_attack_steps: Count = 3
+    train_epochs: Count = 2  # timed; after one untimed warm-up epoch, before the last (which validates)
+    kill_load_s: Positive = 4.0  # how long the clients send while a replica is killed
+    kill_after_s: Positive = 1.5  # the kill comes this long after they start
+    kill_window_s: Positive = 1.0  # requests sent this soon after the kill (or in flight at it) are "around the kill"
+
+    @model_validator(mode="after")
+    def _kill_during_load(self) -> ScaleOutSpec:
+        if self.kill_after_s >= self.kill_load_s:
+            raise ValueError(f"kill_after_s ({self.kill_after_s}) must be less than kill_load_s ({self.kill_load_s})")
+        return self
+
+
 class BenchConfig(StrictConfig):
     repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
@@ -90,6 +115,7 @@ class BenchConfig(StrictConfig):
     transport: TransportSpec
     end_to_end: EndToEndSpec
     peer: PeerSpec
+    scale_out: ScaleOutSpec
 
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:
@@ -100,6 +126,7 @@ class BenchConfig(StrictConfig):
             *self.transport.teachers,
             *self.peer.teachers,
             self.end_to_end.teacher,
+            self.scale_out.teacher,
         ]
         unknown = sorted(set(named) - set(self.teachers))
         if unknown:

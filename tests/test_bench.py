@@ -18,7 +18,7 @@ from bench.config import load_bench_config
 from bench.timing import alternate
 from shared.configfile import ConfigError
 
-BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer"}
+BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out"}
 
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
@@ -78,11 +78,53 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
         "## 4. Transport",
         "## 5. End to end",
         "## 6. A peer",
+        "## 7. Scale out",
     ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "benchmark 6/6: peer" in result.stderr
+    assert "benchmark 7/7: scale_out" in result.stderr
     assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout  # the table is printed at the end
+
+
+@pytest.fixture(scope="module")
+def scale_out_run(tiny_run) -> dict:
+    """The scale-out benchmark's section of the tiny run (run once for both: it takes half a minute)."""
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    [section] = [s for s in json.loads((out / "results.json").read_text())["sections"] if s["key"] == "scale_out"]
+    return section
+
+
+def _part(section: dict, number: str) -> list[dict]:
+    return [r for r in section["rows"] if r["part"].startswith(number + ". ")]
+
+
+def test_scale_out_measures_devices_ranks_and_the_clients_failover_over_a_killed_replica(scale_out_run):
+    devices, ddp, failover = (_part(scale_out_run, n) for n in ("1", "3", "4b"))
+    assert [r["setup"] for r in devices] == ["1 device (cpu)", "2 devices (cpu,cpu)"]
+    assert all(r["rate"] > 0 and r["p99 ms"] > 0 for r in devices)
+    # the issue's 1.8x is for two GPUs: on the CPU the ratio is reported, not judged
+    assert any("n/a on CPU" in note and "idle cores bound" in note for note in scale_out_run["notes"])
+    assert not any("GPU" in t["what"] for t in scale_out_run["targets"])
+    assert [r["world_size"] for r in ddp] == [1, 2]  # both ranks ran, and rank 0 counted both ranks' teacher rows
+    assert all(r["rate"] > 0 and r["teacher_rows"] == 64 for r in ddp)
+    before, around, whole = failover
+    assert whole["failed"] == 0 and before["sent"] > 0 and around["sent"] > 0
+    assert whole["sent"] >= before["sent"] + around["sent"]
+    [target] = [t for t in scale_out_run["targets"] if "RemoteTeacher" in t["what"]]
+    assert target["measured"] == 1.0 and target["met"]
+
+
+def test_scale_out_behind_nginx_measures_replicas_and_loses_no_request_to_a_killed_one(scale_out_run):
+    if any("nginx is not installed" in note for note in scale_out_run["notes"]):
+        pytest.skip("nginx is not installed here: the benchmark says so and measures the rest")
+    replicas, killed = _part(scale_out_run, "2"), _part(scale_out_run, "4a")
+    assert [r["setup"] for r in replicas] == ["1 replica, direct", "1 replica behind nginx", "2 replicas behind nginx"]
+    assert all(r["rate"] > 0 for r in replicas)
+    before, around, whole = killed
+    assert whole["failed"] == 0 and before["sent"] > 0 and around["sent"] > 0
+    [target] = [t for t in scale_out_run["targets"] if "nginx" in t["what"]]
+    assert target["measured"] == 1.0 and target["met"]
 
 
 def test_bad_arguments_fail_clearly(tmp_path):

@@ -30,6 +30,9 @@ SUBCOMMANDS = {
         "pipeline.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"
     ),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
+    "cache": Subcommand(
+        "teacher_service.cache_tools", "a teacher service's cache: stats, verify its rows, gc stale member versions"
+    ),
 }
 
 

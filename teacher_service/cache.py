@@ -388,6 +388,71 @@ def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
     return grown
 
 
+def inspect_namespace(root: zarr.Group, version: str) -> _Header:
+    """A namespace's metadata, or NamespaceDamaged saying what is wrong with it (reads only)."""
+    try:
+        group = root[version]
+    except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
+        raise NamespaceDamaged(f"metadata unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(group, zarr.Group):
+        raise NamespaceDamaged("is an array, not a namespace group")
+    attrs = dict(group.attrs)
+    committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
+    if attrs.get("format") != FORMAT:
+        found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
+        raise NamespaceDamaged(
+            f"{found}, not {FORMAT}: its rows carry no checksums and cannot be verified",
+            rows=committed if _count(committed) else 0,
+        )
+    if not _count(committed):
+        raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
+    if not _count(num_classes) or num_classes < 1:
+        raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
+    arrays = {}
+    for name, dtype, tail in (
+        ("keys", np.uint8, (KEY_BYTES,)),
+        ("logits", np.float32, (num_classes,)),
+        ("checks", np.uint64, ()),
+    ):
+        arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
+    return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes)
+
+
+def read_verified(version: str, header: _Header) -> tuple[_Rows, list[str]]:
+    """The committed rows that read back and match their checksums, and what was wrong with the others, per
+    chunk."""
+    n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
+    rows = _Rows.empty(n, header.num_classes)
+    readable = np.ones(n, bool)
+    problems: list[str] = []
+
+    def read(start: int, stop: int) -> None:
+        for name, array in header.arrays.all():
+            getattr(rows, name)[start:stop] = array[start:stop]
+
+    block = chunk_rows * READ_BLOCK_CHUNKS
+    for start in range(0, n, block):
+        try:
+            read(start, min(start + block, n))
+        except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises; find which)
+            for first in range(start, min(start + block, n), chunk_rows):
+                last = min(first + chunk_rows, n)
+                try:
+                    read(first, last)
+                except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
+                    readable[first:last] = False
+                    problems.append(
+                        f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}"
+                    )
+    good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
+    if good.all():
+        return rows, problems
+    for chunk in np.unique(np.flatnonzero(readable & ~good) // chunk_rows):
+        failed = np.flatnonzero(~good[chunk * chunk_rows : (chunk + 1) * chunk_rows]) + chunk * chunk_rows
+        problems.append(f"chunk {chunk}: rows {_ranges(failed)} fail their checksum")
+    return rows.select(good), problems
+
+
 class StoreLocked(RuntimeError):
     """Another process writes to this store: two writers would lose rows."""
 
@@ -443,6 +508,16 @@ def _remove_torn_writes(folder: Path) -> None:
 
 async def _list_dir(store: Store, prefix: str) -> list[str]:
     return [name async for name in store.list_dir(prefix)]
+
+
+def list_namespaces(root: zarr.Group) -> tuple[list[str], list[str]]:
+    """The root's entries with namespace metadata (zarr.json), and those without (not ours: left alone)."""
+    store = root.store
+    names, foreign = [], []
+    for name in sorted(sync(_list_dir(store, ""))):
+        if name not in ("zarr.json", DAMAGED_DIR):
+            (names if sync(store.exists(f"{name}/zarr.json")) else foreign).append(name)
+    return names, foreign
 
 
 class LogitCache:
@@ -506,48 +581,14 @@ class LogitCache:
     def _inspect_namespaces(self) -> tuple[dict[str, _Header], set[str]]:
         """Every namespace whose metadata passes; the rest are set aside. Entries without zarr.json are not ours: left
         alone."""
-        store = self._root.store
-        headers, foreign = {}, set()
-        for name in sorted(sync(_list_dir(store, ""))):
-            if name in ("zarr.json", DAMAGED_DIR):
-                continue
-            if not sync(store.exists(f"{name}/zarr.json")):
-                foreign.add(name)
-                continue
+        names, foreign = list_namespaces(self._root)
+        headers = {}
+        for name in names:
             try:
-                headers[name] = self._inspect(name)
+                headers[name] = inspect_namespace(self._root, name)
             except NamespaceDamaged as exc:
                 self._set_aside(name, str(exc), exc.rows, "it is rebuilt empty when served")
-        return headers, foreign
-
-    def _inspect(self, version: str) -> _Header:
-        """The namespace's metadata, or NamespaceDamaged saying what is wrong with it."""
-        try:
-            group = self._root[version]
-        except Exception as exc:  # noqa: BLE001  (hostile metadata: any failure means damaged)
-            raise NamespaceDamaged(f"metadata unreadable ({type(exc).__name__}: {exc})") from None
-        if not isinstance(group, zarr.Group):
-            raise NamespaceDamaged("is an array, not a namespace group")
-        attrs = dict(group.attrs)
-        committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
-        if attrs.get("format") != FORMAT:
-            found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
-            raise NamespaceDamaged(
-                f"{found}, not {FORMAT}: its rows carry no checksums and cannot be verified",
-                rows=committed if _count(committed) else 0,
-            )
-        if not _count(committed):
-            raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
-        if not _count(num_classes) or num_classes < 1:
-            raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
-        arrays = {}
-        for name, dtype, tail in (
-            ("keys", np.uint8, (KEY_BYTES,)),
-            ("logits", np.float32, (num_classes,)),
-            ("checks", np.uint64, ()),
-        ):
-            arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
-        return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes)
+        return headers, set(foreign)
 
     def _aside_path(self, name: str) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -591,7 +632,7 @@ class LogitCache:
         if header.num_classes != num_classes:
             raise ValueError(f"cache namespace {version} holds {header.num_classes} classes, expected {num_classes}")
         del self._headers[version]
-        rows, problems = self._read_verified(version, header)
+        rows, problems = read_verified(version, header)
         bad = header.committed - len(rows.keys)
         if not bad:
             ns = MemberCache(
@@ -608,41 +649,6 @@ class LogitCache:
             f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for",
         )
         return self._fresh(version, num_classes, rows)
-
-    def _read_verified(self, version: str, header: _Header) -> tuple[_Rows, list[str]]:
-        """The committed rows that read back and match their checksums, and what was wrong with the others, per
-        chunk."""
-        n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
-        rows = _Rows.empty(n, header.num_classes)
-        readable = np.ones(n, bool)
-        problems: list[str] = []
-
-        def read(start: int, stop: int) -> None:
-            for name, array in header.arrays.all():
-                getattr(rows, name)[start:stop] = array[start:stop]
-
-        block = chunk_rows * READ_BLOCK_CHUNKS
-        for start in range(0, n, block):
-            try:
-                read(start, min(start + block, n))
-            except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises; find which)
-                for first in range(start, min(start + block, n), chunk_rows):
-                    last = min(first + chunk_rows, n)
-                    try:
-                        read(first, last)
-                    except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
-                        readable[first:last] = False
-                        problems.append(
-                            f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: "
-                            f"{exc}"
-                        )
-        good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
-        if good.all():
-            return rows, problems
-        for chunk in np.unique(np.flatnonzero(readable & ~good) // chunk_rows):
-            failed = np.flatnonzero(~good[chunk * chunk_rows : (chunk + 1) * chunk_rows]) + chunk * chunk_rows
-            problems.append(f"chunk {chunk}: rows {_ranges(failed)} fail their checksum")
-        return rows.select(good), problems
 
     def _fresh(self, version: str, num_classes: int, salvaged: _Rows | None) -> MemberCache:
         """A new, empty namespace; rows salvaged from a damaged one are written into it before serving starts."""

@@ -67,6 +67,20 @@ class Teacher:
         )
 
 
+def member_versions(config: ServiceConfig) -> dict[str, list[str]]:
+    """Each member version the config serves, with the teachers[i] members that use it: the weights files hashed,
+    nothing loaded (for `akd cache`, which must not run a model to tidy a cache). A missing file is a ConfigError."""
+    versions: dict[str, list[str]] = {}
+    for name, tconf in config.teachers.items():
+        for i, mconf in enumerate(tconf.members):
+            where = f"teachers.{name}.members[{i}]"
+            path = mconf.path if mconf.path is not None else _robustbench_file(mconf)
+            if not path.is_file():
+                raise ConfigError(f"{where}: weights file {path} does not exist")
+            versions.setdefault(file_version(path), []).append(where)
+    return versions
+
+
 def load_teachers(config: ServiceConfig, device: torch.device) -> dict[str, Teacher]:
     loaded: dict[str, Member] = {}
     teachers = {}

@@ -60,6 +60,7 @@ class LoadSpec(StrictConfig):
 class TransportSpec(StrictConfig):
     teachers: list[str]
     batch: Count = 128
+    keys_batch: Count = 512  # cached rows asked for by key vs uploaded whole
     dtypes: list[Literal[INPUT_DTYPES]] = list(INPUT_DTYPES)  # type: ignore[valid-type]
 
 

@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from shared.protocol import INPUT_DTYPES, INPUTS_KEY
+from shared.hashing import KEY_BYTES
+from shared.protocol import INPUT_DTYPES, INPUTS_KEY, KEYS_KEY
 
 
 class CodecError(ValueError):
@@ -179,6 +180,24 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
                 f"values in [{lo:g}, {hi:g}]",
             )
     return x
+
+
+def check_keys_declared(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+    """The `keys` tensor of a keys-first body: uint8 (N, KEY_BYTES), N >= 1, alone. Its shape."""
+    expected = f"one uint8 tensor {KEYS_KEY!r} of shape (N, {KEY_BYTES}), N >= 1"
+    if set(tensors) != {KEYS_KEY}:
+        found = ", ".join(map(repr, tensors)) or "no tensors"
+        raise CodecError("missing_keys", f"the body must hold exactly a {KEYS_KEY!r} tensor", expected, found)
+    dtype, shape = tensors[KEYS_KEY]
+    if dtype != "uint8" or len(shape) != 2 or shape[1] != KEY_BYTES or shape[0] < 1:
+        raise CodecError("bad_keys", f"keys are a {dtype} tensor of shape {shape}", expected, f"{dtype} {shape}")
+    return shape
+
+
+def validate_keys(tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    """The row keys of a decoded keys-first body, as the cache indexes them."""
+    check_keys_declared({k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()})
+    return [row.tobytes() for row in tensors[KEYS_KEY].numpy()]
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,13 @@ from enum import Enum
 from pydantic import BaseModel, Field
 
 SOFT_TARGETS_PATH = "/soft-targets"
+# Keys first: the rows' content hashes (shared.hashing.row_keys of the rows as they would be sent), answered with the
+# soft targets of the rows the cache holds for every member, and which those are; the client then uploads only the
+# others to SOFT_TARGETS_PATH. Offered where /teachers lists KEYS_FIRST in `features` (a service with a cache).
+SOFT_TARGET_KEYS_PATH = "/soft-targets/keys"
+KEYS_FIRST = "keys-first"
+KEYS_KEY = "keys"
+FOUND_KEY = "found"
 TEACHERS_PATH = "/teachers"
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
@@ -90,3 +97,6 @@ class TeacherInfo(BaseModel):
 
 class TeachersResponse(BaseModel):
     teachers: list[TeacherInfo]
+    features: list[str] = Field(
+        default_factory=list, description=f"Optional paths this service offers: {KEYS_FIRST!r}."
+    )

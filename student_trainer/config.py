@@ -85,6 +85,9 @@ class TeacherRef(StrictConfig):
     # Queries the cache keeps (clean inputs) ask a load balancer to keep them on one replica (X-AKD-Affinity), where
     # their rows hit; false spreads them over the replicas too: more throughput, fewer hits (README, "Scale out").
     affinity: bool = True
+    # Clean queries ask by row keys first where the service offers it (a service with a cache): only the rows it has
+    # not cached are uploaded. false: every row uploaded, as before.
+    keys_first: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+import numpy as np
 import torch
 
 from shared import codec, protocol
+from shared.hashing import row_keys
 from shared.protocol import CacheMode, TeacherInfo, TeachersResponse
 
 log = logging.getLogger("akd.teacher_client")
@@ -45,6 +47,10 @@ class TeacherUnavailable(RuntimeError):
 class TeacherRequestError(RuntimeError):
     """The service refused a request (a 4xx): retrying would not help."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
 
 # Answers that say "not now" rather than "no": the call goes to the next replica, then is retried with backoff.
 PASSING_TROUBLE = {
@@ -71,7 +77,9 @@ class RemoteTeacher:
     ones (fresh every step, so `bypass` by default: storing them helps nobody).
     Queries the cache keeps carry X-AKD-Affinity (the teacher's name) unless
     `affinity` is off: a load balancer that hashes it (deploy/nginx.conf) sends them
-    all to one replica, where their rows are cached once and hit.
+    all to one replica, where their rows are cached once and hit. Where the service
+    offers keys first (a cache), those queries send the rows' keys first and upload
+    only the rows it has not cached.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class RemoteTeacher:
         clean_cache: CacheMode = CacheMode.use,
         adversarial_cache: CacheMode = CacheMode.bypass,
         affinity: bool = True,
+        keys_first: bool = True,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         urls = [url] if isinstance(url, str) else list(url)
@@ -98,26 +107,33 @@ class RemoteTeacher:
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
         self.affinity = affinity
+        self.wants_keys_first, self.keys_first = keys_first, False  # used once info() has seen the service offer it
         self.rows_requested = 0
+        self.rows_uploaded = 0  # rows sent whole: all of them, but the cached ones where keys first is used
         self.cache_hits = 0
 
     def info(self) -> TeacherInfo:
         """The served teacher's description; also the start-up check that the service is there, and that every
         replica reachable now serves the same teacher (same members, versions, weights and temperature): soft targets
         must not depend on which replica answered."""
-        teacher = self._teacher_in(self._send("GET", protocol.TEACHERS_PATH))
+        first = self._send("GET", protocol.TEACHERS_PATH)
+        teacher = self._teacher_in(first)
+        features = set(TeachersResponse.model_validate(first.json()).features)
         for replica in self._replicas:
             try:
-                other = self._teacher_in(self._checked(replica.get(protocol.TEACHERS_PATH)))
+                answer = self._checked(replica.get(protocol.TEACHERS_PATH))
+                other = self._teacher_in(answer)
             except (httpx.TransportError, TeacherRequestError) as exc:
                 log.warning("teacher replica %s not checked at start: %s", replica.base_url, exc)
                 continue
+            features &= set(TeachersResponse.model_validate(answer.json()).features)
             if other != teacher:
                 raise TeacherRequestError(
                     f"teacher replicas differ: {replica.base_url} serves {other.name!r} with members "
                     f"{[m.version for m in other.members]}, another {[m.version for m in teacher.members]}; "
                     "every url in teacher.url must serve the same teacher config"
                 )
+        self.keys_first = self.wants_keys_first and protocol.KEYS_FIRST in features
         return teacher
 
     def _teacher_in(self, response: httpx.Response) -> TeacherInfo:
@@ -132,17 +148,50 @@ class RemoteTeacher:
         return match[0]
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
-        body = codec.encode_inputs(codec.to_transport(x.detach().cpu()))
-        params = {"temperature": self.temperature, "outputs": "probs", "cache": self.cache_modes[adversarial].value}
+        rows = codec.to_transport(x.detach().cpu())
+        mode = self.cache_modes[adversarial]
+        params = {"temperature": self.temperature, "outputs": "probs", "cache": mode.value}
         if self.name:
             params["teacher"] = self.name
         headers = {}
-        if self.affinity and self.cache_modes[adversarial] is not CacheMode.bypass:  # rows worth caching: one replica
+        if self.affinity and mode is not CacheMode.bypass:  # rows worth caching: one replica behind a balancer
             headers[protocol.HEADER_AFFINITY] = self.name or "default"
-        response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, headers=headers, content=body)
+        probs = self._by_keys_first(rows, params, headers) if self.keys_first and mode is CacheMode.use else None
+        if probs is None:
+            probs = self._upload(rows, params, headers)
         self.rows_requested += len(x)
+        return probs.to(x.device)
+
+    def _by_keys_first(self, rows: torch.Tensor, params: dict, headers: dict) -> torch.Tensor | None:
+        """The cached rows' soft targets asked for by key (16 bytes a row), then only the other rows uploaded.
+        None when the service turns the path down (then it is not asked again)."""
+        keys = np.frombuffer(b"".join(row_keys(rows)), dtype=np.uint8).reshape(len(rows), -1)
+        query = {k: v for k, v in params.items() if k != "cache"}
+        body = codec.encode({protocol.KEYS_KEY: torch.from_numpy(keys.copy())})
+        try:
+            response = self._send("POST", protocol.SOFT_TARGET_KEYS_PATH, params=query, headers=headers, content=body)
+        except TeacherRequestError as exc:
+            if exc.status != 404:
+                raise
+            log.info("teacher service %s offers no keys-first path (%s): uploading every row", self.url, exc)
+            self.keys_first = False
+            return None
+        answer = codec.decode(response.content)
+        found = answer[protocol.FOUND_KEY].bool()
+        self.cache_hits += int(found.sum())
+        if found.all():
+            return answer["probs"]
+        probs = torch.empty(len(rows), answer["probs"].shape[1])
+        probs[found] = answer["probs"]
+        probs[~found] = self._upload(rows[~found], params, headers)
+        return probs
+
+    def _upload(self, rows: torch.Tensor, params: dict, headers: dict) -> torch.Tensor:
+        body = codec.encode_inputs(rows)
+        response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, headers=headers, content=body)
+        self.rows_uploaded += len(rows)
         self.cache_hits += int(response.headers.get(protocol.HEADER_CACHE_HITS, 0))
-        return codec.decode(response.content)["probs"].to(x.device)
+        return codec.decode(response.content)["probs"]
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         first_failure, backoff = None, 0.1
@@ -195,7 +244,7 @@ class RemoteTeacher:
             detail = f"{error['message']} (expected {error.get('expected')}, got {error.get('received')})"
         except (ValueError, KeyError, TypeError):
             detail = response.text[:500]
-        raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}")
+        raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}", response.status_code)
 
     def close(self) -> None:
         for replica in self._replicas:

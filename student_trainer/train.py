@@ -54,6 +54,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
             clean_cache=t.cache.clean,
             adversarial_cache=t.cache.adversarial,
             affinity=t.affinity,
+            keys_first=t.keys_first,
         )
     else:
         teacher = LocalTeacher(t.config, t.name, cfg.temperature, device)

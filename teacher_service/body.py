@@ -90,7 +90,15 @@ def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[
     Returns True while the header is incomplete. A header that does not parse, or is not complete within
     HEADER_PEEK_BYTES, is left for `codec.decode`, whose error names the body's size, known once it is all in.
     """
+    return _declared_check(lambda tensors: codec.check_inputs_declared(tensors, input_shape), max_rows)
 
+
+def keys_header_check(max_rows: int) -> Callable[[bytes], bool]:
+    """The same for a keys-first body: its `keys` tensor refused by its header."""
+    return _declared_check(codec.check_keys_declared, max_rows)
+
+
+def _declared_check(check_declared: Callable[[dict], tuple[int, ...]], max_rows: int) -> Callable[[bytes], bool]:
     def check(prefix: bytes) -> bool:
         try:
             tensors = codec.read_header(prefix)
@@ -99,7 +107,7 @@ def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[
         if tensors is None:
             return len(prefix) <= HEADER_PEEK_BYTES
         try:
-            shape = codec.check_inputs_declared(tensors, input_shape)
+            shape = check_declared(tensors)
         except codec.CodecError as exc:
             raise ServiceError(422, exc.code, exc.message, exc.expected, exc.received) from None
         check_rows(shape[0], max_rows)
@@ -126,3 +134,11 @@ def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMod
         status = 400 if exc.code == "bad_body" else 422
         raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None
     return Rows(x, row_keys(x), cache)  # scaled to [0, 1] on the inference thread
+
+
+def prepare_keys(body: bytes) -> list[bytes]:
+    try:
+        return codec.validate_keys(codec.decode(body))
+    except codec.CodecError as exc:
+        status = 400 if exc.code == "bad_body" else 422
+        raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None

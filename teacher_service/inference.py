@@ -99,6 +99,22 @@ class TeacherRunner:
             self.metrics.cache_lookups(member.version, hits=int(hit.sum()), misses=len(work.misses[m]))
         return work
 
+    def cached(self, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
+        """Keys first (on the cache's thread): the member logits (M, hits, K) of the rows every member holds, and which
+        rows those are. Only those rows count as hits here; the others are counted when they are uploaded."""
+        found = np.ones(len(keys), dtype=bool)
+        positions = []
+        for cache in self.caches:
+            at = cache.lookup(keys) if cache else np.full(len(keys), -1)
+            positions.append(at)
+            found &= at >= 0
+        out = torch.empty(len(self.caches), int(found.sum()), self.teacher.config.num_classes)
+        for m, (member, cache) in enumerate(zip(self.teacher.members, self.caches)):
+            if found.any():
+                out[m] = torch.from_numpy(cache.take(positions[m][found]))
+            self.metrics.cache_lookups(member.version, hits=int(found.sum()), misses=0)
+        return out, found
+
     def compute(self, work: BatchWork) -> BatchWork:
         """Forward passes for the misses (on this runner's device's thread): no cache access here."""
         if not any(len(miss) for miss in work.misses):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hmac
 
+import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
@@ -15,7 +17,15 @@ from shared import codec, protocol
 from shared.ensemble import aggregate_probs, mean_logits
 from shared.protocol import CacheMode, ErrorBody, Output, TeachersResponse
 from teacher_service.batcher import QueueFull
-from teacher_service.body import check_rows, header_check, off_loop_if_large, prepare_rows, read_body
+from teacher_service.body import (
+    check_rows,
+    header_check,
+    keys_header_check,
+    off_loop_if_large,
+    prepare_keys,
+    prepare_rows,
+    read_body,
+)
 from teacher_service.errors import ServiceError
 from teacher_service.inference import RowsResult
 from teacher_service.metrics import CONTENT_TYPE
@@ -110,16 +120,7 @@ async def soft_targets(
 ) -> Response:
     t = service.teacher(teacher)
     limits = service.config.server
-    try:
-        wanted = protocol.parse_outputs(outputs)
-    except ValueError as exc:
-        raise ServiceError(
-            400,
-            "bad_outputs",
-            f"outputs: {exc}",
-            f"a comma list of {', '.join(o.value for o in Output)}",
-            repr(outputs),
-        ) from None
+    wanted = _wanted(outputs)
     batcher = service.batchers[t.name]
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
@@ -153,9 +154,70 @@ async def soft_targets(
     )
 
 
+@router.post(
+    protocol.SOFT_TARGET_KEYS_PATH,
+    response_class=Response,
+    summary="Keys first: the soft targets of the rows the cache holds, by their keys",
+    description=(
+        f"Body: a safetensors file with one uint8 tensor `{protocol.KEYS_KEY}` of shape (N, 16), each row the "
+        "blake2b-128 content hash of an input row as it would be sent (`shared.hashing.row_keys`). Answer: the "
+        f"requested outputs for the rows every member has cached, in order, and `{protocol.FOUND_KEY}` (N,) uint8 "
+        f"saying which rows those are; send the others to {protocol.SOFT_TARGETS_PATH}. Offered when /teachers "
+        f"lists `{protocol.KEYS_FIRST}` in `features`."
+    ),
+    openapi_extra={"requestBody": {"required": True, "content": {protocol.MEDIA_TYPE: _BINARY}}},
+    responses={
+        **_RESPONSES,
+        200: {
+            "description": f"The requested tensors for the found rows only, and `{protocol.FOUND_KEY}` (N,) uint8.",
+            "content": {protocol.MEDIA_TYPE: _BINARY},
+            "headers": _RESPONSES[200]["headers"],
+        },
+        404: {"model": ErrorBody, "description": "Unknown teacher, or a service without a cache (`no_cache`)."},
+        422: {"model": ErrorBody, "description": f"The body is not one uint8 `{protocol.KEYS_KEY}` tensor (N, 16)."},
+    },
+)
+async def soft_target_keys(
+    request: Request,
+    teacher: str | None = Query(None, description="Teacher name; optional when only one is served."),
+    temperature: float | None = Query(None, gt=0, allow_inf_nan=False, description="Default: the teacher's."),
+    outputs: str = Query("probs", description="Comma list of `probs`, `logits`, `member_logits`."),
+    service: Service = Depends(current_service),
+) -> Response:
+    t = service.teacher(teacher)
+    if protocol.KEYS_FIRST not in service.features:
+        raise ServiceError(
+            404,
+            "no_cache",
+            "this service has no cache, so it offers no keys-first path",
+            f"POST {protocol.SOFT_TARGETS_PATH} with the rows",
+            "a keys-first request",
+        )
+    limits = service.config.server
+    wanted = _wanted(outputs)
+    with service.inflight.hold() as held:
+        body = await read_body(request, limits, held, keys_header_check(limits.max_queue_rows))
+        keys = prepare_keys(body)
+        check_rows(len(keys), limits.max_queue_rows)
+        member_logits, found = await service.cached(t.name, keys)
+    tau = t.config.temperature if temperature is None else temperature
+    tensors = _outputs(member_logits, t, tau, wanted)
+    tensors[protocol.FOUND_KEY] = torch.from_numpy(found.astype(np.uint8))
+    service.metrics.request(t.name, 200, int(found.sum()))
+    return Response(
+        codec.encode(tensors),
+        media_type=protocol.MEDIA_TYPE,
+        headers={
+            protocol.HEADER_CACHE_HITS: str(int(found.sum())),
+            protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
+            protocol.HEADER_TEACHER: t.name,
+        },
+    )
+
+
 @router.get(protocol.TEACHERS_PATH, response_model=TeachersResponse)
 async def teachers(service: Service = Depends(current_service)) -> TeachersResponse:
-    return TeachersResponse(teachers=[t.info() for t in service.teachers.values()])
+    return TeachersResponse(teachers=[t.info() for t in service.teachers.values()], features=service.features)
 
 
 @open_router.get(protocol.HEALTH_PATH)
@@ -168,8 +230,22 @@ async def metrics(service: Service = Depends(current_service)) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wanted: list[Output]) -> bytes:
-    member_logits = result.member_logits
+def _wanted(outputs: str) -> list[Output]:
+    try:
+        return protocol.parse_outputs(outputs)
+    except ValueError as exc:
+        raise ServiceError(
+            400,
+            "bad_outputs",
+            f"outputs: {exc}",
+            f"a comma list of {', '.join(o.value for o in Output)}",
+            repr(outputs),
+        ) from None
+
+
+def _outputs(
+    member_logits: torch.Tensor, teacher: Teacher, temperature: float, wanted: list[Output]
+) -> dict[str, torch.Tensor]:
     tensors = {}
     if Output.probs in wanted:
         tensors["probs"] = aggregate_probs(member_logits, teacher.weights, temperature, teacher.config.aggregate)
@@ -177,4 +253,8 @@ def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wan
         tensors["logits"] = mean_logits(member_logits, teacher.weights)
     if Output.member_logits in wanted:
         tensors["member_logits"] = member_logits
-    return codec.encode(tensors)
+    return tensors
+
+
+def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wanted: list[Output]) -> bytes:
+    return codec.encode(_outputs(result.member_logits, teacher, temperature, wanted))

@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastapi import Request
 
+from shared import protocol
 from shared.devices import resolve_device
 from teacher_service.batcher import Batcher
 from teacher_service.cache import LogitCache, claim_slot
@@ -135,6 +137,15 @@ class Service:
         for worker in self.devices.workers:
             worker.executor.shutdown(wait=True)
         self.cache_executor.shutdown(wait=True)
+
+    async def cached(self, name: str, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
+        """Keys first: what the cache holds for these rows (teacher `name`), read on the cache's one thread."""
+        runner = self.devices.workers[0].runners[name]  # every device's runner reads the same cache
+        return await asyncio.get_running_loop().run_in_executor(self.cache_executor, runner.cached, keys)
+
+    @property
+    def features(self) -> list[str]:
+        return [protocol.KEYS_FIRST] if self.cache is not None else []
 
     def teacher(self, name: str | None) -> Teacher:
         if name is None:

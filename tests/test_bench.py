@@ -53,7 +53,15 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     # each issue target that the tiny preset's sizes reach is checked
     assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
     assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
-    assert {r["dtype"] for r in sections["transport"]["rows"]} == {"uint8", "float16", "float32"}
+    assert {r["dtype"] for r in sections["transport"]["rows"]} == {
+        "uint8",
+        "float16",
+        "float32",
+        "uint8 x 8: upload, all cached",
+        "uint8 x 8: keys first, all cached",
+    }
+    by_keys = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
+    assert by_keys["uint8 x 8: keys first, all cached"] < by_keys["uint8 x 8: upload, all cached"]
     assert all(
         r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"]
     )  # cache_durable off vs on

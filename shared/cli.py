@@ -22,6 +22,9 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS = {
     "serve": Subcommand("teacher_service.cli", "serve teacher soft targets over HTTP (POST /soft-targets)"),
     "train": Subcommand("student_trainer.cli", "train one model (PGD-AT, TRADES, AKD, ARD, RSLAD, IAD)"),
+    "warm": Subcommand(
+        "student_trainer.cli", "fill the teacher service's cache with a run's clean inputs, every augmented view"
+    ),
     "eval": Subcommand("student_trainer.cli", "robust evaluation of a checkpoint on the test split"),
     "compare": Subcommand(
         "student_trainer.cli", "compare runs: validation accuracy, curves, forgetting on the hardest samples"

@@ -219,8 +219,36 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_warm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="the run TOML whose clean inputs to warm (dataset, split, teacher.url)")
+    add_set_argument(parser, "override any config key, as for akd train (repeatable)")
+    parser.add_argument("--batch-rows", type=int, default=512, help="rows per request (default 512)")
+
+
+def run_warm(args: argparse.Namespace) -> int:
+    from student_trainer.config import load_train_config
+    from student_trainer.teacher_client import TeacherRequestError, TeacherUnavailable
+    from student_trainer.warm import warm
+
+    _setup_logging()
+    if args.batch_rows < 1:
+        print(f"akd warm: --batch-rows must be at least 1, got {args.batch_rows}", file=sys.stderr)
+        return 2
+    try:
+        done = warm(load_train_config(args.config, args.sets), args.batch_rows)
+    except (ConfigError, TeacherUnavailable, TeacherRequestError, FileNotFoundError, ValueError) as exc:
+        print(f"akd warm: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"warmed {done.rows:,} rows in {done.seconds:.1f} s ({done.rows_per_s:,.0f} rows/s): {done.uploaded:,} "
+        f"computed, {done.rows - done.uploaded:,} already cached"
+    )
+    return 0
+
+
 COMMANDS = {  # name: (add its arguments, run it); `akd` (shared/cli.py) names and describes them
     "train": (add_train_arguments, run_train),
+    "warm": (add_warm_arguments, run_warm),
     "eval": (add_eval_arguments, run_eval),
     "compare": (add_compare_arguments, run_compare),
 }

@@ -41,6 +41,7 @@ def default_val_size(name: str) -> int:
 MNIST5K_VAL = 500  # default, 50 per class
 FULL_VAL = 1000  # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
 PAD = 4  # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
+AUGMENTED_VIEWS = (2 * PAD + 1) ** 2 * 2  # the views of one image it can draw: 81 crops x 2 flips
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,9 +78,24 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard CIFAR augmentation on a uint8 (B, C, H, W) batch: zero-pad 4, random H x W crop, random
     horizontal flip (p = 0.5). All randomness comes from `generator`, so one generator state gives
     byte-identical output (and identical cache keys at the teacher service)."""
-    b, _, h, w = x.shape
+    b = len(x)
     offsets = torch.randint(0, 2 * PAD + 1, (b, 2), generator=generator)
     flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    return crop_flip(x, offsets, flip)
+
+
+def augmentation_space(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Every view `augment_batch` can make of a uint8 batch, byte for byte: AUGMENTED_VIEWS of them."""
+    b = len(x)
+    for dy in range(2 * PAD + 1):
+        for dx in range(2 * PAD + 1):
+            for flip in (False, True):
+                yield crop_flip(x, torch.tensor([dy, dx]).expand(b, 2), torch.full((b,), flip))
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Zero-pad PAD, crop H x W at each row's (dy, dx) `offsets`, and mirror the rows whose `flip` is set."""
+    b, _, h, w = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)  # (B, H+8, W+8, C)
     rows = offsets[:, :1] + torch.arange(h)  # (B, H)
     cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + offsets[:, 1:]  # (B, W)

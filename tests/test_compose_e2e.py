@@ -34,6 +34,7 @@ import torch
 from conftest import HANG_S, copy_checkout, free_port
 
 from shared import scrape
+from shared.cli import SUBCOMMANDS
 
 STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
 IMAGE = "akd:e2e-test"
@@ -221,7 +222,7 @@ def test_the_teacher_service_answers_from_the_host(quick_pipeline):
 
 
 def test_the_image_holds_every_akd_subcommand(quick_pipeline):
-    for command in ("serve", "train", "eval", "compare", "demo", "bench"):
+    for command in SUBCOMMANDS:
         done = quiet(["docker", "run", "--rm", IMAGE, "akd", command, "--help"])
         assert done.returncode == 0 and f"usage: akd {command}" in done.stdout, done.stderr
 

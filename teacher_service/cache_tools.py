@@ -53,7 +53,7 @@ class Namespace:
 
 @dataclass
 class Store:
-    folder: Path
+    folder: Path | str  # a local folder, or a store URL (s3://...)
     namespaces: list[Namespace]
     foreign: list[str]  # entries that are not namespaces: never touched
     damaged_bytes: int  # what the service set aside in .damaged/
@@ -62,9 +62,9 @@ class Store:
         return [ns for ns in self.namespaces if not ns.used_by]
 
 
-def cache_folders(path: Path) -> list[Path]:
-    """`path` itself when it is a cache, else its replica caches (cache_slots)."""
-    if (path / "zarr.json").is_file():
+def cache_folders(path: Path | str) -> list[Path | str]:
+    """`path` itself when it is a cache (or a store URL), else its replica caches (cache_slots)."""
+    if isinstance(path, str) or (path / "zarr.json").is_file():
         return [path]
     replicas = sorted(p for p in path.glob("replica-*") if (p / "zarr.json").is_file())
     if not replicas:
@@ -72,8 +72,8 @@ def cache_folders(path: Path) -> list[Path]:
     return replicas
 
 
-def survey(folder: Path, versions: dict[str, list[str]]) -> Store:
-    """What the store at `folder` holds, read-only."""
+def survey(folder: Path | str, versions: dict[str, list[str]]) -> Store:
+    """What the store at `folder` (or URL) holds, read-only."""
     import zarr
 
     root = zarr.open_group(str(folder), mode="r")
@@ -85,8 +85,10 @@ def survey(folder: Path, versions: dict[str, list[str]]) -> Store:
             namespaces.append(Namespace(name, header.committed, header.num_classes, used_by=versions.get(name, [])))
         except NamespaceDamaged as exc:
             namespaces.append(Namespace(name, exc.rows, problem=str(exc), used_by=versions.get(name, [])))
-    damaged = folder / DAMAGED_DIR
-    damaged_bytes = sum(f.stat().st_size for f in damaged.rglob("*") if f.is_file()) if damaged.is_dir() else 0
+    damaged = Path(folder) / DAMAGED_DIR if isinstance(folder, Path) else None  # an object store keeps none aside
+    damaged_bytes = (
+        sum(f.stat().st_size for f in damaged.rglob("*") if f.is_file()) if damaged and damaged.is_dir() else 0
+    )
     return Store(folder, namespaces, foreign, damaged_bytes)
 
 
@@ -177,6 +179,10 @@ def verify(stores: list[Store]) -> int:
 def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool) -> int:
     """Delete the namespaces the config does not serve (and with `damaged`, what .damaged/ keeps)."""
     for store in stores:
+        if not isinstance(store.folder, Path):
+            raise ConfigError(
+                f"gc deletes under the store's lock, which only a local folder has; {store.folder} is a URL"
+            )
         stale = store.stale()
         if stale and len(stale) == len(store.namespaces) and not force:
             print(
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _target(args: argparse.Namespace) -> tuple[Path, dict[str, list[str]]]:
+def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]:
     """The cache folder, and the member versions the config serves ({} without a config)."""
     if args.action == "gc" and not args.config:
         raise ConfigError("--config is required: gc keeps the versions the config's teachers use")
@@ -256,7 +262,7 @@ def _target(args: argparse.Namespace) -> tuple[Path, dict[str, list[str]]]:
     if not store:
         raise ConfigError("no cache: give --cache-dir, or --config with a server.cache_dir")
     if "://" in str(store):
-        raise ConfigError(f"akd cache works on local folders; {store} is a store URL")
+        return str(store), versions  # an object store: zarr reads it (stats, verify)
     folder = Path(store)
     if not folder.is_dir():
         raise ConfigError(f"cache folder {folder} does not exist")

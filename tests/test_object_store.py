@@ -1,0 +1,154 @@
+"""The cache in an S3-compatible object store (`cache_dir = "s3://bucket/prefix"`, zarr's fsspec store through
+s3fs), against a real S3 server: moto's, started as its own process on a loopback port (no cloud is reachable
+here, and moto in server mode answers the S3 HTTP API as a service would). Rows survive a restart and hit;
+a damaged object is never served, and its namespace is rebuilt; `akd cache stats` and `verify` read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import HANG_S, REPO, free_port, live_server, mnist_teacher, post, random_inputs, write_config
+
+from shared import codec
+from shared.hashing import file_version
+
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install -e .[test]")
+pytest.importorskip("moto.server", reason="moto's server is not installed: pip install -e .[test]")
+
+BUCKET = "akd-cache"
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port, with the environment every S3 client here reads."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + HANG_S
+    while True:
+        try:
+            httpx.get(url, timeout=5)
+            break
+        except httpx.TransportError:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=HANG_S)
+
+
+def objects(prefix: str) -> list[str]:
+    import boto3
+
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+@pytest.fixture
+def s3_config(s3_server, tmp_path, mnist_members, request):
+    prefix = f"{request.node.name}"
+    teacher = mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)])
+    config = write_config(
+        tmp_path / "t.toml", {"ens": teacher}, {"cache_dir": f"s3://{BUCKET}/{prefix}", "cache_chunk_rows": 8}
+    )
+    return config, prefix, [file_version(mnist_members["a"]), file_version(mnist_members["c"])]
+
+
+def member_logits(base: str, x: torch.Tensor, **params) -> tuple[torch.Tensor, int]:
+    answer = post(base, x, outputs="member_logits", **params)
+    return codec.decode(answer.content)["member_logits"], int(answer.headers["X-Cache-Hits"])
+
+
+def test_rows_stored_in_s3_survive_a_restart_and_hit(s3_config):
+    config, prefix, versions = s3_config
+    x = random_inputs(20)
+    with live_server(config) as (base, _):
+        first, hits = member_logits(base, x, cache="use")
+        assert hits == 0
+    assert any(key.startswith(f"{prefix}/{versions[0]}/logits/") for key in objects(prefix))  # in the bucket
+    with live_server(config) as (base, _):
+        again, hits = member_logits(base, x, cache="use")
+    assert hits == 20
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_a_damaged_object_is_never_served_and_its_namespace_is_rebuilt(s3_config):
+    config, prefix, versions = s3_config
+    x = random_inputs(20)
+    with live_server(config) as (base, _):
+        first, _ = member_logits(base, x, cache="use")
+    import boto3
+
+    chunk = f"{prefix}/{versions[0]}/logits/c/0/0"
+    assert chunk in objects(prefix)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=chunk, Body=b"not a chunk any more")
+    with live_server(config) as (base, _):
+        again, hits = member_logits(base, x, cache="use")
+        metrics = httpx.get(base + "/metrics", timeout=HANG_S).text
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-6)  # recomputed, not read from the damaged chunk
+    assert hits == 20 - 8  # the 8 rows of the damaged chunk were computed again (for member a)
+    assert f'akd_cache_damaged_rows{{member="{versions[0]}"}} 8.0' in metrics
+
+
+def test_akd_cache_stats_and_verify_read_an_object_store(s3_config):
+    config, prefix, versions = s3_config
+    with live_server(config) as (base, _):
+        post(base, random_inputs(12), cache="use")
+    env = {**os.environ}
+    stats = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "cache", "stats", "--config", str(config), "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    assert stats.returncode == 0, stats.stderr
+    [store] = json.loads(stats.stdout)
+    assert store["folder"] == f"s3://{BUCKET}/{prefix}"
+    assert {ns["version"]: ns["rows"] for ns in store["namespaces"]} == {v: 12 for v in versions}
+    verify = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "cache", "verify", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    assert verify.returncode == 0 and verify.stdout.count("ok, 12 rows verified") == 2, verify.stdout + verify.stderr
+    gc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "cache", "gc", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    assert gc.returncode == 2 and "only a local folder has" in gc.stderr

@@ -5,7 +5,7 @@ Layout (any zarr store; a local folder by default)::
     <root>/                      attrs: format
       <member version>/          attrs: format, committed_rows, num_classes
         keys    (N, 16) uint8    blake2b-128 of each input row (shared.hashing.row_keys)
-        logits  (N, K) float32   that member's raw logits for the row
+        logits  (N, K) float32   that member's raw logits for the row (float16 in a `<version>.float16` namespace)
         checks  (N,)   uint64    blake2b-64 of (format, member version, key, logits) per row
       .damaged/                  (local folders) namespaces and root metadata set aside, kept for inspection
 
@@ -79,12 +79,22 @@ DAMAGED_DIR = ".damaged"
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
 
 
-def row_bytes(num_classes: int) -> int:
-    return num_classes * 4 + KEY_BYTES + CHECK_BYTES
+# How a teacher's member rows are stored (`[teachers.X] store`): float32 exactly as computed, or float16 at half the
+# bytes (served probabilities then differ from the computed ones by the rounding of each logit; RESULTS in README).
+STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+
+def namespace_name(version: str, store: str = "float32") -> str:
+    """A member version's namespace for a storage format: float16 rows never mix with float32 ones."""
+    return version if store == "float32" else f"{version}.{store}"
+
+
+def row_bytes(num_classes: int, dtype: np.dtype = STORE_DTYPES["float32"]) -> int:
+    return num_classes * dtype.itemsize + KEY_BYTES + CHECK_BYTES
 
 
 def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """One blake2b-64 per row over (format, namespace, key bytes, float32 logits bytes).
+    """One blake2b-64 per row over (format, namespace, key bytes, stored logits bytes, little-endian).
 
     The key ties the logits to their input and the namespace ties them to their member
     version, so a row moved anywhere else (swapped or copied chunks) fails like a damaged one.
@@ -95,7 +105,7 @@ def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray
     rows = np.concatenate(
         [
             np.ascontiguousarray(keys, np.uint8).reshape(n, KEY_BYTES),
-            np.ascontiguousarray(logits, "<f4").view(np.uint8).reshape(n, -1),
+            np.ascontiguousarray(logits, logits.dtype.newbyteorder("<")).view(np.uint8).reshape(n, -1),
         ],
         axis=1,
     )
@@ -185,10 +195,11 @@ class _Header:
     arrays: _Arrays
     committed: int
     num_classes: int
+    dtype: np.dtype = STORE_DTYPES["float32"]
 
     @property
     def nbytes(self) -> int:
-        return self.committed * row_bytes(self.num_classes)
+        return self.committed * row_bytes(self.num_classes, self.dtype)
 
 
 @dataclass
@@ -198,8 +209,8 @@ class _Rows:
     checks: np.ndarray
 
     @classmethod
-    def empty(cls, n: int, num_classes: int) -> _Rows:
-        return cls(np.zeros((n, KEY_BYTES), np.uint8), np.zeros((n, num_classes), np.float32), np.zeros(n, np.uint64))
+    def empty(cls, n: int, num_classes: int, dtype: np.dtype = STORE_DTYPES["float32"]) -> _Rows:
+        return cls(np.zeros((n, KEY_BYTES), np.uint8), np.zeros((n, num_classes), dtype), np.zeros(n, np.uint64))
 
     def select(self, which) -> _Rows:
         return _Rows(self.keys[which], self.logits[which], self.checks[which])
@@ -263,6 +274,7 @@ class MemberCache:
     ):
         self.version = version
         self.num_classes = arrays.logits.shape[1]
+        self.dtype = np.dtype(arrays.logits.dtype)
         self._arrays, self._writer, self._budget = arrays, writer, budget
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
@@ -283,11 +295,16 @@ class MemberCache:
         return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
     def take(self, positions: np.ndarray) -> np.ndarray:
-        return self._logits[positions]
+        return self._logits[positions].astype(np.float32, copy=False)
 
     def insert(self, keys: list[bytes], logits: np.ndarray) -> int:
-        """Append rows (newest wins on lookup); returns how many the size bound let in."""
-        n = self._budget.grant(len(keys), row_bytes(self.num_classes)) if not self.broken else 0
+        """Append rows (newest wins on lookup); returns how many the size bound let in. A row whose logits the
+        store's dtype cannot hold (past float16's range) is not stored: it is recomputed when asked again."""
+        if self.dtype != logits.dtype:
+            fits = (np.abs(logits) <= np.finfo(self.dtype).max).all(axis=1)
+            if not fits.all():
+                keys, logits = [k for k, ok in zip(keys, fits) if ok], logits[fits]
+        n = self._budget.grant(len(keys), row_bytes(self.num_classes, self.dtype)) if not self.broken else 0
         if n == 0:
             return 0
         self._reserve(self.rows + n)
@@ -326,7 +343,7 @@ class MemberCache:
 
     def _submit_chunk(self, chunk: int, committed: int) -> Future:
         start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
-        padded = _Rows.empty(self.chunk_rows, self.num_classes)
+        padded = _Rows.empty(self.chunk_rows, self.num_classes, self.dtype)
         filled = min(stop, self.rows) - start
         padded.keys[:filled] = self._keys[start : start + filled]
         padded.logits[:filled] = self._logits[start : start + filled]
@@ -398,6 +415,7 @@ def inspect_namespace(root: zarr.Group, version: str) -> _Header:
         raise NamespaceDamaged("is an array, not a namespace group")
     attrs = dict(group.attrs)
     committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
+    stored = attrs.get("dtype", "float32")  # namespaces written before float16 existed say nothing: float32
     if attrs.get("format") != FORMAT:
         found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
         raise NamespaceDamaged(
@@ -408,21 +426,25 @@ def inspect_namespace(root: zarr.Group, version: str) -> _Header:
         raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
     if not _count(num_classes) or num_classes < 1:
         raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
+    if stored not in STORE_DTYPES:
+        raise NamespaceDamaged(f"dtype is {stored!r}, not one of {', '.join(STORE_DTYPES)}")
     arrays = {}
     for name, dtype, tail in (
         ("keys", np.uint8, (KEY_BYTES,)),
-        ("logits", np.float32, (num_classes,)),
+        ("logits", STORE_DTYPES[stored], (num_classes,)),
         ("checks", np.uint64, ()),
     ):
         arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
-    return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes)
+    return _Header(
+        _Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes, STORE_DTYPES[stored]
+    )
 
 
 def read_verified(version: str, header: _Header) -> tuple[_Rows, list[str]]:
     """The committed rows that read back and match their checksums, and what was wrong with the others, per
     chunk."""
     n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
-    rows = _Rows.empty(n, header.num_classes)
+    rows = _Rows.empty(n, header.num_classes, header.dtype)
     readable = np.ones(n, bool)
     problems: list[str] = []
 
@@ -616,21 +638,24 @@ class LogitCache:
         log.warning("cache namespace %s: %s; %s; %s", version, reason, where, then)
         return where
 
-    def namespace(self, version: str, num_classes: int) -> MemberCache:
+    def namespace(self, version: str, num_classes: int, store: str = "float32") -> MemberCache:
+        """The namespace `version` (see namespace_name), holding rows as `store` says (float32 or float16)."""
         with self._namespaces_lock:
             if version not in self._namespaces:
-                self._namespaces[version] = self._load(version, num_classes)
+                self._namespaces[version] = self._load(version, num_classes, STORE_DTYPES[store])
             return self._namespaces[version]
 
-    def _load(self, version: str, num_classes: int) -> MemberCache:
+    def _load(self, version: str, num_classes: int, dtype: np.dtype) -> MemberCache:
         header = self._headers.get(version)
         if header is None:
             if version in self._foreign:
                 self._set_aside(version, "holds files but no namespace metadata", 0, "rebuilt empty")
                 self._foreign.discard(version)
-            return self._fresh(version, num_classes, None)
+            return self._fresh(version, num_classes, dtype, None)
         if header.num_classes != num_classes:
             raise ValueError(f"cache namespace {version} holds {header.num_classes} classes, expected {num_classes}")
+        if header.dtype != dtype:
+            raise ValueError(f"cache namespace {version} holds {header.dtype} rows, expected {dtype}")
         del self._headers[version]
         rows, problems = read_verified(version, header)
         bad = header.committed - len(rows.keys)
@@ -648,17 +673,17 @@ class LogitCache:
             bad,
             f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for",
         )
-        return self._fresh(version, num_classes, rows)
+        return self._fresh(version, num_classes, dtype, rows)
 
-    def _fresh(self, version: str, num_classes: int, salvaged: _Rows | None) -> MemberCache:
+    def _fresh(self, version: str, num_classes: int, dtype: np.dtype, salvaged: _Rows | None) -> MemberCache:
         """A new, empty namespace; rows salvaged from a damaged one are written into it before serving starts."""
         group = self._root.create_group(version, overwrite=True)
-        group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes})
+        group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes, "dtype": dtype.name})
         chunk = self.chunk_rows
         arrays = _Arrays(
             group,
             group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk, KEY_BYTES), dtype="uint8"),
-            group.create_array("logits", shape=(0, num_classes), chunks=(chunk, num_classes), dtype="float32"),
+            group.create_array("logits", shape=(0, num_classes), chunks=(chunk, num_classes), dtype=dtype.name),
             group.create_array("checks", shape=(0,), chunks=(chunk,), dtype="uint64"),
         )
         folder = self._durable_folder(version)
@@ -669,9 +694,9 @@ class LogitCache:
             _fsync(folder / "zarr.json")
             _fsync(folder, directory=True)
             _fsync(self._folder, directory=True)
-        rows = _Rows.empty(0, num_classes)
+        rows = _Rows.empty(0, num_classes, dtype)
         if salvaged is not None:
-            rows = salvaged.select(slice(0, self.budget.grant(len(salvaged.keys), row_bytes(num_classes))))
+            rows = salvaged.select(slice(0, self.budget.grant(len(salvaged.keys), row_bytes(num_classes, dtype))))
         ns = MemberCache(version, arrays, rows, 0, self._writer, self.budget, folder)
         if ns.rows:
             ns.write_restored()

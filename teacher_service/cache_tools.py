@@ -24,6 +24,7 @@ from pathlib import Path
 from shared.configfile import ConfigError
 from teacher_service.cache import (
     DAMAGED_DIR,
+    STORE_DTYPES,
     NamespaceDamaged,
     StoreLocked,
     _lock_folder,
@@ -41,6 +42,7 @@ class Namespace:
     version: str
     rows: int = 0
     num_classes: int = 0
+    dtype: str = "float32"  # how its logits are stored
     problem: str | None = None  # why its metadata fails its checks (the service sets it aside when it starts)
     used_by: list[str] = field(default_factory=list)  # members of the config's teachers with this version
     hits: float | None = None  # since the running service at --url started
@@ -48,7 +50,7 @@ class Namespace:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * row_bytes(self.num_classes) if self.problem is None else 0
+        return self.rows * row_bytes(self.num_classes, STORE_DTYPES[self.dtype]) if self.problem is None else 0
 
 
 @dataclass
@@ -82,7 +84,9 @@ def survey(folder: Path | str, versions: dict[str, list[str]]) -> Store:
     for name in names:
         try:
             header = inspect_namespace(root, name)
-            namespaces.append(Namespace(name, header.committed, header.num_classes, used_by=versions.get(name, [])))
+            namespaces.append(
+                Namespace(name, header.committed, header.num_classes, header.dtype.name, used_by=versions.get(name, []))
+            )
         except NamespaceDamaged as exc:
             namespaces.append(Namespace(name, exc.rows, problem=str(exc), used_by=versions.get(name, [])))
     damaged = Path(folder) / DAMAGED_DIR if isinstance(folder, Path) else None  # an object store keeps none aside

@@ -44,6 +44,11 @@ class TeacherConfig(StrictConfig):
     input_shape: tuple[Count, Count, Count]
     aggregate: Aggregate = Aggregate.probs
     temperature: Positive = 1.0
+    store: Literal["float32", "float16"] = Field(
+        "float32",
+        description="How the cache stores each member's rows: float32 exactly as computed, or float16 at half the "
+        "bytes (hits then serve each logit rounded to float16). The ensemble is always formed from the member rows.",
+    )
     members: Annotated[list[MemberConfig], Field(min_length=1)]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from shared.codec import to_unit_float
 from shared.protocol import CacheMode
-from teacher_service.cache import LogitCache, MemberCache
+from teacher_service.cache import LogitCache, MemberCache, namespace_name
 from teacher_service.metrics import Metrics
 from teacher_service.registry import Member, Teacher
 
@@ -71,7 +71,8 @@ class TeacherRunner:
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast)
         k = teacher.config.num_classes
         self.caches: list[MemberCache | None] = [
-            cache.namespace(m.version, k) if cache else None for m in teacher.members
+            cache.namespace(namespace_name(m.version, teacher.config.store), k, teacher.config.store) if cache else None
+            for m in teacher.members
         ]
         if channels_last:
             for m in teacher.members:
@@ -89,14 +90,14 @@ class TeacherRunner:
         work = BatchWork(batch, keys, readable, modes != CacheMode.bypass.value)
         work.out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
         work.all_hit = np.ones(len(keys), dtype=bool)
-        for m, (member, cache) in enumerate(zip(self.teacher.members, self.caches)):
+        for m, cache in enumerate(self.caches):
             positions = cache.lookup(keys) if cache else np.full(len(keys), -1)
             hit = (positions >= 0) & readable
             if hit.any():
                 work.out[m][torch.from_numpy(hit)] = torch.from_numpy(cache.take(positions[hit]))
             work.misses.append(np.flatnonzero(~hit))
             work.all_hit &= hit
-            self.metrics.cache_lookups(member.version, hits=int(hit.sum()), misses=len(work.misses[m]))
+            self.metrics.cache_lookups(self._label(m), hits=int(hit.sum()), misses=len(work.misses[m]))
         return work
 
     def cached(self, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
@@ -109,11 +110,16 @@ class TeacherRunner:
             positions.append(at)
             found &= at >= 0
         out = torch.empty(len(self.caches), int(found.sum()), self.teacher.config.num_classes)
-        for m, (member, cache) in enumerate(zip(self.teacher.members, self.caches)):
+        for m, cache in enumerate(self.caches):
             if found.any():
                 out[m] = torch.from_numpy(cache.take(positions[m][found]))
-            self.metrics.cache_lookups(member.version, hits=int(found.sum()), misses=0)
+            self.metrics.cache_lookups(self._label(m), hits=int(found.sum()), misses=0)
         return out, found
+
+    def _label(self, m: int) -> str:
+        """Member m's metrics label: its cache namespace (the version, with the store format where not float32)."""
+        cache = self.caches[m]
+        return cache.version if cache else self.teacher.members[m].version
 
     def compute(self, work: BatchWork) -> BatchWork:
         """Forward passes for the misses (on this runner's device's thread): no cache access here."""

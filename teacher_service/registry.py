@@ -20,6 +20,7 @@ from shared.ensemble import normalised_weights
 from shared.hashing import file_version
 from shared.protocol import MemberInfo, TeacherInfo
 from shared.safe_load import first_line, load_export, not_a_model_file, refused_pickle, weights_only_unpickling
+from teacher_service.cache import namespace_name
 from teacher_service.config import ConfigError, MemberConfig, ServiceConfig, TeacherConfig
 
 log = logging.getLogger("akd.registry")
@@ -68,7 +69,8 @@ class Teacher:
 
 
 def member_versions(config: ServiceConfig) -> dict[str, list[str]]:
-    """Each member version the config serves, with the teachers[i] members that use it: the weights files hashed,
+    """Each cache namespace the config serves (a member version, in its teacher's store format), with the
+    teachers[i] members that use it: the weights files hashed,
     nothing loaded (for `akd cache`, which must not run a model to tidy a cache). A missing file is a ConfigError."""
     versions: dict[str, list[str]] = {}
     for name, tconf in config.teachers.items():
@@ -77,7 +79,7 @@ def member_versions(config: ServiceConfig) -> dict[str, list[str]]:
             path = mconf.path if mconf.path is not None else _robustbench_file(mconf)
             if not path.is_file():
                 raise ConfigError(f"{where}: weights file {path} does not exist")
-            versions.setdefault(file_version(path), []).append(where)
+            versions.setdefault(namespace_name(file_version(path), tconf.store), []).append(where)
     return versions
 
 

@@ -1,0 +1,82 @@
+"""What `store = "float16"` costs: the served probabilities from float16-rounded member logits against the exact ones.
+
+The service serves a cache hit as aggregate_probs(float16(logits)) (tests/test_cache_formats.py checks that, bit for
+bit), so this computes the same thing without a service: each teacher checkpoint on a dataset's test images, its
+logits rounded to float16, the ensemble's probabilities at each temperature, and the KL divergence and largest
+absolute difference from the float32 ones; and the bytes per cached row of each format.
+
+    python scripts/store_error.py --dataset mnist5k runs/overfit100/teachers/*/best.pt
+    python scripts/store_error.py --random-teacher preact_resnet18 --classes 100     # no trained 100-class teacher here
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.checkpoint import load_checkpoint  # noqa: E402
+from shared.ensemble import aggregate_probs  # noqa: E402
+from shared.models import build_model  # noqa: E402
+from student_trainer.data import load_dataset  # noqa: E402
+from teacher_service.cache import STORE_DTYPES, row_bytes  # noqa: E402
+
+
+def member_logits(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.stack([torch.cat([m(x[i : i + batch]) for i in range(0, len(x), batch)]) for m in models])
+
+
+def errors(logits: torch.Tensor, temperature: float) -> tuple[float, float, float]:
+    """(mean KL(exact || float16), max KL, max |p - p16|) of the equally weighted ensemble's probabilities."""
+    weights = torch.full((len(logits),), 1 / len(logits))
+    exact = aggregate_probs(logits, weights, temperature).double()
+    rounded = aggregate_probs(logits.half().float(), weights, temperature).double()
+    kl = (exact * (exact.clamp_min(1e-300).log() - rounded.clamp_min(1e-300).log())).sum(1)
+    return float(kl.mean()), float(kl.max()), float((exact - rounded).abs().max())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="*", type=Path, help="teacher checkpoints (one ensemble)")
+    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--limit", type=int, default=2000, help="test images used")
+    parser.add_argument("--random-teacher", help="an architecture with random weights instead of checkpoints")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--temperatures", default="1,4")
+    args = parser.parse_args()
+    if args.random_teacher:
+        torch.manual_seed(0)
+        shape = (3, 32, 32)
+        models = [build_model(args.random_teacher, args.classes, shape).eval()]
+        x = torch.rand(args.limit, *shape, generator=torch.Generator().manual_seed(1))
+        what = f"{args.random_teacher}, random weights, {args.classes} classes, {args.limit} random inputs"
+    else:
+        data = load_dataset(args.dataset, None, None, None)
+        models = []
+        for path in args.checkpoints:
+            ckpt = load_checkpoint(path)
+            model = build_model(ckpt.arch, ckpt.num_classes, ckpt.input_shape, data.mean, data.std)
+            model.load_state_dict(ckpt.state_dict)
+            models.append(model.eval())
+        x = data.test.x[: args.limit].float() / 255
+        what = f"{len(models)} trained teacher(s) on {len(x)} {args.dataset} test images"
+    logits = member_logits(models, x)
+    k = logits.shape[-1]
+    print(f"{what}; logits in [{float(logits.min()):.1f}, {float(logits.max()):.1f}]")
+    sizes = ", ".join(f"{name} {row_bytes(k, dtype)}" for name, dtype in STORE_DTYPES.items())
+    print(f"bytes per cached row ({k} classes): {sizes}")
+    print("| temperature | mean KL(float32 || float16) | max KL | max abs error of a probability |")
+    print("| ---: | ---: | ---: | ---: |")
+    for t in (float(v) for v in args.temperatures.split(",")):
+        mean_kl, max_kl, max_abs = errors(logits, t)
+        print(f"| {t:g} | {mean_kl:.2e} | {max_kl:.2e} | {max_abs:.2e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

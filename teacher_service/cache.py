@@ -487,7 +487,7 @@ def _local_folder(store: StoreLike) -> Path | None:
     return None
 
 
-def _lock_folder(folder: Path) -> int:
+def lock_folder(folder: Path) -> int:
     """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even
     on kill -9."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -556,7 +556,7 @@ class LogitCache:
         self.chunk_rows = chunk_rows
         folder = _local_folder(store)
         self._folder = folder
-        self._lock = _lock_folder(folder) if folder else None
+        self._lock = lock_folder(folder) if folder else None
         if folder:
             _remove_torn_writes(folder)
         self.durable = durable and folder is not None

@@ -27,9 +27,9 @@ from teacher_service.cache import (
     STORE_DTYPES,
     NamespaceDamaged,
     StoreLocked,
-    _lock_folder,
     inspect_namespace,
     list_namespaces,
+    lock_folder,
     read_verified,
     row_bytes,
 )
@@ -195,7 +195,7 @@ def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool) -> int:
                 file=sys.stderr,
             )
             return 2
-        lock = None if dry_run else _lock_folder(store.folder)  # StoreLocked while a service runs on it
+        lock = None if dry_run else lock_folder(store.folder)  # StoreLocked while a service runs on it
         try:
             for ns in stale:
                 print(

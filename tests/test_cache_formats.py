@@ -5,8 +5,6 @@ is never stored. A real service, a real zarr store."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import numpy as np
@@ -15,7 +13,6 @@ import zarr
 from conftest import (
     HANG_S,
     MNIST_SHAPE,
-    REPO,
     live_server,
     mnist_teacher,
     post,
@@ -23,6 +20,7 @@ from conftest import (
     seeded_model,
     write_config,
 )
+from test_cache_tools import akd_cache
 
 from shared import codec
 from shared.checkpoint import Checkpoint, save_checkpoint
@@ -90,13 +88,7 @@ def test_akd_cache_counts_float16_rows_at_their_size(tmp_path, mnist_members):
     )
     with live_server(config) as (base, _):
         post(base, random_inputs(12), teacher="half", cache="use")
-    done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", "stats", "--config", str(config), "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_S,
-    )
+    done = akd_cache("stats", "--config", str(config), "--json")
     assert done.returncode == 0, done.stderr
     [namespace] = json.loads(done.stdout)[0]["namespaces"]
     assert namespace["version"] == f"{file_version(mnist_members['a'])}.float16" and namespace["dtype"] == "float16"

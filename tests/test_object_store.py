@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import HANG_S, REPO, free_port, live_server, mnist_teacher, post, random_inputs, write_config
+from conftest import HANG_S, free_port, live_server, mnist_teacher, post, random_inputs, write_config
+from test_cache_tools import akd_cache
 
 from shared import codec
 from shared.hashing import file_version
@@ -121,34 +122,12 @@ def test_akd_cache_stats_and_verify_read_an_object_store(s3_config):
     config, prefix, versions = s3_config
     with live_server(config) as (base, _):
         post(base, random_inputs(12), cache="use")
-    env = {**os.environ}
-    stats = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", "stats", "--config", str(config), "--json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_S,
-    )
+    stats = akd_cache("stats", "--config", str(config), "--json")
     assert stats.returncode == 0, stats.stderr
     [store] = json.loads(stats.stdout)
     assert store["folder"] == f"s3://{BUCKET}/{prefix}"
     assert {ns["version"]: ns["rows"] for ns in store["namespaces"]} == {v: 12 for v in versions}
-    verify = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", "verify", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_S,
-    )
+    verify = akd_cache("verify", "--config", str(config))
     assert verify.returncode == 0 and verify.stdout.count("ok, 12 rows verified") == 2, verify.stdout + verify.stderr
-    gc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", "gc", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_S,
-    )
+    gc = akd_cache("gc", "--config", str(config))
     assert gc.returncode == 2 and "only a local folder has" in gc.stderr

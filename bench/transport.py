@@ -11,14 +11,12 @@ side computes: the time is the transport, hashing the rows included.
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import torch
 
 from bench.context import Context
 from bench.results import Section
 from bench.timing import alternate, median
 from shared import codec, protocol
-from shared.hashing import row_keys
 
 DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
@@ -113,8 +111,7 @@ def keys_first_rows(ctx: Context, client: httpx.Client, teacher: str, shape: tup
         return answered("upload, all cached", body, response)
 
     def by_keys() -> torch.Tensor:
-        keys = np.frombuffer(b"".join(row_keys(images)), dtype=np.uint8).reshape(batch, -1)
-        body = codec.encode({protocol.KEYS_KEY: torch.from_numpy(keys.copy())})
+        body = codec.encode_keys(images)
         response = client.post(protocol.SOFT_TARGET_KEYS_PATH, content=body, params=params)
         return answered("keys first, all cached", body, response)
 

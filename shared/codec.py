@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from shared.hashing import KEY_BYTES
+from shared.hashing import KEY_BYTES, row_keys
 from shared.protocol import INPUT_DTYPES, INPUTS_KEY, KEYS_KEY
 
 
@@ -192,6 +192,12 @@ def check_keys_declared(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tupl
     if dtype != "uint8" or len(shape) != 2 or shape[1] != KEY_BYTES or shape[0] < 1:
         raise CodecError("bad_keys", f"keys are a {dtype} tensor of shape {shape}", expected, f"{dtype} {shape}")
     return shape
+
+
+def encode_keys(rows: torch.Tensor) -> bytes:
+    """A keys-first body: the content hash of each row as it would be uploaded (the cache's own keys)."""
+    keys = np.frombuffer(b"".join(row_keys(rows)), dtype=np.uint8).reshape(len(rows), KEY_BYTES)
+    return encode({KEYS_KEY: torch.from_numpy(keys.copy())})
 
 
 def validate_keys(tensors: dict[str, torch.Tensor]) -> list[bytes]:

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
-import numpy as np
 import torch
 
 from shared import codec, protocol
-from shared.hashing import row_keys
 from shared.protocol import CacheMode, TeacherInfo, TeachersResponse
 
 log = logging.getLogger("akd.teacher_client")
@@ -165,9 +163,8 @@ class RemoteTeacher:
     def _by_keys_first(self, rows: torch.Tensor, params: dict, headers: dict) -> torch.Tensor | None:
         """The cached rows' soft targets asked for by key (16 bytes a row), then only the other rows uploaded.
         None when the service turns the path down (then it is not asked again)."""
-        keys = np.frombuffer(b"".join(row_keys(rows)), dtype=np.uint8).reshape(len(rows), -1)
         query = {k: v for k, v in params.items() if k != "cache"}
-        body = codec.encode({protocol.KEYS_KEY: torch.from_numpy(keys.copy())})
+        body = codec.encode_keys(rows)
         try:
             response = self._send("POST", protocol.SOFT_TARGET_KEYS_PATH, params=query, headers=headers, content=body)
         except TeacherRequestError as exc:

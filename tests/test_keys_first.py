@@ -10,7 +10,6 @@ import torch
 from conftest import HANG_S, live_server, mnist_teacher, write_config
 
 from shared import codec, protocol
-from shared.hashing import row_keys
 from student_trainer.teacher_client import RemoteTeacher
 
 
@@ -57,9 +56,10 @@ def test_a_service_without_a_cache_does_not_offer_it(tmp_path, mnist_members):
         assert not client.keys_first
         client(clean_rows(4, seed=0))
         assert client.rows_uploaded == 4
-        keys = torch.frombuffer(bytearray(b"".join(row_keys(clean_rows(2, 0)))), dtype=torch.uint8).reshape(2, 16)
         refused = httpx.post(
-            base + protocol.SOFT_TARGET_KEYS_PATH, content=codec.encode({"keys": keys}), timeout=HANG_S
+            base + protocol.SOFT_TARGET_KEYS_PATH,
+            content=codec.encode_keys(codec.to_transport(clean_rows(2, 0))),
+            timeout=HANG_S,
         )
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "no_cache"
 
@@ -102,11 +102,10 @@ def test_the_answer_says_which_rows_were_found(teacher_config):
             content=codec.encode_inputs(transport[:4]),
             timeout=HANG_S,
         ).raise_for_status()
-        keys = torch.frombuffer(bytearray(b"".join(row_keys(transport))), dtype=torch.uint8).reshape(6, 16)
         answer = httpx.post(
             base + protocol.SOFT_TARGET_KEYS_PATH,
             params={"teacher": "ens", "outputs": "probs,member_logits"},
-            content=codec.encode({"keys": keys}),
+            content=codec.encode_keys(transport),
             timeout=HANG_S,
         )
         assert answer.status_code == 200 and answer.headers[protocol.HEADER_CACHE_HITS] == "4"

@@ -5,6 +5,7 @@ is too large, and decoded into rows for the batcher (off the event loop when lar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from fastapi import Request
@@ -128,17 +129,21 @@ def check_rows(rows: int, max_rows: int) -> None:
 
 
 def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMode) -> Rows:
-    try:
+    with _refused():
         x = codec.validate_inputs(codec.decode(body), input_shape)
-    except codec.CodecError as exc:
-        status = 400 if exc.code == "bad_body" else 422
-        raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None
     return Rows(x, row_keys(x), cache)  # scaled to [0, 1] on the inference thread
 
 
 def prepare_keys(body: bytes) -> list[bytes]:
-    try:
+    with _refused():
         return codec.validate_keys(codec.decode(body))
+
+
+@contextlib.contextmanager
+def _refused():
+    """A body the codec refuses: 400 when it is not a readable safetensors file, 422 when its tensors are wrong."""
+    try:
+        yield
     except codec.CodecError as exc:
         status = 400 if exc.code == "bad_body" else 422
         raise ServiceError(status, exc.code, exc.message, exc.expected, exc.received) from None

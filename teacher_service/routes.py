@@ -143,15 +143,7 @@ async def soft_targets(
         tau = t.config.temperature if temperature is None else temperature
         payload = await off_loop_if_large(result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted)
     service.metrics.request(t.name, 200, len(rows.keys))
-    return Response(
-        payload,
-        media_type=protocol.MEDIA_TYPE,
-        headers={
-            protocol.HEADER_CACHE_HITS: str(result.cache_hits),
-            protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
-            protocol.HEADER_TEACHER: t.name,
-        },
-    )
+    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, result.cache_hits))
 
 
 @router.post(
@@ -203,16 +195,9 @@ async def soft_target_keys(
     tau = t.config.temperature if temperature is None else temperature
     tensors = _outputs(member_logits, t, tau, wanted)
     tensors[protocol.FOUND_KEY] = torch.from_numpy(found.astype(np.uint8))
+    payload = await off_loop_if_large(member_logits.numel() * 4, codec.encode, tensors)
     service.metrics.request(t.name, 200, int(found.sum()))
-    return Response(
-        codec.encode(tensors),
-        media_type=protocol.MEDIA_TYPE,
-        headers={
-            protocol.HEADER_CACHE_HITS: str(int(found.sum())),
-            protocol.HEADER_TEACHER_VERSIONS: ",".join(t.versions),
-            protocol.HEADER_TEACHER: t.name,
-        },
-    )
+    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, int(found.sum())))
 
 
 @router.get(protocol.TEACHERS_PATH, response_model=TeachersResponse)
@@ -228,6 +213,14 @@ async def healthz(service: Service = Depends(current_service)) -> dict:
 @router.get(protocol.METRICS_PATH, response_class=Response)
 async def metrics(service: Service = Depends(current_service)) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _answer_headers(teacher: Teacher, hits: int) -> dict[str, str]:
+    return {
+        protocol.HEADER_CACHE_HITS: str(hits),
+        protocol.HEADER_TEACHER_VERSIONS: ",".join(teacher.versions),
+        protocol.HEADER_TEACHER: teacher.name,
+    }
 
 
 def _wanted(outputs: str) -> list[Output]:

@@ -267,7 +267,7 @@ def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]
         raise ConfigError("no cache: give --cache-dir, or --config with a server.cache_dir")
     if "://" in str(store):
         return str(store), versions  # an object store: zarr reads it (stats, verify)
-    folder = Path(store)
+    folder = Path(os.path.normpath(store))  # as a person would write it: configs/../runs/cache is runs/cache
     if not folder.is_dir():
         raise ConfigError(f"cache folder {folder} does not exist")
     return folder, versions

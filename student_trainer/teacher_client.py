@@ -25,8 +25,9 @@ class Teacher(Protocol):
 
     name: str | None
     temperature: float
-    rows_requested: int  # rows asked for so far, and how many of them the service's cache answered
-    cache_hits: int
+    rows_requested: int  # rows asked for so far, how many of them the service's cache answered, and how many went
+    cache_hits: int  # up whole (the rest were asked for by key)
+    rows_uploaded: int
 
     def info(self) -> TeacherInfo:
         """What the teacher is (classes, input shape, members); checked against the dataset before training."""
@@ -264,6 +265,7 @@ class LocalTeacher:
         self.temperature = self._teacher.default_temperature if temperature is None else temperature
         self.rows_requested = 0
         self.cache_hits = 0
+        self.rows_uploaded = 0  # nothing leaves the process
 
     def info(self) -> TeacherInfo:
         return self._teacher.info()

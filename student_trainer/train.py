@@ -247,7 +247,7 @@ class Trainer:
 
     def _epoch(self, epoch: int, progress: Progress) -> dict:
         started = time.perf_counter()
-        teacher_rows, teacher_hits = self._teacher_counts()
+        before = self._teacher_counts()
         totals = {"loss": 0.0, "clean": 0, "adv": 0, "perturbation": 0.0, "n": 0}
         records = []  # (indices, clean correct, adversarial correct) per batch, for the training dynamics
         self.model.train()
@@ -269,9 +269,9 @@ class Trainer:
             totals["n"] += n
             progress.step(loss=totals["loss"] / totals["n"], adv_acc=totals["adv"] / totals["n"])
         self._record_dynamics(epoch, records)
-        rows, hits = self._teacher_counts()
+        teacher = [now - then for now, then in zip(self._teacher_counts(), before, strict=True)]
         keys = list(totals)
-        summed = self.world.sum([totals[k] for k in keys] + [rows - teacher_rows, hits - teacher_hits], self.device)
+        summed = self.world.sum([totals[k] for k in keys] + teacher, self.device)
         totals = dict(zip(keys, summed))
         metrics = {
             "epoch": epoch + 1,
@@ -282,8 +282,10 @@ class Trainer:
             "train_adv_acc": totals["adv"] / totals["n"],
             # the mean distance the attack moved a training input: near train_eps when it reaches the ball's surface
             "train_perturbation": totals["perturbation"] / totals["n"],
-            "teacher_rows": int(summed[-2]),
-            "teacher_cache_hits": int(summed[-1]),
+            "teacher_rows": int(summed[-3]),
+            "teacher_cache_hits": int(summed[-2]),
+            # rows sent whole to the service: the others were answered by key (keys first) or in-process
+            "teacher_rows_uploaded": int(summed[-1]),
             "world_size": self.world.size,
         }
         metrics.update(self._validate(epoch + 1, progress))
@@ -349,10 +351,10 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
         }
 
-    def _teacher_counts(self) -> tuple[int, int]:
+    def _teacher_counts(self) -> tuple[int, int, int]:
         if self.teacher is None:
-            return 0, 0
-        return self.teacher.rows_requested, self.teacher.cache_hits
+            return 0, 0, 0
+        return self.teacher.rows_requested, self.teacher.cache_hits, self.teacher.rows_uploaded
 
     def _rewrite_metrics(self) -> None:
         """metrics.jsonl holds exactly the epochs this run has completed (a resumed run drops any others)."""

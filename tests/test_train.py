@@ -93,6 +93,7 @@ def test_ard_queries_clean_inputs_that_hit_the_cache_from_the_second_epoch(serve
     first, second = read_metrics(out)
     assert first["teacher_rows"] == second["teacher_rows"] == 800
     assert second["teacher_cache_hits"] == 800  # mnist5k is not augmented: epoch 2 sees the same clean rows
+    assert (first["teacher_rows_uploaded"], second["teacher_rows_uploaded"]) == (800, 0)  # then asked for by key
 
 
 def test_rslad_with_a_local_teacher_config(served_teacher, tmp_path):

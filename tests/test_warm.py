@@ -56,6 +56,7 @@ def test_warm_makes_every_ard_query_a_hit_and_a_second_warm_computes_nothing(ser
     train(load_train_config(sets=[*sets, f"out_dir={out}", f"teacher.url={service}"]))
     [epoch] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epoch["teacher_rows"] == epoch["teacher_cache_hits"] == 256  # the first epoch already all hits
+    assert epoch["teacher_rows_uploaded"] == 0  # asked for by key: no row went up whole
 
 
 def test_warm_sends_every_augmented_view_of_a_cifar_run(tmp_path):

@@ -259,6 +259,78 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class KeyIndex:
+    """Row positions by key in two flat numpy arrays, where a dict of 16-byte keys costs over 100 bytes a row.
+
+    Open addressing with linear probing on each key's first 8 bytes (blake2b output, so uniformly spread), kept at
+    most half full: 24 to 48 bytes a row. A slot only names a row: `MemberCache.lookup` compares the row's whole key,
+    so two keys sharing their first 8 bytes cost a miss (a recomputation), never a wrong row. The newest row of a
+    prefix wins, as `cache=refresh` appends a key again.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self._prefixes = np.zeros(capacity, np.uint64)
+        self._rows = np.full(capacity, -1, np.int32)  # -1: empty
+        self.count = 0
+
+    @staticmethod
+    def prefixes(keys: np.ndarray) -> np.ndarray:
+        """(N, KEY_BYTES) uint8 keys -> their first 8 bytes as (N,) uint64."""
+        return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1).astype(np.uint64)
+
+    def find(self, prefixes: np.ndarray) -> np.ndarray:
+        """The row each prefix names, -1 where none does."""
+        mask = np.uint64(len(self._rows) - 1)
+        found = np.full(len(prefixes), -1, np.int64)
+        slots = (prefixes & mask).astype(np.int64)
+        todo = np.arange(len(prefixes))
+        while todo.size:
+            held = self._rows[slots[todo]]
+            hit = (held >= 0) & (self._prefixes[slots[todo]] == prefixes[todo])
+            found[todo[hit]] = held[hit]
+            todo = todo[(held >= 0) & ~hit]  # an occupied slot of another prefix: probe on; an empty one ends it
+            slots[todo] = (slots[todo] + 1) & int(mask)
+        return found
+
+    def add(self, prefixes: np.ndarray, rows: np.ndarray) -> None:
+        """Point each prefix at its row; for a prefix given twice, at the later row."""
+        if not len(prefixes):
+            return
+        reversed_first = np.unique(prefixes[::-1], return_index=True)[1]
+        newest = len(prefixes) - 1 - reversed_first  # the last occurrence of each distinct prefix
+        prefixes, rows = prefixes[newest], rows[newest].astype(np.int32)
+        if 2 * (self.count + len(prefixes)) > len(self._rows):
+            self._grow(2 * (self.count + len(prefixes)))
+        mask = len(self._rows) - 1
+        slots = (prefixes & np.uint64(mask)).astype(np.int64)
+        todo = np.arange(len(prefixes))
+        while todo.size:
+            s = slots[todo]
+            held = self._rows[s]
+            same = (held >= 0) & (self._prefixes[s] == prefixes[todo])
+            self._rows[s[same]] = rows[todo[same]]
+            empty = np.flatnonzero(held < 0)
+            claim = empty[np.unique(s[empty], return_index=True)[1]]  # one prefix per empty slot this round
+            self._prefixes[s[claim]] = prefixes[todo[claim]]
+            self._rows[s[claim]] = rows[todo[claim]]
+            self.count += len(claim)
+            placed = np.zeros(len(todo), bool)
+            placed[same] = True
+            placed[claim] = True
+            moving = ~placed & (held >= 0)  # the slot holds another prefix: probe on
+            slots[todo[moving]] = (s[moving] + 1) & mask
+            todo = todo[~placed]  # the rest: the next slot, or the same empty one claimed by another this round
+
+    def _grow(self, at_least: int) -> None:
+        used = self._rows >= 0
+        prefixes, rows = self._prefixes[used], self._rows[used]
+        capacity = 1 << max(10, int(at_least - 1).bit_length())
+        self._prefixes = np.zeros(capacity, np.uint64)
+        self._rows = np.full(capacity, -1, np.int32)
+        self.count = 0
+        self.add(prefixes, rows)
+
+
 class MemberCache:
     """One member version's namespace: index, mirror, and its chunked append log."""
 
@@ -285,14 +357,19 @@ class MemberCache:
         self.rows = len(rows.keys)
         self._whole_chunks = committed // self.chunk_rows  # chunks never to be rewritten
         self._submitted = committed  # rows handed to the writer so far
-        self._index: dict[bytes, int] = {}
-        for position, key in enumerate(self._keys[: self.rows]):
-            self._index[key.tobytes()] = position  # later rows win (cache=refresh appends)
+        self._index = KeyIndex()
+        self._index.add(KeyIndex.prefixes(self._keys[: self.rows]), np.arange(self.rows))  # later rows win
 
     def lookup(self, keys: list[bytes]) -> np.ndarray:
         """Row positions of the keys, -1 where absent."""
-        get = self._index.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        if not keys:
+            return np.zeros(0, np.int64)
+        wanted = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
+        positions = self._index.find(KeyIndex.prefixes(wanted))
+        named = positions >= 0
+        same = (self._keys[positions[named]] == wanted[named]).all(axis=1)  # the whole key, not only its prefix
+        positions[np.flatnonzero(named)[~same]] = -1
+        return positions
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         return self._logits[positions].astype(np.float32, copy=False)
@@ -312,8 +389,7 @@ class MemberCache:
         self._keys[start:end] = np.frombuffer(b"".join(keys[:n]), dtype=np.uint8).reshape(n, KEY_BYTES)
         self._logits[start:end] = logits[:n]
         self._checks[start:end] = row_checks(self.version, self._keys[start:end], self._logits[start:end])
-        for offset, key in enumerate(keys[:n]):
-            self._index[key] = start + offset
+        self._index.add(KeyIndex.prefixes(self._keys[start:end]), np.arange(start, end))
         self.rows = end
         while (self._whole_chunks + 1) * self.chunk_rows <= self.rows:
             self._submit_chunk(self._whole_chunks, committed=(self._whole_chunks + 1) * self.chunk_rows)

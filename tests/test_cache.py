@@ -310,3 +310,37 @@ class TestStores:
         cache.close()
         ns = LogitCache(store, max_bytes=1 << 20).namespace("v1", 3)
         assert np.array_equal(ns.take(ns.lookup([b"k" * 16])), np.array([[1, 2, 3]], np.float32))
+
+
+class TestKeyIndex:
+    """The index of a namespace's rows: flat numpy arrays instead of a dict of keys, the same answers."""
+
+    def test_it_answers_as_a_dict_would_through_growth_repeats_and_misses(self):
+        from teacher_service.cache import KeyIndex
+
+        rng = np.random.default_rng(0)
+        keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
+        index, reference, start = KeyIndex(), {}, 0
+        for n in (1, 7, 1000, 3, 20000, 8989):  # grows from 1,024 slots several times
+            index.add(KeyIndex.prefixes(keys[start : start + n]), np.arange(start, start + n))
+            reference.update({k.tobytes(): start + i for i, k in enumerate(keys[start : start + n])})
+            start += n
+        again = np.concatenate([keys[:500], keys[7:8]])  # cache=refresh appends keys again: the newest row wins
+        rows = np.arange(40000, 40000 + len(again))
+        index.add(KeyIndex.prefixes(again), rows)
+        reference.update({k.tobytes(): int(r) for k, r in zip(again, rows)})
+        found = index.find(KeyIndex.prefixes(keys))
+        assert found.tolist() == [reference[k.tobytes()] for k in keys]
+        assert (index.find(KeyIndex.prefixes(rng.integers(0, 256, (1000, 16), dtype=np.uint8))) == -1).all()
+        assert index.count == 30000 and len(index._rows) <= 4 * index.count  # at most half full, at least a quarter
+
+    def test_two_keys_sharing_their_first_half_cost_a_miss_never_a_wrong_row(self, tmp_path):
+        cache = LogitCache(tmp_path / "c", 1 << 20, chunk_rows=8)
+        ns = cache.namespace("v", 10)
+        first = bytes(range(16))
+        clash = first[:8] + bytes(8)  # the same first 8 bytes, another key
+        ns.insert([first], np.ones((1, 10), np.float32))
+        ns.insert([clash], np.full((1, 10), 2, np.float32))
+        assert ns.lookup([clash, first]).tolist() == [1, -1]  # the newer wins the slot; the older is recomputed
+        assert ns.take(ns.lookup([clash]))[0, 0] == 2
+        cache.close()

@@ -1,0 +1,72 @@
+"""What the cache's row index costs: cache.KeyIndex against the dict of keys it replaced, for N random keys.
+
+python scripts/key_index_cost.py            # 1,000,000 keys: bytes a row, build time, a 512-key lookup
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from teacher_service.cache import KeyIndex  # noqa: E402
+
+
+def measured(build):
+    """(the built object, seconds, bytes it holds)."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    built = build()
+    seconds = time.perf_counter() - started
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return built, seconds, held
+
+
+def per_lookup(fn, repeat: int = 200) -> float:
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - started) / repeat
+
+
+def main(n: int = 1_000_000) -> int:
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    table, dict_s, dict_bytes = measured(lambda: {k.tobytes(): i for i, k in enumerate(keys)})
+    index, index_s, index_bytes = measured(lambda: _built(keys))
+    asked = [keys[i].tobytes() for i in rng.integers(0, n, 512)]
+
+    def by_dict():
+        return np.fromiter((table.get(k, -1) for k in asked), dtype=np.int64, count=len(asked))
+
+    def by_index():
+        wanted = np.frombuffer(b"".join(asked), dtype=np.uint8).reshape(len(asked), 16)
+        positions = index.find(KeyIndex.prefixes(wanted))
+        return positions, (keys[positions] == wanted).all(axis=1)  # the whole-key check MemberCache makes
+
+    print(f"{n:,} keys:")
+    for name, held, seconds, lookup in (
+        ("dict of keys", dict_bytes, dict_s, by_dict),
+        ("KeyIndex", index_bytes, index_s, by_index),
+    ):
+        print(
+            f"  {name:<13} {held / n:.0f} bytes a row, built in {seconds:.2f} s, "
+            f"512 lookups {per_lookup(lookup) * 1e6:.0f} us"
+        )
+    return 0
+
+
+def _built(keys: np.ndarray) -> KeyIndex:
+    index = KeyIndex()
+    index.add(KeyIndex.prefixes(keys), np.arange(len(keys)))
+    return index
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from shared.protocol import CacheMode
 from student_trainer.config import TrainConfig
 from student_trainer.data import AUGMENTED_VIEWS, augmentation_space, load_dataset
-from student_trainer.teacher_client import RemoteTeacher
+from student_trainer.train import make_teacher
 
 log = logging.getLogger("akd.warm")
 
@@ -40,20 +41,16 @@ def warm(cfg: TrainConfig, batch_rows: int = 512, log_every_s: float = 30.0) -> 
     """Every view of every training image of `cfg` (its dataset, split and teacher) through the service once."""
     if cfg.teacher is None or cfg.teacher.url is None:
         raise ValueError("akd warm needs a teacher service: set teacher.url (a local teacher has no cache to fill)")
+    if cfg.teacher.cache.clean is not CacheMode.use:
+        raise ValueError(
+            f'akd warm stores clean rows: teacher.cache.clean must be "use", not "{cfg.teacher.cache.clean.value}"'
+        )
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
-    t = cfg.teacher
-    teacher = RemoteTeacher(
-        t.urls, t.name, cfg.temperature, t.token, t.timeout_s, t.give_up_after_s, clean_cache="use", affinity=t.affinity
-    )
+    teacher = make_teacher(cfg, data, torch.device("cpu"))  # the run's own client, checked against its dataset
     try:
-        info = teacher.info()
-        if tuple(info.input_shape) != tuple(data.input_shape):
-            raise ValueError(
-                f"teacher {info.name!r} takes {tuple(info.input_shape)}, {data.name} is {data.input_shape}"
-            )
         views = AUGMENTED_VIEWS if data.augment else 1
         total = len(data.train) * views
-        log.info("warming %s's cache: %d images x %d views = %d rows", info.name, len(data.train), views, total)
+        log.info("warming %s's cache: %d images x %d views = %d rows", teacher.name, len(data.train), views, total)
         started = last_line = time.monotonic()
         done = 0
         with tqdm(total=total, unit="row", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:

@@ -71,6 +71,8 @@ def test_warm_sends_every_augmented_view_of_a_cifar_run(tmp_path):
     assert f"warmed {8 * AUGMENTED_VIEWS:,} rows" in done.stdout  # 8 training images x 162 views
 
 
-def test_warm_needs_a_teacher_service():
+def test_warm_needs_a_teacher_service_that_may_store_clean_rows():
     done = akd_warm("--set", "limit_train=16")
     assert done.returncode == 2 and "needs a teacher service" in done.stderr
+    done = akd_warm("--set", "teacher.url=http://127.0.0.1:9", "--set", 'teacher.cache.clean="bypass"')
+    assert done.returncode == 2 and 'teacher.cache.clean must be "use", not "bypass"' in done.stderr

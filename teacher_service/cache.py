@@ -58,6 +58,8 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
+from teacher_service.key_index import FileBacked, KeyIndex
 
 log = logging.getLogger("akd.cache")
 
@@ -77,6 +80,7 @@ COMMITTED = "committed_rows"
 CHECK_BYTES = 8
 DAMAGED_DIR = ".damaged"
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
+MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits (`cache_memory_bytes`), whatever the store holds
 
 
 # How a teacher's member rows are stored (`[teachers.X] store`): float32 exactly as computed, or float16 at half the
@@ -259,120 +263,191 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class KeyIndex:
-    """Row positions by key in two flat numpy arrays, where a dict of 16-byte keys costs over 100 bytes a row.
+@dataclass
+class _Chunk:
+    """One chunk's rows in memory. `checked` marks the rows verified against their checksums; None: all of them (rows
+    this process computed, or verified when the namespace was loaded)."""
 
-    Open addressing with linear probing on each key's first 8 bytes (blake2b output, so uniformly spread), kept at
-    most half full: 24 to 48 bytes a row. A slot only names a row: `MemberCache.lookup` compares the row's whole key,
-    so two keys sharing their first 8 bytes cost a miss (a recomputation), never a wrong row. The newest row of a
-    prefix wins, as `cache=refresh` appends a key again.
-    """
+    rows: _Rows
+    checked: np.ndarray | None = None
 
-    def __init__(self, capacity: int = 1024):
-        self._prefixes = np.zeros(capacity, np.uint64)
-        self._rows = np.full(capacity, -1, np.int32)  # -1: empty
-        self.count = 0
+    @property
+    def nbytes(self) -> int:
+        return self.rows.keys.nbytes + self.rows.logits.nbytes + self.rows.checks.nbytes
 
-    @staticmethod
-    def prefixes(keys: np.ndarray) -> np.ndarray:
-        """(N, KEY_BYTES) uint8 keys -> their first 8 bytes as (N,) uint64."""
-        return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1).astype(np.uint64)
 
-    def find(self, prefixes: np.ndarray) -> np.ndarray:
-        """The row each prefix names, -1 where none does."""
-        mask = np.uint64(len(self._rows) - 1)
-        found = np.full(len(prefixes), -1, np.int64)
-        slots = (prefixes & mask).astype(np.int64)
-        todo = np.arange(len(prefixes))
-        while todo.size:
-            held = self._rows[slots[todo]]
-            hit = (held >= 0) & (self._prefixes[slots[todo]] == prefixes[todo])
-            found[todo[hit]] = held[hit]
-            todo = todo[(held >= 0) & ~hit]  # an occupied slot of another prefix: probe on; an empty one ends it
-            slots[todo] = (slots[todo] + 1) & int(mask)
-        return found
+class ChunkCache:
+    """Decoded chunks read back from the store, shared by every namespace: the least recently used go first once they
+    pass `max_bytes`. This, not the number of rows stored, bounds the memory hits are served from."""
 
-    def add(self, prefixes: np.ndarray, rows: np.ndarray) -> None:
-        """Point each prefix at its row; for a prefix given twice, at the later row."""
-        if not len(prefixes):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.reads = 0  # chunks read from the store
+        self._chunks: OrderedDict[tuple[str, int], _Chunk] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> _Chunk | None:
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            self._chunks.move_to_end(key)
+        return chunk
+
+    def put(self, key: tuple[str, int], chunk: _Chunk) -> None:
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        if chunk.nbytes > self.max_bytes:
             return
-        reversed_first = np.unique(prefixes[::-1], return_index=True)[1]
-        newest = len(prefixes) - 1 - reversed_first  # the last occurrence of each distinct prefix
-        prefixes, rows = prefixes[newest], rows[newest].astype(np.int32)
-        if 2 * (self.count + len(prefixes)) > len(self._rows):
-            self._grow(2 * (self.count + len(prefixes)))
-        mask = len(self._rows) - 1
-        slots = (prefixes & np.uint64(mask)).astype(np.int64)
-        todo = np.arange(len(prefixes))
-        while todo.size:
-            s = slots[todo]
-            held = self._rows[s]
-            same = (held >= 0) & (self._prefixes[s] == prefixes[todo])
-            self._rows[s[same]] = rows[todo[same]]
-            empty = np.flatnonzero(held < 0)
-            claim = empty[np.unique(s[empty], return_index=True)[1]]  # one prefix per empty slot this round
-            self._prefixes[s[claim]] = prefixes[todo[claim]]
-            self._rows[s[claim]] = rows[todo[claim]]
-            self.count += len(claim)
-            placed = np.zeros(len(todo), bool)
-            placed[same] = True
-            placed[claim] = True
-            moving = ~placed & (held >= 0)  # the slot holds another prefix: probe on
-            slots[todo[moving]] = (s[moving] + 1) & mask
-            todo = todo[~placed]  # the rest: the next slot, or the same empty one claimed by another this round
+        self._chunks[key] = chunk
+        self.nbytes += chunk.nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._chunks.popitem(last=False)
+            self.nbytes -= evicted.nbytes
 
-    def _grow(self, at_least: int) -> None:
-        used = self._rows >= 0
-        prefixes, rows = self._prefixes[used], self._rows[used]
-        capacity = 1 << max(10, int(at_least - 1).bit_length())
-        self._prefixes = np.zeros(capacity, np.uint64)
-        self._rows = np.full(capacity, -1, np.int32)
-        self.count = 0
-        self.add(prefixes, rows)
+    def forget(self, version: str) -> None:
+        for key in [k for k in self._chunks if k[0] == version]:
+            self.nbytes -= self._chunks.pop(key).nbytes
 
 
 class MemberCache:
-    """One member version's namespace: index, mirror, and its chunked append log."""
+    """One member version's namespace: its key index, its chunked append log, and its rows not yet on the store.
+
+    Rows live in three places, by chunk: the chunk being filled (`_tail`) and the chunks handed to the writer and not
+    yet committed (`_pending`) are held here; every committed whole chunk is read back from the store through the
+    shared `ChunkCache`, and each row is checked against its checksum and its key the first time it is served from a
+    chunk read back, so a chunk damaged after start-up is never served either: its rows are dropped from the index
+    (recomputed on their next request) and counted as damaged.
+    """
 
     def __init__(
         self,
         version: str,
         arrays: _Arrays,
-        rows: _Rows,
         committed: int,
+        tail: _Rows,
+        index: KeyIndex,
+        chunks: ChunkCache,
         writer: ThreadPoolExecutor,
         budget: CacheBudget,
+        damage: Damage,
         folder: Path | None = None,
     ):
         self.version = version
         self.num_classes = arrays.logits.shape[1]
         self.dtype = np.dtype(arrays.logits.dtype)
-        self._arrays, self._writer, self._budget = arrays, writer, budget
+        self._arrays, self._writer, self._budget, self._chunks = arrays, writer, budget, chunks
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
         self.committed = committed
         self.broken = False  # set after a failed write: nothing more is committed here
         self.write_errors = 0
-        self._keys, self._logits, self._checks = rows.keys, rows.logits, rows.checks
-        self.rows = len(rows.keys)
+        self.damage = damage
+        self.rows = committed  # rows held: committed or buffered
         self._whole_chunks = committed // self.chunk_rows  # chunks never to be rewritten
         self._submitted = committed  # rows handed to the writer so far
-        self._index = KeyIndex()
-        self._index.add(KeyIndex.prefixes(self._keys[: self.rows]), np.arange(self.rows))  # later rows win
+        self._tail = tail  # the chunk being filled, `chunk_rows` long: rows [_whole_chunks * chunk_rows, rows)
+        self._pending: dict[int, tuple[_Rows, Future]] = {}  # whole chunks handed to the writer, not yet committed
+        self._unreadable: set[int] = set()  # committed chunks that failed to decode since start-up
+        self._index = index
 
     def lookup(self, keys: list[bytes]) -> np.ndarray:
-        """Row positions of the keys, -1 where absent."""
+        """Row positions of the keys, -1 where absent (the index only: nothing is read)."""
         if not keys:
             return np.zeros(0, np.int64)
-        wanted = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
-        positions = self._index.find(KeyIndex.prefixes(wanted))
-        named = positions >= 0
-        same = (self._keys[positions[named]] == wanted[named]).all(axis=1)  # the whole key, not only its prefix
-        positions[np.flatnonzero(named)[~same]] = -1
+        positions = self._index.find(_key_array(keys))
+        self._index.settle()
         return positions
 
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        return self._logits[positions].astype(np.float32, copy=False)
+    def get(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Which keys are held, and their logits as float32 (found rows x K), each row checked before it is served."""
+        wanted = _key_array(keys)
+        positions = self._index.find(wanted) if keys else np.zeros(0, np.int64)
+        found = positions >= 0
+        at = np.flatnonzero(found)
+        logits = np.empty((len(at), self.num_classes), np.float32)
+        good = np.ones(len(at), bool)
+        self._retire_written()
+        chunk_of = positions[at] // self.chunk_rows
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds) if len(order) else ():
+            chunk = int(chunk_of[group[0]])
+            offsets = positions[at[group]] - chunk * self.chunk_rows
+            held = self._chunk(chunk)
+            if held is None:
+                good[group] = False
+                continue
+            sound = self._sound(held, chunk, offsets, wanted[at[group]])
+            good[group] = sound
+            logits[group] = held.rows.logits[offsets]
+        if not good.all():
+            lost = at[~good]
+            self._index.drop(wanted[lost])
+            self.damage.rows += len(lost)
+            found[lost] = False
+        self._index.settle()
+        return found, logits[good]
+
+    def _sound(self, held: _Chunk, chunk: int, offsets: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Which of the rows at `offsets` hold `keys` and, read back from the store, match their checksums."""
+        rows = held.rows
+        sound = (rows.keys[offsets] == keys).all(axis=1)  # a chunk moved within the namespace holds other keys
+        if held.checked is not None:
+            unchecked = np.unique(offsets[~held.checked[offsets]])
+            if len(unchecked):
+                ok = row_checks(self.version, rows.keys[unchecked], rows.logits[unchecked]) == rows.checks[unchecked]
+                held.checked[unchecked[ok]] = True
+            sound &= held.checked[offsets]
+        if not sound.all():
+            log.warning(
+                "cache namespace %s: chunk %d: %d row(s) read back from the store fail their checks; not served, "
+                "recomputed when asked for",
+                self.version,
+                chunk,
+                int((~sound).sum()),
+            )
+        return sound
+
+    def _chunk(self, chunk: int) -> _Chunk | None:
+        """A chunk's rows: held here, or read back from the store (None: it cannot be decoded)."""
+        if chunk == self._whole_chunks:
+            return _Chunk(self._tail)
+        if chunk in self._pending:
+            return _Chunk(self._pending[chunk][0])
+        if chunk in self._unreadable:
+            return None
+        held = self._chunks.get((self.version, chunk))
+        if held is None:
+            held = self._read_chunk(chunk)
+            if held is not None:
+                self._chunks.put((self.version, chunk), held)
+        return held
+
+    def _read_chunk(self, chunk: int) -> _Chunk | None:
+        start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
+        self._chunks.reads += 1
+        try:
+            rows = _Rows(*(array[start:stop] for _, array in self._arrays.all()))
+        except Exception as exc:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises)
+            self._unreadable.add(chunk)
+            log.warning(
+                "cache namespace %s: chunk %d (rows %d-%d) unreadable (%s: %s); its rows are recomputed when asked for",
+                self.version,
+                chunk,
+                start,
+                stop - 1,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        return _Chunk(rows, checked=np.zeros(self.chunk_rows, bool))
+
+    def _retire_written(self) -> None:
+        """Chunks the writer has committed leave `_pending` for the shared chunk cache (they are likely asked for
+        soon, and need no check: this process computed them). After a failed write they stay here."""
+        for chunk in [c for c in self._pending if (c + 1) * self.chunk_rows <= self.committed]:
+            rows, _ = self._pending.pop(chunk)
+            self._chunks.put((self.version, chunk), _Chunk(rows))
 
     def insert(self, keys: list[bytes], logits: np.ndarray) -> int:
         """Append rows (newest wins on lookup); returns how many the size bound let in. A row whose logits the
@@ -384,48 +459,46 @@ class MemberCache:
         n = self._budget.grant(len(keys), row_bytes(self.num_classes, self.dtype)) if not self.broken else 0
         if n == 0:
             return 0
-        self._reserve(self.rows + n)
-        start, end = self.rows, self.rows + n
-        self._keys[start:end] = np.frombuffer(b"".join(keys[:n]), dtype=np.uint8).reshape(n, KEY_BYTES)
-        self._logits[start:end] = logits[:n]
-        self._checks[start:end] = row_checks(self.version, self._keys[start:end], self._logits[start:end])
-        self._index.add(KeyIndex.prefixes(self._keys[start:end]), np.arange(start, end))
-        self.rows = end
-        while (self._whole_chunks + 1) * self.chunk_rows <= self.rows:
-            self._submit_chunk(self._whole_chunks, committed=(self._whole_chunks + 1) * self.chunk_rows)
-            self._whole_chunks += 1
+        self._retire_written()
+        new = _Rows(_key_array(keys[:n]), np.asarray(logits[:n], self.dtype), np.zeros(n, np.uint64))
+        new.checks[:] = row_checks(self.version, new.keys, new.logits)
+        first = self.rows
+        done = 0
+        while done < n:
+            offset = self.rows - self._whole_chunks * self.chunk_rows
+            take = min(n - done, self.chunk_rows - offset)
+            for name in ("keys", "logits", "checks"):
+                getattr(self._tail, name)[offset : offset + take] = getattr(new, name)[done : done + take]
+            self.rows += take
+            done += take
+            if offset + take == self.chunk_rows:
+                self._seal_tail()
+        self._index.add(new.keys, np.arange(first, first + n))
+        self._index.settle()
         return n
+
+    def _seal_tail(self) -> None:
+        """The tail chunk is full: hand it to the writer, whole, and start the next."""
+        chunk = self._whole_chunks
+        future = self._submit_chunk(chunk, self._tail, committed=(chunk + 1) * self.chunk_rows)
+        self._pending[chunk] = (self._tail, future)
+        self._whole_chunks += 1
+        self._tail = _Rows.empty(self.chunk_rows, self.num_classes, self.dtype)
 
     def flush(self) -> Future | None:
         """Write the partial tail chunk (padded; rewritten whole once it fills)."""
         if self.rows > self._submitted:
-            return self._submit_chunk(self._whole_chunks, committed=self.rows)
+            tail = _Rows(self._tail.keys.copy(), self._tail.logits.copy(), self._tail.checks.copy())
+            return self._submit_chunk(self._whole_chunks, tail, committed=self.rows)
         return None
 
-    def write_restored(self) -> None:
-        """Start-up only: write the rows held in memory but not on the store (those salvaged from a
-        damaged namespace), one chunk at a time so that memory stays bounded, through the one writer."""
-        for chunk in range(self._whole_chunks, -(-self.rows // self.chunk_rows)):
-            self._submit_chunk(chunk, committed=min((chunk + 1) * self.chunk_rows, self.rows)).result()
-        self._whole_chunks = self.rows // self.chunk_rows
+    def close(self) -> None:
+        self._index.close()
+        self._chunks.forget(self.version)
 
-    def _reserve(self, rows: int) -> None:
-        if rows <= len(self._logits):
-            return
-        capacity = max(rows, 2 * len(self._logits), self.chunk_rows)
-        self._keys = _grown(self._keys, capacity)
-        self._logits = _grown(self._logits, capacity)
-        self._checks = _grown(self._checks, capacity)
-
-    def _submit_chunk(self, chunk: int, committed: int) -> Future:
-        start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
-        padded = _Rows.empty(self.chunk_rows, self.num_classes, self.dtype)
-        filled = min(stop, self.rows) - start
-        padded.keys[:filled] = self._keys[start : start + filled]
-        padded.logits[:filled] = self._logits[start : start + filled]
-        padded.checks[:filled] = self._checks[start : start + filled]
+    def _submit_chunk(self, chunk: int, rows: _Rows, committed: int) -> Future:
         self._submitted = committed
-        return self._writer.submit(self._write_chunk, chunk, start, padded, committed)
+        return self._writer.submit(self._write_chunk, chunk, chunk * self.chunk_rows, rows, committed)
 
     def _write_chunk(self, chunk: int, start: int, rows: _Rows, committed: int) -> None:
         """Writer thread: data first (fsynced when durable), then the count that makes it visible."""
@@ -475,10 +548,8 @@ class MemberCache:
                 _fsync(home, directory=True)
 
 
-def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
-    grown = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
-    grown[: len(array)] = array
-    return grown
+def _key_array(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
 
 
 def inspect_namespace(root: zarr.Group, version: str) -> _Header:
@@ -516,39 +587,58 @@ def inspect_namespace(root: zarr.Group, version: str) -> _Header:
     )
 
 
-def read_verified(version: str, header: _Header) -> tuple[_Rows, list[str]]:
-    """The committed rows that read back and match their checksums, and what was wrong with the others, per
-    chunk."""
+@dataclass
+class Block:
+    """`READ_BLOCK_CHUNKS` chunks' committed rows as read back: `good` marks those that verified, `problems` says
+    what was wrong with the others, per chunk."""
+
+    start: int
+    rows: _Rows
+    good: np.ndarray
+    problems: list[str]
+
+
+def verified_blocks(version: str, header: _Header) -> Iterator[Block]:
+    """A namespace's committed rows, a block at a time, each row checked: memory stays at one block whatever the
+    namespace's size."""
     n, chunk_rows = header.committed, header.arrays.logits.chunks[0]
-    rows = _Rows.empty(n, header.num_classes, header.dtype)
-    readable = np.ones(n, bool)
-    problems: list[str] = []
-
-    def read(start: int, stop: int) -> None:
-        for name, array in header.arrays.all():
-            getattr(rows, name)[start:stop] = array[start:stop]
-
     block = chunk_rows * READ_BLOCK_CHUNKS
     for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows = _Rows.empty(stop - start, header.num_classes, header.dtype)
+        readable = np.ones(stop - start, bool)
+        problems: list[str] = []
+
+        def read(first: int, last: int, rows: _Rows = rows, start: int = start) -> None:
+            for name, array in header.arrays.all():
+                getattr(rows, name)[first - start : last - start] = array[first:last]
+
         try:
-            read(start, min(start + block, n))
+            read(start, stop)
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises; find which)
-            for first in range(start, min(start + block, n), chunk_rows):
-                last = min(first + chunk_rows, n)
+            for first in range(start, stop, chunk_rows):
+                last = min(first + chunk_rows, stop)
                 try:
                     read(first, last)
                 except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
-                    readable[first:last] = False
+                    readable[first - start : last - start] = False
                     problems.append(
                         f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}"
                     )
-    good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
-    if good.all():
-        return rows, problems
-    for chunk in np.unique(np.flatnonzero(readable & ~good) // chunk_rows):
-        failed = np.flatnonzero(~good[chunk * chunk_rows : (chunk + 1) * chunk_rows]) + chunk * chunk_rows
-        problems.append(f"chunk {chunk}: rows {_ranges(failed)} fail their checksum")
-    return rows.select(good), problems
+        good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
+        for chunk in np.unique((np.flatnonzero(readable & ~good) + start) // chunk_rows):
+            where = np.arange(chunk * chunk_rows, min((chunk + 1) * chunk_rows, stop))
+            problems.append(f"chunk {chunk}: rows {_ranges(where[~good[where - start]])} fail their checksum")
+        yield Block(start, rows, good, problems)
+
+
+def count_verified(version: str, header: _Header) -> tuple[int, list[str]]:
+    """How many committed rows verify, and what was wrong with the others (reads only)."""
+    good, problems = 0, []
+    for block in verified_blocks(version, header):
+        good += int(block.good.sum())
+        problems += block.problems
+    return good, problems
 
 
 class StoreLocked(RuntimeError):
@@ -578,7 +668,7 @@ def lock_folder(folder: Path) -> int:
     return fd
 
 
-def claim_slot(parent: Path, slots: int, max_bytes: int, chunk_rows: int = 1024, durable: bool = False) -> LogitCache:
+def claim_slot(parent: Path, slots: int, *settings) -> LogitCache:
     """The cache of the first `replica-<i>` folder under `parent` that no running replica holds.
 
     Replicas of one config (a scaled compose service) cannot each be given a cache_dir, and must not share one
@@ -587,7 +677,7 @@ def claim_slot(parent: Path, slots: int, max_bytes: int, chunk_rows: int = 1024,
     """
     for slot in range(slots):
         try:
-            cache = LogitCache(Path(parent) / f"replica-{slot}", max_bytes, chunk_rows, durable)
+            cache = LogitCache(Path(parent) / f"replica-{slot}", *settings)
         except StoreLocked:
             continue
         log.info("cache: this replica claimed %s (slot %d of %d)", cache._folder, slot, slots)
@@ -627,11 +717,20 @@ class LogitCache:
     rows of the namespaces that are served.
     """
 
-    def __init__(self, store: StoreLike, max_bytes: int, chunk_rows: int = 1024, durable: bool = False):
+    def __init__(
+        self,
+        store: StoreLike,
+        max_bytes: int,
+        chunk_rows: int = 1024,
+        durable: bool = False,
+        memory_bytes: int = MEMORY_BYTES,
+    ):
         self.store = store
         self.chunk_rows = chunk_rows
         folder = _local_folder(store)
         self._folder = folder
+        self._index_folder = folder  # indexes and spills live beside the store (the system's temp folder otherwise)
+        self.chunks = ChunkCache(memory_bytes)
         self._lock = lock_folder(folder) if folder else None
         if folder:
             _remove_torn_writes(folder)
@@ -727,32 +826,83 @@ class LogitCache:
             if version in self._foreign:
                 self._set_aside(version, "holds files but no namespace metadata", 0, "rebuilt empty")
                 self._foreign.discard(version)
-            return self._fresh(version, num_classes, dtype, None)
+            return self._fresh(version, num_classes, dtype)
         if header.num_classes != num_classes:
             raise ValueError(f"cache namespace {version} holds {header.num_classes} classes, expected {num_classes}")
         if header.dtype != dtype:
             raise ValueError(f"cache namespace {version} holds {header.dtype} rows, expected {dtype}")
         del self._headers[version]
-        rows, problems = read_verified(version, header)
-        bad = header.committed - len(rows.keys)
-        if not bad:
-            ns = MemberCache(
-                version, header.arrays, rows, header.committed, self._writer, self.budget, self._durable_folder(version)
-            )
+        index, tail, good, problems = self._index_verified(version, header)
+        if good == header.committed:
+            ns = self._member(version, header.arrays, header.committed, tail, index)
             log.info("cache namespace %s: %d rows restored and verified", version, ns.rows)
             return ns
+        index.close()
         self.budget.release(header.nbytes)
+        salvaged = self._spill_verified(version, header, good)
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more chunks" if len(problems) > 8 else "")
         self._set_aside(
             version,
-            f"{bad} of {header.committed} rows fail their checks ({shown})",
-            bad,
-            f"rebuilt from the {len(rows.keys)} rows that verified; the others are recomputed when asked for",
+            f"{header.committed - good} of {header.committed} rows fail their checks ({shown})",
+            header.committed - good,
+            f"rebuilt from the {good} rows that verified; the others are recomputed when asked for",
         )
-        return self._fresh(version, num_classes, dtype, rows)
+        ns = self._fresh(version, num_classes, dtype)
+        self._restore(ns, salvaged)
+        return ns
 
-    def _fresh(self, version: str, num_classes: int, dtype: np.dtype, salvaged: _Rows | None) -> MemberCache:
-        """A new, empty namespace; rows salvaged from a damaged one are written into it before serving starts."""
+    def _index_verified(self, version: str, header: _Header) -> tuple[KeyIndex, _Rows, int, list[str]]:
+        """One pass over a namespace's rows: the index of those that verify, the tail chunk's rows (held in memory
+        until it fills), how many verified, and what was wrong with the others."""
+        chunk_rows = header.arrays.logits.chunks[0]
+        tail_start = header.committed // chunk_rows * chunk_rows
+        tail = _Rows.empty(chunk_rows, header.num_classes, header.dtype)
+        index = KeyIndex(2 * header.committed, self._index_folder)
+        good, problems = 0, []
+        for block in verified_blocks(version, header):
+            kept = np.flatnonzero(block.good)
+            index.add(block.rows.keys[kept], block.start + kept)
+            index.settle()
+            good += len(kept)
+            problems += block.problems
+            if block.start + len(block.good) > tail_start:  # blocks are whole chunks: the tail lies in this one
+                held = slice(tail_start - block.start, len(block.good))
+                for name in ("keys", "logits", "checks"):
+                    getattr(tail, name)[: header.committed - tail_start] = getattr(block.rows, name)[held]
+        return index, tail, good, problems
+
+    def _spill_verified(self, version: str, header: _Header, good: int) -> list[FileBacked]:
+        """A damaged namespace's sound rows, copied aside into temporary files before it is set aside (a store that
+        cannot keep a copy deletes it), so that salvaging a large namespace needs no memory of its size."""
+        spill = [
+            FileBacked((good, KEY_BYTES), np.uint8, self._index_folder),
+            FileBacked((good, header.num_classes), header.dtype, self._index_folder),
+        ]
+        at = 0
+        for block in verified_blocks(version, header):
+            kept = np.flatnonzero(block.good)
+            spill[0].array[at : at + len(kept)] = block.rows.keys[kept]
+            spill[1].array[at : at + len(kept)] = block.rows.logits[kept]
+            at += len(kept)
+        return spill
+
+    def _restore(self, ns: MemberCache, spill: list[FileBacked]) -> None:
+        """Start-up only: the salvaged rows written into the rebuilt namespace, a chunk at a time, through the one
+        writer, each chunk committed before the next is read."""
+        keys, logits = (f.array for f in spill)
+        for start in range(0, len(keys), ns.chunk_rows):
+            stop = start + ns.chunk_rows
+            ns.insert([k.tobytes() for k in keys[start:stop]], logits[start:stop])
+            ns.flush()
+            self.drain()
+            for f in spill:
+                f.release()
+        del keys, logits
+        for f in spill:
+            f.close()
+
+    def _fresh(self, version: str, num_classes: int, dtype: np.dtype) -> MemberCache:
+        """A new, empty namespace."""
         group = self._root.create_group(version, overwrite=True)
         group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes, "dtype": dtype.name})
         chunk = self.chunk_rows
@@ -770,13 +920,22 @@ class LogitCache:
             _fsync(folder / "zarr.json")
             _fsync(folder, directory=True)
             _fsync(self._folder, directory=True)
-        rows = _Rows.empty(0, num_classes, dtype)
-        if salvaged is not None:
-            rows = salvaged.select(slice(0, self.budget.grant(len(salvaged.keys), row_bytes(num_classes, dtype))))
-        ns = MemberCache(version, arrays, rows, 0, self._writer, self.budget, folder)
-        if ns.rows:
-            ns.write_restored()
-        return ns
+        tail = _Rows.empty(chunk, num_classes, dtype)
+        return self._member(version, arrays, 0, tail, KeyIndex(folder=self._index_folder))
+
+    def _member(self, version: str, arrays: _Arrays, committed: int, tail: _Rows, index: KeyIndex) -> MemberCache:
+        return MemberCache(
+            version,
+            arrays,
+            committed,
+            tail,
+            index,
+            self.chunks,
+            self._writer,
+            self.budget,
+            self.damage.setdefault(version, Damage()),
+            self._durable_folder(version),
+        )
 
     def _durable_folder(self, version: str) -> Path | None:
         return self._folder / version if self.durable else None
@@ -804,6 +963,8 @@ class LogitCache:
     def close(self) -> None:
         self.flush()
         self._writer.shutdown(wait=True)
+        for ns in self.namespaces:
+            ns.close()
         if self._lock is not None:
             os.close(self._lock)
 

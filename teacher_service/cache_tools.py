@@ -27,10 +27,10 @@ from teacher_service.cache import (
     STORE_DTYPES,
     NamespaceDamaged,
     StoreLocked,
+    count_verified,
     inspect_namespace,
     list_namespaces,
     lock_folder,
-    read_verified,
     row_bytes,
 )
 
@@ -165,8 +165,8 @@ def verify(stores: list[Store]) -> int:
                 damaged += 1
                 print(f"{where}: DAMAGED metadata: {ns.problem}")
                 continue
-            rows, problems = read_verified(ns.version, inspect_namespace(root, ns.version))
-            bad = ns.rows - len(rows.keys)
+            good, problems = count_verified(ns.version, inspect_namespace(root, ns.version))
+            bad = ns.rows - good
             if bad:
                 damaged += 1
                 print(f"{where}: DAMAGED: {bad:,} of {ns.rows:,} rows fail ({'; '.join(problems[:8])})")

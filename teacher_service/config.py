@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
+from teacher_service.cache import MEMORY_BYTES
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
 
@@ -65,6 +66,11 @@ class ServerConfig(StrictConfig):
         "keeps one writer, and a restarted replica takes a free folder back with its rows.",
     )
     cache_max_bytes: Annotated[int, Field(ge=0)] = Field(2 << 30, description="Per replica (each has its own folder).")
+    cache_memory_bytes: Annotated[int, Field(ge=0)] = Field(
+        MEMORY_BYTES,
+        description="Decoded chunks kept in memory to serve hits from (least recently used out first); the store "
+        "may hold any number of rows more. Hits on rows beyond it read their chunk back from the store.",
+    )
     cache_chunk_rows: Count = 1024
     cache_flush_s: Positive = 10.0
     cache_durable: bool = Field(

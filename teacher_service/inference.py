@@ -90,11 +90,14 @@ class TeacherRunner:
         work = BatchWork(batch, keys, readable, modes != CacheMode.bypass.value)
         work.out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
         work.all_hit = np.ones(len(keys), dtype=bool)
+        readable_at = np.flatnonzero(readable)
         for m, cache in enumerate(self.caches):
-            positions = cache.lookup(keys) if cache else np.full(len(keys), -1)
-            hit = (positions >= 0) & readable
-            if hit.any():
-                work.out[m][torch.from_numpy(hit)] = torch.from_numpy(cache.take(positions[hit]))
+            hit = np.zeros(len(keys), dtype=bool)
+            if cache and len(readable_at):
+                found, logits = cache.get([keys[i] for i in readable_at])
+                hit[readable_at[found]] = True
+                if found.any():
+                    work.out[m][torch.from_numpy(hit)] = torch.from_numpy(logits)
             work.misses.append(np.flatnonzero(~hit))
             work.all_hit &= hit
             self.metrics.cache_lookups(self._label(m), hits=int(hit.sum()), misses=len(work.misses[m]))
@@ -104,15 +107,15 @@ class TeacherRunner:
         """Keys first (on the cache's thread): the member logits (M, hits, K) of the rows every member holds, and which
         rows those are. Only those rows count as hits here; the others are counted when they are uploaded."""
         found = np.ones(len(keys), dtype=bool)
-        positions = []
+        held = []
         for cache in self.caches:
-            at = cache.lookup(keys) if cache else np.full(len(keys), -1)
-            positions.append(at)
-            found &= at >= 0
+            at, logits = cache.get(keys) if cache else (np.zeros(len(keys), dtype=bool), None)
+            held.append((at, logits))
+            found &= at
         out = torch.empty(len(self.caches), int(found.sum()), self.teacher.config.num_classes)
-        for m, cache in enumerate(self.caches):
+        for m, (at, logits) in enumerate(held):
             if found.any():
-                out[m] = torch.from_numpy(cache.take(positions[m][found]))
+                out[m] = torch.from_numpy(logits[found[at]])  # this member's rows, of those every member holds
             self.metrics.cache_lookups(self._label(m), hits=int(found.sum()), misses=0)
         return out, found
 

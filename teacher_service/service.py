@@ -202,7 +202,7 @@ def build_service(config: ServiceConfig) -> Service:
 
 
 def _open_cache(server: ServerConfig) -> LogitCache | None:
-    settings = (server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable)
+    settings = (server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable, server.cache_memory_bytes)
     if server.cache_dir is None:
         return None
     if server.cache_slots is not None:

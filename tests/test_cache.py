@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -250,8 +251,8 @@ class TestLogitCacheDirectly:
         cache.close()
         reopened = LogitCache(store, max_bytes=1 << 20, chunk_rows=4).namespace("v1", 2)
         assert reopened.rows == 5
-        got = reopened.take(reopened.lookup([b"a" * 16, b"b" * 16, b"d" * 16]))
-        assert np.array_equal(got, np.array([[7, 8], [3, 4], [9, 10]], np.float32))
+        found, got = reopened.get([b"a" * 16, b"b" * 16, b"d" * 16])
+        assert found.all() and np.array_equal(got, np.array([[7, 8], [3, 4], [9, 10]], np.float32))
 
     def test_namespace_with_other_class_count_is_refused(self, tmp_path):
         cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20)
@@ -309,38 +310,69 @@ class TestStores:
         cache.namespace("v1", 3).insert([b"k" * 16], np.array([[1, 2, 3]], np.float32))
         cache.close()
         ns = LogitCache(store, max_bytes=1 << 20).namespace("v1", 3)
-        assert np.array_equal(ns.take(ns.lookup([b"k" * 16])), np.array([[1, 2, 3]], np.float32))
+        found, got = ns.get([b"k" * 16, b"x" * 16])
+        assert found.tolist() == [True, False] and np.array_equal(got, np.array([[1, 2, 3]], np.float32))
 
 
 class TestKeyIndex:
-    """The index of a namespace's rows: flat numpy arrays instead of a dict of keys, the same answers."""
+    """The index of a namespace's rows: a file-backed open-addressing table instead of a dict of keys, the same
+    answers."""
 
-    def test_it_answers_as_a_dict_would_through_growth_repeats_and_misses(self):
-        from teacher_service.cache import KeyIndex
+    def test_it_answers_as_a_dict_would_through_growth_repeats_drops_and_misses(self):
+        from teacher_service.key_index import KeyIndex
 
         rng = np.random.default_rng(0)
         keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
         index, reference, start = KeyIndex(), {}, 0
         for n in (1, 7, 1000, 3, 20000, 8989):  # grows from 1,024 slots several times
-            index.add(KeyIndex.prefixes(keys[start : start + n]), np.arange(start, start + n))
+            index.add(keys[start : start + n], np.arange(start, start + n))
             reference.update({k.tobytes(): start + i for i, k in enumerate(keys[start : start + n])})
             start += n
         again = np.concatenate([keys[:500], keys[7:8]])  # cache=refresh appends keys again: the newest row wins
         rows = np.arange(40000, 40000 + len(again))
-        index.add(KeyIndex.prefixes(again), rows)
+        index.add(again, rows)
         reference.update({k.tobytes(): int(r) for k, r in zip(again, rows)})
-        found = index.find(KeyIndex.prefixes(keys))
-        assert found.tolist() == [reference[k.tobytes()] for k in keys]
-        assert (index.find(KeyIndex.prefixes(rng.integers(0, 256, (1000, 16), dtype=np.uint8))) == -1).all()
-        assert index.count == 30000 and len(index._rows) <= 4 * index.count  # at most half full, at least a quarter
+        assert index.find(keys).tolist() == [reference[k.tobytes()] for k in keys]
+        assert (index.find(rng.integers(0, 256, (1000, 16), dtype=np.uint8)) == -1).all()
+        assert index.count == 30000 and index.capacity <= 4 * index.count  # at most half full, at least a quarter
+        index.drop(keys[:10])  # rows that failed their checks: missed until stored again
+        assert (index.find(keys[:10]) == -1).all() and index.find(keys[10:11])[0] == reference[keys[10].tobytes()]
+        index.add(keys[:1], np.array([50000]))
+        assert index.find(keys[:2]).tolist() == [50000, -1]
+        index.close()
 
-    def test_two_keys_sharing_their_first_half_cost_a_miss_never_a_wrong_row(self, tmp_path):
+    def test_its_pages_go_back_to_the_page_cache_past_the_resident_bound(self):
+        from teacher_service.key_index import KeyIndex
+
+        keys = np.random.default_rng(1).integers(0, 256, (100_000, 16), dtype=np.uint8)
+        index = KeyIndex(resident_bytes=1 << 20)  # 100,000 keys: a 6 MiB table
+        index.add(keys, np.arange(len(keys)))
+        index.settle()
+        assert index.nbytes > 4 << 20 and resident_pages(index) * 4096 < 1 << 20
+        assert index.find(keys[::7]).tolist() == list(range(0, len(keys), 7))  # the rows are all still there
+        index.close()
+
+    def test_two_keys_sharing_their_first_half_are_both_held(self, tmp_path):
         cache = LogitCache(tmp_path / "c", 1 << 20, chunk_rows=8)
         ns = cache.namespace("v", 10)
         first = bytes(range(16))
-        clash = first[:8] + bytes(8)  # the same first 8 bytes, another key
+        clash = first[:8] + bytes(8)  # the same first 8 bytes (the slot), another key
         ns.insert([first], np.ones((1, 10), np.float32))
         ns.insert([clash], np.full((1, 10), 2, np.float32))
-        assert ns.lookup([clash, first]).tolist() == [1, -1]  # the newer wins the slot; the older is recomputed
-        assert ns.take(ns.lookup([clash]))[0, 0] == 2
+        assert ns.lookup([clash, first]).tolist() == [1, 0]
+        found, logits = ns.get([clash, first])
+        assert found.all() and logits[:, 0].tolist() == [2, 1]
         cache.close()
+
+
+def resident_pages(index) -> int:
+    """Pages of the index's table this process holds (its mapping's Rss in /proc/self/smaps; the page cache may
+    hold more)."""
+    address = index._file.array.__array_interface__["data"][0]
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        span = line.split()[0]
+        if "-" in span and int(span.split("-")[0], 16) <= address < int(span.split("-")[1], 16):
+            rss = next(x for x in lines[i + 1 :] if x.startswith("Rss:"))
+            return int(rss.split()[1]) * 1024 // 4096
+    raise AssertionError("the index's mapping is not in /proc/self/smaps")

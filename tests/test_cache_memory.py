@@ -1,0 +1,143 @@
+"""The cache's memory is bounded whatever it stores: hits come back from the store through a bounded chunk cache,
+bit for bit what was stored, and a chunk damaged while the service runs is never served. A real zarr store; the
+memory test runs a real `python -m teacher_service` and reads its resident set from /proc."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import HANG_S, ServerProcess, mnist_teacher, write_config
+
+from shared import codec, protocol
+from shared.hashing import KEY_BYTES, file_version
+from teacher_service.cache import LogitCache
+
+CHUNK = 8
+CLASSES = 10
+
+
+def stored_rows(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 256, (n, KEY_BYTES), dtype=np.uint8)
+    return [k.tobytes() for k in keys], rng.standard_normal((n, CLASSES)).astype(np.float32)
+
+
+def filled_store(folder, n: int, version: str = "v1", chunk_rows: int = CHUNK, seed: int = 0):
+    keys, logits = stored_rows(n, seed)
+    cache = LogitCache(str(folder), max_bytes=1 << 40, chunk_rows=chunk_rows)
+    ns = cache.namespace(version, CLASSES)
+    for start in range(0, n, 4096):
+        ns.insert(keys[start : start + 4096], logits[start : start + 4096])
+    cache.close()
+    return keys, logits
+
+
+def test_hits_beyond_the_memory_bound_are_read_back_bit_for_bit(tmp_path):
+    keys, logits = filled_store(tmp_path / "store", 100)
+    chunk_bytes = CHUNK * (KEY_BYTES + CLASSES * 4 + 8)
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=2 * chunk_bytes)
+    ns = cache.namespace("v1", CLASSES)
+    order = np.random.default_rng(1).permutation(100)
+    for start in range(0, 100, 10):
+        at = order[start : start + 10]
+        found, got = ns.get([keys[i] for i in at])
+        assert found.all() and np.array_equal(got, logits[at])  # bit for bit
+        assert cache.chunks.nbytes <= 2 * chunk_bytes
+    assert cache.chunks.reads > 100 // CHUNK + 1, "every chunk was read once only: the bound kept them all"
+    ns.insert([b"n" * 16], np.ones((1, CLASSES), np.float32))  # the tail (96..99 + this) is held, never read back
+    found, got = ns.get([b"n" * 16, keys[99]])
+    assert found.all() and np.array_equal(got[1], logits[99])
+    cache.close()
+
+
+def copy_chunk(ns, source: int, target: int, arrays=("logits",)) -> None:
+    for name in arrays:
+        suffix = "/0" if name != "checks" else ""
+        shutil.copyfile(ns / name / "c" / f"{source}{suffix}", ns / name / "c" / f"{target}{suffix}")
+
+
+DAMAGE_AFTER_START = {
+    # a chunk's logits replaced by another chunk's: the rows fail their checksums
+    "logits chunk overwritten": lambda ns: copy_chunk(ns, 0, 1),
+    # every array of a chunk replaced by another chunk's: the rows verify, but hold other keys
+    "whole chunk moved": lambda ns: copy_chunk(ns, 0, 1, ("keys", "logits", "checks")),
+    # the chunk no longer decodes
+    "logits chunk truncated": lambda ns: (ns / "logits/c/1/0").write_bytes(b"\x28\xb5"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE_AFTER_START))
+def test_a_chunk_damaged_while_serving_is_never_served(case, tmp_path):
+    keys, logits = filled_store(tmp_path / "store", 20)
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0)
+    ns = cache.namespace("v1", CLASSES)  # loaded and verified: the damage comes after
+    DAMAGE_AFTER_START[case](tmp_path / "store" / "v1")
+    found, got = ns.get(keys)
+    assert found.tolist() == [i not in range(8, 16) for i in range(20)]
+    assert np.array_equal(got, np.concatenate([logits[:8], logits[16:]]))
+    assert cache.damage_counts()["v1"] == (8, 0)
+    ns.insert(keys[8:16], logits[8:16])  # recomputed and stored again: served from the new rows
+    found, got = ns.get(keys[8:16])
+    assert found.all() and np.array_equal(got, logits[8:16])
+    cache.close()
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def keys_body(keys: np.ndarray) -> bytes:
+    return codec.encode({protocol.KEYS_KEY: torch.from_numpy(np.ascontiguousarray(keys))})
+
+
+def test_a_service_holding_ten_times_its_memory_bound_stays_under_it(tmp_path, mnist_members):
+    """80 MiB of rows (1,310,720) behind an 8 MiB bound: every row served by key, in order, then a random sample
+    again. A service that mirrored its rows in memory would grow by 80 MiB; this one may grow by less than the bound
+    once started (its chunk cache fills in the first requests; the allocator settles within a few hundred)."""
+    budget, rows = 8 << 20, 1_310_720  # 64 bytes a 10-class row: 10x the bound
+    member = mnist_members["a"]
+    keys, logits = filled_store(tmp_path / "cache", rows, version=file_version(member), chunk_rows=1024)
+    config = write_config(
+        tmp_path / "t.toml",
+        {"t": mnist_teacher([(member, 1.0)])},
+        {"cache_dir": "cache", "cache_memory_bytes": budget},
+    )
+    server = ServerProcess(config, tmp_path / "server.log")
+    wanted = np.frombuffer(b"".join(keys), np.uint8).reshape(rows, KEY_BYTES)
+    try:
+        with httpx.Client(base_url=server.base, timeout=HANG_S) as client:
+
+            def ask(at: np.ndarray) -> None:
+                r = client.post(
+                    protocol.SOFT_TARGET_KEYS_PATH,
+                    content=keys_body(wanted[at]),
+                    params={"teacher": "t", "outputs": "member_logits"},
+                )
+                assert r.status_code == 200, r.text
+                answer = codec.decode(r.content)
+                assert answer[protocol.FOUND_KEY].all(), "a stored row was not found"
+                assert np.array_equal(answer["member_logits"][0].numpy(), logits[at]), "a hit differs from its row"
+
+            for start in range(0, 48 * 4096, 4096):  # settle the allocator, fill the chunk cache
+                ask(np.arange(start, start + 4096))
+            time.sleep(0.5)
+            baseline = rss_kib(server.proc.pid)
+            peak = baseline
+            for start in range(0, rows, 4096):
+                ask(np.arange(start, start + 4096))
+                peak = max(peak, rss_kib(server.proc.pid))
+            for at in np.array_split(np.random.default_rng(0).permutation(rows)[:8192], 4):
+                ask(np.sort(at))
+                peak = max(peak, rss_kib(server.proc.pid))
+    finally:
+        assert server.stop()
+    grown = (peak - baseline) * 1024
+    print(f"baseline {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB: grew {grown / 2**20:.1f} MiB")
+    assert grown < budget, f"the service grew by {grown / 2**20:.1f} MiB serving its rows, past its {budget >> 20} MiB"

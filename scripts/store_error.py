@@ -1,9 +1,10 @@
-"""What `store = "float16"` costs: the served probabilities from float16-rounded member logits against the exact ones.
+"""What each cache row format costs: the served probabilities from stored member rows against the exact ones.
 
-The service serves a cache hit as aggregate_probs(float16(logits)) (tests/test_cache_formats.py checks that, bit for
-bit), so this computes the same thing without a service: each teacher checkpoint on a dataset's test images, its
-logits rounded to float16, the ensemble's probabilities at each temperature, and the KL divergence and largest
-absolute difference from the float32 ones; and the bytes per cached row of each format.
+The service serves a cache hit as aggregate_probs(decode(encode(logits))) with the format's own code
+(teacher_service.row_formats; tests/test_cache_formats.py checks it bit for bit), so this computes the same thing
+without a service: each teacher checkpoint on a dataset's test images, its logits through each format, the
+ensemble's probabilities at each temperature, and the KL divergence and largest absolute difference from the float32
+ones; and the bytes per cached row of each format.
 
     python scripts/store_error.py --dataset mnist5k runs/overfit100/teachers/*/best.pt
     python scripts/store_error.py --random-teacher preact_resnet18 --classes 100     # no trained 100-class teacher here
@@ -23,7 +24,8 @@ from shared.checkpoint import load_checkpoint  # noqa: E402
 from shared.ensemble import aggregate_probs  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from student_trainer.data import load_dataset  # noqa: E402
-from teacher_service.cache import STORE_DTYPES, row_bytes  # noqa: E402
+from teacher_service.cache import row_bytes  # noqa: E402
+from teacher_service.row_formats import RowFormat, row_format  # noqa: E402
 
 
 def member_logits(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -31,11 +33,17 @@ def member_logits(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 5
         return torch.stack([torch.cat([m(x[i : i + batch]) for i in range(0, len(x), batch)]) for m in models])
 
 
-def errors(logits: torch.Tensor, temperature: float) -> tuple[float, float, float]:
-    """(mean KL(exact || float16), max KL, max |p - p16|) of the equally weighted ensemble's probabilities."""
+def served(logits: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+    """Each member's rows as a cache hit gives them back."""
+    k = logits.shape[-1]
+    return torch.stack([torch.from_numpy(fmt.decode(fmt.encode(m.numpy()), k)) for m in logits])
+
+
+def errors(logits: torch.Tensor, fmt: RowFormat, temperature: float) -> tuple[float, float, float]:
+    """(mean KL(exact || served), max KL, max |p - p_served|) of the equally weighted ensemble's probabilities."""
     weights = torch.full((len(logits),), 1 / len(logits))
     exact = aggregate_probs(logits, weights, temperature).double()
-    rounded = aggregate_probs(logits.half().float(), weights, temperature).double()
+    rounded = aggregate_probs(served(logits, fmt), weights, temperature).double()
     kl = (exact * (exact.clamp_min(1e-300).log() - rounded.clamp_min(1e-300).log())).sum(1)
     return float(kl.mean()), float(kl.max()), float((exact - rounded).abs().max())
 
@@ -48,6 +56,7 @@ def main() -> int:
     parser.add_argument("--random-teacher", help="an architecture with random weights instead of checkpoints")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--temperatures", default="1,4")
+    parser.add_argument("--formats", default="float16,top5,top10", help="row formats to compare with float32")
     args = parser.parse_args()
     if args.random_teacher:
         torch.manual_seed(0)
@@ -68,13 +77,15 @@ def main() -> int:
     logits = member_logits(models, x)
     k = logits.shape[-1]
     print(f"{what}; logits in [{float(logits.min()):.1f}, {float(logits.max()):.1f}]")
-    sizes = ", ".join(f"{name} {row_bytes(k, dtype)}" for name, dtype in STORE_DTYPES.items())
-    print(f"bytes per cached row ({k} classes): {sizes}")
-    print("| temperature | mean KL(float32 || float16) | max KL | max abs error of a probability |")
-    print("| ---: | ---: | ---: | ---: |")
-    for t in (float(v) for v in args.temperatures.split(",")):
-        mean_kl, max_kl, max_abs = errors(logits, t)
-        print(f"| {t:g} | {mean_kl:.2e} | {max_kl:.2e} | {max_abs:.2e} |")
+    formats = [row_format(name) for name in args.formats.split(",")]
+    formats = [f for f in formats if getattr(f, "k", 0) < k]  # top-k of k classes or fewer cannot be stored
+    print("| format | bytes a row | temperature | mean KL(exact || served) | max KL | max abs probability error |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| float32 | {row_bytes(k)} | any | 0 | 0 | 0 |")
+    for fmt in formats:
+        for t in (float(v) for v in args.temperatures.split(",")):
+            mean_kl, max_kl, max_abs = errors(logits, fmt, t)
+            print(f"| {fmt.name} | {row_bytes(k, fmt)} | {t:g} | {mean_kl:.2e} | {max_kl:.2e} | {max_abs:.2e} |")
     return 0
 
 

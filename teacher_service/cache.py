@@ -72,6 +72,7 @@ from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
 from teacher_service.key_index import FileBacked, KeyIndex
+from teacher_service.row_formats import FLOAT32, RowFormat, row_format, storable
 
 log = logging.getLogger("akd.cache")
 
@@ -83,18 +84,13 @@ READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails
 MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits (`cache_memory_bytes`), whatever the store holds
 
 
-# How a teacher's member rows are stored (`[teachers.X] store`): float32 exactly as computed, or float16 at half the
-# bytes (served probabilities then differ from the computed ones by the rounding of each logit; RESULTS in README).
-STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
-
-
 def namespace_name(version: str, store: str = "float32") -> str:
-    """A member version's namespace for a storage format: float16 rows never mix with float32 ones."""
+    """A member version's namespace for a row format (row_formats): rows of one format never mix with another's."""
     return version if store == "float32" else f"{version}.{store}"
 
 
-def row_bytes(num_classes: int, dtype: np.dtype = STORE_DTYPES["float32"]) -> int:
-    return num_classes * dtype.itemsize + KEY_BYTES + CHECK_BYTES
+def row_bytes(num_classes: int, fmt: RowFormat = FLOAT32) -> int:
+    return fmt.width(num_classes) * fmt.dtype.itemsize + KEY_BYTES + CHECK_BYTES
 
 
 def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -199,11 +195,11 @@ class _Header:
     arrays: _Arrays
     committed: int
     num_classes: int
-    dtype: np.dtype = STORE_DTYPES["float32"]
+    fmt: RowFormat = FLOAT32
 
     @property
     def nbytes(self) -> int:
-        return self.committed * row_bytes(self.num_classes, self.dtype)
+        return self.committed * row_bytes(self.num_classes, self.fmt)
 
 
 @dataclass
@@ -213,8 +209,9 @@ class _Rows:
     checks: np.ndarray
 
     @classmethod
-    def empty(cls, n: int, num_classes: int, dtype: np.dtype = STORE_DTYPES["float32"]) -> _Rows:
-        return cls(np.zeros((n, KEY_BYTES), np.uint8), np.zeros((n, num_classes), dtype), np.zeros(n, np.uint64))
+    def empty(cls, n: int, width: int, dtype: np.dtype) -> _Rows:
+        """`width` stored fields a row (the number of classes for float rows; see row_formats)."""
+        return cls(np.zeros((n, KEY_BYTES), np.uint8), np.zeros((n, width), dtype), np.zeros(n, np.uint64))
 
     def select(self, which) -> _Rows:
         return _Rows(self.keys[which], self.logits[which], self.checks[which])
@@ -322,6 +319,8 @@ class MemberCache:
     def __init__(
         self,
         version: str,
+        fmt: RowFormat,
+        num_classes: int,
         arrays: _Arrays,
         committed: int,
         tail: _Rows,
@@ -332,9 +331,7 @@ class MemberCache:
         damage: Damage,
         folder: Path | None = None,
     ):
-        self.version = version
-        self.num_classes = arrays.logits.shape[1]
-        self.dtype = np.dtype(arrays.logits.dtype)
+        self.version, self.fmt, self.num_classes = version, fmt, num_classes
         self._arrays, self._writer, self._budget, self._chunks = arrays, writer, budget, chunks
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
@@ -379,7 +376,7 @@ class MemberCache:
                 continue
             sound = self._sound(held, chunk, offsets, wanted[at[group]])
             good[group] = sound
-            logits[group] = held.rows.logits[offsets]
+            logits[group] = self.fmt.decode(held.rows.logits[offsets], self.num_classes)
         if not good.all():
             lost = at[~good]
             self._index.drop(wanted[lost])
@@ -450,17 +447,21 @@ class MemberCache:
             self._chunks.put((self.version, chunk), _Chunk(rows))
 
     def insert(self, keys: list[bytes], logits: np.ndarray) -> int:
-        """Append rows (newest wins on lookup); returns how many the size bound let in. A row whose logits the
-        store's dtype cannot hold (past float16's range) is not stored: it is recomputed when asked again."""
-        if self.dtype != logits.dtype:
-            fits = (np.abs(logits) <= np.finfo(self.dtype).max).all(axis=1)
-            if not fits.all():
-                keys, logits = [k for k, ok in zip(keys, fits) if ok], logits[fits]
-        n = self._budget.grant(len(keys), row_bytes(self.num_classes, self.dtype)) if not self.broken else 0
+        """Append rows (newest wins on lookup); returns how many the size bound let in. A row the format cannot hold
+        (a logit past float16's range) is not stored: it is recomputed when asked again."""
+        stored = self.fmt.encode(np.asarray(logits, np.float32))
+        fits = storable(self.fmt, stored, self.num_classes)
+        if not fits.all():
+            keys, stored = [k for k, ok in zip(keys, fits) if ok], stored[fits]
+        return self.append(keys, stored)
+
+    def append(self, keys: list[bytes], stored: np.ndarray) -> int:
+        """Append rows already in this namespace's format (salvaged ones, on start-up)."""
+        n = self._budget.grant(len(keys), row_bytes(self.num_classes, self.fmt)) if not self.broken else 0
         if n == 0:
             return 0
         self._retire_written()
-        new = _Rows(_key_array(keys[:n]), np.asarray(logits[:n], self.dtype), np.zeros(n, np.uint64))
+        new = _Rows(_key_array(keys[:n]), np.asarray(stored[:n], self.fmt.dtype), np.zeros(n, np.uint64))
         new.checks[:] = row_checks(self.version, new.keys, new.logits)
         first = self.rows
         done = 0
@@ -483,7 +484,7 @@ class MemberCache:
         future = self._submit_chunk(chunk, self._tail, committed=(chunk + 1) * self.chunk_rows)
         self._pending[chunk] = (self._tail, future)
         self._whole_chunks += 1
-        self._tail = _Rows.empty(self.chunk_rows, self.num_classes, self.dtype)
+        self._tail = _Rows.empty(self.chunk_rows, self._arrays.logits.shape[1], self.fmt.dtype)
 
     def flush(self) -> Future | None:
         """Write the partial tail chunk (padded; rewritten whole once it fills)."""
@@ -509,7 +510,7 @@ class MemberCache:
             stop = start + len(rows.keys)
             resized = a.logits.shape[0] < stop
             if resized:
-                a.logits.resize((stop, self.num_classes))
+                a.logits.resize((stop, a.logits.shape[1]))
                 a.keys.resize((stop, KEY_BYTES))
                 a.checks.resize((stop,))
             a.logits[start:stop] = rows.logits
@@ -573,18 +574,19 @@ def inspect_namespace(root: zarr.Group, version: str) -> _Header:
         raise NamespaceDamaged(f"committed_rows is {committed!r}, not a non-negative integer")
     if not _count(num_classes) or num_classes < 1:
         raise NamespaceDamaged(f"num_classes is {num_classes!r}, not a positive integer")
-    if stored not in STORE_DTYPES:
-        raise NamespaceDamaged(f"dtype is {stored!r}, not one of {', '.join(STORE_DTYPES)}")
+    try:
+        fmt = row_format(stored)
+        fmt.check(num_classes)
+    except ValueError as exc:
+        raise NamespaceDamaged(f"dtype {stored!r}: {exc}") from None
     arrays = {}
     for name, dtype, tail in (
         ("keys", np.uint8, (KEY_BYTES,)),
-        ("logits", STORE_DTYPES[stored], (num_classes,)),
+        ("logits", fmt.dtype, (fmt.width(num_classes),)),
         ("checks", np.uint64, ()),
     ):
         arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
-    return _Header(
-        _Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes, STORE_DTYPES[stored]
-    )
+    return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes, fmt)
 
 
 @dataclass
@@ -605,7 +607,7 @@ def verified_blocks(version: str, header: _Header) -> Iterator[Block]:
     block = chunk_rows * READ_BLOCK_CHUNKS
     for start in range(0, n, block):
         stop = min(start + block, n)
-        rows = _Rows.empty(stop - start, header.num_classes, header.dtype)
+        rows = _Rows.empty(stop - start, header.arrays.logits.shape[1], header.fmt.dtype)
         readable = np.ones(stop - start, bool)
         problems: list[str] = []
 
@@ -814,27 +816,29 @@ class LogitCache:
         return where
 
     def namespace(self, version: str, num_classes: int, store: str = "float32") -> MemberCache:
-        """The namespace `version` (see namespace_name), holding rows as `store` says (float32 or float16)."""
+        """The namespace `version` (see namespace_name), holding rows in the format `store` names (row_formats)."""
+        fmt = row_format(store)
+        fmt.check(num_classes)
         with self._namespaces_lock:
             if version not in self._namespaces:
-                self._namespaces[version] = self._load(version, num_classes, STORE_DTYPES[store])
+                self._namespaces[version] = self._load(version, num_classes, fmt)
             return self._namespaces[version]
 
-    def _load(self, version: str, num_classes: int, dtype: np.dtype) -> MemberCache:
+    def _load(self, version: str, num_classes: int, fmt: RowFormat) -> MemberCache:
         header = self._headers.get(version)
         if header is None:
             if version in self._foreign:
                 self._set_aside(version, "holds files but no namespace metadata", 0, "rebuilt empty")
                 self._foreign.discard(version)
-            return self._fresh(version, num_classes, dtype)
+            return self._fresh(version, num_classes, fmt)
         if header.num_classes != num_classes:
             raise ValueError(f"cache namespace {version} holds {header.num_classes} classes, expected {num_classes}")
-        if header.dtype != dtype:
-            raise ValueError(f"cache namespace {version} holds {header.dtype} rows, expected {dtype}")
+        if header.fmt != fmt:
+            raise ValueError(f"cache namespace {version} holds {header.fmt.name} rows, expected {fmt.name}")
         del self._headers[version]
         index, tail, good, problems = self._index_verified(version, header)
         if good == header.committed:
-            ns = self._member(version, header.arrays, header.committed, tail, index)
+            ns = self._member(version, header.fmt, num_classes, header.arrays, header.committed, tail, index)
             log.info("cache namespace %s: %d rows restored and verified", version, ns.rows)
             return ns
         index.close()
@@ -847,7 +851,7 @@ class LogitCache:
             header.committed - good,
             f"rebuilt from the {good} rows that verified; the others are recomputed when asked for",
         )
-        ns = self._fresh(version, num_classes, dtype)
+        ns = self._fresh(version, num_classes, fmt)
         self._restore(ns, salvaged)
         return ns
 
@@ -856,7 +860,7 @@ class LogitCache:
         until it fills), how many verified, and what was wrong with the others."""
         chunk_rows = header.arrays.logits.chunks[0]
         tail_start = header.committed // chunk_rows * chunk_rows
-        tail = _Rows.empty(chunk_rows, header.num_classes, header.dtype)
+        tail = _Rows.empty(chunk_rows, header.arrays.logits.shape[1], header.fmt.dtype)
         index = KeyIndex(2 * header.committed, self._index_folder)
         good, problems = 0, []
         for block in verified_blocks(version, header):
@@ -876,7 +880,7 @@ class LogitCache:
         cannot keep a copy deletes it), so that salvaging a large namespace needs no memory of its size."""
         spill = [
             FileBacked((good, KEY_BYTES), np.uint8, self._index_folder),
-            FileBacked((good, header.num_classes), header.dtype, self._index_folder),
+            FileBacked((good, header.arrays.logits.shape[1]), header.fmt.dtype, self._index_folder),
         ]
         at = 0
         for block in verified_blocks(version, header):
@@ -892,7 +896,7 @@ class LogitCache:
         keys, logits = (f.array for f in spill)
         for start in range(0, len(keys), ns.chunk_rows):
             stop = start + ns.chunk_rows
-            ns.insert([k.tobytes() for k in keys[start:stop]], logits[start:stop])
+            ns.append([k.tobytes() for k in keys[start:stop]], logits[start:stop])
             ns.flush()
             self.drain()
             for f in spill:
@@ -901,15 +905,15 @@ class LogitCache:
         for f in spill:
             f.close()
 
-    def _fresh(self, version: str, num_classes: int, dtype: np.dtype) -> MemberCache:
+    def _fresh(self, version: str, num_classes: int, fmt: RowFormat) -> MemberCache:
         """A new, empty namespace."""
         group = self._root.create_group(version, overwrite=True)
-        group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes, "dtype": dtype.name})
-        chunk = self.chunk_rows
+        group.attrs.update({"format": FORMAT, COMMITTED: 0, "num_classes": num_classes, "dtype": fmt.name})
+        chunk, width = self.chunk_rows, fmt.width(num_classes)
         arrays = _Arrays(
             group,
             group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk, KEY_BYTES), dtype="uint8"),
-            group.create_array("logits", shape=(0, num_classes), chunks=(chunk, num_classes), dtype=dtype.name),
+            group.create_array("logits", shape=(0, width), chunks=(chunk, width), dtype=fmt.dtype.name),
             group.create_array("checks", shape=(0,), chunks=(chunk,), dtype="uint64"),
         )
         folder = self._durable_folder(version)
@@ -920,12 +924,23 @@ class LogitCache:
             _fsync(folder / "zarr.json")
             _fsync(folder, directory=True)
             _fsync(self._folder, directory=True)
-        tail = _Rows.empty(chunk, num_classes, dtype)
-        return self._member(version, arrays, 0, tail, KeyIndex(folder=self._index_folder))
+        tail = _Rows.empty(chunk, width, fmt.dtype)
+        return self._member(version, fmt, num_classes, arrays, 0, tail, KeyIndex(folder=self._index_folder))
 
-    def _member(self, version: str, arrays: _Arrays, committed: int, tail: _Rows, index: KeyIndex) -> MemberCache:
+    def _member(
+        self,
+        version: str,
+        fmt: RowFormat,
+        num_classes: int,
+        arrays: _Arrays,
+        committed: int,
+        tail: _Rows,
+        index: KeyIndex,
+    ) -> MemberCache:
         return MemberCache(
             version,
+            fmt,
+            num_classes,
             arrays,
             committed,
             tail,

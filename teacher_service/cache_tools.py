@@ -24,7 +24,6 @@ from pathlib import Path
 from shared.configfile import ConfigError
 from teacher_service.cache import (
     DAMAGED_DIR,
-    STORE_DTYPES,
     NamespaceDamaged,
     StoreLocked,
     count_verified,
@@ -33,6 +32,7 @@ from teacher_service.cache import (
     lock_folder,
     row_bytes,
 )
+from teacher_service.row_formats import row_format
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Namespace:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * row_bytes(self.num_classes, STORE_DTYPES[self.dtype]) if self.problem is None else 0
+        return self.rows * row_bytes(self.num_classes, row_format(self.dtype)) if self.problem is None else 0
 
 
 @dataclass
@@ -85,7 +85,7 @@ def survey(folder: Path | str, versions: dict[str, list[str]]) -> Store:
         try:
             header = inspect_namespace(root, name)
             namespaces.append(
-                Namespace(name, header.committed, header.num_classes, header.dtype.name, used_by=versions.get(name, []))
+                Namespace(name, header.committed, header.num_classes, header.fmt.name, used_by=versions.get(name, []))
             )
         except NamespaceDamaged as exc:
             namespaces.append(Namespace(name, exc.rows, problem=str(exc), used_by=versions.get(name, [])))

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
 from teacher_service.cache import MEMORY_BYTES
+from teacher_service.row_formats import row_format
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
 
@@ -45,12 +46,28 @@ class TeacherConfig(StrictConfig):
     input_shape: tuple[Count, Count, Count]
     aggregate: Aggregate = Aggregate.probs
     temperature: Positive = 1.0
-    store: Literal["float32", "float16"] = Field(
+    store: Literal["float32", "float16", "topk"] = Field(
         "float32",
-        description="How the cache stores each member's rows: float32 exactly as computed, or float16 at half the "
-        "bytes (hits then serve each logit rounded to float16). The ensemble is always formed from the member rows.",
+        description="How the cache stores each member's rows: float32 exactly as computed, float16 at half the "
+        "bytes (hits then serve each logit rounded to float16), or topk: the `topk` largest logits and the others' "
+        "total mass (teacher_service.row_formats). The ensemble is always formed from the member rows.",
     )
+    topk: Count | None = Field(None, description="With store = 'topk': how many logits a row keeps.")
     members: Annotated[list[MemberConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _topk_with_its_k(self) -> TeacherConfig:
+        if (self.store == "topk") != (self.topk is not None):
+            raise ValueError(
+                f"topk = k goes with store = 'topk' and only with it; got store = {self.store!r}, topk = {self.topk!r}"
+            )
+        row_format(self.row_format).check(self.num_classes)
+        return self
+
+    @property
+    def row_format(self) -> str:
+        """The cache's name for this teacher's row format (row_formats.row_format): float32, float16, top<k>."""
+        return f"top{self.topk}" if self.store == "topk" else self.store
 
 
 class ServerConfig(StrictConfig):

@@ -69,10 +69,9 @@ class TeacherRunner:
         self.metrics = metrics
         self.channels_last = channels_last
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast)
-        k = teacher.config.num_classes
+        k, fmt = teacher.config.num_classes, teacher.config.row_format
         self.caches: list[MemberCache | None] = [
-            cache.namespace(namespace_name(m.version, teacher.config.store), k, teacher.config.store) if cache else None
-            for m in teacher.members
+            cache.namespace(namespace_name(m.version, fmt), k, fmt) if cache else None for m in teacher.members
         ]
         if channels_last:
             for m in teacher.members:

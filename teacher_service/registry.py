@@ -79,7 +79,7 @@ def member_versions(config: ServiceConfig) -> dict[str, list[str]]:
             path = mconf.path if mconf.path is not None else _robustbench_file(mconf)
             if not path.is_file():
                 raise ConfigError(f"{where}: weights file {path} does not exist")
-            versions.setdefault(namespace_name(file_version(path), tconf.store), []).append(where)
+            versions.setdefault(namespace_name(file_version(path), tconf.row_format), []).append(where)
     return versions
 
 

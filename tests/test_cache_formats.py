@@ -1,6 +1,6 @@
-"""`[teachers.X] store = "float16"`: member rows cached at half the bytes, in their own namespace, checked and
-restored like float32 ones; hits serve each logit rounded to float16 (and nothing else); a logit float16 cannot hold
-is never stored. A real service, a real zarr store."""
+"""`[teachers.X] store = "float16" | "topk"`: member rows cached compactly, in their own namespace, checked and
+restored like float32 ones; hits serve each logit rounded to float16 (and nothing else), or the top-k logits with the
+others' mass spread evenly; a logit float16 cannot hold is never stored. A real service, a real zarr store."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 import torch
 import zarr
 from conftest import (
@@ -26,6 +27,8 @@ from shared import codec
 from shared.checkpoint import Checkpoint, save_checkpoint
 from shared.hashing import file_version
 from teacher_service.cache import row_bytes
+from teacher_service.config import TeacherConfig
+from teacher_service.row_formats import FLOAT16, row_format
 
 
 def member_logits(base: str, x: torch.Tensor, teacher: str) -> tuple[torch.Tensor, int]:
@@ -54,7 +57,7 @@ def test_float16_rows_are_half_the_bytes_and_serve_the_rounded_logits(tmp_path, 
     version = file_version(member)
     group = zarr.open_group(str(tmp_path / "cache"), mode="r")
     assert group[f"{version}.float16"]["logits"].dtype == np.float16 and group[version]["logits"].dtype == np.float32
-    assert row_bytes(10, np.dtype(np.float16)) == 10 * 2 + 16 + 8 < row_bytes(10)
+    assert row_bytes(10, FLOAT16) == 10 * 2 + 16 + 8 < row_bytes(10)
     with live_server(config) as (base, _):  # restored from the store, every row verified
         restored, hits = member_logits(base, x, "half")
     assert hits == 20
@@ -93,3 +96,57 @@ def test_akd_cache_counts_float16_rows_at_their_size(tmp_path, mnist_members):
     [namespace] = json.loads(done.stdout)[0]["namespaces"]
     assert namespace["version"] == f"{file_version(mnist_members['a'])}.float16" and namespace["dtype"] == "float16"
     assert namespace["bytes"] == 12 * (10 * 2 + 16 + 8) and namespace["used_by"] == ["teachers.half.members[0]"]
+
+
+def test_top_k_rows_keep_the_k_largest_logits_and_the_others_mass():
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((200, 100)) * 4).astype(np.float32)
+    top5 = row_format("top5")
+    stored = top5.encode(logits)
+    assert stored.shape == (200, 11) and row_bytes(100, top5) == 11 * 2 + 16 + 8  # whatever the number of classes
+    served = top5.decode(stored, 100)
+    largest = np.argsort(-logits, axis=1)[:, :5]
+    np.testing.assert_array_equal(
+        np.take_along_axis(served, largest, 1), np.take_along_axis(logits, largest, 1).astype(np.float16)
+    )
+    p, q = torch.softmax(torch.from_numpy(logits).double(), 1), torch.softmax(torch.from_numpy(served).double(), 1)
+    rest = 1 - torch.take_along_dim(p, torch.from_numpy(largest), 1).sum(1)
+    torch.testing.assert_close(  # the others keep their total mass (to float16's rounding), spread evenly
+        1 - torch.take_along_dim(q, torch.from_numpy(largest), 1).sum(1), rest, rtol=1e-2, atol=1e-4
+    )
+    assert ((p - q).abs().max(1).values <= rest + 1e-3).all()  # no probability off by more than the others' mass
+
+
+def test_top_k_needs_its_k_and_more_classes_than_k():
+    base = {"num_classes": 10, "input_shape": [1, 28, 28], "members": [{"path": "a.pt"}]}
+    assert TeacherConfig(**base, store="topk", topk=5).row_format == "top5"
+    for wrong, says in (
+        ({"store": "topk"}, "topk = k goes with store = 'topk'"),
+        ({"topk": 5}, "topk = k goes with store = 'topk'"),
+        ({"store": "topk", "topk": 10}, "more than 10 and at most"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            TeacherConfig(**base, **wrong)
+
+
+def test_a_top_k_teacher_serves_its_decoded_rows_and_restores_them(tmp_path, mnist_members):
+    member = mnist_members["a"]
+    config = write_config(
+        tmp_path / "t.toml", {"top": mnist_teacher([(member, 1.0)], store="topk", topk=3)}, {"cache_dir": "cache"}
+    )
+    x = random_inputs(20)
+    top3 = row_format("top3")
+    with live_server(config) as (base, _):
+        computed, hits = member_logits(base, x, "top")
+        assert hits == 0
+        again, hits = member_logits(base, x, "top")
+        assert hits == 20
+        expected = torch.from_numpy(top3.decode(top3.encode(computed[0].numpy()), 10))
+        torch.testing.assert_close(again[0], expected, rtol=0, atol=0)  # exactly what the format gives back
+    group = zarr.open_group(str(tmp_path / "cache"), mode="r")
+    stored = group[f"{file_version(member)}.top3"]
+    assert stored["logits"].shape[1] == 7 and stored.attrs["dtype"] == "top3" and stored.attrs["committed_rows"] == 20
+    with live_server(config) as (base, _):  # restored from the store, every row verified
+        restored, hits = member_logits(base, x, "top")
+    assert hits == 20
+    torch.testing.assert_close(restored, again, rtol=0, atol=0)

@@ -54,12 +54,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ log = logging.getLogger("akd.cache")
 
 FORMAT = "akd-logit-cache/2"
 COMMITTED = "committed_rows"
+EVICTED = "evicted_chunks"  # [[first, stop), ...] chunk ranges evicted: not rows, not damage; their files are deleted
+NEVER = np.iinfo(np.int64).max  # a chunk's last use when it cannot be evicted (evicted already, or not committed)
 CHECK_BYTES = 8
 DAMAGED_DIR = ".damaged"
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
@@ -120,19 +123,24 @@ def row_checks(version: str, keys: np.ndarray, logits: np.ndarray) -> np.ndarray
 
 
 class CacheBudget:
-    """The size bound, shared by every namespace: past it, inserts stop (nothing is evicted)."""
+    """The size bound, shared by every namespace: past it, `evict` makes room (the least recently used chunks of the
+    served namespaces go), or, without it or when nothing more can go, inserts stop."""
 
-    def __init__(self, max_bytes: int, used_bytes: int = 0):
+    def __init__(self, max_bytes: int, used_bytes: int = 0, evict: Callable[[int], int] | None = None):
         self.max_bytes = max_bytes
         self.used_bytes = used_bytes
+        self.evict = evict  # bytes wanted -> bytes freed
         self.full = False
         self.out_of_space = False
 
     def grant(self, rows: int, bytes_per_row: int) -> int:
-        """How many of `rows` fit; records them as used."""
+        """How many of `rows` fit, after evicting where allowed; records them as used."""
         if self.out_of_space:
             return 0
         fit = min(rows, max(0, (self.max_bytes - self.used_bytes) // bytes_per_row))
+        if fit < rows and self.evict is not None:
+            self.evict((rows - fit) * bytes_per_row)
+            fit = min(rows, max(0, (self.max_bytes - self.used_bytes) // bytes_per_row))
         self.used_bytes += fit * bytes_per_row
         if fit < rows and not self.full:
             self.full = True
@@ -196,10 +204,16 @@ class _Header:
     committed: int
     num_classes: int
     fmt: RowFormat = FLOAT32
+    evicted: frozenset[int] = frozenset()  # whole chunks
+
+    @property
+    def live_rows(self) -> int:
+        """Committed rows not evicted."""
+        return self.committed - len(self.evicted) * self.arrays.keys.chunks[0]
 
     @property
     def nbytes(self) -> int:
-        return self.committed * row_bytes(self.num_classes, self.fmt)
+        return self.live_rows * row_bytes(self.num_classes, self.fmt)
 
 
 @dataclass
@@ -301,6 +315,11 @@ class ChunkCache:
             _, evicted = self._chunks.popitem(last=False)
             self.nbytes -= evicted.nbytes
 
+    def drop(self, key: tuple[str, int]) -> None:
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+
     def forget(self, version: str) -> None:
         for key in [k for k in self._chunks if k[0] == version]:
             self.nbytes -= self._chunks.pop(key).nbytes
@@ -329,6 +348,8 @@ class MemberCache:
         writer: ThreadPoolExecutor,
         budget: CacheBudget,
         damage: Damage,
+        tick: Callable[[], int],
+        evicted: frozenset[int] = frozenset(),
         folder: Path | None = None,
     ):
         self.version, self.fmt, self.num_classes = version, fmt, num_classes
@@ -346,6 +367,14 @@ class MemberCache:
         self._pending: dict[int, tuple[_Rows, Future]] = {}  # whole chunks handed to the writer, not yet committed
         self._unreadable: set[int] = set()  # committed chunks that failed to decode since start-up
         self._index = index
+        self._tick = tick
+        self._evicted = set(evicted)
+        self._evicted_attr = _chunk_ranges(self._evicted)  # what the writer records; replaced whole, never mutated
+        self.evicted_rows = 0  # this run
+        whole = self._whole_chunks  # a chunk's last use: start-up counts the oldest chunks least recently used
+        self._used = np.full(max(16, 2 * whole), NEVER, np.int64)
+        self._used[:whole] = np.arange(whole) - whole
+        self._used[list(self._evicted)] = NEVER
 
     def lookup(self, keys: list[bytes]) -> np.ndarray:
         """Row positions of the keys, -1 where absent (the index only: nothing is read)."""
@@ -363,6 +392,7 @@ class MemberCache:
         at = np.flatnonzero(found)
         logits = np.empty((len(at), self.num_classes), np.float32)
         good = np.ones(len(at), bool)
+        now = self._tick()
         self._retire_written()
         chunk_of = positions[at] // self.chunk_rows
         order = np.argsort(chunk_of, kind="stable")
@@ -374,6 +404,8 @@ class MemberCache:
             if held is None:
                 good[group] = False
                 continue
+            if chunk < self._whole_chunks:
+                self._used[chunk] = now
             sound = self._sound(held, chunk, offsets, wanted[at[group]])
             good[group] = sound
             logits[group] = self.fmt.decode(held.rows.logits[offsets], self.num_classes)
@@ -411,7 +443,7 @@ class MemberCache:
             return _Chunk(self._tail)
         if chunk in self._pending:
             return _Chunk(self._pending[chunk][0])
-        if chunk in self._unreadable:
+        if chunk in self._unreadable or chunk in self._evicted:
             return None
         held = self._chunks.get((self.version, chunk))
         if held is None:
@@ -483,6 +515,9 @@ class MemberCache:
         chunk = self._whole_chunks
         future = self._submit_chunk(chunk, self._tail, committed=(chunk + 1) * self.chunk_rows)
         self._pending[chunk] = (self._tail, future)
+        if chunk >= len(self._used):
+            self._used = np.concatenate([self._used, np.full(len(self._used), NEVER, np.int64)])
+        self._used[chunk] = self._tick()
         self._whole_chunks += 1
         self._tail = _Rows.empty(self.chunk_rows, self._arrays.logits.shape[1], self.fmt.dtype)
 
@@ -492,6 +527,51 @@ class MemberCache:
             tail = _Rows(self._tail.keys.copy(), self._tail.logits.copy(), self._tail.checks.copy())
             return self._submit_chunk(self._whole_chunks, tail, committed=self.rows)
         return None
+
+    def oldest(self) -> tuple[int, int] | None:
+        """(last use, chunk) of the least recently used whole chunk (the tail is never evicted)."""
+        whole = self._whole_chunks
+        if not whole:
+            return None
+        chunk = int(np.argmin(self._used[:whole]))
+        used = int(self._used[chunk])
+        return None if used == NEVER else (used, chunk)
+
+    def evict(self, chunk: int) -> int:
+        """Take a committed chunk out (its rows miss from now on) and have the writer record it, then delete its
+        files; returns the bytes freed."""
+        held = self._chunk(chunk)
+        if held is not None:
+            keys = held.rows.keys
+            still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))  # not since re-added
+            self._index.drop(keys[still])
+        self._chunks.drop((self.version, chunk))
+        self._pending.pop(chunk, None)  # the writer writes it, then deletes it: the two run in order
+        self._unreadable.discard(chunk)
+        self._evicted.add(chunk)
+        self._evicted_attr = _chunk_ranges(self._evicted)
+        self._used[chunk] = NEVER
+        self.evicted_rows += self.chunk_rows
+        self._writer.submit(self._delete_chunk, chunk)
+        freed = self.chunk_rows * row_bytes(self.num_classes, self.fmt)
+        self._budget.release(freed)
+        return freed
+
+    def _delete_chunk(self, chunk: int) -> None:
+        """Writer thread: the record first, then the files, so a file is never gone while the record still counts
+        its rows (a crash in between leaves files nothing reads)."""
+        a = self._arrays
+        try:
+            a.group.update_attributes({EVICTED: self._evicted_attr})
+            if self._folder is not None:
+                _fsync(self._folder / "zarr.json")
+            for _, array in a.all():
+                coords = (chunk,) + (0,) * (array.ndim - 1)
+                sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+        except Exception:  # noqa: BLE001  (the rows are out of the index either way; the files may stay)
+            log.exception(
+                "cache namespace %s: evicting chunk %d did not finish; its files may stay", self.version, chunk
+            )
 
     def close(self) -> None:
         self._index.close()
@@ -518,7 +598,7 @@ class MemberCache:
             a.checks[start:stop] = rows.checks
             if self._folder is not None:
                 self._sync_chunk(chunk, resized)
-            a.group.attrs[COMMITTED] = committed
+            a.group.update_attributes({COMMITTED: committed, EVICTED: self._evicted_attr})
             if self._folder is not None:
                 _fsync(self._folder / "zarr.json")
                 _fsync(self._folder, directory=True)
@@ -547,6 +627,17 @@ class MemberCache:
                     _fsync(folder, directory=True)
                 _fsync(home / "zarr.json")
                 _fsync(home, directory=True)
+
+
+def _chunk_ranges(chunks: set[int]) -> list[list[int]]:
+    """{0, 1, 2, 7} -> [[0, 3], [7, 8]]: a namespace's evicted chunks as its attributes keep them."""
+    ranges: list[list[int]] = []
+    for c in sorted(chunks):
+        if ranges and ranges[-1][1] == c:
+            ranges[-1][1] = c + 1
+        else:
+            ranges.append([c, c + 1])
+    return ranges
 
 
 def _key_array(keys: list[bytes]) -> np.ndarray:
@@ -586,7 +677,26 @@ def inspect_namespace(root: zarr.Group, version: str) -> _Header:
         ("checks", np.uint64, ()),
     ):
         arrays[name] = _checked_array(group, name, np.dtype(dtype), tail, committed, arrays.get("keys"))
-    return _Header(_Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes, fmt)
+    evicted = _evicted_chunks(attrs.get(EVICTED, []), committed // arrays["keys"].chunks[0])
+    return _Header(
+        _Arrays(group, arrays["keys"], arrays["logits"], arrays["checks"]), committed, num_classes, fmt, evicted
+    )
+
+
+def _evicted_chunks(ranges, whole_chunks: int) -> frozenset[int]:
+    """The evicted chunk ranges an attribute names, if they are whole committed chunks; else NamespaceDamaged."""
+    chunks: set[int] = set()
+    if not isinstance(ranges, list):
+        raise NamespaceDamaged(f"{EVICTED} is {ranges!r}, not a list of [first, stop) chunk ranges")
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(_count(c) for c in pair)) or not (
+            pair[0] < pair[1] <= whole_chunks
+        ):
+            raise NamespaceDamaged(
+                f"{EVICTED} holds {pair!r}: expected [first, stop) with first < stop <= {whole_chunks} whole chunks"
+            )
+        chunks.update(range(*pair))
+    return frozenset(chunks)
 
 
 @dataclass
@@ -624,9 +734,15 @@ def verified_blocks(version: str, header: _Header) -> Iterator[Block]:
                     read(first, last)
                 except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
                     readable[first - start : last - start] = False
-                    problems.append(
-                        f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: {type(exc).__name__}: {exc}"
-                    )
+                    if (
+                        first // chunk_rows not in header.evicted
+                    ):  # left behind by a crash mid-eviction: nothing reads it
+                        problems.append(
+                            f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: "
+                            f"{type(exc).__name__}: {exc}"
+                        )
+        for chunk in header.evicted & set(range(start // chunk_rows, -(-stop // chunk_rows))):
+            readable[chunk * chunk_rows - start : (chunk + 1) * chunk_rows - start] = False  # gone, not damaged
         good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
         for chunk in np.unique((np.flatnonzero(readable & ~good) + start) // chunk_rows):
             where = np.arange(chunk * chunk_rows, min((chunk + 1) * chunk_rows, stop))
@@ -726,6 +842,7 @@ class LogitCache:
         chunk_rows: int = 1024,
         durable: bool = False,
         memory_bytes: int = MEMORY_BYTES,
+        evict: bool = False,
     ):
         self.store = store
         self.chunk_rows = chunk_rows
@@ -746,7 +863,10 @@ class LogitCache:
             self._root.attrs["format"] = FORMAT
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-cache-writer")
         # Every namespace that passed its checks counts against the bound, including versions no longer served.
-        self.budget = CacheBudget(max_bytes, used_bytes=sum(h.nbytes for h in self._headers.values()))
+        self.budget = CacheBudget(
+            max_bytes, sum(h.nbytes for h in self._headers.values()), self._evict_oldest if evict else None
+        )
+        self._tick = itertools.count().__next__  # the clock of chunk uses, shared so that eviction compares them
         self._namespaces: dict[str, MemberCache] = {}
         self._namespaces_lock = threading.Lock()
 
@@ -837,8 +957,10 @@ class LogitCache:
             raise ValueError(f"cache namespace {version} holds {header.fmt.name} rows, expected {fmt.name}")
         del self._headers[version]
         index, tail, good, problems = self._index_verified(version, header)
-        if good == header.committed:
-            ns = self._member(version, header.fmt, num_classes, header.arrays, header.committed, tail, index)
+        if good == header.live_rows:
+            ns = self._member(
+                version, header.fmt, num_classes, header.arrays, header.committed, tail, index, header.evicted
+            )
             log.info("cache namespace %s: %d rows restored and verified", version, ns.rows)
             return ns
         index.close()
@@ -847,8 +969,8 @@ class LogitCache:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more chunks" if len(problems) > 8 else "")
         self._set_aside(
             version,
-            f"{header.committed - good} of {header.committed} rows fail their checks ({shown})",
-            header.committed - good,
+            f"{header.live_rows - good} of {header.live_rows} rows fail their checks ({shown})",
+            header.live_rows - good,
             f"rebuilt from the {good} rows that verified; the others are recomputed when asked for",
         )
         ns = self._fresh(version, num_classes, fmt)
@@ -936,6 +1058,7 @@ class LogitCache:
         committed: int,
         tail: _Rows,
         index: KeyIndex,
+        evicted: frozenset[int] = frozenset(),
     ) -> MemberCache:
         return MemberCache(
             version,
@@ -949,11 +1072,25 @@ class LogitCache:
             self._writer,
             self.budget,
             self.damage.setdefault(version, Damage()),
+            self._tick,
+            evicted,
             self._durable_folder(version),
         )
 
     def _durable_folder(self, version: str) -> Path | None:
         return self._folder / version if self.durable else None
+
+    def _evict_oldest(self, wanted: int) -> int:
+        """Evict the least recently used chunks of the served namespaces until `wanted` bytes are free (or nothing
+        more can go); rows of versions no longer served count until `akd cache gc` drops them."""
+        freed = 0
+        while freed < wanted:
+            oldest = [(used, chunk, ns) for ns in self.namespaces if (found := ns.oldest()) for used, chunk in [found]]
+            if not oldest:
+                break
+            _, chunk, ns = min(oldest, key=lambda o: o[0])
+            freed += ns.evict(chunk)
+        return freed
 
     def damage_counts(self) -> dict[str, tuple[int, int]]:
         """(rows, namespaces) lost to damage this run, per member version; zeros for served versions without damage."""

@@ -85,7 +85,7 @@ def survey(folder: Path | str, versions: dict[str, list[str]]) -> Store:
         try:
             header = inspect_namespace(root, name)
             namespaces.append(
-                Namespace(name, header.committed, header.num_classes, header.fmt.name, used_by=versions.get(name, []))
+                Namespace(name, header.live_rows, header.num_classes, header.fmt.name, used_by=versions.get(name, []))
             )
         except NamespaceDamaged as exc:
             namespaces.append(Namespace(name, exc.rows, problem=str(exc), used_by=versions.get(name, [])))

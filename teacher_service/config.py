@@ -83,6 +83,11 @@ class ServerConfig(StrictConfig):
         "keeps one writer, and a restarted replica takes a free folder back with its rows.",
     )
     cache_max_bytes: Annotated[int, Field(ge=0)] = Field(2 << 30, description="Per replica (each has its own folder).")
+    cache_when_full: Literal["evict", "stop"] = Field(
+        "evict",
+        description="Past cache_max_bytes: evict the least recently used chunks of the served member versions to make "
+        "room, or stop storing new rows (they are still served).",
+    )
     cache_memory_bytes: Annotated[int, Field(ge=0)] = Field(
         MEMORY_BYTES,
         description="Decoded chunks kept in memory to serve hits from (least recently used out first); the store "

@@ -54,6 +54,9 @@ class Metrics:
         self.cache_max_bytes = Gauge("akd_cache_max_bytes", "The cache size bound.", registry=r)
         self.cache_full = Gauge("akd_cache_full", "1 once the size bound (or a full disk) stopped inserts.", registry=r)
         self.cache_write_errors = Gauge("akd_cache_write_errors", "Failed chunk writes.", ["member"], registry=r)
+        self.cache_evicted_rows = Gauge(
+            "akd_cache_evicted_rows", "Rows evicted this run to stay under cache_max_bytes.", ["member"], registry=r
+        )
         self.cache_damaged_rows = Gauge(
             "akd_cache_damaged_rows",
             "Stored rows found damaged or unverifiable at start-up: never served, recomputed when asked for.",

@@ -202,7 +202,13 @@ def build_service(config: ServiceConfig) -> Service:
 
 
 def _open_cache(server: ServerConfig) -> LogitCache | None:
-    settings = (server.cache_max_bytes, server.cache_chunk_rows, server.cache_durable, server.cache_memory_bytes)
+    settings = (
+        server.cache_max_bytes,
+        server.cache_chunk_rows,
+        server.cache_durable,
+        server.cache_memory_bytes,
+        server.cache_when_full == "evict",
+    )
     if server.cache_dir is None:
         return None
     if server.cache_slots is not None:
@@ -227,6 +233,7 @@ def _refresh_cache_gauges(service: Service) -> None:
         m.cache_rows.labels(ns.version).set(ns.rows)
         m.cache_committed_rows.labels(ns.version).set(ns.committed)
         m.cache_write_errors.labels(ns.version).set(ns.write_errors)
+        m.cache_evicted_rows.labels(ns.version).set(ns.evicted_rows)
     for version, (rows, namespaces) in cache.damage_counts().items():
         m.cache_damaged_rows.labels(version).set(rows)
         m.cache_damaged_namespaces.labels(version).set(namespaces)

@@ -113,7 +113,7 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": "cache", "cache_max_bytes": limit, "cache_chunk_rows": 4},
+        {"cache_dir": "cache", "cache_max_bytes": limit, "cache_chunk_rows": 4, "cache_when_full": "stop"},
     )
     x = random_inputs(16, seed=8)
     with caplog.at_level("WARNING", logger="akd.cache"), live_server(config) as (base, _):

@@ -3,13 +3,14 @@
 Layout (any zarr store; a local folder by default)::
 
     <root>/                      attrs: format
-      <member version>/          attrs: format, committed_rows, num_classes
+      <member version>/          attrs: format, committed_rows, num_classes, dtype (row format), evicted_chunks
         keys    (N, 16) uint8    blake2b-128 of each input row (shared.hashing.row_keys)
-        logits  (N, K) float32   that member's raw logits for the row (float16 in a `<version>.float16` namespace)
-        checks  (N,)   uint64    blake2b-64 of (format, member version, key, logits) per row
+        logits  (N, K) float32   that member's raw logits for the row; (N, W) in another row format's namespace,
+                                 `<version>.float16` or `<version>.top<k>` (row_formats)
+        checks  (N,)   uint64    blake2b-64 of (format, namespace, key, stored row) per row
       .damaged/                  (local folders) namespaces and root metadata set aside, kept for inspection
 
-Rows form an append-only log: the in-memory index maps a key to its newest row.
+Rows form an append-only log: the key index maps a key to its newest row.
 Crash safety rests on three rules: one writer thread; rows are buffered and
 written as whole chunks (each chunk write replaces one object atomically, as
 zarr's LocalStore and object stores do); and `committed_rows`, the only thing
@@ -22,8 +23,9 @@ recomputation, never a wrong answer and never a service that cannot start.
 - Every row carries a checksum over its key, its logits and its namespace's name,
   so a flipped bit, a chunk read back as zeros (deleted), chunks swapped within or
   between namespaces, or a chunk that no longer decompresses all fail. Rows are
-  verified when a namespace is loaded (hits are served from the in-memory mirror,
-  which holds only rows that verified or were computed by this process).
+  verified when a namespace is loaded, and again, with their key, the first time
+  each is served from a chunk read back from the store: a chunk damaged while the
+  service runs costs its rows a recomputation too (`MemberCache.get`).
 - A namespace whose structure fails its checks (unreadable `zarr.json`, a missing
   or odd array, `committed_rows` not an integer in [0, rows the arrays hold], an
   older format without checksums) is set aside at start-up and rebuilt empty when
@@ -44,9 +46,19 @@ recomputation, never a wrong answer and never a service that cannot start.
 - A write that fails for lack of space (ENOSPC, EDQUOT) marks the size budget
   full: rows are still served, no longer stored, until a restart.
 
-All reads and inserts happen on the inference thread; only the writer thread
-touches the store after start-up. Hits are served from an in-memory mirror of
-the committed and buffered rows, bounded by `max_bytes`.
+Size: past `max_bytes`, the least recently used whole chunks of the served
+namespaces are evicted (`evict`): recorded in `evicted_chunks` first, their
+files deleted after, so a crash in between leaves files nothing reads. Without
+`evict`, inserts stop instead.
+
+Memory does not grow with the store: the key index lives in a file-backed table
+(key_index), and hits are read back from the store a chunk at a time through a
+bounded LRU of decoded chunks (`ChunkCache`, `memory_bytes`). Only the chunk
+being filled and the chunks not yet committed are held otherwise.
+
+All reads and inserts happen on the inference thread; the writer thread is the
+only one that writes the store after start-up, and the inference thread reads
+committed chunks only.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
-from teacher_service.key_index import FileBacked, KeyIndex
+from teacher_service.key_index import RESIDENT_BYTES, FileBacked, KeyIndex
 from teacher_service.row_formats import FLOAT32, RowFormat, row_format, storable
 
 log = logging.getLogger("akd.cache")
@@ -855,7 +855,9 @@ class LogitCache:
         durable: bool = False,
         memory_bytes: int = MEMORY_BYTES,
         evict: bool = False,
+        index_memory_bytes: int = RESIDENT_BYTES,
     ):
+        self.index_memory_bytes = index_memory_bytes
         self.store = store
         self.chunk_rows = chunk_rows
         folder = _local_folder(store)
@@ -995,7 +997,7 @@ class LogitCache:
         chunk_rows = header.arrays.logits.chunks[0]
         tail_start = header.committed // chunk_rows * chunk_rows
         tail = _Rows.empty(chunk_rows, header.arrays.logits.shape[1], header.fmt.dtype)
-        index = KeyIndex(2 * header.committed, self._index_folder)
+        index = KeyIndex(2 * header.committed, self._index_folder, self.index_memory_bytes)
         good, problems = 0, []
         for block in verified_blocks(version, header):
             kept = np.flatnonzero(block.good)
@@ -1059,7 +1061,8 @@ class LogitCache:
             _fsync(folder, directory=True)
             _fsync(self._folder, directory=True)
         tail = _Rows.empty(chunk, width, fmt.dtype)
-        return self._member(version, fmt, num_classes, arrays, 0, tail, KeyIndex(folder=self._index_folder))
+        index = KeyIndex(folder=self._index_folder, resident_bytes=self.index_memory_bytes)
+        return self._member(version, fmt, num_classes, arrays, 0, tail, index)
 
     def _member(
         self,

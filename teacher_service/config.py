@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.protocol import Aggregate
 from teacher_service.cache import MEMORY_BYTES
+from teacher_service.key_index import RESIDENT_BYTES
 from teacher_service.row_formats import row_format
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
@@ -92,6 +93,12 @@ class ServerConfig(StrictConfig):
         MEMORY_BYTES,
         description="Decoded chunks kept in memory to serve hits from (least recently used out first); the store "
         "may hold any number of rows more. Hits on rows beyond it read their chunk back from the store.",
+    )
+    cache_index_memory_bytes: Annotated[int, Field(ge=0)] = Field(
+        RESIDENT_BYTES,
+        description="Of each served member version's key index (48 to 96 bytes a row, in a file-backed table), the "
+        "most kept resident; past it, its pages go back to the kernel's page cache after batches, and lookups fault "
+        "them in again (slower).",
     )
     cache_chunk_rows: Count = 1024
     cache_flush_s: Positive = 10.0

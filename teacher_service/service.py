@@ -208,6 +208,7 @@ def _open_cache(server: ServerConfig) -> LogitCache | None:
         server.cache_durable,
         server.cache_memory_bytes,
         server.cache_when_full == "evict",
+        server.cache_index_memory_bytes,
     )
     if server.cache_dir is None:
         return None

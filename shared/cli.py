@@ -34,13 +34,19 @@ SUBCOMMANDS = {
     ),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
     "cache": Subcommand(
-        "teacher_service.cache_tools", "a teacher service's cache: stats, verify its rows, gc stale member versions"
+        "teacher_service.cache_tools",
+        "a teacher service's cache: stats, verify its rows, gc stale member versions (and `akd cache warm`)",
     ),
 }
+# `akd cache warm` is `akd warm`: warming needs a run's data and augmentation, so it lives on the trainer's side.
+ALIASES = {("cache", "warm"): ["warm"]}
 
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    for alias, command in ALIASES.items():
+        if tuple(argv[: len(alias)]) == alias:
+            argv = [*command, *argv[len(alias) :]]
     parser = argparse.ArgumentParser(
         prog=prog, description="Adversarial knowledge distillation with a shared teacher service."
     )

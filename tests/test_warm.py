@@ -17,9 +17,9 @@ from student_trainer.data import AUGMENTED_VIEWS, augment_batch, augmentation_sp
 from student_trainer.train import train
 
 
-def akd_warm(*args: str) -> subprocess.CompletedProcess:
+def akd_warm(*args: str, command: tuple[str, ...] = ("warm",)) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "warm", *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
+        [sys.executable, "-m", "shared.cli", *command, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
     )
 
 
@@ -49,7 +49,7 @@ def test_warm_makes_every_ard_query_a_hit_and_a_second_warm_computes_nothing(ser
     first = akd_warm(*run, "--batch-rows", "100")
     assert first.returncode == 0, first.stderr
     assert "warmed 256 rows" in first.stdout and "256 computed, 0 already cached" in first.stdout
-    again = akd_warm(*run)
+    again = akd_warm(*run, command=("cache", "warm"))  # the same command under `akd cache`
     assert again.returncode == 0 and "0 computed, 256 already cached" in again.stdout  # resumable: redoes nothing
     out = tmp_path / "ard"
     sets = ["limit_train=256", "val_size=64", "epochs=1", "batch_size=64", "attack.steps=1", "method=ard"]

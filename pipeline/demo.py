@@ -16,12 +16,10 @@ Everything lands in one output folder (layout.Layout); a re-run reuses finished 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import httpx
 from pydantic import ValidationError
 
 from pipeline import DemoError
-from pipeline.jobs import Job, Work, epochs_done, job_env, module, run_jobs, say
+from pipeline.jobs import Job, Work, end_with_parent, epochs_done, job_env, module, run_jobs, say
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare_out, update_json
 from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
 from shared import scrape
@@ -305,16 +303,12 @@ class Demo:
         return write_report(self)
 
 
-_PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
 def _own_session_ending_with_parent() -> None:
     """Run in the service's child before exec. Its own session: Ctrl-C or `timeout` signal the demo's process group,
     and the demo must still read the service's stats before it stops it. Yet it ends with the demo if that is killed
     outright (Linux's parent-death signal), so no service outlives its demo."""
     os.setsid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    end_with_parent()
 
 
 def evaluation_current(

@@ -7,7 +7,9 @@ resumes training from its last epoch).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +75,16 @@ def module(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def end_with_parent() -> None:
+    """Run in a job's child before exec: Linux's parent-death signal ends it with the demo, so that no job outlives
+    it, even one started just as a signal arrived, before the demo could record it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def job_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
@@ -136,7 +148,13 @@ def _run_jobs(
             with open(job.log, "ab") as log:
                 running[job.name] = (
                     job,
-                    subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)),
+                    subprocess.Popen(
+                        job.argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=job_env(threads),
+                        preexec_fn=end_with_parent,
+                    ),
                 )
             say(f"[{stage}] started {job.name} (log: {job.log})")
         time.sleep(0.5)

@@ -131,3 +131,28 @@ def test_akd_cache_stats_and_verify_read_an_object_store(s3_config):
     assert verify.returncode == 0 and verify.stdout.count("ok, 12 rows verified") == 2, verify.stdout + verify.stderr
     gc = akd_cache("gc", "--config", str(config))
     assert gc.returncode == 2 and "only a local folder has" in gc.stderr
+
+
+def test_eviction_deletes_the_evicted_chunks_objects(s3_server):
+    """Past its bound, a bucket cache evicts like a folder: the chunk's objects go, its record stays."""
+    import numpy as np
+
+    from teacher_service.cache import LogitCache, row_bytes
+
+    store = f"s3://{BUCKET}/eviction"
+    cache = LogitCache(store, max_bytes=2 * 4 * row_bytes(10), chunk_rows=4, evict=True)
+    ns = cache.namespace("v1", 10)
+    rng = np.random.default_rng(0)
+    keys = [k.tobytes() for k in rng.integers(0, 256, (12, 16), dtype=np.uint8)]
+    logits = rng.standard_normal((12, 10)).astype(np.float32)
+    for start in range(0, 12, 4):
+        ns.insert(keys[start : start + 4], logits[start : start + 4])
+        cache.drain()
+    cache.close()
+    chunks = {key.split("/c/")[1].split("/")[0] for key in objects("eviction/v1/logits/c/")}
+    assert chunks == {"1", "2"}, "chunk 0 was evicted: its objects should be gone, the others kept"
+    reopened = LogitCache(store, max_bytes=1 << 20, chunk_rows=4)
+    found, got = reopened.namespace("v1", 10).get(keys)
+    assert found.tolist() == [False] * 4 + [True] * 8 and np.array_equal(got, logits[4:])
+    assert reopened.damage_counts()["v1"] == (0, 0)
+    reopened.close()

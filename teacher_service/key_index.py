@@ -94,8 +94,10 @@ class KeyIndex:
         newest = len(whole) - 1 - np.unique(whole[::-1], return_index=True)[1]  # each distinct key's last occurrence
         lo, hi = _halves(keys[newest])
         values = np.asarray(rows)[newest].astype(np.uint64) + np.uint64(1)
-        if 2 * (self.count + len(lo)) > self.capacity:
-            self._grow(2 * (self.count + len(lo)))
+        if 2 * (self.count + len(lo)) > self.capacity:  # rebuilt, dropped keys left out: sized by the live ones
+            table = self._file.array
+            live = int(((table[:, 2] != _EMPTY) & (table[:, 2] != _DEAD)).sum())
+            self._grow(2 * (live + len(lo)))
         table = self._file.array
         mask = self.capacity - 1
         slots = (lo & np.uint64(mask)).astype(np.int64)

@@ -341,6 +341,19 @@ class TestKeyIndex:
         assert index.find(keys[:2]).tolist() == [50000, -1]
         index.close()
 
+    def test_dropped_keys_do_not_make_it_grow(self):
+        from teacher_service.key_index import KeyIndex
+
+        rng = np.random.default_rng(2)
+        index, previous = KeyIndex(), np.zeros((0, 16), np.uint8)
+        for round_ in range(20):  # eviction's churn: 2,000 rows in, the previous round's out
+            keys = rng.integers(0, 256, (2000, 16), dtype=np.uint8)
+            index.add(keys, np.arange(2000) + 2000 * round_)
+            index.drop(previous)
+            previous = keys
+        assert index.capacity <= 8192 and (index.find(previous) >= 0).all()
+        index.close()
+
     def test_its_pages_go_back_to_the_page_cache_past_the_resident_bound(self):
         from teacher_service.key_index import KeyIndex
 

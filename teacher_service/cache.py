@@ -53,7 +53,7 @@ files deleted after, so a crash in between leaves files nothing reads. Without
 
 Memory does not grow with the store: the key index lives in a file-backed table
 (key_index), and hits are read back from the store a chunk at a time through a
-bounded LRU of decoded chunks (`ChunkCache`, `memory_bytes`). Only the chunk
+bounded table of decoded chunks (`ChunkLines`, `memory_bytes` per namespace). Only the chunk
 being filled and the chunks not yet committed are held otherwise.
 
 All reads and inserts happen on the inference thread; the writer thread is the
@@ -71,7 +71,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,7 +95,7 @@ NEVER = np.iinfo(np.int64).max  # a chunk's last use when it cannot be evicted (
 CHECK_BYTES = 8
 DAMAGED_DIR = ".damaged"
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
-MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits (`cache_memory_bytes`), whatever the store holds
+MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`cache_memory_bytes`), whatever the store holds
 
 
 def namespace_name(version: str, store: str = "float32") -> str:
@@ -286,65 +285,56 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-@dataclass
-class _Chunk:
-    """One chunk's rows in memory. `checked` marks the rows verified against their checksums; None: all of them (rows
-    this process computed, or verified when the namespace was loaded)."""
+class ChunkLines:
+    """Chunks read back from the store, held to serve hits: a direct-mapped table, chunk c in line c % `lines`, as many
+    lines as `max_bytes` holds (at least one). One numpy gather serves every row already held, however many chunks a
+    batch touches; only chunks not held cost a step each (a read from the store). The arrays are allocated zeroed, so
+    lines never filled take no memory."""
 
-    rows: _Rows
-    checked: np.ndarray | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows.keys.nbytes + self.rows.logits.nbytes + self.rows.checks.nbytes
-
-
-class ChunkCache:
-    """Decoded chunks read back from the store, shared by every namespace: the least recently used go first once they
-    pass `max_bytes`. This, not the number of rows stored, bounds the memory hits are served from."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
+    def __init__(self, max_bytes: int, chunk_rows: int, width: int, dtype: np.dtype):
+        row = KEY_BYTES + width * dtype.itemsize + CHECK_BYTES + 1  # + its `checked` flag
+        self.chunk_rows = chunk_rows
+        self.lines = max(1, max_bytes // (chunk_rows * row))
+        self.rows = _Rows.empty(self.lines * chunk_rows, width, dtype)
+        self.checked = np.zeros(self.lines * chunk_rows, bool)  # verified against its checksum since read back
+        self.tag = np.full(self.lines, -1, np.int64)  # the chunk each line holds
         self.reads = 0  # chunks read from the store
-        self._chunks: OrderedDict[tuple[str, int], _Chunk] = OrderedDict()
 
-    def get(self, key: tuple[str, int]) -> _Chunk | None:
-        chunk = self._chunks.get(key)
-        if chunk is not None:
-            self._chunks.move_to_end(key)
-        return chunk
+    def holds(self, chunks: np.ndarray) -> np.ndarray:
+        return self.tag[chunks % self.lines] == chunks
 
-    def put(self, key: tuple[str, int], chunk: _Chunk) -> None:
-        old = self._chunks.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        if chunk.nbytes > self.max_bytes:
-            return
-        self._chunks[key] = chunk
-        self.nbytes += chunk.nbytes
-        while self.nbytes > self.max_bytes:
-            _, evicted = self._chunks.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+    def slots(self, chunks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return (chunks % self.lines) * self.chunk_rows + offsets
 
-    def drop(self, key: tuple[str, int]) -> None:
-        old = self._chunks.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
+    def put(self, chunk: int, rows: _Rows, checked: bool) -> None:
+        line = chunk % self.lines
+        held = slice(line * self.chunk_rows, (line + 1) * self.chunk_rows)
+        for name in ("keys", "logits", "checks"):
+            getattr(self.rows, name)[held] = getattr(rows, name)
+        self.checked[held] = checked
+        self.tag[line] = chunk
 
-    def forget(self, version: str) -> None:
-        for key in [k for k in self._chunks if k[0] == version]:
-            self.nbytes -= self._chunks.pop(key).nbytes
+    def get(self, chunk: int) -> _Rows | None:
+        line = chunk % self.lines
+        return (
+            self.rows.select(slice(line * self.chunk_rows, (line + 1) * self.chunk_rows))
+            if self.tag[line] == chunk
+            else None
+        )
+
+    def drop(self, chunk: int) -> None:
+        if self.tag[chunk % self.lines] == chunk:
+            self.tag[chunk % self.lines] = -1
 
 
 class MemberCache:
     """One member version's namespace: its key index, its chunked append log, and its rows not yet on the store.
 
     Rows live in three places, by chunk: the chunk being filled (`_tail`) and the chunks handed to the writer and not
-    yet committed (`_pending`) are held here; every committed whole chunk is read back from the store through the
-    shared `ChunkCache`, and each row is checked against its checksum and its key the first time it is served from a
-    chunk read back, so a chunk damaged after start-up is never served either: its rows are dropped from the index
-    (recomputed on their next request) and counted as damaged.
+    yet committed (`_pending`) are held here; every committed whole chunk is read back from the store into this
+    namespace's `ChunkLines`, and each row is checked against its checksum and its key the first time it is served
+    from a chunk read back, so a chunk damaged after start-up is never served either: its rows are dropped from the
+    index (recomputed on their next request) and counted as damaged.
     """
 
     def __init__(
@@ -356,7 +346,7 @@ class MemberCache:
         committed: int,
         tail: _Rows,
         index: KeyIndex,
-        chunks: ChunkCache,
+        memory_bytes: int,
         writer: ThreadPoolExecutor,
         budget: CacheBudget,
         damage: Damage,
@@ -365,9 +355,10 @@ class MemberCache:
         folder: Path | None = None,
     ):
         self.version, self.fmt, self.num_classes = version, fmt, num_classes
-        self._arrays, self._writer, self._budget, self._chunks = arrays, writer, budget, chunks
+        self._arrays, self._writer, self._budget = arrays, writer, budget
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
+        self._lines = ChunkLines(memory_bytes, self.chunk_rows, arrays.logits.shape[1], fmt.dtype)
         self.committed = committed
         self.broken = False  # set after a failed write: nothing more is committed here
         self.write_errors = 0
@@ -404,23 +395,27 @@ class MemberCache:
         at = np.flatnonzero(found)
         logits = np.empty((len(at), self.num_classes), np.float32)
         good = np.ones(len(at), bool)
-        now = self._tick()
         self._retire_written()
         chunk_of = positions[at] // self.chunk_rows
-        order = np.argsort(chunk_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
-        for group in np.split(order, bounds) if len(order) else ():
+        offset = positions[at] - chunk_of * self.chunk_rows
+        keys_at = wanted[at]
+        here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))  # not on the store yet
+        in_lines = ~here & self._lines.holds(chunk_of)
+        self._serve_from_lines(np.flatnonzero(in_lines), chunk_of, offset, keys_at, logits, good)
+        rest = np.flatnonzero(~in_lines)
+        order = rest[np.argsort(chunk_of[rest], kind="stable")]
+        for group in np.split(order, np.flatnonzero(np.diff(chunk_of[order])) + 1) if len(order) else ():
             chunk = int(chunk_of[group[0]])
-            offsets = positions[at[group]] - chunk * self.chunk_rows
-            held = self._chunk(chunk)
-            if held is None:
+            if chunk == self._whole_chunks or chunk in self._pending:
+                rows = self._tail if chunk == self._whole_chunks else self._pending[chunk][0]
+                good[group] = (rows.keys[offset[group]] == keys_at[group]).all(axis=1)
+                logits[group] = self.fmt.decode(rows.logits[offset[group]], self.num_classes)
+            elif self._read_into_lines(chunk):
+                self._serve_from_lines(group, chunk_of, offset, keys_at, logits, good)
+            else:
                 good[group] = False
-                continue
-            if chunk < self._whole_chunks:
-                self._used[chunk] = now
-            sound = self._sound(held, chunk, offsets, wanted[at[group]])
-            good[group] = sound
-            logits[group] = self.fmt.decode(held.rows.logits[offsets], self.num_classes)
+        used = chunk_of[chunk_of < self._whole_chunks]
+        self._used[used] = self._tick()
         if not good.all():
             lost = at[~good]
             self._index.drop(wanted[lost])
@@ -429,46 +424,55 @@ class MemberCache:
         self._index.settle()
         return found, logits[good]
 
-    def _sound(self, held: _Chunk, chunk: int, offsets: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Which of the rows at `offsets` hold `keys` and, read back from the store, match their checksums."""
-        rows = held.rows
-        sound = (rows.keys[offsets] == keys).all(axis=1)  # a chunk moved within the namespace holds other keys
-        if held.checked is not None:
-            unchecked = np.unique(offsets[~held.checked[offsets]])
-            if len(unchecked):
-                ok = row_checks(self.version, rows.keys[unchecked], rows.logits[unchecked]) == rows.checks[unchecked]
-                held.checked[unchecked[ok]] = True
-            sound &= held.checked[offsets]
+    def _serve_from_lines(self, which, chunk_of, offset, keys, logits, good) -> None:
+        """Rows `which` (of this batch's found rows) from the chunk lines, in one gather: each checked against its
+        key, and against its checksum the first time it is served since its chunk was read back."""
+        if not len(which):
+            return
+        lines = self._lines
+        slots = lines.slots(chunk_of[which], offset[which])
+        sound = (lines.rows.keys[slots] == keys[which]).all(axis=1)  # a chunk moved within the namespace: other keys
+        unchecked = np.unique(slots[~lines.checked[slots]])
+        if len(unchecked):
+            rows = lines.rows
+            ok = row_checks(self.version, rows.keys[unchecked], rows.logits[unchecked]) == rows.checks[unchecked]
+            lines.checked[unchecked[ok]] = True
+        sound &= lines.checked[slots]
+        good[which] = sound
+        logits[which] = self.fmt.decode(lines.rows.logits[slots], self.num_classes)
         if not sound.all():
             log.warning(
-                "cache namespace %s: chunk %d: %d row(s) read back from the store fail their checks; not served, "
+                "cache namespace %s: %d row(s) read back from the store fail their checks (chunks %s); not served, "
                 "recomputed when asked for",
                 self.version,
-                chunk,
                 int((~sound).sum()),
+                _ranges(np.unique(chunk_of[which][~sound])),
             )
-        return sound
 
-    def _chunk(self, chunk: int) -> _Chunk | None:
-        """A chunk's rows: held here, or read back from the store (None: it cannot be decoded)."""
-        if chunk == self._whole_chunks:
-            return _Chunk(self._tail)
-        if chunk in self._pending:
-            return _Chunk(self._pending[chunk][0])
+    def _read_into_lines(self, chunk: int) -> bool:
+        """A committed chunk read back from the store into its line; False when it is gone or cannot be decoded."""
         if chunk in self._unreadable or chunk in self._evicted:
-            return None
-        held = self._chunks.get((self.version, chunk))
-        if held is None:
+            return False
+        rows = self._read_chunk(chunk)
+        if rows is None:
+            return False
+        self._lines.put(chunk, rows, checked=False)
+        return True
+
+    def _rows_of(self, chunk: int) -> _Rows | None:
+        """A whole chunk's rows, wherever they are (eviction wants its keys)."""
+        if chunk in self._pending:
+            return self._pending[chunk][0]
+        held = self._lines.get(chunk)
+        if held is None and chunk not in self._unreadable and chunk not in self._evicted:
             held = self._read_chunk(chunk)
-            if held is not None:
-                self._chunks.put((self.version, chunk), held)
         return held
 
-    def _read_chunk(self, chunk: int) -> _Chunk | None:
+    def _read_chunk(self, chunk: int) -> _Rows | None:
         start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
-        self._chunks.reads += 1
+        self._lines.reads += 1
         try:
-            rows = _Rows(*(array[start:stop] for _, array in self._arrays.all()))
+            return _Rows(*(array[start:stop] for _, array in self._arrays.all()))
         except Exception as exc:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises)
             self._unreadable.add(chunk)
             log.warning(
@@ -481,14 +485,13 @@ class MemberCache:
                 exc,
             )
             return None
-        return _Chunk(rows, checked=np.zeros(self.chunk_rows, bool))
 
     def _retire_written(self) -> None:
-        """Chunks the writer has committed leave `_pending` for the shared chunk cache (they are likely asked for
-        soon, and need no check: this process computed them). After a failed write they stay here."""
+        """Chunks the writer has committed leave `_pending` for the chunk lines (they are likely asked for soon, and
+        need no check: this process computed them). After a failed write they stay here."""
         for chunk in [c for c in self._pending if (c + 1) * self.chunk_rows <= self.committed]:
             rows, _ = self._pending.pop(chunk)
-            self._chunks.put((self.version, chunk), _Chunk(rows))
+            self._lines.put(chunk, rows, checked=True)
 
     def insert(self, keys: list[bytes], logits: np.ndarray) -> int:
         """Append rows (newest wins on lookup); returns how many the size bound let in. A row the format cannot hold
@@ -552,12 +555,12 @@ class MemberCache:
     def evict(self, chunk: int) -> int:
         """Take a committed chunk out (its rows miss from now on) and have the writer record it, then delete its
         files; returns the bytes freed."""
-        held = self._chunk(chunk)
+        held = self._rows_of(chunk)
         if held is not None:
-            keys = held.rows.keys
+            keys = held.keys
             still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))  # not since re-added
             self._index.drop(keys[still])
-        self._chunks.drop((self.version, chunk))
+        self._lines.drop(chunk)
         self._pending.pop(chunk, None)  # the writer writes it, then deletes it: the two run in order
         self._unreadable.discard(chunk)
         self._evicted.add(chunk)
@@ -585,9 +588,13 @@ class MemberCache:
                 "cache namespace %s: evicting chunk %d did not finish; its files may stay", self.version, chunk
             )
 
+    @property
+    def chunk_reads(self) -> int:
+        """Chunks read back from the store since start-up."""
+        return self._lines.reads
+
     def close(self) -> None:
         self._index.close()
-        self._chunks.forget(self.version)
 
     def _submit_chunk(self, chunk: int, rows: _Rows, committed: int) -> Future:
         self._submitted = committed
@@ -863,7 +870,7 @@ class LogitCache:
         folder = _local_folder(store)
         self._folder = folder
         self._index_folder = folder  # indexes and spills live beside the store (the system's temp folder otherwise)
-        self.chunks = ChunkCache(memory_bytes)
+        self.memory_bytes = memory_bytes
         self._lock = lock_folder(folder) if folder else None
         if folder:
             _remove_torn_writes(folder)
@@ -1083,7 +1090,7 @@ class LogitCache:
             committed,
             tail,
             index,
-            self.chunks,
+            self.memory_bytes,
             self._writer,
             self.budget,
             self.damage.setdefault(version, Damage()),

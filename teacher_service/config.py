@@ -91,8 +91,8 @@ class ServerConfig(StrictConfig):
     )
     cache_memory_bytes: Annotated[int, Field(ge=0)] = Field(
         MEMORY_BYTES,
-        description="Decoded chunks kept in memory to serve hits from (least recently used out first); the store "
-        "may hold any number of rows more. Hits on rows beyond it read their chunk back from the store.",
+        description="Per served member version: decoded chunks kept in memory to serve hits from; the store may hold "
+        "any number of rows more. A hit on a row beyond it reads its chunk back from the store.",
     )
     cache_index_memory_bytes: Annotated[int, Field(ge=0)] = Field(
         RESIDENT_BYTES,

@@ -589,6 +589,11 @@ class MemberCache:
             )
 
     @property
+    def live_rows(self) -> int:
+        """Rows held (committed or buffered), those evicted left out."""
+        return self.rows - len(self._evicted) * self.chunk_rows
+
+    @property
     def chunk_reads(self) -> int:
         """Chunks read back from the store since start-up."""
         return self._lines.reads

@@ -231,7 +231,7 @@ def _refresh_cache_gauges(service: Service) -> None:
         return
     m, cache = service.metrics, service.cache
     for ns in cache.namespaces:
-        m.cache_rows.labels(ns.version).set(ns.rows)
+        m.cache_rows.labels(ns.version).set(ns.live_rows)
         m.cache_committed_rows.labels(ns.version).set(ns.committed)
         m.cache_write_errors.labels(ns.version).set(ns.write_errors)
         m.cache_evicted_rows.labels(ns.version).set(ns.evicted_rows)

@@ -52,7 +52,7 @@ def test_the_least_recently_used_chunks_go_and_the_rows_used_since_stay(tmp_path
     kept = [0, 7, 8, 9]  # the one in use, and the three newest
     assert found.tolist() == [i // CHUNK in kept for i in range(40)]
     assert np.array_equal(got, logits[found])
-    assert ns.evicted_rows == 6 * CHUNK
+    assert ns.evicted_rows == 6 * CHUNK and ns.live_rows == 4 * CHUNK
     cache.close()
     assert chunk_files(store) == set(kept), "an evicted chunk's files are still there, or a kept one's are gone"
 

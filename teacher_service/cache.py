@@ -241,6 +241,9 @@ class _Rows:
     def select(self, which) -> _Rows:
         return _Rows(self.keys[which], self.logits[which], self.checks[which])
 
+    def put(self, where, rows: _Rows) -> None:
+        self.keys[where], self.logits[where], self.checks[where] = rows.keys, rows.logits, rows.checks
+
 
 @dataclass
 class Damage:
@@ -309,8 +312,7 @@ class ChunkLines:
     def put(self, chunk: int, rows: _Rows, checked: bool) -> None:
         line = chunk % self.lines
         held = slice(line * self.chunk_rows, (line + 1) * self.chunk_rows)
-        for name in ("keys", "logits", "checks"):
-            getattr(self.rows, name)[held] = getattr(rows, name)
+        self.rows.put(held, rows)
         self.checked[held] = checked
         self.tag[line] = chunk
 
@@ -515,8 +517,7 @@ class MemberCache:
         while done < n:
             offset = self.rows - self._whole_chunks * self.chunk_rows
             take = min(n - done, self.chunk_rows - offset)
-            for name in ("keys", "logits", "checks"):
-                getattr(self._tail, name)[offset : offset + take] = getattr(new, name)[done : done + take]
+            self._tail.put(slice(offset, offset + take), new.select(slice(done, done + take)))
             self.rows += take
             done += take
             if offset + take == self.chunk_rows:
@@ -1019,8 +1020,7 @@ class LogitCache:
             problems += block.problems
             if block.start + len(block.good) > tail_start:  # blocks are whole chunks: the tail lies in this one
                 held = slice(tail_start - block.start, len(block.good))
-                for name in ("keys", "logits", "checks"):
-                    getattr(tail, name)[: header.committed - tail_start] = getattr(block.rows, name)[held]
+                tail.put(slice(0, header.committed - tail_start), block.rows.select(held))
         return index, tail, good, problems
 
     def _spill_verified(self, version: str, header: _Header, good: int) -> list[FileBacked]:

@@ -404,18 +404,12 @@ class MemberCache:
         here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))  # not on the store yet
         in_lines = ~here & self._lines.holds(chunk_of)
         self._serve_from_lines(np.flatnonzero(in_lines), chunk_of, offset, keys_at, logits, good)
-        rest = np.flatnonzero(~in_lines)
-        order = rest[np.argsort(chunk_of[rest], kind="stable")]
-        for group in np.split(order, np.flatnonzero(np.diff(chunk_of[order])) + 1) if len(order) else ():
-            chunk = int(chunk_of[group[0]])
-            if chunk == self._whole_chunks or chunk in self._pending:
-                rows = self._tail if chunk == self._whole_chunks else self._pending[chunk][0]
-                good[group] = (rows.keys[offset[group]] == keys_at[group]).all(axis=1)
-                logits[group] = self.fmt.decode(rows.logits[offset[group]], self.num_classes)
-            elif self._read_into_lines(chunk):
-                self._serve_from_lines(group, chunk_of, offset, keys_at, logits, good)
-            else:
-                good[group] = False
+        self._serve_read_back(np.flatnonzero(~here & ~in_lines), chunk_of, offset, keys_at, logits, good)
+        for chunk in np.unique(chunk_of[here]):
+            group = np.flatnonzero(chunk_of == chunk)
+            rows = self._tail if chunk == self._whole_chunks else self._pending[chunk][0]
+            good[group] = (rows.keys[offset[group]] == keys_at[group]).all(axis=1)
+            logits[group] = self.fmt.decode(rows.logits[offset[group]], self.num_classes)
         used = chunk_of[chunk_of < self._whole_chunks]
         self._used[used] = self._tick()
         if not good.all():
@@ -451,15 +445,58 @@ class MemberCache:
                 _ranges(np.unique(chunk_of[which][~sound])),
             )
 
-    def _read_into_lines(self, chunk: int) -> bool:
-        """A committed chunk read back from the store into its line; False when it is gone or cannot be decoded."""
-        if chunk in self._unreadable or chunk in self._evicted:
-            return False
-        rows = self._read_chunk(chunk)
-        if rows is None:
-            return False
-        self._lines.put(chunk, rows, checked=False)
-        return True
+    def _serve_read_back(self, which, chunk_of, offset, keys, logits, good) -> None:
+        """Rows `which` from their chunks read back from the store now, all of them at once (one read per array,
+        which zarr spreads over the chunks), each row checked; the chunks then go into their lines."""
+        every = np.unique(chunk_of[which])
+        step = max(1, min(self._lines.lines // 8, READ_BLOCK_CHUNKS))  # a read at once: an eighth of the bound
+        for first in range(0, len(every), step):
+            chunks = every[first : first + step]
+            part = which[np.isin(chunk_of[which], chunks)]
+            self._serve_chunks(chunks, part, chunk_of, offset, keys, logits, good)
+
+    def _serve_chunks(self, chunks, which, chunk_of, offset, keys, logits, good) -> None:
+        rows, readable = self._read_chunks(chunks)
+        at = np.searchsorted(chunks, chunk_of[which]) * self.chunk_rows + offset[which]
+        sound = (rows.keys[at] == keys[which]).all(axis=1) & readable[at // self.chunk_rows]
+        sound[sound] = row_checks(self.version, rows.keys[at[sound]], rows.logits[at[sound]]) == rows.checks[at[sound]]
+        good[which] = sound
+        logits[which] = self.fmt.decode(rows.logits[at], self.num_classes)
+        checked = np.zeros(len(rows.keys), bool)
+        checked[at[sound]] = True
+        for i in np.flatnonzero(readable):
+            held = slice(i * self.chunk_rows, (i + 1) * self.chunk_rows)
+            self._lines.put(int(chunks[i]), rows.select(held), checked[held])
+        if not sound[readable[at // self.chunk_rows]].all():
+            log.warning(
+                "cache namespace %s: %d row(s) read back from the store fail their checks (chunks %s); not served, "
+                "recomputed when asked for",
+                self.version,
+                int((~sound & readable[at // self.chunk_rows]).sum()),
+                _ranges(np.unique(chunk_of[which][~sound])),
+            )
+
+    def _read_chunks(self, chunks: np.ndarray) -> tuple[_Rows, np.ndarray]:
+        """Committed chunks' rows, in order, and which chunks could be read (not evicted, and decoded)."""
+        n = self.chunk_rows
+        readable = np.array([c not in self._unreadable and c not in self._evicted for c in chunks], bool)
+        rows = _Rows.empty(len(chunks) * n, self._arrays.logits.shape[1], self.fmt.dtype)
+        wanted = np.flatnonzero(readable)
+        positions = (chunks[wanted, None] * n + np.arange(n)).ravel()
+        try:
+            self._lines.reads += len(wanted)
+            if len(wanted):
+                where = (wanted[:, None] * n + np.arange(n)).ravel()
+                rows.put(where, _Rows(*(array.oindex[positions] for _, array in self._arrays.all())))
+        except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
+            self._lines.reads -= len(wanted)  # counted again one by one
+            for i in wanted:
+                held = self._read_chunk(int(chunks[i]))
+                if held is None:
+                    readable[i] = False
+                else:
+                    rows.put(slice(i * n, (i + 1) * n), held)
+        return rows, readable
 
     def _rows_of(self, chunk: int) -> _Rows | None:
         """A whole chunk's rows, wherever they are (eviction wants its keys)."""

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
+from teacher_service.row_formats import row_format
 
 PRESETS = ("full", "quick", "tiny")
 Sizes = Annotated[list[Count], Field(min_length=1)]
@@ -104,6 +105,39 @@ class ScaleOutSpec(StrictConfig):
         return self
 
 
+class CacheScaleSpec(StrictConfig):
+    """Benchmark 8: the service's memory against the rows its cache stores, hits read back from the store against
+    hits held in memory and against recomputing, and each row format's bytes against its served error."""
+
+    teacher: str  # served over stores pre-filled with random rows (its checkpoint names their namespace)
+    memory_bytes: Count = 8 << 20  # the chunk cache's bound (`cache_memory_bytes`)
+    index_memory_bytes: Annotated[int, Field(ge=0)] | None = None  # `cache_index_memory_bytes`; None: the default
+    multiples: Sizes = [1, 10, 100]  # rows stored, as multiples of the rows the bound holds
+    chunk_rows: Count = 1024  # the stores' chunks (the service's default `cache_chunk_rows`)
+    sweep_batch: Count = 4096  # keys a request when every row is asked for, in stored order
+    sweep_max_rows: Count | None = None  # a store past this many rows: that many asked for, in evenly spread requests
+    sample_rows: Count = 8192  # random rows asked for after the sweep
+    hit_batch: Count = 512  # keys a request, hits timed from memory and from the store
+    disk_multiple: Count = 10  # the store whose hits are read back from the store (one of `multiples`)
+    recompute_teacher: str  # its rows/s with `cache=bypass`, at `hit_batch` rows a request: the yardstick
+    error_teachers: Annotated[list[TeacherSpec], Field(min_length=1)]  # random weights, built in-process
+    error_rows: Count = 2000  # random inputs whose served probabilities are compared
+    formats: list[str] = ["float16", "top5", "top10"]  # against float32; a top-k of k classes or more is skipped
+    temperatures: Annotated[list[Positive], Field(min_length=1)] = [1.0, 4.0]
+
+    @model_validator(mode="after")
+    def _stores_measured(self) -> CacheScaleSpec:
+        if 1 not in self.multiples or self.disk_multiple not in self.multiples:
+            raise ValueError(
+                f"multiples {self.multiples} must hold 1 (hits from memory) and disk_multiple = {self.disk_multiple}"
+            )
+        if self.disk_multiple < 2:
+            raise ValueError(f"disk_multiple must be at least 2 (a store past the bound), got {self.disk_multiple}")
+        for name in self.formats:
+            row_format(name)
+        return self
+
+
 class BenchConfig(StrictConfig):
     repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
@@ -117,6 +151,7 @@ class BenchConfig(StrictConfig):
     end_to_end: EndToEndSpec
     peer: PeerSpec
     scale_out: ScaleOutSpec
+    cache_scale: CacheScaleSpec
 
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:
@@ -128,6 +163,8 @@ class BenchConfig(StrictConfig):
             *self.peer.teachers,
             self.end_to_end.teacher,
             self.scale_out.teacher,
+            self.cache_scale.teacher,
+            self.cache_scale.recompute_teacher,
         ]
         unknown = sorted(set(named) - set(self.teachers))
         if unknown:

@@ -14,6 +14,8 @@ def _cell(value) -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "-"
+        if value and abs(value) < 1e-3:  # an error or a divergence: its magnitude, not "0.000"
+            return f"{value:.2e}"
         if abs(value) >= 100:
             return f"{value:,.0f}"
         return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
@@ -51,6 +53,8 @@ def markdown(sections: list[Section], machine: dict, command: str, preset: str, 
     for s in sections:
         lines += ["", f"## {s.title}", "", s.about + f" ({s.seconds:.0f} s)", ""]
         lines += table(s.columns, s.rows)
+        for extra in s.tables:
+            lines += ["", f"**{extra.title}**", ""] + table(extra.columns, extra.rows)
         if s.notes:
             lines += [""] + [f"- {n}" for n in s.notes]
     return "\n".join(lines) + "\n"

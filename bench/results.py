@@ -33,6 +33,15 @@ class Target:
 
 
 @dataclass
+class Table:
+    """A further table of a section, for a part whose figures are not the main table's columns."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class Section:
     key: str
     title: str
@@ -42,6 +51,7 @@ class Section:
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long the benchmark took
+    tables: list[Table] = field(default_factory=list)  # after the main one, each under its title
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": [t.to_dict() for t in self.targets]}

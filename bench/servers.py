@@ -100,7 +100,13 @@ class ServerProcess:
 
 
 def start(
-    name: str, command: list[str], log_dir: Path, env: dict[str, str], health_path: str, listen_in: Path | None = None
+    name: str,
+    command: list[str],
+    log_dir: Path,
+    env: dict[str, str],
+    health_path: str,
+    listen_in: Path | None = None,
+    timeout_s: float = START_TIMEOUT_S,
 ) -> ServerProcess:
     """Start a server process on a free loopback port ({port} in `command`, or in the `listen 8000;` line of the
     config file `listen_in`) and wait until it is healthy."""
@@ -121,7 +127,7 @@ def start(
         )
     server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log)
     try:
-        wait_healthy(server.url, lambda: process.poll() is None, START_TIMEOUT_S, path=health_path)
+        wait_healthy(server.url, lambda: process.poll() is None, timeout_s, path=health_path)
     except (RuntimeError, TimeoutError) as exc:
         server.stop()
         raise RuntimeError(f"{name} did not start: {exc}; its log {log} ends with:\n{_tail(log)}") from None
@@ -136,12 +142,13 @@ def teacher_service(
     batching: bool,
     cache_dir: Path | None,
     extra_env: dict[str, str] | None = None,  # e.g. AKD_DEVICES=cpu,cpu, OMP_NUM_THREADS=1
+    start_timeout_s: float = START_TIMEOUT_S,  # a cache of millions of rows is verified before the service is up
 ) -> ServerProcess:
     env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower(), **(extra_env or {})}
     if cache_dir is not None:
         env["AKD_CACHE_DIR"] = str(cache_dir)
     command = [sys.executable, "-m", "teacher_service", "--config", str(config), "--port", "{port}"]
-    return start(name, command, log_dir, env, health_path="/healthz")
+    return start(name, command, log_dir, env, health_path="/healthz", timeout_s=start_timeout_s)
 
 
 def litserve_peer(

@@ -4,7 +4,8 @@ The service serves a cache hit as aggregate_probs(decode(encode(logits))) with t
 (teacher_service.row_formats; tests/test_cache_formats.py checks it bit for bit), so this computes the same thing
 without a service: each teacher checkpoint on a dataset's test images, its logits through each format, the
 ensemble's probabilities at each temperature, and the KL divergence and largest absolute difference from the float32
-ones; and the bytes per cached row of each format.
+ones; and the bytes per cached row of each format. The computation is `bench.cache_scale.format_errors`, the one
+benchmark 8 (`akd bench --only cache_scale`) reports for random-weight teachers.
 
     python scripts/store_error.py --dataset mnist5k runs/overfit100/teachers/*/best.pt
     python scripts/store_error.py --random-teacher preact_resnet18 --classes 100     # no trained 100-class teacher here
@@ -20,32 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cache_scale import format_errors, member_logits, usable_formats  # noqa: E402
 from shared.checkpoint import load_checkpoint  # noqa: E402
-from shared.ensemble import aggregate_probs  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from student_trainer.data import load_dataset  # noqa: E402
 from teacher_service.cache import row_bytes  # noqa: E402
-from teacher_service.row_formats import RowFormat, row_format  # noqa: E402
-
-
-def member_logits(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.stack([torch.cat([m(x[i : i + batch]) for i in range(0, len(x), batch)]) for m in models])
-
-
-def served(logits: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
-    """Each member's rows as a cache hit gives them back."""
-    k = logits.shape[-1]
-    return torch.stack([torch.from_numpy(fmt.decode(fmt.encode(m.numpy()), k)) for m in logits])
-
-
-def errors(logits: torch.Tensor, fmt: RowFormat, temperature: float) -> tuple[float, float, float]:
-    """(mean KL(exact || served), max KL, max |p - p_served|) of the equally weighted ensemble's probabilities."""
-    weights = torch.full((len(logits),), 1 / len(logits))
-    exact = aggregate_probs(logits, weights, temperature).double()
-    rounded = aggregate_probs(served(logits, fmt), weights, temperature).double()
-    kl = (exact * (exact.clamp_min(1e-300).log() - rounded.clamp_min(1e-300).log())).sum(1)
-    return float(kl.mean()), float(kl.max()), float((exact - rounded).abs().max())
 
 
 def main() -> int:
@@ -77,14 +57,13 @@ def main() -> int:
     logits = member_logits(models, x)
     k = logits.shape[-1]
     print(f"{what}; logits in [{float(logits.min()):.1f}, {float(logits.max()):.1f}]")
-    formats = [row_format(name) for name in args.formats.split(",")]
-    formats = [f for f in formats if getattr(f, "k", 0) < k]  # top-k of k classes or fewer cannot be stored
+    formats = usable_formats(args.formats.split(","), k)[1:]  # but float32, the reference; top-k needs > k classes
     print("| format | bytes a row | temperature | mean KL(exact || served) | max KL | max abs probability error |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| float32 | {row_bytes(k)} | any | 0 | 0 | 0 |")
     for fmt in formats:
         for t in (float(v) for v in args.temperatures.split(",")):
-            mean_kl, max_kl, max_abs = errors(logits, fmt, t)
+            mean_kl, max_kl, max_abs = format_errors(logits, fmt, t)
             print(f"| {fmt.name} | {row_bytes(k, fmt)} | {t:g} | {mean_kl:.2e} | {max_kl:.2e} | {max_abs:.2e} |")
     return 0
 

@@ -5,8 +5,9 @@ would bound the cache by RAM; kept in a file mapping, its pages belong to the ke
 hot while memory allows and drops them (they are written back, never lost) when it does not. A table up to
 `resident_bytes` (`cache_index_memory_bytes`) simply stays mapped. Past it, `KeyIndex.settle` hands the pages back
 to the page cache once batches may have mapped that much, so the process's resident set stays flat however many rows
-the cache holds; the price is a minor page fault per slot read after that (about 3 ms a 512-key lookup here, against
-0.3 ms resident: `python scripts/key_index_cost.py`).
+the cache holds; the price is a minor page fault per slot read after that (1.4 ms a 512-key lookup over 1M keys with a
+1 MiB bound, 0.1 ms resident: `python scripts/key_index_cost.py`). Calls are split into pieces of keys that map at most
+that much, so the bound holds within one call (a large request, start-up's build) too.
 
 The files are unlinked at once: nothing is left behind after a crash, and nothing on disk is ever read back as an
 index. Each start builds its index again from the store's verified keys.
@@ -63,6 +64,7 @@ class KeyIndex:
         self._file = FileBacked((_capacity(capacity), 3), np.uint64, folder)
         self.count = 0  # occupied slots, dead ones included
         self._touched = 0  # slots read or written since the pages were last handed back
+        self._piece = max(256, resident_bytes // _TOUCH_BYTES)  # keys a call handles between settles
 
     @property
     def capacity(self) -> int:
@@ -74,12 +76,16 @@ class KeyIndex:
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The row of each (N, 16) uint8 key, -1 where none is held."""
+        if len(keys) > self._piece:  # a piece at a time, settling between: the bound holds within a call too
+            found = [self.find(keys[i : i + self._piece]) for i in range(0, len(keys), self._piece)]
+            return np.concatenate(found)
         slots = self._slots_of(*_halves(keys))
         found = np.full(len(keys), -1, np.int64)
         held = slots >= 0
         rows = self._file.array[slots[held], 2]
         live = rows != _DEAD
         found[np.flatnonzero(held)[live]] = (rows[live] - np.uint64(1)).astype(np.int64)
+        self.settle()
         return found
 
     def drop(self, keys: np.ndarray) -> None:
@@ -89,6 +95,10 @@ class KeyIndex:
     def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Point each key at its row; for a key given twice, at the later row."""
         if not len(keys):
+            return
+        if len(keys) > self._piece:  # in order, so the later row of a key still wins
+            for i in range(0, len(keys), self._piece):
+                self.add(keys[i : i + self._piece], np.asarray(rows)[i : i + self._piece])
             return
         whole = np.ascontiguousarray(keys, np.uint8).reshape(len(keys), KEY_BYTES).view(f"V{KEY_BYTES}").ravel()
         newest = len(whole) - 1 - np.unique(whole[::-1], return_index=True)[1]  # each distinct key's last occurrence
@@ -118,6 +128,7 @@ class KeyIndex:
             moving = ~placed & occupied  # the slot holds another key: probe on
             slots[todo[moving]] = (s[moving] + 1) & mask
             todo = todo[~placed]  # the rest: the next slot, or the same empty one claimed by another this round
+        self.settle()
 
     def settle(self) -> None:
         """After a batch: once the pages touched since the last time may pass `resident_bytes`, hand them back to the

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import HANG_S, REPO, live_server, random_inputs
@@ -18,7 +19,7 @@ from bench.config import load_bench_config
 from bench.timing import alternate
 from shared.configfile import ConfigError
 
-BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out"}
+BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale"}
 
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
@@ -87,10 +88,13 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
         "## 5. End to end",
         "## 6. A peer",
         "## 7. Scale out",
+        "## 8. The cache at scale",
+        "**Hit rows/s, keys first",  # a section's further tables, each under its title
+        "**Bytes a row and served-probability error",
     ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "benchmark 7/7: scale_out" in result.stderr
+    assert "benchmark 8/8: cache_scale" in result.stderr
     assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout  # the table is printed at the end
 
 
@@ -133,6 +137,62 @@ def test_scale_out_behind_nginx_measures_replicas_and_loses_no_request_to_a_kill
     assert whole["failed"] == 0 and before["sent"] > 0 and around["sent"] > 0
     [target] = [t for t in scale_out_run["targets"] if "nginx" in t["what"]]
     assert target["measured"] == 1.0 and target["met"]
+
+
+def test_cache_scale_serves_every_stored_row_and_measures_memory_hits_and_formats(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    [section] = [s for s in json.loads((out / "results.json").read_text())["sections"] if s["key"] == "cache_scale"]
+    memory = {r["store"]: r for r in section["rows"]}
+    assert list(memory) == ["1x", "10x"]  # the tiny preset's stores: 512 and 5,120 rows behind a 32 KiB bound
+    for row in memory.values():
+        assert row["rows asked"] >= row["rows"] and row["rows found"] == row["rows asked"]  # the sweep, then a sample
+        assert row["RSS after start-up MiB"] > 0 and row["peak RSS MiB"] >= row["RSS after start-up MiB"]
+        assert row["start-up peak MiB"] >= row["RSS after start-up MiB"] and row["index table MiB"] > 0
+        assert math.isfinite(row["growth MiB"]) and row["mirror MiB"] == pytest.approx(row["rows"] * 64 / 2**20)
+    assert memory["10x"]["rows"] == 10 * memory["1x"]["rows"] == 5120
+    hits, errors = section["tables"]
+    rates = {r["hits"].split(":")[0]: r for r in hits["rows"]}
+    assert list(rates) == ["in memory", "from the store", "recomputed"] and all(r["rows/s"] > 0 for r in rates.values())
+    [target] = [t for t in section["targets"] if "from the store / in memory" in t["what"]]
+    assert target["measured"] == pytest.approx(rates["from the store"]["vs in memory"])
+    by_format = {(r["teacher"].split(" (")[0], r["format"], r.get("temperature")): r for r in errors["rows"]}
+    ten, hundred = "small_cnn, 10 classes, random weights", "small_cnn, 100 classes, random weights"
+    assert by_format[ten, "float32", 1.0]["max abs error"] == 0 and by_format[ten, "float32", 1.0]["bytes a row"] == 64
+    assert 0 < by_format[ten, "float16", 1.0]["max abs error"] < 1e-3 and by_format[ten, "float16", 4.0]["mean KL"] >= 0
+    assert (ten, "top10: cannot hold 10 classes", None) in by_format and (hundred, "top10", 4.0) in by_format
+    assert by_format[hundred, "top5", 1.0]["bytes a row"] == 46 < by_format[hundred, "float16", 1.0]["bytes a row"]
+
+
+def test_cache_scale_rows_are_distinct_repeatable_and_swept_in_order():
+    from bench.cache_scale import stored_rows, sweep_positions
+
+    keys, logits = stored_rows(np.arange(100_000), 10, seed=3)
+    assert len(np.unique(keys.view("V16"))) == 100_000 and logits.dtype == np.float32
+    again_keys, again_logits = stored_rows(np.array([99_999, 7]), 10, seed=3)
+    assert np.array_equal(again_keys, keys[[99_999, 7]]) and np.array_equal(again_logits, logits[[99_999, 7]])
+    assert not np.array_equal(stored_rows(np.arange(4), 10, seed=4)[0], keys[:4])  # another store, other keys
+    every = sweep_positions(10_000, 4096, None)
+    assert np.array_equal(np.concatenate(every), np.arange(10_000))
+    sampled = sweep_positions(1_000_000, 4096, 40_960)
+    starts = [int(p[0]) for p in sampled]
+    assert len(sampled) == 10 and starts[0] == 0 and starts[-1] > 990_000 and starts == sorted(starts)
+
+
+def test_scripts_store_error_uses_the_benchmarks_error_computation():
+    import importlib.util
+
+    from bench import cache_scale
+    from teacher_service.row_formats import row_format
+
+    spec = importlib.util.spec_from_file_location("store_error", REPO / "scripts" / "store_error.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.format_errors is cache_scale.format_errors
+    logits = torch.randn(2, 50, 10) * 5
+    assert cache_scale.format_errors(logits, row_format("float32"), 1.0) == (0.0, 0.0, 0.0)
+    mean_kl, max_kl, max_abs = cache_scale.format_errors(logits, row_format("top5"), 1.0)
+    assert 0 < mean_kl <= max_kl and 0 < max_abs < 1
 
 
 def test_bad_arguments_fail_clearly(tmp_path):

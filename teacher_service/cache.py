@@ -1144,6 +1144,11 @@ class LogitCache:
     def _durable_folder(self, version: str) -> Path | None:
         return self._folder / version if self.durable else None
 
+    def evict_down_to(self, max_bytes: int) -> int:
+        """Evict the least recently used chunks of the loaded namespaces until the store holds at most `max_bytes`
+        (or nothing more can go); returns the bytes freed. `akd cache gc --max-bytes` calls it on a stopped store."""
+        return self._evict_oldest(self.budget.used_bytes - max_bytes) if self.budget.used_bytes > max_bytes else 0
+
     def _evict_oldest(self, wanted: int) -> int:
         """Evict the least recently used chunks of the served namespaces until `wanted` bytes are free (or nothing
         more can go); rows of versions no longer served count until `akd cache gc` drops them."""

@@ -180,8 +180,9 @@ def verify(stores: list[Store]) -> int:
     return 1 if damaged else 0
 
 
-def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool) -> int:
-    """Delete the namespaces the config does not serve (and with `damaged`, what .damaged/ keeps)."""
+def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool, max_bytes: int | None = None) -> int:
+    """Delete the namespaces the config does not serve (and with `damaged`, what .damaged/ keeps); with `max_bytes`,
+    then evict the oldest chunks of the served ones until the store holds at most that."""
     for store in stores:
         if not isinstance(store.folder, Path):
             raise ConfigError(
@@ -216,7 +217,32 @@ def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool) -> int:
         finally:
             if lock is not None:
                 os.close(lock)
+        if max_bytes is not None:
+            evict_down_to(store, max_bytes, dry_run)
     return 0
+
+
+def evict_down_to(store: Store, max_bytes: int, dry_run: bool) -> None:
+    """The service's own eviction, run on a stopped store: oldest chunks first (a service's recency is not kept on
+    disk, so age stands for it); the store's lock is taken by the cache itself."""
+    from teacher_service.cache import LogitCache
+
+    served = [ns for ns in store.namespaces if ns.used_by and ns.problem is None]
+    held = sum(ns.nbytes for ns in served)
+    if held <= max_bytes:
+        print(f"{store.folder}: its served versions hold {_size(held)}, within {_size(max_bytes)}: nothing to evict")
+        return
+    if dry_run:
+        print(f"{store.folder}: would evict at least {_size(held - max_bytes)}, the oldest whole chunks first")
+        return
+    cache = LogitCache(store.folder, max_bytes=max_bytes, evict=True)
+    try:
+        rows = {ns.version: cache.namespace(ns.version, ns.num_classes, ns.dtype) for ns in served}
+        freed = cache.evict_down_to(max_bytes)
+        evicted = sum(ns.evicted_rows for ns in rows.values())
+        print(f"{store.folder}: evicted {evicted:,} rows ({_size(freed)}), the oldest whole chunks first")
+    finally:
+        cache.close()
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -232,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="gc: say what would be deleted, delete nothing")
     parser.add_argument("--damaged", action="store_true", help=f"gc: also delete what {DAMAGED_DIR}/ keeps")
     parser.add_argument("--force", action="store_true", help="gc: delete even when the config uses no namespace")
+    parser.add_argument(
+        "--max-bytes", type=int, help="gc: then evict the served versions' oldest chunks until the store fits this"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
             return stats(stores, args.config, args.json)
         if args.action == "verify":
             return verify(stores)
-        return gc(stores, args.dry_run, args.damaged, args.force)
+        if args.max_bytes is not None and args.max_bytes < 0:
+            raise ConfigError(f"--max-bytes: expected a size in bytes >= 0, got {args.max_bytes}")
+        return gc(stores, args.dry_run, args.damaged, args.force, args.max_bytes)
     except (ConfigError, StoreLocked) as exc:
         message = str(exc) + (" (stop the service first)" if isinstance(exc, StoreLocked) else "")
         print(f"akd cache {args.action}: {message}", file=sys.stderr)

@@ -13,6 +13,7 @@ import pytest
 from conftest import HANG_S, REPO, live_server, mnist_teacher, post, random_inputs, save_member, write_config
 
 from shared.hashing import file_version
+from teacher_service.cache import row_bytes
 
 ROWS, CHUNK = 12, 8
 
@@ -102,6 +103,22 @@ def test_gc_deletes_the_stale_versions_only_and_the_served_rows_still_hit(cache)
     assert not (folder / v["b"]).exists() and (folder / v["a"]).is_dir() and (folder / v["c"]).is_dir()
     with live_server(config) as (base, _):
         assert post(base, random_inputs(ROWS), cache="use").headers["X-Cache-Hits"] == str(ROWS)
+
+
+def test_gc_evicts_the_oldest_chunks_down_to_a_size_and_the_rest_still_hit(cache):
+    folder, config, v = cache
+    bound = 16 * row_bytes(10)  # a and c hold 12 rows each: one whole chunk of 8 must go
+    dry = akd_cache("gc", "--config", str(config), "--max-bytes", str(bound), "--dry-run")
+    assert dry.returncode == 0 and "would evict at least" in dry.stdout, dry.stderr
+    done = akd_cache("gc", "--config", str(config), "--max-bytes", str(bound))
+    assert done.returncode == 0 and f"evicted {CHUNK} rows" in done.stdout, done.stdout + done.stderr
+    shown = namespaces(akd_cache("stats", "--config", str(config), "--json"))
+    assert shown[v["a"]]["rows"] + shown[v["c"]]["rows"] == 2 * ROWS - CHUNK
+    assert akd_cache("verify", "--config", str(config)).returncode == 0  # evicted, not damaged
+    refused = akd_cache("gc", "--config", str(config), "--max-bytes", "-1")
+    assert refused.returncode == 2 and "expected a size in bytes >= 0, got -1" in refused.stderr
+    with live_server(config) as (base, _):  # the first 8 rows lost one member's copy: recomputed; the others hit
+        assert post(base, random_inputs(ROWS), cache="use").headers["X-Cache-Hits"] == str(ROWS - CHUNK)
 
 
 def test_gc_refuses_under_a_running_service_and_for_a_config_that_uses_nothing(cache, tmp_path):

@@ -79,8 +79,9 @@ _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def end_with_parent() -> None:
-    """Run in a job's child before exec: Linux's parent-death signal ends it with the demo, so that no job outlives
-    it, even one started just as a signal arrived, before the demo could record it."""
+    """Run in the service's child before exec: Linux's parent-death signal ends it with the demo. Not given to the
+    training jobs: a `preexec_fn` makes Popen fork through Python's at-fork hooks, and a SIGTERM landing in one of
+    them is swallowed ("Exception ignored"), so the demo would run on."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -148,13 +149,7 @@ def _run_jobs(
             with open(job.log, "ab") as log:
                 running[job.name] = (
                     job,
-                    subprocess.Popen(
-                        job.argv,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=job_env(threads),
-                        preexec_fn=end_with_parent,
-                    ),
+                    subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)),
                 )
             say(f"[{stage}] started {job.name} (log: {job.log})")
         time.sleep(0.5)

@@ -184,7 +184,7 @@ def test_idle_and_trickling_heads_are_cut_off_while_good_clients_are_served(tmp_
         assert time.monotonic() - started >= 1.0
 
         seconds, answer = _trickle_head_until_closed(base)
-        assert seconds >= 1.0
+        assert seconds >= 1.0 - 1e-3  # the server's timer may fire a hair early (once: 0.99998 s in a busy run)
         if answer:  # written just before the close; a reset can swallow it, the close cannot be
             assert answer.startswith(b"HTTP/1.1 408 ")
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.configfile import ConfigError
 
-BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale")
+BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from bench import cache, cache_scale, end_to_end, overhead, peer, report, scale_out, sharing, transport
+    from bench import cache, cache_scale, end_to_end, overhead, peer, report, scale_out, sharing, transport, warm
     from bench.config import load_bench_config
     from bench.context import Context
     from bench.results import machine
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "peer": peer,
         "scale_out": scale_out,
         "cache_scale": cache_scale,
+        "warm": warm,
     }
     preset = "quick" if args.quick else args.config
     try:

@@ -138,6 +138,28 @@ class CacheScaleSpec(StrictConfig):
         return self
 
 
+class WarmSpec(StrictConfig):
+    """Benchmark 9 (issue 14): `akd warm` over a run's augmentation space (rows/s), and an ARD epoch's time against
+    the cold cache and against the warmed one."""
+
+    teacher: str  # served over the dataset's input (mnist5k: 1x28x28, 10 classes); its arch is [teachers.NAME]'s
+    dataset: str = "mnist5k"
+    students: Annotated[list[str], Field(min_length=1)] = ["small_cnn"]  # the ARD student's architecture(s)
+    limit_train: Count | None = None  # the first N training images; None: the whole split (mnist5k: 3,500)
+    val_size: Count | None = None  # held-out images the epoch validates on; None: the dataset's default
+    batch_size: Count = 128
+    attack_steps: Count = 10  # PGD steps against the student
+    batch_rows: Count = 512  # rows a warm request (`akd warm --batch-rows`)
+    rounds: Count = 1  # each: a cold leg and a warmed leg, fresh services, in alternating order
+
+    @model_validator(mode="after")
+    def _known_students(self) -> WarmSpec:
+        unknown = [s for s in self.students if s not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"unknown student architecture(s) {unknown}; known: {', '.join(ARCHITECTURES)}")
+        return self
+
+
 class BenchConfig(StrictConfig):
     repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
@@ -152,6 +174,7 @@ class BenchConfig(StrictConfig):
     peer: PeerSpec
     scale_out: ScaleOutSpec
     cache_scale: CacheScaleSpec
+    warm: WarmSpec
 
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:
@@ -165,6 +188,7 @@ class BenchConfig(StrictConfig):
             self.scale_out.teacher,
             self.cache_scale.teacher,
             self.cache_scale.recompute_teacher,
+            self.warm.teacher,
         ]
         unknown = sorted(set(named) - set(self.teachers))
         if unknown:

@@ -8,7 +8,9 @@ ones; and the bytes per cached row of each format. The computation is `bench.cac
 benchmark 8 (`akd bench --only cache_scale`) reports for random-weight teachers.
 
     python scripts/store_error.py --dataset mnist5k runs/overfit100/teachers/*/best.pt
-    python scripts/store_error.py --random-teacher preact_resnet18 --classes 100     # no trained 100-class teacher here
+    python scripts/store_error.py --random-teacher preact_resnet18 --classes 100     # random weights: logits near 0
+
+scripts/pairs_teacher.py prints the same table (format_rows, markdown_table) for a trained 100-class teacher.
 """
 
 from __future__ import annotations
@@ -55,17 +57,39 @@ def main() -> int:
         x = data.test.x[: args.limit].float() / 255
         what = f"{len(models)} trained teacher(s) on {len(x)} {args.dataset} test images"
     logits = member_logits(models, x)
-    k = logits.shape[-1]
     print(f"{what}; logits in [{float(logits.min()):.1f}, {float(logits.max()):.1f}]")
-    formats = usable_formats(args.formats.split(","), k)[1:]  # but float32, the reference; top-k needs > k classes
-    print("| format | bytes a row | temperature | mean KL(exact || served) | max KL | max abs probability error |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| float32 | {row_bytes(k)} | any | 0 | 0 | 0 |")
-    for fmt in formats:
-        for t in (float(v) for v in args.temperatures.split(",")):
-            mean_kl, max_kl, max_abs = format_errors(logits, fmt, t)
-            print(f"| {fmt.name} | {row_bytes(k, fmt)} | {t:g} | {mean_kl:.2e} | {max_kl:.2e} | {max_abs:.2e} |")
+    temperatures = [float(v) for v in args.temperatures.split(",")]
+    print("\n".join(markdown_table(format_rows(logits, args.formats.split(","), temperatures))))
     return 0
+
+
+Row = tuple[str, int, float, float, float, float]  # format, bytes a row, temperature, mean KL, max KL, max abs error
+
+
+def format_rows(logits: torch.Tensor, formats: list[str], temperatures: list[float]) -> list[Row]:
+    """float32 and each of `formats` that can hold the logits' classes (a top-k needs more than k), at each
+    temperature: the bytes a row and `format_errors` of the (members, N, K) `logits`' ensemble."""
+    k = logits.shape[-1]
+    return [
+        (fmt.name, row_bytes(k, fmt), t, *format_errors(logits, fmt, t))
+        for fmt in usable_formats(formats, k)
+        for t in temperatures
+    ]
+
+
+def markdown_table(rows: list[Row]) -> list[str]:
+    """The rows as a markdown table; a format exact at every temperature (float32) is one row, temperature "any"."""
+    lines = [
+        "| format | bytes a row | temperature | mean KL(exact || served) | max KL | max abs probability error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name]
+        if all(r[3:] == (0.0, 0.0, 0.0) for r in mine):
+            lines.append(f"| {name} | {mine[0][1]} | any | 0 | 0 | 0 |")
+            continue
+        lines += [f"| {f} | {b} | {t:g} | {mean:.2e} | {top:.2e} | {err:.2e} |" for f, b, t, mean, top, err in mine]
+    return lines
 
 
 if __name__ == "__main__":

@@ -52,9 +52,13 @@ files deleted after, so a crash in between leaves files nothing reads. Without
 `evict`, inserts stop instead.
 
 Memory does not grow with the store: the key index lives in a file-backed table
-(key_index), and hits are read back from the store a chunk at a time through a
-bounded table of decoded chunks (`ChunkLines`, `memory_bytes` per namespace). Only the chunk
-being filled and the chunks not yet committed are held otherwise.
+(key_index), and hits are read back from the store through a bounded table of
+chunks (`ChunkLines`, `memory_bytes` per namespace). Chunks are written raw (no
+compressor: hashes and checksums do not compress, logits little), so where a chunk's line
+is taken and a batch wants few of its rows, each row is read alone by byte range
+from a local folder's chunk files (chunk_files) instead of reading the chunk whole;
+namespaces written compressed by earlier versions are still read whole through zarr.
+Only the chunk being filled and the chunks not yet committed are held otherwise.
 
 All reads and inserts happen on the inference thread; the writer thread is the
 only one that writes the store after start-up, and the inference thread reads
@@ -83,6 +87,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
+from teacher_service.chunk_files import ChunkFiles
 from teacher_service.key_index import RESIDENT_BYTES, FileBacked, KeyIndex
 from teacher_service.row_formats import FLOAT32, RowFormat, row_format, storable
 
@@ -94,8 +99,11 @@ EVICTED = "evicted_chunks"  # [[first, stop), ...] chunk ranges evicted: not row
 NEVER = np.iinfo(np.int64).max  # a chunk's last use when it cannot be evicted (evicted already, or not committed)
 CHECK_BYTES = 8
 DAMAGED_DIR = ".damaged"
+RAW = {"compressors": None}  # chunks stored as plain bytes, so a row can be read alone (chunk_files); none compress
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
 MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`cache_memory_bytes`), whatever the store holds
+ROW_READ_ARRAYS = (1, 2)  # a row read alone: its logits and its checksum (`_Arrays.all()` order), not its key
+WHOLE_CHUNK_SHARE = 16  # a chunk of which a batch asks for 1/16 of the rows or more is read whole, not row by row
 
 
 def namespace_name(version: str, store: str = "float32") -> str:
@@ -306,6 +314,10 @@ class ChunkLines:
     def holds(self, chunks: np.ndarray) -> np.ndarray:
         return self.tag[chunks % self.lines] == chunks
 
+    def free(self, chunks: np.ndarray) -> np.ndarray:
+        """Whether each chunk's line holds nothing yet."""
+        return self.tag[chunks % self.lines] < 0
+
     def slots(self, chunks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return (chunks % self.lines) * self.chunk_rows + offsets
 
@@ -327,6 +339,17 @@ class ChunkLines:
     def drop(self, chunk: int) -> None:
         if self.tag[chunk % self.lines] == chunk:
             self.tag[chunk % self.lines] = -1
+
+
+@dataclass
+class _Batch:
+    """The found rows of one `get`: where each lives, the key it must carry, and what is served (filled in)."""
+
+    chunk_of: np.ndarray
+    offset: np.ndarray
+    keys: np.ndarray
+    logits: np.ndarray
+    good: np.ndarray
 
 
 class MemberCache:
@@ -361,6 +384,8 @@ class MemberCache:
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
         self._lines = ChunkLines(memory_bytes, self.chunk_rows, arrays.logits.shape[1], fmt.dtype)
+        self._files = ChunkFiles.of([array for _, array in arrays.all()])  # None: whole chunks through zarr only
+        self.row_reads = 0  # rows read alone from their chunk files since start-up
         self.committed = committed
         self.broken = False  # set after a failed write: nothing more is committed here
         self.write_errors = 0
@@ -400,16 +425,15 @@ class MemberCache:
         self._retire_written()
         chunk_of = positions[at] // self.chunk_rows
         offset = positions[at] - chunk_of * self.chunk_rows
-        keys_at = wanted[at]
+        batch = _Batch(chunk_of, offset, wanted[at], logits, good)
         here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))  # not on the store yet
         in_lines = ~here & self._lines.holds(chunk_of)
-        self._serve_from_lines(np.flatnonzero(in_lines), chunk_of, offset, keys_at, logits, good)
-        self._serve_read_back(np.flatnonzero(~here & ~in_lines), chunk_of, offset, keys_at, logits, good)
+        self._serve_from_lines(np.flatnonzero(in_lines), batch)
+        self._serve_read_back(np.flatnonzero(~here & ~in_lines), batch)
         for chunk in np.unique(chunk_of[here]):
             group = np.flatnonzero(chunk_of == chunk)
             rows = self._tail if chunk == self._whole_chunks else self._pending[chunk][0]
-            good[group] = (rows.keys[offset[group]] == keys_at[group]).all(axis=1)
-            logits[group] = self.fmt.decode(rows.logits[offset[group]], self.num_classes)
+            self._deliver(batch, group, rows.logits[offset[group]], rows.keys[offset[group]] == batch.keys[group])
         used = chunk_of[chunk_of < self._whole_chunks]
         self._used[used] = self._tick()
         if not good.all():
@@ -420,74 +444,99 @@ class MemberCache:
         self._index.settle()
         return found, logits[good]
 
-    def _serve_from_lines(self, which, chunk_of, offset, keys, logits, good) -> None:
-        """Rows `which` (of this batch's found rows) from the chunk lines, in one gather: each checked against its
-        key, and against its checksum the first time it is served since its chunk was read back."""
-        if not len(which):
-            return
-        lines = self._lines
-        slots = lines.slots(chunk_of[which], offset[which])
-        sound = (lines.rows.keys[slots] == keys[which]).all(axis=1)  # a chunk moved within the namespace: other keys
-        unchecked = np.unique(slots[~lines.checked[slots]])
-        if len(unchecked):
-            rows = lines.rows
-            ok = row_checks(self.version, rows.keys[unchecked], rows.logits[unchecked]) == rows.checks[unchecked]
-            lines.checked[unchecked[ok]] = True
-        sound &= lines.checked[slots]
-        good[which] = sound
-        logits[which] = self.fmt.decode(lines.rows.logits[slots], self.num_classes)
+    def _deliver(self, batch: _Batch, which: np.ndarray, stored: np.ndarray, sound: np.ndarray) -> None:
+        """Rows `which` of the batch: their stored values served where `sound` (a row's keys match, or its checks
+        pass, row by row), the others marked not good and logged. Only sound rows are decoded: a damaged top-k row may
+        name classes that do not exist."""
+        if sound.ndim == 2:  # keys compared field by field
+            sound = sound.all(axis=1)
+        batch.good[which] = sound
+        batch.logits[which[sound]] = self.fmt.decode(stored[sound], self.num_classes)
         if not sound.all():
             log.warning(
                 "cache namespace %s: %d row(s) read back from the store fail their checks (chunks %s); not served, "
                 "recomputed when asked for",
                 self.version,
                 int((~sound).sum()),
-                _ranges(np.unique(chunk_of[which][~sound])),
+                _ranges(np.unique(batch.chunk_of[which[~sound]])),
             )
 
-    def _serve_read_back(self, which, chunk_of, offset, keys, logits, good) -> None:
-        """Rows `which` from their chunks read back from the store now, all of them at once (one read per array,
-        which zarr spreads over the chunks), each row checked; the chunks then go into their lines."""
-        every = np.unique(chunk_of[which])
-        step = max(1, min(self._lines.lines // 8, READ_BLOCK_CHUNKS))  # a read at once: an eighth of the bound
+    def _serve_from_lines(self, which: np.ndarray, batch: _Batch) -> None:
+        """Rows `which` from the chunk lines, in one gather: each checked against its key, and against its checksum
+        the first time it is served since its chunk was read back."""
+        if not len(which):
+            return
+        lines = self._lines
+        slots = lines.slots(batch.chunk_of[which], batch.offset[which])
+        sound = (lines.rows.keys[slots] == batch.keys[which]).all(axis=1)  # a chunk moved within the namespace
+        unchecked = np.unique(slots[~lines.checked[slots]])
+        if len(unchecked):
+            rows = lines.rows
+            ok = row_checks(self.version, rows.keys[unchecked], rows.logits[unchecked]) == rows.checks[unchecked]
+            lines.checked[unchecked[ok]] = True
+        self._deliver(batch, which, lines.rows.logits[slots], sound & lines.checked[slots])
+
+    def _serve_read_back(self, which: np.ndarray, batch: _Batch) -> None:
+        """Rows `which` from the store. Where the chunk files can be read by byte range (chunk_files), a row whose
+        chunk has no line free, and few rows asked for, is read alone; other chunks are read whole into their lines,
+        up to an eighth of the bound at once (one read per array, which zarr spreads over the chunks)."""
+        if self._files is not None and len(which):
+            every, counts = np.unique(batch.chunk_of[which], return_counts=True)
+            whole = every[(counts >= self.chunk_rows // WHOLE_CHUNK_SHARE) | self._lines.free(every)]
+            alone = ~np.isin(batch.chunk_of[which], whole)
+            which = np.concatenate([which[~alone], self._serve_rows(which[alone], batch)])
+        every = np.unique(batch.chunk_of[which])
+        step = max(1, min(self._lines.lines // 8, READ_BLOCK_CHUNKS))
         for first in range(0, len(every), step):
             chunks = every[first : first + step]
-            part = which[np.isin(chunk_of[which], chunks)]
-            self._serve_chunks(chunks, part, chunk_of, offset, keys, logits, good)
+            self._serve_chunks(chunks, which[np.isin(batch.chunk_of[which], chunks)], batch)
 
-    def _serve_chunks(self, chunks, which, chunk_of, offset, keys, logits, good) -> None:
+    def _serve_rows(self, which: np.ndarray, batch: _Batch) -> np.ndarray:
+        """Rows `which` read alone from their chunk files, each checked; returns the rows that could not be read
+        (zarr reads their chunks, and its read decides). The stored key is not read: the checksum is taken over the
+        key asked for, so a row stored for another key fails it just as a damaged one does."""
+        if not len(which):
+            return which
+        (stored, checks), read = self._files.rows(batch.chunk_of[which], batch.offset[which], ROW_READ_ARRAYS)
+        self.row_reads += int(read.sum())
+        got, stored, checks = which[read], stored[read], checks[read]
+        self._deliver(batch, got, stored, row_checks(self.version, batch.keys[got], stored) == checks)
+        return which[~read]
+
+    def _serve_chunks(self, chunks: np.ndarray, which: np.ndarray, batch: _Batch) -> None:
+        """Rows `which` from `chunks`, read whole now; each row checked, and the chunks then put in their lines."""
         rows, readable = self._read_chunks(chunks)
-        at = np.searchsorted(chunks, chunk_of[which]) * self.chunk_rows + offset[which]
-        sound = (rows.keys[at] == keys[which]).all(axis=1) & readable[at // self.chunk_rows]
+        at = np.searchsorted(chunks, batch.chunk_of[which]) * self.chunk_rows + batch.offset[which]
+        sound = (rows.keys[at] == batch.keys[which]).all(axis=1) & readable[at // self.chunk_rows]
         sound[sound] = row_checks(self.version, rows.keys[at[sound]], rows.logits[at[sound]]) == rows.checks[at[sound]]
-        good[which] = sound
-        logits[which] = self.fmt.decode(rows.logits[at], self.num_classes)
+        self._deliver(batch, which, rows.logits[at], sound)
         checked = np.zeros(len(rows.keys), bool)
         checked[at[sound]] = True
         for i in np.flatnonzero(readable):
             held = slice(i * self.chunk_rows, (i + 1) * self.chunk_rows)
             self._lines.put(int(chunks[i]), rows.select(held), checked[held])
-        if not sound[readable[at // self.chunk_rows]].all():
-            log.warning(
-                "cache namespace %s: %d row(s) read back from the store fail their checks (chunks %s); not served, "
-                "recomputed when asked for",
-                self.version,
-                int((~sound & readable[at // self.chunk_rows]).sum()),
-                _ranges(np.unique(chunk_of[which][~sound])),
-            )
 
     def _read_chunks(self, chunks: np.ndarray) -> tuple[_Rows, np.ndarray]:
-        """Committed chunks' rows, in order, and which chunks could be read (not evicted, and decoded)."""
+        """Committed chunks' rows, in order, and which chunks could be read (not evicted, and decoded): from their
+        files where chunk_files can, the rest through zarr."""
         n = self.chunk_rows
         readable = np.array([c not in self._unreadable and c not in self._evicted for c in chunks], bool)
         rows = _Rows.empty(len(chunks) * n, self._arrays.logits.shape[1], self.fmt.dtype)
-        wanted = np.flatnonzero(readable)
+        wanted = []
+        for i in np.flatnonzero(readable):
+            held = self._files.chunk(int(chunks[i]), n) if self._files is not None else None
+            if held is None:
+                wanted.append(i)
+            else:
+                rows.put(slice(i * n, (i + 1) * n), _Rows(*held))
+        self._lines.reads += len(np.flatnonzero(readable))
+        if not wanted:
+            return rows, readable
+        wanted = np.array(wanted)
         positions = (chunks[wanted, None] * n + np.arange(n)).ravel()
         try:
-            self._lines.reads += len(wanted)
-            if len(wanted):
-                where = (wanted[:, None] * n + np.arange(n)).ravel()
-                rows.put(where, _Rows(*(array.oindex[positions] for _, array in self._arrays.all())))
+            where = (wanted[:, None] * n + np.arange(n)).ravel()
+            rows.put(where, _Rows(*(array.oindex[positions] for _, array in self._arrays.all())))
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
             self._lines.reads -= len(wanted)  # counted again one by one
             for i in wanted:
@@ -599,6 +648,8 @@ class MemberCache:
             still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))  # not since re-added
             self._index.drop(keys[still])
         self._lines.drop(chunk)
+        if self._files is not None:
+            self._files.forget(chunk)
         self._pending.pop(chunk, None)  # the writer writes it, then deletes it: the two run in order
         self._unreadable.discard(chunk)
         self._evicted.add(chunk)
@@ -638,6 +689,8 @@ class MemberCache:
 
     def close(self) -> None:
         self._index.close()
+        if self._files is not None:
+            self._files.close()
 
     def _submit_chunk(self, chunk: int, rows: _Rows, committed: int) -> Future:
         self._submitted = committed
@@ -1097,9 +1150,9 @@ class LogitCache:
         chunk, width = self.chunk_rows, fmt.width(num_classes)
         arrays = _Arrays(
             group,
-            group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk, KEY_BYTES), dtype="uint8"),
-            group.create_array("logits", shape=(0, width), chunks=(chunk, width), dtype=fmt.dtype.name),
-            group.create_array("checks", shape=(0,), chunks=(chunk,), dtype="uint64"),
+            group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk, KEY_BYTES), dtype="uint8", **RAW),
+            group.create_array("logits", shape=(0, width), chunks=(chunk, width), dtype=fmt.dtype.name, **RAW),
+            group.create_array("checks", shape=(0,), chunks=(chunk,), dtype="uint64", **RAW),
         )
         folder = self._durable_folder(version)
         if folder is not None:

@@ -3,11 +3,12 @@
 A namespace's index has one entry per row it serves, so it grows with the cache. Kept in the process's own memory it
 would bound the cache by RAM; kept in a file mapping, its pages belong to the kernel's page cache, which keeps them
 hot while memory allows and drops them (they are written back, never lost) when it does not. A table up to
-`resident_bytes` (`cache_index_memory_bytes`) simply stays mapped. Past it, `KeyIndex.settle` hands the pages back
+`resident_bytes` (`cache_index_memory_bytes`) simply stays mapped. Past it, lookups read the slots they need with
+`pread` instead of through the mapping (a few slots a key, from the page cache: nothing is mapped, so nothing needs
+handing back), and writes, which go through the mapping, are followed by `KeyIndex.settle`, which hands the pages back
 to the page cache once batches may have mapped that much, so the process's resident set stays flat however many rows
-the cache holds; the price is a minor page fault per slot read after that (1.4 ms a 512-key lookup over 1M keys with a
-1 MiB bound, 0.1 ms resident: `python scripts/key_index_cost.py`). Calls are split into pieces of keys that map at most
-that much, so the bound holds within one call (a large request, start-up's build) too.
+the cache holds (`python scripts/key_index_cost.py` gives the cost of each way). Calls are split into pieces of keys
+that map at most that much, so the bound holds within one call (a large request, start-up's build) too.
 
 The files are unlinked at once: nothing is left behind after a crash, and nothing on disk is ever read back as an
 index. Each start builds its index again from the store's verified keys.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from shared.hashing import KEY_BYTES
 
 RESIDENT_BYTES = 256 << 20  # the most of an index's table kept resident (`cache_index_memory_bytes`)
 _TOUCH_BYTES = 16 * mmap.PAGESIZE  # what one slot read may map: Linux maps a file page's cached neighbours too
+_SLOT_BYTES = 3 * 8
+_PROBE_SLOTS = 4  # slots one read brings in: in a table at most half full, a lookup rarely probes past them
 _EMPTY, _DEAD = np.uint64(0), np.uint64(2**64 - 1)  # a slot's row column: no key / a key whose row was dropped
 
 
@@ -35,9 +39,10 @@ class FileBacked:
     def __init__(self, shape: tuple[int, ...], dtype, folder: Path | None = None):
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        with tempfile.TemporaryFile(dir=folder) as f:  # the mapping keeps the file alive; closing it unlinks nothing
+        with tempfile.TemporaryFile(dir=folder) as f:  # unlinked already: the mapping and `fd` keep it alive
             f.truncate(nbytes)
             self._map = mmap.mmap(f.fileno(), nbytes)
+            self.fd = os.dup(f.fileno())  # for reads that map nothing (a shared mapping and pread see the same pages)
         self.array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def release(self) -> None:
@@ -46,6 +51,9 @@ class FileBacked:
 
     def close(self) -> None:
         self.array = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         with contextlib.suppress(BufferError):  # a view of the array is still alive: the mapping goes when it does
             self._map.close()
 
@@ -79,10 +87,16 @@ class KeyIndex:
         if len(keys) > self._piece:  # a piece at a time, settling between: the bound holds within a call too
             found = [self.find(keys[i : i + self._piece]) for i in range(0, len(keys), self._piece)]
             return np.concatenate(found)
-        slots = self._slots_of(*_halves(keys))
+        lo, hi = _halves(keys)
+        if self.nbytes > self.resident_bytes:
+            slots, rows = self._read_slots(lo, hi)
+            held = slots >= 0
+            rows = rows[held]
+        else:
+            slots = self._slots_of(lo, hi)
+            held = slots >= 0
+            rows = self._file.array[slots[held], 2]
         found = np.full(len(keys), -1, np.int64)
-        held = slots >= 0
-        rows = self._file.array[slots[held], 2]
         live = rows != _DEAD
         found[np.flatnonzero(held)[live]] = (rows[live] - np.uint64(1)).astype(np.int64)
         self.settle()
@@ -157,6 +171,29 @@ class KeyIndex:
             todo = todo[occupied & ~same]  # another key's slot: probe on; an empty one ends the search
             slots[todo] = (slots[todo] + 1) & mask
         return found
+
+    def _read_slots(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `_slots_of`, with each slot's row column, read with one `pread` of `_PROBE_SLOTS` slots a key instead
+        of through the mapping. Keys whose probe runs past those slots (or past the table's end) take `_slots_of`."""
+        first = (lo & np.uint64(self.capacity - 1)).astype(np.int64)
+        found, rows = np.full(len(lo), -1, np.int64), np.zeros(len(lo), np.uint64)
+        near = first <= self.capacity - _PROBE_SLOTS
+        at = np.flatnonzero(near)
+        span, fd = _PROBE_SLOTS * _SLOT_BYTES, self._file.fd
+        data = b"".join([os.pread(fd, span, s * _SLOT_BYTES) for s in first[at].tolist()])
+        entries = np.frombuffer(data, np.uint64).reshape(len(at), _PROBE_SLOTS, 3)
+        empty = entries[:, :, 2] == _EMPTY
+        same = ~empty & (entries[:, :, 0] == lo[at, None]) & (entries[:, :, 1] == hi[at, None])
+        ends = same | empty  # a probe ends at its key or at an empty slot
+        ended, step = ends.any(axis=1), ends.argmax(axis=1)
+        hit = ended & same[np.arange(len(at)), step]
+        found[at[hit]] = first[at[hit]] + step[hit]
+        rows[at[hit]] = entries[np.flatnonzero(hit), step[hit], 2]
+        rest = np.concatenate([np.flatnonzero(~near), at[~ended]])
+        if len(rest):
+            found[rest] = self._slots_of(lo[rest], hi[rest])
+            rows[rest[found[rest] >= 0]] = self._file.array[found[rest][found[rest] >= 0], 2]
+        return found, rows
 
     def _grow(self, at_least: int) -> None:
         old = self._file

@@ -19,7 +19,7 @@ from bench.config import load_bench_config
 from bench.timing import alternate
 from shared.configfile import ConfigError
 
-BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale"}
+BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm"}
 
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
@@ -89,12 +89,13 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
         "## 6. A peer",
         "## 7. Scale out",
         "## 8. The cache at scale",
+        "## 9. Warming the cache",
         "**Hit rows/s, keys first",  # a section's further tables, each under its title
         "**Bytes a row and served-probability error",
     ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "benchmark 8/8: cache_scale" in result.stderr
+    assert "benchmark 8/9: cache_scale" in result.stderr and "benchmark 9/9: warm" in result.stderr
     assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout  # the table is printed at the end
 
 
@@ -162,6 +163,33 @@ def test_cache_scale_serves_every_stored_row_and_measures_memory_hits_and_format
     assert 0 < by_format[ten, "float16", 1.0]["max abs error"] < 1e-3 and by_format[ten, "float16", 4.0]["mean KL"] >= 0
     assert (ten, "top10: cannot hold 10 classes", None) in by_format and (hundred, "top10", 4.0) in by_format
     assert by_format[hundred, "top5", 1.0]["bytes a row"] == 46 < by_format[hundred, "float16", 1.0]["bytes a row"]
+
+
+def test_warm_computes_every_row_once_and_the_warmed_ard_epoch_hits_them_all(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    [section] = [s for s in json.loads((out / "results.json").read_text())["sections"] if s["key"] == "warm"]
+    steps = {r["step"]: r for r in section["rows"]}
+    assert list(steps) == [  # the tiny preset: one student, one round, the cold leg first
+        "ARD epoch, cold cache",
+        "akd warm after the cold epoch",
+        "akd warm",
+        "akd warm again",
+        "ARD epoch, warmed cache",
+    ]
+    assert all(r["teacher rows"] == 64 for r in steps.values())  # limit_train = 64, mnist5k: one view an image
+    cold, after_cold = steps["ARD epoch, cold cache"], steps["akd warm after the cold epoch"]
+    assert cold["hits"] == 0 and cold["uploaded"] == cold["computed"] == 64  # an empty cache: every row computed
+    assert after_cold["hits"] == 64 and after_cold["computed"] == 0  # the cold epoch stored its clean rows
+    first, again, warmed = steps["akd warm"], steps["akd warm again"], steps["ARD epoch, warmed cache"]
+    assert first["uploaded"] == first["computed"] == 64 and first["rows/s"] > 0  # a fresh, empty cache again
+    assert again["computed"] == again["uploaded"] == 0 and again["hits"] == 64  # the second warm computes nothing
+    assert warmed["hits"] == 64 and warmed["uploaded"] == warmed["computed"] == 0  # the warmed epoch hits every row
+    assert cold["s"] > 0 and warmed["s"] > 0
+    [summary] = section["tables"]
+    [row] = summary["rows"]
+    assert row["cold / warmed"] == pytest.approx(cold["s"] / warmed["s"]) and row["second warm computed"] == 0
+    assert [t["met"] for t in section["targets"]] == [True, True]
 
 
 def test_cache_scale_rows_are_distinct_repeatable_and_swept_in_order():

@@ -318,12 +318,14 @@ class TestKeyIndex:
     """The index of a namespace's rows: a file-backed open-addressing table instead of a dict of keys, the same
     answers."""
 
-    def test_it_answers_as_a_dict_would_through_growth_repeats_drops_and_misses(self):
+    # Lookups go through the table's mapping while it is resident, and by pread past its bound (resident_bytes 0).
+    @pytest.mark.parametrize("resident_bytes", [1 << 30, 0], ids=["mapped", "read"])
+    def test_it_answers_as_a_dict_would_through_growth_repeats_drops_and_misses(self, resident_bytes):
         from teacher_service.key_index import KeyIndex
 
         rng = np.random.default_rng(0)
         keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
-        index, reference, start = KeyIndex(), {}, 0
+        index, reference, start = KeyIndex(resident_bytes=resident_bytes), {}, 0
         for n in (1, 7, 1000, 3, 20000, 8989):  # grows from 1,024 slots several times
             index.add(keys[start : start + n], np.arange(start, start + n))
             reference.update({k.tobytes(): start + i for i, k in enumerate(keys[start : start + n])})
@@ -340,6 +342,29 @@ class TestKeyIndex:
         index.add(keys[:1], np.array([50000]))
         assert index.find(keys[:2]).tolist() == [50000, -1]
         index.close()
+
+    def test_lookups_by_read_follow_long_probes_and_the_wrap_at_the_tables_end(self):
+        """Keys that all want the table's last slots: their probes run past the slots one read brings in and wrap
+        to the start. Read past the resident bound, they still find their rows, and map no page of the table."""
+        from teacher_service.key_index import KeyIndex
+
+        index = KeyIndex(capacity=1024, resident_bytes=0)
+        keys = np.random.default_rng(3).integers(0, 256, (40, 16), dtype=np.uint8)
+        keys[:, :8] = np.frombuffer(np.full(40, 1020, "<u8").tobytes(), np.uint8).reshape(40, 8)  # slot 1020 of 1024
+        index.add(keys[:30], np.arange(30))
+        index.settle()
+        index._file.release()
+        assert index.find(keys).tolist() == list(range(30)) + [-1] * 10
+        index.drop(keys[:5])
+        assert index.find(keys[:6]).tolist() == [-1] * 5 + [5]
+        big = KeyIndex(capacity=1 << 16, resident_bytes=0)
+        spread = np.random.default_rng(4).integers(0, 256, (20000, 16), dtype=np.uint8)
+        big.add(spread, np.arange(20000))
+        big._file.release()
+        assert big.find(spread[::3]).tolist() == list(range(0, 20000, 3))
+        assert resident_pages(big) == 0, "a lookup by read mapped pages of the table"
+        index.close()
+        big.close()
 
     def test_dropped_keys_do_not_make_it_grow(self):
         from teacher_service.key_index import KeyIndex

@@ -150,3 +150,32 @@ def test_a_top_k_teacher_serves_its_decoded_rows_and_restores_them(tmp_path, mni
         restored, hits = member_logits(base, x, "top")
     assert hits == 20
     torch.testing.assert_close(restored, again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunks_read", ["whole", "row by row"])
+def test_a_damaged_top_k_row_naming_classes_that_do_not_exist_is_recomputed_not_a_crash(chunks_read, tmp_path):
+    """A top-k chunk overwritten with 0xff names class 65,535 in every row: the rows fail their checks and are
+    recomputed; decoding them first (which cannot place such a class) would fail the whole request."""
+    from teacher_service.cache import LogitCache
+
+    chunk_rows, classes = 64, 10
+    rng = np.random.default_rng(0)
+    keys = [k.tobytes() for k in rng.integers(0, 256, (3 * chunk_rows, 16), dtype=np.uint8)]
+    logits = rng.standard_normal((len(keys), classes)).astype(np.float32)
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=chunk_rows)
+    cache.namespace("v", classes, "top3").insert(keys, logits)
+    cache.close()
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=chunk_rows, memory_bytes=0)
+    ns = cache.namespace("v", classes, "top3")  # loaded and verified: the damage comes after
+    chunk = tmp_path / "store" / "v" / "logits" / "c" / "1" / "0"
+    chunk.write_bytes(b"\xff" * len(chunk.read_bytes()))
+    damaged = range(chunk_rows, 2 * chunk_rows)
+    asked = keys if chunks_read == "whole" else [keys[0]] + [keys[i] for i in damaged]
+    if chunks_read == "whole":
+        found, got = ns.get(asked)
+    else:  # chunk 0 takes the one line; chunk 1's rows are then read alone
+        found = np.concatenate([ns.get([k])[0] for k in asked])
+    expected = [i not in damaged for i in range(len(keys))] if chunks_read == "whole" else [True] + [False] * 64
+    assert found.tolist() == expected
+    assert cache.damage_counts()["v"][0] == chunk_rows
+    cache.close()

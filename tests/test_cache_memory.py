@@ -72,19 +72,75 @@ DAMAGE_AFTER_START = {
 }
 
 
+def ask_by_key(ns, keys: list[bytes], one_by_one: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not one_by_one:
+        return ns.get(keys)
+    answers = [ns.get([k]) for k in keys]
+    return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
+
+
+# How rows come back from the store: whole chunks (8 rows, every row of a chunk asked at once), or rows read alone
+# from their chunk files (64-row chunks, one row asked at a time, the one chunk line already taken by chunk 0).
+READS = {"whole chunks": (CHUNK, False), "rows alone": (64, True)}
+
+
+@pytest.mark.parametrize("reads", list(READS))
 @pytest.mark.parametrize("case", list(DAMAGE_AFTER_START))
-def test_a_chunk_damaged_while_serving_is_never_served(case, tmp_path):
-    keys, logits = filled_store(tmp_path / "store", 20)
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0)
+def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path):
+    chunk_rows, one_by_one = READS[reads]
+    n = 2 * chunk_rows + 4
+    keys, logits = filled_store(tmp_path / "store", n, chunk_rows=chunk_rows)
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=chunk_rows, memory_bytes=0)
     ns = cache.namespace("v1", CLASSES)  # loaded and verified: the damage comes after
+    found, _ = ns.get(keys[:1])  # chunk 0 takes the one line
     DAMAGE_AFTER_START[case](tmp_path / "store" / "v1")
-    found, got = ns.get(keys)
-    assert found.tolist() == [i not in range(8, 16) for i in range(20)]
-    assert np.array_equal(got, np.concatenate([logits[:8], logits[16:]]))
-    assert cache.damage_counts()["v1"] == (8, 0)
-    ns.insert(keys[8:16], logits[8:16])  # recomputed and stored again: served from the new rows
-    found, got = ns.get(keys[8:16])
-    assert found.all() and np.array_equal(got, logits[8:16])
+    found, got = ask_by_key(ns, keys, one_by_one)
+    damaged = range(chunk_rows, 2 * chunk_rows)
+    assert found.tolist() == [i not in damaged for i in range(n)]
+    assert np.array_equal(got, np.concatenate([logits[:chunk_rows], logits[2 * chunk_rows :]]))
+    assert cache.damage_counts()["v1"] == (chunk_rows, 0)
+    read_alone = chunk_rows if one_by_one and "truncated" not in case else 0  # a short file is left to zarr
+    assert ns.row_reads == read_alone, "the rows were not read the way this case means to test"
+    ns.insert(keys[chunk_rows : 2 * chunk_rows], logits[damaged])  # recomputed and stored again: served from them
+    found, got = ns.get(keys[chunk_rows : 2 * chunk_rows])
+    assert found.all() and np.array_equal(got, logits[damaged])
+    cache.close()
+
+
+def test_random_hits_past_the_bound_are_read_row_by_row_from_the_chunk_files(tmp_path):
+    """A store 32x its one chunk line, asked for random rows three at a time (fewer than a 16th of a chunk's): after
+    the first request fills the line, each row is one read of its chunk files (chunk_files), bit for bit what was
+    stored, and no chunk is read whole."""
+    keys, logits = filled_store(tmp_path / "store", 32 * 64, chunk_rows=64)
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=64, memory_bytes=0)
+    ns = cache.namespace("v1", CLASSES)
+    order = np.random.default_rng(2).permutation(len(keys))
+    for start in range(0, len(keys), 3):
+        at = order[start : start + 3]
+        found, got = ns.get([keys[i] for i in at])
+        assert found.all() and np.array_equal(got, logits[at])  # bit for bit
+    assert ns.chunk_reads == len(np.unique(order[:3] // 64)), "chunks were read whole for scattered rows"
+    held = (order[:3] // 64).max()  # the last chunk the first request read whole keeps the line
+    assert ns.row_reads == len(keys) - 3 - int((order[3:] // 64 == held).sum())
+    cache.close()
+
+
+def test_a_namespace_with_compressed_chunks_is_still_read_through_zarr(tmp_path):
+    """Stores written before chunks were kept raw hold zstd chunks: no byte ranges there, zarr reads them whole."""
+    import zarr
+
+    keys, logits = filled_store(tmp_path / "store", 100)
+    ns_folder = tmp_path / "store" / "v1"
+    for name in ("keys", "logits", "checks"):
+        old = zarr.open_array(ns_folder / name)
+        data = old[:]
+        zarr.create_array(ns_folder / name, data=data, chunks=old.chunks, overwrite=True)  # zarr's default: zstd
+        assert zarr.open_array(ns_folder / name).compressors, "not compressed: the case is not tested"
+    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0)
+    ns = cache.namespace("v1", CLASSES)
+    assert ns._files is None
+    found, got = ns.get(keys[:96])
+    assert found.all() and np.array_equal(got, logits[:96])
     cache.close()
 
 

@@ -100,7 +100,7 @@ def run(ctx: Context) -> Section:
         ctx.progress(f"cache_scale: row formats, {teacher.arch} with {teacher.num_classes} classes")
         section.tables[-1].rows += error_rows(teacher, spec.formats, spec.temperatures, spec.error_rows)
     section.notes += [
-        "index table: the key index's file-backed table (unlinked temporary files beside the store, 48 to 96 bytes a "
+        "index table: the key index's file-backed table (unlinked temporary files beside the store, 64 to 128 bytes a "
         "row); 'of it index' is how much of it was resident after start-up (/proc/<pid>/smaps). A table up to "
         f"`cache_index_memory_bytes` ({index_bound(spec) / MIB:g} MiB here) stays resident; a larger one hands its "
         "pages back to the page cache after batches.",

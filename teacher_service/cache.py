@@ -102,7 +102,7 @@ DAMAGED_DIR = ".damaged"
 RAW = {"compressors": None}  # chunks stored as plain bytes, so a row can be read alone (chunk_files); none compress
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
 MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`cache_memory_bytes`), whatever the store holds
-ROW_READ_ARRAYS = (1, 2)  # a row read alone: its logits and its checksum (`_Arrays.all()` order), not its key
+ROW_READ_ARRAYS = (1,)  # a row read alone: its logits only (`_Arrays.all()` order); its key index holds its checksum
 WHOLE_CHUNK_SHARE = 16  # a chunk of which a batch asks for 1/16 of the rows or more is read whole, not row by row
 
 
@@ -343,11 +343,13 @@ class ChunkLines:
 
 @dataclass
 class _Batch:
-    """The found rows of one `get`: where each lives, the key it must carry, and what is served (filled in)."""
+    """The found rows of one `get`: where each lives, the key it must carry, the checksum it was indexed with, and what
+    is served (filled in)."""
 
     chunk_of: np.ndarray
     offset: np.ndarray
     keys: np.ndarray
+    checks: np.ndarray
     logits: np.ndarray
     good: np.ndarray
 
@@ -417,7 +419,7 @@ class MemberCache:
     def get(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """Which keys are held, and their logits as float32 (found rows x K), each row checked before it is served."""
         wanted = _key_array(keys)
-        positions = self._index.find(wanted) if keys else np.zeros(0, np.int64)
+        positions, indexed = self._index.locate(wanted) if keys else (np.zeros(0, np.int64), np.zeros(0, np.uint64))
         found = positions >= 0
         at = np.flatnonzero(found)
         logits = np.empty((len(at), self.num_classes), np.float32)
@@ -425,7 +427,7 @@ class MemberCache:
         self._retire_written()
         chunk_of = positions[at] // self.chunk_rows
         offset = positions[at] - chunk_of * self.chunk_rows
-        batch = _Batch(chunk_of, offset, wanted[at], logits, good)
+        batch = _Batch(chunk_of, offset, wanted[at], indexed[at], logits, good)
         here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))  # not on the store yet
         in_lines = ~here & self._lines.holds(chunk_of)
         self._serve_from_lines(np.flatnonzero(in_lines), batch)
@@ -493,14 +495,15 @@ class MemberCache:
 
     def _serve_rows(self, which: np.ndarray, batch: _Batch) -> np.ndarray:
         """Rows `which` read alone from their chunk files, each checked; returns the rows that could not be read
-        (zarr reads their chunks, and its read decides). The stored key is not read: the checksum is taken over the
-        key asked for, so a row stored for another key fails it just as a damaged one does."""
+        (zarr reads their chunks, and its read decides). Only the stored logits are read: the checksum is taken over
+        the key asked for and compared with the one the index holds for it (verified or computed when the row was
+        indexed), so a row stored for another key fails just as a damaged one does."""
         if not len(which):
             return which
-        (stored, checks), read = self._files.rows(batch.chunk_of[which], batch.offset[which], ROW_READ_ARRAYS)
+        (stored,), read = self._files.rows(batch.chunk_of[which], batch.offset[which], ROW_READ_ARRAYS)
         self.row_reads += int(read.sum())
-        got, stored, checks = which[read], stored[read], checks[read]
-        self._deliver(batch, got, stored, row_checks(self.version, batch.keys[got], stored) == checks)
+        got, stored = which[read], stored[read]
+        self._deliver(batch, got, stored, row_checks(self.version, batch.keys[got], stored) == batch.checks[got])
         return which[~read]
 
     def _serve_chunks(self, chunks: np.ndarray, which: np.ndarray, batch: _Batch) -> None:
@@ -608,7 +611,7 @@ class MemberCache:
             done += take
             if offset + take == self.chunk_rows:
                 self._seal_tail()
-        self._index.add(new.keys, np.arange(first, first + n))
+        self._index.add(new.keys, np.arange(first, first + n), new.checks)
         self._index.settle()
         return n
 
@@ -1104,7 +1107,7 @@ class LogitCache:
         good, problems = 0, []
         for block in verified_blocks(version, header):
             kept = np.flatnonzero(block.good)
-            index.add(block.rows.keys[kept], block.start + kept)
+            index.add(block.rows.keys[kept], block.start + kept, block.rows.checks[kept])
             index.settle()
             good += len(kept)
             problems += block.problems

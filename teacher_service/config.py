@@ -96,7 +96,7 @@ class ServerConfig(StrictConfig):
     )
     cache_index_memory_bytes: Annotated[int, Field(ge=0)] = Field(
         RESIDENT_BYTES,
-        description="Of each served member version's key index (48 to 96 bytes a row, in a file-backed table), the "
+        description="Of each served member version's key index (64 to 128 bytes a row, in a file-backed table), the "
         "most kept resident; past it, its pages go back to the kernel's page cache after batches, and lookups fault "
         "them in again (slower).",
     )

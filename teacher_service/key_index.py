@@ -28,7 +28,8 @@ from shared.hashing import KEY_BYTES
 
 RESIDENT_BYTES = 256 << 20  # the most of an index's table kept resident (`cache_index_memory_bytes`)
 _TOUCH_BYTES = 16 * mmap.PAGESIZE  # what one slot read may map: Linux maps a file page's cached neighbours too
-_SLOT_BYTES = 3 * 8
+_COLUMNS = 4  # a slot: key's first 8 bytes, its last 8, row + 1, the row's checksum
+_SLOT_BYTES = _COLUMNS * 8
 _PROBE_SLOTS = 4  # slots one read brings in: in a table at most half full, a lookup rarely probes past them
 _EMPTY, _DEAD = np.uint64(0), np.uint64(2**64 - 1)  # a slot's row column: no key / a key whose row was dropped
 
@@ -61,15 +62,17 @@ class FileBacked:
 class KeyIndex:
     """Row positions by whole 16-byte key: an open-addressing table with linear probing, at most half full.
 
-    Each slot is (key's first 8 bytes, key's last 8 bytes, row + 1): 24 bytes, so 48 to 96 bytes a row, in a
-    file-backed table (see the module docstring). Keys are blake2b output, uniformly spread, so the first 8 bytes pick
-    the slot. The newest row of a key wins, as `cache=refresh` appends a key again. `drop` marks a key's slot dead (a
-    row that failed its checks): it misses until the key is added again.
+    Each slot is (key's first 8 bytes, key's last 8 bytes, row + 1, the row's checksum): 32 bytes, so 64 to 128 bytes
+    a row, in a file-backed table (see the module docstring). The checksum is the one the cache verified or computed
+    when it indexed the row, so a row read back alone can be checked without reading its stored checksum too. Keys
+    are blake2b output, uniformly spread, so the first 8 bytes pick the slot. The newest row of a key wins, as
+    `cache=refresh` appends a key again. `drop` marks a key's slot dead (a row that failed its checks): it misses
+    until the key is added again.
     """
 
     def __init__(self, capacity: int = 1024, folder: Path | None = None, resident_bytes: int = RESIDENT_BYTES):
         self._folder, self.resident_bytes = folder, resident_bytes
-        self._file = FileBacked((_capacity(capacity), 3), np.uint64, folder)
+        self._file = FileBacked((_capacity(capacity), _COLUMNS), np.uint64, folder)
         self.count = 0  # occupied slots, dead ones included
         self._touched = 0  # slots read or written since the pages were last handed back
         self._piece = max(256, resident_bytes // _TOUCH_BYTES)  # keys a call handles between settles
@@ -84,40 +87,48 @@ class KeyIndex:
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The row of each (N, 16) uint8 key, -1 where none is held."""
+        return self.locate(keys)[0]
+
+    def locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The row of each (N, 16) uint8 key, -1 where none is held, and the checksum it was indexed with."""
         if len(keys) > self._piece:  # a piece at a time, settling between: the bound holds within a call too
-            found = [self.find(keys[i : i + self._piece]) for i in range(0, len(keys), self._piece)]
-            return np.concatenate(found)
+            parts = [self.locate(keys[i : i + self._piece]) for i in range(0, len(keys), self._piece)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         lo, hi = _halves(keys)
         if self.nbytes > self.resident_bytes:
-            slots, rows = self._read_slots(lo, hi)
+            slots, entries = self._read_slots(lo, hi)
             held = slots >= 0
-            rows = rows[held]
+            entries = entries[held]
         else:
             slots = self._slots_of(lo, hi)
             held = slots >= 0
-            rows = self._file.array[slots[held], 2]
-        found = np.full(len(keys), -1, np.int64)
-        live = rows != _DEAD
-        found[np.flatnonzero(held)[live]] = (rows[live] - np.uint64(1)).astype(np.int64)
+            entries = self._file.array[slots[held], 2:]
+        found, checks = np.full(len(keys), -1, np.int64), np.zeros(len(keys), np.uint64)
+        live = entries[:, 0] != _DEAD
+        at = np.flatnonzero(held)[live]
+        found[at] = (entries[live, 0] - np.uint64(1)).astype(np.int64)
+        checks[at] = entries[live, 1]
         self.settle()
-        return found
+        return found, checks
 
     def drop(self, keys: np.ndarray) -> None:
         slots = self._slots_of(*_halves(keys))
         self._file.array[slots[slots >= 0], 2] = _DEAD
 
-    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Point each key at its row; for a key given twice, at the later row."""
+    def add(self, keys: np.ndarray, rows: np.ndarray, checks: np.ndarray | None = None) -> None:
+        """Point each key at its row (and its checksum: 0 where none is given); for a key given twice, the later."""
         if not len(keys):
             return
+        checks = np.zeros(len(keys), np.uint64) if checks is None else np.asarray(checks, np.uint64)
         if len(keys) > self._piece:  # in order, so the later row of a key still wins
             for i in range(0, len(keys), self._piece):
-                self.add(keys[i : i + self._piece], np.asarray(rows)[i : i + self._piece])
+                self.add(keys[i : i + self._piece], np.asarray(rows)[i : i + self._piece], checks[i : i + self._piece])
             return
         whole = np.ascontiguousarray(keys, np.uint8).reshape(len(keys), KEY_BYTES).view(f"V{KEY_BYTES}").ravel()
         newest = len(whole) - 1 - np.unique(whole[::-1], return_index=True)[1]  # each distinct key's last occurrence
         lo, hi = _halves(keys[newest])
         values = np.asarray(rows)[newest].astype(np.uint64) + np.uint64(1)
+        sums = checks[newest]
         if 2 * (self.count + len(lo)) > self.capacity:  # rebuilt, dropped keys left out: sized by the live ones
             table = self._file.array
             live = int(((table[:, 2] != _EMPTY) & (table[:, 2] != _DEAD)).sum())
@@ -133,9 +144,11 @@ class KeyIndex:
             occupied = entry[:, 2] != _EMPTY
             same = occupied & (entry[:, 0] == lo[todo]) & (entry[:, 1] == hi[todo])
             table[s[same], 2] = values[todo[same]]
+            table[s[same], 3] = sums[todo[same]]
             empty = np.flatnonzero(~occupied)
             claim = empty[np.unique(s[empty], return_index=True)[1]]  # one key per empty slot this round
-            table[s[claim]] = np.stack([lo[todo[claim]], hi[todo[claim]], values[todo[claim]]], axis=1)
+            claimed = todo[claim]
+            table[s[claim]] = np.stack([lo[claimed], hi[claimed], values[claimed], sums[claimed]], axis=1)
             self.count += len(claim)
             placed = same.copy()
             placed[claim] = True
@@ -173,35 +186,36 @@ class KeyIndex:
         return found
 
     def _read_slots(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Like `_slots_of`, with each slot's row column, read with one `pread` of `_PROBE_SLOTS` slots a key instead
-        of through the mapping. Keys whose probe runs past those slots (or past the table's end) take `_slots_of`."""
+        """Like `_slots_of`, with each slot's (row, checksum) columns, read with one `pread` of `_PROBE_SLOTS` slots a
+        key instead of through the mapping. Keys whose probe runs past those slots (or the table's end) take
+        `_slots_of`."""
         first = (lo & np.uint64(self.capacity - 1)).astype(np.int64)
-        found, rows = np.full(len(lo), -1, np.int64), np.zeros(len(lo), np.uint64)
+        found, rows = np.full(len(lo), -1, np.int64), np.zeros((len(lo), 2), np.uint64)
         near = first <= self.capacity - _PROBE_SLOTS
         at = np.flatnonzero(near)
         span, fd = _PROBE_SLOTS * _SLOT_BYTES, self._file.fd
         data = b"".join([os.pread(fd, span, s * _SLOT_BYTES) for s in first[at].tolist()])
-        entries = np.frombuffer(data, np.uint64).reshape(len(at), _PROBE_SLOTS, 3)
+        entries = np.frombuffer(data, np.uint64).reshape(len(at), _PROBE_SLOTS, _COLUMNS)
         empty = entries[:, :, 2] == _EMPTY
         same = ~empty & (entries[:, :, 0] == lo[at, None]) & (entries[:, :, 1] == hi[at, None])
         ends = same | empty  # a probe ends at its key or at an empty slot
         ended, step = ends.any(axis=1), ends.argmax(axis=1)
         hit = ended & same[np.arange(len(at)), step]
         found[at[hit]] = first[at[hit]] + step[hit]
-        rows[at[hit]] = entries[np.flatnonzero(hit), step[hit], 2]
+        rows[at[hit]] = entries[np.flatnonzero(hit), step[hit], 2:]
         rest = np.concatenate([np.flatnonzero(~near), at[~ended]])
         if len(rest):
             found[rest] = self._slots_of(lo[rest], hi[rest])
-            rows[rest[found[rest] >= 0]] = self._file.array[found[rest][found[rest] >= 0], 2]
+            rows[rest[found[rest] >= 0]] = self._file.array[found[rest][found[rest] >= 0], 2:]
         return found, rows
 
     def _grow(self, at_least: int) -> None:
         old = self._file
         live = old.array[(old.array[:, 2] != _EMPTY) & (old.array[:, 2] != _DEAD)]
-        self._file = FileBacked((_capacity(at_least), 3), np.uint64, self._folder)
+        self._file = FileBacked((_capacity(at_least), _COLUMNS), np.uint64, self._folder)
         self.count = 0
         keys = np.ascontiguousarray(live[:, :2]).view(np.uint8).reshape(len(live), KEY_BYTES)
-        self.add(keys, (live[:, 2] - np.uint64(1)).astype(np.int64))
+        self.add(keys, (live[:, 2] - np.uint64(1)).astype(np.int64), live[:, 3])
         del live
         old.close()
 

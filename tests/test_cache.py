@@ -327,15 +327,20 @@ class TestKeyIndex:
         keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
         index, reference, start = KeyIndex(resident_bytes=resident_bytes), {}, 0
         for n in (1, 7, 1000, 3, 20000, 8989):  # grows from 1,024 slots several times
-            index.add(keys[start : start + n], np.arange(start, start + n))
+            index.add(keys[start : start + n], np.arange(start, start + n), np.arange(start, start + n) * 3 + 5)
             reference.update({k.tobytes(): start + i for i, k in enumerate(keys[start : start + n])})
             start += n
+        assert index.locate(keys)[1].tolist() == (np.arange(30000) * 3 + 5).tolist()  # checksums kept as it grew
         again = np.concatenate([keys[:500], keys[7:8]])  # cache=refresh appends keys again: the newest row wins
         rows = np.arange(40000, 40000 + len(again))
         index.add(again, rows)
         reference.update({k.tobytes(): int(r) for k, r in zip(again, rows)})
         assert index.find(keys).tolist() == [reference[k.tobytes()] for k in keys]
         assert (index.find(rng.integers(0, 256, (1000, 16), dtype=np.uint8)) == -1).all()
+        index.add(keys[:3], np.array([60000, 60001, 60002]), np.array([11, 12, 13]))  # with their checksums
+        rows, checks = index.locate(np.concatenate([keys[:4], keys[-1:]]))
+        assert rows.tolist()[:3] == [60000, 60001, 60002] and checks.tolist() == [11, 12, 13, 0, 0]
+        reference.update({k.tobytes(): 60000 + i for i, k in enumerate(keys[:3])})
         assert index.count == 30000 and index.capacity <= 4 * index.count  # at most half full, at least a quarter
         index.drop(keys[:10])  # rows that failed their checks: missed until stored again
         assert (index.find(keys[:10]) == -1).all() and index.find(keys[10:11])[0] == reference[keys[10].tobytes()]

@@ -339,7 +339,7 @@ class TestKeyIndex:
         assert (index.find(rng.integers(0, 256, (1000, 16), dtype=np.uint8)) == -1).all()
         index.add(keys[:3], np.array([60000, 60001, 60002]), np.array([11, 12, 13]))  # with their checksums
         rows, checks = index.locate(np.concatenate([keys[:4], keys[-1:]]))
-        assert rows.tolist()[:3] == [60000, 60001, 60002] and checks.tolist() == [11, 12, 13, 0, 0]
+        assert rows.tolist()[:3] == [60000, 60001, 60002] and checks.tolist() == [11, 12, 13, 0, 29999 * 3 + 5]
         reference.update({k.tobytes(): 60000 + i for i, k in enumerate(keys[:3])})
         assert index.count == 30000 and index.capacity <= 4 * index.count  # at most half full, at least a quarter
         index.drop(keys[:10])  # rows that failed their checks: missed until stored again

@@ -62,10 +62,10 @@ def main() -> int:
             seconds = median_seconds(lambda at, array=array: array.oindex[at], batches)
             report(name, seconds, args.batch)
             if "raw" in name and "sharding" not in name:
-                files = ChunkFiles.of([array])
+                files = ChunkFiles.of({"logits": array})
 
                 def by_range(at, files=files):
-                    (rows,), read = files.rows(at // CHUNK, at % CHUNK, [0])
+                    (rows,), read = files.rows(at // CHUNK, at % CHUNK, ["logits"])
                     assert read.all() and np.array_equal(rows, data[at])
                     return rows
 

@@ -23,8 +23,10 @@ recomputation, never a wrong answer and never a service that cannot start.
 - Every row carries a checksum over its key, its logits and its namespace's name,
   so a flipped bit, a chunk read back as zeros (deleted), chunks swapped within or
   between namespaces, or a chunk that no longer decompresses all fail. Rows are
-  verified when a namespace is loaded, and again, with their key, the first time
-  each is served from a chunk read back from the store: a chunk damaged while the
+  verified when a namespace is loaded, and again, with their key, whenever they
+  are read back from the store: a row read alone is checked each time it is read
+  (against the checksum its key index holds), a row of a chunk read whole the
+  first time it is served from that chunk's line. A chunk damaged while the
   service runs costs its rows a recomputation too (`MemberCache.get`).
 - A namespace whose structure fails its checks (unreadable `zarr.json`, a missing
   or odd array, `committed_rows` not an integer in [0, rows the arrays hold], an
@@ -102,7 +104,7 @@ DAMAGED_DIR = ".damaged"
 RAW = {"compressors": None}  # chunks stored as plain bytes, so a row can be read alone (chunk_files); none compress
 READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
 MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`cache_memory_bytes`), whatever the store holds
-ROW_READ_ARRAYS = (1,)  # a row read alone: its logits only (`_Arrays.all()` order); its key index holds its checksum
+ROW_READ_ARRAYS = ("logits",)  # what a row read alone reads: its logits only, for its key index holds its checksum
 WHOLE_CHUNK_SHARE = 16  # a chunk of which a batch asks for 1/16 of the rows or more is read whole, not row by row
 
 
@@ -386,7 +388,7 @@ class MemberCache:
         self._folder = folder  # set when durable: fsync the namespace's files in this folder
         self.chunk_rows = arrays.logits.chunks[0]
         self._lines = ChunkLines(memory_bytes, self.chunk_rows, arrays.logits.shape[1], fmt.dtype)
-        self._files = ChunkFiles.of([array for _, array in arrays.all()])  # None: whole chunks through zarr only
+        self._files = ChunkFiles.of(dict(arrays.all()))  # None: whole chunks through zarr only
         self.row_reads = 0  # rows read alone from their chunk files since start-up
         self.committed = committed
         self.broken = False  # set after a failed write: nothing more is committed here
@@ -448,19 +450,21 @@ class MemberCache:
 
     def _deliver(self, batch: _Batch, which: np.ndarray, stored: np.ndarray, sound: np.ndarray) -> None:
         """Rows `which` of the batch: their stored values served where `sound` (a row's keys match, or its checks
-        pass, row by row), the others marked not good and logged. Only sound rows are decoded: a damaged top-k row may
-        name classes that do not exist."""
+        pass, row by row), the others marked not good and logged (unless their chunk failed to decode: that was
+        logged when it was read). Only sound rows are decoded: a damaged top-k row may name nonexistent classes."""
         if sound.ndim == 2:  # keys compared field by field
             sound = sound.all(axis=1)
         batch.good[which] = sound
         batch.logits[which[sound]] = self.fmt.decode(stored[sound], self.num_classes)
-        if not sound.all():
+        failed = which[~sound]
+        failed = failed[~np.isin(batch.chunk_of[failed], list(self._unreadable))]
+        if len(failed):
             log.warning(
                 "cache namespace %s: %d row(s) read back from the store fail their checks (chunks %s); not served, "
                 "recomputed when asked for",
                 self.version,
-                int((~sound).sum()),
-                _ranges(np.unique(batch.chunk_of[which[~sound]])),
+                len(failed),
+                _ranges(np.unique(batch.chunk_of[failed])),
             )
 
     def _serve_from_lines(self, which: np.ndarray, batch: _Batch) -> None:
@@ -521,17 +525,17 @@ class MemberCache:
 
     def _read_chunks(self, chunks: np.ndarray) -> tuple[_Rows, np.ndarray]:
         """Committed chunks' rows, in order, and which chunks could be read (not evicted, and decoded): from their
-        files where chunk_files can, the rest through zarr."""
+        files where chunk_files can, the rest through zarr, in one read per array."""
         n = self.chunk_rows
         readable = np.array([c not in self._unreadable and c not in self._evicted for c in chunks], bool)
         rows = _Rows.empty(len(chunks) * n, self._arrays.logits.shape[1], self.fmt.dtype)
         wanted = []
         for i in np.flatnonzero(readable):
-            held = self._files.chunk(int(chunks[i]), n) if self._files is not None else None
+            held = self._chunk_from_files(int(chunks[i]))
             if held is None:
                 wanted.append(i)
             else:
-                rows.put(slice(i * n, (i + 1) * n), _Rows(*held))
+                rows.put(slice(i * n, (i + 1) * n), held)
         self._lines.reads += len(np.flatnonzero(readable))
         if not wanted:
             return rows, readable
@@ -539,7 +543,7 @@ class MemberCache:
         positions = (chunks[wanted, None] * n + np.arange(n)).ravel()
         try:
             where = (wanted[:, None] * n + np.arange(n)).ravel()
-            rows.put(where, _Rows(*(array.oindex[positions] for _, array in self._arrays.all())))
+            rows.put(where, _Rows(**{name: array.oindex[positions] for name, array in self._arrays.all()}))
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
             self._lines.reads -= len(wanted)  # counted again one by one
             for i in wanted:
@@ -549,6 +553,11 @@ class MemberCache:
                 else:
                     rows.put(slice(i * n, (i + 1) * n), held)
         return rows, readable
+
+    def _chunk_from_files(self, chunk: int) -> _Rows | None:
+        """A whole committed chunk read from its files, or None where chunk_files cannot (zarr then reads it)."""
+        held = self._files.chunk(chunk, self.chunk_rows) if self._files is not None else None
+        return None if held is None else _Rows(**held)
 
     def _rows_of(self, chunk: int) -> _Rows | None:
         """A whole chunk's rows, wherever they are (eviction wants its keys)."""
@@ -560,10 +569,14 @@ class MemberCache:
         return held
 
     def _read_chunk(self, chunk: int) -> _Rows | None:
+        """One committed chunk, from its files or else through zarr; None (and remembered) if it fails to decode."""
         start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
         self._lines.reads += 1
+        held = self._chunk_from_files(chunk)
+        if held is not None:
+            return held
         try:
-            return _Rows(*(array[start:stop] for _, array in self._arrays.all()))
+            return _Rows(**{name: array[start:stop] for name, array in self._arrays.all()})
         except Exception as exc:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises)
             self._unreadable.add(chunk)
             log.warning(

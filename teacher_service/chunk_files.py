@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,52 +75,52 @@ class ChunkFiles:
     """Byte-range reads of rows from a namespace's arrays, each array's chunk files kept open (a bounded number, the
     oldest opened closed first). Used by the inference thread only."""
 
-    def __init__(self, arrays: list[_RawArray], max_open: int):
+    def __init__(self, arrays: dict[str, _RawArray], max_open: int):
         self._arrays = arrays
         self._max_open = max_open
-        self._open: dict[tuple[int, int], int] = {}  # (array, chunk) -> file descriptor, the oldest opened first
+        self._open: dict[tuple[str, int], int] = {}  # (array name, chunk) -> file descriptor, the oldest opened first
 
     @classmethod
-    def of(cls, arrays: list[zarr.Array], max_open: int | None = None) -> ChunkFiles | None:
-        """A reader for these arrays (a namespace's, in a fixed order), or None if any of them is not raw and local."""
-        raw = [_raw(a) for a in arrays]
-        if any(r is None for r in raw):
+    def of(cls, arrays: Mapping[str, zarr.Array], max_open: int | None = None) -> ChunkFiles | None:
+        """A reader for these arrays (a namespace's, by name), or None if any of them is not raw and local."""
+        raw = {name: _raw(a) for name, a in arrays.items()}
+        if any(r is None for r in raw.values()):
             return None
         return cls(raw, max_open_files() if max_open is None else max_open)
 
     def rows(
-        self, chunks: np.ndarray, offsets: np.ndarray, arrays: Sequence[int]
+        self, chunks: np.ndarray, offsets: np.ndarray, names: Sequence[str]
     ) -> tuple[list[np.ndarray], np.ndarray]:
-        """Row `offsets[i]` of chunk `chunks[i]` of each of `arrays` (positions in this reader's arrays), and which
-        rows were read whole (the others hold zeros: left to zarr)."""
+        """Row `offsets[i]` of chunk `chunks[i]` of each array named, in that order, and which rows were read whole
+        (the others hold zeros: left to zarr)."""
         where = list(zip(chunks.tolist(), offsets.tolist()))
         read = np.ones(len(where), bool)
         values = []
-        for a in arrays:
-            size = self._arrays[a].row_bytes
-            parts = [self._pread(a, chunk, size, offset * size) for chunk, offset in where]
+        for name in names:
+            size = self._arrays[name].row_bytes
+            parts = [self._pread(name, chunk, size, offset * size) for chunk, offset in where]
             short = np.fromiter(map(len, parts), np.int64, len(parts)) != size
             if short.any():
                 read &= ~short
                 parts = [p if len(p) == size else bytes(size) for p in parts]
-            values.append(self._values(self._arrays[a], b"".join(parts)))
+            values.append(self._values(self._arrays[name], b"".join(parts)))
         return values, read
 
-    def chunk(self, chunk: int, chunk_rows: int) -> list[np.ndarray] | None:
-        """A whole chunk of every array, or None where one cannot be read whole (zarr then reads it)."""
-        values = []
-        for a, raw in enumerate(self._arrays):
+    def chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray] | None:
+        """A whole chunk of every array, by name, or None where one cannot be read whole (zarr then reads it)."""
+        values = {}
+        for name, raw in self._arrays.items():
             size = chunk_rows * raw.row_bytes
-            data = self._pread(a, chunk, size, 0)
+            data = self._pread(name, chunk, size, 0)
             if len(data) != size:
                 return None
-            values.append(self._values(raw, data))
+            values[name] = self._values(raw, data)
         return values
 
     def forget(self, chunk: int) -> None:
         """Close a chunk's files (it is being evicted: its files are about to go)."""
-        for a in range(len(self._arrays)):
-            fd = self._open.pop((a, chunk), None)
+        for name in self._arrays:
+            fd = self._open.pop((name, chunk), None)
             if fd is not None:
                 os.close(fd)
 
@@ -132,13 +132,13 @@ class ChunkFiles:
     def _values(raw: _RawArray, data: bytes) -> np.ndarray:
         return np.frombuffer(data, raw.dtype).reshape((-1, *raw.tail)).astype(raw.dtype.newbyteorder("="), copy=False)
 
-    def _pread(self, a: int, chunk: int, size: int, offset: int) -> bytes:
+    def _pread(self, name: str, chunk: int, size: int, offset: int) -> bytes:
         """Up to `size` bytes; fewer (or none) where the file is short, missing or unreadable."""
         try:
-            fd = self._open.get((a, chunk))
+            fd = self._open.get((name, chunk))
             if fd is None:
-                fd = os.open(self._arrays[a].path(chunk), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                self._open[(a, chunk)] = fd
+                fd = os.open(self._arrays[name].path(chunk), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._open[(name, chunk)] = fd
                 if len(self._open) > self._max_open:
                     os.close(self._open.pop(next(iter(self._open))))
             return os.pread(fd, size, offset)

@@ -4,6 +4,7 @@ memory test runs a real `python -m teacher_service` and reads its resident set f
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ READS = {"whole chunks": (CHUNK, False), "rows alone": (64, True)}
 
 @pytest.mark.parametrize("reads", list(READS))
 @pytest.mark.parametrize("case", list(DAMAGE_AFTER_START))
-def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path):
+def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path, caplog):
     chunk_rows, one_by_one = READS[reads]
     n = 2 * chunk_rows + 4
     keys, logits = filled_store(tmp_path / "store", n, chunk_rows=chunk_rows)
@@ -94,7 +95,13 @@ def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path):
     ns = cache.namespace("v1", CLASSES)  # loaded and verified: the damage comes after
     found, _ = ns.get(keys[:1])  # chunk 0 takes the one line
     DAMAGE_AFTER_START[case](tmp_path / "store" / "v1")
-    found, got = ask_by_key(ns, keys, one_by_one)
+    with caplog.at_level(logging.WARNING, logger="akd.cache"):
+        found, got = ask_by_key(ns, keys, one_by_one)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if "truncated" in case:  # said once, when the chunk failed to decode: not again for each of its rows or requests
+        assert len(warnings) == 1 and "chunk 1 " in warnings[0] and "unreadable" in warnings[0], warnings
+    else:
+        assert warnings and all("fail their checks (chunks 1)" in w for w in warnings), warnings
     damaged = range(chunk_rows, 2 * chunk_rows)
     assert found.tolist() == [i not in damaged for i in range(n)]
     assert np.array_equal(got, np.concatenate([logits[:chunk_rows], logits[2 * chunk_rows :]]))

@@ -14,7 +14,7 @@ from teacher_service.chunk_files import ChunkFiles
 
 def arrays(folder, compressors=None, n=256, chunk=32):
     rng = np.random.default_rng(0)
-    made = []
+    made = {}
     for name, data in (
         ("keys", rng.integers(0, 256, (n, 16), dtype=np.uint8)),
         ("logits", rng.standard_normal((n, 10)).astype(np.float32)),
@@ -24,7 +24,7 @@ def arrays(folder, compressors=None, n=256, chunk=32):
             folder / name, shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype=data.dtype, compressors=compressors
         )
         array[:] = data
-        made.append(array)
+        made[name] = array
     return made
 
 
@@ -36,12 +36,12 @@ def test_rows_and_chunks_are_what_zarr_reads(tmp_path):
     made = arrays(tmp_path)
     files = ChunkFiles.of(made, max_open=6)
     at = np.random.default_rng(1).permutation(256)[:100]
-    values, read = files.rows(at // 32, at % 32, [0, 1, 2])
+    values, read = files.rows(at // 32, at % 32, ["checks", "keys", "logits"])  # in the order named
     assert read.all()
-    for got, array in zip(values, made):
-        assert got.dtype == array.dtype and np.array_equal(got, array.oindex[at])
+    for got, name in zip(values, ["checks", "keys", "logits"]):
+        assert got.dtype == made[name].dtype and np.array_equal(got, made[name].oindex[at])
     whole = files.chunk(3, 32)
-    assert all(np.array_equal(got, array[96:128]) for got, array in zip(whole, made))
+    assert list(whole) == list(made) and all(np.array_equal(whole[n], made[n][96:128]) for n in made)
     files.close()
 
 
@@ -49,7 +49,7 @@ def test_it_keeps_at_most_its_bound_of_files_open_and_forgets_an_evicted_chunk(t
     made = arrays(tmp_path)
     before = open_fds()
     files = ChunkFiles.of(made, max_open=5)
-    files.rows(np.arange(8), np.zeros(8, np.int64), [0, 1, 2])  # 24 files read, array by array
+    files.rows(np.arange(8), np.zeros(8, np.int64), list(made))  # 24 files read, array by array
     assert open_fds() - before == 5  # the last opened: chunks 3-7 of the last array
     files.forget(7)
     assert open_fds() - before == 4
@@ -64,16 +64,16 @@ def test_what_it_cannot_read_is_left_to_zarr(tmp_path):
     (tmp_path / "logits" / "c" / "2" / "0").unlink()  # zarr reads a missing chunk as its fill value
     (tmp_path / "checks" / "c" / "3").write_bytes(b"\0" * 10)  # short
     files = ChunkFiles.of(made)
-    (logits, checks), read = files.rows(np.array([1, 2, 3, 3]), np.array([0, 5, 0, 31]), [1, 2])
+    (logits, checks), read = files.rows(np.array([1, 2, 3, 3]), np.array([0, 5, 0, 31]), ["logits", "checks"])
     assert read.tolist() == [True, False, True, False]  # a short file still holds its first row whole
-    assert np.array_equal(logits[0], made[1][32]) and not logits[1].any() and not checks[3].any()
+    assert np.array_equal(logits[0], made["logits"][32]) and not logits[1].any() and not checks[3].any()
     assert files.chunk(2, 32) is None and files.chunk(3, 32) is None and files.chunk(1, 32) is not None
-    assert files.rows(np.array([1]), np.array([32]), [1])[1].tolist() == [False]  # past the chunk: not its row
+    assert files.rows(np.array([1]), np.array([32]), ["logits"])[1].tolist() == [False]  # past the chunk: not its row
     files.close()
 
 
 def test_compressed_or_not_local_arrays_get_no_reader(tmp_path):
     assert ChunkFiles.of(arrays(tmp_path / "zstd", compressors="auto")) is None
     in_memory = zarr.create_array(MemoryStore(), shape=(8, 10), chunks=(4, 10), dtype="float32", compressors=None)
-    assert ChunkFiles.of([in_memory]) is None
+    assert ChunkFiles.of({"logits": in_memory}) is None
     assert ChunkFiles.of(arrays(tmp_path / "raw")) is not None

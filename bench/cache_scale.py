@@ -10,8 +10,8 @@ and what each row format costs in served error.
 2. Hit rows/s, keys first, read back from the store vs held in memory: random batches over a store 10x the bound
    (rows read back, mostly) against the same store served by a service whose bounds hold all of it (every chunk
    decoded in memory and the index resident: what the old in-memory mirror did), against random batches over half
-   the rows the bound holds (a small hot set, every chunk held), and against the teacher recomputing the same number
-   of rows (`cache=bypass`); alternated.
+   the rows the bound holds (a small hot set, every chunk held), alternated, each repeated until `min_seconds` are
+   spent; and against the teacher recomputing the same number of rows (`cache=bypass`), timed after them.
 3. Bytes a row and served-probability error of each row format (`format_errors`, which scripts/store_error.py uses
    too): each member's logits through the format's encode and decode, the ensemble's probabilities at each
    temperature, against the float32 ones.
@@ -66,7 +66,18 @@ COLUMNS = [
     "in order rows/s",
     "random rows/s",
 ]
-HIT_COLUMNS = ["hits", "store rows", "batch", "ms a request", "rows/s", "vs the mirror", "vs in memory", "vs recompute"]
+HIT_COLUMNS = [
+    "hits",
+    "store rows",
+    "batch",
+    "requests",
+    "ms a request",
+    "middle half ms",
+    "rows/s",
+    "vs the mirror",
+    "vs in memory",
+    "vs recompute",
+]
 ERROR_COLUMNS = ["teacher", "format", "bytes a row", "temperature", "mean KL", "max KL", "max abs error"]
 
 
@@ -142,7 +153,7 @@ def about(spec: CacheScaleSpec, classes: int) -> str:
         "Every answer is checked: found, and bit for bit the stored row. Hits: keys first, "
         f"{spec.hit_batch} random rows a request (`outputs=member_logits`): the {spec.disk_multiple}x store under "
         "these bounds (from the store), a copy of it under bounds that hold all of it, every chunk read once (the "
-        "mirror), and a small hot set, alternated with "
+        "mirror), and a small hot set, alternated among themselves (a fresh random batch each request); then "
         f"{spec.recompute_teacher} recomputing {spec.hit_batch} uint8 rows (`cache=bypass`). The store's files are "
         "wherever the kernel keeps them: on this machine, with memory to spare, in its page cache, so 'from the "
         "store' means read back from the store's files (a row at a time by byte range, past the chunk cache), not "
@@ -440,20 +451,19 @@ def hits(
         queue = iter(batches[what])
         return lambda: clients[what].ask(*next(queue))
 
-    ctx.progress(f"cache_scale: hits in memory vs from the store vs {name} recomputing, {batch} rows")
+    ctx.progress(f"cache_scale: hits in memory vs the mirror vs from the store, {batch} rows, alternated")
     try:
+        # The hits are alternated among themselves only: a 4.6 s forward pass of another process in the same round
+        # chills the CPU caches for whichever hit comes next, and in ABBA order that is always the same one.
         times = alternate(
-            {
-                "in memory": asker("in memory"),
-                "mirror": asker("mirror"),
-                "from disk": asker("from disk"),
-                "recompute": lambda: recompute(x),
-            },
+            {"in memory": asker("in memory"), "mirror": asker("mirror"), "from disk": asker("from disk")},
             ctx.cfg.repetitions,
             ctx.cfg.warmup,
             ctx.device,
             ctx.cfg.min_seconds,
         )
+        ctx.progress(f"cache_scale: {name} recomputing {batch} rows")
+        times |= alternate({"recompute": lambda: recompute(x)}, ctx.cfg.repetitions, ctx.cfg.warmup, ctx.device)
     finally:
         recompute.close()
         for client in clients.values():
@@ -472,7 +482,9 @@ def hits(
                 "hits": labels[what],
                 "store rows": pools.get(what),
                 "batch": batch,
+                "requests": len(times[what]),
                 "ms a request": s * 1e3,
+                "middle half ms": "{:.2f} - {:.2f}".format(*np.percentile(np.array(times[what]) * 1e3, [25, 75])),
                 "rows/s": batch / s,
                 "vs in memory": seconds["in memory"] / s,
                 "vs the mirror": seconds["mirror"] / s,

@@ -16,6 +16,7 @@ rewritten once committed (the log is append-only; eviction deletes, never reuses
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 from collections.abc import Mapping, Sequence
@@ -92,18 +93,37 @@ class ChunkFiles:
         self, chunks: np.ndarray, offsets: np.ndarray, names: Sequence[str]
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """Row `offsets[i]` of chunk `chunks[i]` of each array named, in that order, and which rows were read whole
-        (the others hold zeros: left to zarr)."""
-        where = list(zip(chunks.tolist(), offsets.tolist()))
-        read = np.ones(len(where), bool)
-        values = []
-        for name in names:
-            size = self._arrays[name].row_bytes
-            parts = [self._pread(name, chunk, size, offset * size) for chunk, offset in where]
+        (the others hold zeros: left to zarr). One `pread` a row and array: the per-row work is kept to that call."""
+        every, inverse = np.unique(chunks, return_inverse=True)
+        read = np.ones(len(chunks), bool)
+        values = [np.zeros((len(chunks), *self._arrays[name].tail), self._arrays[name].dtype) for name in names]
+        for first in range(0, len(every), self._max_open):  # no more files at once than may stay open
+            rows = np.flatnonzero((inverse >= first) & (inverse < first + self._max_open))
+            for name, got in zip(names, values):
+                got[rows], whole = self._read_rows(
+                    name, every[first : first + self._max_open], inverse[rows] - first, offsets[rows]
+                )
+                read[rows] &= whole
+        return values, read
+
+    def _read_rows(
+        self, name: str, chunks: np.ndarray, chunk_of: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Row `offsets[i]` of chunk `chunks[chunk_of[i]]` of one array (at most `max_open` chunks), and which were
+        read whole."""
+        raw = self._arrays[name]
+        size = raw.row_bytes
+        fds = np.array([self._fd(name, chunk) for chunk in chunks.tolist()], np.int64)[chunk_of]
+        read = fds >= 0
+        at = np.flatnonzero(read)
+        parts = _pread_all(fds[at].tolist(), size, (offsets[at] * size).tolist())
+        data = b"".join(parts)
+        if len(data) != len(at) * size:  # a file shorter than the row (a part is never longer)
             short = np.fromiter(map(len, parts), np.int64, len(parts)) != size
-            if short.any():
-                read &= ~short
-                parts = [p if len(p) == size else bytes(size) for p in parts]
-            values.append(self._values(self._arrays[name], b"".join(parts)))
+            read[at[short]] = False
+            data = b"".join(p if len(p) == size else bytes(size) for p in parts)
+        values = np.zeros((len(offsets), *raw.tail), raw.dtype)
+        values[at] = self._values(raw, data)
         return values, read
 
     def chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray] | None:
@@ -132,15 +152,36 @@ class ChunkFiles:
     def _values(raw: _RawArray, data: bytes) -> np.ndarray:
         return np.frombuffer(data, raw.dtype).reshape((-1, *raw.tail)).astype(raw.dtype.newbyteorder("="), copy=False)
 
+    def _fd(self, name: str, chunk: int) -> int:
+        """The chunk file's descriptor, opened if need be (closing the oldest opened past the bound); -1 if it cannot
+        be opened."""
+        fd = self._open.get((name, chunk))
+        if fd is None:
+            try:
+                fd = os.open(self._arrays[name].path(chunk), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return -1
+            self._open[(name, chunk)] = fd
+            if len(self._open) > self._max_open:
+                os.close(self._open.pop(next(iter(self._open))))
+        return fd
+
     def _pread(self, name: str, chunk: int, size: int, offset: int) -> bytes:
         """Up to `size` bytes; fewer (or none) where the file is short, missing or unreadable."""
-        try:
-            fd = self._open.get((name, chunk))
-            if fd is None:
-                fd = os.open(self._arrays[name].path(chunk), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                self._open[(name, chunk)] = fd
-                if len(self._open) > self._max_open:
-                    os.close(self._open.pop(next(iter(self._open))))
-            return os.pread(fd, size, offset)
-        except OSError:
-            return b""
+        fd = self._fd(name, chunk)
+        return b"" if fd < 0 else _pread_or_nothing(fd, size, offset)
+
+
+def _pread_all(fds: list[int], size: int, offsets: list[int]) -> list[bytes]:
+    """`size` bytes at each (fd, offset); fewer (or none) where a file is short or a read fails."""
+    try:
+        return list(map(os.pread, fds, itertools.repeat(size, len(fds)), offsets))
+    except OSError:  # one read failed (EIO, say): read one by one, the failed ones left empty
+        return [_pread_or_nothing(fd, size, offset) for fd, offset in zip(fds, offsets)]
+
+
+def _pread_or_nothing(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""

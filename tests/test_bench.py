@@ -156,6 +156,9 @@ def test_cache_scale_serves_every_stored_row_and_measures_memory_hits_and_format
     rates = {r["hits"].split(":")[0]: r for r in hits["rows"]}
     assert list(rates) == ["in memory", "the mirror", "from the store", "recomputed"]
     assert all(r["rows/s"] > 0 for r in rates.values())
+    for r in rates.values():  # each median with its sample count and middle half
+        low, high = map(float, r["middle half ms"].split(" - "))
+        assert r["requests"] >= 2 and low - 0.005 <= r["ms a request"] <= high + 0.005  # shown to 2 decimals
     assert rates["the mirror"]["store rows"] == rates["from the store"]["store rows"] == 5120  # the same rows
     [target] = [t for t in section["targets"] if "from the store / the mirror" in t["what"]]
     assert target["measured"] == pytest.approx(rates["from the store"]["vs the mirror"])

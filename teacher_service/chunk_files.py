@@ -74,12 +74,12 @@ def _raw(array: zarr.Array) -> _RawArray | None:
 
 class ChunkFiles:
     """Byte-range reads of rows from a namespace's arrays, each array's chunk files kept open (a bounded number, the
-    oldest opened closed first). Used by the inference thread only."""
+    least recently used closed first). Used by the inference thread only."""
 
     def __init__(self, arrays: dict[str, _RawArray], max_open: int):
         self._arrays = arrays
         self._max_open = max_open
-        self._open: dict[tuple[str, int], int] = {}  # (array name, chunk) -> file descriptor, the oldest opened first
+        self._open: dict[tuple[str, int], int] = {}  # (array name, chunk) -> descriptor, least recently used first
 
     @classmethod
     def of(cls, arrays: Mapping[str, zarr.Array], max_open: int | None = None) -> ChunkFiles | None:
@@ -153,17 +153,17 @@ class ChunkFiles:
         return np.frombuffer(data, raw.dtype).reshape((-1, *raw.tail)).astype(raw.dtype.newbyteorder("="), copy=False)
 
     def _fd(self, name: str, chunk: int) -> int:
-        """The chunk file's descriptor, opened if need be (closing the oldest opened past the bound); -1 if it cannot
-        be opened."""
-        fd = self._open.get((name, chunk))
+        """The chunk file's descriptor, opened if need be; -1 if it cannot be opened. Past the bound the least
+        recently used file is closed: never one of the last `max_open` asked for, which a read may still hold."""
+        fd = self._open.pop((name, chunk), None)
         if fd is None:
             try:
                 fd = os.open(self._arrays[name].path(chunk), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError:
                 return -1
-            self._open[(name, chunk)] = fd
-            if len(self._open) > self._max_open:
+            if len(self._open) >= self._max_open:
                 os.close(self._open.pop(next(iter(self._open))))
+        self._open[(name, chunk)] = fd  # the most recently used last
         return fd
 
     def _pread(self, name: str, chunk: int, size: int, offset: int) -> bytes:

@@ -61,6 +61,23 @@ def test_it_keeps_at_most_its_bound_of_files_open_and_forgets_an_evicted_chunk(t
     assert open_fds() == before
 
 
+def test_a_file_opened_long_ago_is_not_closed_while_a_request_still_reads_it(tmp_path):
+    """The bound closes the least recently used file: never one that the request being read wants (its descriptor
+    would be closed, or reused by the next file opened, and the row read from another chunk)."""
+    made = arrays(tmp_path, n=512)
+    files = ChunkFiles.of(made, max_open=4)
+    files.rows(np.array([0, 1, 2, 3]), np.zeros(4, np.int64), ["logits"])  # the bound is full; chunk 0's the oldest
+    chunks, offsets = np.array([0, 4, 5, 6]), np.array([1, 2, 3, 4])
+    (logits,), read = files.rows(chunks, offsets, ["logits"])
+    assert read.all() and np.array_equal(logits, made["logits"].oindex[chunks * 32 + offsets])
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        at = rng.permutation(512)[:40]
+        (logits,), read = files.rows(at // 32, at % 32, ["logits"])
+        assert read.all() and np.array_equal(logits, made["logits"].oindex[at])
+    files.close()
+
+
 def test_what_it_cannot_read_is_left_to_zarr(tmp_path):
     made = arrays(tmp_path)
     (tmp_path / "logits" / "c" / "2" / "0").unlink()  # zarr reads a missing chunk as its fill value

@@ -20,6 +20,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from shared import codec, protocol
+from shared.allocator import keep_freed_memory
 
 PREDICT_PATH = "/predict"
 
@@ -37,6 +38,7 @@ class TeacherAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from student_trainer.teacher_client import LocalTeacher
 
+        keep_freed_memory()  # in LitServe's inference process: the allocator ours runs with, so servers are compared
         self.teacher = LocalTeacher(self.config_path, self.teacher_name, temperature=None, device=torch.device(device))
         self.input_shape = tuple(self.teacher.info().input_shape)
 

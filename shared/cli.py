@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import NamedTuple
 
+from shared.allocator import keep_freed_memory
+
 
 class Subcommand(NamedTuple):
     module: str
@@ -44,6 +46,11 @@ ALIASES = {("cache", "warm"): ["warm"]}
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        keep_freed_memory()
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
     for alias, command in ALIASES.items():
         if tuple(argv[: len(alias)]) == alias:
             argv = [*command, *argv[len(alias) :]]

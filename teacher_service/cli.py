@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from shared.allocator import keep_freed_memory
 from teacher_service.config import ConfigError, load_config
 
 
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teacher_service", description="Serve teacher soft targets.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        keep_freed_memory()  # `akd serve` has done this already, in shared/cli.py
+    except ValueError as exc:
+        print(f"python -m teacher_service: {exc}", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 COMMANDS = {"serve": (add_arguments, run)}  # for `akd serve` (shared/cli.py)

@@ -1,0 +1,45 @@
+"""Keep freed memory in the process, so a forward pass does not fault its activations in again every time.
+
+glibc's malloc hands blocks above its mmap threshold (128 KiB, raised as such blocks are freed, up to 32 MiB) to
+the kernel as separate mappings, and gives them back when they are freed; it also trims the top of its heap. A CPU
+forward pass allocates its activations afresh each call (PreActResNet-18 at batch 128 has tensors of 33.5 MB), so
+every call page-faults them in again: about 190,000 minor faults a call on the 2-core VM the project is measured on,
+roughly a quarter of the forward's time, and more or fewer depending on each process's history. That history was
+why the same forward ran at different speeds in the service and in the benchmark's own process
+(`python scripts/forward_profile.py` measures both ways, with perf).
+
+`keep_freed_memory` asks malloc to serve every allocation from its heaps and never to trim them: a process then
+holds what its largest step needed, as PyTorch's CUDA caching allocator does on a GPU, and reuses it. Every `akd`
+command and `python -m teacher_service` call it at start-up. `AKD_MALLOC=system` leaves the C library's defaults.
+Elsewhere than glibc (musl, macOS) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+ENV = "AKD_MALLOC"
+CHOICES = ("keep", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: free memory past 2 GiB at the heap's top is still given back
+
+
+def malloc_choice() -> str:
+    """`AKD_MALLOC`: "keep" (the default) or "system"; anything else is an error naming both."""
+    value = os.environ.get(ENV, "keep").strip().lower()
+    if value not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}; got {os.environ[ENV]!r}")
+    return value
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to keep what is freed (see the module docstring); True if it now does."""
+    if malloc_choice() == "system":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: its mallopt takes these parameters)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))

@@ -27,6 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--only", help=f"comma list of benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--out", required=True, help="folder for results.json, RESULTS.md, sharing.png and logs")
+    parser.add_argument(
+        "--repeat",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="run the chosen benchmarks N times over, each run whole in DIR/run-<i>, and judge each target on the "
+        "median of the N, shown with its spread (default: 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,27 +65,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"akd bench: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    workdir = out.resolve() / "work"
-    shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
     command = shlex.join(["akd", "bench", *args.argv])
-    ctx = Context(cfg, device, workdir)
-    where = machine(device)
-    sections = []
-    try:
-        for i, key in enumerate(chosen, 1):
-            ctx.progress(f"benchmark {i}/{len(chosen)}: {key}")
-            started = time.perf_counter()
-            section = modules[key].run(ctx)
-            section.seconds = time.perf_counter() - started
-            sections.append(section)
-            report.write(out, sections, where, command, preset, cfg.repetitions, cfg.model_dump())
-    finally:
-        ctx.close()
+    runs = []
+    for r in range(1, args.repeat + 1):
+        run_out = out if args.repeat == 1 else out / f"run-{r}"
+        workdir = run_out.resolve() / "work"
+        shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
+        ctx = Context(cfg, device, workdir)  # fresh services every run
+        where = machine(device)
+        sections = []
+        try:
+            for i, key in enumerate(chosen, 1):
+                ctx.progress(
+                    f"{f'run {r}/{args.repeat}, ' if args.repeat > 1 else ''}benchmark {i}/{len(chosen)}: {key}"
+                )
+                started = time.perf_counter()
+                section = modules[key].run(ctx)
+                section.seconds = time.perf_counter() - started
+                sections.append(section)
+                report.write(run_out, sections, where, command, preset, cfg.repetitions, cfg.model_dump())
+        finally:
+            ctx.close()
+        runs.append(sections)
+    if args.repeat > 1:
+        report.write_repeated(out, runs, machine(device), command, preset, cfg.repetitions)
     print((out / "RESULTS.md").read_text())
     return 0
 
 
 COMMANDS = {"bench": (add_arguments, run)}  # for `akd bench` (shared/cli.py)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs, 1 or more; got {text!r}")
+    return value
 
 
 def _chosen(only: str | None) -> list[str]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
-from bench.results import Section
+from bench.results import OPS, Section
 from shared.figures import save_figure, subplots
 from shared.markdown import markdown_table
 
@@ -76,6 +77,59 @@ def write(
     sharing = next((s for s in sections if s.key == "sharing"), None)
     if sharing and sharing.rows:
         sharing_figure(sharing, next((s for s in sections if s.key == "peer"), None), out / "sharing.png")
+
+
+def repeated_targets(runs: list[list[Section]]) -> list[dict]:
+    """Each target of the runs (in the first run's order), with its value in every run that measured it, their
+    median, which the target is judged on, and their spread."""
+    found: dict[tuple, dict] = {}
+    for r, sections in enumerate(runs, 1):
+        for s in sections:
+            for t in s.targets:
+                key = (s.title, t.what, t.op, t.threshold)
+                entry = found.setdefault(
+                    key, {"benchmark": s.title, "what": t.what, "op": t.op, "threshold": t.threshold, "runs": {}}
+                )
+                entry["runs"][r] = t.measured
+    for entry in found.values():
+        values = list(entry["runs"].values())
+        entry["median"] = statistics.median(values)
+        entry["min"], entry["max"] = min(values), max(values)
+        entry["met"] = OPS[entry["op"]](entry["median"], entry["threshold"])
+    return list(found.values())
+
+
+def write_repeated(
+    out: Path, runs: list[list[Section]], machine: dict, command: str, preset: str, repetitions: int
+) -> None:
+    """DIR/RESULTS.md and DIR/results.json for `--repeat N`: every target judged on the median of the runs, each run
+    kept whole in DIR/run-<i>/."""
+    targets = repeated_targets(runs)
+    names = [f"run-{r}" for r in range(1, len(runs) + 1)]
+    document = {"command": command, "preset": preset, "machine": machine, "repeat": len(runs), "runs": names}
+    (out / "results.json").write_text(json.dumps(document | {"targets": targets}, indent=2, default=str))
+    lines = [
+        "# akd bench, repeated",
+        "",
+        f"- command: `{command}` (config: {preset}; {repetitions} repetitions a point in each run, medians)",
+        f"- machine: {machine['cores']} cores ({machine['cpu']}), torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), Python {machine['python']}",
+        f"- finished: {machine['date']}, commit {machine['git_commit'] or 'unknown'}",
+        f"- {len(runs)} whole runs, one after another, each with its own services: "
+        + ", ".join(f"[{n}]({n}/RESULTS.md)" for n in names),
+        "",
+        f"## Targets: the median of {len(runs)} runs",
+        "",
+        "| benchmark | target | median | spread (min - max) | met, on the median | each run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in targets:
+        each = ", ".join(f"{t['runs'][r]:.3f}" if r in t["runs"] else "-" for r in range(1, len(runs) + 1))
+        lines.append(
+            f"| {t['benchmark']} | {t['what']} {t['op']} {t['threshold']:g} | {t['median']:.3f} | "
+            f"{t['min']:.3f} - {t['max']:.3f} | {'yes' if t['met'] else '**no**'} | {each} |"
+        )
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
 def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:

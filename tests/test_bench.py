@@ -234,6 +234,48 @@ def test_bad_arguments_fail_clearly(tmp_path):
     only = akd_bench("--config", "tiny", "--only", "overhead,speed", "--out", str(tmp_path / "o"))
     assert only.returncode == 2 and "--only 'overhead,speed'" in only.stderr and "end_to_end" in only.stderr
     assert not (tmp_path / "o").exists()
+    for bad in ("0", "two"):
+        repeat = akd_bench("--config", "tiny", "--repeat", bad, "--out", str(tmp_path / "o"))
+        assert repeat.returncode == 2 and f"expected a whole number of runs, 1 or more; got '{bad}'" in repeat.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_repeat_runs_each_benchmark_whole_and_judges_targets_on_the_median(tmp_path):
+    result = akd_bench(
+        "--config", "tiny", "--device", "cpu", "--only", "sharing", "--repeat", "3", "--out", "out", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run 3/3, benchmark 1/1: sharing" in result.stderr
+    out = tmp_path / "out"
+    measured = []
+    for r in (1, 2, 3):  # each run whole, as a single run writes it
+        run = json.loads((out / f"run-{r}" / "results.json").read_text())
+        [target] = run["sections"][0]["targets"]
+        measured.append(target["measured"])
+        assert (out / f"run-{r}" / "RESULTS.md").exists() and (out / f"run-{r}" / "sharing.png").exists()
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["repeat"] == 3 and summary["runs"] == ["run-1", "run-2", "run-3"]
+    [target] = summary["targets"]
+    assert target["what"] == "2 x 4 with batching / 1 x 8 rows/s, small_cnn"
+    assert list(target["runs"].values()) == measured and target["median"] == sorted(measured)[1]
+    assert (target["min"], target["max"]) == (min(measured), max(measured))
+    assert target["met"] == (target["median"] >= target["threshold"])
+    text = (out / "RESULTS.md").read_text()
+    assert "## Targets: the median of 3 runs" in text and "[run-2](run-2/RESULTS.md)" in text
+
+
+def test_a_target_missing_from_a_run_is_judged_on_the_runs_that_measured_it():
+    from bench.report import repeated_targets
+    from bench.results import Section, Target
+
+    def run(*values):
+        return [Section("x", "X", "", [], targets=[Target(f"t{i}", ">=", 1.0, v) for i, v in enumerate(values)])]
+
+    first, second = repeated_targets([run(0.9, 2.0), run(1.2), run(1.1, 3.0)])
+    assert first["runs"] == {1: 0.9, 2: 1.2, 3: 1.1} and first["median"] == 1.1 and first["met"]
+    assert (
+        second["runs"] == {1: 2.0, 3: 3.0} and second["median"] == 2.5 and (second["min"], second["max"]) == (2.0, 3.0)
+    )
 
 
 def test_a_benchmark_config_naming_an_undeclared_teacher_is_refused(tmp_path):

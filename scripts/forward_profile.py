@@ -2,9 +2,9 @@
 `shared.allocator.keep_freed_memory`.
 
 python scripts/forward_profile.py --out runs/forward-profile          # both allocator settings, perf if present
-python scripts/forward_profile.py --out DIR --modes keep --calls 12
+python scripts/forward_profile.py --out DIR --modes keep --calls 12 --arch small_cnn --batch 32
 
-For each setting (`AKD_MALLOC` = system, keep) a fresh child process serves PreActResNet-18 (random weights) with
+For each setting (`AKD_MALLOC` = system, keep) a fresh child process serves a teacher (`--arch`, random weights) with
 `python -m teacher_service` under that setting, sets its own allocator the same way, and then alternates the same
 float32 batch through the service (`cache=bypass`) and through `LocalTeacher` in its own process (the overhead
 benchmark's two sides). Per call: wall time, the service's own forward time (its `akd_compute_seconds`), and the
@@ -31,19 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODES = ("system", "keep")
-ARCH, CLASSES, SHAPE = "preact_resnet18", 10, (3, 32, 32)
+CLASSES = 10
+SHAPES = {"preact_resnet18": (3, 32, 32), "small_cnn": (1, 28, 28), "tiny_cnn": (1, 28, 28)}  # the benchmarks' inputs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of AKD_MALLOC settings")
+    parser.add_argument("--arch", default="preact_resnet18", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--calls", type=int, default=8, help="timed calls a side, alternated")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one setting, in its own process
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.batch, args.calls, args.out)))
+        print(json.dumps(measure(args.child, args.arch, args.batch, args.calls, args.out)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -51,21 +53,21 @@ def main() -> int:
         print(f"AKD_MALLOC={mode}: a service and this side, {args.calls} calls each ...", flush=True)
         child = subprocess.run(
             [sys.executable, __file__, "--child", mode, "--out", str(args.out), "--batch", str(args.batch)]
-            + ["--calls", str(args.calls)],
+            + ["--calls", str(args.calls), "--arch", args.arch],
             env=os.environ | {"AKD_MALLOC": mode},
             capture_output=True,
             text=True,
             check=True,
         )
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    table = markdown(results, args.batch)
+    table = markdown(results, args.arch, args.batch)
     (args.out / "forward-profile.md").write_text(table)
     (args.out / "forward-profile.json").write_text(json.dumps(results, indent=1))
     print(table)
     return 0
 
 
-def measure(mode: str, batch: int, calls: int, out: Path) -> dict:
+def measure(mode: str, arch: str, batch: int, calls: int, out: Path) -> dict:
     import tomli_w
     import torch
 
@@ -80,15 +82,16 @@ def measure(mode: str, batch: int, calls: int, out: Path) -> dict:
     kept = keep_freed_memory()  # AKD_MALLOC decides, as it does for the service
     home = Path(tempfile.mkdtemp(prefix="forward-profile-"))
     torch.manual_seed(0)
-    model = build_model(ARCH, CLASSES, SHAPE)
-    save_checkpoint(home / "t.pt", Checkpoint(ARCH, CLASSES, SHAPE, model.state_dict(), {}))
-    teacher = {"num_classes": CLASSES, "input_shape": list(SHAPE), "members": [{"path": str(home / "t.pt")}]}
+    shape = SHAPES[arch]
+    model = build_model(arch, CLASSES, shape)
+    save_checkpoint(home / "t.pt", Checkpoint(arch, CLASSES, shape, model.state_dict(), {}))
+    teacher = {"num_classes": CLASSES, "input_shape": list(shape), "members": [{"path": str(home / "t.pt")}]}
     config = home / "t.toml"
     config.write_text(tomli_w.dumps({"server": {"log_level": "warning"}, "teachers": {"t": teacher}}))
     service = servers.teacher_service("forward-profile", config, home / "logs", "cpu", True, None)
     remote = RemoteTeacher(service.url, "t", temperature=1.0, clean_cache=CacheMode.bypass)
     local = LocalTeacher(config, "t", temperature=1.0, device=torch.device("cpu"))
-    x = torch.rand(batch, *SHAPE, generator=torch.Generator().manual_seed(batch))  # float32: never cached
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))  # float32: never cached
     pid = service.process.pid
     sides = {
         "service": (lambda: remote(x), lambda: proc_minflt(pid), pid),
@@ -168,9 +171,9 @@ def perf_report(data: Path, key: str) -> dict[str, float]:
     return shares
 
 
-def markdown(results: list[dict], batch: int) -> str:
+def markdown(results: list[dict], arch: str, batch: int) -> str:
     lines = [
-        f"{ARCH}, batch {batch}, float32 inputs, `cache=bypass`; medians of the alternated calls.",
+        f"{arch}, batch {batch}, float32 inputs, `cache=bypass`; medians of the alternated calls.",
         "",
         "| AKD_MALLOC | service ms | of it its forward ms | in-process ms | service / in-process | faults a call, "
         "service | faults a call, in-process | kernel time, service | kernel time, in-process |",

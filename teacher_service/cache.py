@@ -546,8 +546,8 @@ class MemberCache:
             rows.put(where, _Rows(**{name: array.oindex[positions] for name, array in self._arrays.all()}))
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
             self._lines.reads -= len(wanted)  # counted again one by one
-            for i in wanted:
-                held = self._read_chunk(int(chunks[i]))
+            for i in wanted:  # their files were tried already
+                held = self._zarr_chunk(int(chunks[i]))
                 if held is None:
                     readable[i] = False
                 else:
@@ -570,11 +570,16 @@ class MemberCache:
 
     def _read_chunk(self, chunk: int) -> _Rows | None:
         """One committed chunk, from its files or else through zarr; None (and remembered) if it fails to decode."""
-        start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
-        self._lines.reads += 1
         held = self._chunk_from_files(chunk)
         if held is not None:
+            self._lines.reads += 1
             return held
+        return self._zarr_chunk(chunk)
+
+    def _zarr_chunk(self, chunk: int) -> _Rows | None:
+        """One committed chunk through zarr; None (remembered, and logged once) if it fails to decode."""
+        start, stop = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
+        self._lines.reads += 1
         try:
             return _Rows(**{name: array[start:stop] for name, array in self._arrays.all()})
         except Exception as exc:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 ENV = "AKD_MALLOC"
 CHOICES = ("keep", "system")
@@ -47,3 +48,13 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])
+
+
+def keep_freed_memory_at_start(prog: str) -> int:
+    """`keep_freed_memory` as a command's first step: its exit status, 0, or 2 with `AKD_MALLOC`'s error printed."""
+    try:
+        keep_freed_memory()
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return 0

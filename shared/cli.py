@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
-from shared.allocator import keep_freed_memory
+from shared.allocator import keep_freed_memory_at_start
 
 
 class Subcommand(NamedTuple):
@@ -46,11 +46,8 @@ ALIASES = {("cache", "warm"): ["warm"]}
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        keep_freed_memory()
-    except ValueError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+    if status := keep_freed_memory_at_start(prog):
+        return status
     for alias, command in ALIASES.items():
         if tuple(argv[: len(alias)]) == alias:
             argv = [*command, *argv[len(alias) :]]

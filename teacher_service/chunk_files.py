@@ -99,18 +99,23 @@ class ChunkFiles:
         values = [np.zeros((len(chunks), *self._arrays[name].tail), self._arrays[name].dtype) for name in names]
         for first in range(0, len(every), self._max_open):  # no more files at once than may stay open
             rows = np.flatnonzero((inverse >= first) & (inverse < first + self._max_open))
-            for name, got in zip(names, values):
-                got[rows], whole = self._read_rows(
-                    name, every[first : first + self._max_open], inverse[rows] - first, offsets[rows]
+            for name, into in zip(names, values):
+                read[rows] &= self._read_rows(
+                    name, every[first : first + self._max_open], inverse[rows] - first, offsets[rows], into, rows
                 )
-                read[rows] &= whole
         return values, read
 
     def _read_rows(
-        self, name: str, chunks: np.ndarray, chunk_of: np.ndarray, offsets: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Row `offsets[i]` of chunk `chunks[chunk_of[i]]` of one array (at most `max_open` chunks), and which were
-        read whole."""
+        self,
+        name: str,
+        chunks: np.ndarray,
+        chunk_of: np.ndarray,
+        offsets: np.ndarray,
+        into: np.ndarray,
+        rows: np.ndarray,
+    ) -> np.ndarray:
+        """Row `offsets[i]` of chunk `chunks[chunk_of[i]]` of one array (at most `max_open` chunks), written to
+        `into[rows[i]]`; which were read whole (the others are left as they were)."""
         raw = self._arrays[name]
         size = raw.row_bytes
         fds = np.array([self._fd(name, chunk) for chunk in chunks.tolist()], np.int64)[chunk_of]
@@ -119,12 +124,11 @@ class ChunkFiles:
         parts = _pread_all(fds[at].tolist(), size, (offsets[at] * size).tolist())
         data = b"".join(parts)
         if len(data) != len(at) * size:  # a file shorter than the row (a part is never longer)
-            short = np.fromiter(map(len, parts), np.int64, len(parts)) != size
-            read[at[short]] = False
-            data = b"".join(p if len(p) == size else bytes(size) for p in parts)
-        values = np.zeros((len(offsets), *raw.tail), raw.dtype)
-        values[at] = self._values(raw, data)
-        return values, read
+            whole = np.fromiter(map(len, parts), np.int64, len(parts)) == size
+            read[at[~whole]] = False
+            at, data = at[whole], b"".join(p for p in parts if len(p) == size)
+        into[rows[at]] = self._values(raw, data)
+        return read
 
     def chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray] | None:
         """A whole chunk of every array, by name, or None where one cannot be read whole (zarr then reads it)."""

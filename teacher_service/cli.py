@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from shared.allocator import keep_freed_memory
+from shared.allocator import keep_freed_memory_at_start
 from teacher_service.config import ConfigError, load_config
 
 
@@ -47,11 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teacher_service", description="Serve teacher soft targets.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        keep_freed_memory()  # `akd serve` has done this already, in shared/cli.py
-    except ValueError as exc:
-        print(f"python -m teacher_service: {exc}", file=sys.stderr)
-        return 2
+    if status := keep_freed_memory_at_start(parser.prog):  # `akd serve` has done this already, in shared/cli.py
+        return status
     return run(args)
 
 

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from teacher_service.batcher import Batcher
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
+from teacher_service.openmp import serial_cpu_ops
 from teacher_service.routes import open_router, require_token, router
 from teacher_service.service import build_service, flush_periodically
 
@@ -47,7 +48,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         flusher = asyncio.create_task(flush_periodically(service, server.cache_flush_s)) if service.cache else None
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:
-            yield
+            with serial_cpu_ops():  # the event loop's own tensor work (openmp.py); its thread as it was, after
+                yield
         finally:
             if flusher:
                 flusher.cancel()

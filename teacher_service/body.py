@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from shared import codec
@@ -25,8 +25,9 @@ from teacher_service.service import Held
 INLINE_BYTES = 128 << 10
 
 
-async def off_loop_if_large(size: int, fn, *args):
-    return fn(*args) if size <= INLINE_BYTES else await run_in_threadpool(fn, *args)
+async def off_loop_if_large(executor: Executor, size: int, fn, *args):
+    """`fn(*args)` on the event loop when `size` bytes are few, else on `executor` (the service's coding threads)."""
+    return fn(*args) if size <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 async def read_body(request: Request, limits: ServerConfig, held: Held, check_header: Callable[[bytes], bool]) -> bytes:

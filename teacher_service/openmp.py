@@ -1,0 +1,26 @@
+"""One OpenMP thread team in the service's process: its device thread's.
+
+Each thread that runs a parallel CPU op (a convolution, but also a softmax over a few rows) gets an OpenMP team of its
+own from libgomp, kept for the thread's life. Once libgomp manages more threads than the machine has CPUs, it stops
+spinning between parallel regions (its "throttled" spin count of 100): every team's threads then sleep after each
+layer and are woken for the next. On the 2-core VM the project is measured on, the start-up probe (main thread) and
+the answers' softmax (event loop) had each made a team beside the inference thread's, and the service's small-CNN
+forward at batch 32 took 16 ms against 9 ms in the caller's process, which has one team
+(`python scripts/forward_profile.py --arch small_cnn --batch 32`).
+
+So the device's thread is the only one that runs parallel CPU ops with torch's intra-op threads (it loads and probes
+the teachers too: `service.DeviceWorker`); the event loop's thread and the threads that code request bodies run theirs
+serially, on themselves (`serial_cpu_ops`). Their work is per request and small: decoding, a softmax over its rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from threadpoolctl import threadpool_limits
+
+
+def serial_cpu_ops() -> threadpool_limits:
+    """Run this thread's parallel CPU ops on it alone, without a team: from now on, or until the `with` block that
+    this is used as ends (the returned limiter restores the thread's setting)."""
+    torch.get_num_threads()  # torch sets a thread's OpenMP threads at its first parallel op: have that done first
+    return threadpool_limits(limits=1, user_api="openmp")

@@ -1,0 +1,90 @@
+"""One OpenMP thread team in the service's process, its device thread's (teacher_service/openmp.py).
+
+A thread that runs a parallel CPU op gets a team of its own; past as many threads as CPUs, libgomp stops spinning
+and every team's forward pass slows down. These tests run the real app under a real uvicorn in this process, where
+its threads can be told apart: Python's threads are listed by `threading`, OpenMP's are not.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import httpx
+import torch
+from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
+
+from shared import codec, protocol
+from shared.hashing import row_keys
+
+LARGE_ROWS = 2048  # uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
+
+
+def openmp_threads() -> set[str]:
+    """This process's threads that Python did not start and libuv did not name: OpenMP's workers."""
+    python = {str(t.native_id) for t in threading.enumerate()}
+    native = set(os.listdir("/proc/self/task")) - python
+    return {tid for tid in native if _name(tid) != "libuv-worker"}
+
+
+def _name(tid: str) -> str:
+    try:
+        return open(f"/proc/self/task/{tid}/comm").read().strip()
+    except OSError:  # the thread ended meanwhile
+        return ""
+
+
+def exercise(base: str) -> None:
+    """Every route that touches tensors, small bodies on the event loop and large ones on the coding threads."""
+    small, large = random_inputs(16), random_inputs(LARGE_ROWS, torch.uint8, seed=1)
+    for x, outputs in ((small, "probs"), (large, "probs,logits,member_logits"), (small, "logits")):
+        r = httpx.post(
+            base + protocol.SOFT_TARGETS_PATH,
+            params={"outputs": outputs},
+            content=codec.encode_inputs(x),
+            timeout=HANG_S,
+        )
+        assert r.status_code == 200, r.text
+    r = httpx.post(base + protocol.SOFT_TARGET_KEYS_PATH, content=_keys_body(large), timeout=HANG_S)
+    assert r.status_code == 200 and codec.decode(r.content)[protocol.FOUND_KEY].all(), r.text
+    for path in (protocol.TEACHERS_PATH, protocol.HEALTH_PATH, protocol.METRICS_PATH):
+        assert httpx.get(base + path, timeout=HANG_S).status_code == 200
+
+
+def _keys_body(x: torch.Tensor) -> bytes:
+    keys = torch.frombuffer(bytearray(b"".join(row_keys(x))), dtype=torch.uint8).view(len(x), -1)
+    return codec.encode({protocol.KEYS_KEY: keys})
+
+
+def test_the_service_keeps_one_openmp_team_whatever_its_routes_do(tmp_path, mnist_members):
+    torch.softmax(torch.rand(256, 1000), dim=-1)  # this (the test's) thread's own team, made before the count
+    config = write_config(
+        tmp_path / "t.toml",
+        {"mnist": mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)])},
+        {"cache_dir": str(tmp_path / "cache"), "max_queue_rows": 4096},
+    )
+    before = openmp_threads()
+    with live_server(config) as (base, _):
+        exercise(base)
+        started = openmp_threads() - before
+    # the device thread's team: torch's intra-op threads, less the device thread itself. Before openmp.py, the event
+    # loop's softmax made a second one (and the main thread's start-up probe a third, in `akd serve`).
+    assert len(started) == torch.get_num_threads() - 1, (started, torch.get_num_threads())
+
+
+def test_every_forward_pass_of_the_service_runs_on_its_device_thread(tmp_path, mnist_members):
+    """The start-up probe included: a forward pass on the main thread would give it a team of its own."""
+    ran_on: list[str] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: ran_on.append(threading.current_thread().name)
+    )
+    config = write_config(tmp_path / "t.toml", {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])})
+    try:
+        with live_server(config) as (base, _):
+            r = httpx.post(
+                base + protocol.SOFT_TARGETS_PATH, content=codec.encode_inputs(random_inputs(4)), timeout=HANG_S
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        hook.remove()
+    assert ran_on and {name.rsplit("_", 1)[0] for name in ran_on} == {"akd-inference-cpu"}, set(ran_on)

@@ -8,11 +8,13 @@ its threads can be told apart: Python's threads are listed by `threading`, OpenM
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import httpx
 import torch
-from conftest import HANG_S, live_server, mnist_teacher, random_inputs, write_config
+from conftest import HANG_S, REPO, live_server, mnist_teacher, random_inputs, write_config
 
 from shared import codec, protocol
 from shared.hashing import row_keys
@@ -88,3 +90,28 @@ def test_every_forward_pass_of_the_service_runs_on_its_device_thread(tmp_path, m
     finally:
         hook.remove()
     assert ran_on and {name.rsplit("_", 1)[0] for name in ran_on} == {"akd-inference-cpu"}, set(ran_on)
+
+
+SENDS_A_BATCH = """
+import os, threading, numpy as np, torch
+from shared import codec
+def native():
+    return set(os.listdir("/proc/self/task")) - {str(t.native_id) for t in threading.enumerate()}
+clean = np.random.default_rng(0).integers(0, 256, (512, 3, 32, 32)).astype(np.float32) / np.float32(255)
+batches = [torch.from_numpy(clean), torch.from_numpy(clean + np.float32(1e-3))]  # sent as uint8, and as float32
+before = native()
+for x in batches:
+    codec.encode_inputs(codec.to_transport(x))
+print(len(native() - before))
+"""
+
+
+def test_a_trainer_encodes_its_request_without_starting_an_openmp_team():
+    """`to_transport` runs for every teacher request; as a torch op it started a team whose threads spun for
+    milliseconds after each request, on the cores a co-located service computes on. A fresh process, whose only
+    parallel work this is."""
+    result = subprocess.run(
+        [sys.executable, "-c", SENDS_A_BATCH], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"], result.stdout

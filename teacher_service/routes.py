@@ -32,7 +32,6 @@ from teacher_service.metrics import CONTENT_TYPE
 from teacher_service.registry import Teacher
 from teacher_service.service import Service
 
-
 # The dependencies are `async def` though they never await: FastAPI runs a plain `def` dependency on a worker thread,
 # two thread hand-offs a request that took about a quarter of the event loop's time under 8 small-request clients.
 

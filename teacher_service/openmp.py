@@ -5,8 +5,8 @@ own from libgomp, kept for the thread's life. Once libgomp manages more threads 
 spinning between parallel regions (its "throttled" spin count of 100): every team's threads then sleep after each
 layer and are woken for the next. On the 2-core VM the project is measured on, the start-up probe (main thread) and
 the answers' softmax (event loop) had each made a team beside the inference thread's, and the service's small-CNN
-forward at batch 32 took 16 ms against 9 ms in the caller's process, which has one team
-(`python scripts/forward_profile.py --arch small_cnn --batch 32`).
+forward at batch 32 took 16 to 17 ms against 9 to 11 ms in the caller's process, which has one team (bench/RESULTS.md,
+section 10; `python scripts/forward_profile.py --modes keep --arch small_cnn --batch 32`).
 
 So the device's thread is the only one that runs parallel CPU ops with torch's intra-op threads (it loads and probes
 the teachers too: `service.DeviceWorker`); the event loop's thread and the threads that code request bodies run theirs

@@ -86,11 +86,8 @@ class DeviceWorker:
     With one device that is the worker's own thread, so a batch runs start to end on it as one task; with several,
     a batch's cache steps go to the shared cache thread and only its forward passes to the device's thread.
 
-    The teachers are loaded, and their start-up forward passes run, on that thread too. Each thread that runs a
-    parallel CPU op keeps an OpenMP thread team of its own for the process's life, and once libgomp manages more
-    threads than there are CPUs it stops spinning between parallel regions: its threads sleep, and are woken, at
-    every layer. A probe on the main thread made the 2-core service's small-CNN forward (batch 32) take 17 ms
-    against 9 ms in the caller's process (`python scripts/forward_profile.py --arch small_cnn --batch 32`).
+    The teachers are loaded, and their start-up forward passes run, on that thread too: a thread that runs a parallel
+    CPU op keeps an OpenMP team of its own, and a second team slows every forward pass (openmp.py).
     """
 
     def __init__(

@@ -11,13 +11,13 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import torch
 from conftest import HANG_S, REPO, live_server, mnist_teacher, random_inputs, write_config
 
 from shared import codec, protocol
-from shared.hashing import row_keys
 
 LARGE_ROWS = 2048  # uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
 
@@ -31,7 +31,7 @@ def openmp_threads() -> set[str]:
 
 def _name(tid: str) -> str:
     try:
-        return open(f"/proc/self/task/{tid}/comm").read().strip()
+        return Path(f"/proc/self/task/{tid}/comm").read_text().strip()
     except OSError:  # the thread ended meanwhile
         return ""
 
@@ -47,15 +47,10 @@ def exercise(base: str) -> None:
             timeout=HANG_S,
         )
         assert r.status_code == 200, r.text
-    r = httpx.post(base + protocol.SOFT_TARGET_KEYS_PATH, content=_keys_body(large), timeout=HANG_S)
+    r = httpx.post(base + protocol.SOFT_TARGET_KEYS_PATH, content=codec.encode_keys(large), timeout=HANG_S)
     assert r.status_code == 200 and codec.decode(r.content)[protocol.FOUND_KEY].all(), r.text
     for path in (protocol.TEACHERS_PATH, protocol.HEALTH_PATH, protocol.METRICS_PATH):
         assert httpx.get(base + path, timeout=HANG_S).status_code == 200
-
-
-def _keys_body(x: torch.Tensor) -> bytes:
-    keys = torch.frombuffer(bytearray(b"".join(row_keys(x))), dtype=torch.uint8).view(len(x), -1)
-    return codec.encode({protocol.KEYS_KEY: keys})
 
 
 def test_the_service_keeps_one_openmp_team_whatever_its_routes_do(tmp_path, mnist_members):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
+from teacher_service.config import ServerConfig
 from teacher_service.row_formats import row_format
 
-PRESETS = ("full", "quick", "tiny")
+PRESETS = ("full", "quick", "tiny", "gpu")
+# What each benchmark sets on its servers itself: a `[server]` table in a benchmark config may not.
+BENCH_OWNED_SERVER_FIELDS = ("device", "devices", "batching", "cache_dir", "max_wait_ms", "host", "port", "log_level")
 Sizes = Annotated[list[Count], Field(min_length=1)]
 
 
@@ -165,6 +168,9 @@ class BenchConfig(StrictConfig):
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
     warmup: Annotated[int, Field(ge=0)] = 1
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window
+    # More `akd serve` [server] settings, for every side alike (the service, the in-process teacher, the peer all
+    # read the same teachers.toml): autocast = "bf16", channels_last, max_batch_rows, ...
+    server: dict[str, Any] = {}
     teachers: dict[str, TeacherSpec]
     overhead: OverheadSpec
     cache: CacheSpec
@@ -175,6 +181,14 @@ class BenchConfig(StrictConfig):
     scale_out: ScaleOutSpec
     cache_scale: CacheScaleSpec
     warm: WarmSpec
+
+    @model_validator(mode="after")
+    def _server_settings_valid(self) -> BenchConfig:
+        owned = sorted(set(self.server) & set(BENCH_OWNED_SERVER_FIELDS))
+        if owned:
+            raise ValueError(f"[server] sets {owned}, which the benchmarks set themselves (max_wait_ms: at the top)")
+        ServerConfig.model_validate(self.server)  # a misspelt or wrong setting fails here, not in a server's log
+        return self
 
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:

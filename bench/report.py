@@ -29,7 +29,9 @@ def table(columns: list[str], rows: list[dict]) -> list[str]:
     return markdown_table(columns, ([_cell(row.get(c)) for c in columns] for row in rows)).splitlines()
 
 
-def markdown(sections: list[Section], machine: dict, command: str, preset: str, repetitions: int) -> str:
+def markdown(
+    sections: list[Section], machine: dict, command: str, preset: str, repetitions: int, server: dict | None = None
+) -> str:
     device = machine["device_name"] if machine["device"] == "cpu" else f"{machine['device']} ({machine['device_name']})"
     lines = [
         "# akd bench",
@@ -39,6 +41,7 @@ def markdown(sections: list[Section], machine: dict, command: str, preset: str, 
         f"({machine['torch_threads']} threads), Python {machine['python']}, LitServe "
         f"{machine['litserve'] or 'not installed'}",
         f"- date: {machine['date']}, commit {machine['git_commit'] or 'unknown'}",
+        *([f"- every server: {', '.join(f'{k} = {v!r}' for k, v in server.items())}"] if server else []),
         "",
         "## Targets",
         "",
@@ -73,7 +76,7 @@ def write(
         "sections": [s.to_dict() for s in sections],
     }
     (out / "results.json").write_text(json.dumps(document, indent=2, default=str))
-    (out / "RESULTS.md").write_text(markdown(sections, machine, command, preset, repetitions))
+    (out / "RESULTS.md").write_text(markdown(sections, machine, command, preset, repetitions, config.get("server")))
     sharing = next((s for s in sections if s.key == "sharing"), None)
     if sharing and sharing.rows:
         sharing_figure(sharing, next((s for s in sections if s.key == "peer"), None), out / "sharing.png")

@@ -52,7 +52,9 @@ def write_teachers(workdir: Path, cfg: BenchConfig, max_wait_ms: float) -> Path:
         }
     config = workdir / "teachers.toml"
     config.write_text(
-        tomli_w.dumps({"server": {"max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers})
+        tomli_w.dumps(
+            {"server": {**cfg.server, "max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers}
+        )
     )
     return config
 

@@ -289,6 +289,35 @@ def test_a_benchmark_config_naming_an_undeclared_teacher_is_refused(tmp_path):
         load_bench_config(str(tmp_path / "b.toml"))
 
 
+@pytest.mark.parametrize("preset", ["full", "quick", "tiny", "gpu"])
+def test_every_preset_is_a_valid_benchmark_config(preset):
+    assert load_bench_config(preset).teachers
+
+
+def test_a_server_table_reaches_the_config_every_side_reads(tmp_path):
+    """`[server] autocast = "bf16"` (the gpu preset's other setting) is written into the teachers.toml that the
+    service, the in-process teacher and LitServe all load."""
+    from bench.servers import write_teachers
+    from teacher_service.config import load_config
+
+    text = (REPO / "bench" / "presets" / "gpu.toml").read_text().replace('autocast = "none"', 'autocast = "bf16"')
+    (tmp_path / "b.toml").write_text(text)
+    written = write_teachers(tmp_path, load_bench_config(str(tmp_path / "b.toml")), max_wait_ms=3.0)
+    server = load_config(written, environ={}).server
+    assert (server.autocast, server.max_wait_ms) == ("bf16", 3.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [('autocast = "fp8"', "autocast"), ('device = "cuda"', "device"), ("max_batch_rowz = 4", "max_batch_rowz")],
+)
+def test_a_wrong_server_setting_in_a_benchmark_config_is_refused_by_name(tmp_path, setting, named):
+    text = (REPO / "bench" / "presets" / "gpu.toml").read_text().replace('autocast = "none"', setting)
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ConfigError, match=named):
+        load_bench_config(str(tmp_path / "b.toml"))
+
+
 def test_alternate_interleaves_after_warming_up():
     calls = []
     times = alternate(

@@ -90,7 +90,7 @@ class Batcher:
 
     def enqueue(self, rows: Rows) -> Awaitable[RowsResult]:
         """Queue the rows (sliced to batch size) now; await the result to get them back whole."""
-        n = len(rows.keys)
+        n = len(rows)
         if self._queued_rows + n > self.max_queue_rows:
             raise QueueFull(self._queued_rows, self.max_queue_rows)
         loop = asyncio.get_running_loop()
@@ -119,7 +119,7 @@ class Batcher:
 
     async def _form_batch(self) -> list[_Pending]:
         batch = [self._queue.popleft()]
-        rows = len(batch[0].rows.keys)
+        rows = len(batch[0].rows)
         deadline = time.perf_counter() + self.max_wait_s
         while self.coalesce and rows < self.max_batch_rows:
             if not self._queue:
@@ -132,11 +132,11 @@ class Batcher:
                 except TimeoutError:
                     break
                 continue
-            if rows + len(self._queue[0].rows.keys) > self.max_batch_rows:
+            if rows + len(self._queue[0].rows) > self.max_batch_rows:
                 break  # stays first in line for the next batch
             nxt = self._queue.popleft()
             batch.append(nxt)
-            rows += len(nxt.rows.keys)
+            rows += len(nxt.rows)
         self._queued_rows -= rows
         self._metrics.queue_rows(self.name, self._queued_rows)
         return batch
@@ -162,7 +162,7 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         finally:
-            self._metrics.batch(self.name, sum(len(p.rows.keys) for p in live), time.perf_counter() - started)
+            self._metrics.batch(self.name, sum(len(p.rows) for p in live), time.perf_counter() - started)
         for p, result in zip(live, results):
             if not p.future.done():
                 p.future.set_result(result)
@@ -177,4 +177,4 @@ async def _joined(slices: Awaitable[list[RowsResult]]) -> RowsResult:
 
 
 def _slice(rows: Rows, start: int, stop: int) -> Rows:
-    return Rows(rows.inputs[start:stop], rows.keys[start:stop], rows.cache)
+    return Rows(rows.inputs[start:stop], rows.keys and rows.keys[start:stop], rows.cache)

@@ -31,8 +31,11 @@ class Rows:
     """A request's rows (or a slice of them) waiting for a batch."""
 
     inputs: torch.Tensor  # (n, C, H, W) as sent (uint8 0..255, or float in [0, 1]), on the CPU
-    keys: list[bytes]
+    keys: list[bytes] | None  # None: rows no cache reads or stores (cache=bypass, or a service without a cache)
     cache: CacheMode
+
+    def __len__(self) -> int:
+        return len(self.inputs)
 
 
 @dataclass
@@ -46,7 +49,7 @@ class BatchWork:
     """A formed batch between its three steps."""
 
     batch: list[Rows]
-    keys: list[bytes]
+    keys: list[bytes | None]  # None for rows sent without keys, which are neither readable nor writable
     readable: np.ndarray  # rows that may be answered from the cache (mode use)
     writable: np.ndarray  # rows the cache may store (mode use or refresh)
     out: torch.Tensor | None = None  # (M, n, K): hits after lookup, every row after compute
@@ -83,10 +86,11 @@ class TeacherRunner:
 
     def lookup(self, batch: list[Rows]) -> BatchWork:
         """Cache reads: each member's hits copied into the answer, its misses listed (on the cache's thread)."""
-        keys = [k for r in batch for k in r.keys]
-        modes = np.concatenate([np.full(len(r.keys), r.cache.value) for r in batch])
-        readable = modes == CacheMode.use.value
-        work = BatchWork(batch, keys, readable, modes != CacheMode.bypass.value)
+        keys = [k for r in batch for k in (r.keys if r.keys is not None else [None] * len(r))]
+        keyed = np.concatenate([np.full(len(r), r.keys is not None) for r in batch])
+        modes = np.concatenate([np.full(len(r), r.cache.value) for r in batch])
+        readable = keyed & (modes == CacheMode.use.value)
+        work = BatchWork(batch, keys, readable, keyed & (modes != CacheMode.bypass.value))
         work.out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
         work.all_hit = np.ones(len(keys), dtype=bool)
         readable_at = np.flatnonzero(readable)
@@ -129,29 +133,29 @@ class TeacherRunner:
             return work
         x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
         for m, (member, miss) in enumerate(zip(self.teacher.members, work.misses)):
-            if len(miss):
+            if len(miss) == len(x):  # every row (cache=bypass, a cold cache): no gather, no scatter
+                work.out[m] = self.forward(member, x)
+            elif len(miss):
                 work.out[m][torch.from_numpy(miss)] = self.forward(member, x[torch.from_numpy(miss)])
         return work
 
     def finish(self, work: BatchWork) -> list[RowsResult]:
         """Cache inserts for the computed rows (on the cache's thread), then each request's part of the answer."""
         for m, cache in enumerate(self.caches):
-            miss = work.misses[m]
-            if cache and len(miss):
-                rows = work.out[m][torch.from_numpy(miss)].numpy()
-                self._store(cache, [work.keys[i] for i in miss], rows, work.readable[miss], work.writable[miss])
+            stored = work.misses[m][work.writable[work.misses[m]]]
+            if cache and len(stored):
+                rows = work.out[m][torch.from_numpy(stored)].numpy()
+                self._store(cache, [work.keys[i] for i in stored], rows, work.readable[stored])
         return self._split(work.batch, work.out, work.all_hit)
 
     @staticmethod
-    def _store(
-        cache: MemberCache, keys: list[bytes], logits: np.ndarray, readable: np.ndarray, writable: np.ndarray
-    ) -> None:
-        """One stored row per distinct key. A `use` row stored since the lookup (by a batch that computed on another
-        device meanwhile) is not stored again: the cache appends, so it would only waste a row. `refresh` rows are
-        stored anew (newest wins)."""
+    def _store(cache: MemberCache, keys: list[bytes], logits: np.ndarray, readable: np.ndarray) -> None:
+        """One stored row per distinct key, of rows the cache may store. A `use` row stored since the lookup (by a
+        batch that computed on another device meanwhile) is not stored again: the cache appends, so it would only
+        waste a row. `refresh` rows are stored anew (newest wins)."""
         stored_since = (cache.lookup(keys) >= 0) & readable
         first = {}
-        for i, (key, ok) in enumerate(zip(keys, writable & ~stored_since)):
+        for i, (key, ok) in enumerate(zip(keys, ~stored_since)):
             if ok and key not in first:
                 first[key] = i
         if first:
@@ -174,7 +178,7 @@ class TeacherRunner:
     def _split(batch: list[Rows], out: torch.Tensor, all_hit: np.ndarray) -> list[RowsResult]:
         results, start = [], 0
         for r in batch:
-            stop = start + len(r.keys)
+            stop = start + len(r)
             results.append(RowsResult(out[:, start:stop].clone(), int(all_hit[start:stop].sum())))
             start = stop
         return results

@@ -8,12 +8,21 @@ the answers' softmax (event loop) had each made a team beside the inference thre
 forward at batch 32 took 16 to 17 ms against 9 to 11 ms in the caller's process, which has one team (bench/RESULTS.md,
 section 10; `python scripts/forward_profile.py --modes keep --arch small_cnn --batch 32`).
 
-So the device's thread is the only one that runs parallel CPU ops with torch's intra-op threads (it loads and probes
-the teachers too: `service.DeviceWorker`); the event loop's thread and the threads that code request bodies run theirs
-serially, on themselves (`serial_cpu_ops`). Their work is per request and small: decoding, a softmax over its rows.
+So a CPU device's thread is the only one that runs parallel CPU ops with torch's intra-op threads (it loads and
+probes the teachers too: `service.DeviceWorker`); the event loop's thread and the threads that code request bodies run
+theirs serially, on themselves (`serial_cpu_ops`). Their work is per request and small: decoding, a softmax over its
+rows.
+
+A GPU's thread runs its CPU ops serially too (`device_thread_setup`): they are a batch's gathering and placing of
+rows, small beside the copy to the device, and a team for them spins. On a lent 16-core H200 the service's
+inference thread made a 15-thread team for placing each batch's logits (an index_put on a (B, 10) tensor); its
+threads spun between batches and kept 10 to 15 cores busy whatever the load, beside the event loop and the clients
+they starved (bench/RESULTS.md, "On a GPU").
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -24,3 +33,9 @@ def serial_cpu_ops() -> threadpool_limits:
     this is used as ends (the returned limiter restores the thread's setting)."""
     torch.get_num_threads()  # torch sets a thread's OpenMP threads at its first parallel op: have that done first
     return threadpool_limits(limits=1, user_api="openmp")
+
+
+def device_thread_setup(device: torch.device) -> Callable[[], object] | None:
+    """What a device's thread runs first: nothing for a CPU, whose forward passes are the team's work; for any other
+    device, `serial_cpu_ops`."""
+    return None if device.type == "cpu" else serial_cpu_ops

@@ -128,11 +128,12 @@ async def soft_targets(
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
             body = await read_body(request, limits, held, header_check(t.config.input_shape, limits.max_queue_rows))
+            keyed = service.cache is not None and cache is not CacheMode.bypass  # keys only for rows a cache reads
             rows = await off_loop_if_large(
-                service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache
+                service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
             )
             del body  # the decoded rows are what stays
-            check_rows(len(rows.keys), limits.max_queue_rows)  # the header said so; this holds whatever it said
+            check_rows(len(rows), limits.max_queue_rows)  # the header said so; this holds whatever it said
             try:
                 queued = batcher.enqueue(rows)
             except QueueFull as exc:
@@ -149,7 +150,7 @@ async def soft_targets(
         payload = await off_loop_if_large(
             service.coding_executor, result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted
         )
-    service.metrics.request(t.name, 200, len(rows.keys))
+    service.metrics.request(t.name, 200, len(rows))
     return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, result.cache_hits))
 
 

@@ -25,7 +25,7 @@ from teacher_service.config import ServerConfig, ServiceConfig
 from teacher_service.errors import ServiceError
 from teacher_service.inference import Rows, RowsResult, TeacherRunner
 from teacher_service.metrics import Metrics
-from teacher_service.openmp import serial_cpu_ops
+from teacher_service.openmp import device_thread_setup, serial_cpu_ops
 from teacher_service.registry import Teacher, load_teachers
 
 # Threads that decode large bodies and encode large answers: CPU work that holds the GIL for much of it, so more
@@ -100,7 +100,9 @@ class DeviceWorker:
     ):
         self.label, self.device = label, device
         self._batches = metrics.device_batches.labels(label)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"akd-inference-{device}")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"akd-inference-{device}", initializer=device_thread_setup(device)
+        )
         try:
             self.runners = self.executor.submit(load_runners, device).result()
         except BaseException:

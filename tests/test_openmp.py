@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import torch
 from conftest import HANG_S, REPO, live_server, mnist_teacher, random_inputs, write_config
 
 from shared import codec, protocol
+from teacher_service.openmp import device_thread_setup
 
 LARGE_ROWS = 2048  # uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
 
@@ -85,6 +87,28 @@ def test_every_forward_pass_of_the_service_runs_on_its_device_thread(tmp_path, m
     finally:
         hook.remove()
     assert ran_on and {name.rsplit("_", 1)[0] for name in ran_on} == {"akd-inference-cpu"}, set(ran_on)
+
+
+def team_started_by_a_device_thread(device: str) -> int:
+    """New OpenMP threads once a device's thread (as DeviceWorker starts it) has placed a batch's rows into a tensor
+    (an index_put, what `TeacherRunner` does with cached and computed rows), counted while that thread lives."""
+
+    def place_rows() -> None:
+        out = torch.zeros(4096, 1000)
+        out[torch.arange(0, 4096, 2)] = torch.rand(2048, 1000)
+
+    before = openmp_threads()
+    with ThreadPoolExecutor(1, initializer=device_thread_setup(torch.device(device))) as thread:
+        thread.submit(place_rows).result()
+        return len(openmp_threads() - before)
+
+
+def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_keeps_its_own():
+    """On a lent 16-core H200 the GPU's thread made a 15-thread team for placing rows, which spun between batches on
+    10 to 15 cores (bench/RESULTS.md, "On a GPU"). Not a CUDA test: which setup a device's thread gets depends only on
+    the device's type, and what the setup does is measured here, on this CPU."""
+    assert team_started_by_a_device_thread("cuda") == 0
+    assert team_started_by_a_device_thread("cpu") == torch.get_num_threads() - 1  # the forward passes' team
 
 
 SENDS_A_BATCH = """

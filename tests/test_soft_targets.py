@@ -97,3 +97,36 @@ def test_large_request_is_split_across_batches(tmp_path, mnist_members):
     )
     assert 'akd_batch_rows_max{teacher="m"} 16.0' in metrics
     assert 'akd_batch_rows_count{teacher="m"} 4.0' in metrics  # 16 + 16 + 16 + 2
+
+
+def test_rows_no_cache_reads_are_never_hashed_and_a_batch_mixing_them_stores_only_the_cached_ones(
+    tmp_path, mnist_members, monkeypatch
+):
+    """A row's key costs about 1.2 ms per MB to compute; cache=bypass rows, and every row of a service without a
+    cache, go without one. A batch that mixes keyless rows with `use` rows answers both and stores only the latter."""
+    from shared.hashing import row_keys
+    from shared.protocol import CacheMode
+    from teacher_service import body
+    from teacher_service.inference import Rows
+
+    hashed = []
+    monkeypatch.setattr(body, "row_keys", lambda x: hashed.append(len(x)) or row_keys(x))  # counts, then hashes
+    members = [(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)]
+    cached = write_config(tmp_path / "c.toml", {"mnist": mnist_teacher(members)}, {"cache_dir": str(tmp_path / "c")})
+    bare = write_config(tmp_path / "b.toml", {"mnist": mnist_teacher(members)})
+    x, y = random_inputs(6, seed=1), random_inputs(5, seed=2)
+    expected = reference_probs(reference_member_logits([p for p, _ in members], x), [1.0, 1.0], 1.0, "probs")
+    with live_server(bare) as (base, _):
+        probs = post(base, x, cache="use")[1]["probs"]
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
+    assert hashed == []
+    with live_server(cached) as (base, app):
+        assert post(base, x, cache="bypass")[1]["probs"].shape == (6, 10)
+        assert hashed == []
+        runner = app.state.service.devices.workers[0].runners["mnist"]
+        mixed = runner.run([Rows(x, None, CacheMode.bypass), Rows(y, row_keys(y), CacheMode.use)])
+        assert [r.member_logits.shape for r in mixed] == [(2, 6, 10), (2, 5, 10)]
+        torch.testing.assert_close(mixed[0].member_logits, reference_member_logits([p for p, _ in members], x))
+        hits = [post(base, rows, cache="use")[0].headers["x-cache-hits"] for rows in (y, x)]
+    assert hits == ["5", "0"]  # y was stored by the mixed batch, x never
+    assert hashed == [5, 6]

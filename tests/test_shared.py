@@ -105,3 +105,18 @@ def test_a_text_file_given_as_a_checkpoint_is_called_what_it_is(tmp_path):
     path.write_text("not weights\n")  # torch would read it as a pickle and call it "pickled objects"
     with pytest.raises(ValueError, match="not a readable checkpoint: it is not the zip archive torch.save writes"):
         load_checkpoint(path)
+
+
+def test_encode_writes_the_bytes_of_safetensors_torch_writer_and_still_takes_bfloat16():
+    """codec.encode writes through safetensors' numpy writer (faster for small tensors): a reader must not tell."""
+    from safetensors.torch import save
+
+    answer = {
+        "probs": torch.softmax(torch.randn(16, 10), -1),
+        "member_logits": torch.randn(3, 16, 10),
+        "found": torch.ones(16, dtype=torch.uint8),
+        "inputs": torch.rand(4, 1, 28, 28).half(),
+    }
+    assert codec.encode(answer) == save(answer)
+    bf16 = torch.randn(4, 10).bfloat16()  # numpy has no bfloat16: the torch writer takes it
+    assert torch.equal(codec.decode(codec.encode({"x": bf16}))["x"], bf16)

@@ -177,4 +177,5 @@ async def _joined(slices: Awaitable[list[RowsResult]]) -> RowsResult:
 
 
 def _slice(rows: Rows, start: int, stop: int) -> Rows:
-    return Rows(rows.inputs[start:stop], rows.keys and rows.keys[start:stop], rows.cache)
+    keys = None if rows.keys is None else rows.keys[start:stop]
+    return Rows(rows.inputs[start:stop], keys, rows.cache)

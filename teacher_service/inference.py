@@ -31,7 +31,7 @@ class Rows:
     """A request's rows (or a slice of them) waiting for a batch."""
 
     inputs: torch.Tensor  # (n, C, H, W) as sent (uint8 0..255, or float in [0, 1]), on the CPU
-    keys: list[bytes] | None  # None: rows no cache reads or stores (cache=bypass, or a service without a cache)
+    keys: list[bytes] | None  # None only for rows no cache reads or stores: cache=bypass, or a service without one
     cache: CacheMode
 
     def __len__(self) -> int:
@@ -49,7 +49,7 @@ class BatchWork:
     """A formed batch between its three steps."""
 
     batch: list[Rows]
-    keys: list[bytes | None]  # None for rows sent without keys, which are neither readable nor writable
+    keys: list[bytes | None]  # None for rows without keys (Rows.keys), which no cache reads or stores
     readable: np.ndarray  # rows that may be answered from the cache (mode use)
     writable: np.ndarray  # rows the cache may store (mode use or refresh)
     out: torch.Tensor | None = None  # (M, n, K): hits after lookup, every row after compute
@@ -87,10 +87,9 @@ class TeacherRunner:
     def lookup(self, batch: list[Rows]) -> BatchWork:
         """Cache reads: each member's hits copied into the answer, its misses listed (on the cache's thread)."""
         keys = [k for r in batch for k in (r.keys if r.keys is not None else [None] * len(r))]
-        keyed = np.concatenate([np.full(len(r), r.keys is not None) for r in batch])
         modes = np.concatenate([np.full(len(r), r.cache.value) for r in batch])
-        readable = keyed & (modes == CacheMode.use.value)
-        work = BatchWork(batch, keys, readable, keyed & (modes != CacheMode.bypass.value))
+        readable = modes == CacheMode.use.value
+        work = BatchWork(batch, keys, readable, modes != CacheMode.bypass.value)
         work.out = torch.empty(len(self.teacher.members), len(keys), self.teacher.config.num_classes)
         work.all_hit = np.ones(len(keys), dtype=bool)
         readable_at = np.flatnonzero(readable)

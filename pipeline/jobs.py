@@ -7,11 +7,13 @@ resumes training from its last epoch).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,25 @@ def end_with_parent() -> None:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def sigterm_deferred():
+    """A SIGTERM that comes inside the block is handled as it ends. The demo's handler raises SystemExit wherever the
+    main thread is; raised inside Popen after the fork, or before the new process was recorded, it left that job
+    running on, unknown to the cleanup (a student trainer outlived its demo by minutes, retrying a stopped service).
+    Python-level only: a blocked signal mask would be inherited by the job, which could then not be terminated."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Python's handlers
+        yield
+        return
+    came = []
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if came:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the handler the block deferred it from
+
+
 def job_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
@@ -146,7 +167,7 @@ def _run_jobs(
         while pending and len(running) < parallel:
             job = pending.pop(0)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "ab") as log:
+            with open(job.log, "ab") as log, sigterm_deferred():  # a started job is in `running` before it unwinds
                 running[job.name] = (
                     job,
                     subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)),

@@ -16,8 +16,8 @@ rows.
 A GPU's thread runs its CPU ops serially too (`device_thread_setup`): they are a batch's gathering and placing of
 rows, small beside the copy to the device, and a team for them spins. On a lent 16-core H200 the service's
 inference thread made a 15-thread team for placing each batch's logits (an index_put on a (B, 10) tensor); its
-threads spun between batches and kept 10 to 15 cores busy whatever the load, beside the event loop and the clients
-they starved (bench/RESULTS.md, "On a GPU").
+threads spun between batches and kept 7 to 15 cores busy whatever the load, beside the event loop and the clients
+(bench/RESULTS.md, section 11).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def team_started_by_a_device_thread(device: str) -> int:
 
 def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_keeps_its_own():
     """On a lent 16-core H200 the GPU's thread made a 15-thread team for placing rows, which spun between batches on
-    10 to 15 cores (bench/RESULTS.md, section 11). Not a CUDA test: which setup a device's thread gets depends only on
+    7 to 15 cores (bench/RESULTS.md, section 11). Not a CUDA test: which setup a device's thread gets depends only on
     the device's type, and what the setup does is measured here, on this CPU."""
     assert team_started_by_a_device_thread("cuda") == 0
     assert team_started_by_a_device_thread("cpu") == torch.get_num_threads() - 1  # the forward passes' team

@@ -128,7 +128,7 @@ async def soft_targets(
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
             body = await read_body(request, limits, held, header_check(t.config.input_shape, limits.max_queue_rows))
-            keyed = service.cache is not None and cache is not CacheMode.bypass  # keys only for rows a cache reads
+            keyed = service.cache is not None and cache is not CacheMode.bypass  # rows a cache reads or stores
             rows = await off_loop_if_large(
                 service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
             )

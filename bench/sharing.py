@@ -1,8 +1,8 @@
 """3. Sharing one teacher: concurrent trainer-like clients, dynamic batching on and off.
 
-Each client sends small batches (16 rows, float32, `cache=bypass`) in a closed
-loop; the yardstick is one client sending batch 128. Rounds alternate between
-the servers compared (the one not measured is frozen) and repeat; rows/s are
+Each client sends small batches (16 rows, float32, `cache=bypass`) in a closed loop, through bench/load.py's load
+generator, so the clients take little of the CPU they share with the server; the yardstick is one client sending
+batch 128. Rounds alternate between the servers compared (the one not measured is frozen) and repeat; rows/s are
 medians over rounds, latency percentiles pool every request.
 """
 
@@ -117,7 +117,8 @@ def run(ctx: Context) -> Section:
         "sharing",
         "3. Sharing one teacher",
         f"{', '.join(map(str, loads(spec)))} (clients x rows per request): closed-loop clients, each with its own "
-        f"connection, float32 inputs, `cache=bypass`; the service with dynamic batching "
+        "connection, writing requests built before the clock starts (bench/load.py), float32 inputs, "
+        f"`cache=bypass`; the service with dynamic batching "
         f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds; "
         "server/client cores = CPU seconds per second the server's processes / all the clients spent.",
         [

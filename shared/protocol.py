@@ -66,6 +66,20 @@ def parse_outputs(text: str) -> list[Output]:
     return list(dict.fromkeys(known[n] for n in names))
 
 
+class AnswerQuery(BaseModel):
+    """The query of a request answered with soft targets (POST /soft-targets/keys): what to answer, and how."""
+
+    teacher: str | None = Field(None, description="Teacher name; optional when only one is served.")
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description="Default: the teacher's.")
+    outputs: str = Field(Output.probs.value, description="Comma list of `probs`, `logits`, `member_logits`.")
+
+
+class SoftTargetsQuery(AnswerQuery):
+    """The query of POST /soft-targets: an AnswerQuery, and what the cache does with the rows."""
+
+    cache: CacheMode = CacheMode.use
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `bad_shape`.")
     message: str

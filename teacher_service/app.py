@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from teacher_service.batcher import Batcher
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
+from teacher_service.hot_route import TeacherApp
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.routes import open_router, require_token, router
 from teacher_service.service import build_service, flush_periodically
@@ -60,7 +61,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 log.info("cache flushed")
             service.shutdown()
 
-    app = FastAPI(
+    app = TeacherApp(
         title="AKD teacher service",
         summary="Soft targets of robust teachers and teacher ensembles, cached in zarr, shared by many trainers.",
         version="0.1.0",

@@ -100,6 +100,8 @@ class Batcher:
         self._queued_rows += n
         self._metrics.queue_rows(self.name, self._queued_rows)
         self._arrived.set()
+        if len(pending) == 1:
+            return pending[0].future  # most requests: one slice, nothing to join
         return _joined(asyncio.gather(*(p.future for p in pending)))
 
     async def _loop(self) -> None:

@@ -69,7 +69,8 @@ async def read_body(request: Request, limits: ServerConfig, held: Held, check_he
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(read(), limits.timeout_body_s)  # one deadline for the whole body, on 3.10 too
+        async with asyncio.timeout(limits.timeout_body_s):  # one deadline for the whole body, in this task (no new one)
+            return await read()
     except TimeoutError:
         raise ServiceError(
             408,

@@ -7,6 +7,7 @@ answer is a safetensors file of the tensors asked for.
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from fastapi.responses import Response
 
 from shared import codec, protocol
 from shared.ensemble import aggregate_probs, mean_logits
-from shared.protocol import CacheMode, ErrorBody, Output, TeachersResponse
+from shared.protocol import AnswerQuery, CacheMode, ErrorBody, Output, SoftTargetsQuery, TeachersResponse
 from teacher_service.batcher import QueueFull
 from teacher_service.body import (
     check_rows,
@@ -114,16 +115,13 @@ open_router = APIRouter()  # /healthz: what a load balancer or compose probes, w
     summary="Soft targets of a teacher (ensemble) for a batch of inputs",
 )
 async def soft_targets(
-    request: Request,
-    teacher: str | None = Query(None, description="Teacher name; optional when only one is served."),
-    temperature: float | None = Query(None, gt=0, allow_inf_nan=False, description="Default: the teacher's."),
-    outputs: str = Query("probs", description="Comma list of `probs`, `logits`, `member_logits`."),
-    cache: CacheMode = Query(CacheMode.use),
-    service: Service = Depends(current_service),
+    request: Request, query: Annotated[SoftTargetsQuery, Query()], service: Service = Depends(current_service)
 ) -> Response:
-    t = service.teacher(teacher)
+    """Every trainer's traffic: served by the hot route (hot_route.py), which calls this function as FastAPI would."""
+    t = service.teacher(query.teacher)
     limits = service.config.server
-    wanted = _wanted(outputs)
+    wanted = _wanted(query.outputs)
+    cache = query.cache
     batcher = service.batchers[t.name]
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
@@ -146,7 +144,7 @@ async def soft_targets(
                     headers={"Retry-After": "1"},
                 ) from None
         result = await queued
-        tau = t.config.temperature if temperature is None else temperature
+        tau = t.config.temperature if query.temperature is None else query.temperature
         payload = await off_loop_if_large(
             service.coding_executor, result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted
         )
@@ -178,13 +176,9 @@ async def soft_targets(
     },
 )
 async def soft_target_keys(
-    request: Request,
-    teacher: str | None = Query(None, description="Teacher name; optional when only one is served."),
-    temperature: float | None = Query(None, gt=0, allow_inf_nan=False, description="Default: the teacher's."),
-    outputs: str = Query("probs", description="Comma list of `probs`, `logits`, `member_logits`."),
-    service: Service = Depends(current_service),
+    request: Request, query: Annotated[AnswerQuery, Query()], service: Service = Depends(current_service)
 ) -> Response:
-    t = service.teacher(teacher)
+    t = service.teacher(query.teacher)
     if protocol.KEYS_FIRST not in service.features:
         raise ServiceError(
             404,
@@ -194,13 +188,13 @@ async def soft_target_keys(
             "a keys-first request",
         )
     limits = service.config.server
-    wanted = _wanted(outputs)
+    wanted = _wanted(query.outputs)
     with service.inflight.hold() as held:
         body = await read_body(request, limits, held, keys_header_check(limits.max_queue_rows))
         keys = prepare_keys(body)
         check_rows(len(keys), limits.max_queue_rows)
         member_logits, found = await service.cached(t.name, keys)
-    tau = t.config.temperature if temperature is None else temperature
+    tau = t.config.temperature if query.temperature is None else query.temperature
     tensors = _outputs(member_logits, t, tau, wanted)
     tensors[protocol.FOUND_KEY] = torch.from_numpy(found.astype(np.uint8))
     payload = await off_loop_if_large(service.coding_executor, member_logits.numel() * 4, codec.encode, tensors)

@@ -106,8 +106,10 @@ def write_config(path: Path, teachers: dict, server: dict | None = None) -> Path
 
 
 @contextlib.contextmanager
-def live_server(config_path: Path, **overrides):
-    """The real app under a real uvicorn, in a thread, on an ephemeral loopback port."""
+def live_server(config_path: Path, asgi=None, **overrides):
+    """The real app under a real uvicorn, in a thread, on an ephemeral loopback port.
+
+    `asgi(app)`, when given, is what uvicorn serves instead of the app itself (a way in past the hot route)."""
     config = load_config(config_path, overrides=overrides, environ={})
     app = create_app(config)
     sock = socket.socket()
@@ -115,7 +117,9 @@ def live_server(config_path: Path, **overrides):
     port = sock.getsockname()[1]
     # the timeouts, limits and protocol `akd serve` runs with (teacher_service.server), quieter
     server = uvicorn.Server(
-        uvicorn.Config(app, **{**uvicorn_options(config.server), "log_level": "warning"}, lifespan="on")
+        uvicorn.Config(
+            asgi(app) if asgi else app, **{**uvicorn_options(config.server), "log_level": "warning"}, lifespan="on"
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

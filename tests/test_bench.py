@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_S, REPO, live_server, random_inputs
+from conftest import HANG_S, REPO, live_server, metric, mnist_teacher, random_inputs, write_config
 
 from bench.config import load_bench_config
+from bench.load import Request, closed_loop
 from bench.timing import alternate
+from shared import codec, protocol
 from shared.configfile import ConfigError
 
 BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm"}
@@ -403,3 +405,18 @@ def _live_in_group(stat: Path, pgid: int) -> bool:
     except OSError:
         return False  # it exited while we looked
     return fields[2] == str(pgid) and fields[0] not in "ZX"
+
+
+def test_the_load_generator_sends_what_it_was_given_and_stops_at_a_refusal(tmp_path, mnist_members):
+    """bench/load.py's clients against a real service: every answer counted, and a refused request (here a wrong
+    temperature, a 400) fails the load with the service's own error rather than counting as an answer."""
+    config = write_config(tmp_path / "t.toml", {"solo": mnist_teacher([(mnist_members["a"], 1.0)])})
+    body = codec.encode_inputs(random_inputs(4))
+    good = Request(protocol.SOFT_TARGETS_PATH, body, 4, {"cache": "bypass"}, headers={"X-Anything": "kept"})
+    with live_server(config) as (base, app):
+        result = closed_loop(base, [good, good], 3)
+        assert (result.rows, len(result.latencies_s)) == (2 * 4 * 3, 6)
+        rows = metric(app.state.service.metrics.render().decode(), 'akd_rows_total{teacher="solo"}')
+        assert rows == 32  # 6 timed requests and the 2 untimed first ones, 4 rows each
+        with pytest.raises(RuntimeError, match=r"400: .*temperature"):
+            closed_loop(base, [Request(protocol.SOFT_TARGETS_PATH, body, 4, {"temperature": "0"})], 1)

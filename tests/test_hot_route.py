@@ -1,0 +1,132 @@
+"""POST /soft-targets served past FastAPI's per-request layers (teacher_service/hot_route.py): the same answers, the
+same refusals and the same metrics as FastAPI gives, and every other request still FastAPI's.
+
+Two real servers on the same teachers: one as `akd serve` runs it, one whose uvicorn calls FastAPI's own dispatch
+(`FastAPI.__call__`), the way in the hot route skips. Each gets the same requests in the same order.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import HANG_S, live_server, metric_series, mnist_teacher, random_inputs, save_member, write_config
+from fastapi import FastAPI
+from safetensors.torch import load as st_load
+
+from shared import codec, protocol
+
+TOKEN = "s3cret"
+GOOD = {"Authorization": f"Bearer {TOKEN}"}
+BODY = codec.encode_inputs(random_inputs(5, seed=3))
+
+# (what, query, body, headers): answers, and every kind of refusal the route's layers made
+CASES = [
+    ("probs, cached rows missing", {"teacher": "ens"}, BODY, GOOD),
+    ("the same rows, now hits", {"teacher": "ens"}, BODY, GOOD),
+    (
+        "every output, a temperature",
+        {"teacher": "ens", "outputs": "probs,logits,member_logits", "temperature": "2.5"},
+        BODY,
+        GOOD,
+    ),
+    ("bypass", {"teacher": "solo", "cache": "bypass"}, BODY, GOOD),
+    ("a repeated name: its last value", [("teacher", "ens"), ("temperature", "0"), ("temperature", "4")], BODY, GOOD),
+    ("no token", {"teacher": "ens"}, BODY, {}),
+    ("a wrong token", {"teacher": "ens"}, BODY, {"Authorization": "Bearer nope"}),
+    ("the token before the query", {"teacher": "ens", "temperature": "-1"}, BODY, {}),
+    ("temperature 0", {"teacher": "ens", "temperature": "0"}, BODY, GOOD),
+    ("temperature nan", {"teacher": "ens", "temperature": "nan"}, BODY, GOOD),
+    ("an unknown cache mode", {"teacher": "ens", "cache": "sometimes"}, BODY, GOOD),
+    ("an unknown output", {"teacher": "ens", "outputs": "probs,bogus"}, BODY, GOOD),
+    ("an unknown teacher", {"teacher": "nope"}, BODY, GOOD),
+    ("no teacher, two served", {}, BODY, GOOD),
+    ("not safetensors", {"teacher": "ens"}, b"not a safetensors file", GOOD),
+    ("the wrong shape", {"teacher": "ens"}, codec.encode_inputs(random_inputs(2, shape=(3, 28, 28))), GOOD),
+    ("over the body limit", {"teacher": "ens"}, codec.encode_inputs(random_inputs(200, seed=4)), GOOD),
+]
+HEADERS = ["content-type", "www-authenticate", "retry-after", "x-cache-hits", "x-teacher", "x-teacher-versions"]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hot_route")
+    a, b = save_member(root / "a.pt", seed=1), save_member(root / "b.pt", seed=2)
+    teachers = {"ens": mnist_teacher([(a, 1.0), (b, 3.0)], temperature=2.0), "solo": mnist_teacher([(b, 1.0)])}
+    return lambda name: write_config(
+        root / f"{name}.toml",
+        teachers,
+        server={"device": "cpu", "token": TOKEN, "cache_dir": str(root / f"cache-{name}"), "max_body_bytes": 300_000},
+    )
+
+
+def answers(base: str) -> list[tuple]:
+    out = []
+    with httpx.Client(base_url=base, timeout=HANG_S) as client:
+        for what, query, body, headers in CASES:
+            r = client.post(protocol.SOFT_TARGETS_PATH, params=query, content=body, headers=headers)
+            kept = {h: r.headers.get(h) for h in HEADERS}
+            ok = r.status_code == 200
+            content = {k: v.tolist() for k, v in st_load(r.content).items()} if ok else r.json()
+            out.append((what, r.status_code, kept, content))
+        metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
+    requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
+    return out + [("requests counted", requests)]
+
+
+def through_fastapi(app: FastAPI):
+    """The app as FastAPI itself dispatches every request, POST /soft-targets too."""
+
+    async def asgi(scope, receive, send):
+        await FastAPI.__call__(app, scope, receive, send)
+
+    return asgi
+
+
+def test_the_hot_route_answers_and_refuses_as_fastapi_does(config):
+    with live_server(config("hot")) as (hot, _app):
+        served = answers(hot)
+    with live_server(config("fastapi"), asgi=through_fastapi) as (slow, _app):
+        reference = answers(slow)
+    assert [case[:2] for case in served] == [case[:2] for case in reference]  # status by status first: a clear diff
+    assert served == reference
+    # and the cases are what they say: answers, hits, and each refusal
+    statuses = {what: status for what, status, *_ in served[:-1]}
+    assert [statuses[w] for w in ("probs, cached rows missing", "every output, a temperature", "no token")] == [
+        200,
+        200,
+        401,
+    ]
+    assert served[1][2]["x-cache-hits"] == "5" and served[0][2]["x-cache-hits"] == "0"
+    assert {statuses[w] for w in ("temperature 0", "an unknown cache mode", "an unknown output")} == {400}
+    assert (statuses["the wrong shape"], statuses["over the body limit"], statuses["an unknown teacher"]) == (
+        422,
+        413,
+        404,
+    )
+
+
+def test_the_hot_route_serves_soft_targets_and_fastapi_every_other_request(config, monkeypatch):
+    """FastAPI's dispatch, watched: it never sees POST /soft-targets, and sees every other request (the path's other
+    methods, /healthz, /teachers), which it answers as before."""
+    dispatched = []
+    fastapi_call = FastAPI.__call__
+
+    async def watched(app, scope, receive, send):
+        if scope["type"] == "http":
+            dispatched.append((scope["method"], scope["path"]))
+        await fastapi_call(app, scope, receive, send)
+
+    monkeypatch.setattr(FastAPI, "__call__", watched)
+    with live_server(config("watched")) as (base, _app), httpx.Client(base_url=base, timeout=HANG_S) as client:
+        r = client.post(protocol.SOFT_TARGETS_PATH, params={"teacher": "ens"}, content=BODY, headers=GOOD)
+        assert r.status_code == 200, r.text
+        assert codec.decode(r.content)["probs"].shape == (5, 10)
+        assert client.get(protocol.SOFT_TARGETS_PATH, headers=GOOD).status_code == 405
+        assert {t["name"] for t in client.get(protocol.TEACHERS_PATH, headers=GOOD).json()["teachers"]} == {
+            "ens",
+            "solo",
+        }
+    assert ("POST", protocol.SOFT_TARGETS_PATH) not in dispatched
+    assert {("GET", protocol.SOFT_TARGETS_PATH), ("GET", protocol.TEACHERS_PATH), ("GET", protocol.HEALTH_PATH)} <= set(
+        dispatched
+    )

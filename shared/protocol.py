@@ -67,7 +67,7 @@ def parse_outputs(text: str) -> list[Output]:
 
 
 class AnswerQuery(BaseModel):
-    """The query of a request answered with soft targets (POST /soft-targets/keys): what to answer, and how."""
+    """What to answer, and how: the query of POST /soft-targets/keys, and the part POST /soft-targets shares."""
 
     teacher: str | None = Field(None, description="Teacher name; optional when only one is served.")
     temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description="Default: the teacher's.")

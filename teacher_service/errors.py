@@ -1,7 +1,8 @@
 """The service's refusals: every error a client gets is JSON saying what was expected and what came (ErrorBody).
 
-`ServiceError` is raised anywhere a request is refused; the handlers installed here turn it, a wrong query
-parameter, a client that hung up and any unexpected failure into responses, and count each in the metrics.
+`ServiceError` is raised anywhere a request is refused; `error_response` turns it, a wrong query parameter, a client
+that hung up and any unexpected failure into responses, and counts each in the metrics. FastAPI's exception handlers
+(installed here) and the hot route (hot_route.py) both answer through it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The HTTP API: POST /soft-targets, GET /teachers, /healthz and /metrics, as one router over the app's Service.
 
 A request's body is refused as early as its bytes allow (body.py); its rows go to the teacher's batcher, and the
-answer is a safetensors file of the tensors asked for.
+answer is a safetensors file of the tensors asked for. POST /soft-targets is declared here for FastAPI's schema, and
+served by the hot route (hot_route.py), which calls `soft_targets` itself.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """POST /soft-targets past FastAPI's per-request layers: the one route that carries every trainer's traffic.
 
 FastAPI serves a request through its middleware (telemetry, a body limit, exception handling), a match over every
-route, and dependency solving: most of the event loop's CPU on a small request (bench/RESULTS.md section 12). That
-loop is what bounds how many trainers one teacher serves: on a CPU host it takes its cores from the forward pass,
-and on a GPU host it is the first thing to saturate. For this one route, `TeacherApp` does only what those layers
-did for it: the bearer token (`routes.require_token`), the query's validation (raising the RequestValidationError
-FastAPI raises), the endpoint (`routes.soft_targets`, the function FastAPI calls) and the error responses
-(`errors.error_response`, which FastAPI's handlers call). A client cannot tell which way it was served.
+route, and dependency solving: about a fifth of the event loop's CPU on a cached 16-row request (bench/RESULTS.md
+section 12). That loop bounds how many trainers one teacher serves: on a CPU host it takes its cores from the forward
+pass, and on a GPU host it is the first thing to saturate (section 11). For this one route, `TeacherApp` does only
+what those layers did for it: the bearer token (`routes.require_token`), the query's validation (raising the
+RequestValidationError FastAPI raises), the endpoint (`routes.soft_targets`, the function FastAPI calls) and the
+error responses (`errors.error_response`, which FastAPI's handlers call). A client cannot tell which way it was
+served.
 
 Every other request goes through FastAPI, as does this path under a root_path (which FastAPI's routing strips);
 the route is declared to FastAPI too, so the OpenAPI schema documents it.

@@ -4,15 +4,18 @@
 #      its index). PyPI's Linux x86_64 torch is a CUDA build (about 2.9 GB of downloads, a 5.6 GB image): the
 #      right one for GPU hosts, and it falls back to the CPU. For a CPU-only image (1.6 GB):
 #      --build-arg TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-#   2. the pinned dependencies (requirements.lock, from `make lock`)
+#   2. the project's dependencies and its bench extra, read from pyproject.toml, at requirements.lock's versions
+#      (a constraints file, from `make lock`) and beside the torch of layer 1, in one resolution
 #   3. the project, without dependencies
 FROM python:3.11-slim
 ARG TORCH=torch==2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
 RUN pip install $TORCH
 WORKDIR /app
-COPY requirements.lock ./
-RUN pip install -r requirements.lock
+COPY requirements.lock pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['bench'], sep='\n')" > /tmp/deps.txt \
+ && pip install -c requirements.lock -r /tmp/deps.txt "torch==$(python -c 'import torch; print(torch.__version__)')"
 COPY . .
 RUN pip install --no-deps . && akd --help >/dev/null
 ENV AKD_HOST=0.0.0.0 AKD_PORT=8000

@@ -1,18 +1,21 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 # Both create .venv and install everything on a fresh machine; re-runs reuse it.
+# The install is one pip resolution of the project, its test extra and the torch pin, constrained by
+# requirements.lock, so a fresh clone gets exactly the versions the suite was run with (scripts/check_env.py checks).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+PIP ?= pip==26.3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test bench lock clean
+.PHONY: demo serve test check-env bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q "$(PIP)"
+	$(BIN)/python -m pip install -q -c requirements.lock "$(TORCH)" -e ".[test]"
+	$(BIN)/python scripts/check_env.py "$(TORCH)"
 	touch $@
 
 demo: $(STAMP)
@@ -22,7 +25,10 @@ serve: $(STAMP)
 	$(BIN)/python scripts/make_example_teachers.py build/example
 	$(BIN)/akd serve --config build/example/teachers.toml
 
-test: $(STAMP)
+check-env: $(STAMP)
+	$(BIN)/python scripts/check_env.py "$(TORCH)"
+
+test: check-env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
@@ -30,13 +36,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/akd bench --out runs/bench
 
-# requirements.lock: the Docker image's pinned dependencies, as pip resolves pyproject.toml beside $(TORCH).
+# requirements.lock: every dependency of .[test,bench] but torch, as pip resolves them beside $(TORCH), unconstrained.
 lock:
 	rm -rf build/lock && $(PYTHON) -m venv build/lock
-	build/lock/bin/python -m pip install -q "$(TORCH)"
-	build/lock/bin/python -m pip install -q ".[bench]"
-	{ echo "# The Docker image's dependencies, pinned: what \`pip install .[bench]\` resolved beside $(TORCH) (torch itself"; \
-	  echo "# comes from the image's TORCH build argument). Regenerate after changing pyproject.toml: make lock"; \
+	build/lock/bin/python -m pip install -q "$(PIP)"
+	build/lock/bin/python -m pip install -q "$(TORCH)" ".[test,bench]"
+	{ echo "# Every dependency of \`pip install .[test,bench]\` except torch, pinned: what pip resolved beside $(TORCH)."; \
+	  echo "# A constraints file (pip -c): \`make\` installs .[test] and the image .[bench] through it in one resolution with"; \
+	  echo "# their torch pin, so both get exactly these versions and nothing else. Regenerate after changing pyproject.toml: make lock"; \
 	  build/lock/bin/python -m pip freeze --exclude akd --exclude torch; } > requirements.lock
 
 clean:

@@ -157,31 +157,6 @@ def test_compose_services_run_as_local_processes(tmp_path):
     assert "0 to train" in log  # the quick plan has seed 0 only: the second trainer has nothing to do
 
 
-def test_the_image_lock_pins_every_dependency_within_the_project_ranges():
-    """requirements.lock (what the image installs) and pyproject.toml (what pip installs here) agree."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["bench"]]
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version
-    assert "torch" not in pins  # the image's TORCH build argument decides it
-    for requirement in wanted:
-        if requirement.name == "torch":
-            continue
-        pinned = pins.get(canonicalize_name(requirement.name))
-        assert pinned is not None, (
-            f"{requirement.name} is in pyproject.toml but not pinned in requirements.lock (make lock)"
-        )
-        assert requirement.specifier.contains(pinned), (
-            f"requirements.lock pins {requirement.name}=={pinned}, outside {requirement}"
-        )
-
-
 def test_the_build_context_holds_every_package_the_akd_command_can_reach():
     """.dockerignore is an allow-list: each package pyproject.toml installs must be on it (the image once lacked
     bench)."""

@@ -82,6 +82,19 @@ def test_make_demo_as_written_writes_runs_demo_results(clone):
     assert served["teachers"]["ensemble"]["members"][0]["path"] == "../teachers/at-s10/best.pt"
 
 
+def test_make_installs_the_locked_versions_and_the_readmes_torch_and_the_report_says_so(clone):
+    """A fresh clone's `make` ends with torch as the Makefile pins it and every other package at the lock's version
+    (scripts/check_env.py, which `make test` runs first, agrees), and the demo's report records that torch."""
+    makefile = (clone / "Makefile").read_text()
+    pinned = re.search(r"^TORCH \?= torch==(\S+)$", makefile, re.M).group(1)
+    python = str(clone / ".venv" / "bin" / "python")
+    installed = run([python, "-c", "import torch; print(torch.__version__)"], clone, user_env(clone)).stdout.strip()
+    assert installed.split("+")[0] == pinned
+    run([python, "scripts/check_env.py", f"torch=={pinned}"], clone, user_env(clone))
+    machine = json.loads((clone / "runs" / "demo" / "results.json").read_text())["machine"]
+    assert f"torch {installed}," in machine
+
+
 def test_the_walkthrough_as_written_trains_serves_distils_and_evaluates(clone):
     env = user_env(clone)
     port = free_port()

@@ -51,12 +51,23 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_take_the_single_process_runs_steps_and_query_the_teacher_for_their_rows(tmp_path, mnist_members):
+    """Two ranks of 31 and 30 rows take the steps one process takes with 61 to 63, within float32 rounding.
+
+    Bit-identity is not the promise: a rank's half batch may run other kernels than the whole batch (which ones
+    depends on the CPU: AVX-512 Intel CPUs pick by batch size), so sums are reordered and last bits differ. PGD's
+    sign() would turn those bits into whole steps of the attack (a pixel whose gradient is near 0 goes the other
+    way) and the runs apart by chaos, not by a fault: with oneDNN held to AVX2, two single-process runs ended 3e-5
+    apart in train_loss and 9e-4 in weights. So the training attack here is its random start alone (steps=0),
+    which keeps every difference at rounding (5e-8 in loss, 1.5e-8 in weights under the same change of kernels),
+    and the bounds below, 1e-5 relative, are 200x that and still 100x tighter than a real fault (alpha 0.5 -> 0.55
+    moved train_loss by 1e-3). PGD under two ranks is held exactly by the resume test below.
+    """
     config = write_config(tmp_path / "t.toml", {"ens": mnist_teacher([(mnist_members["a"], 1.0)])}, {})
     with live_server(config) as (base, _):
-        akd = [*QUICK, "epochs=2", "method=akd", "alpha=0.5", f"teacher.url={base}", "teacher.name=ens"]
-        one = train([sys.executable], [*akd, f"out_dir={tmp_path / 'one'}"])
+        akd = [*QUICK, "attack.steps=0", "epochs=2", "method=akd", "alpha=0.5", f"teacher.url={base}"]
+        one = train([sys.executable], [*akd, "teacher.name=ens", f"out_dir={tmp_path / 'one'}"])
         finished(one)
-        two = train(TORCHRUN, [*akd, f"out_dir={tmp_path / 'two'}"])
+        two = train(TORCHRUN, [*akd, "teacher.name=ens", f"out_dir={tmp_path / 'two'}"])
         log = finished(two)
     single, ranks = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["world_size"] for m in single] == [1, 1] and [m["world_size"] for m in ranks] == [2, 2]
@@ -68,7 +79,10 @@ def test_two_ranks_take_the_single_process_runs_steps_and_query_the_teacher_for_
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6)
     d1, d2 = np.load(tmp_path / "one" / "dynamics.npz"), np.load(tmp_path / "two" / "dynamics.npz")
-    assert all(np.array_equal(d1[k], d2[k]) for k in d1.files)  # every rank's rows reach rank 0's log
+    for kind in ("clean", "adv"):  # every rank's rows reach rank 0's log
+        assert (d2[kind] != -1).all() and d2[kind].shape == d1[kind].shape
+        # an image whose two top logits lie within rounding of each other may be judged either way
+        assert (d1[kind] != d2[kind]).sum() <= 1, kind
     assert log.count("done:") == 1  # one rank reports
 
 

@@ -341,7 +341,11 @@ def threads(ranks: int, env: dict[str, str]) -> str:
 
 
 def killed_behind_nginx(ctx: Context, section: Section, a: ServerProcess, b: ServerProcess) -> None:
-    """Plain httpx clients (no retry of their own) through nginx to two replicas; `a` is killed meanwhile."""
+    """Plain httpx clients (no retry of their own) through nginx to two replicas; `a` is killed meanwhile.
+
+    deploy/nginx.conf streams bodies rather than buffering them, so a query `a` held when it died is answered 502
+    (nginx cannot send it again; the trainer's client does, part 4b): the failures counted here are those. Every
+    query sent after the kill goes to `b`."""
     spec = ctx.cfg.scale_out
     balancer = servers.nginx_balancer("nginx-kill", [a.url, b.url], ctx.workdir / "logs")
     clients = [httpx.Client(base_url=balancer.url, timeout=300) for _ in range(spec.clients)]

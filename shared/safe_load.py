@@ -13,17 +13,17 @@ A member file is data, but three of its formats can reach Python's unpickler or
 
 So every load runs with torch's own switch that makes each `torch.load` weights-only
 whatever its call site asks; a `.pt2` is checked before torch reads it (operator
-targets must be real operators, shape expressions plain arithmetic over symbols,
-no pickled objects), and its module is built without the stored guard code. A
+targets must be operators in torch's registry, looked up there by name, or the
+symbolic-shape functions torch.export writes; shape expressions plain arithmetic
+over symbols; no pickled objects), and its module is built without the stored guard code. A
 file that fails a check is refused with `UnsafeFile`, which says what it holds.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
-import math
-import operator
 import os
 import pickle
 import re
@@ -146,33 +146,60 @@ def _check_document(node: Any, where: str) -> None:
                     stack.append(value)
 
 
-def _sym_ops() -> set:
-    from torch._export.serde.serialize import _SYM_OPS  # the symbolic-int functions a graph may call
+@functools.cache
+def _sym_op_targets() -> frozenset[str]:
+    """The symbolic-shape functions a graph may call (`_operator.mul`, `torch.sym_max`, `math.trunc`, ...), named as
+    torch.export's serializer writes them (module, then name). It writes no other Python function: `getitem` on a
+    node's outputs is folded into the node that makes them and never appears as a target."""
+    from torch._export.serde.serialize import _SYM_OPS
 
-    return set(_SYM_OPS)
+    return frozenset(f"{op.__module__}.{op.__name__}" for op in _SYM_OPS)
 
 
-_OPERATOR_ROOTS = {"torch": torch, "_operator": operator, "math": math}
 _OPERATOR_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
 
 
 def _check_operator(target: str, where: str) -> None:
-    """A node may call registered torch operators and symbolic-int arithmetic; nothing else under `torch`."""
-    root, *names = target.split(".")
-    resolved: Any = _OPERATOR_ROOTS.get(root)
-    if resolved is None or not names or any(not n.isidentifier() or n.startswith("_") for n in names):
-        raise UnsafeFile(f"{where}: graph node target {target!r} is not a torch operator")
-    for attr in names:
-        try:
-            resolved = getattr(resolved, attr)
-        except (AttributeError, RuntimeError):
-            raise UnsafeFile(f"{where}: graph node target {target!r} is not a known torch operator") from None
-    try:
-        allowed = isinstance(resolved, _OPERATOR_TYPES) or resolved in _sym_ops()
-    except TypeError:  # unhashable
-        allowed = False
-    if not allowed:
-        raise UnsafeFile(f"{where}: graph node target {target!r} is a Python callable, not a torch operator; refused")
+    """A node may call an operator in torch's registry or one of the symbolic-shape functions; nothing else.
+
+    Operators are `torch.ops.<namespace>.<name>.<overload>` (or the overload packet without `.<overload>`), and
+    higher-order operators `torch.ops.higher_order.<name>`. The name is looked up in the registries themselves
+    (torch's dispatcher, torch's table of higher-order operators), and resolved through `torch.ops` only once they
+    hold it: nothing the file names is imported, called, or looked up on any other object, so underscore names
+    (`aten._to_copy`) pass like any registered operator, and a name that is not registered is refused.
+    """
+    if target in _sym_op_targets():
+        return
+    parts = target.split(".")
+    if parts[:2] != ["torch", "ops"] or len(parts) not in (4, 5) or not all(p.isidentifier() for p in parts[2:]):
+        raise UnsafeFile(
+            f"{where}: graph node target {target!r} is not a torch operator: expected "
+            "torch.ops.<namespace>.<name>.<overload> or one of the symbolic-shape functions torch.export writes; "
+            "refused"
+        )
+    if not _registered_operator(*parts[2:]):
+        raise UnsafeFile(
+            f"{where}: graph node target {target!r} is not an operator registered with torch "
+            f"(no {parts[2]}::{'.'.join(parts[3:])} in its operator registry); refused"
+        )
+
+
+def _registered_operator(namespace: str, name: str, overload: str | None = None) -> bool:
+    """Whether torch's registries hold this operator, and `torch.ops` (what the loader resolves) gives an operator.
+
+    The registry is asked first, so that a made-up namespace never gets a `torch.ops` namespace object made for it.
+    """
+    if namespace == "higher_order":
+        found = overload is None and name in torch._ops._higher_order_ops
+    else:
+        schemas = torch._C._jit_get_schemas_for_operator(f"{namespace}::{name}")
+        found = bool(schemas) if overload is None else overload in {s.overload_name or "default" for s in schemas}
+    if not found:
+        return False
+    resolved: Any = torch.ops
+    for attr in (namespace, name, overload) if overload else (namespace, name):
+        resolved = getattr(resolved, attr, None)
+    return isinstance(resolved, _OPERATOR_TYPES)
 
 
 # sympy names a torch.export shape expression uses: its symbolic-int functions and core sympy types.

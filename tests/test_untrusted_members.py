@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -153,7 +154,7 @@ LOAD_REFUSALS = {
     "custom_object": (custom_object, "pickled Python object"),
     "sample_inputs": (sample_inputs, "pickled Python objects"),
     "shape_expression": (shape_expression, "shape expression"),
-    "node_target": (node_target, "'torch.os.system' is a Python callable, not a torch operator"),
+    "node_target": (node_target, "'torch.os.system' is not a torch operator"),
 }
 
 
@@ -175,6 +176,54 @@ def test_crafted_export_is_refused_and_runs_nothing(tmp_path, honest_export, kin
         load_teachers(config, torch.device("cpu"))
     assert str(crafted) in str(info.value)
     assert not marker.exists()
+
+
+# Graph node targets an honest export never holds: Python functions, torch internals, names no registry holds.
+FOREIGN_TARGETS = {
+    "builtins.exec": "is not a torch operator",
+    "_operator.attrgetter": "is not a torch operator",
+    "_operator.methodcaller": "is not a torch operator",
+    "torch._C._set_grad_enabled": "is not a torch operator",
+    "torch.ops.load_library": "is not a torch operator",
+    "#myext.run": "is not a torch operator",
+    "torch.ops.aten.no_such_op.default": "is not an operator registered with torch",
+    "torch.ops.no_such_namespace.relu.default": "is not an operator registered with torch",
+    "torch.ops.aten.relu.no_such_overload": "is not an operator registered with torch",
+    "torch.ops.higher_order.no_such_op": "is not an operator registered with torch",
+}
+
+
+@pytest.fixture(scope="module")
+def shared_honest_export(tmp_path_factory) -> Path:
+    return export_member(tmp_path_factory.mktemp("honest") / "honest.pt2", seed=3)
+
+
+@pytest.mark.parametrize("target", sorted(FOREIGN_TARGETS))
+def test_graph_node_calling_anything_but_a_registered_operator_is_refused(tmp_path, shared_honest_export, target):
+    """Underscore names are fine (`aten._to_copy` is a real operator: tests/test_exports.py); what is refused is any
+    name outside torch's operator registry and the symbolic-shape functions torch.export writes."""
+
+    def retarget(entries, prefix):
+        model = prefix + "models/model.json"
+        assert b'"torch.ops.aten.relu.default"' in entries[model], "the honest export has no relu; update this test"
+        entries[model] = entries[model].replace(b'"torch.ops.aten.relu.default"', json.dumps(target).encode())
+
+    crafted = rewrite(shared_honest_export, tmp_path / "foreign.pt2", retarget)
+    with pytest.raises(UnsafeFile, match=f"graph node target {re.escape(repr(target))} {FOREIGN_TARGETS[target]}"):
+        load_export(crafted)
+
+
+def test_operator_passed_as_an_argument_is_checked_like_a_target(tmp_path, shared_honest_export):
+    def relu_takes_exec(document):
+        relu = next(n for n in document["graph_module"]["graph"]["nodes"] if n["target"].endswith(".relu.default"))
+        relu["inputs"][0]["arg"] = {"as_operator": "builtins.exec"}
+
+    def as_argument(entries, prefix):
+        edit_json(entries, prefix + "models/model.json", relu_takes_exec)
+
+    crafted = rewrite(shared_honest_export, tmp_path / "argument.pt2", as_argument)
+    with pytest.raises(UnsafeFile, match="'builtins.exec' is not a torch operator"):
+        load_export(crafted)
 
 
 def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full_unpickling(

@@ -7,9 +7,8 @@ import shlex
 import shutil
 import sys
 import time
-from pathlib import Path
 
-from shared.configfile import ConfigError
+from shared.configfile import ConfigError, existing_folder_or_new
 
 BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm")
 
@@ -61,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_bench_config(preset)
         chosen = _chosen(args.only)
         device = resolve_device(args.device, "--device")
+        out = existing_folder_or_new(args.out, "--out")
     except ConfigError as exc:
         print(f"akd bench: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     command = shlex.join(["akd", "bench", *args.argv])
     runs = []
     for r in range(1, args.repeat + 1):

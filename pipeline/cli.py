@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import plans
-from shared.configfile import ConfigError, add_set_argument
+from shared.configfile import ConfigError, add_set_argument, existing_folder_or_new
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         if not args.out:
             raise ConfigError("--out (or AKD_DEMO_OUT) is required")
+        existing_folder_or_new(args.out, "--out")  # said now, not as a traceback when the first stage writes
         if unknown:
             raise ConfigError(f"--stage: unknown {unknown}; known: all, {', '.join(demo.STAGES)}")
         plan = load_plan(args.config, "quick" if args.quick else args.plan, args.sets)

@@ -80,6 +80,11 @@ class SoftTargetsQuery(AnswerQuery):
     cache: CacheMode = CacheMode.use
 
 
+# The error code of a 500 for rows whose teacher logits are not finite: the same rows fail again on any replica and
+# at any time, so a client treats it as a wrong answer, not as trouble that passes.
+NON_FINITE_OUTPUT = "non_finite_output"
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `bad_shape`.")
     message: str

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.configfile import ConfigError, add_set_argument
+from shared.configfile import ConfigError, add_set_argument, existing_folder_or_new, read_config_bytes
 from shared.markdown import markdown_table
 from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
 
@@ -34,7 +34,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, help="evaluate the first N test images only")
     parser.add_argument(
-        "--autoattack-limit", type=int, help="run AutoAttack on the first N of those only (it is costly on a CPU)"
+        "--autoattack-limit",
+        type=int,
+        help="run AutoAttack on the first N of those only (0: none; it is costly on a CPU)",
     )
     parser.add_argument(
         "--autoattack-version",
@@ -56,7 +58,7 @@ def _setup_logging() -> None:
 def run_train(args: argparse.Namespace) -> int:
     from student_trainer.config import load_train_config
     from student_trainer.teacher_client import TeacherRequestError, TeacherUnavailable
-    from student_trainer.train import Trainer
+    from student_trainer.train import NonFiniteStep, Trainer
 
     _setup_logging()
     try:
@@ -64,12 +66,13 @@ def run_train(args: argparse.Namespace) -> int:
             config_file = Path(args.resume) / "config.json"
             if not config_file.exists():
                 raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run folder?")
-            cfg = load_train_config(args.config, args.sets, base=json.loads(config_file.read_text()))
+            cfg = load_train_config(args.config, args.sets, base=_saved_config(config_file))
             cfg = cfg.model_copy(
                 update={"out_dir": Path(args.resume).absolute()}
             )  # the run lives where it is now, moved or not
         else:
             cfg = load_train_config(args.config, args.sets)
+        existing_folder_or_new(cfg.out_dir, "out_dir")  # said now, not as a traceback after the data loads
     except ConfigError as exc:
         print(f"akd train: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.resume:
             trainer.resume()
     except (TeacherUnavailable, TeacherRequestError) as exc:
-        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir)}", file=sys.stderr)
+        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir, exc)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"akd train: {exc}", file=sys.stderr)
@@ -87,9 +90,10 @@ def run_train(args: argparse.Namespace) -> int:
         state = trainer.fit()
     except (
         TeacherUnavailable,
-        TeacherRequestError,
+        TeacherRequestError,  # and TeacherAnswerError: an answer that is not soft targets
+        NonFiniteStep,
     ) as exc:  # the service went away mid-run: the user's to fix, like at start-up
-        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir)}", file=sys.stderr)
+        print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir, exc)}", file=sys.stderr)
         return 2
     finally:
         trainer.close()
@@ -101,13 +105,36 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _how_to_continue(out_dir: Path) -> str:
-    if (Path(out_dir) / "last.pt").exists():
-        return (
-            "akd train: the last finished epoch is saved; once the service is back, continue with: akd train "
-            f"--resume {out_dir}"
+def _saved_config(config_file: Path) -> dict:
+    """A run folder's config.json, read as any config file is (bounded, a regular file), as a dict."""
+    try:
+        saved = json.loads(read_config_bytes(config_file))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ConfigError(f"{config_file} is not a run's saved config (JSON): {exc}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{config_file} is not a run's saved config: expected a JSON object, got {type(saved).__name__}"
         )
-    return "akd train: no epoch of this run is saved yet; once the service is up, run the same command again"
+    return saved
+
+
+def _how_to_continue(out_dir: Path, cause: Exception) -> str:
+    """How to go on once `cause` is mended: resume from the last finished epoch, or start again. A non-finite step
+    would come back as it was (a resumed run replays it exactly), so that one needs a changed setting."""
+    from student_trainer.teacher_client import TeacherAnswerError, TeacherUnavailable
+    from student_trainer.train import NonFiniteStep
+
+    if isinstance(cause, NonFiniteStep):
+        when = "with a setting that does not diverge (a smaller lr, say: add --set lr=...)"
+    elif isinstance(cause, TeacherUnavailable):
+        when = "once the service is back" if (Path(out_dir) / "last.pt").exists() else "once the service is up"
+    elif isinstance(cause, TeacherAnswerError):
+        when = "once the teacher answers right"
+    else:
+        when = "once what the service refused is mended"
+    if (Path(out_dir) / "last.pt").exists():
+        return f"akd train: the last finished epoch is saved; {when}, continue with: akd train --resume {out_dir}"
+    return f"akd train: no epoch of this run is saved yet; {when}, run the same command again"
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -116,6 +143,11 @@ def run_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     try:
+        if args.limit is not None:
+            at_least(1, "--limit", args.limit)
+        if args.autoattack_limit is not None:
+            at_least(0, "--autoattack-limit", args.autoattack_limit, " (0: no AutoAttack)")
+        out = _eval_out(Path(args.out))  # before the checkpoint loads, and well before the evaluation runs
         job = CheckpointEvaluation.load(
             Path(args.checkpoint),
             attacks,
@@ -127,8 +159,6 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"akd eval: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     origin = "the dataset's standard" if job.standard else "set with --set attack.*"
     print(f"threat model: {describe_threat_model(job.threat())} ({origin})", flush=True)
     started = (
@@ -142,6 +172,27 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"wrote {out} and {out.with_suffix('.reliability.png')}")
     return 0
+
+
+def at_least(least: int, flag: str, value: int, meaning: str = "") -> int:
+    """A count given on the command line, refused below `least`: `--limit 0` evaluated nothing (a traceback), and a
+    negative count sliced the data from its end (`--limit -1` took all images but the last)."""
+    if value < least:
+        raise ConfigError(f"{flag} must be at least {least}{meaning}, got {value}")
+    return value
+
+
+def _eval_out(out: Path) -> Path:
+    """`akd eval --out`: a file path, its folder made if missing (as most tools do). Checked, and the folder made,
+    before the evaluation runs, so that its results always have somewhere to go."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; expected the path of a JSON file to write")
+    existing_folder_or_new(out.parent, f"--out {out}: its folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot make its folder {out.parent}: {exc.strerror}") from None
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -231,11 +282,9 @@ def run_warm(args: argparse.Namespace) -> int:
     from student_trainer.warm import warm
 
     _setup_logging()
-    if args.batch_rows < 1:
-        print(f"akd warm: --batch-rows must be at least 1, got {args.batch_rows}", file=sys.stderr)
-        return 2
     try:
-        done = warm(load_train_config(args.config, args.sets), args.batch_rows)
+        rows = at_least(1, "--batch-rows", args.batch_rows)
+        done = warm(load_train_config(args.config, args.sets), rows)
     except (ConfigError, TeacherUnavailable, TeacherRequestError, FileNotFoundError, ValueError) as exc:
         print(f"akd warm: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.configfile import ConfigError, Count, Fraction, Positive, StrictConfig, read_toml, validated
+from shared.configfile import (
+    BearerToken,
+    ConfigError,
+    Count,
+    Fraction,
+    Positive,
+    StrictConfig,
+    read_toml,
+    validated,
+)
 from shared.models import ARCHITECTURES
 from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
@@ -78,7 +87,7 @@ class TeacherRef(StrictConfig):
     url: str | Annotated[list[str], Field(min_length=1)] | None = None
     name: str | None = None
     config: Path | None = None  # a teacher-service TOML, run in-process (no service)
-    token: str | None = None
+    token: BearerToken | None = None  # the service's rule: not empty, visible ASCII (shared.configfile.bearer_token)
     timeout_s: Positive = 60.0
     give_up_after_s: Positive = 300.0  # how long the service may stay unreachable before the run fails
     cache: TeacherCache = TeacherCache()  # one mode for both kinds of input: cache = "use"

@@ -1,23 +1,35 @@
 """Soft targets for the trainer: from the teacher service over HTTP, or from a local teacher in-process.
 
 Both are a `Teacher`: a callable `teacher(x) -> probs` (B, K), tempered and ensemble-aggregated,
-so a training method never knows which one it has.
+so a training method never knows which one it has. Neither is trusted: every answer is checked
+(`checked_probs`, and for the service `checked_teacher`) before a loss sees it, because one NaN in one
+answer poisons every weight it reaches, and a run saved from poisoned weights has lost its last good ones.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import queue
+import threading
 import time
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import httpx
+import numpy as np
 import torch
 
 from shared import codec, protocol
 from shared.protocol import CacheMode, TeacherInfo, TeachersResponse
 
 log = logging.getLogger("akd.teacher_client")
+
+T = TypeVar("T")
 
 
 class Teacher(Protocol):
@@ -34,7 +46,8 @@ class Teacher(Protocol):
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
         """Soft targets (B, K) for inputs x (B, C, H, W) in [0, 1], on x's device; `adversarial`: x was made by an
-        attack (it picks the service's cache mode)."""
+        attack (it picks the service's cache mode). Raises TeacherAnswerError rather than return rows that are not
+        probabilities."""
 
     def close(self) -> None: ...
 
@@ -51,12 +64,213 @@ class TeacherRequestError(RuntimeError):
         self.status = status
 
 
+class TeacherAnswerError(TeacherRequestError):
+    """The teacher answered something other than the soft targets asked for: a body that does not decode, the wrong
+    tensors or shape, rows that are not probabilities, another teacher. No loss may see it; a TeacherRequestError
+    because asking the same teacher again would not help (another replica is asked once)."""
+
+
+class BadAnswer(ValueError):
+    """What is wrong with an answer, as a phrase that follows "answered" ("rows that are not probabilities: ...")."""
+
+
 # Answers that say "not now" rather than "no": the call goes to the next replica, then is retried with backoff.
 PASSING_TROUBLE = {
+    429: "too many requests",
+    500: "internal server error",
     502: "bad gateway: a load balancer found no live replica",
     503: "queue full, or shutting down",
     504: "gateway timeout: a load balancer's replica did not answer in time",
 }
+
+# The dtypes a row of probabilities may travel in. The service answers float32; float16 and bfloat16 halve the bytes,
+# and a local teacher under bf16 autocast answers bfloat16. Integers (uint8 "probabilities") or float8 are refused.
+PROBS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+EXPECTED_ROWS = "finite, non-negative rows summing to 1"
+
+
+def row_sum_tolerance(dtype: torch.dtype, classes: int, members: int) -> float:
+    """How far from 1 a row of K probabilities of an M-member teacher, answered in `dtype`, may sum:
+    2 eps(dtype) + (K + M + 1) eps(float32).
+
+    Why: the service (and a local teacher) compute in float32, a softmax over K logits (its normalising sum and the K
+    divisions round the row's sum by at most about (K + 1) u, u = eps / 2 the unit roundoff), then a weighted sum of the
+    M members' rows (about (M + 1) u more): a float32 row sums to 1 within (K + M + 2) u <= (K + M + 1) eps(float32).
+    Rounding each probability to a narrower dtype moves it by at most u(dtype) relatively, so the sum by at most
+    u(dtype); 2 eps(dtype) = 4 u(dtype) leaves room for a computation that rounded its inputs to that dtype as well
+    (bf16 autocast's weighted sum: 3 u at most) and for float16's subnormals (under K 2^-25 in all). The sum is taken
+    in float64, which adds nothing. Measured: float32 rows of up to 1,000 classes and 7 members sum to 1 within
+    6 eps(float32) (the bound: 1,008); float16 and bfloat16 roundings of them, and bf16 autocast's own rows, within
+    0.6 eps(dtype).
+    """
+    return 2 * torch.finfo(dtype).eps + (classes + members + 1) * torch.finfo(torch.float32).eps
+
+
+def checked_probs(probs: torch.Tensor | None, rows: int, classes: int, members: int) -> torch.Tensor:
+    """`probs` itself, if it is `rows` rows of `classes` probabilities (dtype, shape, finite, non-negative, each row
+    summing to 1 within `row_sum_tolerance`); else BadAnswer naming the first thing wrong."""
+    if probs is None:
+        raise BadAnswer("no 'probs' tensor (expected the probabilities (B, K) that were asked for)")
+    if probs.dtype not in PROBS_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in PROBS_DTYPES)
+        raise BadAnswer(f"probabilities of dtype {str(probs.dtype).removeprefix('torch.')} (expected one of {names})")
+    if tuple(probs.shape) != (rows, classes):
+        raise BadAnswer(
+            f"probabilities of shape {tuple(probs.shape)} (expected ({rows}, {classes}): one row for each of the "
+            f"{rows} inputs asked about, over the teacher's {classes} classes)"
+        )
+    wrong = _first_wrong_row(probs, row_sum_tolerance(probs.dtype, classes, members))
+    if wrong is not None:
+        raise BadAnswer(f"rows that are not probabilities: {wrong} (expected {EXPECTED_ROWS})")
+    return probs
+
+
+def _first_wrong_row(probs: torch.Tensor, tolerance: float) -> str | None:
+    """What is wrong with the first row that is not a probability distribution ("row 3 holds NaN"), or None.
+
+    In numpy, as codec.to_transport is: torch would run a large answer's checks as OpenMP parallel regions whose
+    threads spin on the cores the training step (or a co-located service) needs."""
+    values = _float64_rows(probs)
+    with np.errstate(all="ignore"):  # inf - inf and the like: such rows are wrong anyway
+        sums = values.sum(axis=1)
+        wrong = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1) | (np.abs(sums - 1) > tolerance)
+    count = int(wrong.sum())
+    if count == 0:
+        return None
+    i = int(np.flatnonzero(wrong)[0])
+    row = values[i]
+    if np.isnan(row).any():
+        how = "holds NaN"
+    elif np.isinf(row).any():
+        how = f"holds {float(row[np.isinf(row)][0])}"
+    elif (row < 0).any():
+        how = f"holds {float(row.min()):.6g}"
+    else:
+        dtype = str(probs.dtype).removeprefix("torch.")
+        total = float(sums[i])
+        how = f"sums to {total:.6g} (off 1 by {abs(total - 1):.2g}, more than {dtype} rows may be: {tolerance:.2g})"
+    also = f" (and {count - 1} more of the {len(values)} rows)" if count > 1 else ""
+    return f"row {i} {how}{also}"
+
+
+def _float64_rows(probs: torch.Tensor) -> np.ndarray:
+    """The rows as float64 numpy, exactly (numpy has no bfloat16: its bits are float32's upper half)."""
+    rows = probs.detach().cpu()
+    if rows.dtype == torch.bfloat16:
+        bits = rows.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return rows.numpy().astype(np.float64)
+
+
+def checked_found(found: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """A keys-first answer's `found`: which of the `rows` keys the cache answered, as a bool tensor; else BadAnswer."""
+    expected = f"(expected a uint8 tensor {protocol.FOUND_KEY!r} of shape ({rows},) holding 0s and 1s)"
+    if found is None:
+        raise BadAnswer(f"no {protocol.FOUND_KEY!r} tensor {expected}")
+    if found.dtype not in (torch.uint8, torch.bool) or tuple(found.shape) != (rows,) or (found.numpy() > 1).any():
+        dtype = str(found.dtype).removeprefix("torch.")
+        raise BadAnswer(f"{protocol.FOUND_KEY!r} of dtype {dtype} and shape {tuple(found.shape)} {expected}")
+    return found.bool()
+
+
+def checked_teacher(headers: Mapping[str, str], started: TeacherInfo) -> None:
+    """The answer comes from the teacher the run started with (X-Teacher and X-Teacher-Versions), else BadAnswer: a
+    run whose targets change teacher mid-way is neither run's."""
+    versions = [m.version for m in started.members]
+    name, answered = headers.get(protocol.HEADER_TEACHER), headers.get(protocol.HEADER_TEACHER_VERSIONS)
+    if name is None or answered is None:
+        raise BadAnswer(
+            f"without the {protocol.HEADER_TEACHER} and {protocol.HEADER_TEACHER_VERSIONS} headers (expected "
+            f"{started.name!r} with member versions {versions}, the teacher the run started with)"
+        )
+    if name != started.name or answered.split(",") != versions:
+        raise BadAnswer(
+            f"as another teacher: {name[:200]!r} with member versions {answered[:400].split(',')}; the run started "
+            f"with {started.name!r} with member versions {versions} (expected one teacher for the whole run: resume "
+            "once the service serves that teacher again, or start a new run)"
+        )
+
+
+def cache_hits(headers: Mapping[str, str], rows: int) -> int:
+    """X-Cache-Hits of an answer for `rows` rows (0 when absent), else BadAnswer."""
+    text = headers.get(protocol.HEADER_CACHE_HITS, "0")
+    try:
+        hits = int(text)
+    except ValueError:
+        hits = -1
+    if not 0 <= hits <= rows:
+        raise BadAnswer(f"{protocol.HEADER_CACHE_HITS}: {text[:50]!r} (expected a whole number from 0 to {rows})")
+    return hits
+
+
+def decoded(body: bytes) -> dict[str, torch.Tensor]:
+    """An answer's tensors, or BadAnswer saying what the body is instead."""
+    try:
+        return codec.decode(body)
+    except codec.CodecError:
+        start = f", starting {body[:40]!r}" if body else ""
+        raise BadAnswer(f"a body that is not a safetensors file ({len(body)} bytes{start})") from None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class _Refused(Exception):
+    """One replica gave no answer to use now (transport error, deadline, a passing-trouble status): try the next."""
+
+    def __init__(self, problem: str, wait: float | None = None):
+        super().__init__(problem)
+        self.problem, self.wait = problem, wait  # wait: the answer's Retry-After, if it had one
+
+
+class _Overdue(Exception):
+    """A call the courier stopped waiting for."""
+
+
+class _Courier:
+    """Runs one call at a time on a daemon thread, so that the caller can stop waiting at a deadline.
+
+    httpx's timeouts bound each read, not a request: an answer trickling a byte a second never trips them. The caller
+    waits `timeout_s` for the whole call; past it, the thread is left to its request (ended by httpx's per-read
+    timeout or by the server; a daemon, so it never holds the process) and the next call gets a fresh thread.
+    A persistent thread costs about 20 us a call here, a thread a call about 250. A forked child, which has none of
+    its parent's threads, starts its own.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue | None = None
+        self._pid = 0
+
+    def run(self, call: Callable[[], T], timeout_s: float) -> T:
+        """call(), or what it raised; _Overdue when it has not returned within `timeout_s`."""
+        if self._jobs is None or self._pid != os.getpid():
+            self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
+            threading.Thread(target=_serve, args=(self._jobs,), name="akd-teacher-calls", daemon=True).start()
+            weakref.finalize(self, self._jobs.put, None)  # a client never closed still ends its thread
+        done: Future = Future()
+        self._jobs.put((call, done))
+        try:
+            return done.result(timeout=timeout_s)
+        except TimeoutError:
+            if done.done():  # the call's own TimeoutError
+                raise
+            self.close()  # the thread ends once its call does; it takes no other
+            raise _Overdue from None
+
+    def close(self) -> None:
+        if self._jobs is not None:
+            self._jobs.put(None)
+            self._jobs = None
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        call, done = job
+        try:
+            done.set_result(call())
+        except BaseException as exc:  # handed to the waiting caller, who decides
+            done.set_exception(exc)
 
 
 class RemoteTeacher:
@@ -64,11 +278,16 @@ class RemoteTeacher:
 
     `url` is one service or a list of its replicas (behind no load balancer, or
     several): calls go to them in turn, and a call that a replica refuses
-    (connection error, 503, or a load balancer's 502/504) goes to the next one at once. Each call's soft
+    (connection error, 429, 500, 503, or a load balancer's 502/504) goes to the next one at once. Each call's soft
     targets are exactly one replica's answer, so a lost replica costs no step and
     repeats none. When every replica has failed in a row, the round is retried
     with exponential backoff (honouring Retry-After) until `give_up_after_s` has
-    passed since the first failure.
+    passed since the first failure. Each request, whole (connecting, sending, the answer to its last byte), has
+    `timeout_s`: one that takes longer counts as a failure like a refused connection.
+    Every answer is checked before it is used: decoded, the tensors and shape asked for, rows that are
+    probabilities (`checked_probs`), the teacher the run started with (`checked_teacher`, from info() or the first
+    call). A wrong answer is asked again once of another replica, where there is one, then raises
+    TeacherAnswerError.
     Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical
     bytes from every job, which is what lets the service's cache hit across jobs.
     The service's cache mode depends on what is asked about: `clean_cache` for
@@ -102,9 +321,11 @@ class RemoteTeacher:
         self._replicas = [httpx.Client(base_url=u.rstrip("/"), headers=headers, timeout=timeout_s) for u in urls]
         self._next_replica = 0
         self._down: set[str] = set()  # replicas whose last answer was a refusal: logged once, not on every call
+        self._courier = _Courier()
+        self._started_with: TeacherInfo | None = None  # the teacher every answer must come from
         self.url, self.name, self.temperature = ", ".join(urls), name, temperature
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
-        self.give_up_after_s, self.max_backoff_s = give_up_after_s, max_backoff_s
+        self.timeout_s, self.give_up_after_s, self.max_backoff_s = timeout_s, give_up_after_s, max_backoff_s
         self.affinity = affinity
         self.wants_keys_first, self.keys_first = keys_first, False  # used once info() has seen the service offer it
         self.rows_requested = 0
@@ -114,18 +335,15 @@ class RemoteTeacher:
     def info(self) -> TeacherInfo:
         """The served teacher's description; also the start-up check that the service is there, and that every
         replica reachable now serves the same teacher (same members, versions, weights and temperature): soft targets
-        must not depend on which replica answered."""
-        first = self._send("GET", protocol.TEACHERS_PATH)
-        teacher = self._teacher_in(first)
-        features = set(TeachersResponse.model_validate(first.json()).features)
+        must not depend on which replica answered. Every later answer must come from this teacher."""
+        teacher, features = self._send("GET", protocol.TEACHERS_PATH, read=self._listing)
         for replica in self._replicas:
             try:
-                answer = self._checked(replica.get(protocol.TEACHERS_PATH))
-                other = self._teacher_in(answer)
-            except (httpx.TransportError, TeacherRequestError) as exc:
+                other, offered = self._listing(self._checked(self._attempt(replica, "GET", protocol.TEACHERS_PATH)))
+            except (_Refused, TeacherRequestError, BadAnswer) as exc:
                 log.warning("teacher replica %s not checked at start: %s", replica.base_url, exc)
                 continue
-            features &= set(TeachersResponse.model_validate(answer.json()).features)
+            features &= offered
             if other != teacher:
                 raise TeacherRequestError(
                     f"teacher replicas differ: {replica.base_url} serves {other.name!r} with members "
@@ -133,10 +351,16 @@ class RemoteTeacher:
                     "every url in teacher.url must serve the same teacher config"
                 )
         self.keys_first = self.wants_keys_first and protocol.KEYS_FIRST in features
+        self._started_with = teacher
         return teacher
 
-    def _teacher_in(self, response: httpx.Response) -> TeacherInfo:
-        teachers = TeachersResponse.model_validate(response.json()).teachers
+    def _listing(self, response: httpx.Response) -> tuple[TeacherInfo, set[str]]:
+        """The teacher this client asks for, and the features offered, from a /teachers answer."""
+        try:
+            listing = TeachersResponse.model_validate_json(response.content)
+        except ValueError as exc:  # pydantic's ValidationError, for bad JSON too
+            raise BadAnswer(f"a teacher list that does not parse: {one_line(exc)}") from None
+        teachers = listing.teachers
         if self.name is None and len(teachers) == 1:
             self.name = teachers[0].name
         match = [t for t in teachers if t.name == self.name]
@@ -144,9 +368,17 @@ class RemoteTeacher:
             raise TeacherRequestError(
                 f"{response.url} serves {[t.name for t in teachers]}, not {self.name!r}: set teacher.name"
             )
-        return match[0]
+        return match[0], set(listing.features)
+
+    def _teacher(self) -> TeacherInfo:
+        """The teacher answers must come from: info()'s, or the service's at the first call when info() was not asked
+        (keys first stays off then, as before)."""
+        if self._started_with is None:
+            self._started_with, _ = self._send("GET", protocol.TEACHERS_PATH, read=self._listing)
+        return self._started_with
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
+        teacher = self._teacher()
         rows = codec.to_transport(x.detach().cpu())
         mode = self.cache_modes[adversarial]
         params = {"temperature": self.temperature, "outputs": "probs", "cache": mode.value}
@@ -155,69 +387,131 @@ class RemoteTeacher:
         headers = {}
         if self.affinity and mode is not CacheMode.bypass:  # rows worth caching: one replica behind a balancer
             headers[protocol.HEADER_AFFINITY] = self.name or "default"
-        probs = self._by_keys_first(rows, params, headers) if self.keys_first and mode is CacheMode.use else None
+        probs = None
+        if self.keys_first and mode is CacheMode.use:
+            probs = self._by_keys_first(rows, params, headers, teacher)
         if probs is None:
-            probs = self._upload(rows, params, headers)
+            probs = self._upload(rows, params, headers, teacher)
         self.rows_requested += len(x)
-        return probs.to(x.device)
+        return probs.float().to(x.device)
 
-    def _by_keys_first(self, rows: torch.Tensor, params: dict, headers: dict) -> torch.Tensor | None:
+    def _by_keys_first(
+        self, rows: torch.Tensor, params: dict, headers: dict, teacher: TeacherInfo
+    ) -> torch.Tensor | None:
         """The cached rows' soft targets asked for by key (16 bytes a row), then only the other rows uploaded.
         None when the service turns the path down (then it is not asked again)."""
         query = {k: v for k, v in params.items() if k != "cache"}
         body = codec.encode_keys(rows)
+        read = lambda response: self._found_rows(response, len(rows), teacher)  # noqa: E731
         try:
-            response = self._send("POST", protocol.SOFT_TARGET_KEYS_PATH, params=query, headers=headers, content=body)
+            answered, found = self._send(
+                "POST", protocol.SOFT_TARGET_KEYS_PATH, read=read, params=query, headers=headers, content=body
+            )
         except TeacherRequestError as exc:
             if exc.status != 404:
                 raise
             log.info("teacher service %s offers no keys-first path (%s): uploading every row", self.url, exc)
             self.keys_first = False
             return None
-        answer = codec.decode(response.content)
-        found = answer[protocol.FOUND_KEY].bool()
         self.cache_hits += int(found.sum())
         if found.all():
-            return answer["probs"]
-        probs = torch.empty(len(rows), answer["probs"].shape[1])
-        probs[found] = answer["probs"]
-        probs[~found] = self._upload(rows[~found], params, headers)
+            return answered
+        probs = torch.empty(len(rows), teacher.num_classes, dtype=torch.float32)
+        probs[found] = answered.float()
+        probs[~found] = self._upload(rows[~found], params, headers, teacher).float()
         return probs
 
-    def _upload(self, rows: torch.Tensor, params: dict, headers: dict) -> torch.Tensor:
-        body = codec.encode_inputs(rows)
-        response = self._send("POST", protocol.SOFT_TARGETS_PATH, params=params, headers=headers, content=body)
-        self.rows_uploaded += len(rows)
-        self.cache_hits += int(response.headers.get(protocol.HEADER_CACHE_HITS, 0))
-        return codec.decode(response.content)["probs"]
+    @staticmethod
+    def _found_rows(response: httpx.Response, rows: int, teacher: TeacherInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """A keys-first answer, checked: the found rows' probabilities, and which rows those are."""
+        checked_teacher(response.headers, teacher)
+        cache_hits(response.headers, rows)
+        tensors = decoded(response.content)
+        found = checked_found(tensors.get(protocol.FOUND_KEY), rows)
+        probs = checked_probs(tensors.get("probs"), int(found.sum()), teacher.num_classes, len(teacher.members))
+        return probs, found
 
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
-        first_failure, backoff = None, 0.1
+    def _upload(self, rows: torch.Tensor, params: dict, headers: dict, teacher: TeacherInfo) -> torch.Tensor:
+        body = codec.encode_inputs(rows)
+        read = lambda response: self._answered_rows(response, len(rows), teacher)  # noqa: E731
+        probs, hits = self._send(
+            "POST", protocol.SOFT_TARGETS_PATH, read=read, params=params, headers=headers, content=body
+        )
+        self.rows_uploaded += len(rows)
+        self.cache_hits += hits
+        return probs
+
+    @staticmethod
+    def _answered_rows(response: httpx.Response, rows: int, teacher: TeacherInfo) -> tuple[torch.Tensor, int]:
+        """An upload's answer, checked: the rows' probabilities, and how many the cache answered."""
+        checked_teacher(response.headers, teacher)
+        hits = cache_hits(response.headers, rows)
+        probs = checked_probs(decoded(response.content).get("probs"), rows, teacher.num_classes, len(teacher.members))
+        return probs, hits
+
+    def _send(self, method: str, path: str, read: Callable[[httpx.Response], T], **kwargs) -> T:
+        """`read` of the first usable answer from a replica, going round them with backoff; TeacherUnavailable past
+        give_up_after_s, TeacherRequestError for a refusal, TeacherAnswerError for a second wrong answer (or the
+        first, with one replica)."""
+        first_failure, backoff, wrong = None, 0.1, 0
         while True:
             problem, waits = None, []
             for replica in self._round():
                 try:
-                    response = replica.request(method, path, **kwargs)
-                    if response.status_code not in PASSING_TROUBLE:
-                        self._mark(replica, None)
-                        return self._checked(response)
-                    problem = f"{response.status_code} ({PASSING_TROUBLE[response.status_code]})"
-                    waits.append(_retry_after(response, backoff))
-                except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
-                    problem = f"{type(exc).__name__}: {exc}"
+                    return self._read(replica, method, path, read, kwargs)
+                except _Refused as refused:
+                    problem = refused.problem
+                    waits.append(backoff if refused.wait is None else refused.wait)
+                    self._mark(replica, problem)
+                except TeacherAnswerError as exc:
+                    wrong += 1
+                    if wrong > 1 or len(self._replicas) == 1:
+                        raise
+                    log.warning("%s; asking another replica", exc)
+                    problem = str(exc)
                     waits.append(backoff)
-                self._mark(replica, problem)
-            wait = min(waits)
             first_failure = first_failure or time.monotonic()
-            waited = time.monotonic() - first_failure
-            if waited > self.give_up_after_s:
-                raise TeacherUnavailable(
-                    f"teacher service at {self.url} unavailable for {waited:.0f}s (limit teacher.give_up_after_s = "
-                    f"{self.give_up_after_s:g}s); last error: {problem}"
-                )
-            log.warning("teacher service %s: %s; retrying in %.1fs", self.url, problem, wait)
-            time.sleep(min(wait, self.max_backoff_s))
+            self._pause(time.monotonic() - first_failure, problem, min(waits))
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _read(self, replica: httpx.Client, method: str, path: str, read: Callable[[httpx.Response], T], kwargs) -> T:
+        """One replica's answer, read and checked; _Refused when it gave none to use now."""
+        try:
+            response = self._attempt(replica, method, path, **kwargs)
+            self._mark(replica, None)
+            return read(self._checked(response))
+        except BadAnswer as exc:
+            where = str(replica.base_url).rstrip("/")
+            raise TeacherAnswerError(f"the teacher service at {where} answered {exc}") from None
+
+    def _attempt(self, replica: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request to one replica, complete within timeout_s; _Refused for a failure worth another try."""
+        try:
+            response = self._courier.run(lambda: replica.request(method, path, **kwargs), self.timeout_s)
+        except _Overdue:
+            raise _Refused(f"no complete answer within teacher.timeout_s = {self.timeout_s:g}s") from None
+        except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
+            raise _Refused(f"{type(exc).__name__}: {one_line(exc)}") from None
+        except httpx.DecodingError as exc:
+            raise BadAnswer(f"a body that does not decode as its Content-Encoding says: {one_line(exc)}") from None
+        if response.status_code == 500 and _error_code(response) == protocol.NON_FINITE_OUTPUT:
+            raise BadAnswer(f"rows it cannot answer: {_service_error(response)}")
+        if response.status_code in PASSING_TROUBLE:
+            status, said = response.status_code, _service_error(response)
+            problem = f"{status} ({PASSING_TROUBLE[status]})" + (f": {said}" if said else "")
+            raise _Refused(problem, _retry_after(response))
+        return response
+
+    def _pause(self, waited: float, problem: str | None, wait: float) -> None:
+        """Sleep `wait` before the next round (a Retry-After is honoured, up to the give-up point), or give up."""
+        if waited > self.give_up_after_s:
+            raise TeacherUnavailable(
+                f"teacher service at {self.url} unavailable for {waited:.0f}s (limit teacher.give_up_after_s = "
+                f"{self.give_up_after_s:g}s); last error: {problem}"
+            )
+        wait = min(wait, self.give_up_after_s - waited)
+        log.warning("teacher service %s: %s; retrying in %.1fs", self.url, problem, wait)
+        time.sleep(wait)
 
     def _round(self) -> list[httpx.Client]:
         """Every replica once, starting with the next in turn: calls spread over the replicas."""
@@ -237,14 +531,11 @@ class RemoteTeacher:
     def _checked(response: httpx.Response) -> httpx.Response:
         if response.is_success:
             return response
-        try:
-            error = response.json()["error"]
-            detail = f"{error['message']} (expected {error.get('expected')}, got {error.get('received')})"
-        except (ValueError, KeyError, TypeError):
-            detail = response.text[:500]
+        detail = _service_error(response) or one_line(response.text, 500)
         raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}", response.status_code)
 
     def close(self) -> None:
+        self._courier.close()
         for replica in self._replicas:
             replica.close()
 
@@ -253,7 +544,8 @@ class LocalTeacher:
     """The same teacher, in this process: for runs without a service, and the reference for tests.
 
     A thin shell over the service's in-process entry (teacher_service.local), which runs the members through the
-    service's own forward path and ensemble formula, so both give the same numbers on one device.
+    service's own forward path and ensemble formula, so both give the same numbers on one device. Its rows pass the
+    same checks as the service's (`checked_probs`): a member with NaN weights must end the run, not poison it.
     """
 
     def __init__(self, config_path: str | Path, name: str | None, temperature: float | None, device: torch.device):
@@ -261,6 +553,8 @@ class LocalTeacher:
         from teacher_service.local import InProcessTeacher
 
         self._teacher = InProcessTeacher(config_path, name, device)
+        self._info = self._teacher.info()
+        self._config_path = config_path
         self.name = self._teacher.name
         self.temperature = self._teacher.default_temperature if temperature is None else temperature
         self.rows_requested = 0
@@ -268,20 +562,44 @@ class LocalTeacher:
         self.rows_uploaded = 0  # nothing leaves the process
 
     def info(self) -> TeacherInfo:
-        return self._teacher.info()
+        return self._info
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
         """`adversarial` only matters to a cache, which this has none of."""
         self.rows_requested += len(x)
-        return self._teacher.probs(x, self.temperature).to(x.device)
+        probs = self._teacher.probs(x, self.temperature)
+        try:
+            checked_probs(probs, len(x), self._info.num_classes, len(self._info.members))
+        except BadAnswer as exc:
+            raise TeacherAnswerError(f"the local teacher {self.name!r} ({self._config_path}) answered {exc}") from None
+        return probs.to(x.device)
 
     def close(self) -> None:
         pass
 
 
-def _retry_after(response: httpx.Response, default: float) -> float:
-    """The 503's Retry-After in seconds, or `default` when it is missing or not a number of seconds."""
+def _error_code(response: httpx.Response) -> str | None:
+    """The `code` of the service's JSON error, or None when the body is not one."""
     try:
-        return max(0.0, float(response.headers.get("Retry-After", default)))
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _service_error(response: httpx.Response) -> str | None:
+    """The service's JSON error (teacher_service/errors.py) as one line, or None when the body is not one."""
+    try:
+        error = response.json()["error"]
+        detail = f"{error['message']} (expected {error.get('expected')}, got {error.get('received')})"
+    except (ValueError, KeyError, TypeError):
+        return None
+    return one_line(detail, 500)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds, or None when it is missing or not a finite number of seconds."""
+    try:
+        seconds = float(response.headers.get("Retry-After", "none"))
     except ValueError:
-        return default
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None

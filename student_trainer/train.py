@@ -5,6 +5,11 @@ and augmentation; attack starts), and both are saved in `last.pt`, so a resumed
 run continues exactly where it stopped. Under torchrun each rank trains its share of
 every global batch and DDP averages the gradients (student_trainer/distributed.py);
 rank 0 validates and writes the run's files.
+
+Nothing non-finite is ever applied or saved: a step whose loss or gradients are NaN or infinite is not applied and
+ends the run (NonFiniteStep), as does an epoch that ends with non-finite weights, so the run's checkpoints keep the
+last finite weights, from which `akd train --resume` continues. (The teacher's answers are checked by the teacher
+client before a loss sees them.)
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 log = logging.getLogger("akd.train")
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradients, or an epoch's weights, held NaN or infinite values: the run stops there, the step
+    not applied and nothing after it saved (one NaN reaches every weight in a step or two, and stays)."""
 
 
 def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Teacher | None:
@@ -233,6 +243,7 @@ class Trainer:
         )
         while self.state.epoch < min(stop_after or self.cfg.epochs, self.cfg.epochs):
             metrics = self._epoch(self.state.epoch, progress)
+            self._refuse_non_finite_weights()
             self.state.epoch += 1
             self.state.history.append(metrics)
             if self.world.is_main:
@@ -312,9 +323,43 @@ class Trainer:
             result = self.method(Step(self.trained, x, y, attack, self.cfg, self.teacher, epoch, generator))
         self.optimizer.zero_grad(set_to_none=True)
         (result.loss * weight if weight != 1.0 else result.loss).backward()
+        self._refuse_non_finite(result.loss, epoch)
         self.optimizer.step()
         self.scheduler.step()
         return result
+
+    def _refuse_non_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        """NonFiniteStep, before the optimiser applies the step, when its loss or gradients are not finite.
+
+        Under torchrun the gradients are every rank's sum (DDP), so a non-finite loss on one rank reaches every
+        rank's gradients and every rank stops at the same step. One sync a step (the loss is read for the metrics
+        anyway)."""
+        loss = loss.detach().float()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(norm.to(loss.device))])
+        if bool(finite.all()):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.scheduler.last_epoch - epoch * self.steps_per_epoch + 1
+        what = f"the training loss is {float(loss):g}"
+        if bool(finite[0]):
+            what = f"the gradients' norm is {float(norm):g}"
+        raise NonFiniteStep(
+            f"training stopped at epoch {epoch + 1}, step {step} of {self.steps_per_epoch}: {what} (expected a "
+            "finite loss and gradients); the step was not applied and nothing after the last saved epoch is saved"
+        )
+
+    def _refuse_non_finite_weights(self) -> None:
+        """NonFiniteStep when the weights that would be saved hold NaN or infinite values (which a finite step can
+        still make, in a weight past float32's range), so that no checkpoint ever holds them."""
+        tensors = self.model.state_dict()
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteStep(
+                f"after epoch {self.state.epoch + 1} {len(bad)} of the model's {len(tensors)} tensors hold NaN or "
+                f"infinite values ({bad[0]} first; expected finite weights); the epoch is not saved"
+            )
 
     def _clean_correct(self, result, x, y) -> torch.Tensor:
         """Clean train accuracy: the method's own clean logits when it has them, else one eval-mode pass."""

@@ -22,6 +22,7 @@ from teacher_service.hot_route import TeacherApp
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.routes import open_router, require_token, router
 from teacher_service.service import build_service, flush_periodically
+from teacher_service.spec import install_spec
 
 log = logging.getLogger("akd.service")
 
@@ -76,6 +77,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(router)
     app.include_router(open_router)
     _add_docs_routes(app)
+    install_spec(app, config)  # the spec /docs and /openapi.json serve: the routes' as this config has them
     return app
 
 

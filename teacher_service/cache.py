@@ -70,7 +70,6 @@ committed chunks only.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import itertools
 import logging
@@ -89,7 +88,9 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, StoreLike
 
 from shared.hashing import KEY_BYTES
+from teacher_service.cache_location import cache_location
 from teacher_service.chunk_files import ChunkFiles
+from teacher_service.folder_lock import StoreLocked, lock_folder
 from teacher_service.key_index import RESIDENT_BYTES, FileBacked, KeyIndex
 from teacher_service.row_formats import FLOAT32, RowFormat, row_format, storable
 
@@ -895,31 +896,16 @@ def count_verified(version: str, header: _Header) -> tuple[int, list[str]]:
     return good, problems
 
 
-class StoreLocked(RuntimeError):
-    """Another process writes to this store: two writers would lose rows."""
-
-
 def _local_folder(store: StoreLike) -> Path | None:
+    """The real folder a store is, however it is spelt (cache_location: a path, a `file:`/`local:` URL in any case,
+    behind fsspec cache layers), so that every spelling of one folder takes its one lock; None for a store that is
+    no local folder (an object store URL, a store object). ConfigError for a spelling that names neither."""
     if isinstance(store, LocalStore):
-        return Path(store.root)
-    if isinstance(store, (str, os.PathLike)) and "://" not in str(store):
-        return Path(store)
+        return Path(os.path.realpath(store.root))
+    if isinstance(store, (str, os.PathLike)):
+        found = cache_location(os.fspath(store), Path.cwd())
+        return found if isinstance(found, Path) else None
     return None
-
-
-def lock_folder(folder: Path) -> int:
-    """An exclusive flock on the folder itself (no file inside the zarr hierarchy); the kernel drops it even
-    on kill -9."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLocked(
-            f"cache store {folder} is in use by another teacher service; give each server its own cache_dir"
-        ) from None
-    return fd
 
 
 def claim_slot(parent: Path, slots: int, *settings) -> LogitCache:
@@ -966,7 +952,8 @@ class LogitCache:
     """The store root: one namespace per member version, one writer thread for all.
 
     `store` is anything zarr opens (a folder, a zarr store, a store URL). A local
-    folder is locked against a second writer. Start-up checks every namespace's
+    folder, however spelt (`_local_folder`), is opened as that real folder and
+    locked against a second writer. Start-up checks every namespace's
     metadata (cheap) and sets aside the ones that fail; `namespace()` verifies the
     rows of the namespaces that are served.
     """
@@ -982,9 +969,9 @@ class LogitCache:
         index_memory_bytes: int = RESIDENT_BYTES,
     ):
         self.index_memory_bytes = index_memory_bytes
-        self.store = store
-        self.chunk_rows = chunk_rows
         folder = _local_folder(store)
+        self.store = str(folder) if folder is not None and not isinstance(store, LocalStore) else store
+        self.chunk_rows = chunk_rows
         self._folder = folder
         self._index_folder = folder  # indexes and spills live beside the store (the system's temp folder otherwise)
         self.memory_bytes = memory_bytes

@@ -5,7 +5,8 @@
     akd cache verify --config teachers.toml   # read every committed row back and check its checksum
     akd cache gc     --config teachers.toml   # delete the namespaces no teacher of the config uses (stale versions)
 
-`--cache-dir` names the store instead of the config's `server.cache_dir` (stats and verify then need no config).
+`--cache-dir` names the store instead of the config's `server.cache_dir` (stats and verify then need no config), in
+any spelling the service takes (cache_location): every spelling of one folder is that folder, and gc takes its lock.
 A folder of replica caches (`cache_slots`: replica-0, replica-1, ...) is taken one replica at a time.
 stats and verify only read, so they may run beside a service: its rows become visible (committed) only after
 their data is written. gc deletes, so it takes the store's lock, which a running service holds: stop it first.
@@ -32,6 +33,7 @@ from teacher_service.cache import (
     lock_folder,
     row_bytes,
 )
+from teacher_service.cache_location import cache_location
 from teacher_service.row_formats import row_format
 
 
@@ -296,9 +298,9 @@ def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]
         store, versions = config.server.cache_dir, member_versions(config)
     if not store:
         raise ConfigError("no cache: give --cache-dir, or --config with a server.cache_dir")
-    if "://" in str(store):
-        return str(store), versions  # an object store: zarr reads it (stats, verify)
-    folder = Path(os.path.normpath(store))  # as a person would write it: configs/../runs/cache is runs/cache
+    folder = cache_location(store, Path.cwd())  # every spelling of a folder is that real folder, as the service's
+    if isinstance(folder, str):
+        return folder, versions  # an object store: zarr reads it (stats, verify)
     if not folder.is_dir():
         raise ConfigError(f"cache folder {folder} does not exist")
     return folder, versions

@@ -10,13 +10,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
+from shared.configfile import (
+    BearerToken,
+    ConfigError,
+    Count,
+    Positive,
+    StrictConfig,
+    existing_folder_or_new,
+    read_toml,
+    validated,
+)
 from shared.protocol import Aggregate
 from teacher_service.cache import MEMORY_BYTES
+from teacher_service.cache_location import cache_location
 from teacher_service.key_index import RESIDENT_BYTES
 from teacher_service.row_formats import row_format
 
@@ -133,8 +142,10 @@ class ServerConfig(StrictConfig):
     timeout_keep_alive_s: Positive = Field(
         5.0, description="An idle keep-alive connection closes after this long without a new request."
     )
-    token: str | None = Field(
-        None, description="When set, every request but /healthz needs `Authorization: Bearer <token>`."
+    token: BearerToken | None = Field(
+        None,
+        description="When set, every request but /healthz needs `Authorization: Bearer <token>` (the scheme in any "
+        "case). Visible ASCII only, and not empty: refused at start-up otherwise (shared.configfile.bearer_token).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     devices: Annotated[list[str], Field(min_length=1)] | None = Field(
@@ -207,28 +218,23 @@ def load_config(
         outside["cache_dir"] = _absolute_store(outside["cache_dir"], Path.cwd())
     raw["server"] = {**server, **outside}
     config = validated(ServiceConfig, raw, str(path))
+    _check_cache_folder(config.server.cache_dir)
     return _resolve_member_paths(config, base)
 
 
+def _check_cache_folder(store: str | None) -> None:
+    """A local cache_dir must be a folder, or one that can be made: said at start-up, not as a traceback."""
+    if store and "://" not in store:
+        existing_folder_or_new(store, "server.cache_dir:")
+
+
 def _absolute_store(store: Any, base: Path) -> Any:
-    """A folder is made absolute; a `file://` URL becomes the folder it names (locked like any folder); other URLs
-    pass."""
+    """Every spelling of a local folder (a relative path, `..`, a symlink, `file:`/`local:` URLs in any case, behind
+    fsspec cache layers) becomes the real folder, so that one folder is one lock (cache_location); a remote store
+    URL passes, its scheme in lower case; anything else is a ConfigError."""
     if not isinstance(store, str) or not store:
         return store
-    if store.startswith("file:"):
-        return _file_url_folder(store)
-    if "://" in store or Path(store).is_absolute():
-        return store
-    return str(base / store)
-
-
-def _file_url_folder(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"server.cache_dir: expected a file URL of an absolute folder (file:///path/to/cache), got {url!r}"
-        )
-    return unquote(parts.path)
+    return str(cache_location(store, base))
 
 
 def _resolve_member_paths(config: ServiceConfig, base: Path) -> ServiceConfig:

@@ -1,7 +1,8 @@
 """The service's refusals: every error a client gets is JSON saying what was expected and what came (ErrorBody).
 
-`ServiceError` is raised anywhere a request is refused; `error_response` turns it, a wrong query parameter, a client
-that hung up and any unexpected failure into responses, and counts each in the metrics. FastAPI's exception handlers
+`ServiceError` is raised anywhere a request is refused; `error_response` turns it, a wrong query parameter, the
+router's refusals (no such path, a method the path does not answer), a client that hung up and any unexpected failure
+into responses, and counts each in the metrics. FastAPI's exception handlers
 (installed here) and the hot route (hot_route.py) both answer through it.
 """
 
@@ -12,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from shared.protocol import ErrorBody, ErrorDetail
 
@@ -48,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> Response:
         return error_response(request, exc)
 
-    for exc_class in (ClientGone, ServiceError, RequestValidationError, Exception):
+    for exc_class in (ClientGone, ServiceError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_class, handle)
 
 
@@ -66,6 +68,8 @@ def error_response(request: Request, exc: Exception) -> Response:
         status, detail, headers = exc.status, exc.detail, exc.headers
     elif isinstance(exc, RequestValidationError):
         status, detail, headers = 400, _bad_parameter(exc), None
+    elif isinstance(exc, HTTPException):  # the router's own: no such path (404), not this method (405, with Allow)
+        status, detail, headers = exc.status_code, _routing_refusal(request, exc), exc.headers
     else:
         log.exception("request failed: %s", exc, exc_info=exc)
         detail = ErrorDetail(
@@ -83,3 +87,24 @@ def _bad_parameter(exc: RequestValidationError) -> ErrorDetail:
     return ErrorDetail(
         code="bad_parameter", message=f"{where}: {err['msg']}", expected=err["msg"], received=repr(err.get("input"))
     )
+
+
+def _routing_refusal(request: Request, exc: HTTPException) -> ErrorDetail:
+    """Starlette's refusals before any route runs, in the service's error shape rather than its `{"detail": ...}`."""
+    asked = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return ErrorDetail(
+            code="method_not_allowed",
+            message=f"{request.url.path} does not answer {request.method}",
+            expected=f"{allowed} {request.url.path}",
+            received=asked,
+        )
+    if exc.status_code == 404:
+        return ErrorDetail(
+            code="not_found",
+            message=f"no such path: {request.url.path}",
+            expected="a path this service serves (GET /openapi.json lists them)",
+            received=asked,
+        )
+    return ErrorDetail(code=f"http_{exc.status_code}", message=str(exc.detail), received=asked)

@@ -7,23 +7,34 @@ answer). `lookup` and `finish` run on the one thread that owns every cache mutat
 the same inference thread (`run` does all three), which then does all of the
 service's parallel tensor work (one OpenMP thread team per process). Each member runs
 only on the rows it misses; a batch whose rows all hit costs no forward pass.
+
+A row whose member logits (or their weighted mean) are not finite is never answered
+as a success, nor stored: `finish` fails only the requests that own such rows (500
+`non_finite_output`, naming the member), logs the member and counts the rows in
+`akd_nonfinite_rows_total`; the other requests of the batch are answered as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from shared.codec import to_unit_float
-from shared.protocol import CacheMode
+from shared.ensemble import mean_logits
+from shared.protocol import NON_FINITE_OUTPUT, CacheMode
 from teacher_service.cache import LogitCache, MemberCache, namespace_name
+from teacher_service.errors import ServiceError
 from teacher_service.metrics import Metrics
 from teacher_service.registry import Member, Teacher
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MEAN_LABEL = "weighted_mean"  # akd_nonfinite_rows_total's `member` for rows whose members' weighted mean overflowed
+
+log = logging.getLogger("akd.service")
 
 
 @dataclass
@@ -38,10 +49,24 @@ class Rows:
         return len(self.inputs)
 
 
-@dataclass
 class RowsResult:
-    member_logits: torch.Tensor  # (M, n, K) float32
-    cache_hits: int  # rows for which every member came from the cache
+    """A request's rows answered: their member logits (M, n, K) float32, or the refusal that stands for them.
+
+    A request owning a row no answer may be made of (`unanswerable`) carries `refusal`, and reading its
+    `member_logits` raises it: every reader (the batcher joining a request's slices, the route encoding the
+    answer) fails that request with it, so no path can answer such a row as a success.
+    """
+
+    def __init__(self, member_logits: torch.Tensor, cache_hits: int, refusal: ServiceError | None = None):
+        self._member_logits = member_logits
+        self.cache_hits = cache_hits  # rows for which every member came from the cache
+        self.refusal = refusal
+
+    @property
+    def member_logits(self) -> torch.Tensor:
+        if self.refusal is not None:
+            raise self.refusal
+        return self._member_logits
 
 
 @dataclass
@@ -107,7 +132,10 @@ class TeacherRunner:
 
     def cached(self, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
         """Keys first (on the cache's thread): the member logits (M, hits, K) of the rows every member holds, and which
-        rows those are. Only those rows count as hits here; the others are counted when they are uploaded."""
+        rows those are. Only those rows count as hits here; the others are counted when they are uploaded.
+
+        Stored rows are finite, but their weighted mean may not be (`unanswerable`): such a row is left out as not
+        found, so that it is sent to POST /soft-targets, which refuses it with the reason."""
         found = np.ones(len(keys), dtype=bool)
         held = []
         for cache in self.caches:
@@ -118,6 +146,12 @@ class TeacherRunner:
         for m, (at, logits) in enumerate(held):
             if found.any():
                 out[m] = torch.from_numpy(logits[found[at]])  # this member's rows, of those every member holds
+        bad_member, bad_mean = unanswerable(out, self.teacher.weights)
+        answerable = ~(bad_member.any(dim=0) | bad_mean)
+        if not answerable.all():
+            found[np.flatnonzero(found)[~answerable.numpy()]] = False
+            out = out[:, answerable]
+        for m in range(len(self.caches)):
             self.metrics.cache_lookups(self._label(m), hits=int(found.sum()), misses=0)
         return out, found
 
@@ -139,13 +173,19 @@ class TeacherRunner:
         return work
 
     def finish(self, work: BatchWork) -> list[RowsResult]:
-        """Cache inserts for the computed rows (on the cache's thread), then each request's part of the answer."""
+        """Cache inserts for the computed rows (on the cache's thread), then each request's part of the answer.
+
+        A member's row that is not finite is not stored, and the requests owning an unanswerable row get a refusal
+        in place of their answer (RowsResult); the batch's other requests are answered."""
+        bad_member, bad_mean = unanswerable(work.out, self.teacher.weights)
+        self._report(bad_member, bad_mean, work.out)
         for m, cache in enumerate(self.caches):
-            stored = work.misses[m][work.writable[work.misses[m]]]
+            computed = work.misses[m][work.writable[work.misses[m]]]
+            stored = computed[~bad_member[m].numpy()[computed]]
             if cache and len(stored):
                 rows = work.out[m][torch.from_numpy(stored)].numpy()
                 self._store(cache, [work.keys[i] for i in stored], rows, work.readable[stored])
-        return self._split(work.batch, work.out, work.all_hit)
+        return self._split(work, bad_member, bad_mean)
 
     @staticmethod
     def _store(cache: MemberCache, keys: list[bytes], logits: np.ndarray, readable: np.ndarray) -> None:
@@ -173,11 +213,98 @@ class TeacherRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             return member.model(x).float().cpu()
 
-    @staticmethod
-    def _split(batch: list[Rows], out: torch.Tensor, all_hit: np.ndarray) -> list[RowsResult]:
+    def _split(self, work: BatchWork, bad_member: torch.Tensor, bad_mean: torch.Tensor) -> list[RowsResult]:
+        """Each request's rows of the batch, in order; a request owning an unanswerable row gets its refusal."""
         results, start = [], 0
-        for r in batch:
-            stop = start + len(r)
-            results.append(RowsResult(out[:, start:stop].clone(), int(all_hit[start:stop].sum())))
-            start = stop
+        for r in work.batch:
+            at = slice(start, start + len(r))
+            logits = work.out[:, at]
+            refusal = self._refusal(bad_member[:, at], bad_mean[at], logits)
+            results.append(RowsResult(logits.clone(), int(work.all_hit[at].sum()), refusal))
+            start = at.stop
         return results
+
+    def _describe(self, m: int) -> str:
+        member = self.teacher.members[m]
+        return f"member {m} ({member.path}, version {member.version})"
+
+    def _report(self, bad_member: torch.Tensor, bad_mean: torch.Tensor, out: torch.Tensor) -> None:
+        """One log line and a count in akd_nonfinite_rows_total for each member (or weighted mean) at fault."""
+        name, n = self.teacher.name, out.shape[1]
+        for m, bad in enumerate(bad_member):
+            if rows := int(bad.sum()):
+                self.metrics.nonfinite(name, self._label(m), rows)
+                log.error(
+                    "teacher %r: %s overflowed (%s) on %d of %d rows of a batch; their requests are refused "
+                    "(500 non_finite_output) and those rows are not cached",
+                    name,
+                    self._describe(m),
+                    non_finite_kinds(out[m][bad]),
+                    rows,
+                    n,
+                )
+        if rows := int(bad_mean.sum()):
+            self.metrics.nonfinite(name, MEAN_LABEL, rows)
+            log.error(
+                "teacher %r: the weighted mean of its members' logits overflowed (%s) on %d of %d rows of a batch; "
+                "their requests are refused (500 non_finite_output)",
+                name,
+                non_finite_kinds(mean_logits(out[:, bad_mean], self.teacher.weights)),
+                rows,
+                n,
+            )
+
+    def _refusal(self, bad_member: torch.Tensor, bad_mean: torch.Tensor, logits: torch.Tensor) -> ServiceError | None:
+        """The 500 for a request with unanswerable rows (None when it has none): which member, how many rows, what."""
+        faults = [
+            (self._describe(m), int(bad.sum()), non_finite_kinds(logits[m][bad]))
+            for m, bad in enumerate(bad_member)
+            if bad.any()
+        ]
+        if bad_mean.any():
+            mean = mean_logits(logits[:, bad_mean], self.teacher.weights)
+            faults.append(("the members' weighted mean", int(bad_mean.sum()), non_finite_kinds(mean)))
+        if not faults:
+            return None
+        return ServiceError(  # these rows may be one slice of a larger request: the message counts in the slice
+            500,
+            NON_FINITE_OUTPUT,
+            f"teacher {self.teacher.name!r} cannot answer this request: of its {_rows(len(bad_mean))} in one batch, "
+            + "; ".join(f"{who} overflowed on {_rows(rows)}" for who, rows, _ in faults)
+            + ". Nothing non-finite was cached.",
+            "finite logits",
+            "; ".join(f"{who}: {kinds}" for who, _, kinds in faults),
+        )
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def unanswerable(member_logits: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows no answer may be made of: (M, n) where a member's logits, and (n,) where (for rows every member passes)
+    their weighted mean, are not finite or span more than float32 holds (max - min overflows).
+
+    Every output is made of the member logits and their weighted mean (shared.ensemble), whose softmax subtracts the
+    row's max before tempering: with max - min finite, each tempered logit is in [-inf, 0] and the largest is 0, so
+    the softmax is finite at any temperature a request may name (even one past float32's range). A row that passes
+    gives finite outputs of every kind; one that fails is refused rather than answered.
+    """
+    bad_member = ~_finite_span(member_logits)
+    bad_mean = ~_finite_span(mean_logits(member_logits, weights)) & ~bad_member.any(dim=0)
+    return bad_member, bad_mean
+
+
+def _finite_span(logits: torch.Tensor) -> torch.Tensor:
+    """max - min over classes is finite: no NaN or inf among the logits, and no overflow between them."""
+    return torch.isfinite(logits.amax(dim=-1) - logits.amin(dim=-1))
+
+
+def non_finite_kinds(logits: torch.Tensor) -> str:
+    """What unanswerable logits hold, for a message: "NaN, +inf", or the span that overflowed."""
+    kinds = [
+        kind
+        for kind, present in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf))
+        if present(logits).any()
+    ]
+    return ", ".join(kinds) or "finite logits spanning more than float32 holds"

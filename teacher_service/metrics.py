@@ -69,6 +69,13 @@ class Metrics:
             ["member"],
             registry=r,
         )
+        self.nonfinite_rows = Counter(
+            "akd_nonfinite_rows",
+            "Rows refused (500) because a member's logits, or their weighted mean (member=weighted_mean), were not "
+            "finite.",
+            ["teacher", "member"],
+            registry=r,
+        )
         self._collect_hooks: list[Callable[[], None]] = []
         self._largest_batch: dict[str, int] = {}
 
@@ -94,6 +101,9 @@ class Metrics:
     def cache_lookups(self, member: str, hits: int, misses: int) -> None:
         self.cache_hits.labels(member).inc(hits)
         self.cache_misses.labels(member).inc(misses)
+
+    def nonfinite(self, teacher: str, member: str, rows: int) -> None:
+        self.nonfinite_rows.labels(teacher, member).inc(rows)
 
     def on_collect(self, hook: Callable[[], None]) -> None:
         """Gauges refreshed at scrape time rather than on the hot path."""

@@ -43,12 +43,16 @@ async def current_service(request: Request) -> Service:
 
 
 async def require_token(request: Request) -> None:
-    """Every route but /healthz: the bearer token, when the config sets one (compared in constant time)."""
+    """Every route but /healthz: the bearer token, when the config sets one.
+
+    The scheme is matched in any case (RFC 9110 section 11.1), the token byte for byte in constant time: a header
+    value is Latin-1 bytes, and the config admits only visible-ASCII tokens (shared.configfile.bearer_token).
+    """
     token = request.app.state.service.config.server.token
     if token is None:
         return
     given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not hmac.compare_digest(bearer_credentials(given), token.encode("ascii")):
         received = "no Authorization header" if not given else "a different token"
         raise ServiceError(
             401,
@@ -58,6 +62,15 @@ async def require_token(request: Request) -> None:
             received,
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def bearer_credentials(header: str) -> bytes:
+    """The token of `Bearer <token>` (the scheme in any case, one or more spaces after it) as the bytes sent; b""
+    for any other header, which no configured token equals."""
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return b""
+    return credentials.lstrip(" ").encode("latin-1")
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -93,7 +106,6 @@ _RESPONSES = {
         },
     },
     400: {"model": ErrorBody, "description": "The body is not a safetensors file, or a query parameter is wrong."},
-    401: {"model": ErrorBody, "description": "A bearer token is configured and was not given."},
     404: {"model": ErrorBody, "description": "Unknown teacher."},
     413: {"model": ErrorBody, "description": "The body (or its row count) is over the configured limit."},
     422: {
@@ -114,6 +126,8 @@ open_router = APIRouter()  # /healthz: what a load balancer or compose probes, w
     responses=_RESPONSES,
     openapi_extra=_REQUEST_DOC,
     summary="Soft targets of a teacher (ensemble) for a batch of inputs",
+    description="The teacher's outputs for each row of the body, as a safetensors file (below); every error is JSON, "
+    '`{"error": {"code", "message", "expected", "received"}}`.',
 )
 async def soft_targets(
     request: Request, query: Annotated[SoftTargetsQuery, Query()], service: Service = Depends(current_service)

@@ -96,3 +96,20 @@ def test_openapi_describes_the_binary_format(server):
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_parameter"
     assert httpx.get(f"{server}/docs", timeout=HANG_S).status_code == 200
+
+
+def test_openapi_requires_teacher_where_several_are_served_and_declares_no_token_unset(server):
+    """The spec is true of this service: two teachers served, so `teacher` is required (one of their names) on both
+    POST routes, and no token is set, so no security scheme and no 401 is promised."""
+    spec = httpx.get(f"{server}/openapi.json", timeout=HANG_S).json()
+    for path in ("/soft-targets", "/soft-targets/keys"):
+        (teacher,) = [p for p in spec["paths"][path]["post"]["parameters"] if p["name"] == "teacher"]
+        assert teacher["required"] is True, (path, teacher)
+        assert teacher["schema"] == {"type": "string", "enum": ["ens", "solo"], "title": "Teacher"}
+        assert "several" in teacher["description"]
+    assert "securitySchemes" not in spec.get("components", {})
+    operations = [op for ops in spec["paths"].values() for op in ops.values()]
+    assert all("security" not in op and "401" not in op["responses"] for op in operations)
+    # what the spec says is what the service does: no teacher named, a 400 that names the served ones
+    r = httpx.post(f"{server}/soft-targets", content=codec.encode_inputs(random_inputs(1)), timeout=HANG_S)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "teacher_required"

@@ -383,6 +383,32 @@ def test_header_refusal_matches_the_refusal_of_a_whole_body(client):
     assert_still_serving(client)
 
 
+ROUTING_REFUSALS = [
+    ("GET", "/nope", 404, "not_found", None),
+    ("POST", "/soft-targets/nope", 404, "not_found", None),
+    ("GET", "/soft-targets", 405, "method_not_allowed", "POST"),
+    ("PUT", "/soft-targets/keys", 405, "method_not_allowed", "POST"),
+    ("DELETE", "/teachers", 405, "method_not_allowed", "GET"),
+    ("POST", "/healthz", 405, "method_not_allowed", "GET"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code", "allow"), ROUTING_REFUSALS)
+def test_unknown_path_and_wrong_method_get_the_error_shape(client, method, path, status, code, allow):
+    """The router's own refusals (no such path, a method the path does not answer) are JSON of the documented
+    shape too, with the right status and, for a 405, the Allow header naming what the path answers."""
+    r = client.request(method, path, params=MNIST, content=_valid_body() if method in ("POST", "PUT") else None)
+    err = assert_error(r, status, code, received=[f"{method} {path}"])
+    assert "detail" not in r.json()
+    if allow:
+        assert allow in r.headers["allow"].split(", ") and allow in err["expected"], (r.headers, err)
+        assert method not in r.headers["allow"]
+    else:
+        assert "allow" not in r.headers
+        assert "GET /openapi.json lists them" in err["expected"], err
+    assert_still_serving(client)
+
+
 # --------------------------------------------------------------------------- the cache and the metrics
 
 
@@ -532,6 +558,39 @@ def test_token_wrong_is_401(token_client, header):
 
 def test_token_right_is_200(token_client):
     assert_still_serving(token_client, headers={"Authorization": "Bearer s3cret"}, params={})
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR", "Bearer "], ids=["lower", "upper", "mixed", "2sp"])
+def test_token_scheme_is_matched_in_any_case(token_client, scheme):
+    """RFC 9110 (section 11.1): the auth scheme is case-insensitive, and one or more spaces may follow it."""
+    headers = {"Authorization": f"{scheme} s3cret"}
+    assert_still_serving(token_client, headers=headers, params={})
+    assert token_client.get("/teachers", headers=headers).status_code == 200
+    wrong = token_client.get("/teachers", headers={"Authorization": f"{scheme} s3creT"})
+    assert_error(wrong, 401, "unauthorized", received=["a different token"])
+
+
+def test_openapi_declares_the_bearer_token_and_healthz_stays_open(token_client):
+    """The spec says what the service asks: an HTTP bearer scheme (what /docs' Authorize and OpenAPI tools send) on
+    every operation but /healthz, each with its 401; `teacher` is optional where one teacher is served."""
+    spec = token_client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert [(s["type"], s["scheme"]) for s in schemes.values()] == [("http", "bearer")]
+    (name,) = schemes
+    operations = {(path, method): op for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert {("post", "/soft-targets"), ("get", "/teachers"), ("get", "/metrics"), ("get", "/healthz")} <= {
+        (m, p) for p, m in operations
+    }
+    for (path, method), op in operations.items():
+        if path == "/healthz":
+            assert "security" not in op and "401" not in op["responses"], op
+        else:
+            assert op["security"] == [{name: []}], (path, method)
+            assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    (teacher,) = [p for p in operations[("/soft-targets", "post")]["parameters"] if p["name"] == "teacher"]
+    assert teacher["required"] is False and teacher["schema"]["enum"] == ["mnist"]
+    assert "security" not in spec  # no global requirement that /healthz would inherit
+    assert token_client.get("/healthz").status_code == 200
 
 
 def test_token_is_checked_before_the_body(token_client):

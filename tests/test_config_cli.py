@@ -6,6 +6,7 @@ fault; the CLI turns it into exit code 2 and one message on stderr, no traceback
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,6 +173,58 @@ def test_config_file_that_is_not_utf8(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert str(path) in str(info.value)
+
+
+BAD_TOKENS = [
+    ("empty", "", "the token is empty"),
+    ("spaces", "   ", "the token is empty"),
+    ("inner_space", "s3 cret", "a space at position 2"),
+    ("non_ascii", "s3cr\u00e9t", "a non-ASCII character at position 4"),
+    ("control", "s3\u0001cret", "a control character at position 2"),
+]
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+@pytest.mark.parametrize(("token", "says"), [pytest.param(t, s, id=i) for i, t, s in BAD_TOKENS])
+def test_a_token_http_cannot_carry_unchanged_is_refused(tmp_path, where, token, says):
+    """An empty token was accepted, then refused every request; a non-ASCII one matched only when sent as Latin-1.
+    The rule: visible ASCII, at least one character. The value itself is never echoed."""
+    path = tmp_path / "teachers.toml"
+    in_file = f"[server]\ntoken = {json.dumps(token)}\n" if where == "file" else ""
+    path.write_text(in_file + TEACHER)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={} if where == "file" else {"AKD_TOKEN": token})
+    message = str(info.value)
+    assert "server.token" in message and says in message, message
+    assert (not token.strip() or token not in message) and "(value not shown)" in message
+
+
+def test_a_visible_ascii_token_is_kept_as_given(tmp_path):
+    path = tmp_path / "teachers.toml"
+    token = "A-z_0.9~+/=!$%&*#@^|"
+    path.write_text(f"[server]\ntoken = {json.dumps(token)}\n" + TEACHER)
+    assert load_config(path, environ={}).server.token == token
+
+
+def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path):
+    path = tmp_path / "teachers.toml"
+    path.write_text(TEACHER)
+    (tmp_path / "afile").write_text("")
+    for given in ("afile", "afile/sub"):
+        with pytest.raises(ConfigError, match="is a file; expected a folder") as info:
+            load_config(path, environ={"AKD_CACHE_DIR": str(tmp_path / given)})
+        assert f"server.cache_dir: {tmp_path / given}" in str(info.value)
+    assert load_config(path, environ={"AKD_CACHE_DIR": str(tmp_path / "new" / "cache")}).server.cache_dir
+
+
+def test_a_config_file_over_the_bound_is_refused_before_it_is_parsed(tmp_path):
+    """1 MiB is far more than any config holds; a file past it is refused as it is read, not parsed whole."""
+    path = tmp_path / "teachers.toml"
+    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1024)  # valid TOML, just over 1 MiB
+    with pytest.raises(ConfigError, match=r"holds 1,048,\d+ bytes; a config file may hold at most 1,048,576 bytes"):
+        load_config(path, environ={})
+    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1000)  # under it: read as ever
+    assert load_config(path, environ={}).teachers["mnist"].num_classes == 10
 
 
 def test_every_problem_is_listed(tmp_path):

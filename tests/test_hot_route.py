@@ -31,6 +31,10 @@ CASES = [
     ),
     ("bypass", {"teacher": "solo", "cache": "bypass"}, BODY, GOOD),
     ("a repeated name: its last value", [("teacher", "ens"), ("temperature", "0"), ("temperature", "4")], BODY, GOOD),
+    ("the scheme in lower case", {"teacher": "ens"}, BODY, {"Authorization": f"bearer {TOKEN}"}),
+    ("the scheme in upper case", {"teacher": "ens"}, BODY, {"Authorization": f"BEARER {TOKEN}"}),
+    ("the scheme in mixed case, two spaces", {"teacher": "ens"}, BODY, {"Authorization": f"bEaReR  {TOKEN}"}),
+    ("the right token in another scheme", {"teacher": "ens"}, BODY, {"Authorization": f"Basic {TOKEN}"}),
     ("no token", {"teacher": "ens"}, BODY, {}),
     ("a wrong token", {"teacher": "ens"}, BODY, {"Authorization": "Bearer nope"}),
     ("the token before the query", {"teacher": "ens", "temperature": "-1"}, BODY, {}),
@@ -97,6 +101,9 @@ def test_the_hot_route_answers_and_refuses_as_fastapi_does(config):
         401,
     ]
     assert served[1][2]["x-cache-hits"] == "5" and served[0][2]["x-cache-hits"] == "0"
+    # the scheme is matched in any case (RFC 9110 section 11.1), the token exactly
+    assert [statuses[w] for w in statuses if w.startswith("the scheme in")] == [200, 200, 200]
+    assert statuses["the right token in another scheme"] == 401
     assert {statuses[w] for w in ("temperature 0", "an unknown cache mode", "an unknown output")} == {400}
     assert (statuses["the wrong shape"], statuses["over the body limit"], statuses["an unknown teacher"]) == (
         422,

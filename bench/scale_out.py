@@ -402,8 +402,9 @@ def teacher_call(teacher: RemoteTeacher, x: torch.Tensor) -> Callable[[], None]:
 
 
 def under_kill(ctx: Context, calls: list[Callable[[], None]], victim: ServerProcess) -> tuple[list[Call], float, float]:
-    """Each call in a closed loop on its own thread for `kill_load_s`; `victim` is sent SIGKILL `kill_after_s` in.
-    Returns every call made, when the load started and when the kill came."""
+    """Each call in a closed loop on its own thread for `kill_load_s`, and until it has started one call after the
+    window around the kill (so that there are calls to judge there, however slow the machine); `victim` is sent
+    SIGKILL `kill_after_s` in. Returns every call made, when the load started and when the kill came."""
     spec = ctx.cfg.scale_out
     for call in calls:
         call()  # untimed: connections open before the clock starts
@@ -411,10 +412,13 @@ def under_kill(ctx: Context, calls: list[Callable[[], None]], victim: ServerProc
     lock = threading.Lock()
     started = time.perf_counter()
     deadline = started + spec.kill_load_s
+    window_over = [math.inf]  # when the window around the kill ends, once the kill has come
 
     def loop(call: Callable[[], None]) -> None:
-        while time.perf_counter() < deadline:
+        late = False
+        while time.perf_counter() < deadline or not late:
             t0 = time.perf_counter()
+            late = late or t0 > window_over[0]
             try:
                 call()
                 ok = True
@@ -428,6 +432,7 @@ def under_kill(ctx: Context, calls: list[Callable[[], None]], victim: ServerProc
         time.sleep(spec.kill_after_s)
         victim.process.kill()  # kill -9 of the replica's process
         killed = time.perf_counter()
+        window_over[0] = killed + spec.kill_window_s
         for future in futures:
             future.result()
     return made, started, killed

@@ -1,10 +1,10 @@
-"""7. Scale out (issue 13): a second device in one service, a second replica behind nginx, a second DDP rank, and a
+"""7. Scale out: a second device in one service, a second replica behind nginx, a second DDP rank, and a
 replica killed under load.
 
 Throughput is measured as in the sharing benchmark: closed-loop clients, float32 rows, `cache=bypass`, rounds that
 alternate between the setups compared while every other server started here is frozen. On a machine without a
 second GPU the "devices" and replicas share the same cores, so the ratios say what a second one buys here, not what
-it buys on hardware that has one: the issue's 1.8x target is judged only where there are two GPUs.
+it buys on hardware that has one: the 1.8x target is judged only where there are two GPUs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bench.timing import order, percentile
 from shared import protocol
 from student_trainer.teacher_client import RemoteTeacher, TeacherRequestError, TeacherUnavailable
 
-TARGET_DEVICES = 1.8  # issue 13: two GPUs in one service serve at least 1.8x the rows of one
+TARGET_DEVICES = 1.8  # two GPUs in one service serve at least 1.8x the rows of one
 COLUMNS = ["part", "setup", "rate", "vs 1", "p50 ms", "p99 ms", "max ms", "server cores", "sent", "failed"]
 DEVICES, REPLICAS, DDP = "1. devices in one service (rows/s)", "2. replicas (rows/s)", "3. DDP ranks (steps/s)"
 KILLED_NGINX, KILLED_CLIENT = "4a. replica killed, behind nginx", "4b. replica killed, RemoteTeacher failover"
@@ -146,7 +146,7 @@ def devices(ctx: Context, section: Section) -> None:
         )
     else:
         section.notes.append(
-            f"Target 2 devices / 1 >= {TARGET_DEVICES:g} (issue 13): n/a on {'one GPU' if gpus else 'CPU'}, "
+            f"Target 2 devices / 1 >= {TARGET_DEVICES:g}: n/a on {'one GPU' if gpus else 'CPU'}, "
             f"judged only with two GPUs. Measured {ratios[0]:.2f}x ({context}). Both device workers share "
             f"{ceiling_text(default, kind)}."
         )

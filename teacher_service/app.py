@@ -2,7 +2,8 @@
 
 Teachers load eagerly (a bad config fails before the server binds a port); the
 batchers and the periodic cache flush start with the app, and a clean shutdown
-flushes the cache. The routes are in routes.py, the error responses in errors.py.
+flushes the cache. The routes are in routes.py, the error responses in errors.py, and the app's one way past
+FastAPI's per-request layers in framework.py.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from teacher_service.batcher import Batcher
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
-from teacher_service.hot_route import TeacherApp
+from teacher_service.framework import TeacherApp, warn_if_untested
 from teacher_service.openmp import serial_cpu_ops
-from teacher_service.routes import open_router, require_token, router
+from teacher_service.routes import open_router, require_token, router, soft_targets
 from teacher_service.service import build_service, flush_periodically
 from teacher_service.spec import install_spec
 
@@ -48,6 +49,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for b in service.batchers.values():
             b.start()
         flusher = asyncio.create_task(flush_periodically(service, server.cache_flush_s)) if service.cache else None
+        warn_if_untested()
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:
             with serial_cpu_ops():  # the event loop's own tensor work (openmp.py); its thread as it was, after
@@ -76,6 +78,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(open_router)
+    # every trainer's request: its route as declared above, served past FastAPI's per-request layers (framework.py)
+    app.serve_directly(router, soft_targets)
     _add_docs_routes(app)
     install_spec(app, config)  # the spec /docs and /openapi.json serve: the routes' as this config has them
     return app

@@ -3,7 +3,7 @@
 `ServiceError` is raised anywhere a request is refused; `error_response` turns it, a wrong query parameter, the
 router's refusals (no such path, a method the path does not answer), a client that hung up and any unexpected failure
 into responses, and counts each in the metrics. FastAPI's exception handlers
-(installed here) and the hot route (hot_route.py) both answer through it.
+(installed here) and the app's direct route (framework.py) both answer through it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_response(request: Request, exc: Exception) -> Response:
     """What a failed request gets, counted in the metrics under its teacher label (Service.label).
 
-    Written once for both ways a request is served: FastAPI's exception handlers and the hot route (hot_route.py).
+    Written once for both ways a request is served: FastAPI's exception handlers and the direct route (framework.py).
     """
     service = request.app.state.service
     if isinstance(exc, ClientGone):

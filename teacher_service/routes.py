@@ -1,8 +1,11 @@
 """The HTTP API: POST /soft-targets, GET /teachers, /healthz and /metrics, as one router over the app's Service.
 
 A request's body is refused as early as its bytes allow (body.py); its rows go to the teacher's batcher, and the
-answer is a safetensors file of the tensors asked for. POST /soft-targets is declared here for FastAPI's schema, and
-served by the hot route (hot_route.py), which calls `soft_targets` itself.
+answer is a safetensors file of the tensors asked for. Each route is declared here once, and what /openapi.json
+documents is what runs. FastAPI serves every route but one: POST /soft-targets, every trainer's request, is served
+past FastAPI's per-request layers by the app (`framework.TeacherApp.serve_directly`, set in app.py), which reads
+this declaration (its path and method, the router's token check, the endpoint's query model and service) and calls
+`soft_targets` itself, answering as FastAPI would (tests/test_hot_route.py).
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ open_router = APIRouter()  # /healthz: what a load balancer or compose probes, w
 async def soft_targets(
     request: Request, query: Annotated[SoftTargetsQuery, Query()], service: Service = Depends(current_service)
 ) -> Response:
-    """Every trainer's traffic: served by the hot route (hot_route.py), which calls this function as FastAPI would."""
+    """Every trainer's traffic: called by the app's direct route (framework.py) as FastAPI would call it, and by
+    FastAPI itself only under a root_path."""
     t = service.teacher(query.teacher)
     limits = service.config.server
     wanted = _wanted(query.outputs)

@@ -5,7 +5,8 @@ tested is what runs. uvicorn alone holds a connection forever until a request he
 keep-alive timeout starts only after a response, and any byte received resets it, so an idle socket or a
 head sent a byte at a time holds a descriptor forever, and enough of them make good requests fail. Its
 `limit_concurrency` answers past the limit only once a request head arrives, in plain text. The protocol
-here adds, at the connection level where only the server sees them:
+it runs (`framework.GuardedProtocol`, uvicorn's own extended with the `Guards` here; framework.py says which of
+uvicorn's internals that relies on) adds, at the connection level where only the server sees them:
 
 - a request-head deadline: from the moment a connection opens, or from the end of its last response, a
   complete request head must arrive within `timeout_header_s`, however slowly its bytes trickle; past it,
@@ -24,13 +25,9 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
-
-# What uvicorn's "auto" picks when httptools is installed (a dependency): its parser calls back at each
-# request's first byte, URL and header, which the head deadline and size bound below hook into.
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from teacher_service.config import ServerConfig
+from teacher_service.framework import GuardedProtocol
 
 log = logging.getLogger("akd.service")
 
@@ -120,81 +117,6 @@ class Guards:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the head deadline, head size bound and connection limit of `guards`."""
-
-    guards: ClassVar[Guards]  # set on the subclass guarded_protocol makes for one server
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = 0  # bytes of the current request head, counted by the parser's callbacks
-        self._head_too_large = False
-        if len(self.connections) > self.guards.max_connections:
-            self.app = self.guards.over_limit  # counted once, when it opens: it stays refused for its one request
-        self._wait_for_head()
-
-    def _wait_for_head(self) -> None:
-        self._stop_waiting()
-        self._waiting_cycle = self.cycle  # a complete head makes a new self.cycle
-        self._head_started = False
-        self._head_timer = self.loop.call_later(self.guards.timeout_header_s, self._head_timed_out)
-
-    def _stop_waiting(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self._head_started:  # part of a request came; an idle connection is just closed, like keep-alive's
-            self.transport.write(self.guards.head_timeout_response)
-        self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        waiting = self._head_timer is not None
-        super().data_received(data)
-        if waiting and self.cycle is not self._waiting_cycle:
-            self._stop_waiting()  # the head is in: the app, and its body deadline, take over
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
-            self._wait_for_head()  # nothing pipelined behind it: the next head is on the clock
-
-    def connection_lost(self, exc) -> None:
-        self._stop_waiting()
-        super().connection_lost(exc)
-
-    def send_400_response(self, msg: str) -> None:
-        if not self._head_too_large:
-            return super().send_400_response(msg)
-        self.transport.write(self.guards.head_too_large_response)
-        self.transport.close()
-
-    # httptools' parser callbacks
-    def on_message_begin(self) -> None:
-        self._head_bytes, self._head_started = 0, True
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.guards.max_header_bytes:
-            self._head_too_large = True
-            # httptools: a parser error, so send_400_response
-            raise ValueError(f"request head over {self.guards.max_header_bytes} bytes")
 
 
 def guarded_protocol(max_connections: int, timeout_header_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:

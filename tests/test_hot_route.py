@@ -1,8 +1,9 @@
-"""POST /soft-targets served past FastAPI's per-request layers (teacher_service/hot_route.py): the same answers, the
-same refusals and the same metrics as FastAPI gives, and every other request still FastAPI's.
+"""POST /soft-targets served past FastAPI's per-request layers (the direct route, teacher_service/framework.py): the
+same answers, the same refusals and the same metrics as FastAPI gives, and every other request still FastAPI's.
 
 Two real servers on the same teachers: one as `akd serve` runs it, one whose uvicorn calls FastAPI's own dispatch
-(`FastAPI.__call__`), the way in the hot route skips. Each gets the same requests in the same order.
+(`FastAPI.__call__`), the way in the direct route skips. Each gets the same requests in the same order. And the
+direct route, read from the route's declaration, refuses one it would serve otherwise than FastAPI.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import HANG_S, live_server, metric_series, mnist_teacher, random_inputs, save_member, write_config
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
 from safetensors.torch import load as st_load
 
 from shared import codec, protocol
+from teacher_service.framework import TeacherApp
 
 TOKEN = "s3cret"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}
@@ -137,3 +140,47 @@ def test_the_hot_route_serves_soft_targets_and_fastapi_every_other_request(confi
     assert {("GET", protocol.SOFT_TARGETS_PATH), ("GET", protocol.TEACHERS_PATH), ("GET", protocol.HEALTH_PATH)} <= set(
         dispatched
     )
+
+
+async def a_check(request: Request) -> None:
+    return None
+
+
+def a_sync_check(request: Request) -> None:
+    return None
+
+
+def refusal(router: APIRouter, endpoint, prefix: str = "") -> str:
+    """Why the direct route refuses `endpoint`'s route, as the app includes `router` under `prefix`."""
+    app = TeacherApp()
+    app.include_router(router, prefix=prefix)
+    with pytest.raises(TypeError) as refused:
+        app.serve_directly(router, endpoint)
+    return str(refused.value)
+
+
+def test_the_direct_route_refuses_at_start_up_a_declaration_it_would_serve_otherwise_than_fastapi():
+    checked = APIRouter(dependencies=[Depends(a_check)])
+
+    @checked.post("/body")
+    async def body(request: Request, n: int) -> Response: ...
+
+    @checked.post("/items/{item}")
+    async def item(item: str) -> Response: ...
+
+    @checked.post("/twice")
+    async def twice(request: Request, again: None = Depends(a_check)) -> Response: ...
+
+    @checked.post("/prefixed")
+    async def prefixed(request: Request) -> Response: ...
+
+    threaded = APIRouter(dependencies=[Depends(a_sync_check)])
+
+    @threaded.post("/threaded")
+    async def on_a_thread(request: Request) -> Response: ...
+
+    assert "parameter 'n'" in refusal(checked, body)
+    assert "no path parameters" in refusal(checked, item)
+    assert "repeated dependency" in refusal(checked, twice)
+    assert "without a prefix" in refusal(checked, prefixed, prefix="/v1")
+    assert "async def f(request: Request)" in refusal(threaded, on_a_thread)

@@ -36,12 +36,12 @@ from bench.context import Context
 from bench.results import Section, Table, Target
 from bench.timing import MAX_REPETITIONS, alternate, median
 from shared import codec, protocol
-from shared.ensemble import aggregate_probs
 from shared.hashing import KEY_BYTES, file_version
 from shared.models import build_model
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import RemoteTeacher
 from teacher_service.cache import LogitCache, row_bytes
+from teacher_service.ensemble import aggregate_probs
 from teacher_service.key_index import RESIDENT_BYTES
 from teacher_service.row_formats import FLOAT32, RowFormat, row_format
 

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": (add_arguments, run)}  # for `akd bench` (shared/cli.py)
+COMMANDS = {"bench": (add_arguments, run)}  # for `akd bench` (akd/cli.py)
 
 
 def _at_least_one(text: str) -> int:

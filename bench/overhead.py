@@ -15,9 +15,10 @@ import torch
 from bench.context import Context
 from bench.results import Section, Target
 from bench.timing import alternate, median
-from shared import protocol, scrape
+from shared import protocol
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
+from teacher_service import scrape
 
 TARGET_TEACHER, TARGET_BATCH, TARGET_RATIO = "preact_resnet18", 128, 1.05
 

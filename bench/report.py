@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 
 from bench.results import OPS, Section
-from shared.figures import save_figure, subplots
-from shared.markdown import markdown_table
+from student_trainer.figures import save_figure, subplots
+from student_trainer.markdown import markdown_table
 
 
 def _cell(value) -> str:

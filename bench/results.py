@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shared.machine import machine as describe_machine
+from pipeline.machine import machine as describe_machine
 
 OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
@@ -69,7 +69,7 @@ def _git_commit() -> str | None:
 
 
 def machine(device: torch.device) -> dict:
-    """shared.machine's record, and what a benchmark adds: the commit, the date, the peer's version."""
+    """pipeline.machine's record, and what a benchmark adds: the commit, the date, the peer's version."""
     info = {
         **describe_machine(device),
         "git_commit": _git_commit(),

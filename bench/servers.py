@@ -21,8 +21,8 @@ import tomli_w
 import torch
 
 from bench.config import BenchConfig
+from pipeline.health import free_port, wait_healthy
 from shared.checkpoint import Checkpoint, save_checkpoint
-from shared.health import free_port, wait_healthy
 from shared.models import build_model
 
 START_TIMEOUT_S = 120.0

@@ -33,10 +33,11 @@ from bench import servers
 from bench.context import Context
 from bench.results import Section, Table, Target
 from bench.timing import median, order
-from shared import codec, protocol, scrape
+from shared import codec, protocol
 from student_trainer.config import load_train_config
 from student_trainer.data import default_val_size
 from student_trainer.warm import warm
+from teacher_service import scrape
 
 COLUMNS = [
     "student",

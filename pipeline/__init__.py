@@ -10,6 +10,8 @@ trainer's config types); neither depends on it.
   demo     the stages: teachers, serve, students, evaluate, report
   report   RESULTS.md, results.json and the pictures, from the runs' own files
   cli      `akd demo`
+  health   a free port, and waiting for a service to answer /healthz (bench starts its services with it too)
+  machine  the machine a result was measured on, recorded beside it (the demo's report, bench's results)
 """
 
 

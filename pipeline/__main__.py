@@ -2,6 +2,6 @@
 
 import sys
 
-from shared.cli import main
+from akd.cli import main
 
 sys.exit(main(["demo", *sys.argv[1:]], prog="python -m pipeline"))

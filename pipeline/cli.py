@@ -81,4 +81,4 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": (add_demo_arguments, run_demo)}  # `akd` (shared/cli.py) names and describes it
+COMMANDS = {"demo": (add_demo_arguments, run_demo)}  # `akd` (akd/cli.py) names and describes it

@@ -15,6 +15,7 @@ Everything lands in one output folder (layout.Layout); a re-run reuses finished 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,15 +28,15 @@ import httpx
 from pydantic import ValidationError
 
 from pipeline import DemoError
+from pipeline.health import free_port, wait_healthy
 from pipeline.jobs import Job, Work, end_with_parent, epochs_done, job_env, module, run_jobs, say
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare_out, update_json
 from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
-from shared import scrape
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, read_toml
-from shared.health import free_port, wait_healthy
 from shared.protocol import METRICS_PATH
 from student_trainer.config import EVAL_ATTACK, AttackConfig, TrainConfig
+from teacher_service import scrape
 
 STAGES = ("teachers", "serve", "students", "evaluate", "report")
 
@@ -400,6 +401,9 @@ def serve_stage(out: Path, host: str, port: int) -> int:
     config = Layout(out).service_config
     if not config.exists():
         raise DemoError(f"{config} does not exist: run the teachers stage first")
-    from teacher_service.cli import main as serve_main
+    from teacher_service.cli import add_arguments, run
 
-    return serve_main(["--config", str(config), "--host", host, "--port", str(port)])
+    # `akd serve`'s own arguments and defaults; `akd demo` has set the allocator up already
+    parser = argparse.ArgumentParser(prog="akd serve")
+    add_arguments(parser)
+    return run(parser.parse_args(["--config", str(config), "--host", host, "--port", str(port)]))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pipeline import DemoError
 from pipeline.layout import Layout, read_stage_times
+from pipeline.machine import machine, machine_line
 from pipeline.plan import ENSEMBLE, Plan
-from shared.machine import machine, machine_line
-from shared.markdown import markdown_table
+from student_trainer.markdown import markdown_table
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
 COLUMNS = [

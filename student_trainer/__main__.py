@@ -2,6 +2,6 @@
 
 import sys
 
-from shared.cli import main
+from akd.cli import main
 
 sys.exit(main(prog="python -m student_trainer", commands=("train", "eval", "compare")))

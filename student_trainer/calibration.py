@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shared.figures import save_figure, subplots
+from student_trainer.figures import save_figure, subplots
 
 DEFAULT_BINS = 15
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from shared.configfile import ConfigError, add_set_argument, existing_folder_or_new, read_config_bytes
-from shared.markdown import markdown_table
 from student_trainer.attack_names import AUTOATTACK_VERSIONS, EVAL_ATTACKS
+from student_trainer.markdown import markdown_table
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +295,7 @@ def run_warm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {  # name: (add its arguments, run it); `akd` (shared/cli.py) names and describes them
+COMMANDS = {  # name: (add its arguments, run it); `akd` (akd/cli.py) names and describes them
     "train": (add_train_arguments, run_train),
     "warm": (add_warm_arguments, run_warm),
     "eval": (add_eval_arguments, run_eval),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from shared.atomic import replaced_atomically
-from shared.markdown import markdown_table
+from student_trainer.markdown import markdown_table
 
 KINDS = ("clean", "adv")
 UNSEEN = -1

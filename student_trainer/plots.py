@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.figures import save_figure, subplots
+from student_trainer.figures import save_figure, subplots
 
 # (panel title, [(metric key, line style)]); validation keys are null on epochs without evaluation.
 _PANELS = (

@@ -1,5 +1,7 @@
+"""`python -m teacher_service ...`: the same as `akd serve ...`."""
+
 import sys
 
-from teacher_service.cli import main
+from akd.cli import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]], prog="python -m teacher_service"))

@@ -105,7 +105,8 @@ def with_hit_rates(stores: list[Store], url: str, token: str | None) -> None:
     """Each namespace's hits and misses from a running service's /metrics (counted since it started)."""
     import httpx
 
-    from shared import protocol, scrape
+    from shared import protocol
+    from teacher_service import scrape
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -326,4 +327,4 @@ def _size(nbytes: int) -> str:
     return f"{size:,.1f} GB"
 
 
-COMMANDS = {"cache": (add_arguments, run)}  # for `akd cache` (shared/cli.py)
+COMMANDS = {"cache": (add_arguments, run)}  # for `akd cache` (akd/cli.py)

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from shared.allocator import keep_freed_memory_at_start
 from teacher_service.config import ConfigError, load_config
 
 
@@ -43,13 +42,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m teacher_service", description="Serve teacher soft targets.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if status := keep_freed_memory_at_start(parser.prog):  # `akd serve` has done this already, in shared/cli.py
-        return status
-    return run(args)
-
-
-COMMANDS = {"serve": (add_arguments, run)}  # for `akd serve` (shared/cli.py)
+COMMANDS = {"serve": (add_arguments, run)}  # for `akd serve` (akd/cli.py)

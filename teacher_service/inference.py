@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from shared.codec import to_unit_float
-from shared.ensemble import mean_logits
 from shared.protocol import NON_FINITE_OUTPUT, CacheMode
 from teacher_service.cache import LogitCache, MemberCache, namespace_name
+from teacher_service.ensemble import mean_logits
 from teacher_service.errors import ServiceError
 from teacher_service.metrics import Metrics
 from teacher_service.registry import Member, Teacher
@@ -285,7 +285,7 @@ def unanswerable(member_logits: torch.Tensor, weights: torch.Tensor) -> tuple[to
     """Rows no answer may be made of: (M, n) where a member's logits, and (n,) where (for rows every member passes)
     their weighted mean, are not finite or span more than float32 holds (max - min overflows).
 
-    Every output is made of the member logits and their weighted mean (shared.ensemble), whose softmax subtracts the
+    Every output is made of the member logits and their weighted mean (ensemble.py), whose softmax subtracts the
     row's max before tempering: with max - min finite, each tempered logit is in [-inf, 0] and the largest is 0, so
     the softmax is finite at any temperature a request may name (even one past float32's range). A row that passes
     gives finite outputs of every kind; one that fails is refused rather than answered.

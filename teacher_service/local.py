@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from shared.ensemble import aggregate_probs
 from shared.protocol import TeacherInfo
 from teacher_service.config import load_config
+from teacher_service.ensemble import aggregate_probs
 from teacher_service.inference import TeacherRunner
 from teacher_service.metrics import Metrics
 from teacher_service.registry import load_teachers

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from shared import codec, protocol
-from shared.ensemble import aggregate_probs, mean_logits
 from shared.protocol import AnswerQuery, CacheMode, ErrorBody, Output, SoftTargetsQuery, TeachersResponse
 from teacher_service.batcher import QueueFull
 from teacher_service.body import (
@@ -31,6 +30,7 @@ from teacher_service.body import (
     prepare_rows,
     read_body,
 )
+from teacher_service.ensemble import aggregate_probs, mean_logits
 from teacher_service.errors import ServiceError
 from teacher_service.inference import RowsResult
 from teacher_service.metrics import CONTENT_TYPE

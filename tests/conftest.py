@@ -19,9 +19,9 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.health import free_port, wait_healthy  # noqa: F401  (free_port: used by the tests)
 from shared import codec
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from shared.health import free_port, wait_healthy  # noqa: F401  (free_port: used by the tests)
 from shared.models import build_model
 from teacher_service.app import create_app
 from teacher_service.config import load_config

@@ -60,7 +60,7 @@ def test_kept_memory_serves_a_repeated_large_allocation_without_faulting_it_in_a
 
 
 def test_a_bad_akd_malloc_is_refused_by_name():
-    for command in (["-m", "shared.cli", "--help"], ["-m", "teacher_service", "--config", "x.toml"]):
+    for command in (["-m", "akd", "--help"], ["-m", "teacher_service", "--config", "x.toml"]):
         result = subprocess.run(
             [sys.executable, *command],
             cwd=ROOT,

@@ -33,9 +33,9 @@ from conftest import (
 )
 from safetensors.torch import save as st_save
 
-from shared import scrape
 from shared.codec import decode, encode_inputs
 from shared.protocol import HEADER_CACHE_HITS, INPUT_DTYPES
+from teacher_service import scrape
 
 MAX_BODY = 200_000
 MAX_ROWS = 64

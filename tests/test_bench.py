@@ -26,7 +26,7 @@ BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer",
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "akd", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 

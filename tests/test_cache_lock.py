@@ -75,7 +75,7 @@ def environment(cache_dir: str | None = None) -> dict[str, str]:
 def akd_cache(args: list[str], cwd: Path, cache_dir: str) -> subprocess.CompletedProcess:
     """`akd cache <args> --cache-dir cache_dir`, run from `cwd` to its end."""
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", *args, "--cache-dir", cache_dir],
+        [sys.executable, "-m", "akd", "cache", *args, "--cache-dir", cache_dir],
         cwd=cwd,
         env=environment(),
         capture_output=True,
@@ -90,7 +90,7 @@ def start_second(config: Path, cwd: Path, cache_dir: str, log: Path) -> tuple[in
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", "--config", str(config), "--port", str(port)],
+            [sys.executable, "-m", "akd", "serve", "--config", str(config), "--port", str(port)],
             cwd=cwd,
             env=environment(cache_dir),
             stdout=out,
@@ -147,7 +147,7 @@ def refusal_problem(code: int | None, output: str, folder: Path, holder: int) ->
     lines = [line for line in output.splitlines() if "in use by another teacher service" in line]
     if code != 2 or "Traceback" in output or len(lines) != 1 or not lines[0].startswith(wanted):
         return f"exit {code}: {output[-2000:]}"
-    if "shared.cli serve" not in lines[0] and "teacher_service" not in lines[0]:
+    if "-m akd serve" not in lines[0] and "teacher_service" not in lines[0]:
         return f"the holder's command is not named: {lines[0]}"
     return None
 

@@ -20,7 +20,7 @@ ROWS, CHUNK = 12, 8
 
 def akd_cache(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "cache", *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
+        [sys.executable, "-m", "akd", "cache", *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
     )
 
 

@@ -21,7 +21,7 @@ import yaml
 from conftest import HANG_S, REPO, free_port
 
 from bench.servers import nginx_balancer
-from shared import scrape
+from teacher_service import scrape
 
 BIN = Path(sys.executable).parent
 NGINX = shutil.which("nginx", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

@@ -33,8 +33,8 @@ import pytest
 import torch
 from conftest import HANG_S, copy_checkout, free_port
 
-from shared import scrape
-from shared.cli import SUBCOMMANDS
+from akd.cli import SUBCOMMANDS
+from teacher_service import scrape
 
 STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
 IMAGE = "akd:e2e-test"

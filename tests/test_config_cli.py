@@ -508,7 +508,7 @@ def test_unreadable_member_is_a_config_error(tmp_path, name, make):
 
 AKD_SCRIPT = Path(sys.executable).parent / "akd"
 COMMANDS = {
-    "python_m_shared_cli": [sys.executable, "-m", "shared.cli", "serve"],
+    "python_m_akd": [sys.executable, "-m", "akd", "serve"],
     "akd_script": [str(AKD_SCRIPT), "serve"],
     "python_m_teacher_service": [sys.executable, "-m", "teacher_service"],
 }
@@ -539,7 +539,7 @@ def _run_cli(argv: list[str], env: dict | None = None, timeout: float = HANG_S) 
 
 CLI_CASES = [
     *[(command, kind) for command in COMMANDS for kind in ("bad_field", "missing_member")],
-    ("python_m_shared_cli", "missing_config"),
+    ("python_m_akd", "missing_config"),
     ("akd_script", "invalid_toml"),
 ]
 
@@ -559,7 +559,7 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path, command, kind):
 
 
 def test_cli_needs_a_config(tmp_path):
-    result = _run_cli([*COMMANDS["python_m_shared_cli"]])
+    result = _run_cli([*COMMANDS["python_m_akd"]])
     assert result.returncode == 2
     assert "--config" in result.stderr and "Traceback" not in result.stderr
 
@@ -572,7 +572,7 @@ def test_cli_reads_the_config_path_from_akd_config(tmp_path):
 
 
 def test_cli_bad_flag_is_a_usage_error(tmp_path):
-    result = _run_cli([*COMMANDS["python_m_shared_cli"], "--config", "x.toml", "--port", "eighty"])
+    result = _run_cli([*COMMANDS["python_m_akd"], "--config", "x.toml", "--port", "eighty"])
     assert result.returncode == 2
     assert "--port" in result.stderr and "Traceback" not in result.stderr
 
@@ -662,7 +662,7 @@ def test_akd_serve_takes_port_and_cache_dir_from_the_environment(tmp_path, relat
 def test_akd_imports_only_the_subcommand_it_runs(argv, imported):
     """An image without bench once could not even serve (`from bench import cli` ran first): each side loads alone."""
     code = (
-        "import sys\nfrom shared.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom akd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'bench', 'student_trainer', 'teacher_service'}))"
     )
     done = _run_cli([sys.executable, "-c", code, *argv])

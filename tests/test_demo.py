@@ -23,7 +23,7 @@ NUMBERS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece")
 
 def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "akd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 
@@ -243,7 +243,7 @@ def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_pat
     """`kill PID`, and `timeout` or a terminal's Ctrl-C, which signal the whole process group, service included."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "akd", "demo", "--quick", "--out", str(out)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

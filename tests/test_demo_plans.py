@@ -20,7 +20,7 @@ from student_trainer.config import TrainConfig
 
 def akd(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "akd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 

@@ -251,7 +251,7 @@ def test_a_trainer_whose_teacher_overflows_ends_at_once_naming_the_member(tmp_pa
     with live_server(config) as (base, _):
         sets += [f"out_dir={out}", f"teacher.url={base}", "teacher.give_up_after_s=2"]
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+            [sys.executable, "-m", "akd", "train", *[f"--set={s}" for s in sets]],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -7,10 +7,10 @@ import torch
 
 from shared import codec
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from shared.ensemble import aggregate_probs, mean_logits, normalised_weights
 from shared.hashing import file_version, row_keys
 from shared.models import build_model
 from shared.protocol import Aggregate, Output, parse_outputs
+from teacher_service.ensemble import aggregate_probs, mean_logits, normalised_weights
 
 
 def test_ensemble_matches_hand_computation():

@@ -18,8 +18,8 @@ from conftest import (
     write_config,
 )
 
-from shared.ensemble import aggregate_probs, normalised_weights
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, TeacherRequestError, TeacherUnavailable
+from teacher_service.ensemble import aggregate_probs, normalised_weights
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 def akd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=HANG_S, cwd=REPO
+        [sys.executable, "-m", "akd", *args], capture_output=True, text=True, timeout=HANG_S, cwd=REPO
     )
 
 
@@ -311,7 +311,7 @@ def test_akd_train_resume_after_kill_9(tmp_path):
     out = tmp_path / "run"
     sets = ["limit_train=256", "val_size=100", "epochs=3", "batch_size=64", "attack.steps=2", f"out_dir={out}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+        [sys.executable, "-m", "akd", "train", *[f"--set={s}" for s in sets]],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -410,7 +410,7 @@ def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resu
         tmp_path / "train.err", "w+"
     ) as err:  # a file, not a pipe: the run's log lines can never fill it and block the run
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+            [sys.executable, "-m", "akd", "train", *[f"--set={s}" for s in sets]],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=err,

@@ -26,10 +26,9 @@ import torch
 import uvicorn
 from conftest import HANG_S, REPO, mnist_teacher, save_member, write_config
 
+from pipeline.health import wait_healthy
 from shared import codec, protocol
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.ensemble import aggregate_probs, normalised_weights
-from shared.health import wait_healthy
 from shared.protocol import Aggregate, ErrorBody, ErrorDetail, MemberInfo, TeacherInfo, TeachersResponse
 from student_trainer.teacher_client import (
     BadAnswer,
@@ -38,6 +37,7 @@ from student_trainer.teacher_client import (
     checked_probs,
     row_sum_tolerance,
 )
+from teacher_service.ensemble import aggregate_probs, normalised_weights
 
 BATCH = 16
 TINY = ["limit_train=32", "val_size=16", f"batch_size={BATCH}", "attack.steps=1", "epochs=1", "method=akd"]
@@ -171,7 +171,7 @@ def akd_train(tmp_path, *sets: str) -> tuple[int, str]:
     """`akd train` to its end: its exit code and its stderr (a file, not a pipe, so that its log never blocks it)."""
     with open(tmp_path / "train.err", "w+") as err:
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "train", *[f"--set={s}" for s in sets]],
+            [sys.executable, "-m", "akd", "train", *[f"--set={s}" for s in sets]],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -294,7 +294,7 @@ def test_a_poisoned_answer_keeps_the_last_good_checkpoint_and_the_run_resumes_fr
     assert all(torch.isfinite(t).all() for t in last.state_dict.values() if t.is_floating_point())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     resumed = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "train", "--resume", str(out)],
+        [sys.executable, "-m", "akd", "train", "--resume", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -422,7 +422,7 @@ def test_a_local_teacher_with_nan_weights_ends_the_run(tmp_path):
 
 
 def service_rows(classes: int, members: int, seed: int = 0) -> torch.Tensor:
-    """Rows as the service computes them (shared.ensemble, float32), of trained-teacher-like logits."""
+    """Rows as the service computes them (teacher_service.ensemble, float32), of trained-teacher-like logits."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(members, 256, classes, generator=g) * 8
     return aggregate_probs(logits, normalised_weights(torch.rand(members, generator=g).add(0.1)), 1.0)

@@ -360,7 +360,7 @@ def test_akd_refuses_a_crafted_export_in_one_line(tmp_path, honest_export, comma
             str(tmp_path / "e.json"),
         ]
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
+        [sys.executable, "-m", "akd", *argv], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "pickled Python object" in done.stderr

@@ -19,7 +19,7 @@ from student_trainer.train import train
 
 def akd_warm(*args: str, command: tuple[str, ...] = ("warm",)) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *command, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
+        [sys.executable, "-m", "akd", *command, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
     )
 
 

@@ -1,4 +1,4 @@
-"""Starting a teacher service and knowing when it is ready: used by the demo and by the tests."""
+"""Starting a teacher service and knowing when it is ready: used by the demo, the benchmarks and the tests."""
 
 from __future__ import annotations
 

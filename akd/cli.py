@@ -3,7 +3,7 @@
 The subcommands are named here as data, with the module that implements each, so that
 `akd serve` imports the service and nothing else: an image or a machine that holds only
 what serving needs still runs it, and `akd --help` imports no side at all. Each module
-declares `COMMANDS = {name: (add_arguments, run)}`.
+declares `COMMANDS = {name: (add_arguments, run)}`. `python -m akd`, and each side's `python -m`, run `main`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,3 @@ def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, 
     args = parser.parse_args(argv)
     args.argv = argv[1:]  # after the subcommand: how a run records its command
     return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.results import OPS, Section
+from bench.sections import OPS, Section
 from shared.figures import save_figure, subplots
 from shared.markdown import markdown_table
 

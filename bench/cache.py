@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bench.context import Context
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.timing import alternate, median, order, timed
 from shared.hashing import KEY_BYTES
 from shared.protocol import CacheMode

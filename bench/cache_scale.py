@@ -33,7 +33,7 @@ import torch
 from bench import servers
 from bench.config import CacheScaleSpec, TeacherSpec
 from bench.context import Context
-from bench.results import Section, Table, Target
+from bench.sections import Section, Table, Target
 from bench.timing import MAX_REPETITIONS, alternate, median
 from shared import codec, protocol
 from shared.hashing import KEY_BYTES, file_version

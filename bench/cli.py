@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from bench import cache, cache_scale, end_to_end, overhead, peer, report, scale_out, sharing, transport, warm
     from bench.config import load_bench_config
     from bench.context import Context
-    from bench.results import machine
+    from bench.sections import machine
     from shared.devices import resolve_device
 
     modules = {

@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from bench.context import Context
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.timing import alternate, median
 from shared.codec import to_unit_float
 from student_trainer.config import AttackConfig, TeacherRef, TrainConfig

@@ -13,7 +13,7 @@ import httpx
 import torch
 
 from bench.context import Context
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.timing import alternate, median
 from shared import protocol
 from shared.protocol import CacheMode

@@ -11,7 +11,7 @@ from bench import sharing
 from bench.context import Context
 from bench.litserve_app import PREDICT_PATH, request_json
 from bench.load import Request
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.servers import ServerProcess
 from bench.sharing import Load, Server, cores_text, loads, measure, summary
 

@@ -29,7 +29,7 @@ import torch
 from bench import servers
 from bench.context import Context
 from bench.load import LoadResult, Request, closed_loop
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.servers import ServerProcess
 from bench.sharing import Load, input_files, summary
 from bench.timing import order, percentile

@@ -17,7 +17,7 @@ import torch
 from bench.config import LoadSpec
 from bench.context import Context
 from bench.load import LoadResult, Request, closed_loop
-from bench.results import Section, Target
+from bench.sections import Section, Target
 from bench.servers import ServerProcess
 from bench.timing import median, order, percentile
 from shared import codec, protocol

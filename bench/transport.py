@@ -14,7 +14,7 @@ import httpx
 import torch
 
 from bench.context import Context
-from bench.results import Section
+from bench.sections import Section
 from bench.timing import alternate, median
 from shared import codec, protocol
 

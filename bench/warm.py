@@ -31,7 +31,7 @@ import torch
 
 from bench import servers
 from bench.context import Context
-from bench.results import Section, Table, Target
+from bench.sections import Section, Table, Target
 from bench.timing import median, order
 from shared import codec, protocol
 from student_trainer.config import load_train_config

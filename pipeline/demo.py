@@ -299,9 +299,9 @@ class Demo:
     # -- report -----------------------------------------------------------------------------
 
     def stage_report(self) -> str:
-        from pipeline.report import write_report
+        from pipeline.report import ReportInputs, write_report
 
-        return write_report(self)
+        return write_report(ReportInputs(plan=self.plan, layout=self.layout, command=self.command))
 
 
 def _own_session_ending_with_parent() -> None:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import plans
 from shared.configfile import ConfigError, Count, StrictConfig, read_toml, validated
-from student_trainer.config import DISTILLATION_METHODS, AttackConfig, TrainConfig, apply_sets, resolve_file_paths
+from student_trainer.config import AttackConfig, TrainConfig, apply_sets, resolve_file_paths
+from student_trainer.methods import DISTILLATION_METHODS
 
 ENSEMBLE = "ensemble"
 LAST = "-last"

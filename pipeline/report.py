@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +35,16 @@ RUN_COLUMNS = [
 EVAL_KEYS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "autoattack_n")
 OVERFITTING_WINDOW = 5  # epochs averaged at each end of the best-vs-final gap
 OVERFITTING_POINTS = 0.03  # the gap (PGD-AT's, mean over seeds) from which a regime counts as robust overfitting
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """All the report reads besides the runs' files: the plan, where its runs live, and the command it was run with
+    (the demo builds it; the report depends on nothing else of the demo)."""
+
+    plan: Plan
+    layout: Layout
+    command: str
 
 
 def overfitting_gap(values: list[float], window: int = OVERFITTING_WINDOW) -> dict:
@@ -347,9 +358,9 @@ def service_line(service: dict) -> str:
     )
 
 
-def write_report(demo) -> str:
+def write_report(inputs: ReportInputs) -> str:
     """RESULTS.md and results.json from the runs' files; the robust-overfitting picture leads."""
-    layout, plan = demo.layout, demo.plan
+    layout, plan = inputs.layout, inputs.plan
     finished = [s for s in plan.students if all(evaluated(layout.student(s.name, seed)) for seed in plan.seeds)]
     if not finished or not all(evaluated(layout.teacher(name)) for name in plan.teacher_names):
         raise DemoError(
@@ -366,7 +377,7 @@ def write_report(demo) -> str:
         **teachers,
         **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(plan.seeds, runs)},
     }
-    header = [*_header(demo, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
+    header = [*_header(inputs, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
     if unfinished:
         header.append(
             "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go "
@@ -376,7 +387,7 @@ def write_report(demo) -> str:
     text = "\n".join(["# akd demo: results", "", *header, "", *_sections(layout, plan, students, teachers, service)])
     (layout.root / "RESULTS.md").write_text(text)
     raw = {
-        "command": demo.command,
+        "command": inputs.command,
         "machine": machine_line(machine()),
         "students": students,
         "teachers": teachers,
@@ -438,10 +449,10 @@ def evaluated(run_dir: Path) -> bool:
     return all((run_dir / name).exists() for name in ("metrics.jsonl", "eval.json", "eval-final.json"))
 
 
-def _header(demo, stage_times: dict, evaluation: dict) -> list[str]:
-    plan = demo.plan
+def _header(inputs: ReportInputs, stage_times: dict, evaluation: dict) -> list[str]:
+    plan = inputs.plan
     return [
-        f"- command: `{demo.command}`",
+        f"- command: `{inputs.command}`",
         f"- machine: {machine_line(machine())}",
         f"- finished: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
         time_line(stage_times),

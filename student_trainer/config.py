@@ -27,13 +27,11 @@ from shared.configfile import (
 from shared.models import ARCHITECTURES
 from shared.protocol import CacheMode
 from student_trainer.data import DATASETS
-from student_trainer.losses import METHODS
+from student_trainer.methods import DISTILLATION_METHODS, METHOD_NAMES
 
 # The classic L-inf radius per dataset: 0.3 for MNIST (Madry et al.), 8/255 on colour images.
 # mnist5k has 3,500 training images, so it defaults to the lighter 0.1.
 DEFAULT_EPS = {"mnist5k": 0.1, "mnist": 0.3, "cifar10": 8 / 255, "cifar100": 8 / 255, "svhn": 8 / 255}
-METHOD_NAMES = tuple(METHODS)  # registered where each method is defined (losses.py)
-DISTILLATION_METHODS = tuple(name for name, method in METHODS.items() if method.distils)
 
 
 _REGISTRIES = {

@@ -4,7 +4,8 @@ Standard, PGD-AT, TRADES, AKD, ARD, RSLAD and IAD-I, with the formulas and defau
 their papers. A method gets one `Step` (the student, a clean batch, the threat model as a
 `PGD`, the teacher's `SoftTargets`, the run's config) and returns the loss to backpropagate plus what the
 trainer logs. The formulas are public pure functions so each can be checked against a hand
-computation; the registry (`METHODS`) is where the config's list of method names comes from.
+computation. Which methods there are, and which distil a teacher, is methods.py's list: `METHODS` binds each
+name on it to its step.
 
 Conventions: KL(P || Q) sums over classes and averages over the batch (not torch's
 element-wise mean); the teacher's probabilities are constants (no gradient, called
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from student_trainer.attacks import PGD, attack_mode, ce_loss, kl_loss
+from student_trainer.methods import DISTILS
 
 if TYPE_CHECKING:
     from student_trainer.config import TrainConfig
@@ -70,11 +72,11 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, distils: bool = False) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
-    """Register a method's step function under `name` (the config's `method`)."""
+def method(name: str) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
+    """Register a method's step function under `name`, one of methods.py's (whether it distils comes from there)."""
 
     def register(step: Callable[[Step], StepResult]) -> Callable[[Step], StepResult]:
-        METHODS[name] = Method(name, distils, step)
+        METHODS[name] = Method(name, DISTILS[name], step)
         return step
 
     return register
@@ -188,7 +190,7 @@ def _trades(step: Step) -> StepResult:
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-@method("akd", distils=True)
+@method("akd")
 def _akd(step: Step) -> StepResult:
     """soft-CE(S(x'), alpha * p_T(x') + (1 - alpha) * onehot(y)), the teacher on the student's own x'.
 
@@ -202,7 +204,7 @@ def _akd(step: Step) -> StepResult:
     return _result(soft_cross_entropy(logits_adv, q), logits_adv, x_adv)
 
 
-@method("ard", distils=True)
+@method("ard")
 def _ard(step: Step) -> StepResult:
     """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term."""
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
@@ -212,7 +214,7 @@ def _ard(step: Step) -> StepResult:
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-@method("rslad", distils=True)
+@method("rslad")
 def _rslad(step: Step) -> StepResult:
     """RSLAD with label mixing: P = alpha * p_T(x) + (1 - alpha) * onehot(y) (alpha = 1: plain RSLAD);
     x' maximises KL(P || p(S(x'))); loss 5/6 KL(P || p(S(x'))) + 1/6 KL(P || p(S(x))). tau = 1 on the student."""
@@ -223,7 +225,7 @@ def _rslad(step: Step) -> StepResult:
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-@method("iad", distils=True)
+@method("iad")
 def _iad(step: Step) -> StepResult:
     """IAD-I: ARD's loss, plus from the warm-up epoch on alpha * mean_i (1 - a_i) KL(p(S(x_i)) || p(S(x'_i))).
 

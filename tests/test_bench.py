@@ -270,7 +270,7 @@ def test_repeat_runs_each_benchmark_whole_and_judges_targets_on_the_median(tmp_p
 
 def test_a_target_missing_from_a_run_is_judged_on_the_runs_that_measured_it():
     from bench.report import repeated_targets
-    from bench.results import Section, Target
+    from bench.sections import Section, Target
 
     def run(*values):
         return [Section("x", "X", "", [], targets=[Target(f"t{i}", ">=", 1.0, v) for i, v in enumerate(values)])]

@@ -23,6 +23,7 @@ from student_trainer.losses import (
     mix_labels,
     soft_cross_entropy,
 )
+from student_trainer.methods import METHOD_NAMES
 
 LN2 = math.log(2)
 SHAPE = (1, 4, 4)
@@ -262,6 +263,11 @@ def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError) as info:
         get_method("nope")
     assert all(name in str(info.value) for name in ("standard", "at", "trades", "akd", "ard", "rslad", "iad"))
+
+
+def test_every_listed_method_has_a_step_and_no_other():
+    """methods.py's list is what the config accepts: each name on it trains, in the same order error messages use."""
+    assert tuple(METHODS) == METHOD_NAMES
 
 
 def test_the_methods_knobs_are_validated_with_the_run_config():

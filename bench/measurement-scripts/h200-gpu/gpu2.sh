@@ -10,6 +10,6 @@ timeout 120 python3 -m shared.cli bench --config bench/results/h200-gpu/gpu-chec
 cp /tmp/chk/RESULTS.md /tmp/chk/results.json $OUT/; grep -E "^\| (1|3)\. " /tmp/chk/RESULTS.md; grep -E "^\| small_cnn \| (8|16|1) x|^\| preact" /tmp/chk/RESULTS.md
 el "process clients"
 python3 -c "from bench.config import load_bench_config; from bench.servers import write_teachers; from pathlib import Path; write_teachers(Path('/tmp/w'), load_bench_config('gpu'), 2.0)"
-timeout 50 python3 bench/results/h200-gpu/process_clients.py --config /tmp/w/teachers.toml --teacher small_cnn --device cuda --seconds 5 --out /tmp/pc --loads 1x128,8x16 2>&1
+timeout 50 python3 bench/measurement-scripts/h200-gpu/process_clients.py --config /tmp/w/teachers.toml --teacher small_cnn --device cuda --seconds 5 --out /tmp/pc --loads 1x128,8x16 2>&1
 cp /tmp/pc/process-clients-small_cnn.json $OUT/
 el done

@@ -1,8 +1,8 @@
 """Kept from the lent GPU (bench/results/h200-gpu): the sharing load with every client its own process, as trainers
 are; the service's CPU per thread and per request, from /proc; and a py-spy profile of the service under 8 x 16.
 
-    python bench/results/h200-gpu/process_clients.py --config TEACHERS.toml --teacher small_cnn --device cuda \
-        --seconds 8 --out DIR [--pyspy PATH-TO-PY-SPY]
+    python bench/measurement-scripts/h200-gpu/process_clients.py --config TEACHERS.toml --teacher small_cnn \
+        --device cuda --seconds 8 --out DIR [--pyspy PATH-TO-PY-SPY]
 
 TEACHERS.toml: what `bench.servers.write_teachers` writes for a benchmark config (gpu.sh shows how).
 """

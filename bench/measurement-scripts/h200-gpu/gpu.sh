@@ -13,7 +13,7 @@ nvidia-smi -L; nproc; python3 -c "import torch, fastapi, zarr, litserve, uvicorn
 mkdir -p $OUT/fp32 $OUT/bf16 $OUT/procs
 el "process clients"
 python3 -c "from bench.config import load_bench_config; from bench.servers import write_teachers; from pathlib import Path; write_teachers(Path('/tmp/w'), load_bench_config('gpu'), 2.0)"
-timeout 170 python3 bench/results/h200-gpu/process_clients.py --config /tmp/w/teachers.toml --teacher small_cnn --device cuda --seconds 6 --out /tmp/pc --pyspy /tmp/site/bin/py-spy 2>&1 | grep -v "^py-spy>"
+timeout 170 python3 bench/measurement-scripts/h200-gpu/process_clients.py --config /tmp/w/teachers.toml --teacher small_cnn --device cuda --seconds 6 --out /tmp/pc --pyspy /tmp/site/bin/py-spy 2>&1 | grep -v "^py-spy>"
 cp /tmp/pc/process-clients-small_cnn.json /tmp/pc/pyspy-small_cnn-8x16.txt $OUT/procs/
 el "bench fp32"
 timeout 280 python3 -m shared.cli bench --config gpu --device cuda --only overhead,cache,sharing,transport,peer --out /tmp/fp32 > /tmp/fp32.log 2>&1; echo rc=$?

@@ -6,15 +6,9 @@ import json
 import statistics
 from pathlib import Path
 
-<<<<<<< HEAD
-from bench.results import OPS, Section
+from bench.sections import OPS, Section
 from student_trainer.figures import save_figure, subplots
 from student_trainer.markdown import markdown_table
-=======
-from bench.sections import OPS, Section
-from shared.figures import save_figure, subplots
-from shared.markdown import markdown_table
->>>>>>> wt-trainer
 
 
 def _cell(value) -> str:

@@ -47,7 +47,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Protocol, get_args, get_origin, get_type_hints
 
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -63,9 +63,6 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from teacher_service.errors import error_response
-
-if TYPE_CHECKING:
-    from teacher_service.server import Guards
 
 log = logging.getLogger("akd.service")
 
@@ -232,10 +229,22 @@ def _plain(depends: Depends, endpoint: Callable) -> Dependency:
     return fn
 
 
+class ConnectionGuards(Protocol):
+    """What GuardedProtocol enforces, as one server sets it (server.Guards): limits and the responses that say so."""
+
+    max_connections: int
+    timeout_header_s: float
+    max_header_bytes: int
+    head_timeout_response: bytes
+    head_too_large_response: bytes
+
+    async def over_limit(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the head deadline, head size bound and connection limit of `guards`."""
 
-    guards: ClassVar[Guards]  # set on the subclass server.guarded_protocol makes for one server
+    guards: ClassVar[ConnectionGuards]  # set on the subclass server.guarded_protocol makes for one server
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

@@ -36,7 +36,7 @@ SUBCOMMANDS = {
     ),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
     "cache": Subcommand(
-        "teacher_service.cache_tools",
+        "teacher_service.cache.tools",
         "a teacher service's cache: stats, verify its rows, gc stale member versions (and `akd cache warm`)",
     ),
 }

@@ -19,7 +19,8 @@ from bench.timing import alternate, median, order, timed
 from shared.hashing import KEY_BYTES
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import RemoteTeacher
-from teacher_service.cache import LogitCache
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 
 TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0
 
@@ -139,7 +140,9 @@ def write_times(
     for rep in range(warmup + repetitions):
         for mode in order(list(times), rep):
             folder = workdir / f"{classes}-{batch}-{mode}-{rep}"
-            cache = LogitCache(str(folder), max_bytes=1 << 40, chunk_rows=chunk_rows, durable=mode == "on")
+            cache = LogitCache(
+                str(folder), CacheSettings(max_bytes=1 << 40, chunk_rows=chunk_rows, durable=mode == "on")
+            )
             ns = cache.namespace("bench", classes)
 
             def commit_all(ns=ns, cache=cache) -> None:

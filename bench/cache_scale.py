@@ -40,10 +40,11 @@ from shared.hashing import KEY_BYTES, file_version
 from shared.models import build_model
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import RemoteTeacher
-from teacher_service.cache import LogitCache, row_bytes
+from teacher_service.cache.row_formats import FLOAT32, RowFormat, row_format
+from teacher_service.cache.rows import row_bytes
+from teacher_service.cache.settings import RESIDENT_BYTES, CacheSettings
+from teacher_service.cache.store import LogitCache
 from teacher_service.ensemble import aggregate_probs
-from teacher_service.key_index import RESIDENT_BYTES
-from teacher_service.row_formats import FLOAT32, RowFormat, row_format
 
 TARGET_FROM_DISK = 0.5  # hit rows/s read back from the store, at least half those held in memory
 TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0  # and at least 20x recomputing PreActResNet-18
@@ -213,7 +214,7 @@ def fill_store(folder: Path, version: str, classes: int, rows: int, chunk_rows: 
     """Seconds to write `rows` rows into a fresh store's float32 namespace `version` through LogitCache."""
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
-    cache = LogitCache(str(folder), max_bytes=1 << 40, chunk_rows=chunk_rows, memory_bytes=0)
+    cache = LogitCache(str(folder), CacheSettings(max_bytes=1 << 40, chunk_rows=chunk_rows, memory_bytes=0))
     ns = cache.namespace(version, classes)
     for i, start in enumerate(range(0, rows, FILL_BATCH)):
         keys, logits = stored_rows(np.arange(start, min(rows, start + FILL_BATCH)), classes, seed)

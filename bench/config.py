@@ -11,8 +11,8 @@ from pydantic import Field, model_validator
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
+from teacher_service.cache.row_formats import row_format
 from teacher_service.config import ServerConfig
-from teacher_service.row_formats import row_format
 
 PRESETS = ("full", "quick", "tiny", "gpu")
 # What each benchmark sets on its servers itself: a `[server]` table in a benchmark config may not.

@@ -1,4 +1,4 @@
-"""What a random row read back from the store costs, each way the cache could read it (teacher_service.chunk_files).
+"""What a random row read back from the store costs, each way the cache could read it (cache.chunk_files).
 
 python scripts/chunk_read_cost.py            # 1,310,720 rows of 10 float32 logits, 512 random rows a read
 
@@ -21,7 +21,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from teacher_service.chunk_files import ChunkFiles  # noqa: E402
+from teacher_service.cache.chunk_files import ChunkFiles  # noqa: E402
 
 CHUNK = 1024
 LAYOUTS = {

@@ -32,7 +32,10 @@ from bench.cache_scale import KeysClient, fill_store, stored_rows, sweep_positio
 from shared.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from shared.hashing import file_version  # noqa: E402
 from shared.models import build_model  # noqa: E402
-from teacher_service.cache import ROW_READ_ARRAYS, LogitCache, row_checks  # noqa: E402
+from teacher_service.cache.reads import ROW_READ_ARRAYS  # noqa: E402
+from teacher_service.cache.rows import row_checks  # noqa: E402
+from teacher_service.cache.settings import CacheSettings  # noqa: E402
+from teacher_service.cache.store import LogitCache  # noqa: E402
 
 SHAPE, CLASSES, BOUND = (1, 28, 28), 10, 8 << 20
 
@@ -100,7 +103,7 @@ def in_process(store: Path, version: str, args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     batches = [stored_rows(rng.integers(0, args.rows, args.batch), CLASSES, 1) for _ in range(args.requests)]
     parts: dict[str, list[float]] = {"get": [], "the index's lookup": [], "the logits read alone": [], "checksums": []}
-    cache = LogitCache(str(store), max_bytes=1 << 40, memory_bytes=BOUND, index_memory_bytes=BOUND)
+    cache = LogitCache(str(store), CacheSettings(max_bytes=1 << 40, memory_bytes=BOUND, index_memory_bytes=BOUND))
     ns = cache.namespace(version, CLASSES)
     for i, (keys, expected) in enumerate(batches):  # a fresh batch each time: `get` and its parts, in turn
         asked = [k.tobytes() for k in keys]
@@ -113,7 +116,7 @@ def in_process(store: Path, version: str, args: argparse.Namespace) -> int:
         started = time.perf_counter()
         rows, checks = ns._index.locate(keys)
         located = time.perf_counter()
-        (logits,), read = ns._files.rows(rows // ns.chunk_rows, rows % ns.chunk_rows, ROW_READ_ARRAYS)
+        (logits,), read = ns._reader.files.rows(rows // ns.chunk_rows, rows % ns.chunk_rows, ROW_READ_ARRAYS)
         read_at = time.perf_counter()
         sound = row_checks(ns.version, keys, logits) == checks
         checked = time.perf_counter()
@@ -121,7 +124,9 @@ def in_process(store: Path, version: str, args: argparse.Namespace) -> int:
             parts[name].append(seconds)
         assert (rows >= 0).all() and read.all() and sound.all() and np.array_equal(logits, expected)
     cache.close()
-    mirror = LogitCache(str(store), max_bytes=1 << 40, memory_bytes=2 * args.rows * 65, index_memory_bytes=1 << 30)
+    mirror = LogitCache(
+        str(store), CacheSettings(max_bytes=1 << 40, memory_bytes=2 * args.rows * 65, index_memory_bytes=1 << 30)
+    )
     ns = mirror.namespace(version, CLASSES)
     for positions in sweep_positions(args.rows, 4096, None):
         ns.get([k.tobytes() for k in stored_rows(positions, CLASSES, 1)[0]])

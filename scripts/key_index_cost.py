@@ -1,4 +1,4 @@
-"""What the cache's row index costs: key_index.KeyIndex against a dict of keys, for N random keys.
+"""What the cache's row index costs: teacher_service.cache.key_index.KeyIndex against a dict of keys, for N random keys.
 
 python scripts/key_index_cost.py            # 1,000,000 keys: bytes a row, build time, a 512-key lookup
 
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from teacher_service.key_index import KeyIndex  # noqa: E402
+from teacher_service.cache.key_index import KeyIndex  # noqa: E402
 
 
 def measured(build):

@@ -21,15 +21,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from teacher_service.device_pool import DevicePool, DeviceWorker
 from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import Metrics
-
-if TYPE_CHECKING:
-    from teacher_service.service import DevicePool, DeviceWorker
 
 
 class QueueFull(Exception):

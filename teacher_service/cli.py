@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from teacher_service.app import create_app
-    from teacher_service.cache import StoreLocked
+    from teacher_service.cache.folder_lock import StoreLocked
     from teacher_service.server import uvicorn_options
 
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

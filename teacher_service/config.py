@@ -24,10 +24,9 @@ from shared.configfile import (
     validated,
 )
 from shared.protocol import Aggregate
-from teacher_service.cache import MEMORY_BYTES
-from teacher_service.cache_location import cache_location
-from teacher_service.key_index import RESIDENT_BYTES
-from teacher_service.row_formats import row_format
+from teacher_service.cache.location import cache_location
+from teacher_service.cache.row_formats import row_format
+from teacher_service.cache.settings import MEMORY_BYTES, RESIDENT_BYTES
 
 __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "TeacherConfig", "load_config"]
 

@@ -25,7 +25,9 @@ import torch
 
 from shared.codec import to_unit_float
 from shared.protocol import NON_FINITE_OUTPUT, CacheMode
-from teacher_service.cache import LogitCache, MemberCache, namespace_name
+from teacher_service.cache.member import MemberCache
+from teacher_service.cache.row_formats import namespace_name
+from teacher_service.cache.store import LogitCache
 from teacher_service.ensemble import mean_logits
 from teacher_service.errors import ServiceError
 from teacher_service.metrics import Metrics

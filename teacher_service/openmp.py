@@ -9,9 +9,9 @@ forward at batch 32 took 16 to 17 ms against 9 to 11 ms in the caller's process,
 section 10; `python scripts/forward_profile.py --modes keep --arch small_cnn --batch 32`).
 
 So a CPU device's thread is the only one that runs parallel CPU ops with torch's intra-op threads (it loads and
-probes the teachers too: `service.DeviceWorker`); the event loop's thread and the threads that code request bodies run
-theirs serially, on themselves (`serial_cpu_ops`). Their work is per request and small: decoding, a softmax over its
-rows.
+probes the teachers too: `device_pool.DeviceWorker`); the event loop's thread and the threads that code request bodies
+run theirs serially, on themselves (`serial_cpu_ops`). Their work is per request and small: decoding, a softmax over
+its rows.
 
 A GPU's thread runs its CPU ops serially too (`device_thread_setup`): they are a batch's gathering and placing of
 rows, small beside the copy to the device, and a team for them spins. On a lent 16-core H200 the service's

@@ -19,7 +19,7 @@ from shared.checkpoint import load_checkpoint
 from shared.hashing import file_version
 from shared.protocol import MemberInfo, TeacherInfo
 from shared.safe_load import first_line, load_export, not_a_model_file, refused_pickle, weights_only_unpickling
-from teacher_service.cache import namespace_name
+from teacher_service.cache.row_formats import namespace_name
 from teacher_service.config import ConfigError, MemberConfig, ServiceConfig, TeacherConfig
 from teacher_service.ensemble import normalised_weights
 

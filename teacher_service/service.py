@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,15 @@ from fastapi import Request
 from shared import protocol
 from shared.devices import resolve_device
 from teacher_service.batcher import Batcher
-from teacher_service.cache import LogitCache, claim_slot
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.slots import claim_slot
+from teacher_service.cache.store import LogitCache
 from teacher_service.config import ServerConfig, ServiceConfig
+from teacher_service.device_pool import DevicePool, DeviceWorker
 from teacher_service.errors import ServiceError
-from teacher_service.inference import Rows, RowsResult, TeacherRunner
+from teacher_service.inference import TeacherRunner
 from teacher_service.metrics import Metrics
-from teacher_service.openmp import device_thread_setup, serial_cpu_ops
+from teacher_service.openmp import serial_cpu_ops
 from teacher_service.registry import Teacher, load_teachers
 
 # Threads that decode large bodies and encode large answers: CPU work that holds the GIL for much of it, so more
@@ -77,65 +79,6 @@ class Held:
         self.budget.used += n
         self.bytes += n
         self.budget._metrics.inflight_bytes.set(self.budget.used)
-
-
-class DeviceWorker:
-    """One device: its own copy of the teachers (a runner each) and its own thread for their forward passes.
-
-    The cache has one owner whatever the number of devices: every lookup and insert runs on `cache_executor`.
-    With one device that is the worker's own thread, so a batch runs start to end on it as one task; with several,
-    a batch's cache steps go to the shared cache thread and only its forward passes to the device's thread.
-
-    The teachers are loaded, and their start-up forward passes run, on that thread too: a thread that runs a parallel
-    CPU op keeps an OpenMP team of its own, and a second team slows every forward pass (openmp.py).
-    """
-
-    def __init__(
-        self,
-        label: str,
-        device: torch.device,
-        load_runners: Callable[[torch.device], dict[str, TeacherRunner]],
-        cache_executor: ThreadPoolExecutor | None,
-        metrics: Metrics,
-    ):
-        self.label, self.device = label, device
-        self._batches = metrics.device_batches.labels(label)
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"akd-inference-{device}", initializer=device_thread_setup(device)
-        )
-        try:
-            self.runners = self.executor.submit(load_runners, device).result()
-        except BaseException:
-            self.executor.shutdown()
-            raise
-        self.cache_executor = cache_executor or self.executor
-
-    async def run(self, teacher: str, batch: list[Rows]) -> list[RowsResult]:
-        loop, runner = asyncio.get_running_loop(), self.runners[teacher]
-        self._batches.inc()
-        if self.cache_executor is self.executor:
-            return await loop.run_in_executor(self.executor, runner.run, batch)
-        work = await loop.run_in_executor(self.cache_executor, runner.lookup, batch)
-        work = await loop.run_in_executor(self.executor, runner.compute, work)
-        return await loop.run_in_executor(self.cache_executor, runner.finish, work)
-
-
-class DevicePool:
-    """The idle devices, shared by every teacher's batcher: a batch waits for one, then has it to itself."""
-
-    def __init__(self, workers: list[DeviceWorker]):
-        self.workers = workers
-        self._idle: asyncio.Queue[DeviceWorker] | None = None
-
-    async def acquire(self) -> DeviceWorker:
-        if self._idle is None:  # made on the event loop that uses it
-            self._idle = asyncio.Queue()
-            for worker in self.workers:
-                self._idle.put_nowait(worker)
-        return await self._idle.get()
-
-    def release(self, worker: DeviceWorker) -> None:
-        self._idle.put_nowait(worker)
 
 
 @dataclass
@@ -226,19 +169,19 @@ def build_service(config: ServiceConfig) -> Service:
 
 
 def _open_cache(server: ServerConfig) -> LogitCache | None:
-    settings = (
-        server.cache_max_bytes,
-        server.cache_chunk_rows,
-        server.cache_durable,
-        server.cache_memory_bytes,
-        server.cache_when_full == "evict",
-        server.cache_index_memory_bytes,
+    settings = CacheSettings(
+        max_bytes=server.cache_max_bytes,
+        chunk_rows=server.cache_chunk_rows,
+        durable=server.cache_durable,
+        memory_bytes=server.cache_memory_bytes,
+        when_full=server.cache_when_full,
+        index_memory_bytes=server.cache_index_memory_bytes,
     )
     if server.cache_dir is None:
         return None
     if server.cache_slots is not None:
-        return claim_slot(Path(server.cache_dir), server.cache_slots, *settings)
-    return LogitCache(server.cache_dir, *settings)
+        return claim_slot(Path(server.cache_dir), server.cache_slots, settings)
+    return LogitCache(server.cache_dir, settings)
 
 
 def _runners(config: ServiceConfig, cache: LogitCache | None, metrics: Metrics, device: torch.device):

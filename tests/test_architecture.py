@@ -130,6 +130,37 @@ def test_every_main_module_is_akd_with_its_package_commands():
         assert isinstance(call.args[0], ast.Call) and ast.unparse(call.args[0].func) == "main", path
 
 
+CACHE_MODULE_LINES = 400  # one concern a module: past this, a module of the cache holds more than one
+LIGHT_CACHE_MODULES = {  # importing these loads no store: what the config and the registry may import of the cache
+    "teacher_service.cache.settings",
+    "teacher_service.cache.row_formats",
+    "teacher_service.cache.location",
+}
+
+
+def test_no_module_of_the_cache_is_over_its_bound():
+    long = {
+        str(path.relative_to(REPO)): lines
+        for path in sorted((REPO / "teacher_service" / "cache").glob("*.py"))
+        if (lines := len(path.read_text().splitlines())) > CACHE_MODULE_LINES
+    }
+    assert not long, long
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["config.py", "registry.py", "cache/settings.py", "cache/row_formats.py", "cache/location.py"],
+)
+def test_the_config_and_registry_import_only_the_light_modules_of_the_cache(module):
+    """The package itself counts as heavy: `from teacher_service.cache import store` loads the store."""
+    of_cache = {
+        name
+        for name in imports(REPO / "teacher_service" / module)
+        if name == "teacher_service.cache" or name.startswith("teacher_service.cache.")
+    }
+    assert of_cache <= LIGHT_CACHE_MODULES, sorted(of_cache - LIGHT_CACHE_MODULES)
+
+
 def test_the_readme_layout_names_every_module():
     readme = (REPO / "README.md").read_text()
     layout = readme.split("## Layout", 1)[1].split("```")[1]

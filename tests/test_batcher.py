@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from teacher_service.batcher import Batcher, QueueFull
+from teacher_service.device_pool import DevicePool
 from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import Metrics
-from teacher_service.service import DevicePool
 
 
 def rows(n: int, start: int = 0) -> Rows:

@@ -220,7 +220,7 @@ def test_scripts_store_error_uses_the_benchmarks_error_computation():
     import importlib.util
 
     from bench import cache_scale
-    from teacher_service.row_formats import row_format
+    from teacher_service.cache.row_formats import row_format
 
     spec = importlib.util.spec_from_file_location("store_error", REPO / "scripts" / "store_error.py")
     script = importlib.util.module_from_spec(spec)

@@ -27,7 +27,10 @@ from conftest import (
 
 from shared import codec
 from shared.hashing import file_version, row_keys
-from teacher_service.cache import COMMITTED, LogitCache, row_bytes
+from teacher_service.cache.layout import COMMITTED
+from teacher_service.cache.rows import row_bytes
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 
 
 @pytest.fixture
@@ -225,7 +228,7 @@ class TestLogitCacheDirectly:
     """The commit protocol on the store itself, without a server."""
 
     def test_rows_become_visible_only_when_their_chunk_is_committed(self, tmp_path):
-        cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=4)
+        cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         ns = cache.namespace("v1", num_classes=3)
         keys = [bytes([i]) * 16 for i in range(1, 7)]
         logits = np.arange(18, dtype=np.float32).reshape(6, 3)
@@ -241,36 +244,36 @@ class TestLogitCacheDirectly:
 
     def test_partial_chunk_is_rewritten_whole_and_newest_row_wins(self, tmp_path):
         store = str(tmp_path / "store")
-        cache = LogitCache(store, max_bytes=1 << 20, chunk_rows=4)
+        cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16], np.array([[1, 2], [3, 4]], np.float32))
         cache.close()  # partial chunk of 2 rows flushed
-        cache = LogitCache(store, max_bytes=1 << 20, chunk_rows=4)
+        cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         ns = cache.namespace("v1", 2)
         assert ns.rows == 2
         ns.insert([b"c" * 16, b"a" * 16, b"d" * 16], np.array([[5, 6], [7, 8], [9, 10]], np.float32))
         cache.close()
-        reopened = LogitCache(store, max_bytes=1 << 20, chunk_rows=4).namespace("v1", 2)
+        reopened = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4)).namespace("v1", 2)
         assert reopened.rows == 5
         found, got = reopened.get([b"a" * 16, b"b" * 16, b"d" * 16])
         assert found.all() and np.array_equal(got, np.array([[7, 8], [3, 4], [9, 10]], np.float32))
 
     def test_namespace_with_other_class_count_is_refused(self, tmp_path):
-        cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20)
+        cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20))
         cache.namespace("v1", 10)
         cache.close()
         with pytest.raises(ValueError, match="holds 10 classes, expected 100"):
-            LogitCache(str(tmp_path / "store"), max_bytes=1 << 20).namespace("v1", 100)
+            LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20)).namespace("v1", 100)
 
 
 class TestStores:
     def test_a_second_writer_on_one_folder_is_refused(self, tmp_path):
-        from teacher_service.cache import StoreLocked
+        from teacher_service.cache.folder_lock import StoreLocked
 
-        first = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20)
+        first = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20))
         with pytest.raises(StoreLocked, match="in use by another teacher service"):
-            LogitCache(str(tmp_path / "store"), max_bytes=1 << 20)
+            LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20))
         first.close()
-        LogitCache(str(tmp_path / "store"), max_bytes=1 << 20).close()  # free again once closed
+        LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20)).close()  # free again once closed
 
     def test_akd_serve_on_a_locked_cache_exits_with_a_clear_error(self, tmp_path, cached_config):
         import subprocess
@@ -278,7 +281,7 @@ class TestStores:
 
         from conftest import REPO, free_port
 
-        held = LogitCache(str(tmp_path / "cache"), max_bytes=1 << 20)  # the config's cache_dir
+        held = LogitCache(str(tmp_path / "cache"), CacheSettings(max_bytes=1 << 20))  # the config's cache_dir
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "teacher_service", "--config", str(cached_config), "--port", str(free_port())],
@@ -294,22 +297,22 @@ class TestStores:
 
     def test_torn_write_leftovers_are_cleared_and_rows_kept(self, tmp_path):
         store = tmp_path / "store"
-        cache = LogitCache(str(store), max_bytes=1 << 20, chunk_rows=2)
+        cache = LogitCache(str(store), CacheSettings(max_bytes=1 << 20, chunk_rows=2))
         cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16], np.ones((2, 2), np.float32))
         cache.close()
         torn = store / "v1" / "logits" / "c" / "0" / "0.3f2a.partial"
         torn.write_bytes(b"half a chunk")
-        reopened = LogitCache(str(store), max_bytes=1 << 20, chunk_rows=2)
+        reopened = LogitCache(str(store), CacheSettings(max_bytes=1 << 20, chunk_rows=2))
         assert not torn.exists() and reopened.namespace("v1", 2).rows == 2
 
     def test_any_zarr_store_works(self):
         from zarr.storage import MemoryStore
 
         store = MemoryStore()
-        cache = LogitCache(store, max_bytes=1 << 20, chunk_rows=4)
+        cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         cache.namespace("v1", 3).insert([b"k" * 16], np.array([[1, 2, 3]], np.float32))
         cache.close()
-        ns = LogitCache(store, max_bytes=1 << 20).namespace("v1", 3)
+        ns = LogitCache(store, CacheSettings(max_bytes=1 << 20)).namespace("v1", 3)
         found, got = ns.get([b"k" * 16, b"x" * 16])
         assert found.tolist() == [True, False] and np.array_equal(got, np.array([[1, 2, 3]], np.float32))
 
@@ -321,7 +324,7 @@ class TestKeyIndex:
     # Lookups go through the table's mapping while it is resident, and by pread past its bound (resident_bytes 0).
     @pytest.mark.parametrize("resident_bytes", [1 << 30, 0], ids=["mapped", "read"])
     def test_it_answers_as_a_dict_would_through_growth_repeats_drops_and_misses(self, resident_bytes):
-        from teacher_service.key_index import KeyIndex
+        from teacher_service.cache.key_index import KeyIndex
 
         rng = np.random.default_rng(0)
         keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
@@ -351,7 +354,7 @@ class TestKeyIndex:
     def test_lookups_by_read_follow_long_probes_and_the_wrap_at_the_tables_end(self):
         """Keys that all want the table's last slots: their probes run past the slots one read brings in and wrap
         to the start. Read past the resident bound, they still find their rows, and map no page of the table."""
-        from teacher_service.key_index import KeyIndex
+        from teacher_service.cache.key_index import KeyIndex
 
         index = KeyIndex(capacity=1024, resident_bytes=0)
         keys = np.random.default_rng(3).integers(0, 256, (40, 16), dtype=np.uint8)
@@ -372,7 +375,7 @@ class TestKeyIndex:
         big.close()
 
     def test_dropped_keys_do_not_make_it_grow(self):
-        from teacher_service.key_index import KeyIndex
+        from teacher_service.cache.key_index import KeyIndex
 
         rng = np.random.default_rng(2)
         index, previous = KeyIndex(), np.zeros((0, 16), np.uint8)
@@ -385,7 +388,7 @@ class TestKeyIndex:
         index.close()
 
     def test_its_pages_go_back_to_the_page_cache_past_the_resident_bound(self):
-        from teacher_service.key_index import KeyIndex
+        from teacher_service.cache.key_index import KeyIndex
 
         keys = np.random.default_rng(1).integers(0, 256, (100_000, 16), dtype=np.uint8)
         index = KeyIndex(resident_bytes=1 << 20)  # 100,000 keys: a 6 MiB table
@@ -396,7 +399,7 @@ class TestKeyIndex:
         index.close()
 
     def test_two_keys_sharing_their_first_half_are_both_held(self, tmp_path):
-        cache = LogitCache(tmp_path / "c", 1 << 20, chunk_rows=8)
+        cache = LogitCache(tmp_path / "c", CacheSettings(max_bytes=1 << 20, chunk_rows=8))
         ns = cache.namespace("v", 10)
         first = bytes(range(16))
         clash = first[:8] + bytes(8)  # the same first 8 bytes (the slot), another key

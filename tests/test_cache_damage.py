@@ -34,7 +34,11 @@ from conftest import (
 
 from shared import codec
 from shared.hashing import file_version
-from teacher_service.cache import COMMITTED, DAMAGED_DIR, FORMAT, LogitCache, _out_of_space
+from teacher_service.cache import durable
+from teacher_service.cache.budget import out_of_space
+from teacher_service.cache.layout import COMMITTED, DAMAGED_DIR, FORMAT
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 from teacher_service.config import load_config
 
 ROWS, CHUNK = 20, 8  # chunks 0 and 1 whole, chunk 2 holds rows 16-19
@@ -190,19 +194,17 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
 
 class TestDurableCommits:
     def test_chunks_are_fsynced_before_the_commit_and_the_commit_after(self, tmp_path, monkeypatch):
-        from teacher_service import cache as cache_module
-
         synced: list[tuple[str, int]] = []  # (path below the store, committed_rows on disk at that moment)
         store = tmp_path / "store"
-        real_fsync = cache_module._fsync
+        real_fsync = durable.fsync
 
         def recording_fsync(path: Path, directory: bool = False) -> None:
             real_fsync(path, directory)
             meta = json.loads((store / "v1" / "zarr.json").read_text()) if (store / "v1" / "zarr.json").exists() else {}
             synced.append((str(Path(path).relative_to(store)), meta.get("attributes", {}).get(COMMITTED)))
 
-        monkeypatch.setattr(cache_module, "_fsync", recording_fsync)
-        cache = LogitCache(str(store), max_bytes=1 << 20, chunk_rows=4, durable=True)
+        monkeypatch.setattr(durable, "fsync", recording_fsync)
+        cache = LogitCache(str(store), CacheSettings(max_bytes=1 << 20, chunk_rows=4, durable=True))
         ns = cache.namespace("v1", num_classes=3)
         synced.clear()
         ns.insert([bytes([i]) * 16 for i in range(1, 7)], np.arange(18, dtype=np.float32).reshape(6, 3))
@@ -215,10 +217,8 @@ class TestDurableCommits:
         assert synced[-2:] == [("v1/zarr.json", 6), ("v1", 6)]
 
     def test_without_it_nothing_is_fsynced(self, tmp_path, monkeypatch):
-        from teacher_service import cache as cache_module
-
-        monkeypatch.setattr(cache_module, "_fsync", lambda *a, **k: pytest.fail("fsync without cache_durable"))
-        cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=2)
+        monkeypatch.setattr(durable, "fsync", lambda *a, **k: pytest.fail("fsync without cache_durable"))
+        cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=2))
         cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16, b"c" * 16], np.ones((3, 2), np.float32))
         cache.close()
 
@@ -287,8 +287,8 @@ def test_out_of_space_is_recognised_however_it_is_wrapped(wrap):
     else:
         exc = RuntimeError("chunk write failed")
         setattr(exc, f"__{wrap}__", full)
-    assert _out_of_space(exc)
-    assert not _out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert out_of_space(exc)
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
 
 
 def write_root_metadata(store, data: bytes) -> None:
@@ -309,7 +309,7 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     store = (
         MemoryStore() if kind == "zarr store object" else f"memory://{tmp_path.name}"
     )  # fsspec's in-process file system
-    cache = LogitCache(store, max_bytes=1 << 20, chunk_rows=2)
+    cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
     cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16, b"c" * 16], np.ones((3, 2), np.float32))
     cache.namespace("v2", 2).insert([b"a" * 16], np.ones((1, 2), np.float32))
     cache.close()
@@ -317,7 +317,7 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     root["v1"]["logits"][0:2] = np.full((2, 2), 7, np.float32)  # rows 0 and 1 no longer match their checksums
     root["v2"].attrs[COMMITTED] = "1"
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
-        reopened = LogitCache(store, max_bytes=1 << 20, chunk_rows=2)
+        reopened = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
         v1, v2 = reopened.namespace("v1", 2), reopened.namespace("v2", 2)
     assert v1.rows == 1 and list(v1.lookup([b"a" * 16, b"b" * 16, b"c" * 16])) == [-1, -1, 0]
     assert v2.rows == 0
@@ -329,7 +329,7 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     write_root_metadata(store, b"{not json")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
-        again = LogitCache(store, max_bytes=1 << 20, chunk_rows=2)
+        again = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
     assert any("root zarr.json unreadable" in r.getMessage() and "deleted" in r.getMessage() for r in caplog.records)
     assert again.namespace("v1", 2).rows == 1 and again.damage_counts() == {
         "v1": (0, 0)

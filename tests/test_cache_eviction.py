@@ -21,7 +21,10 @@ from conftest import (
 
 from shared import codec
 from shared.hashing import KEY_BYTES
-from teacher_service.cache import EVICTED, LogitCache, row_bytes
+from teacher_service.cache.layout import EVICTED
+from teacher_service.cache.rows import row_bytes
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 
 CHUNK, CLASSES = 4, 10
 
@@ -39,7 +42,7 @@ def chunk_files(store, version: str = "v1") -> set[int]:
 def test_the_least_recently_used_chunks_go_and_the_rows_used_since_stay(tmp_path):
     store = tmp_path / "store"
     limit = 4 * CHUNK * row_bytes(CLASSES)  # room for 4 chunks
-    cache = LogitCache(str(store), max_bytes=limit, chunk_rows=CHUNK, evict=True)
+    cache = LogitCache(str(store), CacheSettings(max_bytes=limit, chunk_rows=CHUNK, when_full="evict"))
     ns = cache.namespace("v1", CLASSES)
     keys, logits = rows(40, seed=0)
     for start in range(0, 40, CHUNK):
@@ -56,7 +59,7 @@ def test_the_least_recently_used_chunks_go_and_the_rows_used_since_stay(tmp_path
     cache.close()
     assert chunk_files(store) == set(kept), "an evicted chunk's files are still there, or a kept one's are gone"
 
-    reopened = LogitCache(str(store), max_bytes=limit, chunk_rows=CHUNK, evict=True)
+    reopened = LogitCache(str(store), CacheSettings(max_bytes=limit, chunk_rows=CHUNK, when_full="evict"))
     ns = reopened.namespace("v1", CLASSES)
     found, got = ns.get(keys)
     assert found.tolist() == [i // CHUNK in kept for i in range(40)] and np.array_equal(got, logits[found])
@@ -70,7 +73,10 @@ def test_the_least_recently_used_chunks_go_and_the_rows_used_since_stay(tmp_path
 
 
 def test_a_row_stored_again_is_not_lost_with_its_old_chunk(tmp_path):
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=3 * CHUNK * row_bytes(CLASSES), chunk_rows=CHUNK, evict=True)
+    cache = LogitCache(
+        str(tmp_path / "store"),
+        CacheSettings(max_bytes=3 * CHUNK * row_bytes(CLASSES), chunk_rows=CHUNK, when_full="evict"),
+    )
     ns = cache.namespace("v1", CLASSES)
     keys, logits = rows(12, seed=2)
     ns.insert(keys[:CHUNK], logits[:CHUNK])  # chunk 0
@@ -83,7 +89,9 @@ def test_a_row_stored_again_is_not_lost_with_its_old_chunk(tmp_path):
 
 
 def test_with_stop_nothing_is_evicted(tmp_path):
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=2 * CHUNK * row_bytes(CLASSES), chunk_rows=CHUNK)
+    cache = LogitCache(
+        str(tmp_path / "store"), CacheSettings(max_bytes=2 * CHUNK * row_bytes(CLASSES), chunk_rows=CHUNK)
+    )
     ns = cache.namespace("v1", CLASSES)
     keys, logits = rows(16, seed=4)
     ns.insert(keys, logits)
@@ -95,11 +103,11 @@ def test_an_evicted_chunk_record_that_is_not_whole_chunks_is_damage(tmp_path):
     import zarr
 
     store = tmp_path / "store"
-    cache = LogitCache(str(store), max_bytes=1 << 20, chunk_rows=CHUNK)
+    cache = LogitCache(str(store), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK))
     cache.namespace("v1", CLASSES).insert(*rows(8, seed=5))
     cache.close()
     zarr.open_group(str(store / "v1"), mode="a").update_attributes({EVICTED: [[1, 9]]})  # past the 2 chunks
-    reopened = LogitCache(str(store), max_bytes=1 << 20, chunk_rows=CHUNK)
+    reopened = LogitCache(str(store), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK))
     assert reopened.damage["v1"].namespaces == 1  # set aside, rebuilt empty when served
     reopened.close()
 

@@ -26,9 +26,9 @@ from test_cache_tools import akd_cache
 from shared import codec
 from shared.checkpoint import Checkpoint, save_checkpoint
 from shared.hashing import file_version
-from teacher_service.cache import row_bytes
+from teacher_service.cache.row_formats import FLOAT16, row_format
+from teacher_service.cache.rows import row_bytes
 from teacher_service.config import TeacherConfig
-from teacher_service.row_formats import FLOAT16, row_format
 
 
 def member_logits(base: str, x: torch.Tensor, teacher: str) -> tuple[torch.Tensor, int]:
@@ -156,16 +156,17 @@ def test_a_top_k_teacher_serves_its_decoded_rows_and_restores_them(tmp_path, mni
 def test_a_damaged_top_k_row_naming_classes_that_do_not_exist_is_recomputed_not_a_crash(chunks_read, tmp_path):
     """A top-k chunk overwritten with 0xff names class 65,535 in every row: the rows fail their checks and are
     recomputed; decoding them first (which cannot place such a class) would fail the whole request."""
-    from teacher_service.cache import LogitCache
+    from teacher_service.cache.settings import CacheSettings
+    from teacher_service.cache.store import LogitCache
 
     chunk_rows, classes = 64, 10
     rng = np.random.default_rng(0)
     keys = [k.tobytes() for k in rng.integers(0, 256, (3 * chunk_rows, 16), dtype=np.uint8)]
     logits = rng.standard_normal((len(keys), classes)).astype(np.float32)
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=chunk_rows)
+    cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 30, chunk_rows=chunk_rows))
     cache.namespace("v", classes, "top3").insert(keys, logits)
     cache.close()
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=chunk_rows, memory_bytes=0)
+    cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 30, chunk_rows=chunk_rows, memory_bytes=0))
     ns = cache.namespace("v", classes, "top3")  # loaded and verified: the damage comes after
     chunk = tmp_path / "store" / "v" / "logits" / "c" / "1" / "0"
     chunk.write_bytes(b"\xff" * len(chunk.read_bytes()))

@@ -37,7 +37,9 @@ from test_cache import wait_for_committed_rows
 
 from shared.configfile import ConfigError
 from shared.hashing import file_version
-from teacher_service.cache import LogitCache, StoreLocked
+from teacher_service.cache.folder_lock import StoreLocked
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 from teacher_service.config import load_config
 from teacher_service.service import _open_cache
 
@@ -248,7 +250,7 @@ def test_the_cache_itself_locks_every_spelling(tmp_path):
     """LogitCache given a spelling directly (as `akd cache gc --max-bytes` and the benchmarks open it) takes the same
     lock, and names the process that holds it (here, this one)."""
     folder = tmp_path / "store"
-    first = LogitCache(str(folder), max_bytes=1 << 20)
+    first = LogitCache(str(folder), CacheSettings(max_bytes=1 << 20))
     try:
         for spelling in (
             "local://" + str(folder),
@@ -259,7 +261,7 @@ def test_the_cache_itself_locks_every_spelling(tmp_path):
                 StoreLocked,
                 match=re.escape(f"cache store {folder} is in use by another teacher service (pid {os.getpid()}: "),
             ):
-                LogitCache(spelling, max_bytes=1 << 20)
+                LogitCache(spelling, CacheSettings(max_bytes=1 << 20))
     finally:
         first.close()
-    LogitCache("File://" + str(folder), max_bytes=1 << 20).close()  # free again once closed
+    LogitCache("File://" + str(folder), CacheSettings(max_bytes=1 << 20)).close()  # free again once closed

@@ -17,7 +17,8 @@ from conftest import HANG_S, ServerProcess, mnist_teacher, write_config
 
 from shared import codec, protocol
 from shared.hashing import KEY_BYTES, file_version
-from teacher_service.cache import LogitCache
+from teacher_service.cache.settings import CacheSettings
+from teacher_service.cache.store import LogitCache
 
 CHUNK = 8
 CLASSES = 10
@@ -31,7 +32,7 @@ def stored_rows(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray]:
 
 def filled_store(folder, n: int, version: str = "v1", chunk_rows: int = CHUNK, seed: int = 0):
     keys, logits = stored_rows(n, seed)
-    cache = LogitCache(str(folder), max_bytes=1 << 40, chunk_rows=chunk_rows)
+    cache = LogitCache(str(folder), CacheSettings(max_bytes=1 << 40, chunk_rows=chunk_rows))
     ns = cache.namespace(version, CLASSES)
     for start in range(0, n, 4096):
         ns.insert(keys[start : start + 4096], logits[start : start + 4096])
@@ -42,9 +43,11 @@ def filled_store(folder, n: int, version: str = "v1", chunk_rows: int = CHUNK, s
 def test_hits_beyond_the_memory_bound_are_read_back_bit_for_bit(tmp_path):
     keys, logits = filled_store(tmp_path / "store", 100)
     chunk_bytes = CHUNK * (KEY_BYTES + CLASSES * 4 + 8 + 1)
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=2 * chunk_bytes)
+    cache = LogitCache(
+        str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=2 * chunk_bytes)
+    )
     ns = cache.namespace("v1", CLASSES)
-    assert ns._lines.lines == 2  # room for two chunks of the 13
+    assert ns._reader.lines.lines == 2  # room for two chunks of the 13
     order = np.random.default_rng(1).permutation(100)
     for start in range(0, 100, 10):
         at = order[start : start + 10]
@@ -91,7 +94,7 @@ def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path, ca
     chunk_rows, one_by_one = READS[reads]
     n = 2 * chunk_rows + 4
     keys, logits = filled_store(tmp_path / "store", n, chunk_rows=chunk_rows)
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=chunk_rows, memory_bytes=0)
+    cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=chunk_rows, memory_bytes=0))
     ns = cache.namespace("v1", CLASSES)  # loaded and verified: the damage comes after
     found, _ = ns.get(keys[:1])  # chunk 0 takes the one line
     DAMAGE_AFTER_START[case](tmp_path / "store" / "v1")
@@ -119,7 +122,7 @@ def test_random_hits_past_the_bound_are_read_row_by_row_from_the_chunk_files(tmp
     the first request fills the line, each row is one read of its chunk files (chunk_files), bit for bit what was
     stored, and no chunk is read whole."""
     keys, logits = filled_store(tmp_path / "store", 32 * 64, chunk_rows=64)
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 30, chunk_rows=64, memory_bytes=0)
+    cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 30, chunk_rows=64, memory_bytes=0))
     ns = cache.namespace("v1", CLASSES)
     order = np.random.default_rng(2).permutation(len(keys))
     for start in range(0, len(keys), 3):
@@ -143,9 +146,9 @@ def test_a_namespace_with_compressed_chunks_is_still_read_through_zarr(tmp_path)
         data = old[:]
         zarr.create_array(ns_folder / name, data=data, chunks=old.chunks, overwrite=True)  # zarr's default: zstd
         assert zarr.open_array(ns_folder / name).compressors, "not compressed: the case is not tested"
-    cache = LogitCache(str(tmp_path / "store"), max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0)
+    cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0))
     ns = cache.namespace("v1", CLASSES)
-    assert ns._files is None
+    assert ns._reader.files is None
     found, got = ns.get(keys[:96])
     assert found.all() and np.array_equal(got, logits[:96])
     cache.close()

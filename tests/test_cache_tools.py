@@ -13,7 +13,7 @@ import pytest
 from conftest import HANG_S, REPO, live_server, mnist_teacher, post, random_inputs, save_member, write_config
 
 from shared.hashing import file_version
-from teacher_service.cache import row_bytes
+from teacher_service.cache.rows import row_bytes
 
 ROWS, CHUNK = 12, 8
 

@@ -1,5 +1,6 @@
-"""teacher_service.chunk_files: rows read by byte range from raw zarr chunk files, bit for bit what zarr reads, with
-a bounded number of files open; anything it cannot read is left to zarr. Real zarr arrays in a real folder."""
+"""teacher_service.cache.chunk_files: rows read by byte range from raw zarr chunk files, bit for bit what zarr
+reads, with a bounded number of files open; anything it cannot read is left to zarr. Real zarr arrays in a real
+folder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from teacher_service.chunk_files import ChunkFiles
+from teacher_service.cache.chunk_files import ChunkFiles
 
 
 def arrays(folder, compressors=None, n=256, chunk=32):

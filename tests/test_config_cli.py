@@ -439,7 +439,7 @@ def test_member_that_is_not_a_file_says_what_it_is(tmp_path, make, says):
 
 def test_file_url_cache_is_the_folder_it_names(tmp_path, mnist_members):
     """`file://` stores used to fail at start-up or on every chunk write, and skipped the two-writer lock."""
-    from teacher_service.cache import StoreLocked
+    from teacher_service.cache.folder_lock import StoreLocked
 
     folder = tmp_path / "cache dir"
     config_path = write_config(

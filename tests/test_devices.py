@@ -26,9 +26,10 @@ from shared import codec
 from shared.configfile import ConfigError
 from teacher_service.batcher import Batcher
 from teacher_service.config import load_config
+from teacher_service.device_pool import DevicePool
 from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import Metrics
-from teacher_service.service import DevicePool, build_service
+from teacher_service.service import build_service
 
 
 def two_devices(tmp_path, mnist_members, **server) -> tuple:

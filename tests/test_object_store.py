@@ -137,10 +137,12 @@ def test_eviction_deletes_the_evicted_chunks_objects(s3_server):
     """Past its bound, a bucket cache evicts like a folder: the chunk's objects go, its record stays."""
     import numpy as np
 
-    from teacher_service.cache import LogitCache, row_bytes
+    from teacher_service.cache.rows import row_bytes
+    from teacher_service.cache.settings import CacheSettings
+    from teacher_service.cache.store import LogitCache
 
     store = f"s3://{BUCKET}/eviction"
-    cache = LogitCache(store, max_bytes=2 * 4 * row_bytes(10), chunk_rows=4, evict=True)
+    cache = LogitCache(store, CacheSettings(max_bytes=2 * 4 * row_bytes(10), chunk_rows=4, when_full="evict"))
     ns = cache.namespace("v1", 10)
     rng = np.random.default_rng(0)
     keys = [k.tobytes() for k in rng.integers(0, 256, (12, 16), dtype=np.uint8)]
@@ -151,7 +153,7 @@ def test_eviction_deletes_the_evicted_chunks_objects(s3_server):
     cache.close()
     chunks = {key.split("/c/")[1].split("/")[0] for key in objects("eviction/v1/logits/c/")}
     assert chunks == {"1", "2"}, "chunk 0 was evicted: its objects should be gone, the others kept"
-    reopened = LogitCache(store, max_bytes=1 << 20, chunk_rows=4)
+    reopened = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
     found, got = reopened.namespace("v1", 10).get(keys)
     assert found.tolist() == [False] * 4 + [True] * 8 and np.array_equal(got, logits[4:])
     assert reopened.damage_counts()["v1"] == (0, 0)

@@ -23,18 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared.configfile import ConfigError
-from teacher_service.cache import (
-    DAMAGED_DIR,
-    NamespaceDamaged,
-    StoreLocked,
-    count_verified,
-    inspect_namespace,
-    list_namespaces,
-    lock_folder,
-    row_bytes,
-)
-from teacher_service.cache_location import cache_location
-from teacher_service.row_formats import row_format
+from teacher_service.cache.folder_lock import StoreLocked, lock_folder
+from teacher_service.cache.layout import DAMAGED_DIR
+from teacher_service.cache.location import cache_location
+from teacher_service.cache.row_formats import row_format
+from teacher_service.cache.rows import row_bytes
+from teacher_service.cache.verify import NamespaceDamaged, count_verified, inspect_namespace, list_namespaces
 
 
 @dataclass
@@ -228,7 +222,8 @@ def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool, max_bytes
 def evict_down_to(store: Store, max_bytes: int, dry_run: bool) -> None:
     """The service's own eviction, run on a stopped store: oldest chunks first (a service's recency is not kept on
     disk, so age stands for it); the store's lock is taken by the cache itself."""
-    from teacher_service.cache import LogitCache
+    from teacher_service.cache.settings import CacheSettings
+    from teacher_service.cache.store import LogitCache
 
     served = [ns for ns in store.namespaces if ns.used_by and ns.problem is None]
     held = sum(ns.nbytes for ns in served)
@@ -238,7 +233,7 @@ def evict_down_to(store: Store, max_bytes: int, dry_run: bool) -> None:
     if dry_run:
         print(f"{store.folder}: would evict at least {_size(held - max_bytes)}, the oldest whole chunks first")
         return
-    cache = LogitCache(store.folder, max_bytes=max_bytes, evict=True)
+    cache = LogitCache(store.folder, CacheSettings(max_bytes=max_bytes, when_full="evict"))
     try:
         rows = {ns.version: cache.namespace(ns.version, ns.num_classes, ns.dtype) for ns in served}
         freed = cache.evict_down_to(max_bytes)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.hashing import KEY_BYTES
+from teacher_service.cache.settings import RESIDENT_BYTES
 
-RESIDENT_BYTES = 256 << 20  # the most of an index's table kept resident (`cache_index_memory_bytes`)
 _TOUCH_BYTES = 16 * mmap.PAGESIZE  # what one slot read may map: Linux maps a file page's cached neighbours too
 _COLUMNS = 4  # a slot: key's first 8 bytes, its last 8, row + 1, the row's checksum
 _SLOT_BYTES = _COLUMNS * 8

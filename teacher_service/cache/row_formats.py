@@ -84,6 +84,11 @@ FLOAT16 = RowFormat("float16", np.dtype(np.float16))
 _TOPK = re.compile(r"top([1-9][0-9]{0,4})")
 
 
+def namespace_name(version: str, store: str = "float32") -> str:
+    """A member version's namespace for a row format: rows of one format never mix with another's."""
+    return version if store == "float32" else f"{version}.{store}"
+
+
 def row_format(name: str) -> RowFormat:
     """The format a name (`float32`, `float16`, `top<k>`) stands for; ValueError for any other."""
     if name in (FLOAT32.name, FLOAT16.name):

@@ -228,16 +228,9 @@ def import_cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
     return {frozenset(other for other in reach[m] if m in reach[other]) for m in graph if m in reach[m]}
 
 
-# Known, and being taken apart elsewhere: the batcher names the service's DevicePool and DeviceWorker in its type
-# hints. No cycle may join this list; one that is gone must leave it, so that it cannot come back unnoticed.
-KNOWN_CYCLES = {frozenset({"teacher_service.batcher", "teacher_service.service"})}
-
-
 def test_no_import_cycles_between_modules():
     cycles = import_cycles(module_graph())
-    assert not cycles - KNOWN_CYCLES, sorted(sorted(cycle) for cycle in cycles - KNOWN_CYCLES)
-    gone = KNOWN_CYCLES - cycles
-    assert not gone, f"no longer cycles, remove them from KNOWN_CYCLES: {sorted(sorted(cycle) for cycle in gone)}"
+    assert not cycles, sorted(sorted(cycle) for cycle in cycles)
 
 
 def test_the_cycle_check_sees_type_checking_imports_and_submodules():

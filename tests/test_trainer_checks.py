@@ -30,13 +30,8 @@ from pipeline.health import wait_healthy
 from shared import codec, protocol
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.protocol import Aggregate, ErrorBody, ErrorDetail, MemberInfo, TeacherInfo, TeachersResponse
-from student_trainer.teacher_client import (
-    BadAnswer,
-    RemoteTeacher,
-    TeacherAnswerError,
-    checked_probs,
-    row_sum_tolerance,
-)
+from student_trainer.answer_checks import BadAnswer, checked_probs, row_sum_tolerance
+from student_trainer.teacher_client import RemoteTeacher, TeacherAnswerError
 from teacher_service.ensemble import aggregate_probs, normalised_weights
 
 BATCH = 16

@@ -32,7 +32,7 @@ from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare
 from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
 from shared import scrape
 from shared.checkpoint import load_checkpoint
-from shared.configfile import ConfigError, read_toml
+from shared.configfile import ConfigError, merged, read_toml
 from shared.health import free_port, wait_healthy
 from shared.protocol import METRICS_PATH
 from student_trainer.config import EVAL_ATTACK, AttackConfig, TrainConfig
@@ -115,10 +115,8 @@ class Demo:
             }
             teachers[ENSEMBLE + suffix] = {**shape, "members": list(members.values())}
             teachers.update({name + suffix: {**shape, "members": [m]} for name, m in members.items()})
-        server = {
-            **self.plan.service,
-            "cache_dir": relative_to_file(self.layout.cache, file),
-        }  # host, port: when served
+        # host, port: when served
+        server = merged(self.plan.service, {"cache": {"dir": relative_to_file(self.layout.cache, file)}})
         write_toml(file, {"server": server, "teachers": teachers})
         for name in names:
             chosen = json.loads((self.layout.teacher(name) / "config.json").read_text())

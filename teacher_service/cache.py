@@ -908,23 +908,23 @@ def _local_folder(store: StoreLike) -> Path | None:
     return None
 
 
-def claim_slot(parent: Path, slots: int, *settings) -> LogitCache:
+def claim_slot(parent: Path, slots: int, **settings) -> LogitCache:
     """The cache of the first `replica-<i>` folder under `parent` that no running replica holds.
 
-    Replicas of one config (a scaled compose service) cannot each be given a cache_dir, and must not share one
+    Replicas of one config (a scaled compose service) cannot each be given a cache.dir, and must not share one
     (one writer per store): each claims a folder with the same kernel lock a single store takes, so the rule
     stands, and a replica restarted after a crash takes a free folder back, rows and all.
     """
     for slot in range(slots):
         try:
-            cache = LogitCache(Path(parent) / f"replica-{slot}", *settings)
+            cache = LogitCache(Path(parent) / f"replica-{slot}", **settings)
         except StoreLocked:
             continue
         log.info("cache: this replica claimed %s (slot %d of %d)", cache._folder, slot, slots)
         return cache
     raise StoreLocked(
         f"all {slots} cache folders replica-0..replica-{slots - 1} in {parent} are held by running replicas: "
-        f"raise cache_slots to at least the number of replicas"
+        f"raise [server.cache] slots to at least the number of replicas"
     )
 
 
@@ -980,7 +980,9 @@ class LogitCache:
             _remove_torn_writes(folder)
         self.durable = durable and folder is not None
         if durable and folder is None:
-            log.warning("cache_durable fsyncs local folders only; %s relies on its store's own durability", store)
+            log.warning(
+                "[server.cache] durable fsyncs local folders only; %s relies on its store's own durability", store
+            )
         self.damage: dict[str, Damage] = {}
         self._root = self._open_root()
         self._headers, self._foreign = self._inspect_namespaces()
@@ -1012,7 +1014,7 @@ class LogitCache:
             else:
                 raise RuntimeError(
                     f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point "
-                    "cache_dir elsewhere"
+                    "[server.cache] dir elsewhere"
                 ) from None
         log.warning(
             "cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one",

@@ -1,5 +1,5 @@
 """2. Cache: rows/s when every row is a cache hit vs when the service recomputes them;
-and what `cache_durable` costs: rows/s committed to the store with fsync off vs on.
+and what `[server.cache] durable` costs: rows/s committed to the store with fsync off vs on.
 
 Inputs are clean images (exact multiples of 1/255, sent as uint8): the inputs that
 repeat across epochs and jobs, and so the ones a cache can serve.
@@ -34,8 +34,8 @@ def run(ctx: Context) -> Section:
         "(`cache=use`, after one priming request) vs recomputed (`cache=bypass`); uint8 inputs; alternated. "
         f"Writes: {spec.write_rows:,} rows committed to a fresh local store (chunks of {spec.write_chunk_rows} rows) "
         "through "
-        "`LogitCache.insert` of `batch` rows at a time and a final flush, `cache_durable` off vs on (fsync of every "
-        "chunk file "
+        "`LogitCache.insert` of `batch` rows at a time and a final flush, `[server.cache] durable` off vs on (fsync of "
+        "every chunk file "
         "and folder before its commit, and of the commit); alternated; on the disk under `--out`.",
         [
             "teacher",
@@ -120,7 +120,7 @@ def run(ctx: Context) -> Section:
                 )
             )
     section.notes.append(
-        "durable cost: time to commit the same rows with `cache_durable = true` / without (1.0: free)."
+        "durable cost: time to commit the same rows with `[server.cache] durable = true` / without (1.0: free)."
     )
     return section
 

@@ -2,7 +2,7 @@
 and what each row format costs in served error.
 
 1. Memory against rows stored. For stores of 1x, 10x, 100x ... the rows the chunk cache's bound
-   (`cache_memory_bytes`) holds, pre-filled with random keys and logits through `LogitCache`, a real
+   (`[server.cache] memory_bytes`) holds, pre-filled with random keys and logits through `LogitCache`, a real
    `python -m teacher_service` process serves them: its resident set (VmRSS, /proc) after start-up, and its peak
    (VmHWM, reset after start-up) while every row is asked for by key (`POST /soft-targets/keys`, in stored order),
    then a random sample; against the bytes an in-memory mirror of the rows would hold. Every answer must be found
@@ -36,6 +36,7 @@ from bench.context import Context
 from bench.sections import Section, Table, Target
 from bench.timing import MAX_REPETITIONS, alternate, median
 from shared import codec, protocol
+from shared.configfile import merged
 from shared.hashing import KEY_BYTES, file_version
 from shared.models import build_model
 from shared.protocol import CacheMode
@@ -118,8 +119,8 @@ def run(ctx: Context) -> Section:
     section.notes += [
         "index table: the key index's file-backed table (unlinked temporary files beside the store, 64 to 128 bytes a "
         "row); 'of it index' is how much of it was resident after start-up (/proc/<pid>/smaps). A table up to "
-        f"`cache_index_memory_bytes` ({index_bound(spec) / MIB:g} MiB here) stays resident; a larger one hands its "
-        "pages back to the page cache after batches.",
+        f"`[server.cache] index_memory_bytes` ({index_bound(spec) / MIB:g} MiB here) stays resident; a larger one "
+        "hands its pages back to the page cache after batches.",
         "start-up peak: VmHWM when the service was up (start-up verifies every row and builds the index). growth: "
         "the peak while serving over the resident set after start-up; the chunk cache fills to its bound "
         f"({spec.memory_bytes / MIB:g} MiB) in it; 'of it anon' is the growth of RssAnon (polled after each request), "
@@ -145,8 +146,8 @@ def about(spec: CacheScaleSpec, classes: int) -> str:
     return (
         f"Teacher {spec.teacher} ({classes} classes: {row_bytes(classes)} bytes a float32 row with its key and "
         f"checksum) over stores pre-filled with random rows through `LogitCache` (chunks of {spec.chunk_rows:,} "
-        f"rows); chunk cache bound `cache_memory_bytes` = {spec.memory_bytes / MIB:g} MiB = "
-        f"{spec.memory_bytes // row_bytes(classes):,} rows; `cache_index_memory_bytes` = "
+        f"rows); chunk cache bound `[server.cache] memory_bytes` = {spec.memory_bytes / MIB:g} MiB = "
+        f"{spec.memory_bytes // row_bytes(classes):,} rows; `[server.cache] index_memory_bytes` = "
         f"{index_bound(spec) / MIB:g} MiB. Memory: a fresh `python -m teacher_service` per store, "
         "its RSS from /proc (VmRSS after start-up; the peak is VmHWM, reset after start-up) while every row is asked "
         f"for by key, {spec.sweep_batch:,} keys a request in stored order{sampled}, then {spec.sample_rows:,} random "
@@ -171,15 +172,16 @@ def service_config(ctx: Context, path: Path, memory_bytes: int | None = None) ->
     bound of `memory_bytes` and the index's default bound, where given: the mirror)."""
     spec = ctx.cfg.cache_scale
     base = tomllib.loads(ctx.service_config.read_text())
-    server = {
-        **base["server"],
-        "cache_memory_bytes": spec.memory_bytes if memory_bytes is None else memory_bytes,
-        "cache_chunk_rows": spec.chunk_rows,
-        "cache_max_bytes": 1 << 40,  # the size bound plays no part here
-        "max_queue_rows": max(16384, spec.sweep_batch, spec.hit_batch),
+    cache = {
+        "memory_bytes": spec.memory_bytes if memory_bytes is None else memory_bytes,
+        "chunk_rows": spec.chunk_rows,
+        "max_bytes": 1 << 40,  # the size bound plays no part here
     }
     if spec.index_memory_bytes is not None and memory_bytes is None:
-        server["cache_index_memory_bytes"] = spec.index_memory_bytes
+        cache["index_memory_bytes"] = spec.index_memory_bytes
+    server = merged(
+        base["server"], {"cache": cache, "limits": {"queue_rows": max(16384, spec.sweep_batch, spec.hit_batch)}}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps({"server": server, "teachers": {spec.teacher: base["teachers"][spec.teacher]}}))
     return path

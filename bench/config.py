@@ -6,17 +6,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 from shared.models import ARCHITECTURES
 from shared.protocol import INPUT_DTYPES
 from teacher_service.cache.row_formats import row_format
-from teacher_service.config import ServerConfig
+from teacher_service.config import ServerConfig, sectioned
 
 PRESETS = ("full", "quick", "tiny", "gpu")
-# What each benchmark sets on its servers itself: a `[server]` table in a benchmark config may not.
-BENCH_OWNED_SERVER_FIELDS = ("device", "devices", "batching", "cache_dir", "max_wait_ms", "host", "port", "log_level")
+# What each benchmark sets on its servers itself, as keys dotted below [server]: a `[server]` table in a benchmark
+# config may not set them.
+BENCH_OWNED_SERVER_FIELDS = (
+    "device",
+    "devices",
+    "batching.enabled",
+    "cache.dir",
+    "batching.max_wait_ms",
+    "host",
+    "port",
+    "log_level",
+)
 Sizes = Annotated[list[Count], Field(min_length=1)]
 
 
@@ -40,12 +50,13 @@ class OverheadSpec(StrictConfig):
 
 
 class CacheSpec(StrictConfig):
-    """Hits vs recomputation through the service; and rows/s committed to the store, `cache_durable` off vs on."""
+    """Hits vs recomputation through the service; and rows/s committed to the store, `[server.cache] durable` off vs
+    on."""
 
     teachers: list[str]
     batches: Sizes = [128, 1024]
     write_rows: Count = 16384  # rows written per write measurement, inserted `batch` rows at a time
-    write_chunk_rows: Count = 1024  # the store's chunk (the service's default cache_chunk_rows)
+    write_chunk_rows: Count = 1024  # the store's chunk (the service's default [server.cache] chunk_rows)
 
 
 class LoadSpec(StrictConfig):
@@ -113,10 +124,11 @@ class CacheScaleSpec(StrictConfig):
     hits held in memory and against recomputing, and each row format's bytes against its served error."""
 
     teacher: str  # served over stores pre-filled with random rows (its checkpoint names their namespace)
-    memory_bytes: Count = 8 << 20  # the chunk cache's bound (`cache_memory_bytes`)
-    index_memory_bytes: Annotated[int, Field(ge=0)] | None = None  # `cache_index_memory_bytes`; None: the default
+    memory_bytes: Count = 8 << 20  # the chunk cache's bound (`[server.cache] memory_bytes`)
+    # `[server.cache] index_memory_bytes`; None: the default
+    index_memory_bytes: Annotated[int, Field(ge=0)] | None = None
     multiples: Sizes = [1, 10, 100]  # rows stored, as multiples of the rows the bound holds
-    chunk_rows: Count = 1024  # the stores' chunks (the service's default `cache_chunk_rows`)
+    chunk_rows: Count = 1024  # the stores' chunks (the service's default `[server.cache] chunk_rows`)
     sweep_batch: Count = 4096  # keys a request when every row is asked for, in stored order
     sweep_max_rows: Count | None = None  # a store past this many rows: that many asked for, in evenly spread requests
     sample_rows: Count = 8192  # random rows asked for after the sweep
@@ -163,13 +175,23 @@ class WarmSpec(StrictConfig):
         return self
 
 
+def _has_key(table: dict, dotted: str) -> bool:
+    """Whether `table` sets `dotted` (a key below sub-tables: batching.enabled)."""
+    *sections, key = dotted.split(".")
+    for section in sections:
+        table = table.get(section)
+        if not isinstance(table, dict):
+            return False
+    return key in table
+
+
 class BenchConfig(StrictConfig):
     repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
     min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
     warmup: Annotated[int, Field(ge=0)] = 1
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window
     # More `akd serve` [server] settings, for every side alike (the service, the in-process teacher, the peer all
-    # read the same teachers.toml): autocast = "bf16", channels_last, max_batch_rows, ...
+    # read the same teachers.toml): autocast = "bf16", channels_last, [server.batching] max_rows, ...
     server: dict[str, Any] = {}
     teachers: dict[str, TeacherSpec]
     overhead: OverheadSpec
@@ -182,9 +204,15 @@ class BenchConfig(StrictConfig):
     cache_scale: CacheScaleSpec
     warm: WarmSpec
 
+    @field_validator("server", mode="before")
+    @classmethod
+    def _server_sectioned(cls, value: Any) -> Any:
+        """Its flat keys of the release before [server] had sections, in their sections (with their notice)."""
+        return sectioned(value, "bench config")
+
     @model_validator(mode="after")
     def _server_settings_valid(self) -> BenchConfig:
-        owned = sorted(set(self.server) & set(BENCH_OWNED_SERVER_FIELDS))
+        owned = [key for key in BENCH_OWNED_SERVER_FIELDS if _has_key(self.server, key)]
         if owned:
             raise ValueError(f"[server] sets {owned}, which the benchmarks set themselves (max_wait_ms: at the top)")
         ServerConfig.model_validate(self.server)  # a misspelt or wrong setting fails here, not in a server's log

@@ -23,6 +23,7 @@ import torch
 from bench.config import BenchConfig
 from pipeline.health import free_port, wait_healthy
 from shared.checkpoint import Checkpoint, save_checkpoint
+from shared.configfile import merged
 from shared.models import build_model
 
 START_TIMEOUT_S = 120.0
@@ -53,7 +54,10 @@ def write_teachers(workdir: Path, cfg: BenchConfig, max_wait_ms: float) -> Path:
     config = workdir / "teachers.toml"
     config.write_text(
         tomli_w.dumps(
-            {"server": {**cfg.server, "max_wait_ms": max_wait_ms, "log_level": "warning"}, "teachers": teachers}
+            {
+                "server": merged(cfg.server, {"batching": {"max_wait_ms": max_wait_ms}, "log_level": "warning"}),
+                "teachers": teachers,
+            }
         )
     )
     return config

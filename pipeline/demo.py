@@ -33,7 +33,7 @@ from pipeline.jobs import Job, Work, end_with_parent, epochs_done, job_env, modu
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare_out, update_json
 from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
 from shared.checkpoint import load_checkpoint
-from shared.configfile import ConfigError, read_toml
+from shared.configfile import ConfigError, merged, read_toml
 from shared.protocol import METRICS_PATH
 from student_trainer.config import EVAL_ATTACK, AttackConfig, TrainConfig
 from teacher_service import scrape
@@ -116,10 +116,8 @@ class Demo:
             }
             teachers[ENSEMBLE + suffix] = {**shape, "members": list(members.values())}
             teachers.update({name + suffix: {**shape, "members": [m]} for name, m in members.items()})
-        server = {
-            **self.plan.service,
-            "cache_dir": relative_to_file(self.layout.cache, file),
-        }  # host, port: when served
+        # host, port: when served
+        server = merged(self.plan.service, {"cache": {"dir": relative_to_file(self.layout.cache, file)}})
         write_toml(file, {"server": server, "teachers": teachers})
         for name in names:
             chosen = json.loads((self.layout.teacher(name) / "config.json").read_text())

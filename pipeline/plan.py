@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import tomllib
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import plans
-from shared.configfile import ConfigError, Count, StrictConfig, read_toml, validated
-from student_trainer.config import AttackConfig, TrainConfig, apply_sets, resolve_file_paths
+from shared.configfile import ConfigError, Count, StrictConfig, apply_sets, read_toml, resolve_file_paths, validated
+from student_trainer.config import FILE_PATH_KEYS, PATH_KEYS, AttackConfig, TrainConfig
 from student_trainer.methods import DISTILLATION_METHODS
 
 ENSEMBLE = "ensemble"
@@ -60,11 +61,19 @@ class Plan(StrictConfig):
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
     eval_attack: AttackConfig | None = None
     # The service's [server] settings beyond where it listens and caches,
-    # e.g. { autocast = "bf16", max_batch_rows = 1024 }.
+    # e.g. { autocast = "bf16", batching = { max_rows = 1024 } }.
     service: dict = {}
     common: dict = {}
     teachers: Annotated[list[PlannedTeacher], Field(min_length=1)]
     students: Annotated[list[PlannedStudent], Field(min_length=1)]
+
+    @field_validator("service", mode="before")
+    @classmethod
+    def _service_sectioned(cls, value: Any) -> Any:
+        """Its flat keys of the release before [server] had sections, in their sections (with their notice)."""
+        from teacher_service.config import sectioned
+
+        return sectioned(value, "plan", table="service")
 
     @model_validator(mode="after")
     def _runs_are_valid(self) -> Plan:
@@ -104,15 +113,18 @@ class Plan(StrictConfig):
             self.raw_run(run, teacher={"url": teacher_url, "name": uses} if uses else None)
         )
 
-    @property
+    @cached_property
     def dataset(self) -> str:
+        """[common]'s dataset, as TrainConfig validates it (its default where [common] names none)."""
         return TrainConfig.model_validate({**self.common, "method": "standard", "teacher": None}).dataset
 
 
 def _check_service_settings(settings: dict) -> None:
     from teacher_service.config import ServerConfig
 
-    taken = sorted({"cache_dir", "host", "port"} & set(settings))
+    cache = settings.get("cache")
+    given = {*settings, *(f"cache.{key}" for key in cache)} if isinstance(cache, dict) else set(settings)
+    taken = sorted({"cache.dir", "host", "port"} & given)
     if taken:
         raise ValueError(
             f"[service] cannot set {', '.join(taken)}: the demo chooses where the service listens and caches"
@@ -150,7 +162,7 @@ def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | 
             if not isinstance(base, str):
                 raise ConfigError(f"{path}: `base` names a built-in plan ({', '.join(plans.NAMES)}), got {base!r}")
             raw = merge(_built_in_plan(base, f"{path}: `base`"), raw)
-    return validated(Plan, apply_sets(raw, sets or [], Path.cwd()), source)
+    return validated(Plan, apply_sets(raw, sets or [], Path.cwd(), PATH_KEYS), source)
 
 
 def _built_in_plan(name: str, where: str = "--plan") -> dict:
@@ -168,7 +180,7 @@ def _resolve_plan_paths(raw: dict, base: Path) -> None:
     """Paths written in a plan file mean the plan's folder, as in every other config file."""
     for table in [raw.get("common"), *(raw.get("teachers") or []), *(raw.get("students") or [])]:
         if isinstance(table, dict):
-            resolve_file_paths(table, base)
+            resolve_file_paths(table, base, FILE_PATH_KEYS)
 
 
 def relative_to_file(target: Path, file: Path) -> str:

@@ -41,9 +41,10 @@ SHAPE, CLASSES, BOUND = (1, 28, 28), 10, 8 << 20
 
 
 def service(name: str, home: Path, member: Path, store: Path, memory_bytes: int, index_bytes: int | None):
-    server = {"cache_memory_bytes": memory_bytes, "cache_max_bytes": 1 << 40, "max_queue_rows": 16384}
+    cache = {"memory_bytes": memory_bytes, "max_bytes": 1 << 40}
     if index_bytes is not None:
-        server["cache_index_memory_bytes"] = index_bytes
+        cache["index_memory_bytes"] = index_bytes
+    server = {"cache": cache, "limits": {"queue_rows": 16384}}
     teacher = {"num_classes": CLASSES, "input_shape": list(SHAPE), "members": [{"path": str(member)}]}
     config = home / f"{name}.toml"
     config.write_text(tomli_w.dumps({"server": server, "teachers": {"t": teacher}}))

@@ -18,7 +18,9 @@ CONFIG = """\
 [server]
 host = "127.0.0.1"
 port = 8000
-cache_dir = "cache"
+
+[server.cache]
+dir = "cache"
 
 [teachers.mnist]
 num_classes = 10

@@ -2,7 +2,8 @@
 
 The service and the trainer both declare their configs as TOML validated by pydantic. Every config file any
 subcommand reads is read here, as a regular file of bounded size (read_config_bytes), and the value types and checks
-the configs share (a count, a bearer token, a folder to write into) are declared here once.
+the configs share (a count, a bearer token, a folder to write into) are declared here once, with the generic table
+work on raw configs: `--set key=value` on top of a file, paths made absolute, tables merged.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 import os
 import stat
 import tomllib
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -168,3 +170,58 @@ def _problem(err: dict) -> str:
 def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """`--set KEY=VALUE` (repeatable, collected in `args.sets`): one config key changed from the command line."""
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """`attack.steps=3` -> (["attack", "steps"], 3); values are TOML, or a bare string."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. attack.steps=3), got {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_sets(raw: dict, assignments: list[str], base: Path, path_keys: Collection[str] = ()) -> dict:
+    """Each `--set key=value` written into `raw` (sub-tables made as needed). A string value of a key whose last part
+    is in `path_keys` is a path given on the command line: made absolute against `base` (the working directory)."""
+    for assignment in assignments:
+        path, value = parse_set(assignment)
+        if path[-1] in path_keys and isinstance(value, str):
+            value = str(absolute_path(Path(value), base))
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {assignment}: {part!r} is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def absolute_path(path: Path, base: Path) -> Path:
+    """`path`, relative ones against `base`, normalised (no `..`) but not resolved (symbolic links stay)."""
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def resolve_file_paths(raw: dict, base: Path, keys: Iterable[str]) -> dict:
+    """The path fields of one raw table (`keys`, dotted: `teacher.config`), made absolute against `base` (the folder
+    of the file they came from); a key not there, or not a string, is left as it is."""
+    for key in keys:
+        *tables, leaf = key.split(".")
+        node = raw
+        for table in tables:
+            node = node.get(table) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = str(absolute_path(Path(node[leaf]), base))
+    return raw
+
+
+def merged(base: dict, top: dict) -> dict:
+    """Two raw tables as one, `top` over `base`: sub-tables present in both merge, any other value of `top` wins.
+    Neither is changed."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -7,8 +7,6 @@ Paths written in the file resolve against the file's folder; paths given with
 
 from __future__ import annotations
 
-import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,12 +14,13 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.configfile import (
     BearerToken,
-    ConfigError,
     Count,
     Fraction,
     Positive,
     StrictConfig,
+    apply_sets,
     read_toml,
+    resolve_file_paths,
     validated,
 )
 from shared.models import ARCHITECTURES
@@ -195,48 +194,10 @@ class TrainConfig(StrictConfig):
         return self.attack.model_copy(update=chosen).resolved(self.dataset)
 
 
-def parse_set(assignment: str) -> tuple[list[str], Any]:
-    """`attack.steps=3` -> (["attack", "steps"], 3); values are TOML, or a bare string."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value (e.g. attack.steps=3), got {assignment!r}")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return key.strip().split("."), value
-
-
-def apply_sets(raw: dict, assignments: list[str], base: Path) -> dict:
-    for assignment in assignments:
-        path, value = parse_set(assignment)
-        if path[-1] in _PATH_FIELDS and isinstance(value, str):
-            value = str(_absolute(Path(value), base))
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {assignment}: {part!r} is not a table")
-        node[path[-1]] = value
-    return raw
-
-
-_PATH_FIELDS = {"data_dir", "out_dir", "config", "init_from"}
-
-
-def _absolute(path: Path, base: Path) -> Path:
-    return Path(os.path.normpath(path if path.is_absolute() else base / path))
-
-
-def resolve_file_paths(raw: dict, base: Path) -> dict:
-    """The path fields of one run's raw table, made absolute against `base` (the folder of the file they came from)."""
-    for key in ("data_dir", "out_dir", "init_from"):
-        if isinstance(raw.get(key), str):
-            raw[key] = str(_absolute(Path(raw[key]), base))
-    teacher = raw.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("config"), str):
-        teacher["config"] = str(_absolute(Path(teacher["config"]), base))
-    return raw
+# Path keys given with `--set` (their last part: `teacher.config` too) resolve against the working directory.
+PATH_KEYS = frozenset({"data_dir", "out_dir", "config", "init_from"})
+# Path keys written in a run's file resolve against the file's folder.
+FILE_PATH_KEYS = ("data_dir", "out_dir", "init_from", "teacher.config")
 
 
 def load_train_config(
@@ -248,6 +209,6 @@ def load_train_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        raw.update(resolve_file_paths(read_toml(path), path.resolve().parent))
-    raw = apply_sets(raw, sets or [], Path.cwd())
+        raw.update(resolve_file_paths(read_toml(path), path.resolve().parent, FILE_PATH_KEYS))
+    raw = apply_sets(raw, sets or [], Path.cwd(), PATH_KEYS)
     return validated(TrainConfig, raw, source)

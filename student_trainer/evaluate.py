@@ -258,9 +258,9 @@ class CheckpointEvaluation:
         ConfigError for anything a user must fix."""
         from shared.checkpoint import load_checkpoint
         from shared.codec import to_unit_float
-        from shared.configfile import ConfigError
+        from shared.configfile import ConfigError, parse_set
         from shared.safe_load import load_export, not_a_model_file
-        from student_trainer.config import EVAL_ATTACK, load_train_config, parse_set
+        from student_trainer.config import EVAL_ATTACK, load_train_config
         from student_trainer.data import load_dataset
 
         unknown = sorted(set(attacks) - set(EVAL_ATTACKS))

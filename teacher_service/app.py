@@ -39,16 +39,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 name,
                 service.devices,
                 service.metrics,
-                server.max_batch_rows,
-                server.max_wait_ms,
-                server.max_queue_rows,
-                coalesce=server.batching,
+                server.batching.max_rows,
+                server.batching.max_wait_ms,
+                server.limits.queue_rows,
+                coalesce=server.batching.enabled,
             )
             for name in service.teachers
         }
         for b in service.batchers.values():
             b.start()
-        flusher = asyncio.create_task(flush_periodically(service, server.cache_flush_s)) if service.cache else None
+        flusher = asyncio.create_task(flush_periodically(service, server.cache.flush_s)) if service.cache else None
         warn_if_untested()
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:

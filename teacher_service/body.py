@@ -30,16 +30,16 @@ async def off_loop_if_large(executor: Executor, size: int, fn, *args):
     return fn(*args) if size <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
-async def read_body(request: Request, limits: ServerConfig, held: Held, check_header: Callable[[bytes], bool]) -> bytes:
+async def read_body(request: Request, server: ServerConfig, held: Held, check_header: Callable[[bytes], bool]) -> bytes:
     """The body, refused as soon as the bytes so far allow, so a body that will be refused is never held whole.
 
-    Past `max_body_bytes`: 413 (before reading, when Content-Length says so). Past what all requests may hold
+    Past `limits.body_bytes`: 413 (before reading, when Content-Length says so). Past what all requests may hold
     together: 503. When the safetensors header, the first bytes, already declares a tensor that will be
     refused (`check_header`): its 413/422 before the rest arrives. When the whole body has not arrived
-    `timeout_body_s` after the head: 408, and the connection closes (a stalled or trickling client holds
+    `timeouts.body_s` after the head: 408, and the connection closes (a stalled or trickling client holds
     nothing longer). A client that hangs up: ClientGone.
     """
-    limit = limits.max_body_bytes
+    limit = server.limits.body_bytes
 
     def too_large(size: str) -> ServiceError:
         return ServiceError(
@@ -69,14 +69,16 @@ async def read_body(request: Request, limits: ServerConfig, held: Held, check_he
         return b"".join(chunks)
 
     try:
-        async with asyncio.timeout(limits.timeout_body_s):  # one deadline for the whole body, in this task (no new one)
+        async with asyncio.timeout(
+            server.timeouts.body_s
+        ):  # one deadline for the whole body, in this task (no new one)
             return await read()
     except TimeoutError:
         raise ServiceError(
             408,
             "body_timeout",
             "the request body did not arrive in time",
-            f"the whole body within {limits.timeout_body_s:g} s of the request head",
+            f"the whole body within {server.timeouts.body_s:g} s of the request head",
             f"{held.bytes} of {declared or 'an undeclared number of'} bytes",
             headers={"Connection": "close"},
         ) from None

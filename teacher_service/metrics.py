@@ -50,12 +50,12 @@ class Metrics:
         self.cache_committed_rows = Gauge(
             "akd_cache_committed_rows", "Rows durable in the store.", ["member"], registry=r
         )
-        self.cache_bytes = Gauge("akd_cache_bytes", "Bytes counted against cache_max_bytes.", registry=r)
+        self.cache_bytes = Gauge("akd_cache_bytes", "Bytes counted against cache.max_bytes.", registry=r)
         self.cache_max_bytes = Gauge("akd_cache_max_bytes", "The cache size bound.", registry=r)
         self.cache_full = Gauge("akd_cache_full", "1 once the size bound (or a full disk) stopped inserts.", registry=r)
         self.cache_write_errors = Gauge("akd_cache_write_errors", "Failed chunk writes.", ["member"], registry=r)
         self.cache_evicted_rows = Gauge(
-            "akd_cache_evicted_rows", "Rows evicted this run to stay under cache_max_bytes.", ["member"], registry=r
+            "akd_cache_evicted_rows", "Rows evicted this run to stay under cache.max_bytes.", ["member"], registry=r
         )
         self.cache_damaged_rows = Gauge(
             "akd_cache_damaged_rows",

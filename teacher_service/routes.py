@@ -138,19 +138,19 @@ async def soft_targets(
     """Every trainer's traffic: called by the app's direct route (framework.py) as FastAPI would call it, and by
     FastAPI itself only under a root_path."""
     t = service.teacher(query.teacher)
-    limits = service.config.server
+    server = service.config.server
     wanted = _wanted(query.outputs)
     cache = query.cache
     batcher = service.batchers[t.name]
     with service.inflight.hold() as held:
         async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
-            body = await read_body(request, limits, held, header_check(t.config.input_shape, limits.max_queue_rows))
+            body = await read_body(request, server, held, header_check(t.config.input_shape, server.limits.queue_rows))
             keyed = service.cache is not None and cache is not CacheMode.bypass  # rows a cache reads or stores
             rows = await off_loop_if_large(
                 service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
             )
             del body  # the decoded rows are what stays
-            check_rows(len(rows), limits.max_queue_rows)  # the header said so; this holds whatever it said
+            check_rows(len(rows), server.limits.queue_rows)  # the header said so; this holds whatever it said
             try:
                 queued = batcher.enqueue(rows)
             except QueueFull as exc:
@@ -206,12 +206,12 @@ async def soft_target_keys(
             f"POST {protocol.SOFT_TARGETS_PATH} with the rows",
             "a keys-first request",
         )
-    limits = service.config.server
+    server = service.config.server
     wanted = _wanted(query.outputs)
     with service.inflight.hold() as held:
-        body = await read_body(request, limits, held, keys_header_check(limits.max_queue_rows))
+        body = await read_body(request, server, held, keys_header_check(server.limits.queue_rows))
         keys = prepare_keys(body)
-        check_rows(len(keys), limits.max_queue_rows)
+        check_rows(len(keys), server.limits.queue_rows)
         member_logits, found = await service.cached(t.name, keys)
     tau = t.config.temperature if query.temperature is None else query.temperature
     tensors = _outputs(member_logits, t, tau, wanted)

@@ -9,13 +9,13 @@ it runs (`framework.GuardedProtocol`, uvicorn's own extended with the `Guards` h
 uvicorn's internals that relies on) adds, at the connection level where only the server sees them:
 
 - a request-head deadline: from the moment a connection opens, or from the end of its last response, a
-  complete request head must arrive within `timeout_header_s`, however slowly its bytes trickle; past it,
+  complete request head must arrive within `[server.timeouts] header_s`, however slowly its bytes trickle; past it,
   408 (if part of a head came) and the connection closes;
-- a bound on the head's size (`max_header_bytes`; httptools has none of its own), answered with 431;
-- a connection limit (`max_connections`): a request on a connection opened past it gets a JSON 503 with
+- a bound on the head's size (`[server.limits] header_bytes`; httptools has none of its own), answered with 431;
+- a connection limit (`[server.limits] connections`): a request on a connection opened past it gets a JSON 503 with
   `Retry-After` and the connection closes; one that sends nothing is closed by the head deadline.
 
-The body has its own deadline (`timeout_body_s`), enforced where the app reads it (`body.read_body`).
+The body has its own deadline (`[server.timeouts] body_s`), enforced where the app reads it (`body.read_body`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ log = logging.getLogger("akd.service")
 def uvicorn_options(server: ServerConfig) -> dict:
     """Keyword arguments for `uvicorn.run` / `uvicorn.Config` (all but the app, host and port)."""
     return {
-        "http": guarded_protocol(server.max_connections, server.timeout_header_s, server.max_header_bytes),
-        "timeout_keep_alive": server.timeout_keep_alive_s,
+        "http": guarded_protocol(server.limits.connections, server.timeouts.header_s, server.limits.header_bytes),
+        "timeout_keep_alive": server.timeouts.keep_alive_s,
         "log_level": server.log_level,
     }
 

@@ -19,10 +19,9 @@ from fastapi import Request
 from shared import protocol
 from shared.devices import resolve_device
 from teacher_service.batcher import Batcher
-from teacher_service.cache.settings import CacheSettings
 from teacher_service.cache.slots import claim_slot
 from teacher_service.cache.store import LogitCache
-from teacher_service.config import ServerConfig, ServiceConfig
+from teacher_service.config import CacheSection, ServiceConfig
 from teacher_service.device_pool import DevicePool, DeviceWorker
 from teacher_service.errors import ServiceError
 from teacher_service.inference import TeacherRunner
@@ -36,9 +35,9 @@ CODING_THREADS = 4
 
 
 class InflightBytes:
-    """The request body bytes held by all requests in flight together, bounded by `max_inflight_bytes`.
+    """The request body bytes held by all requests in flight together, bounded by `[server.limits] inflight_bytes`.
 
-    `max_body_bytes` and `max_queue_rows` bound one request; without a bound on their sum, a few large
+    `body_bytes` and `queue_rows` bound one request; without a bound on their sum, a few large
     requests at once hold several times that, and enough of them exhaust memory. Bytes count as they
     arrive (a client that declares a size but sends nothing holds nothing) and stay counted until the
     request is answered, since its decoded tensor lives as long. All on the event loop: no lock.
@@ -140,7 +139,7 @@ def build_service(config: ServiceConfig) -> Service:
     names = server.devices or [server.device]
     setting = "server.devices" if server.devices else "server.device"
     devices = [resolve_device(name, setting) for name in names]
-    cache = _open_cache(server)
+    cache = _open_cache(server.cache)
     metrics = Metrics()
     shared_cache_thread = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="akd-cache", initializer=serial_cpu_ops)
@@ -162,26 +161,18 @@ def build_service(config: ServiceConfig) -> Service:
         workers[0].cache_executor,
         ThreadPoolExecutor(CODING_THREADS, thread_name_prefix="akd-coding", initializer=serial_cpu_ops),
         ", ".join(str(d) for d in devices),
-        InflightBytes(server.max_inflight_bytes, metrics),
+        InflightBytes(server.limits.inflight_bytes, metrics),
     )
     metrics.on_collect(lambda: _refresh_cache_gauges(service))
     return service
 
 
-def _open_cache(server: ServerConfig) -> LogitCache | None:
-    settings = CacheSettings(
-        max_bytes=server.cache_max_bytes,
-        chunk_rows=server.cache_chunk_rows,
-        durable=server.cache_durable,
-        memory_bytes=server.cache_memory_bytes,
-        when_full=server.cache_when_full,
-        index_memory_bytes=server.cache_index_memory_bytes,
-    )
-    if server.cache_dir is None:
+def _open_cache(cache: CacheSection) -> LogitCache | None:
+    if cache.dir is None:
         return None
-    if server.cache_slots is not None:
-        return claim_slot(Path(server.cache_dir), server.cache_slots, settings)
-    return LogitCache(server.cache_dir, settings)
+    if cache.slots is not None:
+        return claim_slot(Path(cache.dir), cache.slots, cache.settings)
+    return LogitCache(cache.dir, cache.settings)
 
 
 def _runners(config: ServiceConfig, cache: LogitCache | None, metrics: Metrics, device: torch.device):

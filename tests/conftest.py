@@ -90,11 +90,16 @@ def _toml_value(v) -> str:
 
 
 def write_config(path: Path, teachers: dict, server: dict | None = None) -> Path:
-    """teachers: {name: {num_classes, input_shape, ..., members: [{path, weight}]}}."""
+    """teachers: {name: {num_classes, input_shape, ..., members: [{path, weight}]}}; server: [server]'s keys, a
+    section as a dict ({"cache": {"dir": "cache"}} is [server.cache] dir)."""
     lines = []
     if server:
         lines.append("[server]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in server.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in server.items() if not isinstance(v, dict)]
+        for section, table in server.items():
+            if isinstance(table, dict):
+                lines.append(f"\n[server.{section}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     for name, t in teachers.items():
         lines.append(f"\n[teachers.{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in t.items() if k != "members"]
@@ -106,10 +111,11 @@ def write_config(path: Path, teachers: dict, server: dict | None = None) -> Path
 
 
 @contextlib.contextmanager
-def live_server(config_path: Path, asgi=None, **overrides):
+def live_server(config_path: Path, asgi=None, overrides: dict | None = None):
     """The real app under a real uvicorn, in a thread, on an ephemeral loopback port.
 
-    `asgi(app)`, when given, is what uvicorn serves instead of the app itself (a way in past the hot route)."""
+    `asgi(app)`, when given, is what uvicorn serves instead of the app itself (a way in past the hot route);
+    `overrides` are as `akd serve`'s flags give them to load_config ({"cache.dir": ...})."""
     config = load_config(config_path, overrides=overrides, environ={})
     app = create_app(config)
     sock = socket.socket()

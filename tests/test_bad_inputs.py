@@ -69,10 +69,8 @@ def client(members, tmp_path_factory):
         },
         server={
             "device": "cpu",
-            "cache_dir": str(root / "cache"),
-            "max_body_bytes": MAX_BODY,
-            "max_queue_rows": MAX_ROWS,
-            "cache_flush_s": 0.5,
+            "cache": {"dir": str(root / "cache"), "flush_s": 0.5},
+            "limits": {"body_bytes": MAX_BODY, "queue_rows": MAX_ROWS},
         },
     )
     with live_server(config) as (base, _app), httpx.Client(base_url=base, timeout=HANG_S) as c:

@@ -58,7 +58,7 @@ def one_config(tmp_path, mnist_members, slots: int = 2, **server):
     """The config every replica is started from, as a scaled compose service's replicas are."""
     teacher = mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)])
     return write_config(
-        tmp_path / "teachers.toml", {"ens": teacher}, {"cache_dir": "cache", "cache_slots": slots, **server}
+        tmp_path / "teachers.toml", {"ens": teacher}, {"cache": {"dir": "cache", "slots": slots}, **server}
     )
 
 
@@ -101,15 +101,15 @@ def pool(tmp_path, mnist_members, **server):
 
 @pytest.fixture
 def locked(tmp_path, mnist_members):
-    """Replicas that need a token and take a whole body within 2 s of its head (the service's timeout_body_s)."""
-    with pool(tmp_path, mnist_members, token=TOKEN, timeout_body_s=2.0) as replicas_and_balancer:
+    """Replicas that need a token and take a whole body within 2 s of its head (the service's timeouts.body_s)."""
+    with pool(tmp_path, mnist_members, token=TOKEN, timeouts={"body_s": 2.0}) as replicas_and_balancer:
         yield replicas_and_balancer
 
 
 @pytest.fixture
 def busy(tmp_path, mnist_members):
     """Replicas whose queue holds one 16-row query: a second one, while the first waits, is refused (503)."""
-    with pool(tmp_path, mnist_members, max_queue_rows=16) as replicas_and_balancer:
+    with pool(tmp_path, mnist_members, limits={"queue_rows": 16}) as replicas_and_balancer:
         yield replicas_and_balancer
 
 
@@ -121,7 +121,7 @@ def test_replicas_of_one_config_claim_their_own_cache_folders_and_a_restart_take
     third = tmp_path / "third.log"
     with pytest.raises(RuntimeError, match="did not start|exited"):
         ServerProcess(tmp_path / "teachers.toml", third)
-    assert "raise cache_slots to at least the number of replicas" in third.read_text()
+    assert "raise [server.cache] slots to at least the number of replicas" in third.read_text()
     assert a.stop()  # a clean stop writes its buffered rows
     restarted = ServerProcess(tmp_path / "teachers.toml", tmp_path / "restarted.log")
     try:
@@ -136,8 +136,10 @@ def test_a_cache_slot_setting_needs_a_local_folder(tmp_path, mnist_members):
     from shared.configfile import ConfigError
     from teacher_service.config import load_config
 
-    path = write_config(tmp_path / "t.toml", {"ens": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache_slots": 2})
-    with pytest.raises(ConfigError, match="cache_slots needs cache_dir to be a local folder"):
+    path = write_config(
+        tmp_path / "t.toml", {"ens": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache": {"slots": 2}}
+    )
+    with pytest.raises(ConfigError, match="server.cache: slots needs dir to be a local folder"):
         load_config(path, environ={})
 
 
@@ -305,16 +307,16 @@ def test_the_balancers_limits_equal_or_tighten_the_services():
     text = NGINX_CONF.read_text()
     server, upstream = directives(conf_block(text, "server")), directives(conf_block(text, "upstream teacher"))
     assert server.get("proxy_request_buffering") == "off"  # bodies streamed: no temp file, the replica's limits apply
-    assert size_bytes(server["client_max_body_size"]) == SERVICE.max_body_bytes
+    assert size_bytes(server["client_max_body_size"]) == SERVICE.limits.body_bytes
     assert size_bytes(server["client_body_buffer_size"]) <= 1 << 20  # what nginx holds of a body, per connection
     count, each = server["large_client_header_buffers"].split()
     head = size_bytes(server["client_header_buffer_size"]) + int(count) * size_bytes(each)
-    assert head <= SERVICE.max_header_bytes, head
-    assert seconds(server["client_header_timeout"]) <= SERVICE.timeout_header_s
-    assert seconds(server["keepalive_timeout"]) <= SERVICE.timeout_keep_alive_s
-    assert seconds(server["client_body_timeout"]) <= SERVICE.timeout_body_s
+    assert head <= SERVICE.limits.header_bytes, head
+    assert seconds(server["client_header_timeout"]) <= SERVICE.timeouts.header_s
+    assert seconds(server["keepalive_timeout"]) <= SERVICE.timeouts.keep_alive_s
+    assert seconds(server["client_body_timeout"]) <= SERVICE.timeouts.body_s
     # nginx closes an idle upstream connection before the replica does: no query is sent on one it is closing
-    assert seconds(upstream["keepalive_timeout"]) < SERVICE.timeout_keep_alive_s
+    assert seconds(upstream["keepalive_timeout"]) < SERVICE.timeouts.keep_alive_s
     proxy = location(conf_block(text, "server"), "/")
     # a stalled client is nginx's to cut off, never read as a replica that timed out (which takes it out)
     assert seconds(server["client_body_timeout"]) < seconds(proxy["proxy_send_timeout"])
@@ -336,7 +338,9 @@ def test_what_nginx_answers_itself_is_the_services_json_error_shape():
         error = ErrorBody.model_validate(json.loads(re.sub(r"\$\w+", "x", body))).error
         assert error.code and error.message
         if status == "413":
-            assert error.expected == f"at most {SERVICE.max_body_bytes} bytes"  # the limit it states is the one it has
+            assert (
+                error.expected == f"at most {SERVICE.limits.body_bytes} bytes"
+            )  # the limit it states is the one it has
 
 
 # ------------------------------------------------------------------ the real nginx, running deploy/nginx.conf
@@ -407,7 +411,7 @@ def test_bodies_without_the_token_are_refused_before_nginx_holds_them(locked, tm
 @needs_nginx
 def test_a_trickled_body_is_cut_off_by_the_replicas_whole_body_deadline(locked):
     """A client with the token trickles 4 KiB every 50 ms of a 4 MiB body (never more than nginx's between-reads
-    timeout apart): the replica's deadline for the whole body (timeout_body_s, 2 s here) answers 408 in JSON and the
+    timeout apart): the replica's deadline for the whole body (timeouts.body_s, 2 s here) answers 408 in JSON and the
     connection closes, long before the body is in. Buffered, nginx would hold it until its last byte came."""
     _, balancer = locked
     size, sent = 4 << 20, 0
@@ -434,9 +438,9 @@ def test_a_trickled_body_is_cut_off_by_the_replicas_whole_body_deadline(locked):
 
 @needs_nginx
 def test_nginxs_own_refusals_are_the_services_json_errors(replicas, balancer):
-    """A body over max_body_bytes (413), a head over the limit (431, where nginx's own is an HTML 400), a malformed
+    """A body over limits.body_bytes (413), a head over the limit (431, where nginx's own is an HTML 400), a malformed
     request (400), and no live replica (502, with Retry-After): each in the service's JSON error shape."""
-    over = SERVICE.max_body_bytes + 1
+    over = SERVICE.limits.body_bytes + 1
     sock = raw_connect(balancer.url)
     try:
         sock.sendall(raw_head("POST", f"{protocol.SOFT_TARGETS_PATH}?teacher=ens", {"Content-Length": str(over)}))

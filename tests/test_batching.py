@@ -36,7 +36,7 @@ async def _client(base: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor
 def test_eight_concurrent_clients_are_answered_correctly_in_shared_batches(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)]
     config = write_config(
-        tmp_path / "t.toml", {"m": mnist_teacher(members)}, {"max_wait_ms": 1000.0, "max_batch_rows": 256}
+        tmp_path / "t.toml", {"m": mnist_teacher(members)}, {"batching": {"max_wait_ms": 1000.0, "max_rows": 256}}
     )
 
     async def all_clients(base):
@@ -61,7 +61,7 @@ def test_eight_concurrent_clients_are_answered_correctly_in_shared_batches(tmp_p
 def test_a_lone_request_does_not_wait_for_company(tmp_path, mnist_members):
     """With nobody else on the way in, a batch runs at once instead of waiting out max_wait_ms."""
     config = write_config(
-        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_wait_ms": 5000.0}
+        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"batching": {"max_wait_ms": 5000.0}}
     )
     with live_server(config) as (base, _):
         for seed in range(3):
@@ -77,7 +77,9 @@ def test_a_lone_request_does_not_wait_for_company(tmp_path, mnist_members):
 
 def test_batching_off_runs_each_request_alone(tmp_path, mnist_members):
     config = write_config(
-        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"batching": False, "max_wait_ms": 50.0}
+        tmp_path / "t.toml",
+        {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
+        {"batching": {"enabled": False, "max_wait_ms": 50.0}},
     )
 
     async def all_clients(base):
@@ -96,7 +98,7 @@ def test_event_loop_answers_health_checks_while_a_batch_computes(tmp_path):
 
     member = save_member(tmp_path / "wrn.pt", seed=0, arch="wrn34_10", shape=(3, 32, 32))
     teacher = {"num_classes": 10, "input_shape": [3, 32, 32], "members": [{"path": str(member)}]}
-    config = write_config(tmp_path / "t.toml", {"wrn": teacher}, {"max_batch_rows": 64})
+    config = write_config(tmp_path / "t.toml", {"wrn": teacher}, {"batching": {"max_rows": 64}})
 
     async def probe(base):
         async with httpx.AsyncClient(base_url=base, timeout=HANG_S) as client:
@@ -121,7 +123,9 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(tmp_path):
 
     member = save_member(tmp_path / "wrn.pt", seed=0, arch="wrn34_10", shape=(3, 32, 32))
     teacher = {"num_classes": 10, "input_shape": [3, 32, 32], "members": [{"path": str(member)}]}
-    config = write_config(tmp_path / "t.toml", {"wrn": teacher}, {"max_batch_rows": 4, "max_queue_rows": 8})
+    config = write_config(
+        tmp_path / "t.toml", {"wrn": teacher}, {"batching": {"max_rows": 4}, "limits": {"queue_rows": 8}}
+    )
 
     async def scenario(base):
         async with httpx.AsyncClient(base_url=base, timeout=HANG_S) as client:

@@ -308,7 +308,7 @@ def test_a_server_table_reaches_the_config_every_side_reads(tmp_path):
     (tmp_path / "b.toml").write_text(text)
     written = write_teachers(tmp_path, load_bench_config(str(tmp_path / "b.toml")), max_wait_ms=3.0)
     server = load_config(written, environ={}).server
-    assert (server.autocast, server.max_wait_ms) == ("bf16", 3.0)
+    assert (server.autocast, server.batching.max_wait_ms) == ("bf16", 3.0)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def cached_config(tmp_path, mnist_members):
     return write_config(
         tmp_path / "teachers.toml",
         {"ens": mnist_teacher(members), "single": mnist_teacher(members[:1])},
-        {"cache_dir": "cache", "cache_chunk_rows": 8},
+        {"cache": {"dir": "cache", "chunk_rows": 8}},
     )
 
 
@@ -116,7 +116,7 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": "cache", "cache_max_bytes": limit, "cache_chunk_rows": 4, "cache_when_full": "stop"},
+        {"cache": {"dir": "cache", "max_bytes": limit, "chunk_rows": 4, "when_full": "stop"}},
     )
     x = random_inputs(16, seed=8)
     with caplog.at_level("WARNING", logger="akd.cache"), live_server(config) as (base, _):
@@ -164,7 +164,7 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(p, 1.0) for p in paths])},
-        {"cache_dir": "cache", "cache_chunk_rows": 8, "cache_flush_s": 0.05},
+        {"cache": {"dir": "cache", "chunk_rows": 8, "flush_s": 0.05}},
     )
     sent: dict[bytes, torch.Tensor] = {}
     served: dict[bytes, torch.Tensor] = {}  # member logits as first served, per row key
@@ -281,7 +281,7 @@ class TestStores:
 
         from conftest import REPO, free_port
 
-        held = LogitCache(str(tmp_path / "cache"), CacheSettings(max_bytes=1 << 20))  # the config's cache_dir
+        held = LogitCache(str(tmp_path / "cache"), CacheSettings(max_bytes=1 << 20))  # the config's cache.dir
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "teacher_service", "--config", str(cached_config), "--port", str(free_port())],

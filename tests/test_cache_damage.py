@@ -64,7 +64,7 @@ def pristine(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor, list[s
     config = write_config(
         home / "teachers.toml",
         {"ens": mnist_teacher([(p, 1.0) for p in members])},
-        {"cache_dir": "cache", "cache_chunk_rows": CHUNK},
+        {"cache": {"dir": "cache", "chunk_rows": CHUNK}},
     )
     x = random_inputs(ROWS, dtype=torch.uint8, seed=5)
     with live_server(config) as (base, _):
@@ -217,15 +217,15 @@ class TestDurableCommits:
         assert synced[-2:] == [("v1/zarr.json", 6), ("v1", 6)]
 
     def test_without_it_nothing_is_fsynced(self, tmp_path, monkeypatch):
-        monkeypatch.setattr(durable, "fsync", lambda *a, **k: pytest.fail("fsync without cache_durable"))
+        monkeypatch.setattr(durable, "fsync", lambda *a, **k: pytest.fail("fsync without cache.durable"))
         cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=2))
         cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16, b"c" * 16], np.ones((3, 2), np.float32))
         cache.close()
 
     def test_the_server_option_reaches_the_cache(self, cached_config_durable):
-        assert load_config(cached_config_durable, environ={"AKD_CACHE_DURABLE": "1"}).server.cache_durable is True
-        assert load_config(cached_config_durable, environ={}).server.cache_durable is False
-        with live_server(cached_config_durable, cache_durable=True) as (base, app):
+        assert load_config(cached_config_durable, environ={"AKD_CACHE_DURABLE": "1"}).server.cache.durable is True
+        assert load_config(cached_config_durable, environ={}).server.cache.durable is False
+        with live_server(cached_config_durable, overrides={"cache.durable": True}) as (base, app):
             x = random_inputs(5, seed=3)
             post(base, x)
             assert app.state.service.cache.durable
@@ -238,7 +238,7 @@ def cached_config_durable(tmp_path, mnist_members):
     return write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": "cache", "cache_chunk_rows": 4},
+        {"cache": {"dir": "cache", "chunk_rows": 4}},
     )
 
 
@@ -250,7 +250,7 @@ def test_a_full_disk_shows_in_cache_full(tmp_path, mnist_members, monkeypatch, c
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": "cache", "cache_chunk_rows": 4},
+        {"cache": {"dir": "cache", "chunk_rows": 4}},
     )
     real_put = local_store._put
 

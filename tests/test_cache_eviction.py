@@ -1,4 +1,4 @@
-"""Past `cache_max_bytes` the cache evicts (`cache_when_full = "evict"`, the default): the least recently used chunks
+"""Past `[server.cache] max_bytes` the cache evicts (`when_full = "evict"`, the default): the least recently used chunks
 of the served member versions go, their files are deleted, the rows used since stay, and a restart reads the store
 as it was left, evicted chunks counted as gone, not as damage. A real zarr store; a real service for the end-to-end
 part."""
@@ -117,7 +117,7 @@ def test_a_service_past_its_bound_keeps_storing_and_serving(tmp_path, mnist_memb
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": "cache", "cache_max_bytes": limit, "cache_chunk_rows": 4},
+        {"cache": {"dir": "cache", "max_bytes": limit, "chunk_rows": 4}},
     )
     old, new = random_inputs(8, seed=1), random_inputs(8, seed=2)
     with live_server(config) as (base, _):

@@ -42,7 +42,7 @@ def test_float16_rows_are_half_the_bytes_and_serve_the_rounded_logits(tmp_path, 
         "exact": mnist_teacher([(member, 1.0)]),
         "half": mnist_teacher([(member, 1.0)], store="float16"),
     }
-    config = write_config(tmp_path / "t.toml", teachers, {"cache_dir": "cache"})
+    config = write_config(tmp_path / "t.toml", teachers, {"cache": {"dir": "cache"}})
     x = random_inputs(20)
     with live_server(config) as (base, _):
         computed, hits = member_logits(base, x, "half")
@@ -72,7 +72,7 @@ def test_a_logit_past_float16s_range_is_served_but_never_stored(tmp_path):
     path = tmp_path / "huge.pt"
     save_checkpoint(path, Checkpoint("small_cnn", 10, MNIST_SHAPE, model.state_dict(), {}))
     config = write_config(
-        tmp_path / "t.toml", {"huge": mnist_teacher([(path, 1.0)], store="float16")}, {"cache_dir": "cache"}
+        tmp_path / "t.toml", {"huge": mnist_teacher([(path, 1.0)], store="float16")}, {"cache": {"dir": "cache"}}
     )
     x = random_inputs(4)
     with live_server(config) as (base, _):
@@ -87,7 +87,9 @@ def test_a_logit_past_float16s_range_is_served_but_never_stored(tmp_path):
 
 def test_akd_cache_counts_float16_rows_at_their_size(tmp_path, mnist_members):
     config = write_config(
-        tmp_path / "t.toml", {"half": mnist_teacher([(mnist_members["a"], 1.0)], store="float16")}, {"cache_dir": "c"}
+        tmp_path / "t.toml",
+        {"half": mnist_teacher([(mnist_members["a"], 1.0)], store="float16")},
+        {"cache": {"dir": "c"}},
     )
     with live_server(config) as (base, _):
         post(base, random_inputs(12), teacher="half", cache="use")
@@ -132,7 +134,7 @@ def test_top_k_needs_its_k_and_more_classes_than_k():
 def test_a_top_k_teacher_serves_its_decoded_rows_and_restores_them(tmp_path, mnist_members):
     member = mnist_members["a"]
     config = write_config(
-        tmp_path / "t.toml", {"top": mnist_teacher([(member, 1.0)], store="topk", topk=3)}, {"cache_dir": "cache"}
+        tmp_path / "t.toml", {"top": mnist_teacher([(member, 1.0)], store="topk", topk=3)}, {"cache": {"dir": "cache"}}
     )
     x = random_inputs(20)
     top3 = row_format("top3")

@@ -127,7 +127,7 @@ def held(tmp_path, mnist_members):
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"cache_dir": folder.name, "cache_chunk_rows": 4, "device": "cpu"},
+        {"cache": {"dir": folder.name, "chunk_rows": 4}, "device": "cpu"},
     )
     first = ServerProcess(config, tmp_path / "first.log")
     x = random_inputs(ROWS, dtype=torch.uint8)
@@ -164,7 +164,7 @@ def test_every_spelling_of_a_held_folder_is_refused_and_the_first_keeps_its_rows
     for spelling in spellings(held.folder, tmp_path / "link"):
         config = load_config(held.config, environ={"AKD_CACHE_DIR": spelling})
         try:
-            _open_cache(config.server).close()
+            _open_cache(config.server.cache).close()
             problems[spelling] = "opened beside the first"
         except StoreLocked as exc:
             if not str(exc).startswith(f"cache store {real} is in use by another teacher service (pid {pid}: "):
@@ -214,7 +214,7 @@ def test_a_FILE_url_serves_from_the_folder_it_names(tmp_path, mnist_members):
     finally:
         assert server.stop()
     assert (folder / file_version(mnist_members["a"]) / "zarr.json").is_file()
-    with live_server(config, cache_dir=str(folder)) as (base, _):
+    with live_server(config, overrides={"cache.dir": str(folder)}) as (base, _):
         again = post(base, x, outputs="member_logits")
     assert again.headers["X-Cache-Hits"] == str(ROWS) and again.content == first.content
 
@@ -242,7 +242,7 @@ def test_a_spelling_that_names_no_lockable_folder_is_refused_at_start_up(tmp_pat
         assert code == 2 and "Traceback" not in output, output
         lines = [line for line in output.splitlines() if line.startswith("akd serve:")]
     [line] = lines
-    assert line.startswith("akd serve: server.cache_dir: expected a local folder") and f"got {spelling!r}" in line
+    assert line.startswith("akd serve: server.cache.dir: expected a local folder") and f"got {spelling!r}" in line
     assert says in line, line
 
 

@@ -174,7 +174,7 @@ def test_a_service_holding_ten_times_its_memory_bound_stays_under_it(tmp_path, m
     config = write_config(
         tmp_path / "t.toml",
         {"t": mnist_teacher([(member, 1.0)])},
-        {"cache_dir": "cache", "cache_memory_bytes": budget, "cache_index_memory_bytes": budget // 4},
+        {"cache": {"dir": "cache", "memory_bytes": budget, "index_memory_bytes": budget // 4}},
     )
     server = ServerProcess(config, tmp_path / "server.log")
     wanted = np.frombuffer(b"".join(keys), np.uint8).reshape(rows, KEY_BYTES)

@@ -34,7 +34,7 @@ def serve_once(config: Path) -> None:
 def cache(tmp_path):
     """A cache that served members a, b, then a and c: b's version is stale for the second config."""
     a, b, c = (save_member(tmp_path / f"{n}.pt", seed=s) for n, s in (("a", 1), ("b", 2), ("c", 3)))
-    server = {"cache_dir": "cache", "cache_chunk_rows": CHUNK}
+    server = {"cache": {"dir": "cache", "chunk_rows": CHUNK}}
     first = write_config(tmp_path / "first.toml", {"ens": mnist_teacher([(a, 1.0), (b, 1.0)])}, server)
     second = write_config(tmp_path / "second.toml", {"ens": mnist_teacher([(a, 1.0), (c, 1.0)])}, server)
     serve_once(first)
@@ -129,7 +129,9 @@ def test_gc_refuses_under_a_running_service_and_for_a_config_that_uses_nothing(c
         assert "stop the service first" in done.stderr
     assert (folder / v["b"]).is_dir()
     other = save_member(tmp_path / "other.pt", seed=9)
-    unrelated = write_config(tmp_path / "unrelated.toml", {"x": mnist_teacher([(other, 1.0)])}, {"cache_dir": "cache"})
+    unrelated = write_config(
+        tmp_path / "unrelated.toml", {"x": mnist_teacher([(other, 1.0)])}, {"cache": {"dir": "cache"}}
+    )
     done = akd_cache("gc", "--config", str(unrelated))
     assert done.returncode == 2 and "is it the config this cache serves" in done.stderr
     assert all((folder / version).is_dir() for version in v.values())

@@ -135,7 +135,7 @@ CONFIG_ERRORS = [
     ("unknown_top_level_table", "[servre]\nport = 8000\n" + TEACHER, ["servre", "Extra inputs are not permitted"]),
     ("port_out_of_range", "[server]\nport = 70000\n" + TEACHER, ["server.port", "70000"]),
     ("device_unknown", '[server]\ndevice = "tpu"\n' + TEACHER, ["server.device", "'tpu'"]),
-    ("max_body_bytes_0", "[server]\nmax_body_bytes = 0\n" + TEACHER, ["server.max_body_bytes"]),
+    ("body_bytes_0", "[server.limits]\nbody_bytes = 0\n" + TEACHER, ["server.limits.body_bytes"]),
     ("invalid_toml", "[teachers.mnist\nnum_classes = 10\n", ["not valid TOML"]),
     ("invalid_toml_value", "[server]\nport = eighty\n", ["not valid TOML"]),
     ("server_not_a_table", "server = 5\n" + TEACHER, ["server"]),
@@ -213,8 +213,8 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path):
     for given in ("afile", "afile/sub"):
         with pytest.raises(ConfigError, match="is a file; expected a folder") as info:
             load_config(path, environ={"AKD_CACHE_DIR": str(tmp_path / given)})
-        assert f"server.cache_dir: {tmp_path / given}" in str(info.value)
-    assert load_config(path, environ={"AKD_CACHE_DIR": str(tmp_path / "new" / "cache")}).server.cache_dir
+        assert f"server.cache.dir: {tmp_path / given}" in str(info.value)
+    assert load_config(path, environ={"AKD_CACHE_DIR": str(tmp_path / "new" / "cache")}).server.cache.dir
 
 
 def test_a_config_file_over_the_bound_is_refused_before_it_is_parsed(tmp_path):
@@ -287,7 +287,7 @@ def test_member_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     assert [m.path.resolve() for m in teacher.members] == [a.resolve(), c.resolve(), b.resolve()]
 
 
-def test_server_precedence_cli_over_env_over_file_over_default(tmp_path, monkeypatch):
+def test_server_precedence_cli_over_set_over_env_over_file_over_default(tmp_path, monkeypatch):
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
     cwd = tmp_path / "cwd"
@@ -296,32 +296,37 @@ def test_server_precedence_cli_over_env_over_file_over_default(tmp_path, monkeyp
     bare = conf_dir / "bare.toml"
     bare.write_text(TEACHER)
     filed = conf_dir / "filed.toml"
-    filed.write_text('[server]\nport = 9100\ncache_dir = "file-cache"\nhost = "127.0.0.2"\n' + TEACHER)
+    filed.write_text('[server]\nport = 9100\nhost = "127.0.0.2"\n[server.cache]\ndir = "file-cache"\n' + TEACHER)
     env = {"AKD_PORT": "9200", "AKD_CACHE_DIR": "env-cache"}
 
     # default
     s = load_config(bare, environ={}).server
-    assert (s.port, s.cache_dir, s.host) == (8000, None, "127.0.0.1")
-    # [server] table; its relative cache_dir is relative to the config's folder
+    assert (s.port, s.cache.dir, s.host) == (8000, None, "127.0.0.1")
+    # [server] table; its relative cache.dir is relative to the config's folder
     s = load_config(filed, environ={}).server
     assert s.port == 9100 and s.host == "127.0.0.2"
-    assert Path(s.cache_dir).is_absolute() and Path(s.cache_dir).resolve() == (conf_dir / "file-cache").resolve()
-    # environment over the file; its relative cache_dir is relative to the working directory
+    assert Path(s.cache.dir).is_absolute() and Path(s.cache.dir).resolve() == (conf_dir / "file-cache").resolve()
+    # environment over the file; its relative cache.dir is relative to the working directory
     s = load_config(filed, environ=env).server
     assert s.port == 9200 and s.host == "127.0.0.2"
-    assert Path(s.cache_dir).is_absolute() and Path(s.cache_dir).resolve() == (cwd / "env-cache").resolve()
+    assert Path(s.cache.dir).is_absolute() and Path(s.cache.dir).resolve() == (cwd / "env-cache").resolve()
     # environment over the default
     s = load_config(bare, environ=env).server
-    assert s.port == 9200 and Path(s.cache_dir).resolve() == (cwd / "env-cache").resolve()
-    # command line over the environment (also relative to the working directory)
-    s = load_config(filed, overrides={"port": 9300, "cache_dir": "cli-cache", "host": None}, environ=env).server
-    assert s.port == 9300 and s.host == "127.0.0.2"
-    assert Path(s.cache_dir).resolve() == (cwd / "cli-cache").resolve()
+    assert s.port == 9200 and Path(s.cache.dir).resolve() == (cwd / "env-cache").resolve()
+    # --set over the environment (also relative to the working directory)
+    sets = ["server.port=9250", "server.cache.dir=set-cache"]
+    s = load_config(filed, environ=env, sets=sets).server
+    assert s.port == 9250 and s.host == "127.0.0.2"
+    assert Path(s.cache.dir).is_absolute() and Path(s.cache.dir).resolve() == (cwd / "set-cache").resolve()
+    # the command line's flags over --set (also relative to the working directory)
+    s = load_config(filed, overrides={"port": 9300, "cache.dir": "cli-cache", "host": None}, environ=env, sets=sets)
+    assert s.server.port == 9300 and s.server.host == "127.0.0.2"
+    assert Path(s.server.cache.dir).resolve() == (cwd / "cli-cache").resolve()
     # a flag left unset (None) does not hide the environment or the file
-    s = load_config(filed, overrides={"port": None, "cache_dir": None, "host": None}, environ=env).server
-    assert s.port == 9200 and Path(s.cache_dir).resolve() == (cwd / "env-cache").resolve()
-    s = load_config(filed, overrides={"port": None, "cache_dir": None, "host": None}, environ={}).server
-    assert s.port == 9100 and Path(s.cache_dir).resolve() == (conf_dir / "file-cache").resolve()
+    s = load_config(filed, overrides={"port": None, "cache.dir": None, "host": None}, environ=env).server
+    assert s.port == 9200 and Path(s.cache.dir).resolve() == (cwd / "env-cache").resolve()
+    s = load_config(filed, overrides={"port": None, "cache.dir": None, "host": None}, environ={}).server
+    assert s.port == 9100 and Path(s.cache.dir).resolve() == (conf_dir / "file-cache").resolve()
     # environ=None reads the real environment
     monkeypatch.setenv("AKD_PORT", "9400")
     monkeypatch.setenv("AKD_HOST", "0.0.0.0")
@@ -334,12 +339,12 @@ def test_absolute_and_url_cache_dirs_are_kept(tmp_path, monkeypatch):
     store = tmp_path / "abs-cache"
     path = tmp_path / "conf" / "teachers.toml"
     path.parent.mkdir()
-    path.write_text(f'[server]\ncache_dir = "{store}"\n' + TEACHER)
-    assert load_config(path, environ={}).server.cache_dir == str(store)
-    path.write_text('[server]\ncache_dir = "s3://bucket/akd-cache"\n' + TEACHER)
-    assert load_config(path, environ={}).server.cache_dir == "s3://bucket/akd-cache"
-    assert load_config(path, environ={"AKD_CACHE_DIR": "memory://x"}).server.cache_dir == "memory://x"
-    assert load_config(path, overrides={"cache_dir": str(store)}, environ={}).server.cache_dir == str(store)
+    path.write_text(f'[server.cache]\ndir = "{store}"\n' + TEACHER)
+    assert load_config(path, environ={}).server.cache.dir == str(store)
+    path.write_text('[server.cache]\ndir = "s3://bucket/akd-cache"\n' + TEACHER)
+    assert load_config(path, environ={}).server.cache.dir == "s3://bucket/akd-cache"
+    assert load_config(path, environ={"AKD_CACHE_DIR": "memory://x"}).server.cache.dir == "memory://x"
+    assert load_config(path, overrides={"cache.dir": str(store)}, environ={}).server.cache.dir == str(store)
 
 
 def test_load_config_returns_a_service_config(tmp_path):
@@ -445,10 +450,10 @@ def test_file_url_cache_is_the_folder_it_names(tmp_path, mnist_members):
     config_path = write_config(
         tmp_path / "t.toml",
         {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])},
-        {"device": "cpu", "cache_dir": folder.as_uri()},
+        {"device": "cpu", "cache": {"dir": folder.as_uri()}},
     )
     config = load_config(config_path, environ={})
-    assert config.server.cache_dir == str(folder)
+    assert config.server.cache.dir == str(folder)
     app = create_app(config)
     with pytest.raises(StoreLocked):
         create_app(config)
@@ -461,7 +466,9 @@ def test_file_url_cache_is_the_folder_it_names(tmp_path, mnist_members):
 
 @pytest.mark.parametrize("url", ["file://elsewhere/cache", "file:relative", "file:///c?x=1"])
 def test_file_url_that_names_no_local_absolute_folder_is_refused(tmp_path, url):
-    path = write_config(tmp_path / "t.toml", {"mnist": mnist_teacher([(tmp_path / "a.pt", 1.0)])}, {"cache_dir": url})
+    path = write_config(
+        tmp_path / "t.toml", {"mnist": mnist_teacher([(tmp_path / "a.pt", 1.0)])}, {"cache": {"dir": url}}
+    )
     with pytest.raises(ConfigError, match="file:///path/to/cache"):
         load_config(path, environ={})
 

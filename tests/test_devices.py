@@ -37,7 +37,7 @@ def two_devices(tmp_path, mnist_members, **server) -> tuple:
     config = write_config(
         tmp_path / "t.toml",
         {"ens": mnist_teacher([(m, 1.0) for m in members])},
-        {"devices": ["cpu", "cpu"], "cache_dir": "cache", "max_batch_rows": 8, **server},
+        {"devices": ["cpu", "cpu"], "cache": {"dir": "cache"}, "batching": {"max_rows": 8}, **server},
     )
     return config, members
 

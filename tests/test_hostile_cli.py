@@ -108,7 +108,7 @@ def test_serve_with_a_cache_dir_that_is_a_file(tmp_path, member, under):
     (tmp_path / "afile").write_text("not a folder")
     cache_dir = tmp_path / "afile" / under if under else tmp_path / "afile"
     done = akd("serve", "--config", str(config), "--cache-dir", str(cache_dir), "--port", "0", cwd=tmp_path)
-    refused(done, "serve", f"server.cache_dir: {cache_dir}", f"{tmp_path / 'afile'} is a file; expected a folder")
+    refused(done, "serve", f"server.cache.dir: {cache_dir}", f"{tmp_path / 'afile'} is a file; expected a folder")
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 

@@ -62,7 +62,12 @@ def config(tmp_path_factory):
     return lambda name: write_config(
         root / f"{name}.toml",
         teachers,
-        server={"device": "cpu", "token": TOKEN, "cache_dir": str(root / f"cache-{name}"), "max_body_bytes": 300_000},
+        server={
+            "device": "cpu",
+            "token": TOKEN,
+            "cache": {"dir": str(root / f"cache-{name}")},
+            "limits": {"body_bytes": 300_000},
+        },
     )
 
 

@@ -21,7 +21,9 @@ def clean_rows(n: int, seed: int) -> torch.Tensor:
 @pytest.fixture
 def teacher_config(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)]
-    return write_config(tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=2.0)}, {"cache_dir": "cache"})
+    return write_config(
+        tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=2.0)}, {"cache": {"dir": "cache"}}
+    )
 
 
 def test_cached_rows_are_asked_for_by_key_and_only_the_others_uploaded(teacher_config):

@@ -97,10 +97,8 @@ def test_bytes_in_flight_are_bounded_across_requests(tmp_path, member):
     config = _config(
         tmp_path,
         member,
-        max_body_bytes=100_000,
-        max_inflight_bytes=150_000,
-        timeout_header_s=HANG_S,
-        timeout_body_s=HANG_S,
+        limits={"body_bytes": 100_000, "inflight_bytes": 150_000},
+        timeouts={"header_s": HANG_S, "body_s": HANG_S},
     )
     body_a = encode_inputs(random_inputs(100, dtype=torch.uint8, seed=1))  # 78,400 bytes of rows
     body_b = encode_inputs(random_inputs(95, dtype=torch.uint8, seed=2))  # 74,480: each fits alone, not both
@@ -142,8 +140,10 @@ def test_bytes_in_flight_are_bounded_across_requests(tmp_path, member):
 def test_inflight_bound_below_the_body_limit_is_a_config_error(tmp_path, member):
     from teacher_service.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"max_inflight_bytes \(100000\) must be at least max_body_bytes \(200000\)"):
-        load_config(_config(tmp_path, member, max_body_bytes=200_000, max_inflight_bytes=100_000), environ={})
+    with pytest.raises(
+        ConfigError, match=r"server.limits: inflight_bytes \(100000\) must be at least body_bytes \(200000\)"
+    ):
+        load_config(_config(tmp_path, member, limits={"body_bytes": 200_000, "inflight_bytes": 100_000}), environ={})
 
 
 # --------------------------------------------------------------------------- time: idle, slow heads, stalled bodies
@@ -174,7 +174,7 @@ def _trickle_head_until_closed(base: str) -> tuple[float, bytes]:
 def test_idle_and_trickling_heads_are_cut_off_while_good_clients_are_served(tmp_path, member):
     """A request head must be complete a second after connecting, however its bytes trickle; good clients meanwhile are
     served."""
-    with live_server(_config(tmp_path, member, timeout_header_s=1.0)) as (base, _):
+    with live_server(_config(tmp_path, member, timeouts={"header_s": 1.0})) as (base, _):
         started = time.monotonic()
         idle = [raw_connect(base) for _ in range(5)]  # connect, send nothing
         _good(base, deadlines=True)  # served while those hold their connections
@@ -195,7 +195,7 @@ def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, me
     """The body must be in a second after its head (408, close); after an answer, a silent connection closes a second
     later."""
     # a head deadline longer than the test: whatever the machine's load, only the deadlines under test can fire
-    config = _config(tmp_path, member, timeout_header_s=HANG_S, timeout_body_s=1.0, timeout_keep_alive_s=1.0)
+    config = _config(tmp_path, member, timeouts={"header_s": HANG_S, "body_s": 1.0, "keep_alive_s": 1.0})
     with live_server(config) as (base, _):
         body = encode_inputs(random_inputs(2))
         with raw_connect(base) as stalled:
@@ -224,7 +224,10 @@ def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, me
 
 def test_a_head_over_the_size_bound_is_431(tmp_path, member):
     with (
-        live_server(_config(tmp_path, member, max_header_bytes=4096, timeout_header_s=HANG_S)) as (base, _),
+        live_server(_config(tmp_path, member, limits={"header_bytes": 4096}, timeouts={"header_s": HANG_S})) as (
+            base,
+            _,
+        ),
         raw_connect(base) as sock,
     ):
         sock.sendall(raw_head("GET", "/healthz", {"X-Big": "a" * 5000}))
@@ -239,7 +242,7 @@ def test_a_head_over_the_size_bound_is_431(tmp_path, member):
 
 def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path, member):
     # a head deadline longer than the test, so the held connections stay open however slow the machine
-    config = _config(tmp_path, member, max_connections=3, timeout_header_s=HANG_S)
+    config = _config(tmp_path, member, limits={"connections": 3}, timeouts={"header_s": HANG_S})
     with live_server(config) as (base, _):
         held = [raw_connect(base) for _ in range(3)]
         with raw_connect(base) as extra:  # accepted after the three, so past the limit
@@ -269,7 +272,9 @@ def test_idle_sockets_past_the_descriptor_limit_cannot_lock_good_clients_out(tmp
     from conftest import ServerProcess
 
     server = ServerProcess(
-        _config(tmp_path, member, timeout_header_s=1.0, max_connections=64), tmp_path / "server.log", max_files=128
+        _config(tmp_path, member, timeouts={"header_s": 1.0}, limits={"connections": 64}),
+        tmp_path / "server.log",
+        max_files=128,
     )
     try:
         idle = [raw_connect(server.base) for _ in range(160)]

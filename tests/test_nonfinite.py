@@ -151,7 +151,7 @@ def test_an_overflowing_member_fails_only_the_request_owning_its_rows(tmp_path, 
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(paths[0], 1.0), (paths[1], 2.0)])},
-        {"cache_dir": str(tmp_path / "cache"), "max_batch_rows": 64},
+        {"cache": {"dir": str(tmp_path / "cache")}, "batching": {"max_rows": 64}},
     )
     bad_x, good_x = rows(2, hot=[1], seed=1), rows(3, hot=[], seed=2)
     with (
@@ -188,12 +188,12 @@ def test_an_overflowing_member_fails_only_the_request_owning_its_rows(tmp_path, 
 
 
 def test_an_overflowing_member_alone_fails_its_rows_whichever_slice_they_are_in(tmp_path, members):
-    """A teacher of the one member: a request whose rows all overflow, and one split into slices (max_batch_rows 4)
+    """A teacher of the one member: a request whose rows all overflow, and one split into slices (batching.max_rows 4)
     whose second slice holds the overflowing row, both get the 500; rows that do not overflow are answered."""
     config = write_config(
         tmp_path / "t.toml",
         {"solo": mnist_teacher([(members["over"], 1.0)])},
-        {"cache_dir": str(tmp_path / "cache"), "max_batch_rows": 4},
+        {"cache": {"dir": str(tmp_path / "cache")}, "batching": {"max_rows": 4}},
     )
     with live_server(config) as (base, app):
         service = app.state.service
@@ -222,7 +222,7 @@ def test_finite_logits_whose_probabilities_are_not_are_refused_too(tmp_path, mem
     config = write_config(
         tmp_path / "t.toml",
         {"m": mnist_teacher([(members["good"], 1.0), (members["span"], 1.0)])},
-        {"cache_dir": str(tmp_path / "cache")},
+        {"cache": {"dir": str(tmp_path / "cache")}},
     )
     x = rows(3, hot=[2], seed=6)
     with live_server(config) as (base, _):

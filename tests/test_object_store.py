@@ -1,4 +1,4 @@
-"""The cache in an S3-compatible object store (`cache_dir = "s3://bucket/prefix"`, zarr's fsspec store through
+"""The cache in an S3-compatible object store (`[server.cache] dir = "s3://bucket/prefix"`, zarr's fsspec store through
 s3fs), against a real S3 server: moto's, started as its own process on a loopback port (no cloud is reachable
 here, and moto in server mode answers the S3 HTTP API as a service would). Rows survive a restart and hit;
 a damaged object is never served, and its namespace is rebuilt; `akd cache stats` and `verify` read it."""
@@ -77,7 +77,7 @@ def s3_config(s3_server, tmp_path, mnist_members, request):
     prefix = f"{request.node.name}"
     teacher = mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)])
     config = write_config(
-        tmp_path / "t.toml", {"ens": teacher}, {"cache_dir": f"s3://{BUCKET}/{prefix}", "cache_chunk_rows": 8}
+        tmp_path / "t.toml", {"ens": teacher}, {"cache": {"dir": f"s3://{BUCKET}/{prefix}", "chunk_rows": 8}}
     )
     return config, prefix, [file_version(mnist_members["a"]), file_version(mnist_members["c"])]
 

@@ -60,7 +60,7 @@ def test_the_service_keeps_one_openmp_team_whatever_its_routes_do(tmp_path, mnis
     config = write_config(
         tmp_path / "t.toml",
         {"mnist": mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)])},
-        {"cache_dir": str(tmp_path / "cache"), "max_queue_rows": 4096},
+        {"cache": {"dir": str(tmp_path / "cache")}, "limits": {"queue_rows": 4096}},
     )
     before = openmp_threads()
     with live_server(config) as (base, _):

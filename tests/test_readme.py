@@ -18,18 +18,24 @@ from teacher_service.config import ServerConfig, ServiceConfig
 def test_readme_config_block_shows_the_defaults():
     block = re.search(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
     config = ServiceConfig.model_validate(tomllib.loads(block))
-    defaults = ServerConfig()
-    for field, value in config.server.model_dump().items():
-        if field not in ("token", "cache_dir"):
-            assert value == getattr(defaults, field), (
-                f"README shows {field} = {value}, the default is {getattr(defaults, field)}"
-            )
+    defaults = _dotted(ServerConfig().model_dump())
+    for field, value in _dotted(config.server.model_dump()).items():
+        if field not in ("token", "cache.dir"):
+            assert value == defaults[field], f"README shows {field} = {value}, the default is {defaults[field]}"
+
+
+def _dotted(table: dict, prefix: str = "") -> dict:
+    """{"cache": {"dir": x}} -> {"cache.dir": x}."""
+    out = {}
+    for key, value in table.items():
+        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
 
 
 def test_example_teachers_of_the_main_job_serve(tmp_path):
     out = tmp_path / "example"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_example_teachers.py"), str(out)], check=True, cwd=REPO)
-    with live_server(out / "teachers.toml", port=0) as (base, _):
+    with live_server(out / "teachers.toml", overrides={"port": 0}) as (base, _):
         r = httpx.post(
             f"{base}/soft-targets",
             content=codec.encode_inputs(random_inputs(3, dtype=torch.uint8)),
@@ -37,4 +43,4 @@ def test_example_teachers_of_the_main_job_serve(tmp_path):
             timeout=HANG_S,
         )
     assert r.status_code == 200 and codec.decode(r.content)["member_logits"].shape == (2, 3, 10)
-    assert (out / "cache" / "zarr.json").exists()  # cache_dir relative to the config's folder
+    assert (out / "cache" / "zarr.json").exists()  # cache.dir relative to the config's folder

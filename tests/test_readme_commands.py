@@ -126,7 +126,7 @@ def test_the_walkthrough_as_written_trains_serves_distils_and_evaluates(clone):
     assert (runs / "teachers" / "compare.md").exists() and (runs / "students" / "compare.md").exists()
     evaluated = json.loads((runs / "student-akd" / "eval.json").read_text())
     assert evaluated["n"] == 16 and {"clean_acc", "pgd_acc", "autoattack_acc"} <= set(evaluated)
-    assert (runs / "teacher-cache" / "zarr.json").exists()  # the service config's cache_dir, relative to its file
+    assert (runs / "teacher-cache" / "zarr.json").exists()  # the service config's cache.dir, relative to its file
     assert re.search(r'akd_rows_total\{teacher="mnist"\} [1-9]', rows), "the AKD student never asked the service"
     nested = [str(p.relative_to(clone)) for p in clone.rglob("runs") if p != runs and ".venv" not in p.parts]
     assert not nested, f"runs landed in nested folders: {nested}"

@@ -20,7 +20,7 @@ from student_trainer.teacher_client import RemoteTeacher, TeacherRequestError
 def replica_configs(tmp_path, members) -> list:
     """Two replicas of one teacher, each with its own cache folder (one writer per cache)."""
     return [
-        write_config(tmp_path / f"{name}.toml", {"ens": mnist_teacher(members)}, {"cache_dir": f"cache-{name}"})
+        write_config(tmp_path / f"{name}.toml", {"ens": mnist_teacher(members)}, {"cache": {"dir": f"cache-{name}"}})
         for name in ("a", "b")
     ]
 

@@ -34,7 +34,7 @@ def server(tmp_path_factory):
             "ens_probs": mnist_teacher(members, aggregate="probs", temperature=2.0),
             "ens_logits": mnist_teacher(members, aggregate="logits"),
         },
-        {"cache_dir": str(d / "cache")},
+        {"cache": {"dir": str(d / "cache")}},
     )
     with live_server(config) as (base, _):
         yield base, paths
@@ -86,7 +86,7 @@ def test_uint8_and_float_views_of_one_image_agree(server):
 
 def test_large_request_is_split_across_batches(tmp_path, mnist_members):
     config = write_config(
-        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"max_batch_rows": 16}
+        tmp_path / "t.toml", {"m": mnist_teacher([(mnist_members["a"], 1.0)])}, {"batching": {"max_rows": 16}}
     )
     with live_server(config) as (base, _):
         x = random_inputs(50, seed=3)
@@ -112,7 +112,9 @@ def test_rows_no_cache_reads_are_never_hashed_and_a_batch_mixing_them_stores_onl
     hashed = []
     monkeypatch.setattr(body, "row_keys", lambda x: hashed.append(len(x)) or row_keys(x))  # counts, then hashes
     members = [(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)]
-    cached = write_config(tmp_path / "c.toml", {"mnist": mnist_teacher(members)}, {"cache_dir": str(tmp_path / "c")})
+    cached = write_config(
+        tmp_path / "c.toml", {"mnist": mnist_teacher(members)}, {"cache": {"dir": str(tmp_path / "c")}}
+    )
     bare = write_config(tmp_path / "b.toml", {"mnist": mnist_teacher(members)})
     x, y = random_inputs(6, seed=1), random_inputs(5, seed=2)
     expected = reference_probs(reference_member_logits([p for p, _ in members], x), [1.0, 1.0], 1.0, "probs")

@@ -26,7 +26,7 @@ from teacher_service.ensemble import aggregate_probs, normalised_weights
 def ensemble_config(tmp_path, mnist_members):
     members = [(mnist_members["a"], 1.0), (mnist_members["c"], 3.0)]
     return write_config(
-        tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=9.0)}, {"cache_dir": "cache"}
+        tmp_path / "t.toml", {"ens": mnist_teacher(members, temperature=9.0)}, {"cache": {"dir": "cache"}}
     ), members
 
 

@@ -40,7 +40,7 @@ def served_teacher(teacher_run, tmp_path_factory):
     config = write_config(
         folder / "teachers.toml",
         {"mnist": {"num_classes": 10, "input_shape": [1, 28, 28], "members": [member]}},
-        {"cache_dir": "cache"},
+        {"cache": {"dir": "cache"}},
     )
     with live_server(config) as (base, _):
         yield base, config

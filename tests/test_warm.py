@@ -38,7 +38,7 @@ def test_the_augmentation_space_holds_every_view_training_draws():
 @pytest.fixture
 def service(tmp_path, mnist_members):
     config = write_config(
-        tmp_path / "t.toml", {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache_dir": "cache"}
+        tmp_path / "t.toml", {"mnist": mnist_teacher([(mnist_members["a"], 1.0)])}, {"cache": {"dir": "cache"}}
     )
     with live_server(config) as (base, _):
         yield base
@@ -63,7 +63,7 @@ def test_warm_sends_every_augmented_view_of_a_cifar_run(tmp_path):
     write_synthetic_cifar10(tmp_path / "c10", per_batch=2)  # 10 training images
     member = save_member(tmp_path / "m.pt", seed=0, arch="preact_resnet18", shape=(3, 32, 32))
     teacher = {"num_classes": 10, "input_shape": [3, 32, 32], "members": [{"path": str(member)}]}
-    config = write_config(tmp_path / "t.toml", {"c10": teacher}, {"cache_dir": "cache"})
+    config = write_config(tmp_path / "t.toml", {"c10": teacher}, {"cache": {"dir": "cache"}})
     with live_server(config) as (base, _):
         sets = ["dataset=cifar10", f"data_dir={tmp_path / 'c10'}", "val_size=2", f"teacher.url={base}"]
         done = akd_warm(*[a for s in sets for a in ("--set", s)])

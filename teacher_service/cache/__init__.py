@@ -19,7 +19,7 @@ Modules:
 - durable      what is fsynced, and in which order, with `durable`
 - verify       a namespace's metadata and rows checked, read-only
 - aside        start-up: damaged namespaces and root metadata set aside, sound rows salvaged
-- location     what a `cache_dir` names: a real local folder, or a store URL
+- location     what `[server.cache] dir` names: a real local folder, or a store URL
 - folder_lock  one writer per local folder: a kernel lock
 - slots        replicas of one config, each claiming a `replica-<i>` folder
 - tools        `akd cache`: stats, verify, gc

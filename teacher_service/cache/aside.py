@@ -64,7 +64,7 @@ class SetAside:
             else:
                 raise RuntimeError(
                     f"cache store {self.store}: its root zarr.json is unreadable ({reason}); delete it or point "
-                    "cache_dir elsewhere"
+                    "[server.cache] dir elsewhere"
                 ) from None
         log.warning(
             "cache store %s: root zarr.json unreadable (%s); set aside to %s; its namespaces are checked one by one",

@@ -31,7 +31,7 @@ def lock_folder(folder: Path) -> int:
         holder = lock_holder(fd)
         os.close(fd)
         raise StoreLocked(
-            f"cache store {folder} is in use by another teacher service ({holder}); give each server its own cache_dir"
+            f"cache store {folder} is in use by another teacher service ({holder}); give each server its own cache.dir"
         ) from None
     return fd
 

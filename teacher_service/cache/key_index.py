@@ -3,7 +3,7 @@
 A namespace's index has one entry per row it serves, so it grows with the cache. Kept in the process's own memory it
 would bound the cache by RAM; kept in a file mapping, its pages belong to the kernel's page cache, which keeps them
 hot while memory allows and drops them (they are written back, never lost) when it does not. A table up to
-`resident_bytes` (`cache_index_memory_bytes`) simply stays mapped. Past it, lookups read the slots they need with
+`resident_bytes` (`cache.index_memory_bytes`) simply stays mapped. Past it, lookups read the slots they need with
 `pread` instead of through the mapping (a few slots a key, from the page cache: nothing is mapped, so nothing needs
 handing back), and writes, which go through the mapping, are followed by `KeyIndex.settle`, which hands the pages back
 to the page cache once batches may have mapped that much, so the process's resident set stays flat however many rows

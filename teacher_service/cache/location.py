@@ -1,4 +1,4 @@
-"""What a `cache_dir` names: a local folder, however it is spelt, or a remote zarr store URL.
+"""What a `[server.cache] dir` names: a local folder, however it is spelt, or a remote zarr store URL.
 
 One writer per local folder is held by a kernel lock on the folder (folder_lock), and it holds only if every spelling
 of one folder reaches the cache as that folder. So each of these becomes the real folder (symlinks and `..`
@@ -70,7 +70,7 @@ def _file_url_folder(spec: str, rest: str) -> str:
     parts = urlsplit("file:" + rest)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
         raise ConfigError(
-            f"server.cache_dir: {EXPECTED}, got {spec!r}: a file URL must name an absolute folder on this machine, "
+            f"server.cache.dir: {EXPECTED}, got {spec!r}: a file URL must name an absolute folder on this machine, "
             "with no query or fragment"
         )
     return unquote(parts.path)
@@ -86,7 +86,7 @@ def _check_cache_layer(spec: str, layer: str) -> None:
     bare = _lower_scheme(layer) in (protocol, protocol + "://")
     if not (bare and issubclass(_filesystem_class(spec, protocol), CachingFileSystem)):
         raise ConfigError(
-            f"server.cache_dir: {EXPECTED}, got {spec!r}: {layer!r} over the local file system names no folder that "
+            f"server.cache.dir: {EXPECTED}, got {spec!r}: {layer!r} over the local file system names no folder that "
             "can be locked against a second writer (only simplecache::, filecache:: or blockcache:: may stand over "
             "one); give the folder itself"
         )
@@ -99,7 +99,7 @@ def _remote(spec: str, parts: list[str]) -> str:
     classes = [_filesystem_class(spec, part.split(":", 1)[0]) for part in lowered]
     if issubclass(classes[-1], _layers()):
         raise ConfigError(
-            f"server.cache_dir: {EXPECTED}, got {spec!r}: {lowered[-1].split(':', 1)[0]!r} stands over another file "
+            f"server.cache.dir: {EXPECTED}, got {spec!r}: {lowered[-1].split(':', 1)[0]!r} stands over another file "
             "system, which the URL does not name after it (as in simplecache::s3://bucket/prefix)"
         )
     return "::".join(lowered)
@@ -126,11 +126,11 @@ def _filesystem_class(spec: str, protocol: str) -> type:
     import fsspec
 
     if protocol not in fsspec.available_protocols():
-        raise ConfigError(f"server.cache_dir: {EXPECTED}, got {spec!r}: fsspec knows no protocol {protocol!r}")
+        raise ConfigError(f"server.cache.dir: {EXPECTED}, got {spec!r}: fsspec knows no protocol {protocol!r}")
     try:
         return fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
         raise ConfigError(
-            f"server.cache_dir: {EXPECTED}, got {spec!r}: protocol {protocol!r} needs a package that is not "
+            f"server.cache.dir: {EXPECTED}, got {spec!r}: protocol {protocol!r} needs a package that is not "
             f"installed ({' '.join(str(exc).split())})"
         ) from None

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-CHUNK_ROWS = 1024  # rows a chunk holds (`cache_chunk_rows`)
-MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`cache_memory_bytes`), whatever the store holds
-RESIDENT_BYTES = 256 << 20  # the most of a namespace's key index kept resident (`cache_index_memory_bytes`)
+CHUNK_ROWS = 1024  # rows a chunk holds (`[server.cache] chunk_rows`)
+MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`memory_bytes`), whatever the store holds
+RESIDENT_BYTES = 256 << 20  # the most of a namespace's key index kept resident (`index_memory_bytes`)
 WHEN_FULL = ("evict", "stop")
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """How one store is kept. `max_bytes` bounds the rows of every namespace together (`cache_max_bytes`); past it,
+    """How one store is kept ([server.cache]). `max_bytes` bounds the rows of every namespace together; past it,
     `when_full` says whether the least recently used chunks are evicted or inserts stop. `durable` fsyncs a local
     folder's writes before committing them (other stores rely on their own durability)."""
 

@@ -1,6 +1,6 @@
-"""Replica slots: replicas of one config (a scaled compose service) share one cache_dir, each with a store of its own.
+"""Replica slots: the replicas of one config (a scaled compose service) share its cache folder, each a store of its own.
 
-They cannot each be given a cache_dir, and must not share one store (one writer per store): each claims a
+They cannot each be given a cache dir, and must not share one store (one writer per store): each claims a
 `replica-<i>` folder with the same kernel lock a single store takes (folder_lock), so the rule stands, and a replica
 restarted after a crash takes a free folder back, rows and all.
 """
@@ -29,5 +29,5 @@ def claim_slot(parent: Path, slots: int, settings: CacheSettings) -> LogitCache:
         return cache
     raise StoreLocked(
         f"all {slots} cache folders replica-0..replica-{slots - 1} in {parent} are held by running replicas: "
-        f"raise cache_slots to at least the number of replicas"
+        f"raise [server.cache] slots to at least the number of replicas"
     )

@@ -55,7 +55,9 @@ class LogitCache:
             remove_torn_writes(folder)
         self.durable = settings.durable and folder is not None
         if settings.durable and folder is None:
-            log.warning("cache_durable fsyncs local folders only; %s relies on its store's own durability", store)
+            log.warning(
+                "[server.cache] durable fsyncs local folders only; %s relies on its store's own durability", store
+            )
         self.damage: dict[str, Damage] = {}
         self._aside = SetAside(self.store, folder, self.damage)
         self._root = self._aside.open_root()

@@ -5,9 +5,9 @@
     akd cache verify --config teachers.toml   # read every committed row back and check its checksum
     akd cache gc     --config teachers.toml   # delete the namespaces no teacher of the config uses (stale versions)
 
-`--cache-dir` names the store instead of the config's `server.cache_dir` (stats and verify then need no config), in
+`--cache-dir` names the store instead of the config's `[server.cache] dir` (stats and verify then need no config), in
 any spelling the service takes (cache_location): every spelling of one folder is that folder, and gc takes its lock.
-A folder of replica caches (`cache_slots`: replica-0, replica-1, ...) is taken one replica at a time.
+A folder of replica caches (`[server.cache] slots`: replica-0, replica-1, ...) is taken one replica at a time.
 stats and verify only read, so they may run beside a service: its rows become visible (committed) only after
 their data is written. gc deletes, so it takes the store's lock, which a running service holds: stop it first.
 """
@@ -61,7 +61,7 @@ class Store:
 
 
 def cache_folders(path: Path | str) -> list[Path | str]:
-    """`path` itself when it is a cache (or a store URL), else its replica caches (cache_slots)."""
+    """`path` itself when it is a cache (or a store URL), else its replica caches ([server.cache] slots)."""
     if isinstance(path, str) or (path / "zarr.json").is_file():
         return [path]
     replicas = sorted(p for p in path.glob("replica-*") if (p / "zarr.json").is_file())
@@ -248,8 +248,8 @@ def evict_down_to(store: Store, max_bytes: int, dry_run: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["stats", "verify", "gc"], help="what to do")
-    parser.add_argument("--config", help="the service's teachers TOML: its cache_dir, and the versions it serves")
-    parser.add_argument("--cache-dir", help="the cache folder (instead of the config's server.cache_dir)")
+    parser.add_argument("--config", help="the service's teachers TOML: its cache.dir, and the versions it serves")
+    parser.add_argument("--cache-dir", help="the cache folder (instead of the config's server.cache.dir)")
     parser.add_argument("--json", action="store_true", help="stats: as JSON")
     parser.add_argument("--url", help="stats: the running service, for each version's hit rate since it started")
     parser.add_argument("--token", help="stats: the service's token, if it has one")
@@ -290,10 +290,10 @@ def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]
         from teacher_service.config import load_config
         from teacher_service.registry import member_versions
 
-        config = load_config(args.config, overrides={"cache_dir": args.cache_dir})
-        store, versions = config.server.cache_dir, member_versions(config)
+        config = load_config(args.config, overrides={"cache.dir": args.cache_dir})
+        store, versions = config.server.cache.dir, member_versions(config)
     if not store:
-        raise ConfigError("no cache: give --cache-dir, or --config with a server.cache_dir")
+        raise ConfigError("no cache: give --cache-dir, or --config with a server.cache.dir")
     folder = cache_location(store, Path.cwd())  # every spelling of a folder is that real folder, as the service's
     if isinstance(folder, str):
         return folder, versions  # an object store: zarr reads it (stats, verify)

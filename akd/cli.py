@@ -59,10 +59,12 @@ def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, 
         name: sub.add_parser(name, help=SUBCOMMANDS[name].help, description=SUBCOMMANDS[name].help) for name in commands
     }
     chosen = argv[0] if argv else None
-    if chosen in parsers:  # anything else (no command, --help, a typo) is argparse's to answer
+    # anything else (no command, --help, a typo) is argparse's to answer
+    if chosen in parsers:
         add_arguments, run = importlib.import_module(SUBCOMMANDS[chosen].module).COMMANDS[chosen]
         add_arguments(parsers[chosen])
         parsers[chosen].set_defaults(run=run)
     args = parser.parse_args(argv)
-    args.argv = argv[1:]  # after the subcommand: how a run records its command
+    # after the subcommand: how a run records its command
+    args.argv = argv[1:]
     return args.run(args)

@@ -48,7 +48,8 @@ def run(ctx: Context) -> Section:
             "durable cost",
         ],
     )
-    writes: dict[tuple[int, int], dict[str, list[float]]] = {}  # per (classes, batch): the same for every teacher
+    # per (classes, batch): the same for every teacher
+    writes: dict[tuple[int, int], dict[str, list[float]]] = {}
     url = ctx.service().url
     for name in spec.teachers:
         shape = ctx.teacher(name).input_shape
@@ -61,7 +62,8 @@ def run(ctx: Context) -> Section:
                     0, 256, (batch, *shape), generator=torch.Generator().manual_seed(batch), dtype=torch.uint8
                 )
                 x = (images.float() / 255).to(ctx.device)
-                hits(x)  # prime: stores every row
+                # prime: stores every row
+                hits(x)
                 before = hits.cache_hits
                 times = alternate(
                     {"hit": lambda hits=hits, x=x: hits(x), "recompute": lambda recompute=recompute, x=x: recompute(x)},

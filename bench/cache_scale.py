@@ -47,9 +47,12 @@ from teacher_service.cache.settings import RESIDENT_BYTES, CacheSettings
 from teacher_service.cache.store import LogitCache
 from teacher_service.ensemble import aggregate_probs
 
-TARGET_FROM_DISK = 0.5  # hit rows/s read back from the store, at least half those held in memory
-TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0  # and at least 20x recomputing PreActResNet-18
-FILL_BATCH = 4096  # rows inserted at a time when pre-filling a store
+# hit rows/s read back from the store, at least half those held in memory
+TARGET_FROM_DISK = 0.5
+# and at least 20x recomputing PreActResNet-18
+TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0
+# rows inserted at a time when pre-filling a store
+FILL_BATCH = 4096
 MIB = 1 << 20
 
 COLUMNS = [
@@ -91,7 +94,8 @@ def run(ctx: Context) -> Section:
     stores = ctx.workdir / "cache-scale"
     config = service_config(ctx, stores / "teacher.toml")
     version = file_version(Path(tomllib.loads(config.read_text())["teachers"][spec.teacher]["members"][0]["path"]))
-    kept: dict[int, tuple[servers.ServerProcess, int]] = {}  # multiple -> its service and rows, for part 2
+    # multiple -> its service and rows, for part 2
+    kept: dict[int, tuple[servers.ServerProcess, int]] = {}
     try:
         for multiple in sorted(spec.multiples):
             rows = multiple * bound_rows
@@ -104,7 +108,8 @@ def run(ctx: Context) -> Section:
                 kept[multiple] = (server, rows)
             else:
                 server.stop()
-                shutil.rmtree(folder, ignore_errors=True)  # the 100x store is most of a GiB
+                # the 100x store is most of a GiB
+                shutil.rmtree(folder, ignore_errors=True)
         mirror = mirror_service(ctx, stores, spec.disk_multiple, kept[spec.disk_multiple][1], classes)
         kept[0] = (mirror, kept[spec.disk_multiple][1])
         hits(ctx, section, kept[1], kept[spec.disk_multiple], mirror, classes)
@@ -175,7 +180,8 @@ def service_config(ctx: Context, path: Path, memory_bytes: int | None = None) ->
     cache = {
         "memory_bytes": spec.memory_bytes if memory_bytes is None else memory_bytes,
         "chunk_rows": spec.chunk_rows,
-        "max_bytes": 1 << 40,  # the size bound plays no part here
+        # the size bound plays no part here
+        "max_bytes": 1 << 40,
     }
     if spec.index_memory_bytes is not None and memory_bytes is None:
         cache["index_memory_bytes"] = spec.index_memory_bytes
@@ -208,7 +214,8 @@ def stored_rows(positions: np.ndarray, classes: int, seed: int) -> tuple[np.ndar
     at = np.asarray(positions, np.uint64) + _M(seed << 40)
     keys = np.stack([_mix(at * _M(2)), _mix(at * _M(2) + _M(1))], axis=1).view(np.uint8).reshape(len(at), KEY_BYTES)
     bits = _mix((at[:, None] * _M(classes) + np.arange(classes, dtype=np.uint64)) ^ _M(0x5EED5EED5EED5EED))
-    logits = (bits >> _M(40)).astype(np.float32) * np.float32(8 / (1 << 24)) - np.float32(4)  # uniform in [-4, 4)
+    # uniform in [-4, 4)
+    logits = (bits >> _M(40)).astype(np.float32) * np.float32(8 / (1 << 24)) - np.float32(4)
     return keys, logits
 
 
@@ -223,7 +230,8 @@ def fill_store(folder: Path, version: str, classes: int, rows: int, chunk_rows: 
         if ns.insert([k.tobytes() for k in keys], logits) != len(keys):
             raise RuntimeError(f"cache_scale: the store took {ns.rows} of {rows} rows")
         if i % 64 == 63:
-            cache.drain()  # chunks wait in memory until written: keep the writer close behind
+            # chunks wait in memory until written: keep the writer close behind
+            cache.drain()
     cache.close()
     if ns.committed != rows:
         raise RuntimeError(f"cache_scale: {ns.committed} of {rows} rows were committed")
@@ -251,7 +259,8 @@ def index_mappings_kib(pid: int, folder: Path) -> tuple[int, int]:
     inside = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode path
+        # a mapping's header: range perms offset dev inode path
+        if "-" in fields[0] and not fields[0].endswith(":"):
             inside = len(fields) >= 6 and fields[5].startswith(f"{folder}/") and line.endswith("(deleted)")
         elif inside and fields[0] == "Size:":
             size += int(fields[1])
@@ -322,7 +331,8 @@ def memory_row(
         ctx.device.type,
         True,
         folder,
-        start_timeout_s=servers.START_TIMEOUT_S + rows / 20_000,  # start-up verifies every row
+        # start-up verifies every row
+        start_timeout_s=servers.START_TIMEOUT_S + rows / 20_000,
     )
     startup_s = time.perf_counter() - started
     pid = server.process.pid
@@ -394,7 +404,8 @@ def mirror_service(ctx: Context, stores: Path, multiple: int, rows: int, classes
     spec = ctx.cfg.cache_scale
     folder = stores / f"{multiple}x-mirror"
     shutil.copytree(stores / f"{multiple}x", folder)
-    whole = 2 * rows * (row_bytes(classes) + 1)  # ChunkLines' bytes a row, with room
+    # ChunkLines' bytes a row, with room
+    whole = 2 * rows * (row_bytes(classes) + 1)
     config = service_config(ctx, stores / "mirror.toml", memory_bytes=whole)
     ctx.progress(f"cache_scale: a service holding all {rows:,} rows in memory (the mirror), every chunk read once")
     server = servers.teacher_service(
@@ -428,7 +439,8 @@ def hits(
 ) -> None:
     spec = ctx.cfg.cache_scale
     batch = spec.hit_batch
-    calls = MAX_REPETITIONS + ctx.cfg.warmup + 1  # a fresh random batch every call
+    # a fresh random batch every call
+    calls = MAX_REPETITIONS + ctx.cfg.warmup + 1
     hot_rows = max(batch, from_memory_rows(spec.memory_bytes, spec.chunk_rows, classes) // 2)
     rng = np.random.default_rng(0)
     clients = {

@@ -69,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     for r in range(1, args.repeat + 1):
         run_out = out if args.repeat == 1 else out / f"run-{r}"
         workdir = run_out.resolve() / "work"
-        shutil.rmtree(workdir, ignore_errors=True)  # teachers, cache and logs of this run only
-        ctx = Context(cfg, device, workdir)  # fresh services every run
+        # teachers, cache and logs of this run only
+        shutil.rmtree(workdir, ignore_errors=True)
+        # fresh services every run
+        ctx = Context(cfg, device, workdir)
         where = machine(device)
         sections = []
         try:
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": (add_arguments, run)}  # for `akd bench` (akd/cli.py)
+# for `akd bench` (akd/cli.py)
+COMMANDS = {"bench": (add_arguments, run)}
 
 
 def _at_least_one(text: str) -> int:

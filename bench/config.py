@@ -55,8 +55,10 @@ class CacheSpec(StrictConfig):
 
     teachers: list[str]
     batches: Sizes = [128, 1024]
-    write_rows: Count = 16384  # rows written per write measurement, inserted `batch` rows at a time
-    write_chunk_rows: Count = 1024  # the store's chunk (the service's default [server.cache] chunk_rows)
+    # rows written per write measurement, inserted `batch` rows at a time
+    write_rows: Count = 16384
+    # the store's chunk (the service's default [server.cache] chunk_rows)
+    write_chunk_rows: Count = 1024
 
 
 class LoadSpec(StrictConfig):
@@ -65,8 +67,10 @@ class LoadSpec(StrictConfig):
     teachers: list[str]
     clients: Sizes = [1, 2, 4, 8]
     rows_per_client: Count = 16
-    reference_rows: Count = 128  # one client sending this many rows: the yardstick
-    rows_per_round: dict[str, Count] = {}  # per teacher: rows each round serves in total (default 2048)
+    # one client sending this many rows: the yardstick
+    reference_rows: Count = 128
+    # per teacher: rows each round serves in total (default 2048)
+    rows_per_round: dict[str, Count] = {}
 
     def round_rows(self, teacher: str) -> int:
         return self.rows_per_round.get(teacher, 2048)
@@ -75,7 +79,8 @@ class LoadSpec(StrictConfig):
 class TransportSpec(StrictConfig):
     teachers: list[str]
     batch: Count = 128
-    keys_batch: Count = 512  # cached rows asked for by key vs uploaded whole
+    # cached rows asked for by key vs uploaded whole
+    keys_batch: Count = 512
     dtypes: list[Literal[INPUT_DTYPES]] = list(INPUT_DTYPES)  # type: ignore[valid-type]
 
 
@@ -87,7 +92,8 @@ class EndToEndSpec(StrictConfig):
     student_arch: str = "small_cnn"
     batch_size: Count = 128
     attack_steps: Count = 10
-    steps: Count = 10  # timed steps per side
+    # timed steps per side
+    steps: Count = 10
 
 
 class PeerSpec(LoadSpec):
@@ -99,18 +105,29 @@ class ScaleOutSpec(StrictConfig):
     replica killed (kill -9) under load."""
 
     teacher: str
-    clients: Count = 8  # closed-loop clients
-    rows_per_client: Count = 16  # float32 rows per request, cache=bypass
-    requests_per_client: Count = 16  # per client and round
-    one_thread: bool = True  # on CPUs, also measure with OMP_NUM_THREADS=1 (a device worker's service, 1 DDP rank)
-    dataset: str = "mnist5k"  # DDP: AKD training of a small_cnn student against `teacher` behind the service
-    train_rows: Count = 512  # limit_train: the same global batches for 1 and 2 ranks
-    train_batch: Count = 64  # the global batch, whatever the number of ranks
+    # closed-loop clients
+    clients: Count = 8
+    # float32 rows per request, cache=bypass
+    rows_per_client: Count = 16
+    # per client and round
+    requests_per_client: Count = 16
+    # on CPUs, also measure with OMP_NUM_THREADS=1 (a device worker's service, 1 DDP rank)
+    one_thread: bool = True
+    # DDP: AKD training of a small_cnn student against `teacher` behind the service
+    dataset: str = "mnist5k"
+    # limit_train: the same global batches for 1 and 2 ranks
+    train_rows: Count = 512
+    # the global batch, whatever the number of ranks
+    train_batch: Count = 64
     train_attack_steps: Count = 3
-    train_epochs: Count = 2  # timed; after one untimed warm-up epoch, before the last (which validates)
-    kill_load_s: Positive = 4.0  # how long the clients send while a replica is killed
-    kill_after_s: Positive = 1.5  # the kill comes this long after they start
-    kill_window_s: Positive = 1.0  # requests sent this soon after the kill (or in flight at it) are "around the kill"
+    # timed; after one untimed warm-up epoch, before the last (which validates)
+    train_epochs: Count = 2
+    # how long the clients send while a replica is killed
+    kill_load_s: Positive = 4.0
+    # the kill comes this long after they start
+    kill_after_s: Positive = 1.5
+    # requests sent this soon after the kill (or in flight at it) are "around the kill"
+    kill_window_s: Positive = 1.0
 
     @model_validator(mode="after")
     def _kill_during_load(self) -> ScaleOutSpec:
@@ -123,21 +140,34 @@ class CacheScaleSpec(StrictConfig):
     """Benchmark 8: the service's memory against the rows its cache stores, hits read back from the store against
     hits held in memory and against recomputing, and each row format's bytes against its served error."""
 
-    teacher: str  # served over stores pre-filled with random rows (its checkpoint names their namespace)
-    memory_bytes: Count = 8 << 20  # the chunk cache's bound (`[server.cache] memory_bytes`)
+    # served over stores pre-filled with random rows (its checkpoint names their namespace)
+    teacher: str
+    # the chunk cache's bound (`[server.cache] memory_bytes`)
+    memory_bytes: Count = 8 << 20
     # `[server.cache] index_memory_bytes`; None: the default
     index_memory_bytes: Annotated[int, Field(ge=0)] | None = None
-    multiples: Sizes = [1, 10, 100]  # rows stored, as multiples of the rows the bound holds
-    chunk_rows: Count = 1024  # the stores' chunks (the service's default `[server.cache] chunk_rows`)
-    sweep_batch: Count = 4096  # keys a request when every row is asked for, in stored order
-    sweep_max_rows: Count | None = None  # a store past this many rows: that many asked for, in evenly spread requests
-    sample_rows: Count = 8192  # random rows asked for after the sweep
-    hit_batch: Count = 512  # keys a request, hits timed from memory and from the store
-    disk_multiple: Count = 10  # the store whose hits are read back from the store (one of `multiples`)
-    recompute_teacher: str  # its rows/s with `cache=bypass`, at `hit_batch` rows a request: the yardstick
-    error_teachers: Annotated[list[TeacherSpec], Field(min_length=1)]  # random weights, built in-process
-    error_rows: Count = 2000  # random inputs whose served probabilities are compared
-    formats: list[str] = ["float16", "top5", "top10"]  # against float32; a top-k of k classes or more is skipped
+    # rows stored, as multiples of the rows the bound holds
+    multiples: Sizes = [1, 10, 100]
+    # the stores' chunks (the service's default `[server.cache] chunk_rows`)
+    chunk_rows: Count = 1024
+    # keys a request when every row is asked for, in stored order
+    sweep_batch: Count = 4096
+    # a store past this many rows: that many asked for, in evenly spread requests
+    sweep_max_rows: Count | None = None
+    # random rows asked for after the sweep
+    sample_rows: Count = 8192
+    # keys a request, hits timed from memory and from the store
+    hit_batch: Count = 512
+    # the store whose hits are read back from the store (one of `multiples`)
+    disk_multiple: Count = 10
+    # its rows/s with `cache=bypass`, at `hit_batch` rows a request: the yardstick
+    recompute_teacher: str
+    # random weights, built in-process
+    error_teachers: Annotated[list[TeacherSpec], Field(min_length=1)]
+    # random inputs whose served probabilities are compared
+    error_rows: Count = 2000
+    # against float32; a top-k of k classes or more is skipped
+    formats: list[str] = ["float16", "top5", "top10"]
     temperatures: Annotated[list[Positive], Field(min_length=1)] = [1.0, 4.0]
 
     @model_validator(mode="after")
@@ -157,15 +187,22 @@ class WarmSpec(StrictConfig):
     """Benchmark 9 (issue 14): `akd warm` over a run's augmentation space (rows/s), and an ARD epoch's time against
     the cold cache and against the warmed one."""
 
-    teacher: str  # served over the dataset's input (mnist5k: 1x28x28, 10 classes); its arch is [teachers.NAME]'s
+    # served over the dataset's input (mnist5k: 1x28x28, 10 classes); its arch is [teachers.NAME]'s
+    teacher: str
     dataset: str = "mnist5k"
-    students: Annotated[list[str], Field(min_length=1)] = ["small_cnn"]  # the ARD student's architecture(s)
-    limit_train: Count | None = None  # the first N training images; None: the whole split (mnist5k: 3,500)
-    val_size: Count | None = None  # held-out images the epoch validates on; None: the dataset's default
+    # the ARD student's architecture(s)
+    students: Annotated[list[str], Field(min_length=1)] = ["small_cnn"]
+    # the first N training images; None: the whole split (mnist5k: 3,500)
+    limit_train: Count | None = None
+    # held-out images the epoch validates on; None: the dataset's default
+    val_size: Count | None = None
     batch_size: Count = 128
-    attack_steps: Count = 10  # PGD steps against the student
-    batch_rows: Count = 512  # rows a warm request (`akd warm --batch-rows`)
-    rounds: Count = 1  # each: a cold leg and a warmed leg, fresh services, in alternating order
+    # PGD steps against the student
+    attack_steps: Count = 10
+    # rows a warm request (`akd warm --batch-rows`)
+    batch_rows: Count = 512
+    # each: a cold leg and a warmed leg, fresh services, in alternating order
+    rounds: Count = 1
 
     @model_validator(mode="after")
     def _known_students(self) -> WarmSpec:
@@ -186,10 +223,13 @@ def _has_key(table: dict, dotted: str) -> bool:
 
 
 class BenchConfig(StrictConfig):
-    repetitions: Count = 5  # at least this many; fast measurements repeat until min_seconds are spent
-    min_seconds: Annotated[float, Field(ge=0)] = 0.0  # per compared point (benchmarks 1, 2, 4)
+    # at least this many; fast measurements repeat until min_seconds are spent
+    repetitions: Count = 5
+    # per compared point (benchmarks 1, 2, 4)
+    min_seconds: Annotated[float, Field(ge=0)] = 0.0
     warmup: Annotated[int, Field(ge=0)] = 1
-    max_wait_ms: Annotated[float, Field(ge=0)] = 2.0  # both servers' batching window
+    # both servers' batching window
+    max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     # More `akd serve` [server] settings, for every side alike (the service, the in-process teacher, the peer all
     # read the same teachers.toml): autocast = "bf16", channels_last, [server.batching] max_rows, ...
     server: dict[str, Any] = {}
@@ -215,7 +255,8 @@ class BenchConfig(StrictConfig):
         owned = [key for key in BENCH_OWNED_SERVER_FIELDS if _has_key(self.server, key)]
         if owned:
             raise ValueError(f"[server] sets {owned}, which the benchmarks set themselves (max_wait_ms: at the top)")
-        ServerConfig.model_validate(self.server)  # a misspelt or wrong setting fails here, not in a server's log
+        # a misspelt or wrong setting fails here, not in a server's log
+        ServerConfig.model_validate(self.server)
         return self
 
     @model_validator(mode="after")

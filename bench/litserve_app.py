@@ -38,7 +38,8 @@ class TeacherAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from student_trainer.teacher_client import LocalTeacher
 
-        keep_freed_memory()  # in LitServe's inference process: the allocator ours runs with, so servers are compared
+        # in LitServe's inference process: the allocator ours runs with, so servers are compared
+        keep_freed_memory()
         self.teacher = LocalTeacher(self.config_path, self.teacher_name, temperature=None, device=torch.device(device))
         self.input_shape = tuple(self.teacher.info().input_shape)
 
@@ -50,7 +51,8 @@ class TeacherAPI(ls.LitAPI):
             raise HTTPException(422, f"expected {{'inputs': base64 safetensors}}: {exc}") from None
 
     def batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return inputs  # kept apart until predict, which needs each request's row count
+        # kept apart until predict, which needs each request's row count
+        return inputs
 
     def predict(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         parts = x if isinstance(x, list) else [x]

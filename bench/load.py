@@ -43,8 +43,10 @@ class LoadResult:
     rows: int
     seconds: float
     latencies_s: list[float]
-    server_cpu_s: float | None = None  # CPU the server's processes spent meanwhile
-    client_cpu_s: float | None = None  # CPU this process (all the clients) spent meanwhile
+    # CPU the server's processes spent meanwhile
+    server_cpu_s: float | None = None
+    # CPU this process (all the clients) spent meanwhile
+    client_cpu_s: float | None = None
 
     @property
     def rows_per_s(self) -> float:

@@ -54,7 +54,8 @@ def run(ctx: Context) -> Section:
             for batch in spec.batches:
                 ctx.progress(f"overhead: {name} batch {batch}")
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(ctx.device)
-                for _ in range(ctx.cfg.warmup):  # here, so that the service's metric below counts timed calls only
+                # here, so that the service's metric below counts timed calls only
+                for _ in range(ctx.cfg.warmup):
                     remote(x), local(x)
                 before = server_compute(url, name)
                 times = alternate(

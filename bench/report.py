@@ -13,9 +13,11 @@ from student_trainer.markdown import markdown_table
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        if value != value:  # NaN
+        # NaN
+        if value != value:
             return "-"
-        if value and abs(value) < 1e-3:  # an error or a divergence: its magnitude, not "0.000"
+        # an error or a divergence: its magnitude, not "0.000"
+        if value and abs(value) < 1e-3:
             return f"{value:.2e}"
         if abs(value) >= 100:
             return f"{value:,.0f}"
@@ -148,7 +150,8 @@ def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
             series["LitServe"] = [
                 {"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher
             ]
-        for label, rows in series.items():  # rows: one per client count, then the one-client yardstick
+        # rows: one per client count, then the one-client yardstick
+        for label, rows in series.items():
             *shared, alone = rows
             line = ax.plot(
                 [int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label

@@ -36,7 +36,8 @@ from bench.timing import order, percentile
 from shared import protocol
 from student_trainer.teacher_client import RemoteTeacher, TeacherRequestError, TeacherUnavailable
 
-TARGET_DEVICES = 1.8  # two GPUs in one service serve at least 1.8x the rows of one
+# two GPUs in one service serve at least 1.8x the rows of one
+TARGET_DEVICES = 1.8
 COLUMNS = ["part", "setup", "rate", "vs 1", "p50 ms", "p99 ms", "max ms", "server cores", "sent", "failed"]
 DEVICES, REPLICAS, DDP = "1. devices in one service (rows/s)", "2. replicas (rows/s)", "3. DDP ranks (steps/s)"
 KILLED_NGINX, KILLED_CLIENT = "4a. replica killed, behind nginx", "4b. replica killed, RemoteTeacher failover"
@@ -57,7 +58,8 @@ class Setup:
 
 @dataclass
 class Call:
-    started: float  # perf_counter
+    # perf_counter
+    started: float
     seconds: float
     ok: bool
 
@@ -78,7 +80,8 @@ def run(ctx: Context) -> Section:
             replicas(ctx, section, a, b)
         ddp(ctx, section, a)
         if nginx:
-            killed_behind_nginx(ctx, section, a, b)  # a is lost here
+            # a is lost here
+            killed_behind_nginx(ctx, section, a, b)
         client_failover(ctx, section, b)
     finally:
         for process in (a, b):
@@ -112,7 +115,8 @@ def devices(ctx: Context, section: Section) -> None:
     one, two = (f"{kind}:0", f"{kind}:0,{kind}:1") if gpus >= 2 else (kind, f"{kind},{kind}")
     variants = {"": {}}
     if kind == "cpu" and spec.one_thread:
-        variants[", OMP_NUM_THREADS=1"] = {"OMP_NUM_THREADS": "1"}  # torch's intra-op threads, per process
+        # torch's intra-op threads, per process
+        variants[", OMP_NUM_THREADS=1"] = {"OMP_NUM_THREADS": "1"}
     started: list[ServerProcess] = []
     try:
         setups = []
@@ -246,7 +250,8 @@ def replicas(ctx: Context, section: Section, a: ServerProcess, b: ServerProcess)
             Setup("1 replica behind nginx", one.url, [one, a]),
             Setup("2 replicas behind nginx", two.url, [two, a, b]),
         ]
-        results = throughput(ctx, "replicas", setups)  # b is frozen but for the last
+        # b is frozen but for the last
+        results = throughput(ctx, "replicas", setups)
     finally:
         for process in (one, two):
             if process is not None:
@@ -275,7 +280,8 @@ def ddp(ctx: Context, section: Section, teacher: ServerProcess) -> None:
     for label, (ranks, env) in runs.items():
         ctx.progress(f"scale out, DDP: {label}")
         out = ctx.workdir / "ddp" / f"{ranks}-ranks{'-1-thread' if env else ''}"
-        epochs = train(ctx, ranks, env, kind, teacher.url, out)[1:-1]  # the warm-up epoch and the validating one out
+        # the warm-up epoch and the validating one out
+        epochs = train(ctx, ranks, env, kind, teacher.url, out)[1:-1]
         steps = math.ceil(spec.train_rows / spec.train_batch) * len(epochs)
         measured[label] = {
             "part": DDP,
@@ -303,7 +309,8 @@ def train(ctx: Context, ranks: int, env: dict[str, str], kind: str, teacher_url:
     """`torchrun ... -m student_trainer train --set ...` (one rank: `python -m ...`, as the README's single-process
     run); its metrics.jsonl, one line per epoch."""
     spec = ctx.cfg.scale_out
-    epochs = spec.train_epochs + 2  # the first warms up, the last validates: neither is timed
+    # the first warms up, the last validates: neither is timed
+    epochs = spec.train_epochs + 2
     sets = [
         f"dataset={spec.dataset}",
         f"limit_train={spec.train_rows}",
@@ -396,7 +403,8 @@ def client_failover(ctx: Context, section: Section, survivor: ServerProcess) -> 
 
 def teacher_call(teacher: RemoteTeacher, x: torch.Tensor) -> Callable[[], None]:
     def call() -> None:
-        teacher(x, adversarial=True)  # adversarial rows: cache=bypass, as in the other parts
+        # adversarial rows: cache=bypass, as in the other parts
+        teacher(x, adversarial=True)
 
     return call
 
@@ -407,12 +415,14 @@ def under_kill(ctx: Context, calls: list[Callable[[], None]], victim: ServerProc
     SIGKILL `kill_after_s` in. Returns every call made, when the load started and when the kill came."""
     spec = ctx.cfg.scale_out
     for call in calls:
-        call()  # untimed: connections open before the clock starts
+        # untimed: connections open before the clock starts
+        call()
     made: list[Call] = []
     lock = threading.Lock()
     started = time.perf_counter()
     deadline = started + spec.kill_load_s
-    window_over = [math.inf]  # when the window around the kill ends, once the kill has come
+    # when the window around the kill ends, once the kill has come
+    window_over = [math.inf]
 
     def loop(call: Callable[[], None]) -> None:
         late = False
@@ -430,7 +440,8 @@ def under_kill(ctx: Context, calls: list[Callable[[], None]], victim: ServerProc
     with ThreadPoolExecutor(len(calls)) as pool:
         futures = [pool.submit(loop, call) for call in calls]
         time.sleep(spec.kill_after_s)
-        victim.process.kill()  # kill -9 of the replica's process
+        # kill -9 of the replica's process
+        victim.process.kill()
         killed = time.perf_counter()
         window_over[0] = killed + spec.kill_window_s
         for future in futures:

@@ -18,11 +18,14 @@ OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 class Target:
     """One of the benchmarks' targets, and what was measured against it."""
 
-    what: str  # e.g. "service / in-process time, PreActResNet-18, batch 128"
-    op: str  # "<=" or ">="
+    # e.g. "service / in-process time, PreActResNet-18, batch 128"
+    what: str
+    # "<=" or ">="
+    op: str
     threshold: float
     measured: float
-    context: str = ""  # the numbers behind the verdict, in words
+    # the numbers behind the verdict, in words
+    context: str = ""
 
     @property
     def met(self) -> bool:
@@ -45,13 +48,16 @@ class Table:
 class Section:
     key: str
     title: str
-    about: str  # what was compared, and how
+    # what was compared, and how
+    about: str
     columns: list[str]
     rows: list[dict] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0  # how long the benchmark took
-    tables: list[Table] = field(default_factory=list)  # after the main one, each under its title
+    # how long the benchmark took
+    seconds: float = 0.0
+    # after the main one, each under its title
+    tables: list[Table] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": [t.to_dict() for t in self.targets]}

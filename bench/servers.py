@@ -69,7 +69,8 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log: Path
-    stop_timeout_s: float = 30.0  # for a clean shutdown, before the kill
+    # for a clean shutdown, before the kill
+    stop_timeout_s: float = 30.0
 
     def pause(self) -> None:
         """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured
@@ -81,7 +82,8 @@ class ServerProcess:
 
     def _signal_group(self, sig: int) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)  # its own session (start_new_session): the group holds its workers too
+            # its own session (start_new_session): the group holds its workers too
+            os.killpg(self.process.pid, sig)
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) of the server and its worker processes so far; None off Linux."""
@@ -95,14 +97,16 @@ class ServerProcess:
         killed: a benchmark leaves no server process behind."""
         self.resume()
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # both uvicorn and LitServe shut down cleanly on SIGINT
+            # both uvicorn and LitServe shut down cleanly on SIGINT
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
+            # the group outlives its leader while a member lives
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def start(
@@ -147,8 +151,10 @@ def teacher_service(
     device: str,
     batching: bool,
     cache_dir: Path | None,
-    extra_env: dict[str, str] | None = None,  # e.g. AKD_DEVICES=cpu,cpu, OMP_NUM_THREADS=1
-    start_timeout_s: float = START_TIMEOUT_S,  # a cache of millions of rows is verified before the service is up
+    # e.g. AKD_DEVICES=cpu,cpu, OMP_NUM_THREADS=1
+    extra_env: dict[str, str] | None = None,
+    # a cache of millions of rows is verified before the service is up
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> ServerProcess:
     env = {"AKD_DEVICE": device, "AKD_BATCHING": str(batching).lower(), **(extra_env or {})}
     if cache_dir is not None:
@@ -187,14 +193,16 @@ _UPSTREAM_SERVER = re.compile(r"^(\s*)server teacher:8000( [^;]*);$", re.M)
 def nginx_balancer(name: str, replicas: list[str], log_dir: Path) -> ServerProcess:
     """deploy/nginx.conf (what compose's `balancer` runs) in front of `replicas` (http://host:port), with the
     nginx on PATH (Debian's package here), as its own process on a free loopback port."""
-    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")  # Debian's is outside users' PATH
+    # Debian's is outside users' PATH
+    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if nginx is None:
         raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
     prefix = log_dir / name
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "conf.d").mkdir(exist_ok=True)
     (prefix / "conf.d" / "akd.conf").write_text(balancer_conf(replicas))
-    user = "user root;" if os.geteuid() == 0 else ""  # workers write temp files in this folder, as its owner
+    # workers write temp files in this folder, as its owner
+    user = "user root;" if os.geteuid() == 0 else ""
     (prefix / "nginx.conf").write_text(
         f"""{user}
 worker_processes 1;
@@ -219,7 +227,8 @@ http {{
 
 def balancer_conf(replicas: list[str]) -> str:
     """deploy/nginx.conf with its one `server teacher:8000 ...;` line made one line per replica."""
-    if not NGINX_CONF.is_file():  # an installed package (the image) has no deploy/ folder
+    # an installed package (the image) has no deploy/ folder
+    if not NGINX_CONF.is_file():
         raise RuntimeError(f"no balancer config at {NGINX_CONF}: run from a checkout of the project")
     text = NGINX_CONF.read_text()
     match = _UPSTREAM_SERVER.search(text)
@@ -236,7 +245,8 @@ def process_tree(root: int) -> list[int]:
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            # after "(comm)": state, ppid, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         parents[int(stat.parent.name)] = int(fields[1])
@@ -249,7 +259,8 @@ def process_tree(root: int) -> list[int]:
 
 def _process_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    # utime + stime
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -38,7 +38,8 @@ class Load:
 class Server:
     label: str
     process: ServerProcess
-    request: Callable[[bytes, int], Request]  # (safetensors input file, rows) -> what a client posts
+    # (safetensors input file, rows) -> what a client posts
+    request: Callable[[bytes, int], Request]
 
     @property
     def url(self) -> str:

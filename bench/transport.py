@@ -101,8 +101,11 @@ def keys_first_rows(ctx: Context, client: httpx.Client, teacher: str, shape: tup
     images = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     params = {"teacher": teacher, "outputs": "probs"}
     client.post(
-        protocol.SOFT_TARGETS_PATH, content=codec.encode_inputs(images), params={**params, "cache": "use"}
-    ).raise_for_status()  # now cached
+        protocol.SOFT_TARGETS_PATH,
+        content=codec.encode_inputs(images),
+        params={**params, "cache": "use"},
+        # now cached
+    ).raise_for_status()
     sizes: dict[str, tuple[int, int]] = {}
 
     def upload() -> torch.Tensor:

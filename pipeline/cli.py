@@ -61,7 +61,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         if not args.out:
             raise ConfigError("--out (or AKD_DEMO_OUT) is required")
-        existing_folder_or_new(args.out, "--out")  # said now, not as a traceback when the first stage writes
+        # said now, not as a traceback when the first stage writes
+        existing_folder_or_new(args.out, "--out")
         if unknown:
             raise ConfigError(f"--stage: unknown {unknown}; known: all, {', '.join(demo.STAGES)}")
         plan = load_plan(args.config, "quick" if args.quick else args.plan, args.sets)
@@ -70,7 +71,8 @@ def run_demo(args: argparse.Namespace) -> int:
             return demo.serve_stage(Path(args.out), args.host, args.port)
         if "serve" in stages:
             raise ConfigError("--stage serve runs the service in the foreground: give it alone")
-        command = "akd " + shlex.join(sys.argv[1:])  # `akd demo ...`, whichever entry point started it
+        # `akd demo ...`, whichever entry point started it
+        command = "akd " + shlex.join(sys.argv[1:])
         table = demo.run_demo(plan, Path(args.out), stages, args.fresh, args.teacher_url, seeds, command)
     except (ConfigError, ValueError, DemoError) as exc:
         print(f"akd demo: {exc}", file=sys.stderr)
@@ -81,4 +83,5 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": (add_demo_arguments, run_demo)}  # `akd` (akd/cli.py) names and describes it
+# `akd` (akd/cli.py) names and describes it
+COMMANDS = {"demo": (add_demo_arguments, run_demo)}

@@ -55,7 +55,8 @@ class Demo:
     def write_run_config(
         self, run_dir: Path, run: PlannedTeacher, seed: int | None = None, teacher: dict | None = None
     ) -> Path:
-        raw = self.plan.raw_run(run, out_dir=".", seed=seed, teacher=teacher)  # out_dir: the folder of run.toml itself
+        # out_dir: the folder of run.toml itself
+        raw = self.plan.raw_run(run, out_dir=".", seed=seed, teacher=teacher)
         TrainConfig.model_validate(raw)
         return write_toml(run_dir / "run.toml", raw)
 
@@ -104,9 +105,8 @@ class Demo:
         alone."""
         file = self.layout.service_config
         names = self.plan.teacher_names
-        first = load_checkpoint(
-            self.layout.teacher(names[0]) / "best.pt"
-        )  # the checkpoint knows its classes and input shape
+        # the checkpoint knows its classes and input shape
+        first = load_checkpoint(self.layout.teacher(names[0]) / "best.pt")
         shape = {"num_classes": first.num_classes, "input_shape": list(first.input_shape)}
         teachers = {}
         for suffix, checkpoint in (("", "best.pt"), (LAST, "last.pt")):
@@ -145,15 +145,18 @@ class Demo:
         url = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_healthy(url, alive=lambda: proc.poll() is None, timeout_s=600)  # a hang, not a slow start
+                # a hang, not a slow start
+                wait_healthy(url, alive=lambda: proc.poll() is None, timeout_s=600)
             except (RuntimeError, TimeoutError) as exc:
                 raise DemoError(f"{exc}; see {log}") from None
             say(f"[serve] teacher service up at {url} (log: {log})")
             try:
                 yield url
-            finally:  # also when a student failed: the rows this session served are part of the total
+            finally:
+                # also when a student failed: the rows this session served are part of the total
                 try:
-                    self.save_service_stats(url, cumulative=False)  # a service started here counts from zero
+                    # a service started here counts from zero
+                    self.save_service_stats(url, cumulative=False)
                 except httpx.HTTPError as exc:
                     say(
                         f"[serve] could not read the service's stats ({exc}); {self.layout.service_stats} keeps its "
@@ -185,9 +188,8 @@ class Demo:
         """Every student of the plan for `seeds` (the plan's seeds they name; all by default)."""
 
         def runs():
-            for student in (
-                self.plan.students
-            ):  # every seed of one student before the next: the plan's first comparisons finish first
+            # every seed of one student before the next: the plan's first comparisons finish first
+            for student in self.plan.students:
                 for seed in [s for s in self.plan.seeds if seeds is None or s in seeds]:
                     run_dir = self.layout.student(student.name, seed)
                     teacher = {"url": teacher_url, "name": student.uses} if student.uses else None
@@ -214,7 +216,8 @@ class Demo:
 
     def evaluations_left(self) -> float:
         missing = [out for run_dir in self.all_runs() for out in EVALUATED.values() if not (run_dir / out).exists()]
-        work = Work(self.plan)  # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
+        # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
+        work = Work(self.plan)
         dataset = self.plan.dataset
         return len(missing) / 2 * (work.evaluation(dataset, autoattack=False) + work.evaluation(dataset))
 
@@ -244,7 +247,8 @@ class Demo:
 
         wanted = self.eval_attack().model_dump()
         unfinished = [run_dir for run_dir in self.all_runs() if not trained(run_dir)]
-        if unfinished:  # a plan run in parts: evaluate what is trained, and say what is not
+        # a plan run in parts: evaluate what is trained, and say what is not
+        if unfinished:
             say(f"[evaluate] not trained yet, so not evaluated: {', '.join(r.name for r in unfinished)}")
         jobs = [
             job
@@ -266,9 +270,8 @@ class Demo:
     def evaluation_jobs(self, run_dir: Path, wanted: dict) -> list[Job]:
         """`akd eval` of a run's best-validation and final checkpoints, where no current evaluation exists."""
         plan = self.plan
-        sets = [
-            arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")
-        ]  # TOML values
+        # TOML values
+        sets = [arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")]
         limit = ["--limit", str(plan.eval_limit)] if plan.eval_limit else []
         autoattack = ["--autoattack-limit", str(plan.autoattack_limit), "--autoattack-version", plan.autoattack_version]
         jobs = []
@@ -290,7 +293,8 @@ class Demo:
                 "--out",
                 str(out),
             )
-            cost = Work(plan).evaluation(plan.dataset, with_aa)  # for the ETA
+            # for the ETA
+            cost = Work(plan).evaluation(plan.dataset, with_aa)
             jobs.append(Job(f"eval {run_dir.name} {checkpoint}", argv, out.with_suffix(".log"), passes_per_unit=cost))
         return jobs
 
@@ -370,7 +374,8 @@ def run_demo(
         started = time.monotonic()
         try:
             yield
-        finally:  # a failed or interrupted stage's time counts too: its finished runs are reused, not redone
+        finally:
+            # a failed or interrupted stage's time counts too: its finished runs are reused, not redone
             add_stage_time(demo.layout, stage, time.monotonic() - started)
 
     if "teachers" in stages:
@@ -380,9 +385,8 @@ def run_demo(
         with timed("students"):
             if teacher_url:
                 demo.stage_students(teacher_url, seeds)
-                demo.save_service_stats(
-                    teacher_url, cumulative=True
-                )  # its counters run since it started, across trainers
+                # its counters run since it started, across trainers
+                demo.save_service_stats(teacher_url, cumulative=True)
             else:
                 with demo.service() as url:
                     demo.stage_students(url, seeds)
@@ -390,7 +394,8 @@ def run_demo(
         with timed("evaluate"):
             demo.stage_evaluate()
     if "report" in stages:
-        return demo.stage_report()  # its own seconds are not counted: the report is written before they end
+        # its own seconds are not counted: the report is written before they end
+        return demo.stage_report()
     return None
 
 

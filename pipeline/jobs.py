@@ -29,9 +29,11 @@ class Job:
     name: str
     argv: list[str]
     log: Path
-    run_dir: Path | None = None  # a training run, whose metrics.jsonl shows its progress
+    # a training run, whose metrics.jsonl shows its progress
+    run_dir: Path | None = None
     epochs: int = 0
-    passes_per_unit: float = 1.0  # work per epoch (training) or per job (evaluation), in image passes: see `Work`
+    # work per epoch (training) or per job (evaluation), in image passes: see `Work`
+    passes_per_unit: float = 1.0
 
     def units(self) -> int:
         return self.epochs or 1
@@ -63,9 +65,8 @@ class Work:
     def evaluation(self, dataset: str, autoattack: bool = True) -> float:
         n = min(self.plan.eval_limit or TEST_IMAGES[dataset], TEST_IMAGES[dataset])
         aa = min(self.plan.autoattack_limit, n) * AUTOATTACK_PASSES[self.plan.autoattack_version] if autoattack else 0
-        return (
-            n * (self.plan.eval_attack or EVAL_ATTACK).steps + 2 * n + aa
-        )  # PGD, and the clean passes before and after it
+        # PGD, and the clean passes before and after it
+        return n * (self.plan.eval_attack or EVAL_ATTACK).steps + 2 * n + aa
 
 
 def say(text: str) -> None:
@@ -77,7 +78,8 @@ def module(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-_PR_SET_PDEATHSIG = 1  # prctl(2)
+# prctl(2)
+_PR_SET_PDEATHSIG = 1
 
 
 def end_with_parent() -> None:
@@ -94,7 +96,8 @@ def sigterm_deferred():
     main thread is; raised inside Popen after the fork, or before the new process was recorded, it left that job
     running on, unknown to the cleanup (a student trainer outlived its demo by minutes, retrying a stopped service).
     Python-level only: a blocked signal mask would be inherited by the job, which could then not be terminated."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Python's handlers
+    # only the main thread gets Python's handlers
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     came = []
@@ -102,9 +105,11 @@ def sigterm_deferred():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        # None: set outside Python
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
         if came:
-            os.kill(os.getpid(), signal.SIGTERM)  # to the handler the block deferred it from
+            # to the handler the block deferred it from
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def job_env(threads: int) -> dict:
@@ -143,7 +148,8 @@ def run_jobs(
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
     try:
         _run_jobs(stage, jobs, parallel, threads, later, report_every_s, running)
-    finally:  # a failure, Ctrl-C or SIGTERM leaves no training running on: a re-run resumes it from its last epoch
+    finally:
+        # a failure, Ctrl-C or SIGTERM leaves no training running on: a re-run resumes it from its last epoch
         for _, proc in running.values():
             proc.terminate()
         for _, proc in running.values():
@@ -167,7 +173,8 @@ def _run_jobs(
         while pending and len(running) < parallel:
             job = pending.pop(0)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "ab") as log, sigterm_deferred():  # a started job is in `running` before it unwinds
+            # a started job is in `running` before it unwinds
+            with open(job.log, "ab") as log, sigterm_deferred():
                 running[job.name] = (
                     job,
                     subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=job_env(threads)),
@@ -194,7 +201,8 @@ def _run_jobs(
 
 
 ETA_AFTER = (
-    0.05  # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
+    # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
+    0.05
 )
 
 

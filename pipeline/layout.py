@@ -16,14 +16,16 @@ from pathlib import Path
 from pipeline import DemoError
 from shared.atomic import replaced_atomically
 
-MARKER = ".akd-demo"  # in every folder the demo made: --fresh deletes only those
+# in every folder the demo made: --fresh deletes only those
+MARKER = ".akd-demo"
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where everything lives inside the demo's output folder."""
 
-    root: Path  # absolute: subprocesses and generated files must not depend on a working directory
+    # absolute: subprocesses and generated files must not depend on a working directory
+    root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(os.path.abspath(self.root)))

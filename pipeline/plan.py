@@ -26,7 +26,8 @@ ENSEMBLE = "ensemble"
 LAST = "-last"
 DEFAULT_METHOD = TrainConfig.model_fields["method"].default
 PLACEHOLDER_URL = (
-    "http://127.0.0.1:1"  # a student's teacher before any service runs: validation needs a URL, not a live one
+    # a student's teacher before any service runs: validation needs a URL, not a live one
+    "http://127.0.0.1:1"
 )
 
 

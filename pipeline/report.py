@@ -33,8 +33,10 @@ RUN_COLUMNS = [
     ("cache_hit_rate", "cache hit rate"),
 ]
 EVAL_KEYS = ("clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "autoattack_n")
-OVERFITTING_WINDOW = 5  # epochs averaged at each end of the best-vs-final gap
-OVERFITTING_POINTS = 0.03  # the gap (PGD-AT's, mean over seeds) from which a regime counts as robust overfitting
+# epochs averaged at each end of the best-vs-final gap
+OVERFITTING_WINDOW = 5
+# the gap (PGD-AT's, mean over seeds) from which a regime counts as robust overfitting
+OVERFITTING_POINTS = 0.03
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ def run_summary(run_dir: Path) -> dict:
     validated = [m for m in metrics if m.get("val_robust_acc") is not None]
     best = max(validated, key=lambda m: m["val_robust_acc"])
     return {
-        "best": _evaluation(run_dir / "eval.json"),  # the best-validation checkpoint (best.pt)
-        "final": _evaluation(run_dir / "eval-final.json"),  # the last epoch (last.pt)
+        # the best-validation checkpoint (best.pt)
+        "best": _evaluation(run_dir / "eval.json"),
+        # the last epoch (last.pt)
+        "final": _evaluation(run_dir / "eval-final.json"),
         "train_time_min": sum(m["epoch_time_s"] for m in metrics) / 60,
         "teacher_rows": rows,
         "cache_hit_rate": hits / rows if rows else None,
@@ -114,9 +118,8 @@ def _value(run: dict, key: str, which: str) -> float | None:
 def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> str:
     """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final
     one."""
-    columns = (
-        COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]
-    )  # AUTOATTACKED
+    # AUTOATTACKED
+    columns = COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]
     rows = []
     for name, runs in students.items():
         cells = [_cell(key, mean_spread([_value(r, key, which) for r in runs]), seeds) for key, _ in columns]
@@ -213,7 +216,8 @@ def teacher_table(teachers: dict[str, dict]) -> str:
     return markdown_table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
 
 
-MARGIN_SE = 2  # how many standard errors of the mean paired difference make a verdict
+# how many standard errors of the mean paired difference make a verdict
+MARGIN_SE = 2
 VERDICT_RULE = (
     f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
     f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold "
@@ -367,7 +371,8 @@ def write_report(inputs: ReportInputs) -> str:
             "nothing to report yet: the teachers and at least one student (every seed) must be trained and evaluated"
         )
     unfinished = [s.name for s in plan.students if s not in finished]
-    plan = plan.model_copy(update={"students": finished})  # a plan run in parts reports what is done and names the rest
+    # a plan run in parts reports what is done and names the rest
+    plan = plan.model_copy(update={"students": finished})
     students = {s.name: [run_summary(layout.student(s.name, seed)) for seed in plan.seeds] for s in plan.students}
     teachers = {name: run_summary(layout.teacher(name)) for name in plan.teacher_names}
     service = json.loads(layout.service_stats.read_text()) if layout.service_stats.exists() else {}

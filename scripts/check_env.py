@@ -44,7 +44,8 @@ def torch_difference(spec: str) -> str | None:
     try:
         requirement = Requirement(first)
     except InvalidRequirement:
-        return None  # a form this check cannot read (a VCS URL, say): pip decided it
+        # a form this check cannot read (a VCS URL, say): pip decided it
+        return None
     if requirement.specifier.contains(installed, prereleases=True):
         return None
     return f"torch {installed} is installed; expected {requirement}"

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 MODES = ("system", "keep")
 CLASSES = 10
-SHAPES = {"preact_resnet18": (3, 32, 32), "small_cnn": (1, 28, 28), "tiny_cnn": (1, 28, 28)}  # the benchmarks' inputs
+# the benchmarks' inputs
+SHAPES = {"preact_resnet18": (3, 32, 32), "small_cnn": (1, 28, 28), "tiny_cnn": (1, 28, 28)}
 
 
 def main() -> int:
@@ -42,7 +43,8 @@ def main() -> int:
     parser.add_argument("--arch", default="preact_resnet18", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--calls", type=int, default=8, help="timed calls a side, alternated")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # one setting, in its own process
+    # one setting, in its own process
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.arch, args.batch, args.calls, args.out)))
@@ -79,7 +81,8 @@ def measure(mode: str, arch: str, batch: int, calls: int, out: Path) -> dict:
     from shared.protocol import CacheMode
     from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
 
-    kept = keep_freed_memory()  # AKD_MALLOC decides, as it does for the service
+    # AKD_MALLOC decides, as it does for the service
+    kept = keep_freed_memory()
     home = Path(tempfile.mkdtemp(prefix="forward-profile-"))
     torch.manual_seed(0)
     shape = SHAPES[arch]
@@ -91,7 +94,8 @@ def measure(mode: str, arch: str, batch: int, calls: int, out: Path) -> dict:
     service = servers.teacher_service("forward-profile", config, home / "logs", "cpu", True, None)
     remote = RemoteTeacher(service.url, "t", temperature=1.0, clean_cache=CacheMode.bypass)
     local = LocalTeacher(config, "t", temperature=1.0, device=torch.device("cpu"))
-    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))  # float32: never cached
+    # float32: never cached
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
     pid = service.process.pid
     sides = {
         "service": (lambda: remote(x), lambda: proc_minflt(pid), pid),
@@ -144,7 +148,8 @@ def perf_profile(pid: int, call, calls: int, report: Path) -> dict[str, float]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(0.5)  # perf attaches
+    # perf attaches
+    time.sleep(0.5)
     for _ in range(calls):
         call()
     recorder.send_signal(2)

@@ -106,7 +106,8 @@ def in_process(store: Path, version: str, args: argparse.Namespace) -> int:
     parts: dict[str, list[float]] = {"get": [], "the index's lookup": [], "the logits read alone": [], "checksums": []}
     cache = LogitCache(str(store), CacheSettings(max_bytes=1 << 40, memory_bytes=BOUND, index_memory_bytes=BOUND))
     ns = cache.namespace(version, CLASSES)
-    for i, (keys, expected) in enumerate(batches):  # a fresh batch each time: `get` and its parts, in turn
+    # a fresh batch each time: `get` and its parts, in turn
+    for i, (keys, expected) in enumerate(batches):
         asked = [k.tobytes() for k in keys]
         if i % 2:
             started = time.perf_counter()

@@ -46,7 +46,8 @@ def main(n: int = 1_000_000) -> int:
     table, dict_s, dict_bytes = measured(lambda: {k.tobytes(): i for i, k in enumerate(keys)})
     index, index_s, _ = measured(lambda: _built(keys))
     index_bytes = index.nbytes
-    handed_back = _built(keys, resident_bytes=1 << 20)  # a 1 MiB bound: lookups read slots, mapping nothing
+    # a 1 MiB bound: lookups read slots, mapping nothing
+    handed_back = _built(keys, resident_bytes=1 << 20)
     asked = [keys[i].tobytes() for i in rng.integers(0, n, 512)]
 
     def by_dict():

@@ -63,7 +63,8 @@ def main() -> int:
     return 0
 
 
-Row = tuple[str, int, float, float, float, float]  # format, bytes a row, temperature, mean KL, max KL, max abs error
+# format, bytes a row, temperature, mean KL, max KL, max abs error
+Row = tuple[str, int, float, float, float, float]
 
 
 def format_rows(logits: torch.Tensor, formats: list[str], temperatures: list[float]) -> list[Row]:

@@ -25,8 +25,10 @@ import sys
 
 ENV = "AKD_MALLOC"
 CHOICES = ("keep", "system")
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: free memory past 2 GiB at the heap's top is still given back
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# mallopt takes an int: free memory past 2 GiB at the heap's top is still given back
+_NEVER_TRIM = 2**31 - 1
 
 
 def malloc_choice() -> str:

@@ -28,8 +28,10 @@ class Checkpoint:
     num_classes: int
     input_shape: tuple[int, int, int]
     state_dict: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)  # epoch, metrics, config...
-    extra: dict[str, Any] = field(default_factory=dict)  # optimiser/scheduler/RNG state for resuming
+    # epoch, metrics, config...
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # optimiser/scheduler/RNG state for resuming
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
         model = build_model(self.arch, self.num_classes, self.input_shape)
@@ -55,13 +57,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    if not_a_model_file(Path(path)) is None and not zipfile.is_zipfile(path):  # e.g. a text file: not "pickled objects"
+    # e.g. a text file: not "pickled objects"
+    if not_a_model_file(Path(path)) is None and not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable checkpoint: it is not the zip archive torch.save writes")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:  # a pickled object other than tensors and plain containers
+    except pickle.UnpicklingError as exc:
+        # a pickled object other than tensors and plain containers
         raise refused_pickle(path, exc) from exc
-    except Exception as exc:  # torch raises many types for a bad file
+    except Exception as exc:
+        # torch raises many types for a bad file
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

@@ -34,7 +34,8 @@ def encode(tensors: dict[str, torch.Tensor]) -> bytes:
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     try:
         arrays = {name: t.numpy() for name, t in cpu.items()}
-    except TypeError:  # bfloat16 and the other dtypes numpy lacks
+    except TypeError:
+        # bfloat16 and the other dtypes numpy lacks
         return _st_save(cpu)
     return _np_save(arrays)
 
@@ -66,7 +67,8 @@ def to_transport(inputs: torch.Tensor) -> torch.Tensor:
     if inputs.dtype == torch.uint8:
         return inputs
     values = inputs.detach().cpu().float().numpy()
-    as_uint8 = np.rint(values * np.float32(255.0))  # round half to even, as torch's round
+    # round half to even, as torch's round
+    as_uint8 = np.rint(values * np.float32(255.0))
     if np.array_equal(as_uint8 / np.float32(255.0), values):
         return torch.from_numpy(as_uint8.astype(np.uint8))
     return inputs
@@ -91,7 +93,8 @@ _HEADER_DTYPES = {
     "F8_E5M2": "float8_e5m2",
     "C64": "complex64",
 }
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound
+# safetensors' own bound
+_MAX_HEADER_BYTES = 100_000_000
 
 
 class UnreadableHeader(ValueError):
@@ -122,7 +125,8 @@ def read_header(prefix: bytes) -> dict[str, tuple[str, tuple[int, ...]]] | None:
 
     try:
         header = json.loads(prefix[8 : 8 + n], object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise UnreadableHeader(str(exc)) from None
     if not isinstance(header, dict):
         raise UnreadableHeader("a header that is not a JSON object")

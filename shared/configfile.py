@@ -19,12 +19,17 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 # The value types configs share, each meaning one thing everywhere.
-Count = Annotated[int, Field(ge=1)]  # how many of something: at least one
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a finite amount above zero (seconds, a rate, a weight)
-Fraction = Annotated[float, Field(ge=0, le=1)]  # a share of a whole, 0 to 1
+# how many of something: at least one
+Count = Annotated[int, Field(ge=1)]
+# a finite amount above zero (seconds, a rate, a weight)
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# a share of a whole, 0 to 1
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
-MAX_CONFIG_BYTES = 1 << 20  # a config file is a page of settings; past this it is not one (or never ends: /dev/zero)
-SECRET_FIELDS = frozenset({"token"})  # their values are never echoed in an error message
+# a config file is a page of settings; past this it is not one (or never ends: /dev/zero)
+MAX_CONFIG_BYTES = 1 << 20
+# their values are never echoed in an error message
+SECRET_FIELDS = frozenset({"token"})
 
 
 def bearer_token(value: str) -> str:
@@ -51,7 +56,8 @@ def _char_kind(char: str) -> str:
     return "a non-ASCII character" if ord(char) > 127 else "a control character"
 
 
-BearerToken = Annotated[str, AfterValidator(bearer_token)]  # both sides of `Authorization: Bearer <token>`
+# both sides of `Authorization: Bearer <token>`
+BearerToken = Annotated[str, AfterValidator(bearer_token)]
 
 
 class ConfigError(ValueError):

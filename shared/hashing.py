@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEY_BYTES = 16  # 128-bit keys: collisions are out of reach for any cache size
+# 128-bit keys: collisions are out of reach for any cache size
+KEY_BYTES = 16
 VERSION_CHARS = 16
 
 

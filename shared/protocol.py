@@ -38,20 +38,28 @@ HEADER_AFFINITY = "X-AKD-Affinity"
 class Output(str, Enum):
     """Tensors a client may ask for; `probs` is the distillation target."""
 
-    probs = "probs"  # (B, K) float32: the aggregated, tempered distribution
-    logits = "logits"  # (B, K) float32: weighted mean of member logits
-    member_logits = "member_logits"  # (M, B, K) float32: raw, unweighted
+    # (B, K) float32: the aggregated, tempered distribution
+    probs = "probs"
+    # (B, K) float32: weighted mean of member logits
+    logits = "logits"
+    # (M, B, K) float32: raw, unweighted
+    member_logits = "member_logits"
 
 
 class CacheMode(str, Enum):
-    use = "use"  # read hits, store misses
-    bypass = "bypass"  # neither read nor store
-    refresh = "refresh"  # recompute every row and store the new result
+    # read hits, store misses
+    use = "use"
+    # neither read nor store
+    bypass = "bypass"
+    # recompute every row and store the new result
+    refresh = "refresh"
 
 
 class Aggregate(str, Enum):
-    probs = "probs"  # sum_k beta_k softmax(T_k / tau): the paper's choice
-    logits = "logits"  # softmax(sum_k beta_k T_k / tau)
+    # sum_k beta_k softmax(T_k / tau): the paper's choice
+    probs = "probs"
+    # softmax(sum_k beta_k T_k / tau)
+    logits = "logits"
 
 
 def parse_outputs(text: str) -> list[Output]:

@@ -41,7 +41,8 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _switch_lock = threading.RLock()
 
-MAX_JSON_BYTES = 256 << 20  # a graph description this large is not an honest export
+# a graph description this large is not an honest export
+MAX_JSON_BYTES = 256 << 20
 MAX_EXPRESSION_CHARS = 10_000
 
 
@@ -79,17 +80,20 @@ def not_a_model_file(path: Path) -> str | None:
 
 def load_export(path: str | Path) -> nn.Module:
     """A `.pt2` file's module, after `check_export_archive`; raises UnsafeFile or ValueError."""
-    with open(path, "rb") as file:  # one open file for the check and the load: what was checked is what loads
+    # one open file for the check and the load: what was checked is what loads
+    with open(path, "rb") as file:
         check_export_archive(file, str(path))
         file.seek(0)
         with weights_only_unpickling():
             try:
                 program = torch.export.load(file)
-            except Exception as exc:  # torch raises many types for a bad or refused archive
+            except Exception as exc:
+                # torch raises many types for a bad or refused archive
                 if isinstance(exc, pickle.UnpicklingError):
                     raise refused_pickle(path, exc) from exc
                 raise ValueError(f"{path} is not a readable torch.export (.pt2) file: {first_line(exc)}") from exc
-    return program.module(check_guards=False)  # guard code stored in the file is never compiled
+    # guard code stored in the file is never compiled
+    return program.module(check_guards=False)
 
 
 def check_export_archive(file: IO[bytes], name: str) -> None:
@@ -261,7 +265,8 @@ _SYMPY_NAMES = frozenset(
         "OpaqueUnaryFn_sqrt",
     }
 )
-_SYMBOL = re.compile(r"[a-z]+\d+")  # s0, u3, s77: the names torch gives shape symbols
+# s0, u3, s77: the names torch gives shape symbols
+_SYMBOL = re.compile(r"[a-z]+\d+")
 _EXPRESSION_NODES = (
     ast.Expression,
     ast.Call,

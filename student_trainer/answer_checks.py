@@ -68,7 +68,8 @@ def _first_wrong_row(probs: torch.Tensor, tolerance: float) -> str | None:
     In numpy, as codec.to_transport is: torch would run a large answer's checks as OpenMP parallel regions whose
     threads spin on the cores the training step (or a co-located service) needs."""
     values = _float64_rows(probs)
-    with np.errstate(all="ignore"):  # inf - inf and the like: such rows are wrong anyway
+    # inf - inf and the like: such rows are wrong anyway
+    with np.errstate(all="ignore"):
         sums = values.sum(axis=1)
         wrong = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1) | (np.abs(sums - 1) > tolerance)
     count = int(wrong.sum())

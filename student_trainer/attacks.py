@@ -145,7 +145,8 @@ def attack_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
     parts (e.g. a BatchNorm held in eval) as they were.
     """
     modes = [(m, m.training) for m in model.modules()]
-    if eval_mode and not isinstance(model, torch.fx.GraphModule):  # torch.export modules keep their exported mode
+    # torch.export modules keep their exported mode
+    if eval_mode and not isinstance(model, torch.fx.GraphModule):
         model.eval()
     try:
         yield

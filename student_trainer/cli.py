@@ -51,8 +51,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # its progress: one line per attack and batch
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per soft-target request
+    # its progress: one line per attack and batch
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG)
+    # not a line per soft-target request
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -67,16 +69,17 @@ def run_train(args: argparse.Namespace) -> int:
             if not config_file.exists():
                 raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run folder?")
             cfg = load_train_config(args.config, args.sets, base=_saved_config(config_file))
-            cfg = cfg.model_copy(
-                update={"out_dir": Path(args.resume).absolute()}
-            )  # the run lives where it is now, moved or not
+            # the run lives where it is now, moved or not
+            cfg = cfg.model_copy(update={"out_dir": Path(args.resume).absolute()})
         else:
             cfg = load_train_config(args.config, args.sets)
-        existing_folder_or_new(cfg.out_dir, "out_dir")  # said now, not as a traceback after the data loads
+        # said now, not as a traceback after the data loads
+        existing_folder_or_new(cfg.out_dir, "out_dir")
     except ConfigError as exc:
         print(f"akd train: {exc}", file=sys.stderr)
         return 2
-    try:  # set-up problems (data not there, teacher unreachable or unfit) are the user's to fix: no traceback
+    try:
+        # set-up problems (data not there, teacher unreachable or unfit) are the user's to fix: no traceback
         trainer = Trainer(cfg)
         if args.resume:
             trainer.resume()
@@ -90,9 +93,11 @@ def run_train(args: argparse.Namespace) -> int:
         state = trainer.fit()
     except (
         TeacherUnavailable,
-        TeacherRequestError,  # and TeacherAnswerError: an answer that is not soft targets
+        # and TeacherAnswerError: an answer that is not soft targets
+        TeacherRequestError,
         NonFiniteStep,
-    ) as exc:  # the service went away mid-run: the user's to fix, like at start-up
+        # the service went away mid-run: the user's to fix, like at start-up
+    ) as exc:
         print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir, exc)}", file=sys.stderr)
         return 2
     finally:
@@ -109,7 +114,8 @@ def _saved_config(config_file: Path) -> dict:
     """A run folder's config.json, read as any config file is (bounded, a regular file), as a dict."""
     try:
         saved = json.loads(read_config_bytes(config_file))
-    except ValueError as exc:  # not JSON, or not UTF-8
+    except ValueError as exc:
+        # not JSON, or not UTF-8
         raise ConfigError(f"{config_file} is not a run's saved config (JSON): {exc}") from None
     if not isinstance(saved, dict):
         raise ConfigError(
@@ -147,7 +153,8 @@ def run_eval(args: argparse.Namespace) -> int:
             at_least(1, "--limit", args.limit)
         if args.autoattack_limit is not None:
             at_least(0, "--autoattack-limit", args.autoattack_limit, " (0: no AutoAttack)")
-        out = _eval_out(Path(args.out))  # before the checkpoint loads, and well before the evaluation runs
+        # before the checkpoint loads, and well before the evaluation runs
+        out = _eval_out(Path(args.out))
         job = CheckpointEvaluation.load(
             Path(args.checkpoint),
             attacks,
@@ -161,9 +168,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     origin = "the dataset's standard" if job.standard else "set with --set attack.*"
     print(f"threat model: {describe_threat_model(job.threat())} ({origin})", flush=True)
-    started = (
-        time.monotonic()
-    )  # each progress line says how long this model has taken so far (the demo shows the last one)
+    # each progress line says how long this model has taken so far (the demo shows the last one)
+    started = time.monotonic()
     report = job.run(
         out.with_suffix(".reliability.png"),
         progress=lambda text: logging.getLogger("akd.eval").info("%s (%.0fs)", text, time.monotonic() - started),
@@ -295,7 +301,8 @@ def run_warm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {  # name: (add its arguments, run it); `akd` (akd/cli.py) names and describes them
+# name: (add its arguments, run it); `akd` (akd/cli.py) names and describes them
+COMMANDS = {
     "train": (add_train_arguments, run_train),
     "warm": (add_warm_arguments, run_warm),
     "eval": (add_eval_arguments, run_eval),

@@ -48,7 +48,8 @@ class AttackConfig(StrictConfig):
     step_size: Positive | None = None
     steps: Annotated[int, Field(ge=0)] = 10
     random_start: bool = True
-    eval_mode: bool = True  # attack the model in eval mode (BatchNorm statistics untouched)
+    # attack the model in eval mode (BatchNorm statistics untouched)
+    eval_mode: bool = True
 
     def resolved(self, dataset: str) -> AttackConfig:
         eps = DEFAULT_EPS[dataset] if self.eps is None else self.eps
@@ -83,11 +84,15 @@ class TeacherRef(StrictConfig):
     # One service, or several replicas of it: requests are spread over them and fail over when one refuses or is full.
     url: str | Annotated[list[str], Field(min_length=1)] | None = None
     name: str | None = None
-    config: Path | None = None  # a teacher-service TOML, run in-process (no service)
-    token: BearerToken | None = None  # the service's rule: not empty, visible ASCII (shared.configfile.bearer_token)
+    # a teacher-service TOML, run in-process (no service)
+    config: Path | None = None
+    # the service's rule: not empty, visible ASCII (shared.configfile.bearer_token)
+    token: BearerToken | None = None
     timeout_s: Positive = 60.0
-    give_up_after_s: Positive = 300.0  # how long the service may stay unreachable before the run fails
-    cache: TeacherCache = TeacherCache()  # one mode for both kinds of input: cache = "use"
+    # how long the service may stay unreachable before the run fails
+    give_up_after_s: Positive = 300.0
+    # one mode for both kinds of input: cache = "use"
+    cache: TeacherCache = TeacherCache()
     # Queries the cache keeps (clean inputs) ask a load balancer to keep them on one replica (X-AKD-Affinity), where
     # their rows hit; false spreads them over the replicas too: more throughput, fewer hits (README, "Scale out").
     affinity: bool = True
@@ -112,8 +117,10 @@ class TeacherRef(StrictConfig):
 
 
 class EvalConfig(StrictConfig):
-    every: Count = 1  # validate every N epochs (and after the last)
-    attack: AttackConfig | None = None  # the validation attack: the keys given here, the rest from the training attack
+    # validate every N epochs (and after the last)
+    every: Count = 1
+    # the validation attack: the keys given here, the rest from the training attack
+    attack: AttackConfig | None = None
     batch_size: Count = 256
 
 
@@ -130,23 +137,28 @@ class TrainConfig(StrictConfig):
     momentum: Fraction = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     schedule: Literal["piecewise", "onecycle", "cosine", "constant"] = "piecewise"
-    milestones: list[Fraction] = [0.5, 0.75]  # piecewise: lr x0.1 at these fractions of training
+    # piecewise: lr x0.1 at these fractions of training
+    milestones: list[Fraction] = [0.5, 0.75]
     seed: int = 0
     out_dir: Path = Path("runs/run")
     save_every: Count = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    alpha: Fraction = 1.0  # weight of the teacher in the target (label mixing)
-    temperature: Positive = 1.0  # tau, for the teacher (sent to the service) and the student-side KL terms
+    # weight of the teacher in the target (label mixing)
+    alpha: Fraction = 1.0
+    # tau, for the teacher (sent to the service) and the student-side KL terms
+    temperature: Positive = 1.0
     trades_beta: Positive = 6.0
     iad_beta: Positive = 0.1
     iad_warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    track_dynamics: bool = True  # per-sample train correctness each epoch (forgetting events)
+    # per-sample train correctness each epoch (forgetting events)
+    track_dynamics: bool = True
     # The training radius ramps linearly from 0 to attack.eps over this many epochs (step by step), as MNIST recipes
     # at eps 0.3 do: from scratch, the full radius can leave training stuck at chance. Validation (and with it the
     # best checkpoint) always uses the full radius.
     eps_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     init_from: Path | None = (
-        None  # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+        # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+        None
     )
     # bf16 autocast for training's forward passes (attack and loss) on a GPU; validation and evaluation stay float32.
     # bf16 keeps float32's range, so no loss scaling is needed.
@@ -190,7 +202,8 @@ class TrainConfig(StrictConfig):
         0.3)."""
         chosen = self.eval.attack.model_dump(include=self.eval.attack.model_fields_set) if self.eval.attack else {}
         if "steps" in chosen and "step_size" not in chosen:
-            chosen["step_size"] = None  # derived again for the validation's own number of steps
+            # derived again for the validation's own number of steps
+            chosen["step_size"] = None
         return self.attack.model_copy(update=chosen).resolved(self.dataset)
 
 

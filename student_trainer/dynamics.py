@@ -66,7 +66,8 @@ class CorrectnessLog:
         """A compressed .npz: epochs, n_samples and one int8 matrix per kind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file object: numpy appends no ".npz"
+        # a file object: numpy appends no ".npz"
+        with replaced_atomically(path) as tmp, tmp.open("wb") as f:
             np.savez_compressed(f, epochs=self.epochs, n_samples=self.n_samples, **{k: self.matrix(k) for k in KINDS})
 
     @classmethod
@@ -100,7 +101,8 @@ def first_learned_epoch(matrix: np.ndarray) -> np.ndarray:
     Rows are matrix rows; map them through CorrectnessLog.epochs for epoch numbers."""
     matrix = np.asarray(matrix)
     first = np.full(matrix.shape[1], -1, np.int64)
-    correct_since = np.ones(matrix.shape[1], bool)  # every seen epoch after this row is correct
+    # every seen epoch after this row is correct
+    correct_since = np.ones(matrix.shape[1], bool)
     for t in range(matrix.shape[0] - 1, -1, -1):
         correct_since &= matrix[t] != 0
         first[correct_since & (matrix[t] == 1)] = t
@@ -120,7 +122,8 @@ def hardest_samples(matrix: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     seen = np.flatnonzero(_seen(matrix))
     first = first_learned_epoch(matrix)[seen]
     events = forgetting_events(matrix)[seen]
-    order = np.lexsort((-first, -events, first != -1))  # last key is the primary one
+    # last key is the primary one
+    order = np.lexsort((-first, -events, first != -1))
     return seen[order[: math.ceil(fraction * len(seen))]]
 
 

@@ -165,7 +165,8 @@ def _autoattack(model: nn.Module, norm: str, eps: float, version: str, device: t
         device=device,
         seed=seed,
     )
-    aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = 1  # as "standard" sets them for Linf and L2
+    # as "standard" sets them for Linf and L2
+    aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = 1
     aa.apgd_targeted.n_target_classes = 9
     return aa
 
@@ -243,7 +244,8 @@ class CheckpointEvaluation:
     path: Path
     model: nn.Module
     cfg: TrainConfig
-    x: torch.Tensor  # the test images evaluated (the first `limit` of the split), in [0, 1]
+    # the test images evaluated (the first `limit` of the split), in [0, 1]
+    x: torch.Tensor
     y: torch.Tensor
     attacks: list[str]
     standard: bool
@@ -309,7 +311,8 @@ class CheckpointEvaluation:
             autoattack_version=self.autoattack_version,
             progress=progress,
         )
-        split_aa = aa_n is not None and aa_n < len(y)  # AutoAttack on the first aa_n images only
+        # AutoAttack on the first aa_n images only
+        split_aa = aa_n is not None and aa_n < len(y)
         first = [a for a in self.attacks if a != "autoattack"] if split_aa else self.attacks
         result = evaluate(self.model.to(device), x, y, attacks=first, diagram=diagram, **common)
         report = {

@@ -42,27 +42,35 @@ class Step:
     alpha, temperature, trades_beta, iad_beta and iad_warmup_epochs from it."""
 
     model: nn.Module
-    x: torch.Tensor  # the clean batch, in [0, 1]
+    # the clean batch, in [0, 1]
+    x: torch.Tensor
     y: torch.Tensor
     attack: PGD
     cfg: TrainConfig
     teacher: SoftTargets | None = None
-    epoch: int = 0  # 0-based
-    generator: torch.Generator | None = None  # the attack's random starts
+    # 0-based
+    epoch: int = 0
+    # the attack's random starts
+    generator: torch.Generator | None = None
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # scalar, to backprop
-    logits_adv: torch.Tensor  # student logits on x_adv (detached), for train robust accuracy
-    logits_clean: torch.Tensor | None  # student logits on clean x (detached) when the method computed them
-    x_adv: torch.Tensor  # detached
+    # scalar, to backprop
+    loss: torch.Tensor
+    # student logits on x_adv (detached), for train robust accuracy
+    logits_adv: torch.Tensor
+    # student logits on clean x (detached) when the method computed them
+    logits_clean: torch.Tensor | None
+    # detached
+    x_adv: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    distils: bool  # whether it needs a teacher
+    # whether it needs a teacher
+    distils: bool
     step: Callable[[Step], StepResult]
 
     def __call__(self, step: Step) -> StepResult:

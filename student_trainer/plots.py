@@ -45,7 +45,8 @@ def training_curves(
         records = read_metrics(path)
         color = f"C{run % 10}"
         for ax, (_, lines) in zip(axes.flat, _PANELS):
-            legend_label = label  # once per run and panel, on its first drawn line
+            # once per run and panel, on its first drawn line
+            legend_label = label
             for key, style in lines:
                 epochs, values = _series(records, key)
                 if epochs:
@@ -70,7 +71,8 @@ def robust_overfitting_curves(
     import numpy as np
 
     fig, ax = subplots(figsize=(10, 6))
-    late = []  # the second half of every curve: where robust overfitting shows, so the y axis is fitted to it
+    # the second half of every curve: where robust overfitting shows, so the y axis is fitted to it
+    late = []
     for i, (name, seeds) in enumerate(runs.items()):
         curves = [dict(zip(*_series(records, key))) for records in seeds]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
@@ -81,9 +83,8 @@ def robust_overfitting_curves(
             epochs, values.mean(0), color=f"C{i % 10}", label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})"
         )
         late.extend(values[:, len(epochs) // 2 :].ravel())
-        if (
-            len(curves) > 1 and i < 2
-        ):  # the seeds' range for the first two (the plan's baseline and main student): more is a blur
+        # the seeds' range for the first two (the plan's baseline and main student): more is a blur
+        if len(curves) > 1 and i < 2:
             ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.15)
     for j, (teacher, epoch) in enumerate(stops.items()):
         ax.axvline(epoch, color="grey", linestyle=":", alpha=0.8)

@@ -37,7 +37,8 @@ class Progress:
                 file=stream,
             )
             self.bar.set_description(f"epoch {start_epoch + 1}/{total_epochs}")
-        self._done_steps = 0  # steps run by this process, for the ETA
+        # steps run by this process, for the ETA
+        self._done_steps = 0
 
     def step(self, **live: float) -> None:
         self.step_in_epoch += 1

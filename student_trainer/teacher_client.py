@@ -44,8 +44,10 @@ class Teacher(Protocol):
 
     name: str | None
     temperature: float
-    rows_requested: int  # rows asked for so far, how many of them the service's cache answered, and how many went
-    cache_hits: int  # up whole (the rest were asked for by key)
+    # rows asked for so far, how many of them the service's cache answered, and how many went
+    rows_requested: int
+    # up whole (the rest were asked for by key)
+    cache_hits: int
     rows_uploaded: int
 
     def info(self) -> TeacherInfo:
@@ -92,7 +94,8 @@ class _Refused(Exception):
 
     def __init__(self, problem: str, wait: float | None = None):
         super().__init__(problem)
-        self.problem, self.wait = problem, wait  # wait: the answer's Retry-After, if it had one
+        # wait: the answer's Retry-After, if it had one
+        self.problem, self.wait = problem, wait
 
 
 class _Overdue(Exception):
@@ -118,15 +121,18 @@ class _Courier:
         if self._jobs is None or self._pid != os.getpid():
             self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
             threading.Thread(target=_serve, args=(self._jobs,), name="akd-teacher-calls", daemon=True).start()
-            weakref.finalize(self, self._jobs.put, None)  # a client never closed still ends its thread
+            # a client never closed still ends its thread
+            weakref.finalize(self, self._jobs.put, None)
         done: Future = Future()
         self._jobs.put((call, done))
         try:
             return done.result(timeout=timeout_s)
         except TimeoutError:
-            if done.done():  # the call's own TimeoutError
+            # the call's own TimeoutError
+            if done.done():
                 raise
-            self.close()  # the thread ends once its call does; it takes no other
+            # the thread ends once its call does; it takes no other
+            self.close()
             raise _Overdue from None
 
     def close(self) -> None:
@@ -140,7 +146,8 @@ def _serve(jobs: queue.SimpleQueue) -> None:
         call, done = job
         try:
             done.set_result(call())
-        except BaseException as exc:  # handed to the waiting caller, who decides
+        except BaseException as exc:
+            # handed to the waiting caller, who decides
             done.set_exception(exc)
 
 
@@ -191,16 +198,20 @@ class RemoteTeacher:
             raise ValueError("RemoteTeacher needs at least one url")
         self._replicas = [httpx.Client(base_url=u.rstrip("/"), headers=headers, timeout=timeout_s) for u in urls]
         self._next_replica = 0
-        self._down: set[str] = set()  # replicas whose last answer was a refusal: logged once, not on every call
+        # replicas whose last answer was a refusal: logged once, not on every call
+        self._down: set[str] = set()
         self._courier = _Courier()
-        self._started_with: TeacherInfo | None = None  # the teacher every answer must come from
+        # the teacher every answer must come from
+        self._started_with: TeacherInfo | None = None
         self.url, self.name, self.temperature = ", ".join(urls), name, temperature
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.timeout_s, self.give_up_after_s, self.max_backoff_s = timeout_s, give_up_after_s, max_backoff_s
         self.affinity = affinity
-        self.wants_keys_first, self.keys_first = keys_first, False  # used once info() has seen the service offer it
+        # used once info() has seen the service offer it
+        self.wants_keys_first, self.keys_first = keys_first, False
         self.rows_requested = 0
-        self.rows_uploaded = 0  # rows sent whole: all of them, but the cached ones where keys first is used
+        # rows sent whole: all of them, but the cached ones where keys first is used
+        self.rows_uploaded = 0
         self.cache_hits = 0
 
     def info(self) -> TeacherInfo:
@@ -229,7 +240,8 @@ class RemoteTeacher:
         """The teacher this client asks for, and the features offered, from a /teachers answer."""
         try:
             listing = TeachersResponse.model_validate_json(response.content)
-        except ValueError as exc:  # pydantic's ValidationError, for bad JSON too
+        except ValueError as exc:
+            # pydantic's ValidationError, for bad JSON too
             raise BadAnswer(f"a teacher list that does not parse: {one_line(exc)}") from None
         teachers = listing.teachers
         if self.name is None and len(teachers) == 1:
@@ -256,7 +268,8 @@ class RemoteTeacher:
         if self.name:
             params["teacher"] = self.name
         headers = {}
-        if self.affinity and mode is not CacheMode.bypass:  # rows worth caching: one replica behind a balancer
+        # rows worth caching: one replica behind a balancer
+        if self.affinity and mode is not CacheMode.bypass:
             headers[protocol.HEADER_AFFINITY] = self.name or "default"
         probs = None
         if self.keys_first and mode is CacheMode.use:
@@ -361,7 +374,8 @@ class RemoteTeacher:
             response = self._courier.run(lambda: replica.request(method, path, **kwargs), self.timeout_s)
         except _Overdue:
             raise _Refused(f"no complete answer within teacher.timeout_s = {self.timeout_s:g}s") from None
-        except httpx.TransportError as exc:  # refused, reset, timed out: the service may be restarting
+        except httpx.TransportError as exc:
+            # refused, reset, timed out: the service may be restarting
             raise _Refused(f"{type(exc).__name__}: {one_line(exc)}") from None
         except httpx.DecodingError as exc:
             raise BadAnswer(f"a body that does not decode as its Content-Encoding says: {one_line(exc)}") from None
@@ -430,7 +444,8 @@ class LocalTeacher:
         self.temperature = self._teacher.default_temperature if temperature is None else temperature
         self.rows_requested = 0
         self.cache_hits = 0
-        self.rows_uploaded = 0  # nothing leaves the process
+        # nothing leaves the process
+        self.rows_uploaded = 0
 
     def info(self) -> TeacherInfo:
         return self._info

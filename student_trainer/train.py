@@ -91,7 +91,8 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
 class RunState:
     """What `last.pt` carries beyond the weights, to resume exactly."""
 
-    epoch: int = 0  # epochs completed
+    # epochs completed
+    epoch: int = 0
     best_val_robust: float = -1.0
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
@@ -105,7 +106,8 @@ class Trainer:
         self.device = self.world.device(resolve_device(cfg.device))
         self.world.start(self.device)
         if not self.world.is_main:
-            logging.getLogger("akd").setLevel(logging.WARNING)  # one rank reports progress
+            # one rank reports progress
+            logging.getLogger("akd").setLevel(logging.WARNING)
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
         self.model = build_model(
@@ -203,7 +205,8 @@ class Trainer:
             save_checkpoint(self.out / "best.pt", self._checkpoint(metrics, resumable=False))
         if self.dynamics is not None:
             self.dynamics.save(self.out / "dynamics.npz")
-        save_checkpoint(self.out / "last.pt", self._checkpoint(metrics, resumable=True))  # last: it commits the epoch
+        # last: it commits the epoch
+        save_checkpoint(self.out / "last.pt", self._checkpoint(metrics, resumable=True))
 
     def resume(self) -> None:
         if not (self.out / "last.pt").exists():
@@ -260,11 +263,13 @@ class Trainer:
         started = time.perf_counter()
         before = self._teacher_counts()
         totals = {"loss": 0.0, "clean": 0, "adv": 0, "perturbation": 0.0, "n": 0}
-        records = []  # (indices, clean correct, adversarial correct) per batch, for the training dynamics
+        # (indices, clean correct, adversarial correct) per batch, for the training dynamics
+        records = []
         self.model.train()
         batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
         for step_in_epoch, (indices, xb, yb) in enumerate(batches):
-            mine = self.world.rows(len(yb))  # this rank's share of the global batch (all of it on one process)
+            # this rank's share of the global batch (all of it on one process)
+            mine = self.world.rows(len(yb))
             indices, x, y = indices[mine], to_unit_float(xb[mine]).to(self.device), yb[mine].to(self.device)
             attack = self.attack.scaled(self.radius_fraction(epoch, step_in_epoch))
             result = self.step(x, y, epoch, attack, rows=(mine, len(yb)))
@@ -318,7 +323,8 @@ class Trainer:
         if rows is not None and self.world.distributed:
             mine, total = rows
             generator = RowShard(self.attack_gen, mine.start, mine.stop, total)
-            weight = len(y) * self.world.size / total  # DDP averages over ranks: this makes it the batch's mean
+            # DDP averages over ranks: this makes it the batch's mean
+            weight = len(y) * self.world.size / total
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
             result = self.method(Step(self.trained, x, y, attack, self.cfg, self.teacher, epoch, generator))
         self.optimizer.zero_grad(set_to_none=True)
@@ -423,7 +429,8 @@ class Trainer:
     def close(self) -> None:
         if self.teacher is not None:
             self.teacher.close()
-        self.world.barrier()  # rank 0 may still be writing the last epoch's files
+        # rank 0 may still be writing the last epoch's files
+        self.world.barrier()
         self.world.stop()
 
 

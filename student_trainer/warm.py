@@ -28,8 +28,10 @@ log = logging.getLogger("akd.warm")
 
 @dataclass
 class Warmed:
-    rows: int  # views sent
-    uploaded: int  # of which the service had not cached yet
+    # views sent
+    rows: int
+    # of which the service had not cached yet
+    uploaded: int
     seconds: float
 
     @property
@@ -46,7 +48,8 @@ def warm(cfg: TrainConfig, batch_rows: int = 512, log_every_s: float = 30.0) -> 
             f'akd warm stores clean rows: teacher.cache.clean must be "use", not "{cfg.teacher.cache.clean.value}"'
         )
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
-    teacher = make_teacher(cfg, data, torch.device("cpu"))  # the run's own client, checked against its dataset
+    # the run's own client, checked against its dataset
+    teacher = make_teacher(cfg, data, torch.device("cpu"))
     try:
         views = AUGMENTED_VIEWS if data.augment else 1
         total = len(data.train) * views
@@ -55,7 +58,8 @@ def warm(cfg: TrainConfig, batch_rows: int = 512, log_every_s: float = 30.0) -> 
         done = 0
         with tqdm(total=total, unit="row", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
             for x in _views(data.train.x, data.augment, batch_rows):
-                teacher(x.float() / 255.0)  # clean inputs, as the trainer sends them: cache=use, by key first
+                # clean inputs, as the trainer sends them: cache=use, by key first
+                teacher(x.float() / 255.0)
                 done += len(x)
                 bar.update(len(x))
                 if bar.disable and time.monotonic() - last_line >= log_every_s:

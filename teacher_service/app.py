@@ -52,7 +52,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         warn_if_untested()
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:
-            with serial_cpu_ops():  # the event loop's own tensor work (openmp.py); its thread as it was, after
+            # the event loop's own tensor work (openmp.py); its thread as it was, after
+            with serial_cpu_ops():
                 yield
         finally:
             if flusher:
@@ -81,7 +82,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     # every trainer's request: its route as declared above, served past FastAPI's per-request layers (framework.py)
     app.serve_directly(router, soft_targets)
     _add_docs_routes(app)
-    install_spec(app, config)  # the spec /docs and /openapi.json serve: the routes' as this config has them
+    # the spec /docs and /openapi.json serve: the routes' as this config has them
+    install_spec(app, config)
     return app
 
 

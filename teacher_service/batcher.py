@@ -59,10 +59,12 @@ class Batcher:
         self.coalesce = coalesce
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._arriving = 0  # requests being received or decoded, not yet submitted
+        # requests being received or decoded, not yet submitted
+        self._arriving = 0
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()  # batches on their devices
+        # batches on their devices
+        self._running: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
@@ -71,7 +73,8 @@ class Batcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*self._running, return_exceptions=True)  # let running batches end on their devices
+        # let running batches end on their devices
+        await asyncio.gather(*self._running, return_exceptions=True)
         for pending in self._queue:
             pending.future.cancel()
 
@@ -98,7 +101,8 @@ class Batcher:
         self._metrics.queue_rows(self.name, self._queued_rows)
         self._arrived.set()
         if len(pending) == 1:
-            return pending[0].future  # most requests: one slice, nothing to join
+            # most requests: one slice, nothing to join
+            return pending[0].future
         return _joined(asyncio.gather(*(p.future for p in pending)))
 
     async def _loop(self) -> None:
@@ -106,7 +110,8 @@ class Batcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            worker = await self._devices.acquire()  # rows first, then a device: an idle device is never held waiting
+            # rows first, then a device: an idle device is never held waiting
+            worker = await self._devices.acquire()
             try:
                 batch = await self._form_batch()
             except BaseException:
@@ -132,7 +137,8 @@ class Batcher:
                     break
                 continue
             if rows + len(self._queue[0].rows) > self.max_batch_rows:
-                break  # stays first in line for the next batch
+                # stays first in line for the next batch
+                break
             nxt = self._queue.popleft()
             batch.append(nxt)
             rows += len(nxt.rows)
@@ -148,14 +154,16 @@ class Batcher:
 
     async def _run_on(self, batch: list[_Pending], worker: DeviceWorker) -> None:
         started = time.perf_counter()
-        live = [p for p in batch if not p.future.done()]  # a client that went away cancels its future
+        # a client that went away cancels its future
+        live = [p for p in batch if not p.future.done()]
         if not live:
             return
         for p in live:
             self._metrics.queue_wait(self.name, started - p.enqueued)
         try:
             results = await worker.run(self.name, [p.rows for p in live])
-        except Exception as exc:  # a failing batch fails its requests, never the loop
+        except Exception as exc:
+            # a failing batch fails its requests, never the loop
             for p in live:
                 if not p.future.done():
                     p.future.set_exception(exc)

@@ -61,7 +61,8 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
                     raise too_large(f"more than {limit} bytes")
                 held.add(len(chunk))
                 chunks.append(chunk)
-                if prefix is not None:  # the header's bytes, until it is complete
+                # the header's bytes, until it is complete
+                if prefix is not None:
                     prefix += chunk
                     prefix = prefix if check_header(prefix) else None
         except ClientDisconnect:
@@ -69,9 +70,8 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
         return b"".join(chunks)
 
     try:
-        async with asyncio.timeout(
-            server.timeouts.body_s
-        ):  # one deadline for the whole body, in this task (no new one)
+        # one deadline for the whole body, in this task (no new one)
+        async with asyncio.timeout(server.timeouts.body_s):
             return await read()
     except TimeoutError:
         raise ServiceError(
@@ -84,9 +84,8 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
         ) from None
 
 
-HEADER_PEEK_BYTES = (
-    1 << 20
-)  # a header declaring a few tensors takes a few hundred bytes; this bounds the copy kept while it arrives
+# a header declaring a few tensors takes a few hundred bytes; this bounds the copy kept while it arrives
+HEADER_PEEK_BYTES = 1 << 20
 
 
 def header_check(input_shape: tuple[int, int, int], max_rows: int) -> Callable[[bytes], bool]:
@@ -137,7 +136,8 @@ def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMod
     (cache=bypass, a service without a cache) needs none."""
     with _refused():
         x = codec.validate_inputs(codec.decode(body), input_shape)
-    return Rows(x, row_keys(x) if keyed else None, cache)  # scaled to [0, 1] on the inference thread
+    # scaled to [0, 1] on the inference thread
+    return Rows(x, row_keys(x) if keyed else None, cache)
 
 
 def prepare_keys(body: bytes) -> list[bytes]:

@@ -50,4 +50,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": (add_arguments, run)}  # for `akd serve` (akd/cli.py)
+# for `akd serve` (akd/cli.py)
+COMMANDS = {"serve": (add_arguments, run)}

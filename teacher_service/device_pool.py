@@ -64,7 +64,8 @@ class DevicePool:
         self._idle: asyncio.Queue[DeviceWorker] | None = None
 
     async def acquire(self) -> DeviceWorker:
-        if self._idle is None:  # made on the event loop that uses it
+        # made on the event loop that uses it
+        if self._idle is None:
             self._idle = asyncio.Queue()
             for worker in self.workers:
                 self._idle.put_nowait(worker)

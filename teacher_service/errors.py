@@ -61,14 +61,17 @@ def error_response(request: Request, exc: Exception) -> Response:
     """
     service = request.app.state.service
     if isinstance(exc, ClientGone):
-        service.metrics.request(service.label(request), 499)  # nginx's "client closed request": not a server error
+        # nginx's "client closed request": not a server error
+        service.metrics.request(service.label(request), 499)
         log.info("%s %s: %s", request.method, request.url.path, exc)
-        return Response(status_code=499)  # nobody reads it; uvicorn drops it
+        # nobody reads it; uvicorn drops it
+        return Response(status_code=499)
     if isinstance(exc, ServiceError):
         status, detail, headers = exc.status, exc.detail, exc.headers
     elif isinstance(exc, RequestValidationError):
         status, detail, headers = 400, _bad_parameter(exc), None
-    elif isinstance(exc, HTTPException):  # the router's own: no such path (404), not this method (405, with Allow)
+    elif isinstance(exc, HTTPException):
+        # the router's own: no such path (404), not this method (405, with Allow)
         status, detail, headers = exc.status_code, _routing_refusal(request, exc), exc.headers
     else:
         log.exception("request failed: %s", exc, exc_info=exc)

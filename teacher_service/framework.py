@@ -101,7 +101,8 @@ class TeacherApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         direct = self.direct_route
         if direct is not None and direct.serves(scope):
-            scope["app"] = self  # what Starlette sets, and what request.app reads
+            # what Starlette sets, and what request.app reads
+            scope["app"] = self
             await direct(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
@@ -122,10 +123,14 @@ class DirectRoute:
     path: str
     method: str
     endpoint: Callable[..., Awaitable[Response]]
-    checks: tuple[Dependency, ...]  # the route's `dependencies` (the router's): awaited in order, values unused
-    dependencies: tuple[tuple[str, Dependency], ...]  # the endpoint's `Depends` parameters, by name
-    query: tuple[str, type[BaseModel]] | None  # the endpoint's query model parameter
-    request: str | None  # the endpoint's `Request` parameter
+    # the route's `dependencies` (the router's): awaited in order, values unused
+    checks: tuple[Dependency, ...]
+    # the endpoint's `Depends` parameters, by name
+    dependencies: tuple[tuple[str, Dependency], ...]
+    # the endpoint's query model parameter
+    query: tuple[str, type[BaseModel]] | None
+    # the endpoint's `Request` parameter
+    request: str | None
 
     @classmethod
     def of(cls, app: FastAPI, router: APIRouter, endpoint: Callable[..., Awaitable[Response]]) -> DirectRoute:
@@ -244,20 +249,24 @@ class ConnectionGuards(Protocol):
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the head deadline, head size bound and connection limit of `guards`."""
 
-    guards: ClassVar[ConnectionGuards]  # set on the subclass server.guarded_protocol makes for one server
+    # set on the subclass server.guarded_protocol makes for one server
+    guards: ClassVar[ConnectionGuards]
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = 0  # bytes of the current request head, counted by the parser's callbacks
+        # bytes of the current request head, counted by the parser's callbacks
+        self._head_bytes = 0
         self._head_too_large = False
         if len(self.connections) > self.guards.max_connections:
-            self.app = self.guards.over_limit  # counted once, when it opens: it stays refused for its one request
+            # counted once, when it opens: it stays refused for its one request
+            self.app = self.guards.over_limit
         self._wait_for_head()
 
     def _wait_for_head(self) -> None:
         self._stop_waiting()
-        self._waiting_cycle = self.cycle  # a complete head makes a new self.cycle
+        # a complete head makes a new self.cycle
+        self._waiting_cycle = self.cycle
         self._head_started = False
         self._head_timer = self.loop.call_later(self.guards.timeout_header_s, self._head_timed_out)
 
@@ -270,7 +279,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self._head_started:  # part of a request came; an idle connection is just closed, like keep-alive's
+        # part of a request came; an idle connection is just closed, like keep-alive's
+        if self._head_started:
             self.transport.write(self.guards.head_timeout_response)
         self.transport.close()
 
@@ -278,12 +288,14 @@ class GuardedProtocol(HttpToolsProtocol):
         waiting = self._head_timer is not None
         super().data_received(data)
         if waiting and self.cycle is not self._waiting_cycle:
-            self._stop_waiting()  # the head is in: the app, and its body deadline, take over
+            # the head is in: the app, and its body deadline, take over
+            self._stop_waiting()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
-            self._wait_for_head()  # nothing pipelined behind it: the next head is on the clock
+            # nothing pipelined behind it: the next head is on the clock
+            self._wait_for_head()
 
     def connection_lost(self, exc) -> None:
         self._stop_waiting()

@@ -34,7 +34,8 @@ from teacher_service.metrics import Metrics
 from teacher_service.registry import Member, Teacher
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MEAN_LABEL = "weighted_mean"  # akd_nonfinite_rows_total's `member` for rows whose members' weighted mean overflowed
+# akd_nonfinite_rows_total's `member` for rows whose members' weighted mean overflowed
+MEAN_LABEL = "weighted_mean"
 
 log = logging.getLogger("akd.service")
 
@@ -43,8 +44,10 @@ log = logging.getLogger("akd.service")
 class Rows:
     """A request's rows (or a slice of them) waiting for a batch."""
 
-    inputs: torch.Tensor  # (n, C, H, W) as sent (uint8 0..255, or float in [0, 1]), on the CPU
-    keys: list[bytes] | None  # None only for rows no cache reads or stores: cache=bypass, or a service without one
+    # (n, C, H, W) as sent (uint8 0..255, or float in [0, 1]), on the CPU
+    inputs: torch.Tensor
+    # None only for rows no cache reads or stores: cache=bypass, or a service without one
+    keys: list[bytes] | None
     cache: CacheMode
 
     def __len__(self) -> int:
@@ -61,7 +64,8 @@ class RowsResult:
 
     def __init__(self, member_logits: torch.Tensor, cache_hits: int, refusal: ServiceError | None = None):
         self._member_logits = member_logits
-        self.cache_hits = cache_hits  # rows for which every member came from the cache
+        # rows for which every member came from the cache
+        self.cache_hits = cache_hits
         self.refusal = refusal
 
     @property
@@ -76,12 +80,18 @@ class BatchWork:
     """A formed batch between its three steps."""
 
     batch: list[Rows]
-    keys: list[bytes | None]  # None for rows without keys (Rows.keys), which no cache reads or stores
-    readable: np.ndarray  # rows that may be answered from the cache (mode use)
-    writable: np.ndarray  # rows the cache may store (mode use or refresh)
-    out: torch.Tensor | None = None  # (M, n, K): hits after lookup, every row after compute
-    all_hit: np.ndarray | None = None  # rows for which every member came from the cache
-    misses: list[np.ndarray] = field(default_factory=list)  # per member, the row positions it computes
+    # None for rows without keys (Rows.keys), which no cache reads or stores
+    keys: list[bytes | None]
+    # rows that may be answered from the cache (mode use)
+    readable: np.ndarray
+    # rows the cache may store (mode use or refresh)
+    writable: np.ndarray
+    # (M, n, K): hits after lookup, every row after compute
+    out: torch.Tensor | None = None
+    # rows for which every member came from the cache
+    all_hit: np.ndarray | None = None
+    # per member, the row positions it computes
+    misses: list[np.ndarray] = field(default_factory=list)
 
 
 class TeacherRunner:
@@ -147,7 +157,8 @@ class TeacherRunner:
         out = torch.empty(len(self.caches), int(found.sum()), self.teacher.config.num_classes)
         for m, (at, logits) in enumerate(held):
             if found.any():
-                out[m] = torch.from_numpy(logits[found[at]])  # this member's rows, of those every member holds
+                # this member's rows, of those every member holds
+                out[m] = torch.from_numpy(logits[found[at]])
         bad_member, bad_mean = unanswerable(out, self.teacher.weights)
         answerable = ~(bad_member.any(dim=0) | bad_mean)
         if not answerable.all():
@@ -168,7 +179,8 @@ class TeacherRunner:
             return work
         x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
         for m, (member, miss) in enumerate(zip(self.teacher.members, work.misses)):
-            if len(miss) == len(x):  # every row (cache=bypass, a cold cache): no gather, no scatter
+            # every row (cache=bypass, a cold cache): no gather, no scatter
+            if len(miss) == len(x):
                 work.out[m] = self.forward(member, x)
             elif len(miss):
                 work.out[m][torch.from_numpy(miss)] = self.forward(member, x[torch.from_numpy(miss)])
@@ -268,7 +280,8 @@ class TeacherRunner:
             faults.append(("the members' weighted mean", int(bad_mean.sum()), non_finite_kinds(mean)))
         if not faults:
             return None
-        return ServiceError(  # these rows may be one slice of a larger request: the message counts in the slice
+        # these rows may be one slice of a larger request: the message counts in the slice
+        return ServiceError(
             500,
             NON_FINITE_OUTPUT,
             f"teacher {self.teacher.name!r} cannot answer this request: of its {_rows(len(bad_mean))} in one batch, "

@@ -31,7 +31,8 @@ from threadpoolctl import threadpool_limits
 def serial_cpu_ops() -> threadpool_limits:
     """Run this thread's parallel CPU ops on it alone, without a team: from now on, or until the `with` block that
     this is used as ends (the returned limiter restores the thread's setting)."""
-    torch.get_num_threads()  # torch sets a thread's OpenMP threads at its first parallel op: have that done first
+    # torch sets a thread's OpenMP threads at its first parallel op: have that done first
+    torch.get_num_threads()
     return threadpool_limits(limits=1, user_api="openmp")
 
 

@@ -29,7 +29,8 @@ log = logging.getLogger("akd.registry")
 @dataclass
 class Member:
     version: str
-    source: str  # "checkpoint" | "export" | "robustbench"
+    # "checkpoint" | "export" | "robustbench"
+    source: str
     path: Path
     model: nn.Module
     arch: str | None = None
@@ -41,7 +42,8 @@ class Teacher:
     name: str
     config: TeacherConfig
     members: list[Member]
-    weights: torch.Tensor  # beta, normalised to sum 1
+    # beta, normalised to sum 1
+    weights: torch.Tensor
 
     @property
     def versions(self) -> list[str]:
@@ -112,7 +114,8 @@ def _load_member(
         member = _read_member(where, path, mconf, tconf, version)
         member.model = _prepare(member.model, device)
         loaded[version] = member
-    _check_output(where, loaded[version], tconf, device)  # a shared member must fit every teacher using it
+    # a shared member must fit every teacher using it
+    _check_output(where, loaded[version], tconf, device)
     return loaded[version]
 
 
@@ -122,7 +125,8 @@ def _read_member(where: str, path: Path, mconf: MemberConfig, tconf: TeacherConf
     if path.suffix == ".pt2":
         try:
             return Member(version, "export", path, load_export(path))
-        except ValueError as exc:  # UnsafeFile included
+        except ValueError as exc:
+            # UnsafeFile included
             raise ConfigError(f"{where}: {exc}") from exc
     try:
         ckpt = load_checkpoint(path)
@@ -135,14 +139,16 @@ def _read_member(where: str, path: Path, mconf: MemberConfig, tconf: TeacherConf
         )
     try:
         model = ckpt.build()
-    except (ValueError, RuntimeError) as exc:  # unknown architecture, weights that do not fit it
+    except (ValueError, RuntimeError) as exc:
+        # unknown architecture, weights that do not fit it
         raise ConfigError(f"{where}: cannot build checkpoint {path}: {exc}") from exc
     return Member(version, "checkpoint", path, model, arch=ckpt.arch, metadata=ckpt.metadata)
 
 
 def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device)
-    if not isinstance(model, torch.fx.GraphModule):  # exported programs refuse .eval(): export them in eval mode
+    # exported programs refuse .eval(): export them in eval mode
+    if not isinstance(model, torch.fx.GraphModule):
         model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -179,7 +185,8 @@ def _load_robustbench(where: str, mconf: MemberConfig) -> nn.Module:
             f"{where}: robustbench = {mconf.robustbench!r} needs the `robustbench` package installed"
         ) from None
     path = _robustbench_file(mconf)
-    with weights_only_unpickling():  # robustbench calls torch.load itself; this makes that load weights-only
+    # robustbench calls torch.load itself; this makes that load weights-only
+    with weights_only_unpickling():
         try:
             return load_model(
                 model_name=mconf.robustbench,

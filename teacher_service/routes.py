@@ -120,7 +120,8 @@ _RESPONSES = {
 
 
 router = APIRouter(dependencies=[Depends(require_token)])
-open_router = APIRouter()  # /healthz: what a load balancer or compose probes, without the token
+# /healthz: what a load balancer or compose probes, without the token
+open_router = APIRouter()
 
 
 @router.post(
@@ -143,14 +144,18 @@ async def soft_targets(
     cache = query.cache
     batcher = service.batchers[t.name]
     with service.inflight.hold() as held:
-        async with batcher.arrival():  # a batch forming meanwhile may wait for these rows
+        # a batch forming meanwhile may wait for these rows
+        async with batcher.arrival():
             body = await read_body(request, server, held, header_check(t.config.input_shape, server.limits.queue_rows))
-            keyed = service.cache is not None and cache is not CacheMode.bypass  # rows a cache reads or stores
+            # rows a cache reads or stores
+            keyed = service.cache is not None and cache is not CacheMode.bypass
             rows = await off_loop_if_large(
                 service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
             )
-            del body  # the decoded rows are what stays
-            check_rows(len(rows), server.limits.queue_rows)  # the header said so; this holds whatever it said
+            # the decoded rows are what stays
+            del body
+            # the header said so; this holds whatever it said
+            check_rows(len(rows), server.limits.queue_rows)
             try:
                 queued = batcher.enqueue(rows)
             except QueueFull as exc:

@@ -87,8 +87,10 @@ class Service:
     cache: LogitCache | None
     metrics: Metrics
     devices: DevicePool
-    cache_executor: ThreadPoolExecutor  # the one thread that touches the cache's state
-    coding_executor: ThreadPoolExecutor  # large request bodies decoded and answers encoded, off the event loop
+    # the one thread that touches the cache's state
+    cache_executor: ThreadPoolExecutor
+    # large request bodies decoded and answers encoded, off the event loop
+    coding_executor: ThreadPoolExecutor
     device: str
     inflight: InflightBytes
     batchers: dict[str, Batcher] | None = None
@@ -101,7 +103,8 @@ class Service:
 
     async def cached(self, name: str, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
         """Keys first: what the cache holds for these rows (teacher `name`), read on the cache's one thread."""
-        runner = self.devices.workers[0].runners[name]  # every device's runner reads the same cache
+        # every device's runner reads the same cache
+        runner = self.devices.workers[0].runners[name]
         return await asyncio.get_running_loop().run_in_executor(self.cache_executor, runner.cached, keys)
 
     @property

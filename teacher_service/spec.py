@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from shared.protocol import HEALTH_PATH
 from teacher_service.config import ServiceConfig
 
-BEARER = "bearerToken"  # the security scheme's name in components.securitySchemes
+# the security scheme's name in components.securitySchemes
+BEARER = "bearerToken"
 _ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
 

@@ -51,7 +51,8 @@ def copy_checkout(dst: Path) -> Path:
     )
     for name in filter(None, listed):
         source = REPO / name
-        if source.is_file():  # a tracked file deleted in the working tree is not part of the copy
+        # a tracked file deleted in the working tree is not part of the copy
+        if source.is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dst / name)
     return dst

@@ -53,7 +53,8 @@ def test_kept_memory_serves_a_repeated_large_allocation_without_faulting_it_in_a
     assert applied == "True"
     system = run_python(FAULTS, AKD_MALLOC="system")
     applied, system_faults = system.stdout.split()
-    assert applied == "False" and int(system_faults) > 400_000, system.stdout  # past 32 MiB, mapped afresh each step
+    # past 32 MiB, mapped afresh each step
+    assert applied == "False" and int(system_faults) > 400_000, system.stdout
     # Kept: usually none at all; the heap's layout can still make it grow by a block now and then (once, 31,251
     # pages in 4 steps, seen in CI), never by every block every step as the defaults do.
     assert int(kept_faults) < int(system_faults) // 4, (kept.stdout, system.stdout)

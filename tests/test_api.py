@@ -90,7 +90,8 @@ def test_openapi_describes_the_binary_format(server):
         "query parameter" in op["responses"]["400"]["description"]
         and "`inputs`" in op["responses"]["422"]["description"]
     )
-    assert "HTTPValidationError" not in str(spec)  # FastAPI's default 422 for parameters is not what the service sends
+    # FastAPI's default 422 for parameters is not what the service sends
+    assert "HTTPValidationError" not in str(spec)
     r = httpx.post(
         f"{server}/soft-targets", params={"teacher": "solo", "temperature": "-1"}, content=b"", timeout=HANG_S
     )

@@ -44,7 +44,8 @@ def modules(package: str) -> list[Path]:
 def _from_module(node: ast.ImportFrom, package: str) -> str:
     """The module a `from ... import` reads from, relative imports resolved against `package` (the file's folder)."""
     base = node.module or ""
-    if node.level:  # relative: the package `level - 1` folders up, then the module named
+    # relative: the package `level - 1` folders up, then the module named
+    if node.level:
         parts = package.split(".")
         base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
     return base
@@ -123,7 +124,8 @@ def test_every_main_module_is_akd_with_its_package_commands():
     for path in mains:
         body = ast.parse(path.read_text()).body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            body = body[1:]  # the docstring
+            # the docstring
+            body = body[1:]
         assert len(body) == 3 and tuple(ast.dump(node) for node in body[:2]) == MAIN_SHAPE, path
         call = body[2].value if isinstance(body[2], ast.Expr) else None
         assert isinstance(call, ast.Call) and ast.unparse(call.func) == "sys.exit" and len(call.args) == 1, path
@@ -133,7 +135,8 @@ def test_every_main_module_is_akd_with_its_package_commands():
 # One idea a module: past these, a module holds more than one (the cache's modules are one concern each).
 MODULE_LINES = 600
 CACHE_MODULE_LINES = 400
-LIGHT_CACHE_MODULES = {  # importing these loads no store: what the config and the registry may import of the cache
+# importing these loads no store: what the config and the registry may import of the cache
+LIGHT_CACHE_MODULES = {
     "teacher_service.cache.settings",
     "teacher_service.cache.row_formats",
     "teacher_service.cache.location",
@@ -249,6 +252,8 @@ def test_the_cycle_check_sees_type_checking_imports_and_submodules():
     """The scan must count what a cycle is usually made of: an import kept for type hints, and a module imported from
     its package by name."""
     graph = module_graph()
-    assert "student_trainer.config" in graph["student_trainer.losses"]  # under `if TYPE_CHECKING:`
-    assert "bench.sharing" in graph["bench.peer"]  # `from bench import sharing`
+    # under `if TYPE_CHECKING:`
+    assert "student_trainer.config" in graph["student_trainer.losses"]
+    # `from bench import sharing`
+    assert "bench.sharing" in graph["bench.peer"]
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}

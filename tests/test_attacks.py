@@ -58,9 +58,11 @@ def test_stays_in_ball_and_box(norm, start):
     x_adv = attack.perturb(linear_model(), x, ce_loss(y), torch.Generator().manual_seed(1))
     assert_feasible(x_adv, x, norm)
     assert not x_adv.requires_grad
-    assert float(delta_norms(x_adv, x, norm).max()) > EPS[norm] / 2  # the attack did move
+    # the attack did move
+    assert float(delta_norms(x_adv, x, norm).max()) > EPS[norm] / 2
     clamped = ((x_adv == 0) | (x_adv == 1)).float().mean()
-    assert clamped > 0.1  # the box was active
+    # the box was active
+    assert clamped > 0.1
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -73,7 +75,8 @@ def test_random_start_is_feasible(norm):
 
 
 def test_l2_random_start_radius_is_spread_over_the_ball():
-    x = torch.full((64, *SHAPE), 0.5)  # far from the box, so the radius is not clamped
+    # far from the box, so the radius is not clamped
+    x = torch.full((64, *SHAPE), 0.5)
     radii = (L2Step(0.2, 0.01).random_start(x, torch.Generator().manual_seed(0)) - x).flatten(1).norm(dim=1)
     assert float(radii.max()) <= 0.2 + 1e-6
     assert float(radii.min()) < 0.05 and float(radii.max()) > 0.15
@@ -90,7 +93,8 @@ def test_step_geometry():
     torch.testing.assert_close(LinfStep(0.2, 0).project(far, orig).flatten(1), torch.tensor([[0.7, 0.5], [0.5, 0.3]]))
     torch.testing.assert_close(L2Step(0.3, 0).project(far, orig).flatten(1), torch.tensor([[0.8, 0.5], [0.5, 0.2]]))
     near = torch.tensor([[0.55, 0.45], [0.5, 0.5]]).view(2, 1, 1, 2)
-    assert torch.equal(L2Step(0.3, 0).project(near, orig), near)  # inside the ball: untouched
+    # inside the ball: untouched
+    assert torch.equal(L2Step(0.3, 0).project(near, orig), near)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -107,7 +111,8 @@ def test_attack_raises_the_loss(norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_same_seed_same_examples(norm):
     model, (x, y) = linear_model(), batch()
-    attack = pgd(norm, step_size=EPS[norm] / 10, steps=2)  # small steps: the start still shows in the result
+    # small steps: the start still shows in the result
+    attack = pgd(norm, step_size=EPS[norm] / 10, steps=2)
     runs = [attack.perturb(model, x, ce_loss(y), torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
@@ -124,13 +129,15 @@ def test_without_random_start_no_generator_is_needed():
 def test_model_mode_restored_and_no_parameter_grads(training, eval_mode):
     model, (x, y) = bn_model(), batch()
     model.train(training)
-    model[1].eval()  # a submodule deliberately frozen: must stay so
+    # a submodule deliberately frozen: must stay so
+    model[1].eval()
     seen = []
     model[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
     pgd("linf", eval_mode=eval_mode).perturb(model, x, ce_loss(y), torch.Generator().manual_seed(0))
     assert model.training is training
     assert model[0].training is training and model[1].training is False
-    assert seen and not any(seen)  # BatchNorm saw eval mode throughout
+    # BatchNorm saw eval mode throughout
+    assert seen and not any(seen)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -169,7 +176,8 @@ def test_zero_steps_returns_x_unchanged(norm):
     state = g.get_state()
     x_adv = pgd(norm, steps=0).perturb(model, x, ce_loss(y), g)
     assert torch.equal(x_adv, x)
-    assert torch.equal(g.get_state(), state)  # no random start drawn either
+    # no random start drawn either
+    assert torch.equal(g.get_state(), state)
 
 
 def test_gradient_flows_from_the_summed_per_sample_loss():
@@ -210,5 +218,6 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ValueError):
         PGD(eps=-0.1, step_size=0.01, steps=1)
     with pytest.raises(TypeError):
-        PGD("linf", 0.1, 0.01, 1)  # keyword-only
+        # keyword-only
+        PGD("linf", 0.1, 0.01, 1)
     assert replace(pgd("l2"), start="normal").norm == "l2"

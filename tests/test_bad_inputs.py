@@ -277,7 +277,8 @@ def test_unknown_cache_mode_is_400(client):
 
 
 def test_body_over_the_limit_with_content_length_is_413(client):
-    body = encode_inputs(torch.zeros(256, 1, 28, 28, dtype=torch.uint8))  # a valid body, just too big
+    # a valid body, just too big
+    body = encode_inputs(torch.zeros(256, 1, 28, 28, dtype=torch.uint8))
     assert len(body) > MAX_BODY
     r = client.post(SOFT_TARGETS, params=MNIST, content=body)
     assert r.request.headers["content-length"] == str(len(body))
@@ -290,7 +291,8 @@ def test_streamed_body_over_the_limit_is_413(client):
     chunk = b"\0" * 50_000
 
     def stream():
-        for _ in range(6):  # 300 kB, never declared up front
+        # 300 kB, never declared up front
+        for _ in range(6):
             yield chunk
 
     r = client.post(SOFT_TARGETS, params=MNIST, content=stream())
@@ -366,7 +368,8 @@ def test_refused_from_the_header_before_the_body_arrives(client, tensors, status
     assert len(header) < 200 < len(body) <= MAX_BODY
     with raw_connect(str(client.base_url)) as sock:
         sock.sendall(raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + header)
-        got, headers, payload = raw_response(sock)  # without the rest of the body
+        # without the rest of the body
+        got, headers, payload = raw_response(sock)
     assert got == status, payload
     err = httpx.Response(got, headers=headers, content=payload).json()["error"]
     assert err["code"] == code and received in err["received"], err
@@ -440,7 +443,8 @@ def _bad_requests(client: httpx.Client) -> list[int]:
 
 
 def test_bad_requests_do_not_corrupt_the_cache(client):
-    x = random_inputs(4, seed=321)  # the same rows that _bad_requests mangles
+    # the same rows that _bad_requests mangles
+    x = random_inputs(4, seed=321)
     params = {**MNIST, "outputs": "probs,logits,member_logits"}
     first = client.post(SOFT_TARGETS, params=params, content=encode_inputs(x))
     assert first.status_code == 200, first.text
@@ -499,7 +503,8 @@ class _Records(logging.Handler):
 def test_client_hanging_up_mid_upload_is_a_499_not_a_500(client):
     """The client's doing: counted as 499, one log line and no traceback, and the server keeps serving."""
     records = _Records()
-    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's loggers do not propagate to the root
+    # uvicorn's loggers do not propagate to the root
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
     service_log = logging.getLogger("akd.service")
     level = service_log.level
     for lg in loggers:
@@ -587,7 +592,8 @@ def test_openapi_declares_the_bearer_token_and_healthz_stays_open(token_client):
             assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     (teacher,) = [p for p in operations[("/soft-targets", "post")]["parameters"] if p["name"] == "teacher"]
     assert teacher["required"] is False and teacher["schema"]["enum"] == ["mnist"]
-    assert "security" not in spec  # no global requirement that /healthz would inherit
+    # no global requirement that /healthz would inherit
+    assert "security" not in spec
     assert token_client.get("/healthz").status_code == 200
 
 
@@ -623,7 +629,8 @@ def test_docs_page_carries_the_spec_and_redoc_is_gone(token_client):
 def test_random_teacher_names_add_no_metric_series(token_client):
     """Labels take only served teacher names: 200 unknown names, with and without the token, add no series."""
     auth = {"Authorization": "Bearer s3cret"}
-    for headers in (None, auth):  # one of each refusal first, so the fixed label's series exist
+    # one of each refusal first, so the fixed label's series exist
+    for headers in (None, auth):
         token_client.post(SOFT_TARGETS, params={"teacher": "warm-up"}, content=_valid_body(), headers=headers)
     token_client.post(
         SOFT_TARGETS, params={"teacher": "warm-up", "temperature": "0"}, content=_valid_body(), headers=auth

@@ -122,7 +122,8 @@ def test_replicas_of_one_config_claim_their_own_cache_folders_and_a_restart_take
     with pytest.raises(RuntimeError, match="did not start|exited"):
         ServerProcess(tmp_path / "teachers.toml", third)
     assert "raise [server.cache] slots to at least the number of replicas" in third.read_text()
-    assert a.stop()  # a clean stop writes its buffered rows
+    # a clean stop writes its buffered rows
+    assert a.stop()
     restarted = ServerProcess(tmp_path / "teachers.toml", tmp_path / "restarted.log")
     try:
         assert "claimed" in (tmp_path / "restarted.log").read_text()
@@ -157,7 +158,8 @@ def test_adversarial_queries_are_spread_and_clean_ones_stay_on_one_replica_and_h
     assert client.info().name == "ens"
     x = random_inputs(4)
     for _ in range(6):
-        client(x, adversarial=True)  # no affinity header: round-robin
+        # no affinity header: round-robin
+        client(x, adversarial=True)
     assert rows_answered(a) > 0 and rows_answered(b) > 0
     assert rows_answered(a) + rows_answered(b) == 24
     before = (rows_answered(a), rows_answered(b))
@@ -165,18 +167,23 @@ def test_adversarial_queries_are_spread_and_clean_ones_stay_on_one_replica_and_h
     first = client(clean)
     hits_before = client.cache_hits
     for _ in range(4):
-        assert (client(clean) == first).all()  # cache hits: the stored rows, bit for bit (not recomputed)
+        # cache hits: the stored rows, bit for bit (not recomputed)
+        assert (client(clean) == first).all()
     grew = [after - was for after, was in zip((rows_answered(a), rows_answered(b)), before, strict=True)]
-    assert sorted(grew) == [0, 40], grew  # every clean query on one replica
-    assert client.cache_hits - hits_before == 4 * 8  # ... which keeps its rows and hits
+    # every clean query on one replica
+    assert sorted(grew) == [0, 40], grew
+    # ... which keeps its rows and hits
+    assert client.cache_hits - hits_before == 4 * 8
     spread = RemoteTeacher(balancer.url, "ens", 1.0, give_up_after_s=HANG_S, affinity=False)
     before = (rows_answered(a), rows_answered(b))
     other = random_inputs(8, seed=2)
     for _ in range(4):
         spread(other)
     grew = [after - was for after, was in zip((rows_answered(a), rows_answered(b)), before, strict=True)]
-    assert grew == [16, 16], grew  # affinity off: clean queries spread too ...
-    assert spread.cache_hits == 2 * 8  # ... and each replica computes the rows once: 2 misses of 4, not 1
+    # affinity off: clean queries spread too ...
+    assert grew == [16, 16], grew
+    # ... and each replica computes the rows once: 2 misses of 4, not 1
+    assert spread.cache_hits == 2 * 8
 
 
 @needs_nginx
@@ -195,7 +202,8 @@ def test_a_replica_killed_under_load_costs_no_request(replicas, balancer):
         teacher = RemoteTeacher(balancer.url, "ens", 1.0, timeout_s=HANG_S, give_up_after_s=HANG_S)
         try:
             for _ in range(15):
-                answers.append(teacher(x, adversarial=True))  # adversarial: cache=bypass, no affinity (spread)
+                # adversarial: cache=bypass, no affinity (spread)
+                answers.append(teacher(x, adversarial=True))
                 served.set()
         except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
             failures.append(exc)
@@ -217,7 +225,8 @@ def test_a_replica_killed_under_load_costs_no_request(replicas, balancer):
         # for bit (the kernels a CPU picks depend on batch size and instruction set)
         torch.testing.assert_close(answer, expected)
     assert rows_answered(b) > 0
-    with httpx.Client(base_url=balancer.url, timeout=HANG_S) as http:  # no retry of its own: nginx's doing alone
+    # no retry of its own: nginx's doing alone
+    with httpx.Client(base_url=balancer.url, timeout=HANG_S) as http:
         after = [
             http.post(
                 protocol.SOFT_TARGETS_PATH,
@@ -254,22 +263,26 @@ def test_the_client_sets_affinity_on_clean_queries_and_moves_a_502_on(replicas):
     try:
         bad = f"http://127.0.0.1:{gateway.server_address[1]}"
         client = RemoteTeacher([bad, replicas[0].base], "ens", 1.0, give_up_after_s=HANG_S)
-        client.info()  # as a run starts: the teacher it will hold every answer to
+        # as a run starts: the teacher it will hold every answer to
+        client.info()
         x = random_inputs(2)
         for adversarial in (False, True):
-            client._next_replica = 0  # the 502-answering one first
+            # the 502-answering one first
+            client._next_replica = 0
             assert client(x, adversarial=adversarial).shape == (2, 10)
     finally:
         gateway.shutdown()
         gateway.server_close()
-    assert GatewayWithoutReplicas.affinity == ["ens", None]  # clean rows to one replica; adversarial spread
+    # clean rows to one replica; adversarial spread
+    assert GatewayWithoutReplicas.affinity == ["ens", None]
 
 
 # ------------------------------------------------------------------ nginx's limits against the service's
 
 
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
-SERVICE = ServerConfig()  # the service's [server] defaults (teacher_service/config.py), what a replica runs with
+# the service's [server] defaults (teacher_service/config.py), what a replica runs with
+SERVICE = ServerConfig()
 
 
 def conf_block(text: str, opening: str) -> str:
@@ -306,9 +319,11 @@ def test_the_balancers_limits_equal_or_tighten_the_services():
     replica's own checks see every body (nginx streams them) before anyone holds it."""
     text = NGINX_CONF.read_text()
     server, upstream = directives(conf_block(text, "server")), directives(conf_block(text, "upstream teacher"))
-    assert server.get("proxy_request_buffering") == "off"  # bodies streamed: no temp file, the replica's limits apply
+    # bodies streamed: no temp file, the replica's limits apply
+    assert server.get("proxy_request_buffering") == "off"
     assert size_bytes(server["client_max_body_size"]) == SERVICE.limits.body_bytes
-    assert size_bytes(server["client_body_buffer_size"]) <= 1 << 20  # what nginx holds of a body, per connection
+    # what nginx holds of a body, per connection
+    assert size_bytes(server["client_body_buffer_size"]) <= 1 << 20
     count, each = server["large_client_header_buffers"].split()
     head = size_bytes(server["client_header_buffer_size"]) + int(count) * size_bytes(each)
     assert head <= SERVICE.limits.header_bytes, head
@@ -329,7 +344,8 @@ def test_what_nginx_answers_itself_is_the_services_json_error_shape():
     block = conf_block(NGINX_CONF.read_text(), "server")
     pages = re.findall(r"^\s*error_page ([\d ]+?) (?:=(\d+) )?(\S+);", block, re.M)
     handled = {int(code) for codes, _, _ in pages for code in codes.split()}
-    assert handled >= {400, 413, 414, 494, 500, 502, 503, 504}, handled  # 494: nginx's own "head too large"
+    # 494: nginx's own "head too large"
+    assert handled >= {400, 413, 414, 494, 500, 502, 503, 504}, handled
     for codes, new_status, uri in pages:
         answer = re.search(rf"location = {re.escape(uri)} \{{\n(.*?)^\s+\}}", block, re.M | re.S).group(1)
         assert "internal;" in answer and "default_type application/json;" in answer
@@ -338,9 +354,8 @@ def test_what_nginx_answers_itself_is_the_services_json_error_shape():
         error = ErrorBody.model_validate(json.loads(re.sub(r"\$\w+", "x", body))).error
         assert error.code and error.message
         if status == "413":
-            assert (
-                error.expected == f"at most {SERVICE.limits.body_bytes} bytes"
-            )  # the limit it states is the one it has
+            # the limit it states is the one it has
+            assert error.expected == f"at most {SERVICE.limits.body_bytes} bytes"
 
 
 # ------------------------------------------------------------------ the real nginx, running deploy/nginx.conf
@@ -379,14 +394,16 @@ def test_bodies_without_the_token_are_refused_before_nginx_holds_them(locked, tm
     """Four connections each declare 200 MiB and send 48 MiB without the token: the replica refuses each from its
     head (401), and nginx, streaming rather than buffering, holds no temp file and no more memory for them."""
     _, balancer = locked
-    body_temp = tmp_path / "nginx" / "nginx" / "body"  # bench.servers.nginx_balancer's client_body_temp_path
+    # bench.servers.nginx_balancer's client_body_temp_path
+    body_temp = tmp_path / "nginx" / "nginx" / "body"
     assert body_temp.is_dir()
     resident_before = nginx_resident_bytes(balancer)
     head = raw_head("POST", f"{protocol.SOFT_TARGETS_PATH}?teacher=ens", {"Content-Length": str(200 << 20)})
     sockets = [raw_connect(balancer.url) for _ in range(4)]
 
     def send(sock) -> None:
-        with contextlib.suppress(OSError):  # nginx may close once the answer is out: what it did not read is gone
+        # nginx may close once the answer is out: what it did not read is gone
+        with contextlib.suppress(OSError):
             sock.sendall(head)
             sock.sendall(bytes(48 << 20))
 
@@ -396,9 +413,11 @@ def test_bodies_without_the_token_are_refused_before_nginx_holds_them(locked, tm
     for sender in senders:
         sender.join(HANG_S)
     try:
-        assert nginx_body_files(balancer, body_temp) == []  # buffered, each would hold a temp file of tens of MiB
+        # buffered, each would hold a temp file of tens of MiB
+        assert nginx_body_files(balancer, body_temp) == []
         grown = nginx_resident_bytes(balancer) - resident_before
-        assert grown < 16 << 20, f"nginx grew by {grown} bytes"  # buffered, 16 MiB of memory each
+        # buffered, 16 MiB of memory each
+        assert grown < 16 << 20, f"nginx grew by {grown} bytes"
         for sock in sockets:
             status, headers, body = raw_response(sock)
             assert status == 401, body[:300]
@@ -424,7 +443,8 @@ def test_a_trickled_body_is_cut_off_by_the_replicas_whole_body_deadline(locked):
                 {"Authorization": f"Bearer {TOKEN}", "Content-Length": str(size)},
             )
         )
-        while sent < size and not select.select([sock], [], [], 0.05)[0]:  # until an answer comes
+        # until an answer comes
+        while sent < size and not select.select([sock], [], [], 0.05)[0]:
             sock.sendall(bytes(4096))
             sent += 4096
         status, headers, body = raw_response(sock)

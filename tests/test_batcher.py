@@ -60,7 +60,8 @@ async def serve(recorder: Recorder, requests: list[Rows], **limits) -> list:
     options = {"max_batch_rows": 64, "max_wait_ms": 1000.0, "max_queue_rows": 1024, **limits}
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher("t", one_device(recorder, executor), Metrics(), **options)
-        answers = [batcher.enqueue(r) for r in requests]  # all queued before the batcher's loop first runs
+        # all queued before the batcher's loop first runs
+        answers = [batcher.enqueue(r) for r in requests]
         batcher.start()
         try:
             return await asyncio.gather(*answers, return_exceptions=True)
@@ -85,7 +86,8 @@ def test_a_request_larger_than_a_batch_is_split_and_joined_back_in_order():
 def test_a_batch_never_exceeds_its_rows_and_the_next_request_waits_first_in_line():
     recorder = Recorder()
     results = asyncio.run(serve(recorder, [rows(3, 0), rows(3, 10), rows(2, 20)], max_batch_rows=4))
-    assert recorder.batches == [[3], [3], [2]]  # 3 + 3 and 3 + 2 are over 4: each waits, first in line
+    # 3 + 3 and 3 + 2 are over 4: each waits, first in line
+    assert recorder.batches == [[3], [3], [2]]
     assert [ids(r) for r in results] == [[0, 1, 2], [10, 11, 12], [20, 21]]
 
 

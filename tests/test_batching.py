@@ -105,7 +105,8 @@ def test_event_loop_answers_health_checks_while_a_batch_computes(tmp_path):
             x = torch.rand(32, 3, 32, 32)
             slow = asyncio.create_task(client.post("/soft-targets", content=codec.encode_inputs(x)))
             started = 'akd_queue_wait_seconds_count{teacher="wrn"} 1.0'
-            while started not in (await client.get("/metrics")).text:  # the batch has gone to the inference thread
+            # the batch has gone to the inference thread
+            while started not in (await client.get("/metrics")).text:
                 await asyncio.sleep(0.01)
             health = await client.get("/healthz")
             answered_during_batch = not slow.done()
@@ -140,7 +141,8 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(tmp_path):
             computing = send(0)
             while 'akd_queue_wait_seconds_count{teacher="wrn"} 1.0' not in (await client.get("/metrics")).text:
                 await asyncio.sleep(0.01)
-            queued = [send(1), send(2)]  # 8 rows: the queue's bound
+            # 8 rows: the queue's bound
+            queued = [send(1), send(2)]
             while metric((await client.get("/metrics")).text, 'akd_queue_rows{teacher="wrn"}') < 8:
                 await asyncio.sleep(0.01)
             refused = await client.post(

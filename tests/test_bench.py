@@ -33,9 +33,8 @@ def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subproce
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     here = tmp_path_factory.mktemp("bench")
-    return here / "out", akd_bench(
-        "--config", "tiny", "--device", "cpu", "--out", "out", cwd=here
-    )  # a relative --out, as people type it
+    # a relative --out, as people type it
+    return here / "out", akd_bench("--config", "tiny", "--device", "cpu", "--out", "out", cwd=here)
 
 
 def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
@@ -65,13 +64,13 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     }
     by_keys = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert by_keys["uint8 x 8: keys first, all cached"] < by_keys["uint8 x 8: upload, all cached"]
-    assert all(
-        r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"]
-    )  # cache_durable off vs on
+    # cache_durable off vs on
+    assert all(r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"])
     sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
     assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
-    assert all(r["server cores"] > 0 and r["client cores"] > 0 for r in sections["sharing"]["rows"])  # from /proc
+    # from /proc
+    assert all(r["server cores"] > 0 and r["client cores"] > 0 for r in sections["sharing"]["rows"])
     machine = document["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
     assert document["command"] == "akd bench --config tiny --device cpu --out out"
@@ -92,13 +91,15 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
         "## 7. Scale out",
         "## 8. The cache at scale",
         "## 9. Warming the cache",
-        "**Hit rows/s, keys first",  # a section's further tables, each under its title
+        # a section's further tables, each under its title
+        "**Hit rows/s, keys first",
         "**Bytes a row and served-probability error",
     ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "benchmark 8/9: cache_scale" in result.stderr and "benchmark 9/9: warm" in result.stderr
-    assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout  # the table is printed at the end
+    # the table is printed at the end
+    assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_scale_out_measures_devices_ranks_and_the_clients_failover_over_a_killed
     # the issue's 1.8x is for two GPUs: on the CPU the ratio is reported, not judged
     assert any("n/a on CPU" in note and "idle cores bound" in note for note in scale_out_run["notes"])
     assert not any("GPU" in t["what"] for t in scale_out_run["targets"])
-    assert [r["world_size"] for r in ddp] == [1, 2]  # both ranks ran, and rank 0 counted both ranks' teacher rows
+    # both ranks ran, and rank 0 counted both ranks' teacher rows
+    assert [r["world_size"] for r in ddp] == [1, 2]
     assert all(r["rate"] > 0 and r["teacher_rows"] == 64 for r in ddp)
     before, around, whole = failover
     assert whole["failed"] == 0 and before["sent"] > 0 and around["sent"] > 0
@@ -149,9 +151,11 @@ def test_cache_scale_serves_every_stored_row_and_measures_memory_hits_and_format
     assert result.returncode == 0, result.stderr[-3000:]
     [section] = [s for s in json.loads((out / "results.json").read_text())["sections"] if s["key"] == "cache_scale"]
     memory = {r["store"]: r for r in section["rows"]}
-    assert list(memory) == ["1x", "10x"]  # the tiny preset's stores: 512 and 5,120 rows behind a 32 KiB bound
+    # the tiny preset's stores: 512 and 5,120 rows behind a 32 KiB bound
+    assert list(memory) == ["1x", "10x"]
     for row in memory.values():
-        assert row["rows asked"] >= row["rows"] and row["rows found"] == row["rows asked"]  # the sweep, then a sample
+        # the sweep, then a sample
+        assert row["rows asked"] >= row["rows"] and row["rows found"] == row["rows asked"]
         assert row["RSS after start-up MiB"] > 0 and row["peak RSS MiB"] >= row["RSS after start-up MiB"]
         assert row["start-up peak MiB"] >= row["RSS after start-up MiB"] and row["index table MiB"] > 0
         assert math.isfinite(row["growth MiB"]) and row["mirror MiB"] == pytest.approx(row["rows"] * 64 / 2**20)
@@ -160,10 +164,13 @@ def test_cache_scale_serves_every_stored_row_and_measures_memory_hits_and_format
     rates = {r["hits"].split(":")[0]: r for r in hits["rows"]}
     assert list(rates) == ["in memory", "the mirror", "from the store", "recomputed"]
     assert all(r["rows/s"] > 0 for r in rates.values())
-    for r in rates.values():  # each median with its sample count and middle half
+    # each median with its sample count and middle half
+    for r in rates.values():
         low, high = map(float, r["middle half ms"].split(" - "))
-        assert r["requests"] >= 2 and low - 0.005 <= r["ms a request"] <= high + 0.005  # shown to 2 decimals
-    assert rates["the mirror"]["store rows"] == rates["from the store"]["store rows"] == 5120  # the same rows
+        # shown to 2 decimals
+        assert r["requests"] >= 2 and low - 0.005 <= r["ms a request"] <= high + 0.005
+    # the same rows
+    assert rates["the mirror"]["store rows"] == rates["from the store"]["store rows"] == 5120
     [target] = [t for t in section["targets"] if "from the store / the mirror" in t["what"]]
     assert target["measured"] == pytest.approx(rates["from the store"]["vs the mirror"])
     by_format = {(r["teacher"].split(" (")[0], r["format"], r.get("temperature")): r for r in errors["rows"]}
@@ -179,21 +186,28 @@ def test_warm_computes_every_row_once_and_the_warmed_ard_epoch_hits_them_all(tin
     assert result.returncode == 0, result.stderr[-3000:]
     [section] = [s for s in json.loads((out / "results.json").read_text())["sections"] if s["key"] == "warm"]
     steps = {r["step"]: r for r in section["rows"]}
-    assert list(steps) == [  # the tiny preset: one student, one round, the cold leg first
+    # the tiny preset: one student, one round, the cold leg first
+    assert list(steps) == [
         "ARD epoch, cold cache",
         "akd warm after the cold epoch",
         "akd warm",
         "akd warm again",
         "ARD epoch, warmed cache",
     ]
-    assert all(r["teacher rows"] == 64 for r in steps.values())  # limit_train = 64, mnist5k: one view an image
+    # limit_train = 64, mnist5k: one view an image
+    assert all(r["teacher rows"] == 64 for r in steps.values())
     cold, after_cold = steps["ARD epoch, cold cache"], steps["akd warm after the cold epoch"]
-    assert cold["hits"] == 0 and cold["uploaded"] == cold["computed"] == 64  # an empty cache: every row computed
-    assert after_cold["hits"] == 64 and after_cold["computed"] == 0  # the cold epoch stored its clean rows
+    # an empty cache: every row computed
+    assert cold["hits"] == 0 and cold["uploaded"] == cold["computed"] == 64
+    # the cold epoch stored its clean rows
+    assert after_cold["hits"] == 64 and after_cold["computed"] == 0
     first, again, warmed = steps["akd warm"], steps["akd warm again"], steps["ARD epoch, warmed cache"]
-    assert first["uploaded"] == first["computed"] == 64 and first["rows/s"] > 0  # a fresh, empty cache again
-    assert again["computed"] == again["uploaded"] == 0 and again["hits"] == 64  # the second warm computes nothing
-    assert warmed["hits"] == 64 and warmed["uploaded"] == warmed["computed"] == 0  # the warmed epoch hits every row
+    # a fresh, empty cache again
+    assert first["uploaded"] == first["computed"] == 64 and first["rows/s"] > 0
+    # the second warm computes nothing
+    assert again["computed"] == again["uploaded"] == 0 and again["hits"] == 64
+    # the warmed epoch hits every row
+    assert warmed["hits"] == 64 and warmed["uploaded"] == warmed["computed"] == 0
     assert cold["s"] > 0 and warmed["s"] > 0
     [summary] = section["tables"]
     [row] = summary["rows"]
@@ -208,7 +222,8 @@ def test_cache_scale_rows_are_distinct_repeatable_and_swept_in_order():
     assert len(np.unique(keys.view("V16"))) == 100_000 and logits.dtype == np.float32
     again_keys, again_logits = stored_rows(np.array([99_999, 7]), 10, seed=3)
     assert np.array_equal(again_keys, keys[[99_999, 7]]) and np.array_equal(again_logits, logits[[99_999, 7]])
-    assert not np.array_equal(stored_rows(np.arange(4), 10, seed=4)[0], keys[:4])  # another store, other keys
+    # another store, other keys
+    assert not np.array_equal(stored_rows(np.arange(4), 10, seed=4)[0], keys[:4])
     every = sweep_positions(10_000, 4096, None)
     assert np.array_equal(np.concatenate(every), np.arange(10_000))
     sampled = sweep_positions(1_000_000, 4096, 40_960)
@@ -252,7 +267,8 @@ def test_repeat_runs_each_benchmark_whole_and_judges_targets_on_the_median(tmp_p
     assert "run 3/3, benchmark 1/1: sharing" in result.stderr
     out = tmp_path / "out"
     measured = []
-    for r in (1, 2, 3):  # each run whole, as a single run writes it
+    # each run whole, as a single run writes it
+    for r in (1, 2, 3):
         run = json.loads((out / f"run-{r}" / "results.json").read_text())
         [target] = run["sections"][0]["targets"]
         measured.append(target["measured"])
@@ -330,7 +346,8 @@ def test_alternate_interleaves_after_warming_up():
         warmup=1,
         device=torch.device("cpu"),
     )
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then ABBA...
+    # warm-up, then ABBA...
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
@@ -344,7 +361,8 @@ def test_fast_candidates_repeat_until_min_seconds_are_spent():
         device=torch.device("cpu"),
         min_seconds=0.06,
     )
-    assert 8 <= len(times["a"]) == len(times["b"]) <= 25  # about 0.06 s / 3 ms per round, not 2
+    # about 0.06 s / 3 ms per round, not 2
+    assert 8 <= len(times["a"]) == len(times["b"]) <= 25
 
 
 def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
@@ -385,7 +403,8 @@ def test_stopping_a_server_that_ignores_sigint_leaves_none_of_its_processes(tmp_
     process = subprocess.Popen(
         [sys.executable, "-c", ignores_sigint], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
-    assert process.stdout.readline() == "up\n"  # its worker has been started
+    # its worker has been started
+    assert process.stdout.readline() == "up\n"
     ServerProcess("stubborn", "http://127.0.0.1:1", process, tmp_path / "log", stop_timeout_s=0.5).stop()
     assert process.poll() is not None
     assert _group_gone(process.pid), "the worker outlived its server"
@@ -393,7 +412,8 @@ def test_stopping_a_server_that_ignores_sigint_leaves_none_of_its_processes(tmp_
 
 def _group_gone(pgid: int) -> bool:
     """True once no live process (zombies aside) is left in process group `pgid`; False after HANG_S."""
-    deadline = time.monotonic() + HANG_S  # a hang guard only: a killed process leaves within milliseconds
+    # a hang guard only: a killed process leaves within milliseconds
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         if not any(_live_in_group(stat, pgid) for stat in Path("/proc").glob("[0-9]*/stat")):
             return True
@@ -403,9 +423,11 @@ def _group_gone(pgid: int) -> bool:
 
 def _live_in_group(stat: Path, pgid: int) -> bool:
     try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        # after "(comm)": state, ppid, pgrp, ...
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False  # it exited while we looked
+        # it exited while we looked
+        return False
     return fields[2] == str(pgid) and fields[0] not in "ZX"
 
 
@@ -419,6 +441,7 @@ def test_the_load_generator_sends_what_it_was_given_and_stops_at_a_refusal(tmp_p
         result = closed_loop(base, [good, good], 3)
         assert (result.rows, len(result.latencies_s)) == (2 * 4 * 3, 6)
         rows = metric(app.state.service.metrics.render().decode(), 'akd_rows_total{teacher="solo"}')
-        assert rows == 32  # 6 timed requests and the 2 untimed first ones, 4 rows each
+        # 6 timed requests and the 2 untimed first ones, 4 rows each
+        assert rows == 32
         with pytest.raises(RuntimeError, match=r"400: .*temperature"):
             closed_loop(base, [Request(protocol.SOFT_TARGETS_PATH, body, 4, {"temperature": "0"})], 1)

@@ -59,11 +59,13 @@ def test_ensemble_runs_only_the_members_that_miss(cached_config, mnist_members):
     x = random_inputs(6)
     version_a = file_version(mnist_members["a"])
     with live_server(cached_config) as (base, _):
-        post(base, x, teacher="single")  # caches member a only
+        # caches member a only
+        post(base, x, teacher="single")
         before = httpx.get(f"{base}/metrics", timeout=HANG_S).text
         r = post(base, x, teacher="ens", outputs="member_logits")
         after = httpx.get(f"{base}/metrics", timeout=HANG_S).text
-    assert r.headers["X-Cache-Hits"] == "0"  # b and c had to run
+    # b and c had to run
+    assert r.headers["X-Cache-Hits"] == "0"
     misses = f'akd_cache_misses_total{{member="{version_a}"}}'
     hits = f'akd_cache_hits_total{{member="{version_a}"}}'
     assert gauge(after, misses) == gauge(before, misses) == 6
@@ -74,7 +76,8 @@ def test_cache_survives_a_restart(cached_config):
     x = random_inputs(20, seed=11)
     with live_server(cached_config) as (base, _):
         first = post(base, x, teacher="ens", outputs="probs,logits,member_logits")
-    with live_server(cached_config) as (base, _):  # 20 rows: two whole chunks of 8 + a partial one flushed at shutdown
+    # 20 rows: two whole chunks of 8 + a partial one flushed at shutdown
+    with live_server(cached_config) as (base, _):
         again = post(base, x, teacher="ens", outputs="probs,logits,member_logits")
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert again.headers["X-Cache-Hits"] == "20"
@@ -86,7 +89,8 @@ def test_changed_checkpoint_gets_no_stale_rows(cached_config, mnist_members):
     x = random_inputs(5, seed=4)
     with live_server(cached_config) as (base, _):
         old = post(base, x, teacher="single", outputs="member_logits")
-    save_member(mnist_members["a"], seed=42)  # same path, new weights
+    # same path, new weights
+    save_member(mnist_members["a"], seed=42)
     with live_server(cached_config) as (base, _):
         new = post(base, x, teacher="single", outputs="member_logits")
     assert new.headers["X-Teacher-Versions"] != old.headers["X-Teacher-Versions"]
@@ -100,12 +104,14 @@ def test_bypass_and_refresh(cached_config):
     x = random_inputs(4, seed=21)
     with live_server(cached_config) as (base, app):
         assert post(base, x, teacher="single", cache="bypass").headers["X-Cache-Hits"] == "0"
-        assert post(base, x, teacher="single", cache="bypass").headers["X-Cache-Hits"] == "0"  # bypass stored nothing
+        # bypass stored nothing
+        assert post(base, x, teacher="single", cache="bypass").headers["X-Cache-Hits"] == "0"
         cache = app.state.service.cache
         assert sum(ns.rows for ns in cache.namespaces) == 0
         first = post(base, x, teacher="single", cache="refresh")
         assert first.headers["X-Cache-Hits"] == "0"
-        again = post(base, x, teacher="single", cache="refresh")  # recomputes, appends; newest row wins
+        # recomputes, appends; newest row wins
+        again = post(base, x, teacher="single", cache="refresh")
         assert again.headers["X-Cache-Hits"] == "0" and again.content == first.content
         assert post(base, x, teacher="single").headers["X-Cache-Hits"] == "4"
         assert sum(ns.rows for ns in cache.namespaces) == 8
@@ -125,7 +131,8 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert gauge(metrics, "akd_cache_full") == 1
     assert gauge(metrics, "akd_cache_bytes") <= limit
-    assert again.headers["X-Cache-Hits"] == "10"  # the first 10 rows fit; the rest are still served
+    # the first 10 rows fit; the rest are still served
+    assert again.headers["X-Cache-Hits"] == "10"
     torch.testing.assert_close(
         codec.decode(again.content)["member_logits"],
         reference_member_logits([mnist_members["a"]], x),
@@ -133,7 +140,8 @@ def test_size_bound_stops_inserts_and_says_so(tmp_path, mnist_members, caplog):
         atol=1e-5,
     )
     assert any("cache is full" in r.message for r in caplog.records)
-    with live_server(config) as (base, _):  # the bound counts what is already stored
+    # the bound counts what is already stored
+    with live_server(config) as (base, _):
         post(base, random_inputs(4, seed=9))
         assert gauge(httpx.get(f"{base}/metrics", timeout=HANG_S).text, "akd_cache_full") == 1
 
@@ -167,7 +175,8 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
         {"cache": {"dir": "cache", "chunk_rows": 8, "flush_s": 0.05}},
     )
     sent: dict[bytes, torch.Tensor] = {}
-    served: dict[bytes, torch.Tensor] = {}  # member logits as first served, per row key
+    # member logits as first served, per row key
+    served: dict[bytes, torch.Tensor] = {}
     stop = threading.Event()
 
     def load(worker: int, base: str) -> None:
@@ -181,7 +190,8 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
                         "/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}
                     )
                 except httpx.HTTPError:
-                    return  # the server died under us: that is the point
+                    # the server died under us: that is the point
+                    return
                 for key, row, logits in zip(row_keys(x), x, codec.decode(r.content)["member_logits"].unbind(1)):
                     sent[key], served[key] = row, logits
 
@@ -189,7 +199,8 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
     try:
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(load, w, server.base) for w in range(4)]
-            for path in paths:  # several durable chunks of each member, under load (flushed one after the other)
+            # several durable chunks of each member, under load (flushed one after the other)
+            for path in paths:
                 wait_for_committed_rows(server.base, file_version(path), 48)
             server.kill9()
             stop.set()
@@ -214,7 +225,8 @@ def test_kill_9_while_writing_under_load_leaves_a_correct_cache(tmp_path, mnist_
             "stored bytes differ from served"
         )
 
-    restarted = ServerProcess(config, tmp_path / "server.log")  # a readable cache; visible rows are hits
+    # a readable cache; visible rows are hits
+    restarted = ServerProcess(config, tmp_path / "server.log")
     try:
         keys = [k for k in visible[versions[0]] if k in visible[versions[1]]][:64]
         r = post(restarted.base, torch.stack([sent[k] for k in keys]), outputs="member_logits")
@@ -234,10 +246,12 @@ class TestLogitCacheDirectly:
         logits = np.arange(18, dtype=np.float32).reshape(6, 3)
         ns.insert(keys[:3], logits[:3])
         cache.drain()
-        assert read_visible_rows(tmp_path / "store")["v1"] == {}  # 3 buffered rows: nothing committed yet
+        # 3 buffered rows: nothing committed yet
+        assert read_visible_rows(tmp_path / "store")["v1"] == {}
         ns.insert(keys[3:], logits[3:])
         cache.drain()
-        assert len(read_visible_rows(tmp_path / "store")["v1"]) == 4  # one whole chunk
+        # one whole chunk
+        assert len(read_visible_rows(tmp_path / "store")["v1"]) == 4
         cache.close()
         visible = read_visible_rows(tmp_path / "store")["v1"]
         assert len(visible) == 6 and np.array_equal(visible[keys[5]], logits[5])
@@ -246,7 +260,8 @@ class TestLogitCacheDirectly:
         store = str(tmp_path / "store")
         cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16], np.array([[1, 2], [3, 4]], np.float32))
-        cache.close()  # partial chunk of 2 rows flushed
+        # partial chunk of 2 rows flushed
+        cache.close()
         cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=4))
         ns = cache.namespace("v1", 2)
         assert ns.rows == 2
@@ -273,7 +288,8 @@ class TestStores:
         with pytest.raises(StoreLocked, match="in use by another teacher service"):
             LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20))
         first.close()
-        LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20)).close()  # free again once closed
+        # free again once closed
+        LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20)).close()
 
     def test_akd_serve_on_a_locked_cache_exits_with_a_clear_error(self, tmp_path, cached_config):
         import subprocess
@@ -281,7 +297,8 @@ class TestStores:
 
         from conftest import REPO, free_port
 
-        held = LogitCache(str(tmp_path / "cache"), CacheSettings(max_bytes=1 << 20))  # the config's cache.dir
+        # the config's cache.dir
+        held = LogitCache(str(tmp_path / "cache"), CacheSettings(max_bytes=1 << 20))
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "teacher_service", "--config", str(cached_config), "--port", str(free_port())],
@@ -329,23 +346,29 @@ class TestKeyIndex:
         rng = np.random.default_rng(0)
         keys = rng.integers(0, 256, (30000, 16), dtype=np.uint8)
         index, reference, start = KeyIndex(resident_bytes=resident_bytes), {}, 0
-        for n in (1, 7, 1000, 3, 20000, 8989):  # grows from 1,024 slots several times
+        # grows from 1,024 slots several times
+        for n in (1, 7, 1000, 3, 20000, 8989):
             index.add(keys[start : start + n], np.arange(start, start + n), np.arange(start, start + n) * 3 + 5)
             reference.update({k.tobytes(): start + i for i, k in enumerate(keys[start : start + n])})
             start += n
-        assert index.locate(keys)[1].tolist() == (np.arange(30000) * 3 + 5).tolist()  # checksums kept as it grew
-        again = np.concatenate([keys[:500], keys[7:8]])  # cache=refresh appends keys again: the newest row wins
+        # checksums kept as it grew
+        assert index.locate(keys)[1].tolist() == (np.arange(30000) * 3 + 5).tolist()
+        # cache=refresh appends keys again: the newest row wins
+        again = np.concatenate([keys[:500], keys[7:8]])
         rows = np.arange(40000, 40000 + len(again))
         index.add(again, rows)
         reference.update({k.tobytes(): int(r) for k, r in zip(again, rows)})
         assert index.find(keys).tolist() == [reference[k.tobytes()] for k in keys]
         assert (index.find(rng.integers(0, 256, (1000, 16), dtype=np.uint8)) == -1).all()
-        index.add(keys[:3], np.array([60000, 60001, 60002]), np.array([11, 12, 13]))  # with their checksums
+        # with their checksums
+        index.add(keys[:3], np.array([60000, 60001, 60002]), np.array([11, 12, 13]))
         rows, checks = index.locate(np.concatenate([keys[:4], keys[-1:]]))
         assert rows.tolist()[:3] == [60000, 60001, 60002] and checks.tolist() == [11, 12, 13, 0, 29999 * 3 + 5]
         reference.update({k.tobytes(): 60000 + i for i, k in enumerate(keys[:3])})
-        assert index.count == 30000 and index.capacity <= 4 * index.count  # at most half full, at least a quarter
-        index.drop(keys[:10])  # rows that failed their checks: missed until stored again
+        # at most half full, at least a quarter
+        assert index.count == 30000 and index.capacity <= 4 * index.count
+        # rows that failed their checks: missed until stored again
+        index.drop(keys[:10])
         assert (index.find(keys[:10]) == -1).all() and index.find(keys[10:11])[0] == reference[keys[10].tobytes()]
         index.add(keys[:1], np.array([50000]))
         assert index.find(keys[:2]).tolist() == [50000, -1]
@@ -358,7 +381,8 @@ class TestKeyIndex:
 
         index = KeyIndex(capacity=1024, resident_bytes=0)
         keys = np.random.default_rng(3).integers(0, 256, (40, 16), dtype=np.uint8)
-        keys[:, :8] = np.frombuffer(np.full(40, 1020, "<u8").tobytes(), np.uint8).reshape(40, 8)  # slot 1020 of 1024
+        # slot 1020 of 1024
+        keys[:, :8] = np.frombuffer(np.full(40, 1020, "<u8").tobytes(), np.uint8).reshape(40, 8)
         index.add(keys[:30], np.arange(30))
         index.settle()
         index._file.release()
@@ -379,7 +403,8 @@ class TestKeyIndex:
 
         rng = np.random.default_rng(2)
         index, previous = KeyIndex(), np.zeros((0, 16), np.uint8)
-        for round_ in range(20):  # eviction's churn: 2,000 rows in, the previous round's out
+        # eviction's churn: 2,000 rows in, the previous round's out
+        for round_ in range(20):
             keys = rng.integers(0, 256, (2000, 16), dtype=np.uint8)
             index.add(keys, np.arange(2000) + 2000 * round_)
             index.drop(previous)
@@ -391,18 +416,21 @@ class TestKeyIndex:
         from teacher_service.cache.key_index import KeyIndex
 
         keys = np.random.default_rng(1).integers(0, 256, (100_000, 16), dtype=np.uint8)
-        index = KeyIndex(resident_bytes=1 << 20)  # 100,000 keys: a 6 MiB table
+        # 100,000 keys: a 6 MiB table
+        index = KeyIndex(resident_bytes=1 << 20)
         index.add(keys, np.arange(len(keys)))
         index.settle()
         assert index.nbytes > 4 << 20 and resident_pages(index) * 4096 < 1 << 20
-        assert index.find(keys[::7]).tolist() == list(range(0, len(keys), 7))  # the rows are all still there
+        # the rows are all still there
+        assert index.find(keys[::7]).tolist() == list(range(0, len(keys), 7))
         index.close()
 
     def test_two_keys_sharing_their_first_half_are_both_held(self, tmp_path):
         cache = LogitCache(tmp_path / "c", CacheSettings(max_bytes=1 << 20, chunk_rows=8))
         ns = cache.namespace("v", 10)
         first = bytes(range(16))
-        clash = first[:8] + bytes(8)  # the same first 8 bytes (the slot), another key
+        # the same first 8 bytes (the slot), another key
+        clash = first[:8] + bytes(8)
         ns.insert([first], np.ones((1, 10), np.float32))
         ns.insert([clash], np.full((1, 10), 2, np.float32))
         assert ns.lookup([clash, first]).tolist() == [1, 0]

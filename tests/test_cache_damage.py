@@ -41,7 +41,8 @@ from teacher_service.cache.settings import CacheSettings
 from teacher_service.cache.store import LogitCache
 from teacher_service.config import load_config
 
-ROWS, CHUNK = 20, 8  # chunks 0 and 1 whole, chunk 2 holds rows 16-19
+# chunks 0 and 1 whole, chunk 2 holds rows 16-19
+ROWS, CHUNK = 20, 8
 
 
 def ask_row_by_row(base: str, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -152,7 +153,8 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
         caplog.at_level(logging.WARNING, logger="akd.cache"),
         live_server(tmp_path / "run" / "teachers.toml") as (base, _),
     ):
-        served, hits = ask_row_by_row(base, x)  # the service started, and answers
+        # the service started, and answers
+        served, hits = ask_row_by_row(base, x)
         metrics = scrape(base)
     missed = {i for i, hit in enumerate(hits) if not hit}
     assert missed == lost, "a damaged row was served as a hit, or a sound one was not"
@@ -184,7 +186,8 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
         caplog.at_level(logging.WARNING, logger="akd.cache"),
         live_server(tmp_path / "run" / "teachers.toml") as (base, _),
     ):
-        again, hits = ask_row_by_row(base, x)  # the rebuilt namespace: verified rows and recomputed ones, all stored
+        # the rebuilt namespace: verified rows and recomputed ones, all stored
+        again, hits = ask_row_by_row(base, x)
         metrics = scrape(base)
     assert hits == [1] * ROWS
     assert torch.equal(again, reference)
@@ -194,7 +197,8 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
 
 class TestDurableCommits:
     def test_chunks_are_fsynced_before_the_commit_and_the_commit_after(self, tmp_path, monkeypatch):
-        synced: list[tuple[str, int]] = []  # (path below the store, committed_rows on disk at that moment)
+        # (path below the store, committed_rows on disk at that moment)
+        synced: list[tuple[str, int]] = []
         store = tmp_path / "store"
         real_fsync = durable.fsync
 
@@ -208,12 +212,14 @@ class TestDurableCommits:
         ns = cache.namespace("v1", num_classes=3)
         synced.clear()
         ns.insert([bytes([i]) * 16 for i in range(1, 7)], np.arange(18, dtype=np.float32).reshape(6, 3))
-        cache.drain()  # one whole chunk of 4 rows
+        # one whole chunk of 4 rows
+        cache.drain()
         chunk_files = {"v1/keys/c/0/0", "v1/logits/c/0/0", "v1/checks/c/0"}
         assert chunk_files <= {p for p, _ in synced}
         assert all(committed == 0 for p, committed in synced if p in chunk_files), "a chunk was synced after its commit"
         assert synced[-2:] == [("v1/zarr.json", 4), ("v1", 4)], "the commit is synced last"
-        cache.close()  # the tail chunk of 2 rows
+        # the tail chunk of 2 rows
+        cache.close()
         assert synced[-2:] == [("v1/zarr.json", 6), ("v1", 6)]
 
     def test_without_it_nothing_is_fsynced(self, tmp_path, monkeypatch):
@@ -263,10 +269,12 @@ def test_a_full_disk_shows_in_cache_full(tmp_path, mnist_members, monkeypatch, c
         assert gauge(scrape(base), "akd_cache_full") == 0
         monkeypatch.setattr(local_store, "_put", full_disk)
         x = random_inputs(6, seed=2)
-        post(base, x)  # 6 rows: one whole chunk of 4 goes to the writer, and fails
+        # 6 rows: one whole chunk of 4 goes to the writer, and fails
+        post(base, x)
         app.state.service.cache.drain()
         metrics = scrape(base)
-        again = post(base, torch.cat([x, random_inputs(8, seed=3)]))  # still served; new rows are no longer stored
+        # still served; new rows are no longer stored
+        again = post(base, torch.cat([x, random_inputs(8, seed=3)]))
         rows_after = sum(ns.rows for ns in app.state.service.cache.namespaces)
     assert gauge(metrics, "akd_cache_full") == 1
     assert gauge(metrics, f'akd_cache_write_errors{{member="{file_version(mnist_members["a"])}"}}') == 1
@@ -306,15 +314,15 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     so."""
     from zarr.storage import MemoryStore
 
-    store = (
-        MemoryStore() if kind == "zarr store object" else f"memory://{tmp_path.name}"
-    )  # fsspec's in-process file system
+    # fsspec's in-process file system
+    store = MemoryStore() if kind == "zarr store object" else f"memory://{tmp_path.name}"
     cache = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
     cache.namespace("v1", 2).insert([b"a" * 16, b"b" * 16, b"c" * 16], np.ones((3, 2), np.float32))
     cache.namespace("v2", 2).insert([b"a" * 16], np.ones((1, 2), np.float32))
     cache.close()
     root = zarr.open_group(store, mode="a")
-    root["v1"]["logits"][0:2] = np.full((2, 2), 7, np.float32)  # rows 0 and 1 no longer match their checksums
+    # rows 0 and 1 no longer match their checksums
+    root["v1"]["logits"][0:2] = np.full((2, 2), 7, np.float32)
     root["v2"].attrs[COMMITTED] = "1"
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
         reopened = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
@@ -331,8 +339,7 @@ def test_a_store_other_than_a_folder_deletes_what_it_cannot_keep_aside(kind, tmp
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
         again = LogitCache(store, CacheSettings(max_bytes=1 << 20, chunk_rows=2))
     assert any("root zarr.json unreadable" in r.getMessage() and "deleted" in r.getMessage() for r in caplog.records)
-    assert again.namespace("v1", 2).rows == 1 and again.damage_counts() == {
-        "v1": (0, 0)
-    }  # the namespaces, as rebuilt, are sound
+    # the namespaces, as rebuilt, are sound
+    assert again.namespace("v1", 2).rows == 1 and again.damage_counts() == {"v1": (0, 0)}
     again.close()
     assert zarr.open_group(store, mode="r").attrs["format"] == FORMAT

@@ -49,8 +49,10 @@ def test_float16_rows_are_half_the_bytes_and_serve_the_rounded_logits(tmp_path, 
         assert hits == 0
         rounded, hits = member_logits(base, x, "half")
         assert hits == 20
-        torch.testing.assert_close(rounded, computed.half().float(), rtol=0, atol=0)  # the rounding, nothing more
-        exact, _ = member_logits(base, x, "exact")  # the same member in a float32 teacher: its own namespace
+        # the rounding, nothing more
+        torch.testing.assert_close(rounded, computed.half().float(), rtol=0, atol=0)
+        # the same member in a float32 teacher: its own namespace
+        exact, _ = member_logits(base, x, "exact")
         exact_again, hits = member_logits(base, x, "exact")
         assert hits == 20
         torch.testing.assert_close(exact_again, exact, rtol=0, atol=0)
@@ -58,7 +60,8 @@ def test_float16_rows_are_half_the_bytes_and_serve_the_rounded_logits(tmp_path, 
     group = zarr.open_group(str(tmp_path / "cache"), mode="r")
     assert group[f"{version}.float16"]["logits"].dtype == np.float16 and group[version]["logits"].dtype == np.float32
     assert row_bytes(10, FLOAT16) == 10 * 2 + 16 + 8 < row_bytes(10)
-    with live_server(config) as (base, _):  # restored from the store, every row verified
+    # restored from the store, every row verified
+    with live_server(config) as (base, _):
         restored, hits = member_logits(base, x, "half")
     assert hits == 20
     torch.testing.assert_close(restored, rounded, rtol=0, atol=0)
@@ -68,7 +71,8 @@ def test_a_logit_past_float16s_range_is_served_but_never_stored(tmp_path):
     model = seeded_model(0)
     with torch.no_grad():
         last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(1e6)  # logits far past 65504
+        # logits far past 65504
+        last.weight.mul_(1e6)
     path = tmp_path / "huge.pt"
     save_checkpoint(path, Checkpoint("small_cnn", 10, MNIST_SHAPE, model.state_dict(), {}))
     config = write_config(
@@ -79,7 +83,8 @@ def test_a_logit_past_float16s_range_is_served_but_never_stored(tmp_path):
         first, hits = member_logits(base, x, "huge")
         assert hits == 0 and first.abs().max() > 65504 and torch.isfinite(first).all()
         again, hits = member_logits(base, x, "huge")
-        assert hits == 0  # recomputed: an inf in the store would serve NaN probabilities
+        # recomputed: an inf in the store would serve NaN probabilities
+        assert hits == 0
         torch.testing.assert_close(again, first)
         text = httpx.get(base + "/metrics", timeout=HANG_S).text
     assert f'akd_cache_rows{{member="{file_version(path)}.float16"}} 0.0' in text
@@ -105,7 +110,8 @@ def test_top_k_rows_keep_the_k_largest_logits_and_the_others_mass():
     logits = (rng.standard_normal((200, 100)) * 4).astype(np.float32)
     top5 = row_format("top5")
     stored = top5.encode(logits)
-    assert stored.shape == (200, 11) and row_bytes(100, top5) == 11 * 2 + 16 + 8  # whatever the number of classes
+    # whatever the number of classes
+    assert stored.shape == (200, 11) and row_bytes(100, top5) == 11 * 2 + 16 + 8
     served = top5.decode(stored, 100)
     largest = np.argsort(-logits, axis=1)[:, :5]
     np.testing.assert_array_equal(
@@ -113,10 +119,12 @@ def test_top_k_rows_keep_the_k_largest_logits_and_the_others_mass():
     )
     p, q = torch.softmax(torch.from_numpy(logits).double(), 1), torch.softmax(torch.from_numpy(served).double(), 1)
     rest = 1 - torch.take_along_dim(p, torch.from_numpy(largest), 1).sum(1)
-    torch.testing.assert_close(  # the others keep their total mass (to float16's rounding), spread evenly
+    # the others keep their total mass (to float16's rounding), spread evenly
+    torch.testing.assert_close(
         1 - torch.take_along_dim(q, torch.from_numpy(largest), 1).sum(1), rest, rtol=1e-2, atol=1e-4
     )
-    assert ((p - q).abs().max(1).values <= rest + 1e-3).all()  # no probability off by more than the others' mass
+    # no probability off by more than the others' mass
+    assert ((p - q).abs().max(1).values <= rest + 1e-3).all()
 
 
 def test_top_k_needs_its_k_and_more_classes_than_k():
@@ -144,11 +152,13 @@ def test_a_top_k_teacher_serves_its_decoded_rows_and_restores_them(tmp_path, mni
         again, hits = member_logits(base, x, "top")
         assert hits == 20
         expected = torch.from_numpy(top3.decode(top3.encode(computed[0].numpy()), 10))
-        torch.testing.assert_close(again[0], expected, rtol=0, atol=0)  # exactly what the format gives back
+        # exactly what the format gives back
+        torch.testing.assert_close(again[0], expected, rtol=0, atol=0)
     group = zarr.open_group(str(tmp_path / "cache"), mode="r")
     stored = group[f"{file_version(member)}.top3"]
     assert stored["logits"].shape[1] == 7 and stored.attrs["dtype"] == "top3" and stored.attrs["committed_rows"] == 20
-    with live_server(config) as (base, _):  # restored from the store, every row verified
+    # restored from the store, every row verified
+    with live_server(config) as (base, _):
         restored, hits = member_logits(base, x, "top")
     assert hits == 20
     torch.testing.assert_close(restored, again, rtol=0, atol=0)
@@ -169,14 +179,16 @@ def test_a_damaged_top_k_row_naming_classes_that_do_not_exist_is_recomputed_not_
     cache.namespace("v", classes, "top3").insert(keys, logits)
     cache.close()
     cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 30, chunk_rows=chunk_rows, memory_bytes=0))
-    ns = cache.namespace("v", classes, "top3")  # loaded and verified: the damage comes after
+    # loaded and verified: the damage comes after
+    ns = cache.namespace("v", classes, "top3")
     chunk = tmp_path / "store" / "v" / "logits" / "c" / "1" / "0"
     chunk.write_bytes(b"\xff" * len(chunk.read_bytes()))
     damaged = range(chunk_rows, 2 * chunk_rows)
     asked = keys if chunks_read == "whole" else [keys[0]] + [keys[i] for i in damaged]
     if chunks_read == "whole":
         found, got = ns.get(asked)
-    else:  # chunk 0 takes the one line; chunk 1's rows are then read alone
+    else:
+        # chunk 0 takes the one line; chunk 1's rows are then read alone
         found = np.concatenate([ns.get([k])[0] for k in asked])
     expected = [i not in damaged for i in range(len(keys))] if chunks_read == "whole" else [True] + [False] * 64
     assert found.tolist() == expected

@@ -48,7 +48,8 @@ ROWS = 12
 
 def spellings(folder: Path, link: Path) -> list[str]:
     """Every way of naming `folder` a user might write, from a working directory beside it (`work/`)."""
-    path, uri = str(folder), folder.as_uri()  # the folder's name has a space: a file URL spells it %20
+    # the folder's name has a space: a file URL spells it %20
+    path, uri = str(folder), folder.as_uri()
     return [
         path,
         path + "/",
@@ -100,7 +101,8 @@ def start_second(config: Path, cwd: Path, cache_dir: str, log: Path) -> tuple[in
         )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", alive=lambda: proc.poll() is None, timeout_s=HANG_S)
-    except RuntimeError:  # it exited during start-up
+    except RuntimeError:
+        # it exited during start-up
         return proc.wait(timeout=HANG_S), log.read_text()
     proc.kill()
     proc.wait(timeout=HANG_S)
@@ -112,9 +114,11 @@ class Held:
     first: ServerProcess
     config: Path
     folder: Path
-    version: str  # of the one member, whose rows the first service stored
+    # of the one member, whose rows the first service stored
+    version: str
     x: torch.Tensor
-    answer: httpx.Response  # the first service's answer to x
+    # the first service's answer to x
+    answer: httpx.Response
 
 
 @pytest.fixture
@@ -133,7 +137,8 @@ def held(tmp_path, mnist_members):
     x = random_inputs(ROWS, dtype=torch.uint8)
     try:
         answer = post(first.base, x, outputs="member_logits")
-        wait_for_committed_rows(first.base, file_version(mnist_members["a"]), ROWS)  # 3 whole chunks, on the folder
+        # 3 whole chunks, on the folder
+        wait_for_committed_rows(first.base, file_version(mnist_members["a"]), ROWS)
         yield Held(first, config, folder, file_version(mnist_members["a"]), x, answer)
     finally:
         if first.proc.poll() is None:
@@ -177,15 +182,18 @@ def test_every_spelling_of_a_held_folder_is_refused_and_the_first_keeps_its_rows
             problems[f"akd serve {spelling}"] = problem
     assert not problems, "\n".join(f"{spelling!r}: {problem}" for spelling, problem in problems.items())
 
-    again = post(held.first.base, held.x, outputs="member_logits")  # the first service still serves, from its rows
+    # the first service still serves, from its rows
+    again = post(held.first.base, held.x, outputs="member_logits")
     assert again.headers["X-Cache-Hits"] == str(ROWS) and again.content == held.answer.content
     assert held.first.stop()
-    with live_server(held.config) as (base, _):  # its rows are intact on the folder
+    # its rows are intact on the folder
+    with live_server(held.config) as (base, _):
         restarted = post(base, held.x, outputs="member_logits")
     assert restarted.headers["X-Cache-Hits"] == str(ROWS) and restarted.content == held.answer.content
     verify = akd_cache(["verify"], tmp_path / "work", "FILE" + held.folder.as_uri()[4:])
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert verify.stdout.splitlines() == [f"{real}/{held.version}: ok, {ROWS} rows verified"]  # no other writer's
+    # no other writer's
+    assert verify.stdout.splitlines() == [f"{real}/{held.version}: ok, {ROWS} rows verified"]
 
 
 def test_akd_cache_takes_the_same_spellings_and_gc_is_refused_under_the_service(held, tmp_path):
@@ -264,4 +272,5 @@ def test_the_cache_itself_locks_every_spelling(tmp_path):
                 LogitCache(spelling, CacheSettings(max_bytes=1 << 20))
     finally:
         first.close()
-    LogitCache("File://" + str(folder), CacheSettings(max_bytes=1 << 20)).close()  # free again once closed
+    # free again once closed
+    LogitCache("File://" + str(folder), CacheSettings(max_bytes=1 << 20)).close()

@@ -47,14 +47,17 @@ def test_hits_beyond_the_memory_bound_are_read_back_bit_for_bit(tmp_path):
         str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=2 * chunk_bytes)
     )
     ns = cache.namespace("v1", CLASSES)
-    assert ns._reader.lines.lines == 2  # room for two chunks of the 13
+    # room for two chunks of the 13
+    assert ns._reader.lines.lines == 2
     order = np.random.default_rng(1).permutation(100)
     for start in range(0, 100, 10):
         at = order[start : start + 10]
         found, got = ns.get([keys[i] for i in at])
-        assert found.all() and np.array_equal(got, logits[at])  # bit for bit
+        # bit for bit
+        assert found.all() and np.array_equal(got, logits[at])
     assert ns.chunk_reads > 100 // CHUNK + 1, "every chunk was read once only: the bound kept them all"
-    ns.insert([b"n" * 16], np.ones((1, CLASSES), np.float32))  # the tail (96..99 + this) is held, never read back
+    # the tail (96..99 + this) is held, never read back
+    ns.insert([b"n" * 16], np.ones((1, CLASSES), np.float32))
     found, got = ns.get([b"n" * 16, keys[99]])
     assert found.all() and np.array_equal(got[1], logits[99])
     cache.close()
@@ -95,13 +98,16 @@ def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path, ca
     n = 2 * chunk_rows + 4
     keys, logits = filled_store(tmp_path / "store", n, chunk_rows=chunk_rows)
     cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=chunk_rows, memory_bytes=0))
-    ns = cache.namespace("v1", CLASSES)  # loaded and verified: the damage comes after
-    found, _ = ns.get(keys[:1])  # chunk 0 takes the one line
+    # loaded and verified: the damage comes after
+    ns = cache.namespace("v1", CLASSES)
+    # chunk 0 takes the one line
+    found, _ = ns.get(keys[:1])
     DAMAGE_AFTER_START[case](tmp_path / "store" / "v1")
     with caplog.at_level(logging.WARNING, logger="akd.cache"):
         found, got = ask_by_key(ns, keys, one_by_one)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    if "truncated" in case:  # said once, when the chunk failed to decode: not again for each of its rows or requests
+    # said once, when the chunk failed to decode: not again for each of its rows or requests
+    if "truncated" in case:
         assert len(warnings) == 1 and "chunk 1 " in warnings[0] and "unreadable" in warnings[0], warnings
     else:
         assert warnings and all("fail their checks (chunks 1)" in w for w in warnings), warnings
@@ -109,9 +115,11 @@ def test_a_chunk_damaged_while_serving_is_never_served(case, reads, tmp_path, ca
     assert found.tolist() == [i not in damaged for i in range(n)]
     assert np.array_equal(got, np.concatenate([logits[:chunk_rows], logits[2 * chunk_rows :]]))
     assert cache.damage_counts()["v1"] == (chunk_rows, 0)
-    read_alone = chunk_rows if one_by_one and "truncated" not in case else 0  # a short file is left to zarr
+    # a short file is left to zarr
+    read_alone = chunk_rows if one_by_one and "truncated" not in case else 0
     assert ns.row_reads == read_alone, "the rows were not read the way this case means to test"
-    ns.insert(keys[chunk_rows : 2 * chunk_rows], logits[damaged])  # recomputed and stored again: served from them
+    # recomputed and stored again: served from them
+    ns.insert(keys[chunk_rows : 2 * chunk_rows], logits[damaged])
     found, got = ns.get(keys[chunk_rows : 2 * chunk_rows])
     assert found.all() and np.array_equal(got, logits[damaged])
     cache.close()
@@ -128,9 +136,11 @@ def test_random_hits_past_the_bound_are_read_row_by_row_from_the_chunk_files(tmp
     for start in range(0, len(keys), 3):
         at = order[start : start + 3]
         found, got = ns.get([keys[i] for i in at])
-        assert found.all() and np.array_equal(got, logits[at])  # bit for bit
+        # bit for bit
+        assert found.all() and np.array_equal(got, logits[at])
     assert ns.chunk_reads == len(np.unique(order[:3] // 64)), "chunks were read whole for scattered rows"
-    held = (order[:3] // 64).max()  # the last chunk the first request read whole keeps the line
+    # the last chunk the first request read whole keeps the line
+    held = (order[:3] // 64).max()
     assert ns.row_reads == len(keys) - 3 - int((order[3:] // 64 == held).sum())
     cache.close()
 
@@ -144,7 +154,8 @@ def test_a_namespace_with_compressed_chunks_is_still_read_through_zarr(tmp_path)
     for name in ("keys", "logits", "checks"):
         old = zarr.open_array(ns_folder / name)
         data = old[:]
-        zarr.create_array(ns_folder / name, data=data, chunks=old.chunks, overwrite=True)  # zarr's default: zstd
+        # zarr's default: zstd
+        zarr.create_array(ns_folder / name, data=data, chunks=old.chunks, overwrite=True)
         assert zarr.open_array(ns_folder / name).compressors, "not compressed: the case is not tested"
     cache = LogitCache(str(tmp_path / "store"), CacheSettings(max_bytes=1 << 20, chunk_rows=CHUNK, memory_bytes=0))
     ns = cache.namespace("v1", CLASSES)
@@ -168,7 +179,8 @@ def test_a_service_holding_ten_times_its_memory_bound_stays_under_it(tmp_path, m
     is 96 MiB): every row served by key, in order, then a random sample again. A service that mirrored its rows in
     memory would grow by 80 MiB; this one may grow by less than the bound once started (its chunk cache fills in the
     first requests; the allocator settles within a few hundred)."""
-    budget, rows = 8 << 20, 1_310_720  # 64 bytes a 10-class row: 10x the bound
+    # 64 bytes a 10-class row: 10x the bound
+    budget, rows = 8 << 20, 1_310_720
     member = mnist_members["a"]
     keys, logits = filled_store(tmp_path / "cache", rows, version=file_version(member), chunk_rows=1024)
     config = write_config(
@@ -192,7 +204,8 @@ def test_a_service_holding_ten_times_its_memory_bound_stays_under_it(tmp_path, m
                 assert answer[protocol.FOUND_KEY].all(), "a stored row was not found"
                 assert np.array_equal(answer["member_logits"][0].numpy(), logits[at]), "a hit differs from its row"
 
-            for start in range(0, 48 * 4096, 4096):  # settle the allocator, fill the chunk cache
+            # settle the allocator, fill the chunk cache
+            for start in range(0, 48 * 4096, 4096):
                 ask(np.arange(start, start + 4096))
             time.sleep(0.5)
             baseline = rss_kib(server.proc.pid)

@@ -55,23 +55,29 @@ def test_stats_shows_each_version_its_rows_and_which_are_stale(cache):
     assert set(shown) == {v["a"], v["b"], v["c"]}
     assert all(ns["rows"] == ROWS and ns["num_classes"] == 10 and ns["problem"] is None for ns in shown.values())
     assert shown[v["a"]]["used_by"] == ["teachers.ens.members[0]"] and shown[v["c"]]["used_by"]
-    assert shown[v["b"]]["used_by"] == []  # stale: the second config no longer serves b
-    assert shown[v["a"]]["bytes"] == ROWS * (10 * 4 + 16 + 8)  # logits, key, checksum
+    # stale: the second config no longer serves b
+    assert shown[v["b"]]["used_by"] == []
+    # logits, key, checksum
+    assert shown[v["a"]]["bytes"] == ROWS * (10 * 4 + 16 + 8)
     text = akd_cache("stats", "--config", str(config)).stdout
     assert f"{v['b']}" in text and "stale: no teacher of the config uses it" in text
-    plain = akd_cache("stats", "--cache-dir", str(folder))  # no config: what is there, not who uses it
+    # no config: what is there, not who uses it
+    plain = akd_cache("stats", "--cache-dir", str(folder))
     assert plain.returncode == 0 and "give --config" in plain.stdout
 
 
 def test_stats_takes_each_versions_hit_rate_from_the_running_service(cache):
     folder, config, v = cache
     with live_server(config) as (base, _):
-        post(base, random_inputs(ROWS), cache="use")  # every row a hit, for a and for c
-        post(base, random_inputs(4, seed=7), cache="use")  # 4 misses each
+        # every row a hit, for a and for c
+        post(base, random_inputs(ROWS), cache="use")
+        # 4 misses each
+        post(base, random_inputs(4, seed=7), cache="use")
         shown = namespaces(akd_cache("stats", "--config", str(config), "--url", base, "--json"))
         text = akd_cache("stats", "--config", str(config), "--url", base).stdout
     assert (shown[v["a"]]["hits"], shown[v["a"]]["misses"]) == (ROWS, 4)
-    assert (shown[v["b"]]["hits"], shown[v["b"]]["misses"]) == (0, 0)  # not served
+    # not served
+    assert (shown[v["b"]]["hits"], shown[v["b"]]["misses"]) == (0, 0)
     assert f"{ROWS / (ROWS + 4):.1%}" in text
     down = akd_cache("stats", "--config", str(config), "--url", base)
     assert down.returncode == 2 and "could not read its /metrics" in down.stderr
@@ -91,7 +97,8 @@ def test_verify_reads_every_row_and_names_what_fails(cache):
     assert f"{folder}/{v['a']}: DAMAGED" in done.stdout and f"of {ROWS} rows fail" in done.stdout
     assert f"{folder}/{v['c']}: DAMAGED metadata" in done.stdout
     assert f"{folder}/{v['b']}: ok, {ROWS} rows verified" in done.stdout
-    assert (folder / v["a"]).is_dir() and (folder / v["c"]).is_dir()  # verify only reads
+    # verify only reads
+    assert (folder / v["a"]).is_dir() and (folder / v["c"]).is_dir()
 
 
 def test_gc_deletes_the_stale_versions_only_and_the_served_rows_still_hit(cache):
@@ -107,17 +114,20 @@ def test_gc_deletes_the_stale_versions_only_and_the_served_rows_still_hit(cache)
 
 def test_gc_evicts_the_oldest_chunks_down_to_a_size_and_the_rest_still_hit(cache):
     folder, config, v = cache
-    bound = 16 * row_bytes(10)  # a and c hold 12 rows each: one whole chunk of 8 must go
+    # a and c hold 12 rows each: one whole chunk of 8 must go
+    bound = 16 * row_bytes(10)
     dry = akd_cache("gc", "--config", str(config), "--max-bytes", str(bound), "--dry-run")
     assert dry.returncode == 0 and "would evict at least" in dry.stdout, dry.stderr
     done = akd_cache("gc", "--config", str(config), "--max-bytes", str(bound))
     assert done.returncode == 0 and f"evicted {CHUNK} rows" in done.stdout, done.stdout + done.stderr
     shown = namespaces(akd_cache("stats", "--config", str(config), "--json"))
     assert shown[v["a"]]["rows"] + shown[v["c"]]["rows"] == 2 * ROWS - CHUNK
-    assert akd_cache("verify", "--config", str(config)).returncode == 0  # evicted, not damaged
+    # evicted, not damaged
+    assert akd_cache("verify", "--config", str(config)).returncode == 0
     refused = akd_cache("gc", "--config", str(config), "--max-bytes", "-1")
     assert refused.returncode == 2 and "expected a size in bytes >= 0, got -1" in refused.stderr
-    with live_server(config) as (base, _):  # the first 8 rows lost one member's copy: recomputed; the others hit
+    # the first 8 rows lost one member's copy: recomputed; the others hit
+    with live_server(config) as (base, _):
         assert post(base, random_inputs(ROWS), cache="use").headers["X-Cache-Hits"] == str(ROWS - CHUNK)
 
 

@@ -37,7 +37,8 @@ def test_rows_and_chunks_are_what_zarr_reads(tmp_path):
     made = arrays(tmp_path)
     files = ChunkFiles.of(made, max_open=6)
     at = np.random.default_rng(1).permutation(256)[:100]
-    values, read = files.rows(at // 32, at % 32, ["checks", "keys", "logits"])  # in the order named
+    # in the order named
+    values, read = files.rows(at // 32, at % 32, ["checks", "keys", "logits"])
     assert read.all()
     for got, name in zip(values, ["checks", "keys", "logits"]):
         assert got.dtype == made[name].dtype and np.array_equal(got, made[name].oindex[at])
@@ -51,12 +52,15 @@ def test_it_keeps_at_most_its_bound_of_files_open_and_forgets_an_evicted_chunk(t
     before = open_fds()
     files = ChunkFiles.of(made, max_open=5)
     at = np.arange(8)
-    values, read = files.rows(at, np.zeros(8, np.int64), list(made))  # 24 files, 5 chunks at a time
+    # 24 files, 5 chunks at a time
+    values, read = files.rows(at, np.zeros(8, np.int64), list(made))
     assert read.all() and all(np.array_equal(v, made[n].oindex[at * 32]) for v, n in zip(values, made))
-    assert open_fds() - before == 5  # the last opened: chunks 6-7 of logits, 5-7 of checks
+    # the last opened: chunks 6-7 of logits, 5-7 of checks
+    assert open_fds() - before == 5
     files.forget(7)
     assert open_fds() - before == 3
-    files.forget(0)  # closed already
+    # closed already
+    files.forget(0)
     assert open_fds() - before == 3
     files.close()
     assert open_fds() == before
@@ -67,7 +71,8 @@ def test_a_file_opened_long_ago_is_not_closed_while_a_request_still_reads_it(tmp
     would be closed, or reused by the next file opened, and the row read from another chunk)."""
     made = arrays(tmp_path, n=512)
     files = ChunkFiles.of(made, max_open=4)
-    files.rows(np.array([0, 1, 2, 3]), np.zeros(4, np.int64), ["logits"])  # the bound is full; chunk 0's the oldest
+    # the bound is full; chunk 0's the oldest
+    files.rows(np.array([0, 1, 2, 3]), np.zeros(4, np.int64), ["logits"])
     chunks, offsets = np.array([0, 4, 5, 6]), np.array([1, 2, 3, 4])
     (logits,), read = files.rows(chunks, offsets, ["logits"])
     assert read.all() and np.array_equal(logits, made["logits"].oindex[chunks * 32 + offsets])
@@ -81,14 +86,18 @@ def test_a_file_opened_long_ago_is_not_closed_while_a_request_still_reads_it(tmp
 
 def test_what_it_cannot_read_is_left_to_zarr(tmp_path):
     made = arrays(tmp_path)
-    (tmp_path / "logits" / "c" / "2" / "0").unlink()  # zarr reads a missing chunk as its fill value
-    (tmp_path / "checks" / "c" / "3").write_bytes(b"\0" * 10)  # short
+    # zarr reads a missing chunk as its fill value
+    (tmp_path / "logits" / "c" / "2" / "0").unlink()
+    # short
+    (tmp_path / "checks" / "c" / "3").write_bytes(b"\0" * 10)
     files = ChunkFiles.of(made)
     (logits, checks), read = files.rows(np.array([1, 2, 3, 3]), np.array([0, 5, 0, 31]), ["logits", "checks"])
-    assert read.tolist() == [True, False, True, False]  # a short file still holds its first row whole
+    # a short file still holds its first row whole
+    assert read.tolist() == [True, False, True, False]
     assert np.array_equal(logits[0], made["logits"][32]) and not logits[1].any() and not checks[3].any()
     assert files.chunk(2, 32) is None and files.chunk(3, 32) is None and files.chunk(1, 32) is not None
-    assert files.rows(np.array([1]), np.array([32]), ["logits"])[1].tolist() == [False]  # past the chunk: not its row
+    # past the chunk: not its row
+    assert files.rows(np.array([1]), np.array([32]), ["logits"])[1].tolist() == [False]
     files.close()
 
 

@@ -63,17 +63,20 @@ def test_compose_declares_the_pipeline():
     assert set(services["report"]["depends_on"]) == {"trainer-seed0", "trainer-seed1"}
     akd = {name: spec for name, spec in services.items() if name != "balancer"}
     assert all(interpolate(s["image"], {}) == "akd:latest" for s in akd.values())
+    # the results are on the host, in runs/compose
     assert all(
         s["volumes"] == ["./runs/compose:/data/demo"] and s["environment"]["AKD_DEMO_OUT"] == "/data/demo"
         for s in akd.values()
-    )  # the results are on the host, in runs/compose
+    )
     # scaled replicas share the config and publish no port of their own: the balancer is the one address
     assert "ports" not in services["teacher"] and int(services["teacher"]["environment"]["AKD_CACHE_SLOTS"]) >= 2
     balancer = services["balancer"]
-    assert interpolate(balancer["image"], {}).startswith("nginx:")  # the official image
+    # the official image
+    assert interpolate(balancer["image"], {}).startswith("nginx:")
     assert balancer["volumes"] == ["./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
     assert balancer["ports"] == ["${AKD_HOST_PORT:-8000}:8000"]
-    assert all(s["command"][:2] == ["akd", "demo"] for s in akd.values())  # the local path's command
+    # the local path's command
+    assert all(s["command"][:2] == ["akd", "demo"] for s in akd.values())
     gpu = compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]["teacher"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
@@ -131,7 +134,8 @@ def test_compose_services_run_as_local_processes(tmp_path):
         for replica, port in zip(replicas, replica_ports, strict=True):
             healthy(replica, port)
         balancer = nginx_balancer("balancer", [f"http://127.0.0.1:{p}" for p in replica_ports], tmp_path / "nginx")
-        completes("trainer-seed0", "trainer-seed1", AKD_TEACHER_URL=balancer.url)  # concurrently, through nginx
+        # concurrently, through nginx
+        completes("trainer-seed0", "trainer-seed1", AKD_TEACHER_URL=balancer.url)
         served = [
             scrape.total(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=HANG_S).text, "akd_rows_total")
             for p in replica_ports
@@ -142,19 +146,23 @@ def test_compose_services_run_as_local_processes(tmp_path):
         for replica in replicas:
             replica.send_signal(signal.SIGTERM)
             replica.wait(timeout=HANG_S)
-    assert all(rows > 0 for rows in served), served  # both replicas answered the trainers
+    # both replicas answered the trainers
+    assert all(rows > 0 for rows in served), served
     cache = tmp_path / "demo" / "service" / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == ["replica-0", "replica-1"]  # one cache folder each
+    # one cache folder each
+    assert sorted(p.name for p in cache.iterdir()) == ["replica-0", "replica-1"]
     completes("report")
     demo = tmp_path / "demo"
     assert "| akd-ensemble |" in (demo / "RESULTS.md").read_text()
-    results = json.loads((demo / "results.json").read_text())  # written by a later invocation than the trainers'
+    # written by a later invocation than the trainers'
+    results = json.loads((demo / "results.json").read_text())
     assert results["service"]["rows"] > 0 and results["service"] == json.loads(
         (demo / "service" / "stats.json").read_text()
     )
     assert set(results["stages"]) == {"teachers", "students", "evaluate"} and results["elapsed_s"] > 0
     log = (tmp_path / "trainer-seed1.log").read_text()
-    assert "0 to train" in log  # the quick plan has seed 0 only: the second trainer has nothing to do
+    # the quick plan has seed 0 only: the second trainer has nothing to do
+    assert "0 to train" in log
 
 
 def test_the_build_context_holds_every_package_the_akd_command_can_reach():

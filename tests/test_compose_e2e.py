@@ -103,7 +103,8 @@ def served_folder(folder: Path):
 class Pipeline:
     clone: Path
     env: dict
-    done: subprocess.CompletedProcess | None = None  # the first run's, which the tests read
+    # the first run's, which the tests read
+    done: subprocess.CompletedProcess | None = None
     images: set[str] = field(default_factory=set)
 
     def run(self) -> subprocess.CompletedProcess:
@@ -135,7 +136,8 @@ class Pipeline:
     def down(self) -> None:
         """Containers, volumes and the image under test go: a 1.6 GB image left per run fills a CI disk in a day."""
         quiet([*compose_command(), "down", "-v", "--remove-orphans"], cwd=self.clone, env=self.env)
-        if self.images:  # by ID: a rebuild leaves the earlier image untagged, where removing the tag would miss it
+        # by ID: a rebuild leaves the earlier image untagged, where removing the tag would miss it
+        if self.images:
             quiet(["docker", "image", "rm", "--force", *self.images])
 
 
@@ -191,7 +193,8 @@ def test_the_quick_pipeline_runs_to_its_end_and_says_so(quick_pipeline):
     assert [s[0] for s in states["teacher"]] == ["running", "running"] and states["balancer"][0][0] == "running"
     for stage in STAGES:
         assert f"{stage}: exited 0" in done.stdout
-    results = quick_pipeline.clone / "runs" / "compose" / "RESULTS.md"  # on the host, where the README says
+    # on the host, where the README says
+    results = quick_pipeline.clone / "runs" / "compose" / "RESULTS.md"
     assert "| pgd-at |" in results.read_text() and "| akd-ensemble |" in results.read_text()
 
 

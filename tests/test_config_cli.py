@@ -220,10 +220,12 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path):
 def test_a_config_file_over_the_bound_is_refused_before_it_is_parsed(tmp_path):
     """1 MiB is far more than any config holds; a file past it is refused as it is read, not parsed whole."""
     path = tmp_path / "teachers.toml"
-    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1024)  # valid TOML, just over 1 MiB
+    # valid TOML, just over 1 MiB
+    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1024)
     with pytest.raises(ConfigError, match=r"holds 1,048,\d+ bytes; a config file may hold at most 1,048,576 bytes"):
         load_config(path, environ={})
-    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1000)  # under it: read as ever
+    # under it: read as ever
+    path.write_text(TEACHER + ("#" * 1023 + "\n") * 1000)
     assert load_config(path, environ={}).teachers["mnist"].num_classes == 10
 
 
@@ -272,7 +274,8 @@ def test_member_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
 
-    for given in (config_path, Path("../project/conf/teachers.toml")):  # absolute, and relative to the cwd
+    # absolute, and relative to the cwd
+    for given in (config_path, Path("../project/conf/teachers.toml")):
         config = load_config(given, environ={})
         paths = [m.path for m in config.teachers["mnist"].members]
         assert all(p.is_absolute() for p in paths), paths

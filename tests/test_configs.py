@@ -17,7 +17,8 @@ CONFIGS = REPO / "configs"
 @pytest.mark.parametrize("name", ["teacher-at", "teacher-weak", "student-at", "student-akd"])
 def test_run_configs_validate(name):
     cfg = load_train_config(CONFIGS / f"{name}.toml")
-    assert Path(cfg.out_dir).resolve() == REPO / "runs" / name  # relative to the config file, not the caller's folder
+    # relative to the config file, not the caller's folder
+    assert Path(cfg.out_dir).resolve() == REPO / "runs" / name
 
 
 def test_weak_teacher_trains_weaker_but_validates_at_full_strength():

@@ -52,14 +52,16 @@ def test_mnist5k_split_is_fixed_and_options_work():
 
     small = load_dataset("mnist5k", limit_train=100)
     assert len(small.train) == 100 and torch.equal(small.train.x, a.train.x[:100])
-    assert small.train.y.bincount().tolist() == [10] * 10  # stratified order: prefixes stay balanced
+    # stratified order: prefixes stay balanced
+    assert small.train.y.bincount().tolist() == [10] * 10
     assert torch.equal(small.val.x, a.val.x) and torch.equal(small.test.x, a.test.x)
 
     v = load_dataset("mnist5k", val_size=200)
     assert (len(v.train), len(v.val), len(v.test)) == (3800, 200, 1000)
     assert v.val.y.bincount().tolist() == [20] * 10
     assert torch.equal(v.test.x, a.test.x)
-    assert torch.equal(v.train.x[:3500], a.train.x)  # val comes off the end: the training prefix is stable
+    # val comes off the end: the training prefix is stable
+    assert torch.equal(v.train.x[:3500], a.train.x)
     assert len(load_dataset("mnist5k", val_size=0).val) == 0
 
     for bad in (4000, -1):
@@ -79,7 +81,8 @@ def test_images_become_unit_floats_at_the_model_boundary_and_only_once():
     x = torch.tensor([[[[0, 51, 255]]]], dtype=torch.uint8)
     out = to_unit_float(x)
     assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([[[[0.0, 0.2, 1.0]]]]))
-    assert torch.equal(to_unit_float(out), out)  # floats are already in [0, 1]: not divided again
+    # floats are already in [0, 1]: not divided again
+    assert torch.equal(to_unit_float(out), out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,7 +110,8 @@ def test_augment_batch_is_a_padded_crop_or_flip():
         matches = (all_variants(image) == augmented).flatten(1).all(1).nonzero().flatten().tolist()
         assert len(matches) == 1, "each output is exactly one crop/flip of its padded input"
         found.add(matches[0])
-    assert len(found) > 1  # the offsets and flips vary across the batch
+    # the offsets and flips vary across the batch
+    assert len(found) > 1
 
     # one case by hand: offsets (dy, dx) and the flip bit are drawn in that order from the generator
     g = torch.Generator().manual_seed(7)
@@ -134,7 +138,8 @@ def test_iterate_batches_is_deterministic(augment):
     assert not all(torch.equal(xa, xc) for (_, xa, _), (_, xc, _) in zip(a, c))
     idx = torch.cat([i for i, _, _ in a])
     assert idx.dtype == torch.int64 and sorted(idx.tolist()) == list(range(50))
-    assert not torch.equal(idx, torch.arange(50))  # shuffled
+    # shuffled
+    assert not torch.equal(idx, torch.arange(50))
     for i, x, y in a:
         assert torch.equal(y, split.y[i]) and x.dtype == torch.uint8
         assert torch.equal(x, split.x[i]) != augment
@@ -184,7 +189,8 @@ def test_cifar10(tmp_path):
     assert got == {x.tobytes(): y for x, y in zip(np.concatenate(train_x), train_y)}
     assert len(ds.mean) == len(ds.std) == 3
     with pytest.raises(ValueError, match="val_size"):
-        load_dataset("cifar10", tmp_path)  # the default 1,000 leaves nothing of 20 images
+        # the default 1,000 leaves nothing of 20 images
+        load_dataset("cifar10", tmp_path)
 
 
 def test_cifar100_and_safe_unpickling(tmp_path):
@@ -255,7 +261,8 @@ def test_mnist_idx_bad_magic(tmp_path):
         "t10k-images-idx3-ubyte",
         "t10k-labels-idx1-ubyte",
     ):
-        (tmp_path / name).write_bytes(b"\x00\x00\x0d\x03" + bytes(12))  # float32 type code, not ubyte
+        # float32 type code, not ubyte
+        (tmp_path / name).write_bytes(b"\x00\x00\x0d\x03" + bytes(12))
     with pytest.raises(ValueError, match="idx"):
         load_dataset("mnist", tmp_path)
 

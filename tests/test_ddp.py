@@ -79,11 +79,13 @@ def test_two_ranks_take_the_single_process_runs_steps_and_query_the_teacher_for_
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6)
     d1, d2 = np.load(tmp_path / "one" / "dynamics.npz"), np.load(tmp_path / "two" / "dynamics.npz")
-    for kind in ("clean", "adv"):  # every rank's rows reach rank 0's log
+    # every rank's rows reach rank 0's log
+    for kind in ("clean", "adv"):
         assert (d2[kind] != -1).all() and d2[kind].shape == d1[kind].shape
         # an image whose two top logits lie within rounding of each other may be judged either way
         assert (d1[kind] != d2[kind]).sum() <= 1, kind
-    assert log.count("done:") == 1  # one rank reports
+    # one rank reports
+    assert log.count("done:") == 1
 
 
 def test_a_two_rank_run_killed_mid_training_resumes_to_the_uninterrupted_runs_weights(tmp_path):
@@ -93,10 +95,12 @@ def test_a_two_rank_run_killed_mid_training_resumes_to_the_uninterrupted_runs_we
     parted = tmp_path / "parted"
     run = train(TORCHRUN, [*at, f"out_dir={parted}"])
     deadline = time.monotonic() + HANG_S
-    while not (parted / "last.pt").exists():  # written last, once an epoch is complete
+    # written last, once an epoch is complete
+    while not (parted / "last.pt").exists():
         assert run.poll() is None and time.monotonic() < deadline, "the first epoch never ended"
         time.sleep(0.05)
-    for pid in process_tree(run.pid):  # torchrun and both ranks (in sessions of their own), as a lost machine would
+    # torchrun and both ranks (in sessions of their own), as a lost machine would
+    for pid in process_tree(run.pid):
         os.kill(pid, signal.SIGKILL)
     run.communicate(timeout=HANG_S)
     assert len(metrics(parted)) < 3, "the kill came after the run had finished"

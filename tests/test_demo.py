@@ -45,7 +45,8 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == set(STUDENTS) and set(results["teachers"]) == set(TEACHERS)
     for run in [*(r for runs in results["students"].values() for r in runs), *results["teachers"].values()]:
-        for which in ("best", "final"):  # the best-validation checkpoint and the last epoch, both evaluated
+        # the best-validation checkpoint and the last epoch, both evaluated
+        for which in ("best", "final"):
             assert all(isinstance(run[which][k], float) for k in NUMBERS if k != "autoattack_acc"), run
         assert run["overfitting"]["gap"] == pytest.approx(run["overfitting"]["best"] - run["overfitting"]["final"])
     assert all(isinstance(r["final"]["autoattack_acc"], float) for runs in results["students"].values() for r in runs)
@@ -55,13 +56,13 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert results["service"]["rows"] == sum(r["teacher_rows"] for r in distilled)
     text = (out / "RESULTS.md").read_text()
     assert "## The claims" in text and VERDICT_RULE in text
-    assert text.count("**inconclusive (one seed)**") == len(
-        CLAIMS
-    )  # the quick plan has one seed: no verdict from one pair
+    # the quick plan has one seed: no verdict from one pair
+    assert text.count("**inconclusive (one seed)**") == len(CLAIMS)
     assert text.index("![validation PGD accuracy per epoch](pictures/robust-overfitting.png)") < text.index(
         "## Students"
     )
-    assert "this regime does **not** robust-overfit" in text  # 2 epochs: nothing to overfit
+    # 2 epochs: nothing to overfit
+    assert "this regime does **not** robust-overfit" in text
     guidelines = text.split("## The guidelines one at a time")[1].split("##")[0]
     assert all(f"| {name} |" in guidelines for name in STUDENTS[1:]) and "| pgd-at |" not in guidelines
     assert "paired differences seed 0 " in text
@@ -96,9 +97,8 @@ def test_a_report_only_rerun_keeps_the_service_figures_and_the_time(quick_demo, 
     assert again.returncode == 0, again.stderr
     after = json.loads((copy / "results.json").read_text())
     assert after["service"] == before["service"] and after["service"]["rows"] > 0
-    assert (
-        after["stages"] == before["stages"] and after["elapsed_s"] == before["elapsed_s"] > 0
-    )  # the report is not timed
+    # the report is not timed
+    assert after["stages"] == before["stages"] and after["elapsed_s"] == before["elapsed_s"] > 0
     assert (
         f"{after['service']['rows']:,.0f} rows served to the students"
         in again.stdout + (copy / "RESULTS.md").read_text()
@@ -113,16 +113,18 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
     out, done = quick_demo
     runs = [*(out / "teachers").iterdir(), *(out / "students").iterdir()]
 
-    def pgd(run, name):  # the PGD part of the threat model; AutoAttack's is checked apart
+    # the PGD part of the threat model; AutoAttack's is checked apart
+    def pgd(run, name):
         return {k: v for k, v in json.loads((run / name).read_text())["attack"].items() if k != "autoattack"}
 
     attacks = {run.name: pgd(run, "eval.json") for run in runs}
     assert len(attacks) == len(TEACHERS) + len(STUDENTS)
-    assert (
-        attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10
-    )  # not its training attack (eps 0.05, PGD-1)
-    assert all(a == attacks["at-s10"] for a in attacks.values()), attacks  # nor the others' PGD-2
-    assert all(pgd(run, "eval-final.json") == attacks["at-s10"] for run in runs)  # the final epochs too
+    # not its training attack (eps 0.05, PGD-1)
+    assert attacks["weak-s12"]["eps"] == 0.1 and attacks["weak-s12"]["steps"] == 10
+    # nor the others' PGD-2
+    assert all(a == attacks["at-s10"] for a in attacks.values()), attacks
+    # the final epochs too
+    assert all(pgd(run, "eval-final.json") == attacks["at-s10"] for run in runs)
     autoattacked = {
         run.parent.name: {
             name
@@ -131,7 +133,8 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
         }
         for run in runs
     }
-    assert autoattacked == {"teachers": {"eval.json"}, "students": {"eval-final.json"}}  # where the claims look
+    # where the claims look
+    assert autoattacked == {"teachers": {"eval.json"}, "students": {"eval-final.json"}}
     assert json.loads((out / "teachers" / "at-s10" / "eval.json").read_text())["attack"]["autoattack"]["n"] == 8
     assert (
         "== evaluate: 14 evaluations (each model's best-validation and final epoch; AutoAttack on the students' final "
@@ -146,17 +149,17 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
     assert line.startswith(header) and line.endswith(") on 8 images"), line
     wanted = Demo(load_plan(None, "quick"), out, "test").eval_attack().model_dump()
     weak_run = out / "teachers" / "weak-s12"
-    assert evaluation_current(
-        weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True
-    )  # reused on a re-run ...
+    # reused on a re-run ...
+    assert evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)
+    # redone
     assert not evaluation_current(
         weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True
-    )  # redone
-    assert not evaluation_current(
-        weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True
-    )  # for another plan
+    )
+    # for another plan
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)
     assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
-    copy = shutil.copytree(out, tmp_path / "copy")  # a model evaluated otherwise is called out, never mixed in silently
+    # a model evaluated otherwise is called out, never mixed in silently
+    copy = shutil.copytree(out, tmp_path / "copy")
     weak = copy / "teachers" / "weak-s12" / "eval.json"
     recorded = json.loads(weak.read_text())
     weak.write_text(json.dumps({**recorded, "attack": {**recorded["attack"], "eps": 0.05}}))
@@ -173,16 +176,19 @@ def test_evaluate_stage_shows_where_each_model_is(quick_demo):
 
     out, _ = quick_demo
     log = out / "teachers" / "at-s10" / "eval.log"
-    assert "akd.eval: pgd 1/1 batches" in log.read_text()  # `akd eval` logs each attack and batch
+    # `akd eval` logs each attack and batch
+    assert "akd.eval: pgd 1/1 batches" in log.read_text()
     where = last_progress(log)
-    assert where and not where.startswith("pgd")  # its last step: AutoAttack, after PGD
+    # its last step: AutoAttack, after PGD
+    assert where and not where.startswith("pgd")
     assert job_progress(Job("eval at-s10", [], log)) == f"eval at-s10 ({where})"
 
 
 def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_demo, tmp_path):
     out, _ = quick_demo
     copy = shutil.copytree(out, tmp_path / "copy")
-    (copy / "students" / "akd-single-s0" / "eval-final.json").unlink()  # evaluated at its best epoch only, so far
+    # evaluated at its best epoch only, so far
+    (copy / "students" / "akd-single-s0" / "eval-final.json").unlink()
     again = akd("demo", "--quick", "--stage", "report", "--out", str(copy))
     assert again.returncode == 0, again.stderr
     text = (copy / "RESULTS.md").read_text()
@@ -191,9 +197,8 @@ def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_d
         "akd-single" in text
     )
     assert "| akd-single |" not in text and "| akd-ensemble |" in text
-    unfinished = (
-        copy / "students" / "rslad-ensemble-s0"
-    )  # interrupted after its first epoch: not evaluated, and said so
+    # interrupted after its first epoch: not evaluated, and said so
+    unfinished = copy / "students" / "rslad-ensemble-s0"
     (unfinished / "metrics.jsonl").write_text((unfinished / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     for name in ("eval.json", "eval-final.json"):
         (unfinished / name).unlink()
@@ -212,15 +217,19 @@ def test_a_plan_run_in_parts_reports_what_is_finished_and_names_the_rest(quick_d
 def test_rerun_reuses_checkpoints_and_evaluations_even_after_the_folder_moved(quick_demo):
     out, _ = quick_demo
     before = json.loads((out / "results.json").read_text())
-    moved = out.rename(out.parent / "moved")  # what the demo wrote must not point back to where it was
+    # what the demo wrote must not point back to where it was
+    moved = out.rename(out.parent / "moved")
     again = akd("demo", "--quick", "--out", str(moved))
     assert again.returncode == 0, again.stderr
-    assert "[serve] teacher service up" in again.stdout  # from the moved service config and checkpoints
-    assert "started" not in again.stdout  # no training, no evaluation: everything was there
+    # from the moved service config and checkpoints
+    assert "[serve] teacher service up" in again.stdout
+    # no training, no evaluation: everything was there
+    assert "started" not in again.stdout
     assert again.stdout.count("reusing") == len(TEACHERS) + len(STUDENTS)
     assert "| pgd-at |" in again.stdout
     after = json.loads((moved / "results.json").read_text())
-    assert after["service"] == before["service"]  # the service served nothing new: its figures are kept, not zeroed
+    # the service served nothing new: its figures are kept, not zeroed
+    assert after["service"] == before["service"]
     assert {stage: t["runs"] for stage, t in after["stages"].items()} == {"teachers": 2, "students": 2, "evaluate": 2}
     assert after["elapsed_s"] > before["elapsed_s"]
 
@@ -231,7 +240,8 @@ def processes_mentioning(text: str) -> list[str]:
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # it ended while we looked
+        except OSError:
+            # it ended while we looked
             continue
         if text in line:
             found.append(line)
@@ -253,7 +263,8 @@ def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_pat
     try:
         for (
             line
-        ) in proc.stdout:  # bounded by the quick plan's length: the students stage starts within it, or the demo ends
+            # bounded by the quick plan's length: the students stage starts within it, or the demo ends
+        ) in proc.stdout:
             if line.startswith("[students] started"):
                 break
         if to_group:
@@ -264,14 +275,16 @@ def test_sigterm_stops_the_jobs_and_the_service_and_keeps_the_stage_time(tmp_pat
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, rest
-    assert "could not read the service's stats" not in rest  # the service outlived the signal long enough to be asked
+    # the service outlived the signal long enough to be asked
+    assert "could not read the service's stats" not in rest
     assert "[serve] teacher service stopped" in rest
     # no trainer and no service left running on (they end as the demo does: give them a moment)
     deadline = time.monotonic() + HANG_S
     while processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_mentioning(str(out)) == []
-    assert "students" in json.loads((out / "stages.json").read_text())  # the interrupted stage's time counts
+    # the interrupted stage's time counts
+    assert "students" in json.loads((out / "stages.json").read_text())
 
 
 def test_fresh_only_deletes_a_folder_the_demo_made(tmp_path):

@@ -36,9 +36,8 @@ def test_the_overfit_plan_is_the_regime_its_header_describes():
     assert (student.arch, student.limit_train, student.epochs, student.eps_warmup_epochs) == ("tiny_cnn", 500, 100, 10)
     assert student.train_attack.eps == student.val_attack.eps == 0.3 and student.train_attack.steps == 10
     teachers = {t.name: cfg.train_config(t) for t in cfg.teachers}
-    assert all(
-        t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values()
-    )  # more capacity; one yardstick
+    # more capacity; one yardstick
+    assert all(t.arch == "small_cnn" and t.val_attack.eps == 0.3 for t in teachers.values())
     assert teachers["weak-s12"].train_attack.eps == 0.15
     assert len(cfg.seeds) >= 3 and cfg.autoattack_limit >= 500 and cfg.autoattack_version == "apgd"
 
@@ -57,7 +56,8 @@ def write_synthetic_cifar10(root, per_batch: int = 8, test: int = 16) -> None:
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
-SHRUNK = [  # the plan's sizes, not its models, methods or threat model: one epoch of one batch, no AutoAttack
+# the plan's sizes, not its models, methods or threat model: one epoch of one batch, no AutoAttack
+SHRUNK = [
     "seeds=[0]",
     "common.device=cpu",
     "common.epochs=1",
@@ -90,7 +90,8 @@ def test_the_cifar10_plan_runs_end_to_end_on_synthetic_files(tmp_path):
     assert all(t["dataset"] == "cifar10" and t["amp"] == "bf16" for t in trained.values())
     evaluation = json.loads((out / "students" / "akd-ensemble-s0" / "eval-final.json").read_text())
     assert evaluation["dataset"] == "cifar10" and evaluation["attack"]["eps"] == pytest.approx(8 / 255)
-    assert evaluation["attack"]["step_size"] == pytest.approx(2.5 * 8 / 255 / 1)  # PGD-1 here: 2.5 eps / steps
+    # PGD-1 here: 2.5 eps / steps
+    assert evaluation["attack"]["step_size"] == pytest.approx(2.5 * 8 / 255 / 1)
     service = (out / "service" / "teachers.toml").read_text()
     assert 'autocast = "bf16"' in service and "[teachers.ensemble-last]" in service
     assert "robust-overfitting.png" in (out / "RESULTS.md").read_text()
@@ -119,23 +120,24 @@ def test_the_whole_demo_eta_counts_the_stages_still_to_come():
     from pipeline.demo import Demo
     from pipeline.jobs import Work, eta_text
 
-    assert eta_text(0, 10.0, 100, 100) == ""  # no progress yet: no guess
-    assert eta_text(4, 10.0, 96, 100) == ""  # one cheap evaluation out of many ended: too little to go on
-    assert (
-        eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"
-    )  # 50 units a minute: 100 here, 300 in all
+    # no progress yet: no guess
+    assert eta_text(0, 10.0, 100, 100) == ""
+    # one cheap evaluation out of many ended: too little to go on
+    assert eta_text(4, 10.0, 96, 100) == ""
+    # 50 units a minute: 100 here, 300 in all
+    assert eta_text(50, 60.0, 100, 200) == ", ETA 2.0 min (whole demo ~6 min)"
     assert eta_text(50, 60.0, 100, 0) == ", ETA 2.0 min"
     cfg = load_plan(None, "overfit")
     student = TrainConfig.model_validate(merge(cfg.common, {"method": "at"}))
-    assert (
-        Work(cfg).epoch(student) == 500 * 11 + 500 * 11
-    )  # 500 training images x (PGD-10 + update), 500 validated by PGD-10
-    assert (
-        Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000
-    )  # PGD-10 and two clean passes on 1,000; APGD on 500
-    demo = Demo(cfg, REPO / "build" / "no-such-demo", "test")  # nothing done yet: everything is left
+    # 500 training images x (PGD-10 + update), 500 validated by PGD-10
+    assert Work(cfg).epoch(student) == 500 * 11 + 500 * 11
+    # PGD-10 and two clean passes on 1,000; APGD on 500
+    assert Work(cfg).evaluation("mnist5k") == 1000 * 12 + 500 * 1000
+    # nothing done yet: everything is left
+    demo = Demo(cfg, REPO / "build" / "no-such-demo", "test")
     assert demo.students_left() == len(cfg.students) * len(cfg.seeds) * student.epochs * Work(cfg).epoch(student)
-    runs = len(cfg.teachers) + len(cfg.students) * len(cfg.seeds)  # each evaluated twice, once with AutoAttack
+    # each evaluated twice, once with AutoAttack
+    runs = len(cfg.teachers) + len(cfg.students) * len(cfg.seeds)
     assert demo.evaluations_left() == runs * (
         Work(cfg).evaluation("mnist5k") + Work(cfg).evaluation("mnist5k", autoattack=False)
     )

@@ -59,7 +59,8 @@ def test_two_devices_answer_what_the_teachers_compute_and_share_the_work(tmp_pat
         got = codec.decode(answer.content)["member_logits"]
         torch.testing.assert_close(got, reference_member_logits(members, x), rtol=1e-5, atol=1e-5)
     per_worker = [metric(text, f'akd_device_batches_total{{worker="{i}:cpu"}}', 0.0) for i in (0, 1)]
-    assert min(per_worker) >= 1, per_worker  # idle devices take batches in turn: the second batch went to worker 1
+    # idle devices take batches in turn: the second batch went to worker 1
+    assert min(per_worker) >= 1, per_worker
 
 
 def test_the_same_rows_from_many_clients_are_stored_once_and_then_hit(tmp_path, mnist_members):

@@ -15,7 +15,8 @@ from student_trainer.dynamics import (
     summary_table,
 )
 
-U = -1  # not seen that epoch
+# not seen that epoch
+U = -1
 
 # rows are epochs, columns samples
 MATRIX = np.array(
@@ -43,7 +44,8 @@ def test_first_learned_epoch_is_learned_for_good():
 def test_hardest_samples_order():
     # never learned (most forgotten first), then most forgotten, then learned latest; s4 unseen, left out.
     assert hardest_samples(MATRIX, fraction=1.0).tolist() == [5, 3, 2, 0, 1, 7, 6]
-    assert hardest_samples(MATRIX, fraction=0.3).tolist() == [5, 3, 2]  # ceil(0.3 * 7 seen)
+    # ceil(0.3 * 7 seen)
+    assert hardest_samples(MATRIX, fraction=0.3).tolist() == [5, 3, 2]
     with pytest.raises(ValueError):
         hardest_samples(MATRIX, fraction=0.0)
 
@@ -89,12 +91,14 @@ def test_unrecorded_kind_stays_unseen():
 
 
 # Two runs over 5 samples, 3 epochs; s4 is never seen.
-RUN_A = [  # events [0, 0, 1, 0]; s1 never learned -> hardest
+# events [0, 0, 1, 0]; s1 never learned -> hardest
+RUN_A = [
     [1, 0, 1, 0, U],
     [1, 0, 0, 1, U],
     [1, 0, 1, 1, U],
 ]
-RUN_B = [  # events [1, 0, 0, 1]; s0 and s1 never learned, s0 forgotten more -> hardest
+# events [1, 0, 0, 1]; s0 and s1 never learned, s0 forgotten more -> hardest
+RUN_B = [
     [1, 0, 1, 1, U],
     [0, 0, 1, 0, U],
     [0, 0, 1, 1, U],
@@ -103,7 +107,8 @@ RUN_B = [  # events [1, 0, 0, 1]; s0 and s1 never learned, s0 forgotten more -> 
 
 def test_compare_runs_on_the_union_of_hard_sets():
     comparison = compare_runs({"akd": log_from(RUN_A), "pgd-at": log_from(RUN_B)}, kind="adv", fraction=0.25)
-    assert comparison["hard_set_size"] == 2  # {s1} from akd, {s0} from pgd-at
+    # {s1} from akd, {s0} from pgd-at
+    assert comparison["hard_set_size"] == 2
     assert comparison["runs"]["akd"] == pytest.approx(
         {"mean_forgetting": 1 / 4, "never_learned": 1 / 4, "hard_final_acc": 1 / 2}
     )

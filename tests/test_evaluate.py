@@ -34,11 +34,16 @@ def test_ece_zero_when_every_bin_is_calibrated():
 def test_ece_two_bins_by_hand():
     probs = torch.tensor(
         [
-            [0.4, 0.3, 0.3],  # bin (0, 0.5]: right
-            [0.5, 0.25, 0.25],  # bin (0, 0.5] (0.5 is its upper edge): wrong
-            [0.9, 0.05, 0.05],  # bin (0.5, 1]: right
-            [0.8, 0.1, 0.1],  # bin (0.5, 1]: wrong
-            [0.6, 0.2, 0.2],  # bin (0.5, 1]: right
+            # bin (0, 0.5]: right
+            [0.4, 0.3, 0.3],
+            # bin (0, 0.5] (0.5 is its upper edge): wrong
+            [0.5, 0.25, 0.25],
+            # bin (0.5, 1]: right
+            [0.9, 0.05, 0.05],
+            # bin (0.5, 1]: wrong
+            [0.8, 0.1, 0.1],
+            # bin (0.5, 1]: right
+            [0.6, 0.2, 0.2],
         ]
     )
     y = torch.tensor([0, 1, 0, 1, 0])
@@ -66,7 +71,8 @@ def test_reliability_bins_default_is_15_equal_width_bins():
     assert all(b["hi"] - b["lo"] == pytest.approx(1 / 15) for b in table)
     assert sum(b["count"] for b in table) == 200
     assert all((b["accuracy"] is None) == (b["count"] == 0) for b in table)
-    json.dumps(table)  # JSON-ready
+    # JSON-ready
+    json.dumps(table)
 
 
 # --- PNGs --------------------------------------------------------------------------------
@@ -136,7 +142,8 @@ def full_run(setup, tmp_path_factory):
     from student_trainer.evaluate import evaluate
 
     model, x, y = setup
-    model.train()  # evaluate must switch to eval and back
+    # evaluate must switch to eval and back
+    model.train()
     messages = []
     diagram = tmp_path_factory.mktemp("eval") / "reliability.png"
     result = evaluate(

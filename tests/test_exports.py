@@ -136,7 +136,8 @@ def test_ordinary_export_loads_and_answers_as_the_eager_model(tmp_path, name, fo
     model = load_export(exported(name, form, tmp_path / f"{name}.pt2"))
     x = random_inputs(5)
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), eager(name)(x), rtol=1e-4, atol=1e-5)  # float32, kernels may differ
+        # float32, kernels may differ
+        torch.testing.assert_close(model(x), eager(name)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_ordinary_exports_are_served_as_the_eager_models_answer(tmp_path):

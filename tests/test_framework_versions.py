@@ -45,6 +45,7 @@ def test_an_untested_framework_is_named_with_both_versions_and_warned_of_at_star
     teachers = {"solo": mnist_teacher([(save_member(tmp_path / "a.pt", seed=1), 1.0)])}
     config = write_config(tmp_path / "teachers.toml", teachers, server={"device": "cpu"})
     with caplog.at_level(logging.WARNING, logger="akd.service"), live_server(config):
-        pass  # started: the warning is in, and the service serves
+        # started: the warning is in, and the service serves
+        pass
     warnings = [r.getMessage() for r in caplog.records if r.name == "akd.service"]
     assert warnings == [f"{expected}; the service relies on its internals, which may have changed"]

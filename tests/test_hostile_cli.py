@@ -22,7 +22,8 @@ from conftest import HANG_S, mnist_teacher, save_member, write_config
 
 AKD = Path(sys.executable).parent / "akd"
 ADDRESS_SPACE = 4 << 30
-CONFIG_BOUND = "1,048,576 bytes"  # shared.configfile.MAX_CONFIG_BYTES, as the message writes it
+# shared.configfile.MAX_CONFIG_BYTES, as the message writes it
+CONFIG_BOUND = "1,048,576 bytes"
 
 
 def _limited() -> None:
@@ -79,7 +80,8 @@ def _oversized(folder: Path) -> tuple[Path, str]:
 
 
 HOSTILE_CONFIGS = {"fifo": _fifo, "dev_zero": _dev_zero, "oversized": _oversized}
-CONFIG_COMMANDS = {  # every subcommand that reads a --config, with what else it needs to get that far
+# every subcommand that reads a --config, with what else it needs to get that far
+CONFIG_COMMANDS = {
     "serve": [],
     "train": [],
     "warm": [],
@@ -96,7 +98,8 @@ def test_a_config_that_is_not_a_small_regular_file_is_refused_by_every_subcomman
     config, says = HOSTILE_CONFIGS[kind](tmp_path)
     done = akd(command, "--config", str(config), *CONFIG_COMMANDS[command], cwd=tmp_path)
     refused(done, command, f"config file {config} {says}")
-    assert not (tmp_path / "out").exists()  # demo and bench made nothing
+    # demo and bench made nothing
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- a file where a folder belongs
@@ -136,7 +139,8 @@ def test_demo_and_bench_with_an_out_that_is_a_file(tmp_path, under, command):
 
 EVAL_REFUSALS = {
     "limit_0": (["--limit", "0"], "--limit must be at least 1, got 0"),
-    "limit_negative": (["--limit", "-1"], "--limit must be at least 1, got -1"),  # took 999 of 1,000 images
+    # took 999 of 1,000 images
+    "limit_negative": (["--limit", "-1"], "--limit must be at least 1, got -1"),
     "autoattack_limit_negative": (
         ["--autoattack-limit", "-1"],
         "--autoattack-limit must be at least 0 (0: no AutoAttack), got -1",

@@ -99,7 +99,8 @@ def test_the_hot_route_answers_and_refuses_as_fastapi_does(config):
         served = answers(hot)
     with live_server(config("fastapi"), asgi=through_fastapi) as (slow, _app):
         reference = answers(slow)
-    assert [case[:2] for case in served] == [case[:2] for case in reference]  # status by status first: a clear diff
+    # status by status first: a clear diff
+    assert [case[:2] for case in served] == [case[:2] for case in reference]
     assert served == reference
     # and the cases are what they say: answers, hits, and each refusal
     statuses = {what: status for what, status, *_ in served[:-1]}

@@ -34,7 +34,8 @@ def test_the_lock_pins_every_dependency_of_every_extra_within_the_project_ranges
     extras = project["optional-dependencies"]
     wanted = [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["bench"]]
     pins = lock_pins()
-    assert "torch" not in pins  # the Makefile's TORCH and the image's TORCH build argument decide it
+    # the Makefile's TORCH and the image's TORCH build argument decide it
+    assert "torch" not in pins
     for requirement in wanted:
         if requirement.name == "torch":
             continue

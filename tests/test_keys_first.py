@@ -35,17 +35,21 @@ def test_cached_rows_are_asked_for_by_key_and_only_the_others_uploaded(teacher_c
         assert client.keys_first and not plain.keys_first
         x = clean_rows(32, seed=0)
         first = client(x)
-        assert client.rows_uploaded == 32 and client.cache_hits == 0  # nothing cached yet: every row goes up
+        # nothing cached yet: every row goes up
+        assert client.rows_uploaded == 32 and client.cache_hits == 0
         again = client(x)
-        assert client.rows_uploaded == 32 and client.cache_hits == 32  # all cached: only the keys went
+        # all cached: only the keys went
+        assert client.rows_uploaded == 32 and client.cache_hits == 32
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         mixed = torch.cat([x[:16], clean_rows(16, seed=1)])[
             torch.randperm(32, generator=torch.Generator().manual_seed(2))
         ]
         answer = client(mixed)
         assert client.rows_uploaded == 32 + 16 and client.cache_hits == 32 + 16
-        torch.testing.assert_close(answer, plain(mixed), rtol=0, atol=1e-7)  # what a full upload gets, row for row
-        client(x, adversarial=True)  # adversarial rows bypass the cache: uploaded whole, never asked by key
+        # what a full upload gets, row for row
+        torch.testing.assert_close(answer, plain(mixed), rtol=0, atol=1e-7)
+        # adversarial rows bypass the cache: uploaded whole, never asked by key
+        client(x, adversarial=True)
         assert client.rows_uploaded == 32 + 16 + 32
 
 
@@ -73,9 +77,12 @@ def keys_body(**tensors) -> bytes:
 @pytest.mark.parametrize(
     "body, status, code",
     [
-        (keys_body(keys=torch.zeros(3, 16)), 422, "bad_keys"),  # float, not uint8
-        (keys_body(keys=torch.zeros(3, 8, dtype=torch.uint8)), 422, "bad_keys"),  # 8 bytes, not 16
-        (keys_body(keys=torch.zeros(0, 16, dtype=torch.uint8)), 422, "bad_keys"),  # no rows
+        # float, not uint8
+        (keys_body(keys=torch.zeros(3, 16)), 422, "bad_keys"),
+        # 8 bytes, not 16
+        (keys_body(keys=torch.zeros(3, 8, dtype=torch.uint8)), 422, "bad_keys"),
+        # no rows
+        (keys_body(keys=torch.zeros(0, 16, dtype=torch.uint8)), 422, "bad_keys"),
         (keys_body(inputs=torch.zeros(3, 16, dtype=torch.uint8)), 422, "missing_keys"),
         (keys_body(keys=torch.zeros(3, 16, dtype=torch.uint8), extra=torch.zeros(1)), 422, "missing_keys"),
         (keys_body(keys=torch.zeros(20000, 16, dtype=torch.uint8)), 413, "too_many_rows"),

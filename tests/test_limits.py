@@ -100,19 +100,19 @@ def test_bytes_in_flight_are_bounded_across_requests(tmp_path, member):
         limits={"body_bytes": 100_000, "inflight_bytes": 150_000},
         timeouts={"header_s": HANG_S, "body_s": HANG_S},
     )
-    body_a = encode_inputs(random_inputs(100, dtype=torch.uint8, seed=1))  # 78,400 bytes of rows
-    body_b = encode_inputs(random_inputs(95, dtype=torch.uint8, seed=2))  # 74,480: each fits alone, not both
+    # 78,400 bytes of rows
+    body_a = encode_inputs(random_inputs(100, dtype=torch.uint8, seed=1))
+    # 74,480: each fits alone, not both
+    body_b = encode_inputs(random_inputs(95, dtype=torch.uint8, seed=2))
     assert max(len(body_a), len(body_b)) <= 100_000 and len(body_a) - 1 + len(body_b) > 150_000
     with live_server(config) as (base, _):
         with raw_connect(base) as a:
-            a.sendall(
-                raw_head("POST", SOFT_TARGETS, {"Content-Length": len(body_a)}) + body_a[:-1]
-            )  # all but its last byte
+            # all but its last byte
+            a.sendall(raw_head("POST", SOFT_TARGETS, {"Content-Length": len(body_a)}) + body_a[:-1])
             _until(lambda: _gauge(base, "akd_inflight_bytes") == len(body_a) - 1, "the held upload is counted")
 
-            declared = httpx.post(
-                f"{base}{SOFT_TARGETS}", content=body_b, timeout=HANG_S
-            )  # refused from Content-Length
+            # refused from Content-Length
+            declared = httpx.post(f"{base}{SOFT_TARGETS}", content=body_b, timeout=HANG_S)
             assert declared.status_code == 503 and declared.headers["retry-after"] == "1", declared.text
             err = declared.json()["error"]
             assert (
@@ -121,12 +121,12 @@ def test_bytes_in_flight_are_bounded_across_requests(tmp_path, member):
             assert err["received"] == f"{len(body_a) - 1} bytes in flight and {len(body_b)} more"
 
             chunks = [body_b[i : i + 10_000] for i in range(0, len(body_b), 10_000)]
-            streamed = httpx.post(
-                f"{base}{SOFT_TARGETS}", content=iter(chunks), timeout=HANG_S
-            )  # refused as its bytes arrive
+            # refused as its bytes arrive
+            streamed = httpx.post(f"{base}{SOFT_TARGETS}", content=iter(chunks), timeout=HANG_S)
             assert "content-length" not in streamed.request.headers
             assert streamed.status_code == 503 and streamed.json()["error"]["code"] == "inflight_full", streamed.text
-            assert _gauge(base, "akd_inflight_bytes") == len(body_a) - 1  # the refused request's bytes were given back
+            # the refused request's bytes were given back
+            assert _gauge(base, "akd_inflight_bytes") == len(body_a) - 1
 
             a.sendall(body_a[-1:])
             status, _, payload = raw_response(a)
@@ -151,16 +151,16 @@ def test_inflight_bound_below_the_body_limit_is_a_config_error(tmp_path, member)
 
 def _trickle_head_until_closed(base: str) -> tuple[float, bytes]:
     """Send a request head a byte at a time, never finishing it, until the server hangs up; (seconds, what it sent)."""
-    started = (
-        time.monotonic()
-    )  # before connecting: the server's clock starts later, so it cannot fire before `started + timeout`
+    # before connecting: the server's clock starts later, so it cannot fire before `started + timeout`
+    started = time.monotonic()
     sock = raw_connect(base)
     head = b"POST /soft-targets HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
     sent = 0
     with sock:
         while time.monotonic() - started < HANG_S:
             if select.select([sock], [], [], 0.05)[0]:
-                break  # something to read: the answer, or the close
+                # something to read: the answer, or the close
+                break
             try:
                 sock.send(head[sent : sent + 1] if sent < len(head) else b"a")
             except (BrokenPipeError, ConnectionResetError):
@@ -176,16 +176,21 @@ def test_idle_and_trickling_heads_are_cut_off_while_good_clients_are_served(tmp_
     served."""
     with live_server(_config(tmp_path, member, timeouts={"header_s": 1.0})) as (base, _):
         started = time.monotonic()
-        idle = [raw_connect(base) for _ in range(5)]  # connect, send nothing
-        _good(base, deadlines=True)  # served while those hold their connections
+        # connect, send nothing
+        idle = [raw_connect(base) for _ in range(5)]
+        # served while those hold their connections
+        _good(base, deadlines=True)
         for sock in idle:
-            assert closed_by_peer(sock) == b""  # closed, and nothing said: nothing was asked
+            # closed, and nothing said: nothing was asked
+            assert closed_by_peer(sock) == b""
             sock.close()
         assert time.monotonic() - started >= 1.0
 
         seconds, answer = _trickle_head_until_closed(base)
-        assert seconds >= 1.0 - 1e-3  # the server's timer may fire a hair early (once: 0.99998 s in a busy run)
-        if answer:  # written just before the close; a reset can swallow it, the close cannot be
+        # the server's timer may fire a hair early (once: 0.99998 s in a busy run)
+        assert seconds >= 1.0 - 1e-3
+        # written just before the close; a reset can swallow it, the close cannot be
+        if answer:
             assert answer.startswith(b"HTTP/1.1 408 ")
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
         _good(base, deadlines=True)
@@ -202,8 +207,10 @@ def test_stalled_bodies_and_idle_keep_alive_connections_are_cut_off(tmp_path, me
             stalled.sendall(
                 raw_head("POST", f"{SOFT_TARGETS}?teacher=mnist", {"Content-Length": len(body)}) + body[:100]
             )
-            _good(base, deadlines=True)  # served while it stalls
-            status, headers, payload = raw_response(stalled)  # the body deadline, then the connection closes
+            # served while it stalls
+            _good(base, deadlines=True)
+            # the body deadline, then the connection closes
+            status, headers, payload = raw_response(stalled)
             assert status == 408 and headers["connection"] == "close"
             err = _error(status, headers, payload)
             assert (
@@ -245,7 +252,8 @@ def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path, me
     config = _config(tmp_path, member, limits={"connections": 3}, timeouts={"header_s": HANG_S})
     with live_server(config) as (base, _):
         held = [raw_connect(base) for _ in range(3)]
-        with raw_connect(base) as extra:  # accepted after the three, so past the limit
+        # accepted after the three, so past the limit
+        with raw_connect(base) as extra:
             extra.sendall(raw_head("GET", "/healthz"))
             status, headers, payload = raw_response(extra)
             assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
@@ -279,7 +287,8 @@ def test_idle_sockets_past_the_descriptor_limit_cannot_lock_good_clients_out(tmp
     try:
         idle = [raw_connect(server.base) for _ in range(160)]
         for sock in idle:
-            assert closed_by_peer(sock) == b""  # closed, nothing said: nothing was asked
+            # closed, nothing said: nothing was asked
+            assert closed_by_peer(sock) == b""
             sock.close()
         _good(server.base, deadlines=True)
         assert server.proc.poll() is None

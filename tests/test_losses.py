@@ -41,7 +41,8 @@ def test_soft_cross_entropy_by_hand():
 
 
 def test_kl_div_by_hand_with_temperature():
-    logits = 2 * torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))  # /tau=2 -> [.5, .25, .25]
+    # /tau=2 -> [.5, .25, .25]
+    logits = 2 * torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))
     p = torch.tensor([[0.25, 0.25, 0.5], [1.0, 0.0, 0.0]])
     # KL = .25 ln 2 and ln 2 (a zero target entry contributes 0); mean .625 ln 2.
     torch.testing.assert_close(kl_div(p, logits, temperature=2.0), torch.tensor(0.625 * LN2))
@@ -61,7 +62,8 @@ def test_ensemble_target_mixing_by_hand():
     """The guideline's target: alpha * sum_k beta_k p_k + (1 - alpha) onehot, with beta = (1/4, 3/4)."""
     p1 = torch.tensor([[1.0, 0.0, 0.0]])
     p2 = torch.tensor([[0.0, 0.5, 0.5]])
-    ensemble = 0.25 * p1 + 0.75 * p2  # [.25, .375, .375]
+    # [.25, .375, .375]
+    ensemble = 0.25 * p1 + 0.75 * p2
     torch.testing.assert_close(mix_labels(ensemble, torch.tensor([1]), 0.5), torch.tensor([[0.125, 0.6875, 0.1875]]))
 
 
@@ -95,7 +97,8 @@ class FakeTeacher:
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), K))
         self.calls: list[torch.Tensor] = []
-        self.adversarial: list[bool] = []  # what each call said its inputs were (it picks the service's cache mode)
+        # what each call said its inputs were (it picks the service's cache mode)
+        self.adversarial: list[bool] = []
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool) -> torch.Tensor:
         assert not x.requires_grad and float(x.min()) >= 0 and float(x.max()) <= 1
@@ -162,7 +165,8 @@ def test_trades():
 def test_trades_always_starts_normal_even_when_the_attack_has_no_random_start():
     r, _, x, _ = run("trades", attack=replace(ATTACK, random_start=False, steps=1, step_size=0.0))
     delta = r.x_adv - x
-    assert 0 < float(delta.abs().max()) < 0.01  # the 0.001 * N(0, 1) nudge, nothing more
+    # the 0.001 * N(0, 1) nudge, nothing more
+    assert 0 < float(delta.abs().max()) < 0.01
 
 
 def test_akd_teacher_on_x_adv_with_label_mixing():
@@ -179,7 +183,8 @@ def test_akd_with_alpha_zero_is_at_and_never_calls_the_teacher():
     assert torch.equal(akd.x_adv, at.x_adv)
     assert torch.equal(akd.loss, at.loss)
     assert torch.equal(akd.logits_adv, at.logits_adv)
-    run("akd", TrainConfig(alpha=0.0), None)  # no teacher needed at all
+    # no teacher needed at all
+    run("akd", TrainConfig(alpha=0.0), None)
 
 
 def test_ard_teacher_on_clean_x():
@@ -304,12 +309,14 @@ def test_every_method_backprops_on_a_cnn(name):
     assert r.logits_clean is None or (r.logits_clean.shape == (8, K) and not r.logits_clean.requires_grad)
     assert r.x_adv.shape == x.shape and not r.x_adv.requires_grad
     assert float(r.x_adv.min()) >= 0 and float(r.x_adv.max()) <= 1
-    assert all(p.grad is None for p in model.parameters())  # the attack left no gradients behind
+    # the attack left no gradients behind
+    assert all(p.grad is None for p in model.parameters())
     assert model.training
     r.loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    assert all(p.grad is None for p in teacher_net.parameters())  # the teacher's outputs are constants
+    # the teacher's outputs are constants
+    assert all(p.grad is None for p in teacher_net.parameters())
 
 
 def test_small_cnn_student_with_a_teacher():

@@ -38,7 +38,8 @@ def test_robustbench_member_without_weights_on_disk_is_a_clear_error(tmp_path, f
         load_teachers(config, torch.device("cpu"))
     import robustbench.utils
 
-    assert robustbench.utils.CALLS == []  # never asked RobustBench, which would download
+    # never asked RobustBench, which would download
+    assert robustbench.utils.CALLS == []
 
 
 @pytest.mark.parametrize("server", [{"channels_last": True}, {"autocast": "bf16"}])
@@ -50,7 +51,8 @@ def test_device_options_keep_outputs_close(tmp_path, mnist_members, server):
             f"{base}/soft-targets", content=codec.encode_inputs(x), params={"outputs": "member_logits"}, timeout=HANG_S
         )
     assert r.status_code == 200
-    tolerance = 5e-2 if "autocast" in server else 1e-5  # bf16 keeps ~3 significant digits
+    # bf16 keeps ~3 significant digits
+    tolerance = 5e-2 if "autocast" in server else 1e-5
     torch.testing.assert_close(
         codec.decode(r.content)["member_logits"],
         reference_member_logits([mnist_members["a"]], x),

@@ -39,7 +39,8 @@ from torch import nn
 from shared import codec
 from shared.hashing import row_keys
 
-HUGE = 2e38  # two of these overflow float32 (largest 3.4e38); one does not
+# two of these overflow float32 (largest 3.4e38); one does not
+HUGE = 2e38
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -107,7 +108,8 @@ def device_held(service, loop):
 
 
 def wait_for_queued_rows(base: str, teacher: str, n: int) -> None:
-    deadline = time.monotonic() + HANG_S  # a ceiling against hangs only
+    # a ceiling against hangs only
+    deadline = time.monotonic() + HANG_S
     while gauge(httpx.get(f"{base}/metrics", timeout=HANG_S).text, f'akd_queue_rows{{teacher="{teacher}"}}') < n:
         assert time.monotonic() < deadline, f"{n} rows never queued"
         time.sleep(0.01)
@@ -165,12 +167,14 @@ def test_an_overflowing_member_fails_only_the_request_owning_its_rows(tmp_path, 
             good = pool.submit(send, base, "m", good_x, outputs="probs,member_logits")
             wait_for_queued_rows(base, "m", 5)
         bad, good = bad.result(HANG_S), good.result(HANG_S)
-        again = send(base, "m", bad_x)  # not answered from the cache either
+        # not answered from the cache either
+        again = send(base, "m", bad_x)
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
         version = service.teachers["m"].members[1].version
         stored = in_cache(service, version, row_keys(bad_x) + row_keys(good_x))
 
-    assert metric(metrics, 'akd_batch_rows_max{teacher="m"}') == 5  # the two requests shared one batch
+    # the two requests shared one batch
+    assert metric(metrics, 'akd_batch_rows_max{teacher="m"}') == 5
     assert_refused(bad, member=1, path=paths[1], bad=1, of=2, received="+inf")
     assert_refused(again, member=1, path=paths[1], bad=1, of=2, received="+inf")
     assert good.status_code == 200, good.text
@@ -178,12 +182,14 @@ def test_an_overflowing_member_fails_only_the_request_owning_its_rows(tmp_path, 
     expected = reference_member_logits(paths, good_x)
     torch.testing.assert_close(answer["member_logits"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(answer["probs"], reference_probs(expected, [1.0, 2.0], 1.0, "probs"))
-    assert metric(metrics, f'akd_nonfinite_rows_total{{member="{version}",teacher="m"}}') == 2  # once a request
+    # once a request
+    assert metric(metrics, f'akd_nonfinite_rows_total{{member="{version}",teacher="m"}}') == 2
     assert metric(metrics, 'akd_requests_total{status="500",teacher="m"}') == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "akd.service" and "overflowed" in r.getMessage()]
     assert len(lines) == 2 and all(f"member 1 ({paths[1]}, version {version})" in line for line in lines), lines
     found, logits = stored
-    assert found.tolist() == [True, False, True, True, True]  # the overflowing row only is not stored
+    # the overflowing row only is not stored
+    assert found.tolist() == [True, False, True, True, True]
     assert torch.isfinite(torch.from_numpy(logits)).all()
 
 
@@ -203,7 +209,8 @@ def test_an_overflowing_member_alone_fails_its_rows_whichever_slice_they_are_in(
         good = send(base, "solo", good_x, outputs="member_logits")
         metrics = httpx.get(f"{base}/metrics", timeout=HANG_S).text
     assert_refused(every_row, member=0, path=members["over"], bad=2, of=2, received="+inf")
-    assert_refused(sliced, member=0, path=members["over"], bad=1, of=2, received="+inf")  # the slice of rows 4, 5
+    # the slice of rows 4, 5
+    assert_refused(sliced, member=0, path=members["over"], bad=1, of=2, received="+inf")
     assert good.status_code == 200, good.text
     torch.testing.assert_close(
         codec.decode(good.content)["member_logits"],
@@ -211,7 +218,8 @@ def test_an_overflowing_member_alone_fails_its_rows_whichever_slice_they_are_in(
         rtol=1e-5,
         atol=1e-5,
     )
-    assert metric(metrics, 'akd_rows_total{teacher="solo"}') == 6  # only the good request's rows were answered
+    # only the good request's rows were answered
+    assert metric(metrics, 'akd_rows_total{teacher="solo"}') == 6
     version = service.teachers["solo"].members[0].version
     assert metric(metrics, f'akd_nonfinite_rows_total{{member="{version}",teacher="solo"}}') == 3
 

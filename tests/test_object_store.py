@@ -93,7 +93,8 @@ def test_rows_stored_in_s3_survive_a_restart_and_hit(s3_config):
     with live_server(config) as (base, _):
         first, hits = member_logits(base, x, cache="use")
         assert hits == 0
-    assert any(key.startswith(f"{prefix}/{versions[0]}/logits/") for key in objects(prefix))  # in the bucket
+    # in the bucket
+    assert any(key.startswith(f"{prefix}/{versions[0]}/logits/") for key in objects(prefix))
     with live_server(config) as (base, _):
         again, hits = member_logits(base, x, cache="use")
     assert hits == 20
@@ -113,8 +114,10 @@ def test_a_damaged_object_is_never_served_and_its_namespace_is_rebuilt(s3_config
     with live_server(config) as (base, _):
         again, hits = member_logits(base, x, cache="use")
         metrics = httpx.get(base + "/metrics", timeout=HANG_S).text
-    torch.testing.assert_close(again, first, rtol=0, atol=1e-6)  # recomputed, not read from the damaged chunk
-    assert hits == 20 - 8  # the 8 rows of the damaged chunk were computed again (for member a)
+    # recomputed, not read from the damaged chunk
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
+    # the 8 rows of the damaged chunk were computed again (for member a)
+    assert hits == 20 - 8
     assert f'akd_cache_damaged_rows{{member="{versions[0]}"}} 8.0' in metrics
 
 

@@ -21,7 +21,8 @@ from conftest import HANG_S, REPO, live_server, mnist_teacher, random_inputs, wr
 from shared import codec, protocol
 from teacher_service.openmp import device_thread_setup
 
-LARGE_ROWS = 2048  # uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
+# uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
+LARGE_ROWS = 2048
 
 
 def openmp_threads() -> set[str]:
@@ -34,7 +35,8 @@ def openmp_threads() -> set[str]:
 def _name(tid: str) -> str:
     try:
         return Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-    except OSError:  # the thread ended meanwhile
+    except OSError:
+        # the thread ended meanwhile
         return ""
 
 
@@ -56,7 +58,8 @@ def exercise(base: str) -> None:
 
 
 def test_the_service_keeps_one_openmp_team_whatever_its_routes_do(tmp_path, mnist_members):
-    torch.softmax(torch.rand(256, 1000), dim=-1)  # this (the test's) thread's own team, made before the count
+    # this (the test's) thread's own team, made before the count
+    torch.softmax(torch.rand(256, 1000), dim=-1)
     config = write_config(
         tmp_path / "t.toml",
         {"mnist": mnist_teacher([(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)])},
@@ -108,7 +111,8 @@ def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_
     7 to 15 cores (bench/RESULTS.md, section 11). Not a CUDA test: which setup a device's thread gets depends only on
     the device's type, and what the setup does is measured here, on this CPU."""
     assert team_started_by_a_device_thread("cuda") == 0
-    assert team_started_by_a_device_thread("cpu") == torch.get_num_threads() - 1  # the forward passes' team
+    # the forward passes' team
+    assert team_started_by_a_device_thread("cpu") == torch.get_num_threads() - 1
 
 
 SENDS_A_BATCH = """

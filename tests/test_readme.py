@@ -43,4 +43,5 @@ def test_example_teachers_of_the_main_job_serve(tmp_path):
             timeout=HANG_S,
         )
     assert r.status_code == 200 and codec.decode(r.content)["member_logits"].shape == (2, 3, 10)
-    assert (out / "cache" / "zarr.json").exists()  # cache.dir relative to the config's folder
+    # cache.dir relative to the config's folder
+    assert (out / "cache" / "zarr.json").exists()

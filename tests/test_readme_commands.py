@@ -77,7 +77,8 @@ def test_make_demo_as_written_writes_runs_demo_results(clone):
     assert "| pgd-at |" in results and "| akd-ensemble |" in results
     teacher = clone / "runs" / "demo" / "teachers" / "at-s10"
     assert (teacher / "best.pt").exists() and not (teacher / "runs").exists()
-    assert tomllib.loads((teacher / "run.toml").read_text())["out_dir"] == "."  # the run.toml can move with its folder
+    # the run.toml can move with its folder
+    assert tomllib.loads((teacher / "run.toml").read_text())["out_dir"] == "."
     served = tomllib.loads((clone / "runs" / "demo" / "service" / "teachers.toml").read_text())
     assert served["teachers"]["ensemble"]["members"][0]["path"] == "../teachers/at-s10/best.pt"
 
@@ -104,7 +105,8 @@ def test_the_walkthrough_as_written_trains_serves_distils_and_evaluates(clone):
             argv = shlex.split(line.removesuffix("&").strip())
             assert argv[0] == "akd", line
             if argv[1] == "serve":
-                assert line.endswith("&")  # the README starts it in the background
+                # the README starts it in the background
+                assert line.endswith("&")
                 service = start_in_background(argv, clone, {**env, "AKD_PORT": str(port)})
                 continue
             if argv[1] == "train":
@@ -126,7 +128,8 @@ def test_the_walkthrough_as_written_trains_serves_distils_and_evaluates(clone):
     assert (runs / "teachers" / "compare.md").exists() and (runs / "students" / "compare.md").exists()
     evaluated = json.loads((runs / "student-akd" / "eval.json").read_text())
     assert evaluated["n"] == 16 and {"clean_acc", "pgd_acc", "autoattack_acc"} <= set(evaluated)
-    assert (runs / "teacher-cache" / "zarr.json").exists()  # the service config's cache.dir, relative to its file
+    # the service config's cache.dir, relative to its file
+    assert (runs / "teacher-cache" / "zarr.json").exists()
     assert re.search(r'akd_rows_total\{teacher="mnist"\} [1-9]', rows), "the AKD student never asked the service"
     nested = [str(p.relative_to(clone)) for p in clone.rglob("runs") if p != runs and ".venv" not in p.parts]
     assert not nested, f"runs landed in nested folders: {nested}"

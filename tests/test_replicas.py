@@ -48,9 +48,11 @@ def test_calls_spread_over_the_replicas_and_fail_over_when_one_dies(replicas):
     client.info()
     x = random_inputs(3)
     answers = [client(x) for _ in range(4)]
-    assert rows_answered(a) == rows_answered(b) == 6  # two calls of 3 rows each
+    # two calls of 3 rows each
+    assert rows_answered(a) == rows_answered(b) == 6
     a.kill9()
-    answers += [client(x) for _ in range(4)]  # every call answered once, by the live replica
+    # every call answered once, by the live replica
+    answers += [client(x) for _ in range(4)]
     assert rows_answered(b) == 6 + 4 * 3
     assert client.rows_requested == 8 * 3
     for answer in answers[1:]:
@@ -90,12 +92,14 @@ def test_a_student_finishes_every_step_when_a_replica_dies_mid_training(replicas
     while not (metrics.exists() and metrics.read_text().strip()) and trainer.poll() is None:
         assert time.monotonic() < deadline, "the first epoch never ended"
         time.sleep(0.05)
-    a.kill9()  # after the first epoch, with two to go
+    # after the first epoch, with two to go
+    a.kill9()
     log, _ = trainer.communicate(timeout=HANG_S)
     assert trainer.returncode == 0, log
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["epoch"] for m in epochs] == [1, 2, 3]
-    assert [m["teacher_rows"] for m in epochs] == [800, 800, 800]  # no step lost, none asked twice
+    # no step lost, none asked twice
+    assert [m["teacher_rows"] for m in epochs] == [800, 800, 800]
     assert f"teacher replica {a.base}" in log and "using the others" in log
 
 

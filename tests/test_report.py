@@ -16,10 +16,12 @@ def two_seeds(mean: float, sd: float) -> list[float]:
 
 
 def test_the_issue_example_is_inconclusive_not_holds():
-    diffs = two_seeds(-0.0004, 0.0063)  # ECE, AKD minus PGD-AT: the sign alone said "holds"
+    # ECE, AKD minus PGD-AT: the sign alone said "holds"
+    diffs = two_seeds(-0.0004, 0.0063)
     assert round(statistics.fmean(diffs), 4) == -0.0004 and round(statistics.stdev(diffs), 4) == 0.0063
     assert verdict(diffs, "lower") == "inconclusive"
-    assert verdict([-d for d in diffs], "lower") == "inconclusive"  # nor does the flipped sign decide it
+    # nor does the flipped sign decide it
+    assert verdict([-d for d in diffs], "lower") == "inconclusive"
 
 
 @pytest.mark.parametrize(
@@ -34,7 +36,8 @@ def test_the_issue_example_is_inconclusive_not_holds():
         # the seeds disagree: the mean's sign is noise
         ([0.01, -0.008], "higher", "inconclusive"),
         ([0.01, -0.008], "lower", "inconclusive"),
-        ([0.0, 0.0], "higher", "inconclusive"),  # no difference at all is not "higher"
+        # no difference at all is not "higher"
+        ([0.0, 0.0], "higher", "inconclusive"),
         # "not lower": only a clear drop refutes it
         ([0.01, -0.008], "not lower", "holds"),
         ([0.0, 0.0], "not lower", "holds"),
@@ -79,7 +82,8 @@ def test_an_unknown_direction_is_refused():
 
 
 SESSION = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
-IDLE = {"rows": 0.0, "hits": 0.0, "misses": 0.0, "largest_batch": 0.0}  # a re-run that reused every student
+# a re-run that reused every student
+IDLE = {"rows": 0.0, "hits": 0.0, "misses": 0.0, "largest_batch": 0.0}
 
 
 @pytest.mark.parametrize("cumulative", [False, True])
@@ -87,7 +91,8 @@ def test_a_session_that_served_nothing_keeps_the_record(cumulative):
     assert merge_service_stats(SESSION, IDLE, cumulative) == SESSION
     assert merge_service_stats(SESSION, {}, cumulative) == SESSION
     assert merge_service_stats({}, SESSION, cumulative) == SESSION
-    assert merge_service_stats({}, IDLE, cumulative) == IDLE  # nothing yet: the zeros are the truth
+    # nothing yet: the zeros are the truth
+    assert merge_service_stats({}, IDLE, cumulative) == IDLE
 
 
 def test_sessions_of_a_service_the_demo_started_add_up():
@@ -113,7 +118,8 @@ def test_stage_times_add_up_over_invocations_and_the_report_shows_them(tmp_path)
     assert read_stage_times(layout) == {} and "not recorded" in time_line({})
     add_stage_time(layout, "teachers", 120.0)
     add_stage_time(layout, "students", 300.0)
-    add_stage_time(layout, "students", 6.0)  # a re-run that reused them
+    # a re-run that reused them
+    add_stage_time(layout, "students", 6.0)
     times = read_stage_times(layout)
     assert times == {"teachers": {"seconds": 120.0, "runs": 1}, "students": {"seconds": 306.0, "runs": 2}}
     line = time_line(times)
@@ -125,14 +131,17 @@ def test_the_overfitting_gap_averages_five_epochs_at_each_end():
 
     curve = [0.1, 0.5, 0.7, 0.80, 0.82, 0.84, 0.83, 0.81, 0.76, 0.75, 0.74, 0.95, 0.74, 0.73, 0.72, 0.72, 0.71]
     gap = overfitting_gap(curve)
-    assert gap["best_epochs"] == [4, 8]  # the best 5-epoch window, not around the one lucky epoch (0.95 at epoch 12)
+    # the best 5-epoch window, not around the one lucky epoch (0.95 at epoch 12)
+    assert gap["best_epochs"] == [4, 8]
     assert gap["best"] == pytest.approx(statistics.fmean(curve[3:8])) and gap["final"] == pytest.approx(
         statistics.fmean(curve[-5:])
     )
     assert gap["gap"] == pytest.approx(gap["best"] - gap["final"]) and gap["gap"] > 0.03
-    rising = overfitting_gap([0.1 * i for i in range(10)])  # still learning at the end: no overfitting
+    # still learning at the end: no overfitting
+    rising = overfitting_gap([0.1 * i for i in range(10)])
     assert rising["gap"] == 0 and rising["best_epochs"] == [6, 10]
-    assert overfitting_gap([0.5, 0.4])["best_epochs"] == [1, 2]  # fewer epochs than the window: the whole run
+    # fewer epochs than the window: the whole run
+    assert overfitting_gap([0.5, 0.4])["best_epochs"] == [1, 2]
 
 
 def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
@@ -158,8 +167,9 @@ def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
     row = next(line for line in guideline_table(cfg, students).splitlines() if line.startswith("| akd |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "akd (ensemble, alpha 0.5, tau 1)"
-    assert cells[2] == "n/a"  # AutoAttack not measured
-    assert (
-        cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"
-    )  # PGD up by 3 points on every seed; clean level
-    assert cells[7] == "-3.00 ± 0.00 holds"  # the gap shrinks by 3 points on every seed
+    # AutoAttack not measured
+    assert cells[2] == "n/a"
+    # PGD up by 3 points on every seed; clean level
+    assert cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"
+    # the gap shrinks by 3 points on every seed
+    assert cells[7] == "-3.00 ± 0.00 holds"

@@ -86,7 +86,8 @@ def _expected(old: str, tmp_path: Path):
 def test_the_table_names_every_setting_in_a_section_and_each_has_its_environment_variable():
     sectioned = {leaf for leaf in _leaves(ServerConfig) if "." in leaf}
     assert sorted(FLAT_NAMES.values()) == sorted(sectioned)
-    assert sorted(ENV_NAMES.values()) == sorted(_leaves(ServerConfig))  # one variable each, none left out
+    # one variable each, none left out
+    assert sorted(ENV_NAMES.values()) == sorted(_leaves(ServerConfig))
     assert set(SAMPLES) == set(FLAT_NAMES) and set(PLAIN_ENV) | {f"AKD_{old.upper()}" for old in FLAT_NAMES} == set(
         ENV_NAMES
     )
@@ -158,9 +159,8 @@ def test_every_environment_variable_still_sets_its_key(tmp_path, name):
         text, expected = PLAIN_ENV[name]
     else:
         text, expected = _toml(SAMPLES[old]).strip('"'), SAMPLES[old]
-        expected = (
-            str((Path.cwd() / "c").resolve()) if old == "cache_dir" else expected
-        )  # relative to the working directory
+        # relative to the working directory
+        expected = str((Path.cwd() / "c").resolve()) if old == "cache_dir" else expected
     assert _at(load_config(path, environ={name: text}).server, ENV_NAMES[name]) == expected
 
 

@@ -14,7 +14,8 @@ from teacher_service.ensemble import aggregate_probs, mean_logits, normalised_we
 
 
 def test_ensemble_matches_hand_computation():
-    z = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])  # M=2, B=1, K=2
+    # M=2, B=1, K=2
+    z = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])
     w = normalised_weights([1.0, 3.0])
     e = torch.exp(torch.tensor(2.0))
     expected_probs = 0.25 * torch.tensor([e / (e + 1), 1 / (e + 1)]) + 0.75 * torch.tensor([0.5, 0.5])
@@ -42,9 +43,11 @@ def test_row_keys_cover_dtype_shape_and_bytes():
     x = torch.rand(3, 1, 4, 4)
     keys = row_keys(x)
     assert len(set(keys)) == 3 and all(len(k) == 16 for k in keys)
-    assert row_keys(x[1:2]) == keys[1:2]  # a row's key does not depend on its batch
+    # a row's key does not depend on its batch
+    assert row_keys(x[1:2]) == keys[1:2]
     assert row_keys(x.half())[0] != keys[0]
-    assert row_keys(x.reshape(3, 1, 2, 8))[0] != keys[0]  # same bytes, other shape
+    # same bytes, other shape
+    assert row_keys(x.reshape(3, 1, 2, 8))[0] != keys[0]
 
 
 def test_codec_round_trip_and_transport_dtype():
@@ -92,9 +95,11 @@ def test_loading_a_non_checkpoint_says_so(tmp_path):
 
 @pytest.mark.parametrize("aggregate", list(Aggregate))
 def test_extreme_temperatures_stay_finite(aggregate):
-    z = torch.tensor([[[3.0, 1.0, -2.0]], [[0.5, 3.5, 0.0]]])  # mean logits [1.75, 2.25, -1]
+    # mean logits [1.75, 2.25, -1]
+    z = torch.tensor([[[3.0, 1.0, -2.0]], [[0.5, 3.5, 0.0]]])
     w = normalised_weights([1.0, 1.0])
-    cold = aggregate_probs(z, w, 1e-300, aggregate)  # -> mean of member argmaxes, or argmax of the mean logits
+    # -> mean of member argmaxes, or argmax of the mean logits
+    cold = aggregate_probs(z, w, 1e-300, aggregate)
     expected = torch.tensor([[0.5, 0.5, 0.0]]) if aggregate is Aggregate.probs else torch.tensor([[0.0, 1.0, 0.0]])
     torch.testing.assert_close(cold, expected)
     torch.testing.assert_close(aggregate_probs(z, w, 1e300, aggregate), torch.full((1, 3), 1 / 3))
@@ -102,7 +107,8 @@ def test_extreme_temperatures_stay_finite(aggregate):
 
 def test_a_text_file_given_as_a_checkpoint_is_called_what_it_is(tmp_path):
     path = tmp_path / "notes.pt"
-    path.write_text("not weights\n")  # torch would read it as a pickle and call it "pickled objects"
+    # torch would read it as a pickle and call it "pickled objects"
+    path.write_text("not weights\n")
     with pytest.raises(ValueError, match="not a readable checkpoint: it is not the zip archive torch.save writes"):
         load_checkpoint(path)
 
@@ -118,5 +124,6 @@ def test_encode_writes_the_bytes_of_safetensors_torch_writer_and_still_takes_bfl
         "inputs": torch.rand(4, 1, 28, 28).half(),
     }
     assert codec.encode(answer) == save(answer)
-    bf16 = torch.randn(4, 10).bfloat16()  # numpy has no bfloat16: the torch writer takes it
+    # numpy has no bfloat16: the torch writer takes it
+    bf16 = torch.randn(4, 10).bfloat16()
     assert torch.equal(codec.decode(codec.encode({"x": bf16}))["x"], bf16)

@@ -71,7 +71,8 @@ def test_default_temperature_and_outputs_come_from_config(server):
     x = random_inputs(3, seed=99)
     r, out = post(base, x, teacher="ens_probs")
     assert set(out) == {"probs"}
-    expected = reference_probs(reference_member_logits(paths, x), WEIGHTS, 2.0, "probs")  # temperature = 2.0 in config
+    # temperature = 2.0 in config
+    expected = reference_probs(reference_member_logits(paths, x), WEIGHTS, 2.0, "probs")
     torch.testing.assert_close(out["probs"], expected, rtol=1e-5, atol=1e-6)
     assert r.headers["X-Teacher-Versions"].count(",") == 2
 
@@ -96,7 +97,8 @@ def test_large_request_is_split_across_batches(tmp_path, mnist_members):
         out["member_logits"], reference_member_logits([mnist_members["a"]], x), rtol=1e-5, atol=1e-5
     )
     assert 'akd_batch_rows_max{teacher="m"} 16.0' in metrics
-    assert 'akd_batch_rows_count{teacher="m"} 4.0' in metrics  # 16 + 16 + 16 + 2
+    # 16 + 16 + 16 + 2
+    assert 'akd_batch_rows_count{teacher="m"} 4.0' in metrics
 
 
 def test_rows_no_cache_reads_are_never_hashed_and_a_batch_mixing_them_stores_only_the_cached_ones(
@@ -110,7 +112,8 @@ def test_rows_no_cache_reads_are_never_hashed_and_a_batch_mixing_them_stores_onl
     from teacher_service.inference import Rows
 
     hashed = []
-    monkeypatch.setattr(body, "row_keys", lambda x: hashed.append(len(x)) or row_keys(x))  # counts, then hashes
+    # counts, then hashes
+    monkeypatch.setattr(body, "row_keys", lambda x: hashed.append(len(x)) or row_keys(x))
     members = [(mnist_members["a"], 1.0), (mnist_members["b"], 1.0)]
     cached = write_config(
         tmp_path / "c.toml", {"mnist": mnist_teacher(members)}, {"cache": {"dir": str(tmp_path / "c")}}
@@ -130,5 +133,6 @@ def test_rows_no_cache_reads_are_never_hashed_and_a_batch_mixing_them_stores_onl
         assert [r.member_logits.shape for r in mixed] == [(2, 6, 10), (2, 5, 10)]
         torch.testing.assert_close(mixed[0].member_logits, reference_member_logits([p for p, _ in members], x))
         hits = [post(base, rows, cache="use")[0].headers["x-cache-hits"] for rows in (y, x)]
-    assert hits == ["5", "0"]  # y was stored by the mixed batch, x never
+    # y was stored by the mixed batch, x never
+    assert hits == ["5", "0"]
     assert hashed == [5, 6]

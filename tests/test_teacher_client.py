@@ -39,9 +39,8 @@ def test_remote_and_local_teachers_give_the_ensemble_formula(ensemble_config):
     with live_server(config) as (base, _):
         remote = RemoteTeacher(base, None, temperature=2.0)
         assert remote.info().name == "ens"
-        torch.testing.assert_close(
-            remote(x), expected, rtol=1e-5, atol=1e-6
-        )  # the run's temperature, not the config's 9
+        # the run's temperature, not the config's 9
+        torch.testing.assert_close(remote(x), expected, rtol=1e-5, atol=1e-6)
         remote(x)
         assert (remote.rows_requested, remote.cache_hits) == (12, 6)
         remote.close()
@@ -49,16 +48,19 @@ def test_remote_and_local_teachers_give_the_ensemble_formula(ensemble_config):
 
 def test_clean_inputs_travel_as_uint8_and_hit_the_cache_across_jobs(ensemble_config):
     config, _ = ensemble_config
-    clean = random_inputs(5, dtype=torch.uint8).float() / 255  # what the data loader produces
+    # what the data loader produces
+    clean = random_inputs(5, dtype=torch.uint8).float() / 255
     with live_server(config) as (base, app):
         job_a, job_b = RemoteTeacher(base, "ens", 1.0), RemoteTeacher(base, "ens", 1.0)
         job_a(clean)
         job_b(clean)
         assert job_b.cache_hits == 5
-        adversarial = (clean + 0.003).clamp(0, 1)  # not k/255: sent as float32, still answered
+        # not k/255: sent as float32, still answered
+        adversarial = (clean + 0.003).clamp(0, 1)
         assert job_a(adversarial).shape == (5, 10)
         versions = [ns.version for ns in app.state.service.cache.namespaces]
-        assert versions  # rows were cached under the members' versions
+        # rows were cached under the members' versions
+        assert versions
 
 
 def test_cache_bypass_neither_reads_nor_stores(ensemble_config):
@@ -85,18 +87,21 @@ def test_adversarial_queries_bypass_the_cache_and_clean_ones_use_it_by_default(e
         client = RemoteTeacher(base, "ens", 1.0)
         adversarial = client(x, adversarial=True)
         assert rows() == 0 and client.cache_hits == 0
-        torch.testing.assert_close(client(x), adversarial)  # same answer either way; now stored
+        # same answer either way; now stored
+        torch.testing.assert_close(client(x), adversarial)
         stored = rows()
         assert stored > 0 and client(x, adversarial=True) is not None and client.cache_hits == 0
         assert rows() == stored
-        storing = RemoteTeacher(base, "ens", 1.0, adversarial_cache="use")  # the config can say otherwise
+        # the config can say otherwise
+        storing = RemoteTeacher(base, "ens", 1.0, adversarial_cache="use")
         storing(x, adversarial=True)
         assert storing.cache_hits == 4
 
 
 def test_client_rides_out_a_service_restart(tmp_path, ensemble_config):
     config, _ = ensemble_config
-    port = free_port()  # both processes use it, so the client sees one address
+    # both processes use it, so the client sees one address
+    port = free_port()
     first = ServerProcess(config, tmp_path / "a.log", port=port)
     client = RemoteTeacher(f"http://127.0.0.1:{port}", "ens", 1.0, give_up_after_s=HANG_S)
     x = random_inputs(3)
@@ -111,7 +116,8 @@ def test_client_rides_out_a_service_restart(tmp_path, ensemble_config):
     thread = threading.Thread(target=restart_later)
     thread.start()
     try:
-        after = client(x)  # sent while nothing listens: retried until the new process answers
+        # sent while nothing listens: retried until the new process answers
+        after = client(x)
     finally:
         thread.join()
         restarted["server"].stop()
@@ -123,7 +129,8 @@ def test_client_gives_up_with_a_clear_error():
     started = time.monotonic()
     with pytest.raises(TeacherUnavailable, match=r"unavailable for \d+s \(limit teacher.give_up_after_s = 0.5s\)"):
         client(random_inputs(2))
-    assert time.monotonic() - started < HANG_S  # it stopped by itself rather than hanging
+    # it stopped by itself rather than hanging
+    assert time.monotonic() - started < HANG_S
 
 
 def test_refusals_are_not_retried_and_say_why(ensemble_config):

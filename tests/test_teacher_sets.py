@@ -34,8 +34,10 @@ def teacher_sets(*args) -> subprocess.CompletedProcess:
 
 
 def test_gains_that_agree_within_sets_but_not_across_them_are_inconclusive(tmp_path):
-    _demo_folder(tmp_path / "a", [0.05, 0.06, 0.07])  # +6 points, tight
-    _demo_folder(tmp_path / "b", [-0.03, -0.02, -0.01])  # -2 points, tight
+    # +6 points, tight
+    _demo_folder(tmp_path / "a", [0.05, 0.06, 0.07])
+    # -2 points, tight
+    _demo_folder(tmp_path / "b", [-0.03, -0.02, -0.01])
     done = teacher_sets(tmp_path / "a", tmp_path / "b")
     assert done.returncode == 0, done.stderr
     rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}

@@ -69,9 +69,12 @@ def test_akd_student_learns_against_a_live_service(served_teacher, tmp_path):
     )
     metrics = read_metrics(out)
     assert metrics[-1]["val_clean_acc"] > 5 * CHANCE and metrics[-1]["val_robust_acc"] > 2.5 * CHANCE, metrics[-1]
-    assert [m["teacher_rows"] for m in metrics] == [800, 800]  # one query per adversarial row
-    assert metrics[-1]["teacher_cache_hits"] == 0  # adversarial rows are new every step
-    assert cached_rows(base) == 0  # so they bypass the cache (teacher.cache.adversarial = "bypass")
+    # one query per adversarial row
+    assert [m["teacher_rows"] for m in metrics] == [800, 800]
+    # adversarial rows are new every step
+    assert metrics[-1]["teacher_cache_hits"] == 0
+    # so they bypass the cache (teacher.cache.adversarial = "bypass")
+    assert cached_rows(base) == 0
 
 
 def test_a_config_can_store_adversarial_rows_and_one_string_sets_both_modes(served_teacher, tmp_path):
@@ -92,8 +95,10 @@ def test_ard_queries_clean_inputs_that_hit_the_cache_from_the_second_epoch(serve
     train(load_train_config(sets=QUICK + [f"out_dir={out}", "method=ard", "epochs=2", f"teacher.url={base}"]))
     first, second = read_metrics(out)
     assert first["teacher_rows"] == second["teacher_rows"] == 800
-    assert second["teacher_cache_hits"] == 800  # mnist5k is not augmented: epoch 2 sees the same clean rows
-    assert (first["teacher_rows_uploaded"], second["teacher_rows_uploaded"]) == (800, 0)  # then asked for by key
+    # mnist5k is not augmented: epoch 2 sees the same clean rows
+    assert second["teacher_cache_hits"] == 800
+    # then asked for by key
+    assert (first["teacher_rows_uploaded"], second["teacher_rows_uploaded"]) == (800, 0)
 
 
 def test_rslad_with_a_local_teacher_config(served_teacher, tmp_path):
@@ -170,11 +175,11 @@ def test_akd_eval_writes_json_table_and_diagram(teacher_run, tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert {"clean_acc", "pgd_acc", "autoattack_acc", "ece"} <= set(report)
-    assert (
-        report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3
-    )  # AutoAttack is the costly part
+    # AutoAttack is the costly part
+    assert report["n"] == 12 and report["autoattack_n"] == 4 and report["attack"]["eps"] == 0.3
     assert report["autoattack_acc"] <= report["clean_acc"]
-    aa = report["attack"]["autoattack"]  # the threat model is recorded whole: PGD's and AutoAttack's
+    # the threat model is recorded whole: PGD's and AutoAttack's
+    aa = report["attack"]["autoattack"]
     assert aa["version"] == "standard" and aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["n"] == 4
     assert report["attack"]["steps"] == 10 and not report["attack"]["standard"]
     line = next(line for line in done.stdout.splitlines() if line.startswith("threat model: "))
@@ -355,7 +360,8 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(caplog):
     bar.epoch_done({"train_loss": 1.5, "val_robust_acc": 0.3, "epoch_time_s": 1.0})
     bar.close()
     shown = terminal.getvalue()
-    assert "loss=1.500" in shown and "3/6" in shown and re.search(r"\d\d:\d\d<\d\d:\d\d", shown)  # elapsed<remaining
+    # elapsed<remaining
+    assert "loss=1.500" in shown and "3/6" in shown and re.search(r"\d\d:\d\d<\d\d:\d\d", shown)
     assert "epoch 1/2 train_loss 1.5000 val_robust_acc 0.3000 (1.0s, ETA" in shown
 
     with caplog.at_level("INFO", logger="akd.train"):
@@ -407,8 +413,10 @@ def test_service_dying_mid_run_ends_training_with_one_line_that_says_how_to_resu
         "teacher.give_up_after_s=1",
     ]
     with open(
-        tmp_path / "train.err", "w+"
-    ) as err:  # a file, not a pipe: the run's log lines can never fill it and block the run
+        tmp_path / "train.err",
+        "w+",
+        # a file, not a pipe: the run's log lines can never fill it and block the run
+    ) as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "akd", "train", *[f"--set={s}" for s in sets]],
             cwd=REPO,
@@ -459,16 +467,16 @@ def test_resume_survives_a_torn_dynamics_file(tmp_path):
     sets = ["limit_train=128", "val_size=50", "epochs=1", "batch_size=64", "attack.steps=1", f"out_dir={out}"]
     assert akd("train", *[f"--set={s}" for s in sets]).returncode == 0
     assert not list(out.glob(".*.tmp")), "a temp file was left behind"
-    (out / "dynamics.npz").write_bytes(b"")  # what the kill left
+    # what the kill left
+    (out / "dynamics.npz").write_bytes(b"")
     done = akd("train", "--resume", str(out), "--set", "epochs=2")
     assert done.returncode == 0, done.stderr
     assert "dynamics.npz is unreadable" in done.stderr and "restart at epoch 2" in done.stderr
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
     from student_trainer.dynamics import CorrectnessLog
 
-    assert (
-        len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1
-    )  # the resumed epoch only: the torn history is gone
+    # the resumed epoch only: the torn history is gone
+    assert len(CorrectnessLog.load(out / "dynamics.npz").epochs) == 1
 
 
 def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_radius(tmp_path):
@@ -490,7 +498,8 @@ def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_rad
     trainer.method = lambda step: radii.append(step.attack.eps) or method(step)
     trainer.fit()
     trainer.close()
-    steps = trainer.steps_per_epoch  # 4: the radius grows by 0.2 / 8 each step, then stays at 0.2
+    # 4: the radius grows by 0.2 / 8 each step, then stays at 0.2
+    steps = trainer.steps_per_epoch
     torch.testing.assert_close(
         torch.tensor(radii), torch.tensor([0.2 * min(1, (i + 1) / (2 * steps)) for i in range(3 * steps)])
     )
@@ -499,7 +508,8 @@ def test_eps_warmup_ramps_the_training_radius_while_validation_stays_at_full_rad
     assert trainer.val_attack.eps == 0.2
     # how far the attack moved the inputs (mean L-inf norm): inside each epoch's ball, and off x
     assert all(0 < m["train_perturbation"] <= m["train_eps"] + 1e-6 for m in metrics[1:])
-    assert 0 < metrics[0]["train_perturbation"] <= 0.1 + 1e-6  # the warm-up's radii, 0.025 to 0.1
+    # the warm-up's radii, 0.025 to 0.1
+    assert 0 < metrics[0]["train_perturbation"] <= 0.1 + 1e-6
 
 
 def test_init_from_starts_at_the_checkpoints_weights_and_refuses_another_architecture(teacher_run, tmp_path):
@@ -533,7 +543,8 @@ def test_eps_warmup_longer_than_training_is_a_config_error():
 def test_validation_attack_takes_its_own_keys_and_the_training_attacks_for_the_rest():
     cfg = load_train_config(sets=["attack.eps=0.3", "attack.steps=5", "eval.attack.steps=10"])
     assert (cfg.val_attack.eps, cfg.val_attack.steps) == (0.3, 10)
-    assert cfg.val_attack.step_size == pytest.approx(2.5 * 0.3 / 10)  # derived for its own steps, not the training's
+    # derived for its own steps, not the training's
+    assert cfg.val_attack.step_size == pytest.approx(2.5 * 0.3 / 10)
     assert load_train_config(sets=["attack.eps=0.3", "eval.attack.eps=0.2"]).val_attack.eps == 0.2
     assert (
         load_train_config(sets=["attack.eps=0.3"]).val_attack == load_train_config(sets=["attack.eps=0.3"]).train_attack

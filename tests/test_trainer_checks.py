@@ -43,7 +43,8 @@ class Answer:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    trickle_s: float | None = None  # send the body a byte at a time, this long apart
+    # send the body a byte at a time, this long apart
+    trickle_s: float | None = None
 
 
 class FakeTeacher:
@@ -57,10 +58,12 @@ class FakeTeacher:
 
     def play(self, answer: Callable[[int, FakeTeacher], Answer] | None, start: int = 1, times: int | None = None):
         self.name, self.versions = "fake", ["3f2a9c1e7b5d4a60"]
-        self.features: list[str] = []  # [protocol.KEYS_FIRST]: keys first offered, answered by `keys`
+        # [protocol.KEYS_FIRST]: keys first offered, answered by `keys`
+        self.features: list[str] = []
         self.keys: Callable[[int, FakeTeacher], Answer] | None = None
         self.answer, self.start, self.times, self.requests = answer, start, times, 0
-        self.round = getattr(self, "round", 0) + 1  # a trickle from an earlier test stops
+        # a trickle from an earlier test stops
+        self.round = getattr(self, "round", 0) + 1
 
     def teachers(self) -> bytes:
         member = MemberInfo(source="checkpoint", path="teacher.pt", weight=1.0, version=self.versions[0])
@@ -93,7 +96,8 @@ class FakeTeacher:
             answer = self.keys(len(codec.decode(body)[protocol.KEYS_KEY]), self)
         elif scope["path"] == protocol.TEACHERS_PATH:
             answer = Answer(headers={"content-type": "application/json"}, body=self.teachers())
-        else:  # /healthz
+        else:
+            # /healthz
             answer = Answer(headers={"content-type": "application/json"}, body=b'{"status": "ok"}')
         headers = {**answer.headers, "content-length": str(len(answer.body))}
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
@@ -152,7 +156,8 @@ def fakes():
     with serve(apps[0]) as first, serve(apps[1]) as second:
         yield [(first, apps[0]), (second, apps[1])]
         for app in apps:
-            app.play(None)  # ends any trickle before the servers stop
+            # ends any trickle before the servers stop
+            app.play(None)
 
 
 @pytest.fixture
@@ -190,7 +195,8 @@ def with_row(probs: torch.Tensor, row: int, values: list[float]) -> torch.Tensor
 
 NOT_PROBABILITIES = "rows that are not probabilities: "
 EXPECTED_ROWS = " (expected finite, non-negative rows summing to 1)"
-BAD_ANSWERS = {  # what the fake answers: what the run must say
+# what the fake answers: what the run must say
+BAD_ANSWERS = {
     "NaN probabilities": (
         lambda n, f: served({"probs": torch.full((n, 10), float("nan"))}, f),
         NOT_PROBABILITIES + f"row 0 holds NaN (and {BATCH - 1} more of the {BATCH} rows)" + EXPECTED_ROWS,
@@ -269,7 +275,8 @@ def test_a_bad_answer_ends_the_run_with_one_line_naming_it_and_no_checkpoint_aft
     line = failure_line(stderr)
     assert line.startswith(f"akd train: the teacher service at {base} answered "), line
     assert message in line, line
-    assert app.requests == 2  # one replica: not asked again
+    # one replica: not asked again
+    assert app.requests == 2
     assert not any((out / name).exists() for name in ("last.pt", "best.pt", "epoch_001.pt"))
     assert "once the teacher answers right, run the same command again" in stderr
 
@@ -278,7 +285,8 @@ def test_a_poisoned_answer_keeps_the_last_good_checkpoint_and_the_run_resumes_fr
     """One NaN row in one answer used to keep a 2-epoch run NaN to the end; now epoch 1's files stay as they were,
     the run says how to continue, and continuing once the teacher answers right finishes it."""
     base, app = fake
-    app.play(BAD_ANSWERS["one NaN row"][0], start=3, times=1)  # the first step of epoch 2
+    # the first step of epoch 2
+    app.play(BAD_ANSWERS["one NaN row"][0], start=3, times=1)
     out = tmp_path / "run"
     code, stderr = akd_train(tmp_path, *TINY, "epochs=2", f"out_dir={out}", f"teacher.url={base}")
     assert code == 2 and "Traceback" not in stderr, stderr
@@ -328,7 +336,8 @@ SERVICE_ERROR = (
 @pytest.mark.parametrize(
     "refusal, said",
     [
-        (  # the service's JSON error shape: what it said is said again
+        # the service's JSON error shape: what it said is said again
+        (
             Answer(500, {"content-type": "application/json"}, SERVICE_ERROR),
             "500 (internal server error): a member failed (expected finite logits, got inf); retrying in 0.1s",
         ),
@@ -345,7 +354,8 @@ def test_a_500_or_a_429_is_retried_and_the_run_goes_on(fake, tmp_path, refusal, 
     code, stderr = akd_train(tmp_path, *TINY, f"out_dir={out}", f"teacher.url={base}")
     assert code == 0, stderr
     assert said in stderr
-    assert app.requests == 3  # the refused one asked again
+    # the refused one asked again
+    assert app.requests == 3
     assert json.loads((out / "metrics.jsonl").read_text())["teacher_rows"] == 32
 
 
@@ -362,7 +372,8 @@ def test_an_answer_trickling_a_byte_at_a_time_is_bounded_by_timeout_s(fake, tmp_
     line = failure_line(stderr)
     assert re.search(r"unavailable for \d+s \(limit teacher.give_up_after_s = 3s\)", line), line
     assert line.endswith("last error: no complete answer within teacher.timeout_s = 3s"), line
-    assert "no complete answer within teacher.timeout_s = 3s; retrying in" in stderr  # said as it happens
+    # said as it happens
+    assert "no complete answer within teacher.timeout_s = 3s; retrying in" in stderr
 
 
 def test_a_bad_answer_is_asked_again_of_another_replica(fakes, tmp_path):
@@ -377,7 +388,8 @@ def test_a_bad_answer_is_asked_again_of_another_replica(fakes, tmp_path):
     assert code == 0, stderr
     assert f"the teacher service at {first} answered rows that are not probabilities" in stderr
     assert "asking another replica" in stderr
-    assert bad.requests >= 1 and good.requests == 2  # every step's targets: the good replica's
+    # every step's targets: the good replica's
+    assert bad.requests >= 1 and good.requests == 2
     assert all(torch.isfinite(t).all() for t in load_checkpoint(out / "last.pt").state_dict.values())
 
 
@@ -430,10 +442,12 @@ def test_the_row_sum_tolerance_admits_the_services_rows_in_each_dtype_and_refuse
     assert checked_probs(rows, 256, classes, members) is rows
     tolerance = row_sum_tolerance(dtype, classes, members)
     off = rows.clone()
-    off[7] = (rows[7].double() * (1 + 2 * tolerance)).to(dtype)  # one row off by about twice the tolerance
+    # one row off by about twice the tolerance
+    off[7] = (rows[7].double() * (1 + 2 * tolerance)).to(dtype)
     with pytest.raises(BadAnswer, match=r"row 7 sums to [\d.]+ \(off 1 by [\d.e-]+, more than"):
         checked_probs(off, 256, classes, members)
-    assert row_sum_tolerance(torch.float32, 10, 1) < 2e-6  # float32 rows: a few parts in a million
+    # float32 rows: a few parts in a million
+    assert row_sum_tolerance(torch.float32, 10, 1) < 2e-6
 
 
 def test_answers_in_float16_and_bfloat16_are_used_as_float32(fake):
@@ -452,7 +466,8 @@ def test_a_keys_first_answer_is_checked_like_an_upload(fake):
     """The rows a keys-first answer says it found must be the rows it holds: a `found` of the wrong length, or more
     rows than found, is refused like any wrong answer; a right one (nothing found) leads to the upload."""
     base, app = fake
-    x = torch.randint(0, 256, (4, 1, 28, 28)).float() / 255  # clean rows: asked for by key first
+    # clean rows: asked for by key first
+    x = torch.randint(0, 256, (4, 1, 28, 28)).float() / 255
     for keys, wrong in [
         (
             lambda n, f: served({"found": torch.zeros(n - 1, dtype=torch.uint8), "probs": torch.zeros(0, 10)}, f),

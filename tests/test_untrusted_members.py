@@ -237,9 +237,8 @@ def test_crafted_export_is_refused_even_when_the_environment_asks_torch_for_full
     assert not marker.exists()
     import os
 
-    assert (
-        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
-    )  # restored
+    # restored
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_stored_guard_code_is_never_compiled(tmp_path, honest_export):

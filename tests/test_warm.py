@@ -25,9 +25,11 @@ def akd_warm(*args: str, command: tuple[str, ...] = ("warm",)) -> subprocess.Com
 
 def test_the_augmentation_space_holds_every_view_training_draws():
     x = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    views = torch.stack(list(augmentation_space(x)), dim=1)  # (B, views, C, H, W)
+    # (B, views, C, H, W)
+    views = torch.stack(list(augmentation_space(x)), dim=1)
     assert views.shape[1] == AUGMENTED_VIEWS == 162
-    assert len({v.numpy().tobytes() for v in views[0]}) == 162  # all different
+    # all different
+    assert len({v.numpy().tobytes() for v in views[0]}) == 162
     generator = torch.Generator().manual_seed(1)
     for _ in range(20):
         drawn = augment_batch(x, generator)
@@ -49,18 +51,23 @@ def test_warm_makes_every_ard_query_a_hit_and_a_second_warm_computes_nothing(ser
     first = akd_warm(*run, "--batch-rows", "100")
     assert first.returncode == 0, first.stderr
     assert "warmed 256 rows" in first.stdout and "256 computed, 0 already cached" in first.stdout
-    again = akd_warm(*run, command=("cache", "warm"))  # the same command under `akd cache`
-    assert again.returncode == 0 and "0 computed, 256 already cached" in again.stdout  # resumable: redoes nothing
+    # the same command under `akd cache`
+    again = akd_warm(*run, command=("cache", "warm"))
+    # resumable: redoes nothing
+    assert again.returncode == 0 and "0 computed, 256 already cached" in again.stdout
     out = tmp_path / "ard"
     sets = ["limit_train=256", "val_size=64", "epochs=1", "batch_size=64", "attack.steps=1", "method=ard"]
     train(load_train_config(sets=[*sets, f"out_dir={out}", f"teacher.url={service}"]))
     [epoch] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epoch["teacher_rows"] == epoch["teacher_cache_hits"] == 256  # the first epoch already all hits
-    assert epoch["teacher_rows_uploaded"] == 0  # asked for by key: no row went up whole
+    # the first epoch already all hits
+    assert epoch["teacher_rows"] == epoch["teacher_cache_hits"] == 256
+    # asked for by key: no row went up whole
+    assert epoch["teacher_rows_uploaded"] == 0
 
 
 def test_warm_sends_every_augmented_view_of_a_cifar_run(tmp_path):
-    write_synthetic_cifar10(tmp_path / "c10", per_batch=2)  # 10 training images
+    # 10 training images
+    write_synthetic_cifar10(tmp_path / "c10", per_batch=2)
     member = save_member(tmp_path / "m.pt", seed=0, arch="preact_resnet18", shape=(3, 32, 32))
     teacher = {"num_classes": 10, "input_shape": [3, 32, 32], "members": [{"path": str(member)}]}
     config = write_config(tmp_path / "t.toml", {"c10": teacher}, {"cache": {"dir": "cache"}})
@@ -68,7 +75,8 @@ def test_warm_sends_every_augmented_view_of_a_cifar_run(tmp_path):
         sets = ["dataset=cifar10", f"data_dir={tmp_path / 'c10'}", "val_size=2", f"teacher.url={base}"]
         done = akd_warm(*[a for s in sets for a in ("--set", s)])
     assert done.returncode == 0, done.stderr
-    assert f"warmed {8 * AUGMENTED_VIEWS:,} rows" in done.stdout  # 8 training images x 162 views
+    # 8 training images x 162 views
+    assert f"warmed {8 * AUGMENTED_VIEWS:,} rows" in done.stdout
 
 
 def test_warm_needs_a_teacher_service_that_may_store_clean_rows():

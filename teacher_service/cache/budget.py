@@ -16,7 +16,8 @@ class CacheBudget:
     def __init__(self, max_bytes: int, used_bytes: int = 0, evict: Callable[[int], int] | None = None):
         self.max_bytes = max_bytes
         self.used_bytes = used_bytes
-        self.evict = evict  # bytes wanted -> bytes freed
+        # bytes wanted -> bytes freed
+        self.evict = evict
         self.full = False
         self.out_of_space = False
 

@@ -28,7 +28,8 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.storage import LocalStore
 
-MAX_OPEN = 4096  # open chunk files a namespace keeps (fewer where the process may open fewer: a quarter of its limit)
+# open chunk files a namespace keeps (fewer where the process may open fewer: a quarter of its limit)
+MAX_OPEN = 4096
 
 
 def max_open_files() -> int:
@@ -42,8 +43,10 @@ class _RawArray:
 
     folder: Path
     array: zarr.Array
-    dtype: np.dtype  # little-endian, whatever this machine's order
-    tail: tuple[int, ...]  # a row's shape
+    # little-endian, whatever this machine's order
+    dtype: np.dtype
+    # a row's shape
+    tail: tuple[int, ...]
     row_bytes: int
 
     def path(self, chunk: int) -> Path:
@@ -79,7 +82,8 @@ class ChunkFiles:
     def __init__(self, arrays: dict[str, _RawArray], max_open: int):
         self._arrays = arrays
         self._max_open = max_open
-        self._open: dict[tuple[str, int], int] = {}  # (array name, chunk) -> descriptor, least recently used first
+        # (array name, chunk) -> descriptor, least recently used first
+        self._open: dict[tuple[str, int], int] = {}
 
     @classmethod
     def of(cls, arrays: Mapping[str, zarr.Array], max_open: int | None = None) -> ChunkFiles | None:
@@ -97,7 +101,8 @@ class ChunkFiles:
         every, inverse = np.unique(chunks, return_inverse=True)
         read = np.ones(len(chunks), bool)
         values = [np.zeros((len(chunks), *self._arrays[name].tail), self._arrays[name].dtype) for name in names]
-        for first in range(0, len(every), self._max_open):  # no more files at once than may stay open
+        # no more files at once than may stay open
+        for first in range(0, len(every), self._max_open):
             rows = np.flatnonzero((inverse >= first) & (inverse < first + self._max_open))
             for name, into in zip(names, values):
                 read[rows] &= self._read_rows(
@@ -123,7 +128,8 @@ class ChunkFiles:
         at = np.flatnonzero(read)
         parts = _pread_all(fds[at].tolist(), size, (offsets[at] * size).tolist())
         data = b"".join(parts)
-        if len(data) != len(at) * size:  # a file shorter than the row (a part is never longer)
+        # a file shorter than the row (a part is never longer)
+        if len(data) != len(at) * size:
             whole = np.fromiter(map(len, parts), np.int64, len(parts)) == size
             read[at[~whole]] = False
             at, data = at[whole], b"".join(p for p in parts if len(p) == size)
@@ -167,7 +173,8 @@ class ChunkFiles:
                 return -1
             if len(self._open) >= self._max_open:
                 os.close(self._open.pop(next(iter(self._open))))
-        self._open[(name, chunk)] = fd  # the most recently used last
+        # the most recently used last
+        self._open[(name, chunk)] = fd
         return fd
 
     def _pread(self, name: str, chunk: int, size: int, offset: int) -> bytes:
@@ -180,7 +187,8 @@ def _pread_all(fds: list[int], size: int, offsets: list[int]) -> list[bytes]:
     """`size` bytes at each (fd, offset); fewer (or none) where a file is short or a read fails."""
     try:
         return list(map(os.pread, fds, itertools.repeat(size, len(fds)), offsets))
-    except OSError:  # one read failed (EIO, say): read one by one, the failed ones left empty
+    except OSError:
+        # one read failed (EIO, say): read one by one, the failed ones left empty
         return [_pread_or_nothing(fd, size, offset) for fd, offset in zip(fds, offsets)]
 
 

@@ -36,10 +36,12 @@ def sync_chunk(folder: Path, arrays: Arrays, chunk: int, resized: bool) -> None:
     for name, array in arrays.all():
         home = folder / name
         path = home / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-        if path.exists():  # zarr leaves out a chunk that is all fill value (zeros): nothing to sync
+        # zarr leaves out a chunk that is all fill value (zeros): nothing to sync
+        if path.exists():
             fsync(path)
         fsync(path.parent, directory=True)
-        if resized:  # new chunk folders: make their entries durable, up to the array's folder
+        # new chunk folders: make their entries durable, up to the array's folder
+        if resized:
             for parent in list(path.parents)[1:]:
                 if parent == home:
                     break

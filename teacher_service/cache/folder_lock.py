@@ -12,7 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 
-COMMAND_CHARS = 160  # of the holder's command line shown in a refusal: enough to tell which service it is
+# of the holder's command line shown in a refusal: enough to tell which service it is
+COMMAND_CHARS = 160
 
 
 class StoreLocked(RuntimeError):
@@ -59,5 +60,6 @@ def _process(pid: str) -> str:
     except OSError:
         return f"pid {pid}"
     command = " ".join(arg.decode(errors="replace") for arg in argv if arg)
-    command = " ".join(command.split())  # one line, whatever the arguments hold
+    # one line, whatever the arguments hold
+    command = " ".join(command.split())
     return f"pid {pid}: {command[:COMMAND_CHARS]}" + ("..." if len(command) > COMMAND_CHARS else "")

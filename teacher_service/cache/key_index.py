@@ -27,11 +27,15 @@ import numpy as np
 from shared.hashing import KEY_BYTES
 from teacher_service.cache.settings import RESIDENT_BYTES
 
-_TOUCH_BYTES = 16 * mmap.PAGESIZE  # what one slot read may map: Linux maps a file page's cached neighbours too
-_COLUMNS = 4  # a slot: key's first 8 bytes, its last 8, row + 1, the row's checksum
+# what one slot read may map: Linux maps a file page's cached neighbours too
+_TOUCH_BYTES = 16 * mmap.PAGESIZE
+# a slot: key's first 8 bytes, its last 8, row + 1, the row's checksum
+_COLUMNS = 4
 _SLOT_BYTES = _COLUMNS * 8
-_PROBE_SLOTS = 4  # slots one read brings in: in a table at most half full, a lookup rarely probes past them
-_EMPTY, _DEAD = np.uint64(0), np.uint64(2**64 - 1)  # a slot's row column: no key / a key whose row was dropped
+# slots one read brings in: in a table at most half full, a lookup rarely probes past them
+_PROBE_SLOTS = 4
+# a slot's row column: no key / a key whose row was dropped
+_EMPTY, _DEAD = np.uint64(0), np.uint64(2**64 - 1)
 
 
 class FileBacked:
@@ -40,10 +44,12 @@ class FileBacked:
     def __init__(self, shape: tuple[int, ...], dtype, folder: Path | None = None):
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        with tempfile.TemporaryFile(dir=folder) as f:  # unlinked already: the mapping and `fd` keep it alive
+        # unlinked already: the mapping and `fd` keep it alive
+        with tempfile.TemporaryFile(dir=folder) as f:
             f.truncate(nbytes)
             self._map = mmap.mmap(f.fileno(), nbytes)
-            self.fd = os.dup(f.fileno())  # for reads that map nothing (a shared mapping and pread see the same pages)
+            # for reads that map nothing (a shared mapping and pread see the same pages)
+            self.fd = os.dup(f.fileno())
         self.array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def release(self) -> None:
@@ -55,7 +61,8 @@ class FileBacked:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        with contextlib.suppress(BufferError):  # a view of the array is still alive: the mapping goes when it does
+        # a view of the array is still alive: the mapping goes when it does
+        with contextlib.suppress(BufferError):
             self._map.close()
 
 
@@ -73,9 +80,12 @@ class KeyIndex:
     def __init__(self, capacity: int = 1024, folder: Path | None = None, resident_bytes: int = RESIDENT_BYTES):
         self._folder, self.resident_bytes = folder, resident_bytes
         self._file = FileBacked((_capacity(capacity), _COLUMNS), np.uint64, folder)
-        self.count = 0  # occupied slots, dead ones included
-        self._touched = 0  # slots read or written since the pages were last handed back
-        self._piece = max(256, resident_bytes // _TOUCH_BYTES)  # keys a call handles between settles
+        # occupied slots, dead ones included
+        self.count = 0
+        # slots read or written since the pages were last handed back
+        self._touched = 0
+        # keys a call handles between settles
+        self._piece = max(256, resident_bytes // _TOUCH_BYTES)
 
     @property
     def capacity(self) -> int:
@@ -91,7 +101,8 @@ class KeyIndex:
 
     def locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The row of each (N, 16) uint8 key, -1 where none is held, and the checksum it was indexed with."""
-        if len(keys) > self._piece:  # a piece at a time, settling between: the bound holds within a call too
+        # a piece at a time, settling between: the bound holds within a call too
+        if len(keys) > self._piece:
             parts = [self.locate(keys[i : i + self._piece]) for i in range(0, len(keys), self._piece)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         lo, hi = _halves(keys)
@@ -120,16 +131,19 @@ class KeyIndex:
         if not len(keys):
             return
         checks = np.zeros(len(keys), np.uint64) if checks is None else np.asarray(checks, np.uint64)
-        if len(keys) > self._piece:  # in order, so the later row of a key still wins
+        # in order, so the later row of a key still wins
+        if len(keys) > self._piece:
             for i in range(0, len(keys), self._piece):
                 self.add(keys[i : i + self._piece], np.asarray(rows)[i : i + self._piece], checks[i : i + self._piece])
             return
         whole = np.ascontiguousarray(keys, np.uint8).reshape(len(keys), KEY_BYTES).view(f"V{KEY_BYTES}").ravel()
-        newest = len(whole) - 1 - np.unique(whole[::-1], return_index=True)[1]  # each distinct key's last occurrence
+        # each distinct key's last occurrence
+        newest = len(whole) - 1 - np.unique(whole[::-1], return_index=True)[1]
         lo, hi = _halves(keys[newest])
         values = np.asarray(rows)[newest].astype(np.uint64) + np.uint64(1)
         sums = checks[newest]
-        if 2 * (self.count + len(lo)) > self.capacity:  # rebuilt, dropped keys left out: sized by the live ones
+        # rebuilt, dropped keys left out: sized by the live ones
+        if 2 * (self.count + len(lo)) > self.capacity:
             table = self._file.array
             live = int(((table[:, 2] != _EMPTY) & (table[:, 2] != _DEAD)).sum())
             self._grow(2 * (live + len(lo)))
@@ -146,15 +160,18 @@ class KeyIndex:
             table[s[same], 2] = values[todo[same]]
             table[s[same], 3] = sums[todo[same]]
             empty = np.flatnonzero(~occupied)
-            claim = empty[np.unique(s[empty], return_index=True)[1]]  # one key per empty slot this round
+            # one key per empty slot this round
+            claim = empty[np.unique(s[empty], return_index=True)[1]]
             claimed = todo[claim]
             table[s[claim]] = np.stack([lo[claimed], hi[claimed], values[claimed], sums[claimed]], axis=1)
             self.count += len(claim)
             placed = same.copy()
             placed[claim] = True
-            moving = ~placed & occupied  # the slot holds another key: probe on
+            # the slot holds another key: probe on
+            moving = ~placed & occupied
             slots[todo[moving]] = (s[moving] + 1) & mask
-            todo = todo[~placed]  # the rest: the next slot, or the same empty one claimed by another this round
+            # the rest: the next slot, or the same empty one claimed by another this round
+            todo = todo[~placed]
         self.settle()
 
     def settle(self) -> None:
@@ -181,7 +198,8 @@ class KeyIndex:
             occupied = entry[:, 2] != _EMPTY
             same = occupied & (entry[:, 0] == lo[todo]) & (entry[:, 1] == hi[todo])
             found[todo[same]] = s[same]
-            todo = todo[occupied & ~same]  # another key's slot: probe on; an empty one ends the search
+            # another key's slot: probe on; an empty one ends the search
+            todo = todo[occupied & ~same]
             slots[todo] = (slots[todo] + 1) & mask
         return found
 
@@ -198,7 +216,8 @@ class KeyIndex:
         entries = np.frombuffer(data, np.uint64).reshape(len(at), _PROBE_SLOTS, _COLUMNS)
         empty = entries[:, :, 2] == _EMPTY
         same = ~empty & (entries[:, :, 0] == lo[at, None]) & (entries[:, :, 1] == hi[at, None])
-        ends = same | empty  # a probe ends at its key or at an empty slot
+        # a probe ends at its key or at an empty slot
+        ends = same | empty
         ended, step = ends.any(axis=1), ends.argmax(axis=1)
         hit = ended & same[np.arange(len(at)), step]
         found[at[hit]] = first[at[hit]] + step[hit]

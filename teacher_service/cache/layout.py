@@ -20,10 +20,12 @@ import zarr
 
 FORMAT = "akd-logit-cache/2"
 COMMITTED = "committed_rows"
-EVICTED = "evicted_chunks"  # [[first, stop), ...] chunk ranges evicted: not rows, not damage; their files are deleted
+# [[first, stop), ...] chunk ranges evicted: not rows, not damage; their files are deleted
+EVICTED = "evicted_chunks"
 CHECK_BYTES = 8
 DAMAGED_DIR = ".damaged"
-RAW = {"compressors": None}  # chunks stored as plain bytes, so a row can be read alone (chunk_files); none compress
+# chunks stored as plain bytes, so a row can be read alone (chunk_files); none compress
+RAW = {"compressors": None}
 
 
 @dataclass

@@ -16,13 +16,17 @@ class ChunkLines:
     lines never filled take no memory."""
 
     def __init__(self, max_bytes: int, chunk_rows: int, width: int, dtype: np.dtype):
-        row = KEY_BYTES + width * dtype.itemsize + CHECK_BYTES + 1  # + its `checked` flag
+        # + its `checked` flag
+        row = KEY_BYTES + width * dtype.itemsize + CHECK_BYTES + 1
         self.chunk_rows = chunk_rows
         self.lines = max(1, max_bytes // (chunk_rows * row))
         self.rows = Rows.empty(self.lines * chunk_rows, width, dtype)
-        self.checked = np.zeros(self.lines * chunk_rows, bool)  # verified against its checksum since read back
-        self.tag = np.full(self.lines, -1, np.int64)  # the chunk each line holds
-        self.reads = 0  # chunks read from the store
+        # verified against its checksum since read back
+        self.checked = np.zeros(self.lines * chunk_rows, bool)
+        # the chunk each line holds
+        self.tag = np.full(self.lines, -1, np.int64)
+        # chunks read from the store
+        self.reads = 0
 
     def holds(self, chunks: np.ndarray) -> np.ndarray:
         return self.tag[chunks % self.lines] == chunks

@@ -22,7 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 from shared.configfile import ConfigError
 
-LOCAL_SCHEMES = ("file", "local")  # fsspec's names for the local file system
+# fsspec's names for the local file system
+LOCAL_SCHEMES = ("file", "local")
 EXPECTED = (
     "expected a local folder (a path, or a file URL of an absolute folder: file:///path/to/cache) or a zarr store "
     "URL (s3://bucket/prefix)"

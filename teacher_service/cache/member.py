@@ -32,7 +32,8 @@ from teacher_service.cache.verify import Damage, Header
 
 log = logging.getLogger("akd.cache")
 
-NEVER = np.iinfo(np.int64).max  # a chunk's last use when it cannot be evicted (evicted already, or not committed)
+# a chunk's last use when it cannot be evicted (evicted already, or not committed)
+NEVER = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -68,26 +69,35 @@ class MemberCache:
         arrays, committed = header.arrays, header.committed
         self.version, self.fmt, self.num_classes = version, header.fmt, header.num_classes
         self._arrays, self._writer, self._budget = arrays, shared.writer, shared.budget
-        self._folder = shared.durable_folder(version)  # set when durable: fsync the namespace's files in this folder
+        # set when durable: fsync the namespace's files in this folder
+        self._folder = shared.durable_folder(version)
         self.chunk_rows = arrays.logits.chunks[0]
         self._reader = ChunkReader(
             version, header.fmt, header.num_classes, arrays, shared.settings.memory_bytes, header.evicted
         )
         self.committed = committed
-        self.broken = False  # set after a failed write: nothing more is committed here
+        # set after a failed write: nothing more is committed here
+        self.broken = False
         self.write_errors = 0
         self.damage = shared.damage.setdefault(version, Damage())
-        self.rows = committed  # rows held: committed or buffered
-        self._whole_chunks = committed // self.chunk_rows  # chunks never to be rewritten
-        self._submitted = committed  # rows handed to the writer so far
-        self._tail = tail  # the chunk being filled, `chunk_rows` long: rows [_whole_chunks * chunk_rows, rows)
-        self._pending: dict[int, tuple[Rows, Future]] = {}  # whole chunks handed to the writer, not yet committed
+        # rows held: committed or buffered
+        self.rows = committed
+        # chunks never to be rewritten
+        self._whole_chunks = committed // self.chunk_rows
+        # rows handed to the writer so far
+        self._submitted = committed
+        # the chunk being filled, `chunk_rows` long: rows [_whole_chunks * chunk_rows, rows)
+        self._tail = tail
+        # whole chunks handed to the writer, not yet committed
+        self._pending: dict[int, tuple[Rows, Future]] = {}
         self._index = index
         self._tick = shared.tick
         # what the writer records; replaced whole, never mutated
         self._evicted_attr = chunk_ranges(self._reader.evicted)
-        self.evicted_rows = 0  # this run
-        whole = self._whole_chunks  # a chunk's last use: start-up counts the oldest chunks least recently used
+        # this run
+        self.evicted_rows = 0
+        # a chunk's last use: start-up counts the oldest chunks least recently used
+        whole = self._whole_chunks
         self._used = np.full(max(16, 2 * whole), NEVER, np.int64)
         self._used[:whole] = np.arange(whole) - whole
         self._used[list(self._reader.evicted)] = NEVER
@@ -112,7 +122,8 @@ class MemberCache:
         chunk_of = positions[at] // self.chunk_rows
         offset = positions[at] - chunk_of * self.chunk_rows
         batch = Batch(chunk_of, offset, wanted[at], indexed[at], logits, good)
-        here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))  # not on the store yet
+        # not on the store yet
+        here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))
         self._reader.serve(np.flatnonzero(~here), batch)
         for chunk in np.unique(chunk_of[here]):
             group = np.flatnonzero(chunk_of == chunk)
@@ -206,10 +217,12 @@ class MemberCache:
         held = self._rows_of(chunk)
         if held is not None:
             keys = held.keys
-            still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))  # not since re-added
+            # not since re-added
+            still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))
             self._index.drop(keys[still])
         self._reader.forget(chunk)
-        self._pending.pop(chunk, None)  # the writer writes it, then deletes it: the two run in order
+        # the writer writes it, then deletes it: the two run in order
+        self._pending.pop(chunk, None)
         self._evicted_attr = chunk_ranges(self._reader.evicted)
         self._used[chunk] = NEVER
         self.evicted_rows += self.chunk_rows

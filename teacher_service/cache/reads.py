@@ -30,8 +30,10 @@ from teacher_service.cache.verify import READ_BLOCK_CHUNKS
 
 log = logging.getLogger("akd.cache")
 
-ROW_READ_ARRAYS = ("logits",)  # what a row read alone reads: its logits only, for its key index holds its checksum
-WHOLE_CHUNK_SHARE = 16  # a chunk of which a batch asks for 1/16 of the rows or more is read whole, not row by row
+# what a row read alone reads: its logits only, for its key index holds its checksum
+ROW_READ_ARRAYS = ("logits",)
+# a chunk of which a batch asks for 1/16 of the rows or more is read whole, not row by row
+WHOLE_CHUNK_SHARE = 16
 
 
 @dataclass
@@ -58,9 +60,12 @@ class ChunkReader:
         self._arrays = arrays
         self.chunk_rows = arrays.logits.chunks[0]
         self.lines = ChunkLines(memory_bytes, self.chunk_rows, arrays.logits.shape[1], fmt.dtype)
-        self.files = ChunkFiles.of(dict(arrays.all()))  # None: whole chunks through zarr only
-        self.row_reads = 0  # rows read alone from their chunk files since start-up
-        self.unreadable: set[int] = set()  # committed chunks that failed to decode since start-up
+        # None: whole chunks through zarr only
+        self.files = ChunkFiles.of(dict(arrays.all()))
+        # rows read alone from their chunk files since start-up
+        self.row_reads = 0
+        # committed chunks that failed to decode since start-up
+        self.unreadable: set[int] = set()
         self.evicted = set(evicted)
 
     def serve(self, which: np.ndarray, batch: Batch) -> None:
@@ -73,7 +78,8 @@ class ChunkReader:
         """Rows `which` of the batch: their stored values served where `sound` (a row's keys match, or its checks
         pass, row by row), the others marked not good and logged (unless their chunk failed to decode: that was
         logged when it was read). Only sound rows are decoded: a damaged top-k row may name nonexistent classes."""
-        if sound.ndim == 2:  # keys compared field by field
+        # keys compared field by field
+        if sound.ndim == 2:
             sound = sound.all(axis=1)
         batch.good[which] = sound
         batch.logits[which[sound]] = self.fmt.decode(stored[sound], self.num_classes)
@@ -95,7 +101,8 @@ class ChunkReader:
             return
         lines = self.lines
         slots = lines.slots(batch.chunk_of[which], batch.offset[which])
-        sound = (lines.rows.keys[slots] == batch.keys[which]).all(axis=1)  # a chunk moved within the namespace
+        # a chunk moved within the namespace
+        sound = (lines.rows.keys[slots] == batch.keys[which]).all(axis=1)
         unchecked = np.unique(slots[~lines.checked[slots]])
         if len(unchecked):
             rows = lines.rows
@@ -166,8 +173,10 @@ class ChunkReader:
             where = (wanted[:, None] * n + np.arange(n)).ravel()
             rows.put(where, Rows(**{name: array.oindex[positions] for name, array in self._arrays.all()}))
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
-            self.lines.reads -= len(wanted)  # counted again one by one
-            for i in wanted:  # their files were tried already
+            # counted again one by one
+            self.lines.reads -= len(wanted)
+            # their files were tried already
+            for i in wanted:
                 held = self._zarr_chunk(int(chunks[i]))
                 if held is None:
                     readable[i] = False

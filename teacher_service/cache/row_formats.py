@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TOPK_MAX_CLASSES = 1 << 16  # classes travel as uint16
+# classes travel as uint16
+TOPK_MAX_CLASSES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class RowFormat:
         return num_classes
 
     def encode(self, logits: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):  # past float16's range: inf, which `storable` keeps out of the store
+        # past float16's range: inf, which `storable` keeps out of the store
+        with np.errstate(over="ignore"):
             return logits.astype(self.dtype)
 
     def decode(self, stored: np.ndarray, num_classes: int) -> np.ndarray:
@@ -58,7 +60,8 @@ class TopK(RowFormat):
         peak = rest.max(axis=1, keepdims=True)
         rest_lse = peak[:, 0] + np.log(np.exp(rest - peak).sum(axis=1))
         stored = np.empty((n, self.width(num_classes)), np.uint16)
-        with np.errstate(over="ignore"):  # past float16's range: inf, which `storable` keeps out of the store
+        # past float16's range: inf, which `storable` keeps out of the store
+        with np.errstate(over="ignore"):
             stored[:, : self.k] = values.astype(np.float16).view(np.uint16)
             stored[:, 2 * self.k] = rest_lse.astype(np.float16).view(np.uint16)
         stored[:, self.k : 2 * self.k] = top

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-CHUNK_ROWS = 1024  # rows a chunk holds (`[server.cache] chunk_rows`)
-MEMORY_BYTES = 256 << 20  # decoded chunks kept for hits, per namespace (`memory_bytes`), whatever the store holds
-RESIDENT_BYTES = 256 << 20  # the most of a namespace's key index kept resident (`index_memory_bytes`)
+# rows a chunk holds (`[server.cache] chunk_rows`)
+CHUNK_ROWS = 1024
+# decoded chunks kept for hits, per namespace (`memory_bytes`), whatever the store holds
+MEMORY_BYTES = 256 << 20
+# the most of a namespace's key index kept resident (`index_memory_bytes`)
+RESIDENT_BYTES = 256 << 20
 WHEN_FULL = ("evict", "stop")
 
 

@@ -49,7 +49,8 @@ class LogitCache:
         folder = local_folder(store)
         self.store = str(folder) if folder is not None and not isinstance(store, LocalStore) else store
         self._folder = folder
-        self._index_folder = folder  # indexes and spills live beside the store (the system's temp folder otherwise)
+        # indexes and spills live beside the store (the system's temp folder otherwise)
+        self._index_folder = folder
         self._lock = lock_folder(folder) if folder else None
         if folder:
             remove_torn_writes(folder)
@@ -136,7 +137,8 @@ class LogitCache:
             index.settle()
             good += len(kept)
             problems += block.problems
-            if block.start + len(block.good) > tail_start:  # blocks are whole chunks: the tail lies in this one
+            # blocks are whole chunks: the tail lies in this one
+            if block.start + len(block.good) > tail_start:
                 held = slice(tail_start - block.start, len(block.good))
                 tail.put(slice(0, header.committed - tail_start), block.rows.select(held))
         return index, tail, good, problems

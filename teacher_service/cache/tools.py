@@ -38,10 +38,14 @@ class Namespace:
     version: str
     rows: int = 0
     num_classes: int = 0
-    dtype: str = "float32"  # how its logits are stored
-    problem: str | None = None  # why its metadata fails its checks (the service sets it aside when it starts)
-    used_by: list[str] = field(default_factory=list)  # members of the config's teachers with this version
-    hits: float | None = None  # since the running service at --url started
+    # how its logits are stored
+    dtype: str = "float32"
+    # why its metadata fails its checks (the service sets it aside when it starts)
+    problem: str | None = None
+    # members of the config's teachers with this version
+    used_by: list[str] = field(default_factory=list)
+    # since the running service at --url started
+    hits: float | None = None
     misses: float | None = None
 
     @property
@@ -51,10 +55,13 @@ class Namespace:
 
 @dataclass
 class Store:
-    folder: Path | str  # a local folder, or a store URL (s3://...)
+    # a local folder, or a store URL (s3://...)
+    folder: Path | str
     namespaces: list[Namespace]
-    foreign: list[str]  # entries that are not namespaces: never touched
-    damaged_bytes: int  # what the service set aside in .damaged/
+    # entries that are not namespaces: never touched
+    foreign: list[str]
+    # what the service set aside in .damaged/
+    damaged_bytes: int
 
     def stale(self) -> list[Namespace]:
         return [ns for ns in self.namespaces if not ns.used_by]
@@ -85,7 +92,8 @@ def survey(folder: Path | str, versions: dict[str, list[str]]) -> Store:
             )
         except NamespaceDamaged as exc:
             namespaces.append(Namespace(name, exc.rows, problem=str(exc), used_by=versions.get(name, [])))
-    damaged = Path(folder) / DAMAGED_DIR if isinstance(folder, Path) else None  # an object store keeps none aside
+    # an object store keeps none aside
+    damaged = Path(folder) / DAMAGED_DIR if isinstance(folder, Path) else None
     damaged_bytes = (
         sum(f.stat().st_size for f in damaged.rglob("*") if f.is_file()) if damaged and damaged.is_dir() else 0
     )
@@ -193,7 +201,8 @@ def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool, max_bytes
                 file=sys.stderr,
             )
             return 2
-        lock = None if dry_run else lock_folder(store.folder)  # StoreLocked while a service runs on it
+        # StoreLocked while a service runs on it
+        lock = None if dry_run else lock_folder(store.folder)
         try:
             for ns in stale:
                 print(
@@ -294,9 +303,11 @@ def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]
         store, versions = config.server.cache.dir, member_versions(config)
     if not store:
         raise ConfigError("no cache: give --cache-dir, or --config with a server.cache.dir")
-    folder = cache_location(store, Path.cwd())  # every spelling of a folder is that real folder, as the service's
+    # every spelling of a folder is that real folder, as the service's
+    folder = cache_location(store, Path.cwd())
     if isinstance(folder, str):
-        return folder, versions  # an object store: zarr reads it (stats, verify)
+        # an object store: zarr reads it (stats, verify)
+        return folder, versions
     if not folder.is_dir():
         raise ConfigError(f"cache folder {folder} does not exist")
     return folder, versions
@@ -322,4 +333,5 @@ def _size(nbytes: int) -> str:
     return f"{size:,.1f} GB"
 
 
-COMMANDS = {"cache": (add_arguments, run)}  # for `akd cache` (akd/cli.py)
+# for `akd cache` (akd/cli.py)
+COMMANDS = {"cache": (add_arguments, run)}

@@ -22,7 +22,8 @@ from teacher_service.cache.layout import COMMITTED, DAMAGED_DIR, EVICTED, FORMAT
 from teacher_service.cache.row_formats import FLOAT32, RowFormat, row_format
 from teacher_service.cache.rows import Rows, row_bytes, row_checks, spans
 
-READ_BLOCK_CHUNKS = 64  # chunks read at once when verifying; a block that fails is read again chunk by chunk
+# chunks read at once when verifying; a block that fails is read again chunk by chunk
+READ_BLOCK_CHUNKS = 64
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Header:
     committed: int
     num_classes: int
     fmt: RowFormat = FLOAT32
-    evicted: frozenset[int] = frozenset()  # whole chunks
+    # whole chunks
+    evicted: frozenset[int] = frozenset()
 
     @property
     def live_rows(self) -> int:
@@ -98,7 +100,8 @@ def inspect_namespace(root: zarr.Group, version: str) -> Header:
         raise NamespaceDamaged("is an array, not a namespace group")
     attrs = dict(group.attrs)
     committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
-    stored = attrs.get("dtype", "float32")  # namespaces written before float16 existed say nothing: float32
+    # namespaces written before float16 existed say nothing: float32
+    stored = attrs.get("dtype", "float32")
     if attrs.get("format") != FORMAT:
         found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
         raise NamespaceDamaged(
@@ -178,15 +181,15 @@ def verified_blocks(version: str, header: Header) -> Iterator[Block]:
                     read(first, last)
                 except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
                     readable[first - start : last - start] = False
-                    if (
-                        first // chunk_rows not in header.evicted
-                    ):  # left behind by a crash mid-eviction: nothing reads it
+                    # left behind by a crash mid-eviction: nothing reads it
+                    if first // chunk_rows not in header.evicted:
                         problems.append(
                             f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: "
                             f"{type(exc).__name__}: {exc}"
                         )
         for chunk in header.evicted & set(range(start // chunk_rows, -(-stop // chunk_rows))):
-            readable[chunk * chunk_rows - start : (chunk + 1) * chunk_rows - start] = False  # gone, not damaged
+            # gone, not damaged
+            readable[chunk * chunk_rows - start : (chunk + 1) * chunk_rows - start] = False
         good = readable & (row_checks(version, rows.keys, rows.logits) == rows.checks)
         for chunk in np.unique((np.flatnonzero(readable & ~good) + start) // chunk_rows):
             where = np.arange(chunk * chunk_rows, min((chunk + 1) * chunk_rows, stop))

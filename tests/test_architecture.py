@@ -16,7 +16,9 @@ Every import counts, those inside functions and under `if TYPE_CHECKING:` too.
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,26 @@ def test_the_cycle_check_sees_type_checking_imports_and_submodules():
     # `from bench import sharing`
     assert "bench.sharing" in graph["bench.peer"]
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
+
+
+PRAGMAS = ("# noqa", "# type:", "# pragma", "# fmt:")
+
+
+def trailing_comments(path: Path) -> list[str]:
+    """`path:line` of every comment that follows code on its line (a tool's pragma may)."""
+    source = path.read_text()
+    lines = source.splitlines()
+    return [
+        f"{path.relative_to(REPO)}:{token.start[0]}"
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+        and lines[token.start[0] - 1][: token.start[1]].strip()
+        and not token.string.startswith(PRAGMAS)
+    ]
+
+
+def test_comments_stand_above_the_line_they_explain():
+    """A comment trailing its code makes the formatter wrap the code around it, and is lost when the line moves."""
+    python = [path for package in (*PACKAGES, "tests", "scripts") for path in sorted((REPO / package).rglob("*.py"))]
+    found = [where for path in python if "measurement-scripts" not in path.parts for where in trailing_comments(path)]
+    assert not found, found[:20]

@@ -1,4 +1,11 @@
-"""Fixtures: real teachers on disk, real uvicorn servers on ephemeral loopback ports, fresh copies of the checkout."""
+"""Fixtures: real teachers on disk, real uvicorn servers on ephemeral loopback ports, fresh copies of the checkout.
+
+The suite comes in three tiers, one folder each, all run by `make test` (`pytest` from the root):
+  unit/     a module or two in this process: no server, no subprocess of the project (`make test-fast`)
+  service/  a real service: uvicorn on a loopback port, in this process or as `akd serve`, with real httpx clients
+  e2e/      whole commands as a user runs them: `akd train`, `demo`, `bench`, `warm`, nginx, torchrun, docker
+            compose, fresh clones of the checkout and the README's commands
+"""
 
 from __future__ import annotations
 

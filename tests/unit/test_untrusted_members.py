@@ -200,8 +200,8 @@ def shared_honest_export(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("target", sorted(FOREIGN_TARGETS))
 def test_graph_node_calling_anything_but_a_registered_operator_is_refused(tmp_path, shared_honest_export, target):
-    """Underscore names are fine (`aten._to_copy` is a real operator: tests/test_exports.py); what is refused is any
-    name outside torch's operator registry and the symbolic-shape functions torch.export writes."""
+    """Underscore names are fine (`aten._to_copy` is a real operator: tests/service/test_exports.py); what is refused
+    is any name outside torch's operator registry and the symbolic-shape functions torch.export writes."""
 
     def retarget(entries, prefix):
         model = prefix + "models/model.json"

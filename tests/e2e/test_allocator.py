@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 FAULTS = """
 import resource
@@ -41,7 +39,7 @@ print(kept, faults() - before)
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "AKD_MALLOC"} | env
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300
     )
 
 
@@ -64,7 +62,7 @@ def test_a_bad_akd_malloc_is_refused_by_name():
     for command in (["-m", "akd", "--help"], ["-m", "teacher_service", "--config", "x.toml"]):
         result = subprocess.run(
             [sys.executable, *command],
-            cwd=ROOT,
+            cwd=REPO,
             env=os.environ | {"AKD_MALLOC": "jemalloc"},
             capture_output=True,
             text=True,

@@ -1,6 +1,6 @@
 """docker-compose.yml, checked without an engine: it declares the pipeline, it validates, and each service's
 command, run as a local process with the service's environment and in the order of its depends_on, runs the
-demo's pipeline. tests/test_compose_e2e.py runs the same file under a real engine, where one answers."""
+demo's pipeline. tests/e2e/test_compose_e2e.py runs the same file under a real engine, where one answers."""
 
 from __future__ import annotations
 

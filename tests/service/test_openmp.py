@@ -107,8 +107,8 @@ def team_started_by_a_device_thread(device: str) -> int:
 
 
 def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_keeps_its_own():
-    """On a lent 16-core H200 the GPU's thread made a 15-thread team for placing rows, which spun between batches on
-    7 to 15 cores (bench/RESULTS.md, section 11). Not a CUDA test: which setup a device's thread gets depends only on
+    """A GPU's device thread must run its CPU ops (placing rows) serially: given an OpenMP team, that team spins
+    between batches on the host's other cores (docs/design/teacher-service.md, openmp). Not a CUDA test: which setup a device's thread gets depends only on
     the device's type, and what the setup does is measured here, on this CPU."""
     assert team_started_by_a_device_thread("cuda") == 0
     # the forward passes' team

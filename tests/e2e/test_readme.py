@@ -12,12 +12,15 @@ import torch
 from conftest import HANG_S, REPO, live_server, random_inputs
 
 from shared import codec
-from teacher_service.config import ServerConfig, ServiceConfig
+from teacher_service.config import FLAT_NAMES, ServerConfig, ServiceConfig
 
 
 def test_readme_config_block_shows_the_defaults():
     block = re.search(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    config = ServiceConfig.model_validate(tomllib.loads(block))
+    raw = tomllib.loads(block)
+    flat = {key for key, value in raw["server"].items() if not isinstance(value, dict)} & set(FLAT_NAMES)
+    assert not flat, f"the README shows deprecated flat keys: {sorted(flat)}"
+    config = ServiceConfig.model_validate(raw)
     defaults = _dotted(ServerConfig().model_dump())
     for field, value in _dotted(config.server.model_dump()).items():
         if field not in ("token", "cache.dir"):

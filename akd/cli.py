@@ -1,9 +1,9 @@
 """The `akd` command: one entry point, a subcommand per job, each imported only when it runs.
 
-The subcommands are named here as data, with the module that implements each, so that
-`akd serve` imports the service and nothing else: an image or a machine that holds only
-what serving needs still runs it, and `akd --help` imports no side at all. Each module
-declares `COMMANDS = {name: (add_arguments, run)}`. `python -m akd`, and each side's `python -m`, run `main`.
+The subcommands are named here as data, with the module that implements each, so that `akd serve` imports the
+service and nothing else: an image or a machine that holds only what serving needs still runs it, and `akd --help`
+imports no side at all. Each module declares `COMMANDS = {name: (add_arguments, run)}`. `python -m akd`, and each
+side's `python -m`, run `main`.
 """
 
 from __future__ import annotations

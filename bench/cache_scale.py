@@ -1,20 +1,19 @@
 """8. The cache at scale: what a service holding many more rows than its memory bound costs in memory and in speed,
 and what each row format costs in served error.
 
-1. Memory against rows stored. For stores of 1x, 10x, 100x ... the rows the chunk cache's bound
-   (`[server.cache] memory_bytes`) holds, pre-filled with random keys and logits through `LogitCache`, a real
-   `python -m teacher_service` process serves them: its resident set (VmRSS, /proc) after start-up, and its peak
-   (VmHWM, reset after start-up) while every row is asked for by key (`POST /soft-targets/keys`, in stored order),
-   then a random sample; against the bytes an in-memory mirror of the rows would hold. Every answer must be found
-   and bit for bit the stored row, or the benchmark fails.
-2. Hit rows/s, keys first, read back from the store vs held in memory: random batches over a store 10x the bound
-   (rows read back, mostly) against the same store served by a service whose bounds hold all of it (every chunk
-   decoded in memory and the index resident: what the old in-memory mirror did), against random batches over half
-   the rows the bound holds (a small hot set, every chunk held), alternated, each repeated until `min_seconds` are
-   spent; and against the teacher recomputing the same number of rows (`cache=bypass`), timed after them.
-3. Bytes a row and served-probability error of each row format (`format_errors`, which scripts/store_error.py uses
-   too): each member's logits through the format's encode and decode, the ensemble's probabilities at each
-   temperature, against the float32 ones.
+1. Memory against rows stored. For stores of 1x, 10x, 100x ... the rows the chunk cache's bound (`[server.cache]
+   memory_bytes`) holds, pre-filled with random keys and logits through `LogitCache`, a real `python -m
+   teacher_service` process serves them: its resident set (VmRSS, /proc) after start-up, and its peak (VmHWM, reset
+   after start-up) while every row is asked for by key (`POST /soft-targets/keys`, in stored order), then a random
+   sample; against the bytes an in-memory mirror of the rows would hold. Every answer must be found and bit for bit
+   the stored row, or the benchmark fails.
+2. Hit rows/s, keys first: random batches over a store 10x the bound (rows read back from the store, mostly), over
+   the same store under bounds that hold all of it (every chunk decoded in memory and the index resident: the
+   mirror), and over half the rows the bound holds (a small hot set, every chunk held), alternated, each repeated
+   until `min_seconds` are spent; then the teacher recomputing as many rows (`cache=bypass`), timed after them.
+3. Bytes a row and served-probability error of each row format (`format_errors`, shared with
+   scripts/store_error.py): each member's logits through the format's encode and decode, the ensemble's
+   probabilities at each temperature, against the float32 ones.
 """
 
 from __future__ import annotations
@@ -47,9 +46,8 @@ from teacher_service.cache.settings import RESIDENT_BYTES, CacheSettings
 from teacher_service.cache.store import LogitCache
 from teacher_service.ensemble import aggregate_probs
 
-# hit rows/s read back from the store, at least half those held in memory
+# targets: hit rows/s read back from the store at least half those of the mirror, and 20x PreActResNet-18 recomputing
 TARGET_FROM_DISK = 0.5
-# and at least 20x recomputing PreActResNet-18
 TARGET_TEACHER, TARGET_SPEEDUP = "preact_resnet18", 20.0
 # rows inserted at a time when pre-filling a store
 FILL_BATCH = 4096
@@ -108,7 +106,7 @@ def run(ctx: Context) -> Section:
                 kept[multiple] = (server, rows)
             else:
                 server.stop()
-                # the 100x store is most of a GiB
+                # the larger stores take much disk: each is removed once measured
                 shutil.rmtree(folder, ignore_errors=True)
         mirror = mirror_service(ctx, stores, spec.disk_multiple, kept[spec.disk_multiple][1], classes)
         kept[0] = (mirror, kept[spec.disk_multiple][1])
@@ -173,8 +171,8 @@ def index_bound(spec: CacheScaleSpec) -> int:
 
 
 def service_config(ctx: Context, path: Path, memory_bytes: int | None = None) -> Path:
-    """The bench's service TOML with only the served teacher, and the cache settings of this benchmark (a chunk
-    bound of `memory_bytes` and the index's default bound, where given: the mirror)."""
+    """The bench's service TOML with only the served teacher and this benchmark's cache settings; with
+    `memory_bytes` (the mirror), that chunk bound and the index's default bound instead of the spec's."""
     spec = ctx.cfg.cache_scale
     base = tomllib.loads(ctx.service_config.read_text())
     cache = {
@@ -208,9 +206,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def stored_rows(positions: np.ndarray, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The key (N, 16) uint8 and logits (N, classes) float32 of the rows at `positions` of a store filled with
-    `seed`: random-looking, computed from the position alone (so any row can be checked without holding the store in
-    memory), and every key distinct."""
+    """The key (N, 16) uint8 and logits (N, classes) float32 of the rows at `positions` of a store filled with `seed`:
+    random-looking, every key distinct, computed from the position alone so any row is checked without the store."""
     at = np.asarray(positions, np.uint64) + _M(seed << 40)
     keys = np.stack([_mix(at * _M(2)), _mix(at * _M(2) + _M(1))], axis=1).view(np.uint8).reshape(len(at), KEY_BYTES)
     bits = _mix((at[:, None] * _M(classes) + np.arange(classes, dtype=np.uint64)) ^ _M(0x5EED5EED5EED5EED))
@@ -400,7 +397,7 @@ def memory_row(
 
 def mirror_service(ctx: Context, stores: Path, multiple: int, rows: int, classes: int) -> servers.ServerProcess:
     """A service over a copy of the `multiple`x store (a folder takes one service) whose bounds hold all of it, every
-    chunk read once: served as the old in-memory mirror served it, every row decoded in this process."""
+    chunk read once before it is returned: the mirror, every row held decoded in the service's memory."""
     spec = ctx.cfg.cache_scale
     folder = stores / f"{multiple}x-mirror"
     shutil.copytree(stores / f"{multiple}x", folder)
@@ -468,7 +465,7 @@ def hits(
 
     ctx.progress(f"cache_scale: hits in memory vs the mirror vs from the store, {batch} rows, alternated")
     try:
-        # The hits are alternated among themselves only: a 4.6 s forward pass of another process in the same round
+        # The hits are alternated among themselves only: another process's long forward pass in the same round
         # chills the CPU caches for whichever hit comes next, and in ABBA order that is always the same one.
         times = alternate(
             {"in memory": asker("in memory"), "mirror": asker("mirror"), "from disk": asker("from disk")},
@@ -553,9 +550,8 @@ def served(logits: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
 
 
 def format_errors(logits: torch.Tensor, fmt: RowFormat, temperature: float) -> tuple[float, float, float]:
-    """(mean KL(exact || served), max KL, max |p - p_served|) of the equally weighted ensemble's probabilities.
-
-    The service serves a hit as aggregate_probs(decode(encode(logits))), so this is the error a hit adds."""
+    """(mean KL(exact || served), max KL, max |p - p_served|) of the equally weighted ensemble's probabilities: the
+    service serves a hit as aggregate_probs(decode(encode(logits))), so this is the error a hit adds."""
     weights = torch.full((len(logits),), 1 / len(logits))
     exact = aggregate_probs(logits, weights, temperature).double()
     rounded = aggregate_probs(served(logits, fmt), weights, temperature).double()

@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     for r in range(1, args.repeat + 1):
         run_out = out if args.repeat == 1 else out / f"run-{r}"
         workdir = run_out.resolve() / "work"
-        # teachers, cache and logs of this run only
+        # the work folder holds this run's teachers, cache and logs, none of an earlier run's
         shutil.rmtree(workdir, ignore_errors=True)
-        # fresh services every run
+        # a fresh context per run: every run starts its own services
         ctx = Context(cfg, device, workdir)
         where = machine(device)
         sections = []

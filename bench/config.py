@@ -50,8 +50,7 @@ class OverheadSpec(StrictConfig):
 
 
 class CacheSpec(StrictConfig):
-    """Hits vs recomputation through the service; and rows/s committed to the store, `[server.cache] durable` off vs
-    on."""
+    """Hits vs recomputation through the service; rows/s committed to the store, `[server.cache] durable` off vs on."""
 
     teachers: list[str]
     batches: Sizes = [128, 1024]
@@ -101,8 +100,8 @@ class PeerSpec(LoadSpec):
 
 
 class ScaleOutSpec(StrictConfig):
-    """Issue 13 on this machine: 1 vs 2 devices in one service, 1 vs 2 replicas behind nginx, 1 vs 2 DDP ranks, and a
-    replica killed (kill -9) under load."""
+    """Benchmark 7: 1 vs 2 devices in one service, 1 vs 2 replicas behind nginx, 1 vs 2 DDP ranks, and a replica
+    killed (kill -9) under load; all on the one machine the bench runs on, so its ratios are that machine's."""
 
     teacher: str
     # closed-loop clients
@@ -113,14 +112,14 @@ class ScaleOutSpec(StrictConfig):
     requests_per_client: Count = 16
     # on CPUs, also measure with OMP_NUM_THREADS=1 (a device worker's service, 1 DDP rank)
     one_thread: bool = True
-    # DDP: AKD training of a small_cnn student against `teacher` behind the service
+    # the DDP part's data: AKD training of a small_cnn student against `teacher` behind the service
     dataset: str = "mnist5k"
-    # limit_train: the same global batches for 1 and 2 ranks
+    # the training's limit_train: the same global batches for 1 and 2 ranks
     train_rows: Count = 512
     # the global batch, whatever the number of ranks
     train_batch: Count = 64
     train_attack_steps: Count = 3
-    # timed; after one untimed warm-up epoch, before the last (which validates)
+    # timed epochs, between an untimed warm-up epoch and an untimed last one (which validates)
     train_epochs: Count = 2
     # how long the clients send while a replica is killed
     kill_load_s: Positive = 4.0
@@ -140,7 +139,7 @@ class CacheScaleSpec(StrictConfig):
     """Benchmark 8: the service's memory against the rows its cache stores, hits read back from the store against
     hits held in memory and against recomputing, and each row format's bytes against its served error."""
 
-    # served over stores pre-filled with random rows (its checkpoint names their namespace)
+    # the teacher served over stores pre-filled with random rows (its checkpoint names their namespace)
     teacher: str
     # the chunk cache's bound (`[server.cache] memory_bytes`)
     memory_bytes: Count = 8 << 20
@@ -160,9 +159,9 @@ class CacheScaleSpec(StrictConfig):
     hit_batch: Count = 512
     # the store whose hits are read back from the store (one of `multiples`)
     disk_multiple: Count = 10
-    # its rows/s with `cache=bypass`, at `hit_batch` rows a request: the yardstick
+    # the teacher whose rows/s with `cache=bypass`, at `hit_batch` rows a request, are the hits' yardstick
     recompute_teacher: str
-    # random weights, built in-process
+    # the teachers whose row-format errors are measured: random weights, built in-process
     error_teachers: Annotated[list[TeacherSpec], Field(min_length=1)]
     # random inputs whose served probabilities are compared
     error_rows: Count = 2000
@@ -184,10 +183,10 @@ class CacheScaleSpec(StrictConfig):
 
 
 class WarmSpec(StrictConfig):
-    """Benchmark 9 (issue 14): `akd warm` over a run's augmentation space (rows/s), and an ARD epoch's time against
-    the cold cache and against the warmed one."""
+    """Benchmark 9: `akd warm` over a run's augmentation space (rows/s), and an ARD epoch's time against the cold
+    cache and against the warmed one."""
 
-    # served over the dataset's input (mnist5k: 1x28x28, 10 classes); its arch is [teachers.NAME]'s
+    # the served teacher, over the dataset's input (mnist5k: 1x28x28, 10 classes); its arch is [teachers.NAME]'s
     teacher: str
     dataset: str = "mnist5k"
     # the ARD student's architecture(s)
@@ -201,7 +200,7 @@ class WarmSpec(StrictConfig):
     attack_steps: Count = 10
     # rows a warm request (`akd warm --batch-rows`)
     batch_rows: Count = 512
-    # each: a cold leg and a warmed leg, fresh services, in alternating order
+    # each round: a cold leg and a warmed leg, fresh services, in alternating order
     rounds: Count = 1
 
     @model_validator(mode="after")
@@ -247,7 +246,7 @@ class BenchConfig(StrictConfig):
     @field_validator("server", mode="before")
     @classmethod
     def _server_sectioned(cls, value: Any) -> Any:
-        """Its flat keys of the release before [server] had sections, in their sections (with their notice)."""
+        """Deprecated flat [server] keys moved into their sections, each with a deprecation notice (`sectioned`)."""
         return sectioned(value, "bench config")
 
     @model_validator(mode="after")

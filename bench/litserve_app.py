@@ -38,7 +38,7 @@ class TeacherAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from student_trainer.teacher_client import LocalTeacher
 
-        # in LitServe's inference process: the allocator ours runs with, so servers are compared
+        # in LitServe's inference process: the allocator setting the service runs with, so that only the servers differ
         keep_freed_memory()
         self.teacher = LocalTeacher(self.config_path, self.teacher_name, temperature=None, device=torch.device(device))
         self.input_shape = tuple(self.teacher.info().input_shape)

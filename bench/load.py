@@ -3,8 +3,9 @@ its last one is answered.
 
 The clients are a load generator, as wrk is: each request's bytes, head and body, are built before the clock starts
 and written as they are, and each answer is framed by httptools' response parser (the C parser uvicorn runs on).
-On a machine the server shares with its clients, the clients' CPU comes out of the server's; an httpx request cost
-1.1 ms of it, this one about 0.1 (bench/RESULTS.md section 12). So the server is what is measured.
+On a machine the server shares with its clients, the clients' CPU comes out of the server's; a client that costs a
+small fraction of what a general HTTP client (httpx) does per request leaves that CPU to the server, so the server is
+what is measured.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def run(ctx: Context) -> Section:
             for batch in spec.batches:
                 ctx.progress(f"overhead: {name} batch {batch}")
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(ctx.device)
-                # here, so that the service's metric below counts timed calls only
+                # warm-up here rather than in `alternate`, so that the service's metric counts timed calls only
                 for _ in range(ctx.cfg.warmup):
                     remote(x), local(x)
                 before = server_compute(url, name)

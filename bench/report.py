@@ -13,7 +13,7 @@ from student_trainer.markdown import markdown_table
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        # NaN
+        # NaN, the one value unequal to itself
         if value != value:
             return "-"
         # an error or a divergence: its magnitude, not "0.000"
@@ -150,7 +150,7 @@ def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
             series["LitServe"] = [
                 {"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher
             ]
-        # rows: one per client count, then the one-client yardstick
+        # each series' rows: one per client count, then the one-client yardstick
         for label, rows in series.items():
             *shared, alone = rows
             line = ax.plot(

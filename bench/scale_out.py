@@ -58,7 +58,7 @@ class Setup:
 
 @dataclass
 class Call:
-    # perf_counter
+    # when the call started, by time.perf_counter()
     started: float
     seconds: float
     ok: bool
@@ -80,7 +80,7 @@ def run(ctx: Context) -> Section:
             replicas(ctx, section, a, b)
         ddp(ctx, section, a)
         if nginx:
-            # a is lost here
+            # kills a: the parts after it do without it
             killed_behind_nginx(ctx, section, a, b)
         client_failover(ctx, section, b)
     finally:
@@ -250,7 +250,7 @@ def replicas(ctx: Context, section: Section, a: ServerProcess, b: ServerProcess)
             Setup("1 replica behind nginx", one.url, [one, a]),
             Setup("2 replicas behind nginx", two.url, [two, a, b]),
         ]
-        # b is frozen but for the last
+        # b stays frozen in every setup but the last
         results = throughput(ctx, "replicas", setups)
     finally:
         for process in (one, two):
@@ -280,7 +280,7 @@ def ddp(ctx: Context, section: Section, teacher: ServerProcess) -> None:
     for label, (ranks, env) in runs.items():
         ctx.progress(f"scale out, DDP: {label}")
         out = ctx.workdir / "ddp" / f"{ranks}-ranks{'-1-thread' if env else ''}"
-        # the warm-up epoch and the validating one out
+        # the timed epochs: the warm-up epoch and the validating one left out
         epochs = train(ctx, ranks, env, kind, teacher.url, out)[1:-1]
         steps = math.ceil(spec.train_rows / spec.train_batch) * len(epochs)
         measured[label] = {

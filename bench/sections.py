@@ -56,7 +56,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     # how long the benchmark took
     seconds: float = 0.0
-    # after the main one, each under its title
+    # further tables, after the main one, each under its title
     tables: list[Table] = field(default_factory=list)
 
     def to_dict(self) -> dict:

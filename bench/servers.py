@@ -69,7 +69,7 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log: Path
-    # for a clean shutdown, before the kill
+    # seconds a clean shutdown is given before the kill
     stop_timeout_s: float = 30.0
 
     def pause(self) -> None:
@@ -192,7 +192,7 @@ _UPSTREAM_SERVER = re.compile(r"^(\s*)server teacher:8000( [^;]*);$", re.M)
 
 def nginx_balancer(name: str, replicas: list[str], log_dir: Path) -> ServerProcess:
     """deploy/nginx.conf (what compose's `balancer` runs) in front of `replicas` (http://host:port), with the
-    nginx on PATH (Debian's package here), as its own process on a free loopback port."""
+    nginx on PATH or in /usr/sbin (where Debian's package puts it), as its own process on a free loopback port."""
     # Debian's is outside users' PATH
     nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if nginx is None:
@@ -201,7 +201,7 @@ def nginx_balancer(name: str, replicas: list[str], log_dir: Path) -> ServerProce
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "conf.d").mkdir(exist_ok=True)
     (prefix / "conf.d" / "akd.conf").write_text(balancer_conf(replicas))
-    # workers write temp files in this folder, as its owner
+    # started as root, nginx runs its workers as nobody, who cannot write the temp folders below: keep them root
     user = "user root;" if os.geteuid() == 0 else ""
     (prefix / "nginx.conf").write_text(
         f"""{user}

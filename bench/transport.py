@@ -100,11 +100,11 @@ def keys_first_rows(ctx: Context, client: httpx.Client, teacher: str, shape: tup
     batch = ctx.cfg.transport.keys_batch
     images = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     params = {"teacher": teacher, "outputs": "probs"}
+    # one upload with `cache=use`: from here on every row of the batch is cached
     client.post(
         protocol.SOFT_TARGETS_PATH,
         content=codec.encode_inputs(images),
         params={**params, "cache": "use"},
-        # now cached
     ).raise_for_status()
     sizes: dict[str, tuple[int, int]] = {}
 

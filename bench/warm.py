@@ -1,5 +1,5 @@
-"""9. Warming the cache (issue 14): `akd warm` over a run's augmentation space, and an ARD epoch against the cold
-cache and against the warmed one.
+"""9. Warming the cache: `akd warm` over a run's augmentation space, and an ARD epoch against the cold cache and
+against the warmed one.
 
 For each student architecture and round, two teacher services (`python -m teacher_service`, each with its own empty
 cache folder, and one untimed `cache=bypass` request answered before anything is measured) serve the same teacher:

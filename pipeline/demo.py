@@ -116,7 +116,7 @@ class Demo:
             }
             teachers[ENSEMBLE + suffix] = {**shape, "members": list(members.values())}
             teachers.update({name + suffix: {**shape, "members": [m]} for name, m in members.items()})
-        # host, port: when served
+        # the cache's folder only: host and port are chosen when it is served
         server = merged(self.plan.service, {"cache": {"dir": relative_to_file(self.layout.cache, file)}})
         write_toml(file, {"server": server, "teachers": teachers})
         for name in names:
@@ -145,7 +145,7 @@ class Demo:
         url = f"http://127.0.0.1:{port}"
         try:
             try:
-                # a hang, not a slow start
+                # long enough for a slow start: only a hang runs past it
                 wait_healthy(url, alive=lambda: proc.poll() is None, timeout_s=600)
             except (RuntimeError, TimeoutError) as exc:
                 raise DemoError(f"{exc}; see {log}") from None
@@ -153,7 +153,7 @@ class Demo:
             try:
                 yield url
             finally:
-                # also when a student failed: the rows this session served are part of the total
+                # also when a student failed: the rows this service served are part of the total
                 try:
                     # a service started here counts from zero
                     self.save_service_stats(url, cumulative=False)
@@ -171,7 +171,7 @@ class Demo:
             say("[serve] teacher service stopped")
 
     def save_service_stats(self, url: str, cumulative: bool) -> None:
-        """Fold the service's counters into service/stats.json (merge_service_stats says how; a session that served
+        """Fold the service's counters into service/stats.json (merge_service_stats says how; a service that served
         nothing changes nothing)."""
         text = httpx.get(url + METRICS_PATH, timeout=30).text
         stats = {
@@ -216,9 +216,9 @@ class Demo:
 
     def evaluations_left(self) -> float:
         missing = [out for run_dir in self.all_runs() for out in EVALUATED.values() if not (run_dir / out).exists()]
-        # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
         work = Work(self.plan)
         dataset = self.plan.dataset
+        # AutoAttack runs in one of each run's two evaluations (AUTOATTACKED)
         return len(missing) / 2 * (work.evaluation(dataset, autoattack=False) + work.evaluation(dataset))
 
     def teacher_runs(self) -> list[Path]:
@@ -270,7 +270,7 @@ class Demo:
     def evaluation_jobs(self, run_dir: Path, wanted: dict) -> list[Job]:
         """`akd eval` of a run's best-validation and final checkpoints, where no current evaluation exists."""
         plan = self.plan
-        # TOML values
+        # --set takes TOML values: json.dumps spells these numbers, strings and booleans as TOML does
         sets = [arg for key, value in wanted.items() for arg in ("--set", f"attack.{key}={json.dumps(value)}")]
         limit = ["--limit", str(plan.eval_limit)] if plan.eval_limit else []
         autoattack = ["--autoattack-limit", str(plan.autoattack_limit), "--autoattack-version", plan.autoattack_version]
@@ -385,7 +385,7 @@ def run_demo(
         with timed("students"):
             if teacher_url:
                 demo.stage_students(teacher_url, seeds)
-                # its counters run since it started, across trainers
+                # an external service's counters run since it started, across trainers
                 demo.save_service_stats(teacher_url, cumulative=True)
             else:
                 with demo.service() as url:

@@ -93,8 +93,8 @@ def end_with_parent() -> None:
 @contextlib.contextmanager
 def sigterm_deferred():
     """A SIGTERM that comes inside the block is handled as it ends. The demo's handler raises SystemExit wherever the
-    main thread is; raised inside Popen after the fork, or before the new process was recorded, it left that job
-    running on, unknown to the cleanup (a student trainer outlived its demo by minutes, retrying a stopped service).
+    main thread is; raised inside Popen after the fork, or before the new process is recorded, it would leave that job
+    running on, unknown to the cleanup (a student trainer retrying a stopped service long after its demo ended).
     Python-level only: a blocked signal mask would be inherited by the job, which could then not be terminated."""
     # only the main thread gets Python's handlers
     if threading.current_thread() is not threading.main_thread():
@@ -105,7 +105,7 @@ def sigterm_deferred():
     try:
         yield
     finally:
-        # None: set outside Python
+        # a handler of None was set outside Python: restore the default
         signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
         if came:
             # to the handler the block deferred it from
@@ -200,15 +200,14 @@ def _run_jobs(
             )
 
 
-ETA_AFTER = (
-    # of a stage's work done: evaluations count only when they end, and a cheap one ending first says little
-    0.05
-)
+# The share of a stage's work done before it shows an ETA: evaluations count only when they end, and a cheap one
+# ending first says little.
+ETA_AFTER = 0.05
 
 
 def eta_text(work_done: float, elapsed: float, stage_left: float, later: float) -> str:
-    """ ", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; nothing before ETA_AFTER of
-    it."""
+    """ ", ETA 4.0 min (whole demo ~25 min)" from the rate measured so far in this stage; "" until ETA_AFTER of the
+    stage's work is done."""
     if work_done <= ETA_AFTER * (work_done + stage_left):
         return ""
     rate = work_done / elapsed

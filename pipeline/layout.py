@@ -82,10 +82,10 @@ def update_json(path: Path, change) -> dict:
 
 
 def merge_service_stats(old: dict, new: dict, cumulative: bool) -> dict:
-    """The service's record after one more session: never zeros over figures a re-run did not redo.
+    """The service's record after one more students stage: never zeros over figures a re-run did not redo.
 
-    A session that served no rows (a re-run reusing every student) leaves the record as it was. A service the demo
-    started itself counts from zero, so its session adds to the record (an interrupted session plus its resume is the
+    A stage whose service served no rows (a re-run reusing every student) leaves the record as it was. A service the
+    demo started itself counts from zero, so its counts add to the record (an interrupted stage plus its resume is the
     whole); an external one (--teacher-url, compose) counts since it started, across trainers, so the higher count
     is the later one and replaces the record.
     """
@@ -102,8 +102,7 @@ def add_stage_time(layout: Layout, stage: str, seconds: float) -> dict:
     seconds).
 
     The report runs in a later invocation than the training more often than not, so the time behind the results has to
-    be
-    on disk; summing keeps an interrupted run's work and its resume, and --fresh starts the record over.
+    be on disk; summing keeps an interrupted run's work and its resume, and --fresh starts the record over.
     """
 
     def add(times: dict) -> dict:

@@ -25,10 +25,8 @@ from student_trainer.methods import DISTILLATION_METHODS
 ENSEMBLE = "ensemble"
 LAST = "-last"
 DEFAULT_METHOD = TrainConfig.model_fields["method"].default
-PLACEHOLDER_URL = (
-    # a student's teacher before any service runs: validation needs a URL, not a live one
-    "http://127.0.0.1:1"
-)
+# a student's teacher before any service runs: validation needs a URL, not a live one
+PLACEHOLDER_URL = "http://127.0.0.1:1"
 
 
 class PlannedTeacher(BaseModel):
@@ -71,7 +69,7 @@ class Plan(StrictConfig):
     @field_validator("service", mode="before")
     @classmethod
     def _service_sectioned(cls, value: Any) -> Any:
-        """Its flat keys of the release before [server] had sections, in their sections (with their notice)."""
+        """The table's deprecated flat keys, moved into their sections (each logged as deprecated)."""
         from teacher_service.config import sectioned
 
         return sectioned(value, "plan", table="service")

@@ -1,7 +1,7 @@
 """The demo's report: RESULTS.md and results.json from the runs' own files, plus the pictures.
 
-Numbers come only from what the runs wrote (eval.json, metrics.jsonl, the service's
-stats, stages.json's stage times); nothing is recomputed here, so the report can be rebuilt at any time.
+Numbers come only from what the runs wrote (eval.json, metrics.jsonl, the service's stats, stages.json's stage
+times); nothing is recomputed here, so the report can be rebuilt at any time.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _value(run: dict, key: str, which: str) -> float | None:
 def student_table(students: dict[str, list[dict]], seeds: int, which: str) -> str:
     """Every student's evaluation at `which` epoch ("final" or "best"), mean ± std over seeds; its cost with the final
     one."""
-    # AUTOATTACKED
+    # AutoAttack ran on a student's final epoch only (demo.AUTOATTACKED); the run's cost goes with the final table
     columns = COLUMNS + RUN_COLUMNS if which == "final" else [c for c in COLUMNS if c[0] != "autoattack_acc"]
     rows = []
     for name, runs in students.items():
@@ -245,10 +245,10 @@ def paired_mean_se(diffs: list[float]) -> tuple[float, float]:
 def verdict(diffs: list[float], expected: str) -> str:
     """Holds / does not hold / inconclusive from paired per-seed differences, not from the sign of the mean.
 
-    The sign alone flips with seed noise (-0.0004 ± 0.0063 read "holds"); comparing the mean paired difference with
-    MARGIN_SE of its standard errors only calls a claim when the seeds agree. "not lower" asks for no clear drop, so
-    only a drop beyond MARGIN_SE·se refutes it and there is no middle ground, except that one seed has no spread and
-    settles nothing.
+    The sign alone flips with seed noise (a mean far inside its standard error reads "holds" or "does not hold" by
+    chance); comparing the mean paired difference with MARGIN_SE of its standard errors only calls a claim when the
+    seeds agree. "not lower" asks for no clear drop, so only a drop beyond MARGIN_SE·se refutes it and there is no
+    middle ground, except that one seed has no spread and settles nothing.
     """
     if expected not in ("higher", "lower", "not lower"):
         raise ValueError(f"expected must be higher, lower or not lower, got {expected!r}")
@@ -337,7 +337,8 @@ def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
 
 
 def time_line(stage_times: dict[str, dict]) -> str:
-    """Per-stage minutes and their total, from stages.json (see demo.add_stage_time): whichever invocations ran them."""
+    """Per-stage minutes and their total, from stages.json (see layout.add_stage_time): whichever invocations ran
+    them."""
     if not stage_times:
         return "- time: not recorded (no stage has run in this folder since time recording began)"
     parts = [

@@ -22,14 +22,16 @@ compose() {
   if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
 }
 
-containers() {  # a service's containers (replicas), running or exited, by compose's own labels (v1 and v2 alike)
+# A service's containers (replicas), running or exited, by compose's own labels (v1 and v2 alike).
+containers() {
   docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
     --filter "label=com.docker.compose.service=$1"
 }
 
 started=$SECONDS
 docker build --network host ${TORCH:+--build-arg "TORCH=$TORCH"} -t "$AKD_IMAGE" .
-mkdir -p runs/compose  # made by this user, not by the engine as root
+# Made by this user, not by the engine as root.
+mkdir -p runs/compose
 # One-shot stages left from an earlier run would report that run's exit codes for a stage this run never reaches.
 compose rm -f -s teachers trainer-seed0 trainer-seed1 report >/dev/null 2>&1 || true
 # `up -d` starts each stage once its dependencies are done (or healthy); a failed stage stops it early.

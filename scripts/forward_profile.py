@@ -148,7 +148,7 @@ def perf_profile(pid: int, call, calls: int, report: Path) -> dict[str, float]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # perf attaches
+    # give perf time to attach before the calls
     time.sleep(0.5)
     for _ in range(calls):
         call()

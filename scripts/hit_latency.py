@@ -3,13 +3,13 @@
 python scripts/hit_latency.py            # 1,310,720 rows (10x an 8 MiB chunk bound), 512 random keys a request
 python scripts/hit_latency.py --in-process   # the same store's `MemberCache.get` in this process, and its parts
 
-Benchmark 8 judges hits from the store against the mirror with each request right after another process's forward
-pass (cold CPU caches, five samples). This asks the same two services back to back on a quiet machine instead: a
-store filled as benchmark 8 fills it (`bench.cache_scale.fill_store`), served by `python -m teacher_service` with
-8 MiB chunk and index bounds, and a copy of it served with bounds that hold all of it; each first asked for every
-row once in stored order (as the benchmark does), then timed over alternating random requests, every answer
-checked bit for bit. `--in-process` times the cache's own read instead, no service and no HTTP: `get` under the same
-two pairs of bounds, and, for the store, its three parts (the index's lookup, the logits read alone, the checksums).
+Benchmark 8 judges hits from the store against the mirror alternated with a third service (a small hot set). This
+asks the two services alone, back to back, with nothing else between their requests: a store filled as benchmark 8
+fills it (`bench.cache_scale.fill_store`), served by `python -m teacher_service` with 8 MiB chunk and index bounds,
+and a copy of it served with bounds that hold all of it; each first asked for every row once in stored order (as
+the benchmark does), then timed over alternating random requests, every answer checked bit for bit.
+`--in-process` times the cache's own read instead, no service and no HTTP: `get` under the same two pairs of bounds,
+and, for the store, its three parts (the index's lookup, the logits read alone, the checksums).
 """
 
 from __future__ import annotations

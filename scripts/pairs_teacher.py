@@ -1,14 +1,14 @@
-"""A trained 100-class teacher from data that is here, for the row formats' errors at 100 classes (issue 14).
+"""A trained 100-class teacher from the offline data (mnist5k), for the row formats' errors at 100 classes.
 
-No CIFAR-100 is offline, and random-weight networks' logits sit near 0 and say little about a trained teacher's rows,
-so this builds two-digit MNIST from mnist5k: a 1x28x56 image of two digits side by side, label 10 * left + right.
-Training pairs are drawn (default_rng(--seed)) from mnist5k's training split only, held-out pairs (default_rng(0),
-the same for every seed) from its test split, digits the teacher never saw. It trains the registry's `tiny_cnn` (its
-adaptive pool brings the wider feature map to the usual head) on the CPU, the last --adv-epochs epochs on PGD examples
-(PGD-AT after a clean warm start), and prints scripts/store_error.py's table (the same `format_errors`) on the
-held-out pairs' logits.
+CIFAR-100 is not available offline, and random-weight networks' logits sit near 0 and say little about a trained
+teacher's rows, so this builds two-digit MNIST from mnist5k: a 1x28x56 image of two digits side by side, labelled
+10 * left + right. Training pairs are drawn (default_rng(--seed)) from mnist5k's training split only, held-out pairs
+(default_rng(0), the same for every seed) from its test split, digits the teacher never saw. It trains the registry's
+`tiny_cnn` (its adaptive pool brings the wider feature map to the usual head) on the CPU, the last --adv-epochs epochs
+on PGD examples (PGD-AT after a clean warm start), and prints scripts/store_error.py's table (the same `format_errors`)
+on the held-out pairs' logits.
 
-    python scripts/pairs_teacher.py --epochs 4 --adv-epochs 2 --out runs/pairs_teacher    # about 3 min on 2 cores
+    python scripts/pairs_teacher.py --epochs 4 --adv-epochs 2 --out runs/pairs_teacher    # minutes on a CPU
     python scripts/pairs_teacher.py --epochs 4 --adv-epochs 0      # a clean teacher instead (sharper logits)
     python scripts/pairs_teacher.py --weights runs/pairs_teacher/teacher.pt     # measure saved weights again
 """

@@ -3,18 +3,17 @@
 glibc's malloc hands blocks above its mmap threshold (128 KiB, raised as such blocks are freed, up to 32 MiB) to
 the kernel as separate mappings, and gives them back when they are freed; it also trims the top of its heap. A CPU
 forward pass allocates its activations afresh each call (PreActResNet-18 at batch 128 has tensors of 33.5 MB), so
-every call page-faults them in again: about 190,000 minor faults a call on the 2-core VM the project is measured on,
-roughly a quarter of the forward's time, and more or fewer depending on each process's history. That history was
-why the same forward ran at different speeds in the service and in the benchmark's own process
-(`python scripts/forward_profile.py` measures both ways, with perf).
+every call page-faults them in again: a large share of the forward's time, and more or less of it depending on each
+process's history, so that the same forward runs at different speeds in different processes (the service, a
+benchmark). The figures, and the command that measures them, are in docs/design/trainer.md.
 
 `keep_freed_memory` asks malloc to serve every allocation from its heap and never to trim it: a process then holds
 what its largest step needed, as PyTorch's CUDA caching allocator does on a GPU, and reuses it. Every thread shares
 that one heap (one arena): a thread's own arena grows in heaps of at most 64 MiB, and anything larger (PreActResNet-18
-at batch 512 has tensors of 134 MB) is mapped afresh again, which is how the service, whose forward pass runs on its
-inference thread, still faulted 1.4 million pages a call where the caller's main thread faulted none. Every `akd`
-command and `python -m teacher_service` call it at start-up. `AKD_MALLOC=system` leaves the C library's defaults.
-Elsewhere than glibc (musl, macOS) it does nothing.
+at batch 512 has tensors of 134 MB) would be mapped afresh each call, so the service's inference thread, which runs
+its forward pass, would keep faulting where the main thread does not. Every `akd` command and
+`python -m teacher_service` call it at start-up. `AKD_MALLOC=system` leaves the C library's defaults. Elsewhere than
+glibc (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: its mallopt takes these parameters)
+        # glibc only: its mallopt takes these parameters
+        libc.gnu_get_libc_version  # noqa: B018
     except (OSError, AttributeError):
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))

@@ -57,7 +57,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    # e.g. a text file: not "pickled objects"
+    # A regular file that is not a zip archive (a text file, say) is not a checkpoint: said so, rather than reported
+    # as the refused "pickled objects" torch.load would make of it.
     if not_a_model_file(Path(path)) is None and not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable checkpoint: it is not the zip archive torch.save writes")
     try:

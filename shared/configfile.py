@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 # The value types configs share, each meaning one thing everywhere.
+
 # how many of something: at least one
 Count = Annotated[int, Field(ge=1)]
 # a finite amount above zero (seconds, a rate, a weight)

@@ -11,12 +11,11 @@ A member file is data, but three of its formats can reach Python's unpickler or
   `eval`, graph nodes whose targets resolve to any attribute under `torch`, and
   guard code that `.module()` compiles with `exec`.
 
-So every load runs with torch's own switch that makes each `torch.load` weights-only
-whatever its call site asks; a `.pt2` is checked before torch reads it (operator
-targets must be operators in torch's registry, looked up there by name, or the
-symbolic-shape functions torch.export writes; shape expressions plain arithmetic
-over symbols; no pickled objects), and its module is built without the stored guard code. A
-file that fails a check is refused with `UnsafeFile`, which says what it holds.
+So every load runs with torch's own switch that makes each `torch.load` weights-only whatever its call site asks;
+a `.pt2` is checked before torch reads it (operator targets must be operators in torch's registry, looked up there by
+name, or the symbolic-shape functions torch.export writes; shape expressions plain arithmetic over symbols; no
+pickled objects), and its module is built without the stored guard code. A file that fails a check is refused with
+`UnsafeFile`, which says what it holds.
 """
 
 from __future__ import annotations

@@ -36,9 +36,8 @@ def row_sum_tolerance(dtype: torch.dtype, classes: int, members: int) -> float:
     Rounding each probability to a narrower dtype moves it by at most u(dtype) relatively, so the sum by at most
     u(dtype); 2 eps(dtype) = 4 u(dtype) leaves room for a computation that rounded its inputs to that dtype as well
     (bf16 autocast's weighted sum: 3 u at most) and for float16's subnormals (under K 2^-25 in all). The sum is taken
-    in float64, which adds nothing. Measured: float32 rows of up to 1,000 classes and 7 members sum to 1 within
-    6 eps(float32) (the bound: 1,008); float16 and bfloat16 roundings of them, and bf16 autocast's own rows, within
-    0.6 eps(dtype).
+    in float64, which adds nothing. Honest rows sit far inside the bound (docs/design/trainer.md): the check
+    refuses wrong rows, not rounding.
     """
     return 2 * torch.finfo(dtype).eps + (classes + members + 1) * torch.finfo(torch.float32).eps
 

@@ -1,4 +1,4 @@
-"""`akd train`, `eval` and `compare`: thin shells over the configs, the Trainer and `evaluate`."""
+"""`akd train`, `warm`, `eval` and `compare`: thin shells over the configs, the Trainer, `warm` and `evaluate`."""
 
 from __future__ import annotations
 
@@ -93,11 +93,11 @@ def run_train(args: argparse.Namespace) -> int:
         state = trainer.fit()
     except (
         TeacherUnavailable,
-        # and TeacherAnswerError: an answer that is not soft targets
+        # TeacherAnswerError too: an answer that is not soft targets
         TeacherRequestError,
         NonFiniteStep,
-        # the service went away mid-run: the user's to fix, like at start-up
     ) as exc:
+        # the service went away or answered wrongly mid-run, or a step diverged: the user's to fix, like at start-up
         print(f"akd train: {exc}\n{_how_to_continue(cfg.out_dir, exc)}", file=sys.stderr)
         return 2
     finally:
@@ -181,8 +181,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def at_least(least: int, flag: str, value: int, meaning: str = "") -> int:
-    """A count given on the command line, refused below `least`: `--limit 0` evaluated nothing (a traceback), and a
-    negative count sliced the data from its end (`--limit -1` took all images but the last)."""
+    """A count given on the command line, refused below `least` with a ConfigError rather than passed on: `--limit 0`
+    would evaluate nothing, and a negative count would slice the data from its end (`--limit -1`: every image but the
+    last)."""
     if value < least:
         raise ConfigError(f"{flag} must be at least {least}{meaning}, got {value}")
     return value

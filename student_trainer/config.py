@@ -65,9 +65,9 @@ EVAL_ATTACK = AttackConfig(norm="linf", steps=10, random_start=True)
 
 
 class TeacherCache(StrictConfig):
-    """The service's cache mode for each kind of query. Fresh adversarial examples never repeat, so storing them
-    (the default before) only filled the cache with rows nobody reads and crowded out the clean rows ARD and RSLAD
-    hit from the second epoch on."""
+    """The service's cache mode for each kind of query. Clean inputs repeat every epoch, so they are cached; fresh
+    adversarial examples never repeat, so they bypass the cache by default: storing them would only fill it with rows
+    nobody reads and crowd out the clean rows ARD and RSLAD hit from the second epoch on."""
 
     clean: CacheMode = CacheMode.use
     adversarial: CacheMode = CacheMode.bypass
@@ -91,13 +91,13 @@ class TeacherRef(StrictConfig):
     timeout_s: Positive = 60.0
     # how long the service may stay unreachable before the run fails
     give_up_after_s: Positive = 300.0
-    # one mode for both kinds of input: cache = "use"
+    # a table, or one mode for both kinds of input: cache = "use"
     cache: TeacherCache = TeacherCache()
     # Queries the cache keeps (clean inputs) ask a load balancer to keep them on one replica (X-AKD-Affinity), where
     # their rows hit; false spreads them over the replicas too: more throughput, fewer hits (README, "Scale out").
     affinity: bool = True
     # Clean queries ask by row keys first where the service offers it (a service with a cache): only the rows it has
-    # not cached are uploaded. false: every row uploaded, as before.
+    # not cached are uploaded. false: every row is uploaded whole.
     keys_first: bool = True
 
     @model_validator(mode="after")
@@ -156,10 +156,8 @@ class TrainConfig(StrictConfig):
     # at eps 0.3 do: from scratch, the full radius can leave training stuck at chance. Validation (and with it the
     # best checkpoint) always uses the full radius.
     eps_warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    init_from: Path | None = (
-        # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
-        None
-    )
+    # start from this checkpoint's weights (same architecture and shapes); optimiser fresh
+    init_from: Path | None = None
     # bf16 autocast for training's forward passes (attack and loss) on a GPU; validation and evaluation stay float32.
     # bf16 keeps float32's range, so no loss scaling is needed.
     amp: Literal["none", "bf16"] = "none"
@@ -198,8 +196,8 @@ class TrainConfig(StrictConfig):
 
     @property
     def val_attack(self) -> AttackConfig:
-        """The validation attack: [eval.attack]'s keys over the training attack's (a run trained at eps 0.3 validates at
-        0.3)."""
+        """The validation attack: [eval.attack]'s keys over the training attack's, so a run trained at eps 0.3
+        validates at 0.3 unless told otherwise."""
         chosen = self.eval.attack.model_dump(include=self.eval.attack.model_fields_set) if self.eval.attack else {}
         if "steps" in chosen and "step_size" not in chosen:
             # derived again for the validation's own number of steps

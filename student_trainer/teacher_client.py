@@ -44,9 +44,9 @@ class Teacher(Protocol):
 
     name: str | None
     temperature: float
-    # rows asked for so far, how many of them the service's cache answered, and how many went
+    # Counters since the teacher was made: rows asked for, how many of them the service's cache answered, and how many
+    # were uploaded whole (the rest were asked for by key, or never left the process).
     rows_requested: int
-    # up whole (the rest were asked for by key)
     cache_hits: int
     rows_uploaded: int
 
@@ -108,8 +108,8 @@ class _Courier:
     httpx's timeouts bound each read, not a request: an answer trickling a byte a second never trips them. The caller
     waits `timeout_s` for the whole call; past it, the thread is left to its request (ended by httpx's per-read
     timeout or by the server; a daemon, so it never holds the process) and the next call gets a fresh thread.
-    A persistent thread costs about 20 us a call here, a thread a call about 250. A forked child, which has none of
-    its parent's threads, starts its own.
+    The thread persists across calls because handing a call to a running thread costs far less than starting a
+    thread for each. A forked child, which has none of its parent's threads, starts its own.
     """
 
     def __init__(self) -> None:
@@ -128,10 +128,10 @@ class _Courier:
         try:
             return done.result(timeout=timeout_s)
         except TimeoutError:
-            # the call's own TimeoutError
+            # finished after all: the TimeoutError is the call's own
             if done.done():
                 raise
-            # the thread ends once its call does; it takes no other
+            # overdue: the thread ends once its call does, and takes no other
             self.close()
             raise _Overdue from None
 
@@ -154,28 +154,24 @@ def _serve(jobs: queue.SimpleQueue) -> None:
 class RemoteTeacher:
     """POST /soft-targets with connection reuse, timeouts, and retries that ride out a service restart.
 
-    `url` is one service or a list of its replicas (behind no load balancer, or
-    several): calls go to them in turn, and a call that a replica refuses
-    (connection error, 429, 500, 503, or a load balancer's 502/504) goes to the next one at once. Each call's soft
-    targets are exactly one replica's answer, so a lost replica costs no step and
-    repeats none. When every replica has failed in a row, the round is retried
-    with exponential backoff (honouring Retry-After) until `give_up_after_s` has
-    passed since the first failure. Each request, whole (connecting, sending, the answer to its last byte), has
-    `timeout_s`: one that takes longer counts as a failure like a refused connection.
-    Every answer is checked before it is used: decoded, the tensors and shape asked for, rows that are
-    probabilities (`checked_probs`), the teacher the run started with (`checked_teacher`, from info() or the first
-    call). A wrong answer is asked again once of another replica, where there is one, then raises
-    TeacherAnswerError.
-    Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical
-    bytes from every job, which is what lets the service's cache hit across jobs.
-    The service's cache mode depends on what is asked about: `clean_cache` for
-    clean inputs (which repeat every epoch), `adversarial_cache` for adversarial
-    ones (fresh every step, so `bypass` by default: storing them helps nobody).
-    Queries the cache keeps carry X-AKD-Affinity (the teacher's name) unless
-    `affinity` is off: a load balancer that hashes it (deploy/nginx.conf) sends them
-    all to one replica, where their rows are cached once and hit. Where the service
-    offers keys first (a cache), those queries send the rows' keys first and upload
-    only the rows it has not cached.
+    `url` is one service or a list of its replicas (behind no load balancer, or several): calls go to them in turn,
+    and a call that a replica refuses (connection error, 429, 500, 503, or a load balancer's 502/504) goes to the next
+    one at once. Each call's soft targets are exactly one replica's answer, so a lost replica costs no step and repeats
+    none. When every replica has failed in a row, the round is retried with exponential backoff (honouring
+    Retry-After) until `give_up_after_s` has passed since the first failure. Each request, whole (connecting, sending,
+    the answer to its last byte), has `timeout_s`: one that takes longer counts as a failure like a refused connection.
+
+    Every answer is checked before it is used: decoded, the tensors and shape asked for, rows that are probabilities
+    (`checked_probs`), the teacher the run started with (`checked_teacher`, from info() or the first call). A wrong
+    answer is asked again once of another replica, where there is one, then raises TeacherAnswerError.
+
+    Clean inputs that are exactly k/255 travel as uint8: 4x smaller, and identical bytes from every job, which is what
+    lets the service's cache hit across jobs. The service's cache mode depends on what is asked about: `clean_cache`
+    for clean inputs (which repeat every epoch), `adversarial_cache` for adversarial ones (fresh every step, so
+    `bypass` by default: storing them helps nobody). Queries the cache keeps carry X-AKD-Affinity (the teacher's name)
+    unless `affinity` is off: a load balancer that hashes it (deploy/nginx.conf) sends them all to one replica, where
+    their rows are cached once and hit. Where the service offers keys first (a cache), those queries send the rows'
+    keys first and upload only the rows it has not cached.
     """
 
     def __init__(
@@ -207,7 +203,7 @@ class RemoteTeacher:
         self.cache_modes = {False: CacheMode(clean_cache), True: CacheMode(adversarial_cache)}
         self.timeout_s, self.give_up_after_s, self.max_backoff_s = timeout_s, give_up_after_s, max_backoff_s
         self.affinity = affinity
-        # used once info() has seen the service offer it
+        # keys first is used only once info() has seen the service offer it
         self.wants_keys_first, self.keys_first = keys_first, False
         self.rows_requested = 0
         # rows sent whole: all of them, but the cached ones where keys first is used
@@ -255,7 +251,7 @@ class RemoteTeacher:
 
     def _teacher(self) -> TeacherInfo:
         """The teacher answers must come from: info()'s, or the service's at the first call when info() was not asked
-        (keys first stays off then, as before)."""
+        (keys first then stays off: only info() learns whether the service offers it)."""
         if self._started_with is None:
             self._started_with, _ = self._send("GET", protocol.TEACHERS_PATH, read=self._listing)
         return self._started_with
@@ -268,7 +264,7 @@ class RemoteTeacher:
         if self.name:
             params["teacher"] = self.name
         headers = {}
-        # rows worth caching: one replica behind a balancer
+        # rows worth caching go to one replica behind a balancer
         if self.affinity and mode is not CacheMode.bypass:
             headers[protocol.HEADER_AFFINITY] = self.name or "default"
         probs = None

@@ -78,7 +78,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Stepped every iteration."""
+    """The learning-rate schedule `cfg.schedule` names, over `total_steps`: stepped every iteration, not every epoch."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
     if cfg.schedule == "cosine":
@@ -225,8 +225,8 @@ class Trainer:
         log.info("resumed %s after epoch %d", self.out, self.state.epoch)
 
     def _restored_dynamics(self, path: Path) -> CorrectnessLog:
-        """The run's correctness log; one that cannot be read (damaged, or torn by an older akd) costs its history, not
-        the run."""
+        """The run's correctness log; one that cannot be read (damaged, or torn by a writer that was not atomic) costs
+        its history, not the run."""
         try:
             return CorrectnessLog.load(path)
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:

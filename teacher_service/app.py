@@ -1,9 +1,8 @@
 """The FastAPI app factory: `create_app(config)` builds the service's state and assembles the app, in one place.
 
-Teachers load eagerly (a bad config fails before the server binds a port); the
-batchers and the periodic cache flush start with the app, and a clean shutdown
-flushes the cache. The routes are in routes.py, the error responses in errors.py, and the app's one way past
-FastAPI's per-request layers in framework.py.
+Teachers load eagerly (a bad config fails before the server binds a port); the batchers and the periodic cache flush
+start with the app, and a clean shutdown flushes the cache. The routes are in routes.py, the error responses in
+errors.py, and the app's one way past FastAPI's per-request layers in framework.py.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         warn_if_untested()
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:
-            # the event loop's own tensor work (openmp.py); its thread as it was, after
+            # the event loop runs its own tensor work serially (openmp.py); its thread's setting is restored after
             with serial_cpu_ops():
                 yield
         finally:
@@ -79,10 +78,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(open_router)
-    # every trainer's request: its route as declared above, served past FastAPI's per-request layers (framework.py)
+    # every trainer's request: its route as routes.py declares it, served past FastAPI's per-request layers
+    # (framework.py)
     app.serve_directly(router, soft_targets)
     _add_docs_routes(app)
-    # the spec /docs and /openapi.json serve: the routes' as this config has them
+    # /docs and /openapi.json serve the routes' spec as this config has them (spec.py)
     install_spec(app, config)
     return app
 
@@ -90,8 +90,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
 def _add_docs_routes(app: FastAPI) -> None:
     """/openapi.json and /docs, behind the token when one is set (FastAPI's own docs routes skip dependencies).
 
-    The /docs page carries the spec inside it rather than fetching /openapi.json, because a browser that
-    loaded the page with the token (a header extension, a proxy) would fetch the spec without it.
+    The /docs page carries the spec inside it rather than fetching /openapi.json, because a browser that loaded the
+    page with the token (a header extension, a proxy) would fetch the spec without it.
     """
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])

@@ -1,16 +1,13 @@
 """Dynamic batching: rows from concurrent requests for one teacher share a forward pass.
 
-A batch closes when it holds `max_batch_rows`, when `max_wait_ms` has passed since
-its first rows arrived, or as soon as no other request is on its way in (being
-received or decoded): waiting for requests nobody is sending only adds latency,
-while requests that arrive during a forward pass queue up and fill the next
-batch anyway. A batch forms only once a device is idle (the `DevicePool`,
-shared by every teacher's batcher), so with one device batches run one after
-the other, and with several each idle device takes the next batch. Requests
-larger than a batch are split into slices. The forward pass runs on the
-device's worker thread, so the event loop keeps accepting requests (and filling
-the next batch) while a batch computes. The queue is bounded in rows: past the
-bound, `QueueFull` (the app answers 503).
+A batch closes when it holds `max_batch_rows`, when `max_wait_ms` has passed since its first rows arrived, or as soon
+as no other request is on its way in (being received or decoded): waiting for requests nobody is sending only adds
+latency, while requests that arrive during a forward pass queue up and fill the next batch anyway. A batch forms only
+once a device is idle (the `DevicePool`, shared by every teacher's batcher), so with one device batches run one after
+the other, and with several each idle device takes the next batch. Requests larger than a batch are split into
+slices. The forward pass runs on the device's worker thread, so the event loop keeps accepting requests (and filling
+the next batch) while a batch computes. The queue is bounded in rows: past the bound, `QueueFull` (the app answers
+503).
 """
 
 from __future__ import annotations
@@ -110,7 +107,7 @@ class Batcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # rows first, then a device: an idle device is never held waiting
+            # rows first, then a device: no device is held while the queue is empty
             worker = await self._devices.acquire()
             try:
                 batch = await self._form_batch()
@@ -137,7 +134,7 @@ class Batcher:
                     break
                 continue
             if rows + len(self._queue[0].rows) > self.max_batch_rows:
-                # stays first in line for the next batch
+                # the next request does not fit: it stays first in line for the next batch
                 break
             nxt = self._queue.popleft()
             batch.append(nxt)
@@ -154,7 +151,7 @@ class Batcher:
 
     async def _run_on(self, batch: list[_Pending], worker: DeviceWorker) -> None:
         started = time.perf_counter()
-        # a client that went away cancels its future
+        # a client that went away has cancelled its future: its rows are not computed
         live = [p for p in batch if not p.future.done()]
         if not live:
             return

@@ -20,8 +20,9 @@ from teacher_service.errors import ClientGone, ServiceError
 from teacher_service.inference import Rows
 from teacher_service.service import Held
 
-# Below this many bytes, decoding or encoding on the event loop costs less than the hop to a worker thread
-# (about 0.1 ms per 32 KiB here), and the loop stays free for other requests.
+# Bodies and answers up to this many bytes are decoded and encoded on the event loop, where they cost less than the
+# hop to a worker thread; larger ones go to the coding threads, so the loop stays free for other requests (the costs:
+# docs/design/teacher-service.md).
 INLINE_BYTES = 128 << 10
 
 
@@ -34,10 +35,10 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
     """The body, refused as soon as the bytes so far allow, so a body that will be refused is never held whole.
 
     Past `limits.body_bytes`: 413 (before reading, when Content-Length says so). Past what all requests may hold
-    together: 503. When the safetensors header, the first bytes, already declares a tensor that will be
-    refused (`check_header`): its 413/422 before the rest arrives. When the whole body has not arrived
-    `timeouts.body_s` after the head: 408, and the connection closes (a stalled or trickling client holds
-    nothing longer). A client that hangs up: ClientGone.
+    together: 503. When the safetensors header, the first bytes, already declares a tensor that will be refused
+    (`check_header`): its 413/422 before the rest arrives. When the whole body has not arrived `timeouts.body_s` after
+    the head: 408, and the connection closes (a stalled or trickling client holds nothing longer). A client that
+    hangs up: ClientGone.
     """
     limit = server.limits.body_bytes
 
@@ -61,7 +62,7 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
                     raise too_large(f"more than {limit} bytes")
                 held.add(len(chunk))
                 chunks.append(chunk)
-                # the header's bytes, until it is complete
+                # the body's first bytes, kept for `check_header` until it has judged the header (then None)
                 if prefix is not None:
                     prefix += chunk
                     prefix = prefix if check_header(prefix) else None
@@ -70,7 +71,7 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
         return b"".join(chunks)
 
     try:
-        # one deadline for the whole body, in this task (no new one)
+        # one deadline for the whole body, kept in this task (no new task is made for it)
         async with asyncio.timeout(server.timeouts.body_s):
             return await read()
     except TimeoutError:
@@ -132,11 +133,11 @@ def check_rows(rows: int, max_rows: int) -> None:
 
 
 def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMode, keyed: bool) -> Rows:
-    """The rows, and their keys when `keyed`: hashing is about 1 ms per MB here, and a row no cache reads or stores
-    (cache=bypass, a service without a cache) needs none."""
+    """The rows, and their keys when `keyed`. Hashing costs time in proportion to the body's bytes, on the request's
+    path, so rows no cache reads or stores (cache=bypass, a service without a cache) are not hashed."""
     with _refused():
         x = codec.validate_inputs(codec.decode(body), input_shape)
-    # scaled to [0, 1] on the inference thread
+    # the inputs stay as sent: the inference thread scales them to [0, 1]
     return Rows(x, row_keys(x) if keyed else None, cache)
 
 

@@ -37,9 +37,10 @@ __all__ = ["ConfigError", "MemberConfig", "ServerConfig", "ServiceConfig", "Teac
 log = logging.getLogger("akd.config")
 
 ENV_PREFIX = "AKD_"
-# Each key that [server] held flat before it had sections, and where it is now ("section.key"). The one table for
-# both ways the old names live on: the environment variables (AKD_CACHE_DIR sets cache.dir: ENV_NAMES, to stay),
-# and a config file's flat keys (cache_dir = "..." in [server]: sectioned, deprecated, for one release).
+# The flat name of each key that lives in a [server] section, and its place there ("section.key"). The one table for
+# both uses of the flat names: the environment variables (AKD_CACHE_DIR sets cache.dir: ENV_NAMES, kept for good),
+# and a config file's flat keys (cache_dir = "..." in [server]: moved into their section by `sectioned`, deprecated,
+# accepted for one release).
 FLAT_NAMES = {
     "cache_dir": "cache.dir",
     "cache_slots": "cache.slots",
@@ -66,9 +67,9 @@ SECTIONS = frozenset(dotted.split(".")[0] for dotted in FLAT_NAMES.values())
 
 
 def sectioned(server: Any, source: str, table: str = "server") -> Any:
-    """`server`, a raw [server] table, with each flat key it still spells the old way (FLAT_NAMES) moved into its
-    section, each logged as deprecated with its new name; anything but a table comes back as it is, for validation
-    to refuse. Both spellings of one key is a ConfigError naming both: neither silently wins."""
+    """`server`, a raw [server] table, with each key it spells flat (FLAT_NAMES) moved into its section, each logged
+    as deprecated with its sectioned name; anything but a table comes back as it is, for validation to refuse. Both
+    spellings of one key is a ConfigError naming both: neither silently wins."""
     if not isinstance(server, dict):
         return server
     flat = [old for old in FLAT_NAMES if old in server and not (old in SECTIONS and isinstance(server[old], dict))]
@@ -115,7 +116,7 @@ class TeacherConfig(StrictConfig):
         "float32",
         description="How the cache stores each member's rows: float32 exactly as computed, float16 at half the "
         "bytes (hits then serve each logit rounded to float16), or topk: the `topk` largest logits and the others' "
-        "total mass (teacher_service.row_formats). The ensemble is always formed from the member rows.",
+        "total mass (teacher_service.cache.row_formats). The ensemble is always formed from the member rows.",
     )
     topk: Count | None = Field(None, description="With store = 'topk': how many logits a row keeps.")
     members: Annotated[list[MemberConfig], Field(min_length=1)]
@@ -281,7 +282,7 @@ class ServiceConfig(StrictConfig):
 
 
 # Each environment variable that sets a [server] key: AKD_<KEY> for the keys of [server] itself (AKD_PORT), and
-# AKD_<FLAT NAME> for those in sections (AKD_CACHE_DIR -> cache.dir), as before [server] had sections.
+# AKD_<FLAT NAME> for those in sections (AKD_CACHE_DIR -> cache.dir), so the variables keep their flat names.
 ENV_NAMES = {
     ENV_PREFIX + name.upper(): dotted
     for name, dotted in [*((key, key) for key in ServerConfig.model_fields if key not in SECTIONS), *FLAT_NAMES.items()]

@@ -1,7 +1,7 @@
 """Ensemble aggregation: how M member logits become one soft target.
 
-Written once; the service computes `probs` with it and the trainer's local
-teacher reuses it, so both paths agree to the bit on the same device.
+Written once: the service computes `probs` with it and the trainer's local teacher reuses it, so both paths agree to
+the bit on the same device.
 """
 
 from __future__ import annotations

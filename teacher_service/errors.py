@@ -2,8 +2,8 @@
 
 `ServiceError` is raised anywhere a request is refused; `error_response` turns it, a wrong query parameter, the
 router's refusals (no such path, a method the path does not answer), a client that hung up and any unexpected failure
-into responses, and counts each in the metrics. FastAPI's exception handlers
-(installed here) and the app's direct route (framework.py) both answer through it.
+into responses, and counts each in the metrics. FastAPI's exception handlers (installed here) and the app's direct
+route (framework.py) both answer through it, so both ways of serving a request refuse it alike.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def error_response(request: Request, exc: Exception) -> Response:
         # nginx's "client closed request": not a server error
         service.metrics.request(service.label(request), 499)
         log.info("%s %s: %s", request.method, request.url.path, exc)
-        # nobody reads it; uvicorn drops it
+        # nobody reads this response: uvicorn drops it, the connection being gone
         return Response(status_code=499)
     if isinstance(exc, ServiceError):
         status, detail, headers = exc.status, exc.detail, exc.headers

@@ -1,12 +1,12 @@
 """Where the service bends its frameworks: the one module that relies on FastAPI's, Starlette's and uvicorn's
 internals rather than on their documented use. Each bend is kept because it was measured to matter, and is tested
-against the framework's own way (tests/test_hot_route.py, tests/test_limits.py) on the versions in
-`TESTED_VERSIONS`, which pyproject.toml pins (tests/test_framework_versions.py holds the three together).
+against the framework's own way (tests/service/test_hot_route.py, tests/service/test_limits.py) on the versions in
+`TESTED_VERSIONS`, which pyproject.toml pins (tests/service/test_framework_versions.py holds the three together).
 
 `TeacherApp` overrides `FastAPI.__call__` to serve one declared route (POST /soft-targets, every trainer's request)
 directly, past FastAPI's per-request layers: on a cached small request, its telemetry, Starlette's middleware stack,
-the router's match over every route and dependency solving took a fifth of the event loop's CPU, and that loop bounds
-how many trainers one teacher serves (bench/RESULTS.md sections 11 and 12). It relies on:
+the router's match over every route and dependency solving are a sizeable share of the event loop's CPU, and that loop
+bounds how many trainers one teacher serves (measured: docs/design/teacher-service.md). It relies on:
 
 - `FastAPI.__call__(scope, receive, send)` being the app's whole way in, which sets `scope["root_path"]` from
   `FastAPI.root_path` (unset here) and, through `Starlette.__call__`, `scope["app"]`, the app `Request.app` reads;
@@ -279,7 +279,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        # part of a request came; an idle connection is just closed, like keep-alive's
+        # a 408 only where part of a request came; an idle connection is just closed, as keep-alive closes one
         if self._head_started:
             self.transport.write(self.guards.head_timeout_response)
         self.transport.close()
@@ -324,5 +324,5 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes += n
         if self._head_bytes > self.guards.max_header_bytes:
             self._head_too_large = True
-            # httptools: a parser error, so send_400_response
+            # httptools raises it as a parser error, which uvicorn answers with send_400_response (here, the 431)
             raise ValueError(f"request head over {self.guards.max_header_bytes} bytes")

@@ -1,17 +1,14 @@
 """One formed batch through a teacher: cache lookups, forward passes for misses, inserts.
 
-A batch goes through three steps: `lookup` (cache reads), `compute` (the forward
-passes for the misses, on the runner's device) and `finish` (cache inserts, the
-answer). `lookup` and `finish` run on the one thread that owns every cache mutation;
-`compute` runs on the device's own worker thread. With one device both threads are
-the same inference thread (`run` does all three), which then does all of the
-service's parallel tensor work (one OpenMP thread team per process). Each member runs
-only on the rows it misses; a batch whose rows all hit costs no forward pass.
+A batch goes through three steps: `lookup` (cache reads), `compute` (the forward passes for the misses, on the
+runner's device) and `finish` (cache inserts, the answer). `lookup` and `finish` run on the one thread that owns every
+cache mutation; `compute` runs on the device's own worker thread. With one device both threads are the same inference
+thread (`run` does all three), which then does all of the service's parallel tensor work (one OpenMP thread team per
+process: openmp.py). Each member runs only on the rows it misses; a batch whose rows all hit costs no forward pass.
 
-A row whose member logits (or their weighted mean) are not finite is never answered
-as a success, nor stored: `finish` fails only the requests that own such rows (500
-`non_finite_output`, naming the member), logs the member and counts the rows in
-`akd_nonfinite_rows_total`; the other requests of the batch are answered as usual.
+A row whose member logits (or their weighted mean) are not finite is never answered as a success, nor stored:
+`finish` fails only the requests that own such rows (500 `non_finite_output`, naming the member), logs the member and
+counts the rows in `akd_nonfinite_rows_total`; the other requests of the batch are answered as usual.
 """
 
 from __future__ import annotations
@@ -179,7 +176,7 @@ class TeacherRunner:
             return work
         x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
         for m, (member, miss) in enumerate(zip(self.teacher.members, work.misses)):
-            # every row (cache=bypass, a cold cache): no gather, no scatter
+            # the member misses every row (cache=bypass, a cold cache): no gather, no scatter
             if len(miss) == len(x):
                 work.out[m] = self.forward(member, x)
             elif len(miss):

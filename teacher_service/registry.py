@@ -1,7 +1,6 @@
 """Loads the configured teachers: each member from its source, once, with its version.
 
-A member loaded by two teachers (same file, same version) is loaded once and shares
-its cache namespace.
+A member loaded by two teachers (same file, same version) is loaded once and shares its cache namespace.
 """
 
 from __future__ import annotations
@@ -72,8 +71,8 @@ class Teacher:
 
 def member_versions(config: ServiceConfig) -> dict[str, list[str]]:
     """Each cache namespace the config serves (a member version, in its teacher's store format), with the
-    teachers[i] members that use it: the weights files hashed,
-    nothing loaded (for `akd cache`, which must not run a model to tidy a cache). A missing file is a ConfigError."""
+    `teachers.<name>.members[i]` that use it. The weights files are hashed and nothing is loaded: `akd cache` must not
+    run a model to tidy a cache. A missing file is a ConfigError."""
     versions: dict[str, list[str]] = {}
     for name, tconf in config.teachers.items():
         for i, mconf in enumerate(tconf.members):

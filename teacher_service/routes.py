@@ -5,7 +5,7 @@ answer is a safetensors file of the tensors asked for. Each route is declared he
 documents is what runs. FastAPI serves every route but one: POST /soft-targets, every trainer's request, is served
 past FastAPI's per-request layers by the app (`framework.TeacherApp.serve_directly`, set in app.py), which reads
 this declaration (its path and method, the router's token check, the endpoint's query model and service) and calls
-`soft_targets` itself, answering as FastAPI would (tests/test_hot_route.py).
+`soft_targets` itself, answering as FastAPI would (tests/service/test_hot_route.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from teacher_service.registry import Teacher
 from teacher_service.service import Service
 
 # The dependencies are `async def` though they never await: FastAPI runs a plain `def` dependency on a worker thread,
-# two thread hand-offs a request that took about a quarter of the event loop's time under 8 small-request clients.
+# two thread hand-offs a request, a large share of the event loop's time under many small requests
+# (docs/design/teacher-service.md).
 
 
 async def current_service(request: Request) -> Service:
@@ -147,14 +148,14 @@ async def soft_targets(
         # a batch forming meanwhile may wait for these rows
         async with batcher.arrival():
             body = await read_body(request, server, held, header_check(t.config.input_shape, server.limits.queue_rows))
-            # rows a cache reads or stores
+            # hashed only where a cache reads or stores the rows
             keyed = service.cache is not None and cache is not CacheMode.bypass
             rows = await off_loop_if_large(
                 service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
             )
-            # the decoded rows are what stays
+            # from here only the decoded rows are held
             del body
-            # the header said so; this holds whatever it said
+            # the header check refuses a declared row count over the bound; this one holds whatever was declared
             check_rows(len(rows), server.limits.queue_rows)
             try:
                 queued = batcher.enqueue(rows)

@@ -1,12 +1,12 @@
 """How uvicorn runs the app: timeouts, a head size bound and a connection limit, from `ServerConfig`.
 
-`akd serve` and the tests' live servers both build their uvicorn settings with `uvicorn_options`, so what is
-tested is what runs. uvicorn alone holds a connection forever until a request head is complete: its
-keep-alive timeout starts only after a response, and any byte received resets it, so an idle socket or a
-head sent a byte at a time holds a descriptor forever, and enough of them make good requests fail. Its
-`limit_concurrency` answers past the limit only once a request head arrives, in plain text. The protocol
-it runs (`framework.GuardedProtocol`, uvicorn's own extended with the `Guards` here; framework.py says which of
-uvicorn's internals that relies on) adds, at the connection level where only the server sees them:
+`akd serve` and the tests' live servers both build their uvicorn settings with `uvicorn_options`, so what is tested
+is what runs. uvicorn alone holds a connection forever until a request head is complete: its keep-alive timeout
+starts only after a response, and any byte received resets it, so an idle socket or a head sent a byte at a time
+holds a descriptor forever, and enough of them make good requests fail. Its `limit_concurrency` answers past the
+limit only once a request head arrives, in plain text. The protocol it runs (`framework.GuardedProtocol`, uvicorn's
+own extended with the `Guards` here; framework.py says which of uvicorn's internals that relies on) adds, at the
+connection level where only the server sees them:
 
 - a request-head deadline: from the moment a connection opens, or from the end of its last response, a
   complete request head must arrive within `[server.timeouts] header_s`, however slowly its bytes trickle; past it,

@@ -37,10 +37,10 @@ CODING_THREADS = 4
 class InflightBytes:
     """The request body bytes held by all requests in flight together, bounded by `[server.limits] inflight_bytes`.
 
-    `body_bytes` and `queue_rows` bound one request; without a bound on their sum, a few large
-    requests at once hold several times that, and enough of them exhaust memory. Bytes count as they
-    arrive (a client that declares a size but sends nothing holds nothing) and stay counted until the
-    request is answered, since its decoded tensor lives as long. All on the event loop: no lock.
+    `body_bytes` and `queue_rows` bound one request; without a bound on their sum, a few large requests at once hold
+    several times that, and enough of them exhaust memory. Bytes count as they arrive (a client that declares a size
+    but sends nothing holds nothing) and stay counted until the request is answered, since its decoded tensor lives as
+    long. All on the event loop: no lock.
     """
 
     def __init__(self, limit: int, metrics: Metrics):

@@ -1,10 +1,9 @@
 """Small CNNs for 28x28 grey images, cheap enough to train adversarially on a CPU.
 
-The layout follows the MNIST model of Madry et al. (2018): two 5x5 conv +
-max-pool stages, then a hidden layer. `SmallCNN` has their widths (32, 64, 1024;
-about 3.3M parameters, 14M multiply-adds per image); `TinyCNN` halves the
-channels and quarters the hidden layer (about 4x cheaper), which is what lets
-the demo train and AutoAttack a dozen models in minutes on two cores.
+The layout follows the MNIST model of Madry et al. (2018): two 5x5 conv + max-pool stages, then a hidden layer.
+`SmallCNN` has their widths (32, 64, 1024; about 3.3M parameters, 14M multiply-adds per image); `TinyCNN` halves the
+channels and quarters the hidden layer (about 4x cheaper), cheap enough for the demo to train and AutoAttack a dozen
+models on a CPU.
 """
 
 from functools import partial

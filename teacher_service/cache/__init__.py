@@ -1,7 +1,22 @@
 """A crash-safe, self-verifying zarr v3 cache of member logits, keyed by input-row content hashes.
 
+The service computes a member's logits for an input row once and stores them here under the row's key (blake2b-128 of
+the row's bytes, shared.hashing.row_keys); a later request for the same row, from any trainer, is answered from the
+store instead of a forward pass.
+
+Terms:
+
+- namespace  one member version's rows in one row format: a zarr group named `<version>` (float32), `<version>.float16`
+             or `<version>.top<k>` (row_formats.namespace_name), so versions and formats never mix
+- row        a key, its stored logits and its checksum, at one position of the namespace's three arrays (layout)
+- chunk      `chunk_rows` consecutive rows: the unit written, committed, read back and evicted
+- committed  `committed_rows`, a namespace attribute: the rows below it are visible; nothing past it is ever read
+- tail       the chunk being filled, held in memory (flushed padded, and rewritten whole once it fills)
+- line       a slot of the bounded in-memory table of chunks read back to serve hits (lines)
+
 Importing this package loads nothing: import the module you need. `settings`, `row_formats` and `location` are light
-(the config and the registry import them); the others load numpy and zarr.
+(the config and the registry import them); the others load numpy and zarr. To read the code, start with `store`
+(what the service opens), then `member` (`get`, `insert` and the writer), then `reads`.
 
 Modules:
 
@@ -24,7 +39,8 @@ Modules:
 - slots        replicas of one config, each claiming a `replica-<i>` folder
 - tools        `akd cache`: stats, verify, gc
 
-Rows form an append-only log (layout): the key index maps a key to its newest row. Crash safety rests on three
+Invariants. Rows form an append-only log (layout): the key index maps a key to its newest row, and a whole chunk,
+once committed, is never rewritten (eviction deletes it, and its space is never reused). Crash safety rests on three
 rules: one writer thread; rows are buffered and written as whole chunks (each chunk write replaces one object
 atomically, as zarr's LocalStore and object stores do); and `committed_rows`, the only thing that makes rows visible,
 is written after their data. A `kill -9` therefore loses at most the buffered rows, which are recomputable.
@@ -51,9 +67,10 @@ Size: past `max_bytes`, the least recently used whole chunks of the served names
 (`when_full`). Memory does not grow with the store: the key index lives in a file-backed table (key_index), and hits
 are read back from the store through a bounded table of chunks (`ChunkLines`, `memory_bytes` per namespace). Chunks
 are written raw (no compressor: hashes and checksums do not compress, logits little), so a row can be read alone by
-byte range from a local folder's chunk files; namespaces written compressed by earlier versions are still read whole
+byte range from a local folder's chunk files; namespaces written compressed by earlier releases are still read whole
 through zarr. Only the chunk being filled and the chunks not yet committed are held otherwise.
 
-All reads and inserts happen on the inference thread; the writer thread is the only one that writes the store after
-start-up, and the inference thread reads committed chunks only.
+All reads and inserts happen on the one thread that owns the cache (the inference thread with one device, a shared
+cache thread with several: service.py); the writer thread is the only one that writes the store after start-up, and
+the owning thread reads committed chunks only.
 """

@@ -1,14 +1,13 @@
 """Rows read straight from a local namespace's chunk files, a few bytes each, instead of whole chunks through zarr.
 
 A random hit wants one row of its chunk; zarr reads and decodes the whole chunk for it, and zarr's own sharding
-(inner chunks read by byte range) costs more still on a local folder. Measured by `python scripts/chunk_read_cost.py`
-(512 random rows of one array of 1.31M rows, 2 cores, page cache warm): zarr with chunks of 1,024 rows, zstd,
-5,702 rows/s; the same raw, 10,198; zarr sharding with inner chunks of 16, 2,085; a pread a row of the raw chunks,
-280,904. The cache writes its chunks raw (zarr's bytes codec alone, little-endian, C order), so row r of chunk c is
-bytes [r * row, (r + 1) * row) of that chunk's file, which zarr's chunk key encoding names.
+(inner chunks read by byte range) costs more still on a local folder, while one `pread` a row costs a small fraction
+of either (`python scripts/chunk_read_cost.py`; its figures are in docs/design/teacher-service.md). The cache writes
+its chunks raw (zarr's bytes codec alone, little-endian, C order), so row r of chunk c is bytes [r * row, (r + 1) *
+row) of that chunk's file, which zarr's chunk key encoding names.
 
 This reader only ever *finds bytes*; it decides nothing. A row it cannot read (a file missing or short, an array
-with another codec, a store that is not a local folder) is left to zarr's read, whose outcome decides as before, and
+with another codec, a store that is not a local folder) is left to zarr's read, whose outcome then decides, and
 every row it reads is checked by the cache against its checksum before it is served. Whole chunks are never
 rewritten once committed (the log is append-only; eviction deletes, never reuses), so an open file stays right until
 `forget`.
@@ -43,7 +42,7 @@ class _RawArray:
 
     folder: Path
     array: zarr.Array
-    # little-endian, whatever this machine's order
+    # little-endian, whatever the host's byte order
     dtype: np.dtype
     # a row's shape
     tail: tuple[int, ...]
@@ -77,7 +76,7 @@ def _raw(array: zarr.Array) -> _RawArray | None:
 
 class ChunkFiles:
     """Byte-range reads of rows from a namespace's arrays, each array's chunk files kept open (a bounded number, the
-    least recently used closed first). Used by the inference thread only."""
+    least recently used closed first). Used by the thread that owns the cache only."""
 
     def __init__(self, arrays: dict[str, _RawArray], max_open: int):
         self._arrays = arrays

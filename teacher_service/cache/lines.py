@@ -16,7 +16,7 @@ class ChunkLines:
     lines never filled take no memory."""
 
     def __init__(self, max_bytes: int, chunk_rows: int, width: int, dtype: np.dtype):
-        # + its `checked` flag
+        # bytes held per row: its key, stored logits, checksum and `checked` flag
         row = KEY_BYTES + width * dtype.itemsize + CHECK_BYTES + 1
         self.chunk_rows = chunk_rows
         self.lines = max(1, max_bytes // (chunk_rows * row))

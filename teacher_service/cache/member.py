@@ -60,7 +60,8 @@ class MemberCache:
     yet committed (`_pending`) are held here; every committed whole chunk is read back from the store (`ChunkReader`),
     and each row is checked against its checksum and its key before it is served, so a chunk damaged after start-up is
     never served either: its rows are dropped from the index (recomputed on their next request) and counted as damaged.
-    All reads and inserts happen on the inference thread; the writer thread alone writes the store.
+    All reads and inserts happen on the one thread that owns the cache (the package docstring); the writer thread
+    alone writes the store.
     """
 
     def __init__(self, version: str, header: Header, tail: Rows, index: KeyIndex, shared: StoreShared):
@@ -94,9 +95,10 @@ class MemberCache:
         self._tick = shared.tick
         # what the writer records; replaced whole, never mutated
         self._evicted_attr = chunk_ranges(self._reader.evicted)
-        # this run
+        # rows evicted since start-up
         self.evicted_rows = 0
-        # a chunk's last use: start-up counts the oldest chunks least recently used
+        # each chunk's last use (a tick of the store's clock; NEVER where it cannot be evicted): at start-up the
+        # oldest chunks count as the least recently used
         whole = self._whole_chunks
         self._used = np.full(max(16, 2 * whole), NEVER, np.int64)
         self._used[:whole] = np.arange(whole) - whole
@@ -122,7 +124,7 @@ class MemberCache:
         chunk_of = positions[at] // self.chunk_rows
         offset = positions[at] - chunk_of * self.chunk_rows
         batch = Batch(chunk_of, offset, wanted[at], indexed[at], logits, good)
-        # not on the store yet
+        # rows of the tail or of a pending chunk: not on the store yet, served from memory
         here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))
         self._reader.serve(np.flatnonzero(~here), batch)
         for chunk in np.unique(chunk_of[here]):
@@ -217,11 +219,11 @@ class MemberCache:
         held = self._rows_of(chunk)
         if held is not None:
             keys = held.keys
-            # not since re-added
+            # keys whose newest row is still in this chunk (not added again since)
             still = self._index.find(keys) == chunk * self.chunk_rows + np.arange(len(keys))
             self._index.drop(keys[still])
         self._reader.forget(chunk)
-        # the writer writes it, then deletes it: the two run in order
+        # a pending chunk needs no cancelling: the writer writes it, then deletes it, in that order
         self._pending.pop(chunk, None)
         self._evicted_attr = chunk_ranges(self._reader.evicted)
         self._used[chunk] = NEVER

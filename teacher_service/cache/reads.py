@@ -8,7 +8,7 @@ A found row in a committed chunk is served one of four ways:
   batch wants few of its rows: only its logits are read, checked with the key asked for against the checksum its key
   index holds;
 - with its whole chunk from those files, or through zarr (other stores, namespaces written compressed by earlier
-  versions), a block of chunks at a time, into their lines.
+  releases), a block of chunks at a time, into their lines.
 
 A row that fails (or whose chunk no longer decodes) is marked not good and logged; the namespace drops it from its
 index, so it is recomputed on its next request.
@@ -78,7 +78,7 @@ class ChunkReader:
         """Rows `which` of the batch: their stored values served where `sound` (a row's keys match, or its checks
         pass, row by row), the others marked not good and logged (unless their chunk failed to decode: that was
         logged when it was read). Only sound rows are decoded: a damaged top-k row may name nonexistent classes."""
-        # keys compared field by field
+        # keys compared byte by byte: a row is sound where all its bytes match
         if sound.ndim == 2:
             sound = sound.all(axis=1)
         batch.good[which] = sound
@@ -101,7 +101,7 @@ class ChunkReader:
             return
         lines = self.lines
         slots = lines.slots(batch.chunk_of[which], batch.offset[which])
-        # a chunk moved within the namespace
+        # a row's key must be the one asked for, or its chunk has moved within the namespace
         sound = (lines.rows.keys[slots] == batch.keys[which]).all(axis=1)
         unchecked = np.unique(slots[~lines.checked[slots]])
         if len(unchecked):
@@ -173,9 +173,9 @@ class ChunkReader:
             where = (wanted[:, None] * n + np.arange(n)).ravel()
             rows.put(where, Rows(**{name: array.oindex[positions] for name, array in self._arrays.all()}))
         except Exception:  # noqa: BLE001  (a chunk that fails to decode, whatever the codec raises: find which)
-            # counted again one by one
+            # each is counted again as `_zarr_chunk` reads it
             self.lines.reads -= len(wanted)
-            # their files were tried already
+            # through zarr only: their files were tried already
             for i in wanted:
                 held = self._zarr_chunk(int(chunks[i]))
                 if held is None:

@@ -37,11 +37,10 @@ log = logging.getLogger("akd.cache")
 class LogitCache:
     """The store root: one namespace per member version, one writer thread for all.
 
-    `store` is anything zarr opens (a folder, a zarr store, a store URL). A local
-    folder, however spelt (`local_folder`), is opened as that real folder and
-    locked against a second writer. Start-up checks every namespace's
-    metadata (cheap) and sets aside the ones that fail; `namespace()` verifies the
-    rows of the namespaces that are served.
+    `store` is anything zarr opens (a folder, a zarr store, a store URL). A local folder, however spelt
+    (`local_folder`), is opened as that real folder and locked against a second writer. Start-up checks every
+    namespace's metadata (cheap) and sets aside the ones that fail; `namespace()` verifies the rows of the namespaces
+    that are served.
     """
 
     def __init__(self, store: StoreLike, settings: CacheSettings):

@@ -201,7 +201,7 @@ def gc(stores: list[Store], dry_run: bool, damaged: bool, force: bool, max_bytes
                 file=sys.stderr,
             )
             return 2
-        # StoreLocked while a service runs on it
+        # raises StoreLocked while a service runs on the store
         lock = None if dry_run else lock_folder(store.folder)
         try:
             for ns in stale:
@@ -303,7 +303,7 @@ def _target(args: argparse.Namespace) -> tuple[Path | str, dict[str, list[str]]]
         store, versions = config.server.cache.dir, member_versions(config)
     if not store:
         raise ConfigError("no cache: give --cache-dir, or --config with a server.cache.dir")
-    # every spelling of a folder is that real folder, as the service's
+    # every spelling of a folder resolves to the real folder, as the service resolves it
     folder = cache_location(store, Path.cwd())
     if isinstance(folder, str):
         # an object store: zarr reads it (stats, verify)

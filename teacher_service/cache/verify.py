@@ -100,7 +100,7 @@ def inspect_namespace(root: zarr.Group, version: str) -> Header:
         raise NamespaceDamaged("is an array, not a namespace group")
     attrs = dict(group.attrs)
     committed, num_classes = attrs.get(COMMITTED), attrs.get("num_classes")
-    # namespaces written before float16 existed say nothing: float32
+    # a namespace without `dtype` (written before other row formats existed) holds float32 rows
     stored = attrs.get("dtype", "float32")
     if attrs.get("format") != FORMAT:
         found = f"format {attrs['format']!r}" if "format" in attrs else "no format (akd-logit-cache/1 or older)"
@@ -181,7 +181,7 @@ def verified_blocks(version: str, header: Header) -> Iterator[Block]:
                     read(first, last)
                 except Exception as exc:  # noqa: BLE001  (recorded: that chunk's rows are damaged)
                     readable[first - start : last - start] = False
-                    # left behind by a crash mid-eviction: nothing reads it
+                    # an evicted chunk's files, left behind by a crash mid-eviction, are no damage: nothing reads them
                     if first // chunk_rows not in header.evicted:
                         problems.append(
                             f"chunk {first // chunk_rows} (rows {first}-{last - 1}) unreadable: "

@@ -108,8 +108,8 @@ def team_started_by_a_device_thread(device: str) -> int:
 
 def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_keeps_its_own():
     """A GPU's device thread must run its CPU ops (placing rows) serially: given an OpenMP team, that team spins
-    between batches on the host's other cores (docs/design/teacher-service.md, openmp). Not a CUDA test: which setup a device's thread gets depends only on
-    the device's type, and what the setup does is measured here, on this CPU."""
+    between batches on the host's other cores (docs/design/teacher-service.md, openmp). Not a CUDA test: which setup
+    a device's thread gets depends only on the device's type, and what the setup does is measured here, on a CPU."""
     assert team_started_by_a_device_thread("cuda") == 0
     # the forward passes' team
     assert team_started_by_a_device_thread("cpu") == torch.get_num_threads() - 1

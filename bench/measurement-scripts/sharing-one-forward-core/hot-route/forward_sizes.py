@@ -1,7 +1,7 @@
 """Kept from session 12 (bench/RESULTS.md section 12): the small CNN's forward pass alone, in this process, at each
 batch size, with freed memory kept as the service keeps it; 5 rounds, the sizes interleaved.
 
-    python bench/measurement-scripts/sharing-one-forward-core/session-12/forward_sizes.py 16,32,64,112,128,256
+    python bench/measurement-scripts/sharing-one-forward-core/hot-route/forward_sizes.py 16,32,64,112,128,256
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Kept from session 12 (bench/RESULTS.md section 12): cached rows only, every row a hit and no forward pass, so what
 is measured is the service's per-request path. Run from the checkout to measure (its packages come first):
 
-    cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/session-12/hits.py OUTDIR
+    cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/hits.py OUTDIR
 
 Prints requests/s and the server's CPU ms per request at 8 x 16 and 1 x 16, 3 rounds each (hits.txt).
 """

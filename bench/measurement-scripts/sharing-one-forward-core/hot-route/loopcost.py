@@ -1,7 +1,7 @@
 """Kept from session 12 (bench/RESULTS.md section 12): the event loop's CPU per request in a real service, one
 client in this process sending cached 16-row requests one after another. Run from the checkout to measure:
 
-    cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/session-12/loopcost.py OUTDIR LOOP N
+    cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/loopcost.py OUTDIR LOOP N
 
 LOOP: uvicorn's event loop, `asyncio` or `uvloop`. Prints the CPU of the service's main thread (its event loop), of
 the whole service and of the client, per request.

@@ -193,7 +193,7 @@ def test_a_demo_plan_and_a_benchmark_config_take_flat_keys_with_the_notice(tmp_p
 
 
 def _serve(args: list[str], cwd: Path, env: dict, **kwargs):
-    command = [sys.executable, "-m", "shared.cli", "serve", *args]
+    command = [sys.executable, "-m", "akd", "serve", *args]
     return subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONPATH": str(REPO)}, **kwargs)
 
 
@@ -240,7 +240,7 @@ def test_akd_serve_set_changes_the_service_it_starts(tmp_path, mnist_members):
 def test_a_bad_akd_serve_set_is_one_line_and_exit_2(tmp_path, assignment, says):
     config = write_config(tmp_path / "t.toml", TEACHER, {"device": "cpu"})
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "serve", "--config", str(config), "--set", assignment],
+        [sys.executable, "-m", "akd", "serve", "--config", str(config), "--set", assignment],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -256,7 +256,7 @@ def test_akd_serve_shows_the_notice_for_a_flat_key(tmp_path):
     text = '[server]\ndevice = "cpu"\nmax_queue_rows = 0\n'
     (tmp_path / "t.toml").write_text(text + "[teachers.m]\nnum_classes = 10\n")
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "serve", "--config", str(tmp_path / "t.toml")],
+        [sys.executable, "-m", "akd", "serve", "--config", str(tmp_path / "t.toml")],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Call 1 on the lent H200 (bench/RESULTS.md, section 11): process clients + py-spy, the gpu preset in float32, then
+# Run 1 on one H200 (bench/results/h200-gpu): process clients + py-spy, the gpu preset in float32, then
 # bf16. The service's code was ca1801b's. Run from the repository's root through the device tool, with the packages
 # its image lacks carried as cp312 manylinux wheels in .whl/: fastapi, starlette, uvicorn, httptools, zarr, numcodecs,
 # donfig, google-crc32c, pydantic, pydantic-core, annotated-types, annotated-doc, typing-inspection,

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Call 2 (bench/RESULTS.md, section 11): the fix of fe75d47 less its last part (rows not hashed); wheels as in gpu.sh.
+# Run 2 on one H200 (bench/results/h200-gpu): the fix of fe75d47 less its last part (rows not hashed); wheels as in gpu.sh.
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -1,4 +1,4 @@
-"""Kept from the lent GPU (bench/results/h200-gpu): the sharing load with every client its own process, as trainers
+"""Kept with bench/results/h200-gpu (one H200): the sharing load with every client its own process, as trainers
 are; the service's CPU per thread and per request, from /proc; and a py-spy profile of the service under 8 x 16.
 
     python bench/measurement-scripts/h200-gpu/process_clients.py --config TEACHERS.toml --teacher small_cnn \

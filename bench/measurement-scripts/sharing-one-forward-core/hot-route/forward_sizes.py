@@ -1,4 +1,4 @@
-"""Kept from session 12 (bench/RESULTS.md section 12): the small CNN's forward pass alone, in this process, at each
+"""Kept with its output (hot-route in bench/results): the small CNN's forward pass alone, in this process, at each
 batch size, with freed memory kept as the service keeps it; 5 rounds, the sizes interleaved.
 
     python bench/measurement-scripts/sharing-one-forward-core/hot-route/forward_sizes.py 16,32,64,112,128,256

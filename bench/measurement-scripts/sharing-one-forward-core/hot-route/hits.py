@@ -1,4 +1,4 @@
-"""Kept from session 12 (bench/RESULTS.md section 12): cached rows only, every row a hit and no forward pass, so what
+"""Kept with its output (hot-route in bench/results): cached rows only, every row a hit and no forward pass, so what
 is measured is the service's per-request path. Run from the checkout to measure (its packages come first):
 
     cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/hits.py OUTDIR

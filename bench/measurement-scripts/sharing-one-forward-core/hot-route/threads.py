@@ -1,4 +1,4 @@
-"""Kept from session 12 (bench/RESULTS.md section 12): benchmark 3's 8 x 16 and 1 x 128 loads on the small CNN, with
+"""Kept with its output (hot-route in bench/results): benchmark 3's 8 x 16 and 1 x 128 loads on the small CNN, with
 the service's CPU per thread (/proc) and its batches (/metrics) over each load. Run from the checkout to measure:
 
     cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/threads.py OUTDIR

@@ -1,8 +1,8 @@
 """What each cache row format costs: the served probabilities from stored member rows against the exact ones.
 
 The service serves a cache hit as aggregate_probs(decode(encode(logits))) with the format's own code
-(teacher_service.cache.row_formats; tests/service/test_cache_formats.py checks it bit for bit), so this computes the same thing
-without a service: each teacher checkpoint on a dataset's test images, its logits through each format, the
+(teacher_service.cache.row_formats; tests/service/test_cache_formats.py checks it bit for bit), so this computes the
+same thing without a service: each teacher checkpoint on a dataset's test images, its logits through each format, the
 ensemble's probabilities at each temperature, and the KL divergence and largest absolute difference from the float32
 ones; and the bytes per cached row of each format. The computation is `bench.cache_scale.format_errors`, the one
 benchmark 8 (`akd bench --only cache_scale`) reports for random-weight teachers.

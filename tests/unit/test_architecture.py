@@ -145,12 +145,21 @@ LIGHT_CACHE_MODULES = {
 }
 
 
+def python_files(*folders: str) -> list[Path]:
+    """Every Python file of the project's packages and of `folders`, but the kept measurement scripts (records)."""
+    return [
+        path
+        for folder in (*PACKAGES, *folders)
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if "measurement-scripts" not in path.parts
+    ]
+
+
 def test_no_module_is_over_its_bound():
     long = {
         str(path.relative_to(REPO)): lines
-        for path in sorted(REPO.glob("*/**/*.py"))
-        if path.relative_to(REPO).parts[0] not in {"tests", ".venv", "build", "runs"}
-        and (lines := len(path.read_text().splitlines())) > MODULE_LINES
+        for path in python_files("scripts")
+        if (lines := len(path.read_text().splitlines())) > MODULE_LINES
     }
     assert not long, long
 
@@ -279,6 +288,5 @@ def trailing_comments(path: Path) -> list[str]:
 
 def test_comments_stand_above_the_line_they_explain():
     """A comment trailing its code makes the formatter wrap the code around it, and is lost when the line moves."""
-    python = [path for package in (*PACKAGES, "tests", "scripts") for path in sorted((REPO / package).rglob("*.py"))]
-    found = [where for path in python if "measurement-scripts" not in path.parts for where in trailing_comments(path)]
+    found = [where for path in python_files("tests", "scripts") for where in trailing_comments(path)]
     assert not found, found[:20]

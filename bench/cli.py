@@ -10,7 +10,18 @@ import time
 
 from shared.configfile import ConfigError, existing_folder_or_new
 
-BENCHMARKS = ("overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm")
+BENCHMARKS = (
+    "round_trip",
+    "overhead",
+    "cache",
+    "sharing",
+    "transport",
+    "end_to_end",
+    "peer",
+    "scale_out",
+    "cache_scale",
+    "warm",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +49,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from bench import cache, cache_scale, end_to_end, overhead, peer, report, scale_out, sharing, transport, warm
+    from bench import (
+        cache,
+        cache_scale,
+        end_to_end,
+        overhead,
+        peer,
+        report,
+        round_trip,
+        scale_out,
+        sharing,
+        transport,
+        warm,
+    )
     from bench.config import load_bench_config
     from bench.context import Context
     from bench.sections import machine
     from shared.devices import resolve_device
 
     modules = {
+        "round_trip": round_trip,
         "overhead": overhead,
         "cache": cache,
         "sharing": sharing,

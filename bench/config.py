@@ -44,6 +44,18 @@ class TeacherSpec(StrictConfig):
         return self
 
 
+class RoundTripSpec(StrictConfig):
+    """Benchmark 0: one request around a negligible forward pass, against the Starlette and raw-socket floors."""
+
+    # a teacher of arch `linear`: its forward costs microseconds
+    teacher: str
+    rows: Sizes = [16, 128, 512]
+    # timed calls per candidate per round
+    requests: Count = 50
+    # cached rows asked for by key
+    keys_rows: Count = 512
+
+
 class OverheadSpec(StrictConfig):
     teachers: list[str]
     batches: Sizes = [32, 128, 512]
@@ -233,6 +245,7 @@ class BenchConfig(StrictConfig):
     # read the same teachers.toml): autocast = "bf16", channels_last, [server.batching] max_rows, ...
     server: dict[str, Any] = {}
     teachers: dict[str, TeacherSpec]
+    round_trip: RoundTripSpec
     overhead: OverheadSpec
     cache: CacheSpec
     sharing: LoadSpec
@@ -261,6 +274,7 @@ class BenchConfig(StrictConfig):
     @model_validator(mode="after")
     def _teachers_declared(self) -> BenchConfig:
         named = [
+            self.round_trip.teacher,
             *self.overhead.teachers,
             *self.cache.teachers,
             *self.sharing.teachers,

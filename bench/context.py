@@ -54,6 +54,14 @@ class Context:
             )
         return self._servers[name]
 
+    def floor(self, kind: str) -> servers.ServerProcess:
+        """A floor of bench/floors.py: `starlette` (the framework's) or `socket` (the machine's)."""
+        name = f"floor-{kind}"
+        if name not in self._servers:
+            self.progress(f"starting {name}")
+            self._servers[name] = servers.floor(kind, self.workdir / "logs")
+        return self._servers[name]
+
     def stop(self, name: str) -> None:
         if name in self._servers:
             self._servers.pop(name).stop()

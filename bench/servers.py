@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,7 +116,8 @@ def start(
     command: list[str],
     log_dir: Path,
     env: dict[str, str],
-    health_path: str,
+    # None: a server that speaks no HTTP, up once its port accepts a connection
+    health_path: str | None,
     listen_in: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
 ) -> ServerProcess:
@@ -137,11 +140,32 @@ def start(
         )
     server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log)
     try:
-        wait_healthy(server.url, lambda: process.poll() is None, timeout_s, path=health_path)
+        if health_path is None:
+            wait_listening(port, lambda: process.poll() is None, timeout_s)
+        else:
+            wait_healthy(server.url, lambda: process.poll() is None, timeout_s, path=health_path)
     except (RuntimeError, TimeoutError) as exc:
         server.stop()
         raise RuntimeError(f"{name} did not start: {exc}; its log {log} ends with:\n{_tail(log)}") from None
     return server
+
+
+def wait_listening(port: int, alive, timeout_s: float) -> None:
+    """Until a loopback connection to `port` is accepted; fail early if the server died, or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server on port {port} exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} after {timeout_s:.0f}s")
+
+
+def floor(kind: str, log_dir: Path) -> ServerProcess:
+    """A floor of bench/floors.py (`starlette` or `socket`) as its own process."""
+    command = [sys.executable, "-m", "bench.floors", kind, "--port", "{port}"]
+    return start(f"floor-{kind}", command, log_dir, {}, health_path="/healthz" if kind == "starlette" else None)
 
 
 def teacher_service(

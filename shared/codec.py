@@ -6,6 +6,7 @@ Both sides call these, so a trainer builds exactly the bytes the service expects
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -39,11 +40,50 @@ def encode(tensors: dict[str, torch.Tensor]) -> bytes:
     return _np_save(arrays)
 
 
-def decode(body: bytes) -> dict[str, torch.Tensor]:
-    if not body:
+# Where a viewed tensor's first byte lies: a multiple of this, as torch's own allocator places a tensor, so that an
+# input viewed in a request body reaches a kernel exactly as a copied one would (a kernel may take another path, and
+# sum in another order, at another alignment).
+ALIGNMENT = 64
+
+
+def assemble(chunks: list[bytes]) -> np.ndarray:
+    """The body `chunks` make, copied once into one writable uint8 array laid out so that the data after its
+    safetensors header begins at a multiple of ALIGNMENT: the body `decode` views rather than copies."""
+    size = sum(len(chunk) for chunk in chunks)
+    length = _first_bytes(chunks, 8)
+    start = 8 + struct.unpack("<Q", length)[0] if len(length) == 8 else 0
+    pad = -start % ALIGNMENT
+    # torch's allocator aligns to ALIGNMENT; numpy's does not promise to
+    body = torch.empty(pad + size, dtype=torch.uint8).numpy()[pad:]
+    at = 0
+    for chunk in chunks:
+        body[at : at + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        at += len(chunk)
+    return body
+
+
+def _first_bytes(chunks: list[bytes], n: int) -> bytes:
+    head = b""
+    for chunk in chunks:
+        head += chunk[: n - len(head)]
+        if len(head) == n:
+            break
+    return head
+
+
+def decode(body: bytes | bytearray | np.ndarray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or CodecError naming what is wrong.
+
+    A writable body (a uint8 array from `assemble`, a bytearray) whose header is plain is decoded without a copy:
+    each tensor a view of the body (`_views`). Every other body goes through safetensors' own reader, which copies;
+    so does any header `_views` does not vouch for, and its error is safetensors' own.
+    """
+    if len(body) == 0:
         raise CodecError("bad_body", "the request body is empty", "a safetensors file", "0 bytes")
+    if isinstance(body, bytearray | np.ndarray) and (views := _views(body)) is not None:
+        return views
     try:
-        return _st_load(body)
+        return _st_load(bytes(body))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CodecError(
             "bad_body",
@@ -51,6 +91,63 @@ def decode(body: bytes) -> dict[str, torch.Tensor]:
             "a complete safetensors file",
             f"{len(body)} bytes that do not parse",
         ) from exc
+
+
+# the dtypes a view is made for (a request's inputs, a keys-first body's keys); others go through safetensors
+_VIEW_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "F32": torch.float32}
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _views(body: bytearray | np.ndarray) -> dict[str, torch.Tensor] | None:
+    """Each tensor as a view of `body`, when its header is one safetensors accepts and is plain; else None.
+
+    Plain: a JSON object opening the header, each entry exactly dtype, shape and data_offsets, a dtype of
+    `_VIEW_DTYPES`, at least one element, offsets that tile the data from its first byte to the body's last
+    (safetensors' own rule), and each tensor aligned to its element size. Anything else is left to safetensors,
+    so a body is never accepted here that safetensors would refuse, and what is accepted reads the same.
+    """
+    try:
+        header, start = _raw_header(body)
+    except UnreadableHeader:
+        return None
+    if header is None or bytes(body[8:9]) != b"{":
+        return None
+    entries = sorted(
+        ((name, info) for name, info in header.items() if name != "__metadata__"),
+        key=lambda item: _begin(item[1]),
+    )
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        return None
+    views, at = {}, 0
+    for name, info in entries:
+        view = _view(body, start, at, info)
+        if view is None:
+            return None
+        views[name], at = view, info["data_offsets"][1]
+    return views if start + at == len(body) else None
+
+
+def _begin(info: object) -> int:
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    return offsets[0] if isinstance(offsets, list) and offsets and type(offsets[0]) is int else -1
+
+
+def _view(body: bytearray | np.ndarray, start: int, at: int, info: object) -> torch.Tensor | None:
+    """One header entry as a view of `body` (its data at `start` + its offsets), when it begins at `at` and is
+    plain (`_views`); else None."""
+    if not isinstance(info, dict) or set(info) != _ENTRY_KEYS or info["dtype"] not in _VIEW_DTYPES:
+        return None
+    shape, offsets, dtype = info["shape"], info["data_offsets"], _VIEW_DTYPES[info["dtype"]]
+    if not isinstance(shape, list) or not all(type(d) is int and d > 0 for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        return None
+    count = math.prod(shape)
+    size = dtype.itemsize
+    if offsets[0] != at or offsets[1] - at != count * size or (start + at) % size or start + offsets[1] > len(body):
+        return None
+    return torch.frombuffer(body, dtype=dtype, count=count, offset=start + at).view(shape)
 
 
 def encode_inputs(inputs: torch.Tensor) -> bytes:
@@ -66,11 +163,21 @@ def to_transport(inputs: torch.Tensor) -> torch.Tensor:
     if inputs.dtype == torch.uint8:
         return inputs
     values = inputs.detach().cpu().float().numpy()
+    # an adversarial batch fails on its first values: those are checked alone first, the whole batch only if they pass
+    if not _all_k255(values.reshape(-1)[:_FIRST_VALUES])[0]:
+        return inputs
+    is_k255, as_uint8 = _all_k255(values)
+    return torch.from_numpy(as_uint8.astype(np.uint8)) if is_k255 else inputs
+
+
+_FIRST_VALUES = 256
+
+
+def _all_k255(values: np.ndarray) -> tuple[bool, np.ndarray]:
+    """Whether every value is k/255, and the k's (as float32)."""
     # round half to even, as torch's round
     as_uint8 = np.rint(values * np.float32(255.0))
-    if np.array_equal(as_uint8 / np.float32(255.0), values):
-        return torch.from_numpy(as_uint8.astype(np.uint8))
-    return inputs
+    return bool(np.array_equal(as_uint8 / np.float32(255.0), values)), as_uint8
 
 
 # safetensors' dtype names (the header's "dtype") as torch names them, for the tensors torch can load
@@ -108,13 +215,22 @@ def read_header(prefix: bytes) -> dict[str, tuple[str, tuple[int, ...]]] | None:
     Raises UnreadableHeader for anything `decode` would not accept as a header (including a duplicated name,
     which a JSON reader and safetensors could resolve differently).
     """
-    if len(prefix) < 8:
+    header, _ = _raw_header(prefix)
+    if header is None:
         return None
+    return {name: _declared_tensor(name, info) for name, info in header.items() if name != "__metadata__"}
+
+
+def _raw_header(prefix: bytes | bytearray | memoryview) -> tuple[dict | None, int]:
+    """The header's JSON object and where the data begins (8 + its length); (None, 0) while `prefix` is too short.
+    UnreadableHeader for a header safetensors would not read."""
+    if len(prefix) < 8:
+        return None, 0
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > _MAX_HEADER_BYTES:
         raise UnreadableHeader(f"a header length of {n} bytes")
     if len(prefix) < 8 + n:
-        return None
+        return None, 0
 
     def no_duplicates(pairs):
         names = [k for k, _ in pairs]
@@ -123,13 +239,13 @@ def read_header(prefix: bytes) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         return dict(pairs)
 
     try:
-        header = json.loads(prefix[8 : 8 + n], object_pairs_hook=no_duplicates)
+        header = json.loads(bytes(prefix[8 : 8 + n]), object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as exc:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise UnreadableHeader(str(exc)) from None
     if not isinstance(header, dict):
         raise UnreadableHeader("a header that is not a JSON object")
-    return {name: _declared_tensor(name, info) for name, info in header.items() if name != "__metadata__"}
+    return header, 8 + n
 
 
 def _declared_tensor(name: str, info: object) -> tuple[str, tuple[int, ...]]:
@@ -178,16 +294,16 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
         # numpy, not torch: the service validates on its event loop or a worker thread, and keeps torch's
         # parallel (OpenMP) work on its inference thread, where the forward pass needs every core
         values = x.numpy()
-        finite = np.isfinite(values)
-        if not finite.all():
-            bad = int((~finite).sum())
+        # two passes over the values, not three: min and max are NaN when any value is, and infinite when one is
+        lo, hi = float(values.min()), float(values.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int((~np.isfinite(values)).sum())
             raise CodecError(
                 "not_finite",
                 f"inputs hold {bad} NaN/Inf value(s)",
                 "finite values in [0, 1]",
                 f"{bad} non-finite values",
             )
-        lo, hi = float(values.min()), float(values.max())
         if lo < 0.0 or hi > 1.0:
             raise CodecError(
                 "out_of_range",

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
@@ -31,7 +32,9 @@ async def off_loop_if_large(executor: Executor, size: int, fn, *args):
     return fn(*args) if size <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
-async def read_body(request: Request, server: ServerConfig, held: Held, check_header: Callable[[bytes], bool]) -> bytes:
+async def read_body(
+    request: Request, server: ServerConfig, held: Held, check_header: Callable[[bytes], bool]
+) -> np.ndarray:
     """The body, refused as soon as the bytes so far allow, so a body that will be refused is never held whole.
 
     Past `limits.body_bytes`: 413 (before reading, when Content-Length says so). Past what all requests may hold
@@ -53,8 +56,8 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
             raise too_large(f"{declared} bytes")
         held.budget.check(int(declared))
 
-    async def read() -> bytes:
-        chunks, size, prefix = [], 0, bytearray()
+    async def read() -> np.ndarray:
+        chunks, size, prefix = [], 0, b""
         try:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -62,13 +65,15 @@ async def read_body(request: Request, server: ServerConfig, held: Held, check_he
                     raise too_large(f"more than {limit} bytes")
                 held.add(len(chunk))
                 chunks.append(chunk)
-                # the body's first bytes, kept for `check_header` until it has judged the header (then None)
+                # the body's first bytes, for `check_header` until it has judged the header (then None); most often
+                # the first chunk, read where it is
                 if prefix is not None:
-                    prefix += chunk
+                    prefix = prefix + chunk if prefix else chunk
                     prefix = prefix if check_header(prefix) else None
         except ClientDisconnect:
             raise ClientGone(size, declared) from None
-        return b"".join(chunks)
+        # one copy, laid out so that the codec views the tensors in it rather than copy them again
+        return codec.assemble(chunks)
 
     try:
         # one deadline for the whole body, kept in this task (no new task is made for it)
@@ -132,7 +137,7 @@ def check_rows(rows: int, max_rows: int) -> None:
         )
 
 
-def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMode, keyed: bool) -> Rows:
+def prepare_rows(body: np.ndarray, input_shape: tuple[int, int, int], cache: CacheMode, keyed: bool) -> Rows:
     """The rows, and their keys when `keyed`. Hashing costs time in proportion to the body's bytes, on the request's
     path, so rows no cache reads or stores (cache=bypass, a service without a cache) are not hashed."""
     with _refused():
@@ -141,7 +146,7 @@ def prepare_rows(body: bytes, input_shape: tuple[int, int, int], cache: CacheMod
     return Rows(x, row_keys(x) if keyed else None, cache)
 
 
-def prepare_keys(body: bytes) -> list[bytes]:
+def prepare_keys(body: np.ndarray) -> list[bytes]:
     with _refused():
         return codec.validate_keys(codec.decode(body))
 

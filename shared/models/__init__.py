@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .linear import ChannelMeanLinear
 from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
@@ -24,6 +25,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": PreActResNet18,
     "resnet18": ResNet18,
     "wrn34_10": WideResNet,
+    "linear": ChannelMeanLinear,
 }
 
 # The (H, W) sizes each architecture was designed for; any channel count works.
@@ -33,6 +35,7 @@ _SPATIAL_SIZES: dict[str, tuple[tuple[int, int], ...]] = {
     "preact_resnet18": ((32, 32),),
     "resnet18": ((32, 32),),
     "wrn34_10": ((32, 32),),
+    "linear": ((28, 28), (32, 32)),
 }
 
 _DEFAULT_MEAN = 0.5

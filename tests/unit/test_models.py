@@ -24,7 +24,7 @@ def _inputs(shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def test_registry_names():
-    assert set(ARCHITECTURES) == {"small_cnn", "tiny_cnn", "preact_resnet18", "resnet18", "wrn34_10"}
+    assert set(ARCHITECTURES) == {"small_cnn", "tiny_cnn", "preact_resnet18", "resnet18", "wrn34_10", "linear"}
 
 
 @pytest.mark.parametrize(("arch", "shape"), CASES)

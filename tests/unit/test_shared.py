@@ -57,6 +57,12 @@ def test_codec_round_trip_and_transport_dtype():
     assert torch.equal(codec.to_transport(x8.float() / 255), x8)
     adversarial = (x8.float() / 255 + 0.001).clamp(0, 1)
     assert codec.to_transport(adversarial).dtype == torch.float32
+    # a batch that is k/255 but for one value past the first ones checked alone travels as it is
+    large = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(codec.to_transport(large.float() / 255), large)
+    almost = large.float() / 255
+    almost[-1, -1, -1, -1] = 0.3
+    assert codec.to_transport(almost) is almost
     torch.testing.assert_close(codec.to_unit_float(x8), x8.float() / 255)
 
 

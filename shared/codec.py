@@ -332,10 +332,10 @@ def encode_keys(rows: torch.Tensor) -> bytes:
     return encode({KEYS_KEY: torch.from_numpy(keys.copy())})
 
 
-def validate_keys(tensors: dict[str, torch.Tensor]) -> list[bytes]:
-    """The row keys of a decoded keys-first body, as the cache indexes them."""
+def validate_keys(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """The row keys of a decoded keys-first body, (N, KEY_BYTES) uint8: one row per key, as the cache indexes them."""
     check_keys_declared({k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()})
-    return [row.tobytes() for row in tensors[KEYS_KEY].numpy()]
+    return tensors[KEYS_KEY].numpy()
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def prepare_rows(body: np.ndarray, input_shape: tuple[int, int, int], cache: Cac
     return Rows(x, row_keys(x) if keyed else None, cache)
 
 
-def prepare_keys(body: np.ndarray) -> list[bytes]:
+def prepare_keys(body: np.ndarray) -> np.ndarray:
     with _refused():
         return codec.validate_keys(codec.decode(body))
 

@@ -139,7 +139,7 @@ class TeacherRunner:
             self.metrics.cache_lookups(self._label(m), hits=int(hit.sum()), misses=len(work.misses[m]))
         return work
 
-    def cached(self, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
+    def cached(self, keys: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Keys first (on the cache's thread): the member logits (M, hits, K) of the rows every member holds, and which
         rows those are. Only those rows count as hits here; the others are counted when they are uploaded.
 
@@ -191,9 +191,11 @@ class TeacherRunner:
         bad_member, bad_mean = unanswerable(work.out, self.teacher.weights)
         self._report(bad_member, bad_mean, work.out)
         for m, cache in enumerate(self.caches):
+            if cache is None:
+                continue
             computed = work.misses[m][work.writable[work.misses[m]]]
             stored = computed[~bad_member[m].numpy()[computed]]
-            if cache and len(stored):
+            if len(stored):
                 rows = work.out[m][torch.from_numpy(stored)].numpy()
                 self._store(cache, [work.keys[i] for i in stored], rows, work.readable[stored])
         return self._split(work, bad_member, bad_mean)

@@ -101,7 +101,7 @@ class Service:
         self.cache_executor.shutdown(wait=True)
         self.coding_executor.shutdown(wait=True)
 
-    async def cached(self, name: str, keys: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
+    async def cached(self, name: str, keys: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Keys first: what the cache holds for these rows (teacher `name`), read on the cache's one thread."""
         # every device's runner reads the same cache
         runner = self.devices.workers[0].runners[name]

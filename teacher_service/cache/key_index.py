@@ -34,6 +34,8 @@ _COLUMNS = 4
 _SLOT_BYTES = _COLUMNS * 8
 # slots one read brings in: in a table at most half full, a lookup rarely probes past them
 _PROBE_SLOTS = 4
+# then this many more, for the probes that went past those
+_LONG_PROBE_SLOTS = 60
 # a slot's row column: no key / a key whose row was dropped
 _EMPTY, _DEAD = np.uint64(0), np.uint64(2**64 - 1)
 
@@ -185,11 +187,41 @@ class KeyIndex:
         self._file.close()
 
     def _slots_of(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """The slot holding each key, -1 where none does."""
+        """The slot holding each key, -1 where none does. Probes are read a window at a time, all keys at once: the
+        first `_PROBE_SLOTS` slots (in a table at most half full, most probes end there), then `_LONG_PROBE_SLOTS`
+        more for the few that go on, then slot by slot for any longer still."""
+        mask = self.capacity - 1
+        first = (lo & np.uint64(mask)).astype(np.int64)
+        found, ended = self._window(lo, hi, first, _PROBE_SLOTS)
+        rest = np.flatnonzero(~ended)
+        if len(rest):
+            start = (first[rest] + _PROBE_SLOTS) & mask
+            found[rest], ended[rest] = self._window(lo[rest], hi[rest], start, _LONG_PROBE_SLOTS)
+            longer = rest[~ended[rest]]
+            if len(longer):
+                found[longer] = self._probe(
+                    lo[longer], hi[longer], (first[longer] + _PROBE_SLOTS + _LONG_PROBE_SLOTS) & mask
+                )
+        return found
+
+    def _window(self, lo: np.ndarray, hi: np.ndarray, start: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's slot among the `width` slots from `start` (-1 where not there), and whether its probe ended
+        there (at its key, or at an empty slot)."""
+        window = (start[:, None] + np.arange(width)) & (self.capacity - 1)
+        self._touched += window.size
+        entries = self._file.array[window]
+        empty = entries[:, :, 2] == _EMPTY
+        same = ~empty & (entries[:, :, 0] == lo[:, None]) & (entries[:, :, 1] == hi[:, None])
+        ends = same | empty
+        ended, step = ends.any(axis=1), ends.argmax(axis=1)
+        rows = np.arange(len(lo))
+        return np.where(ended & same[rows, step], window[rows, step], -1), ended
+
+    def _probe(self, lo: np.ndarray, hi: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The slot holding each key, -1 where none does, probing on from `slots`, one slot a round."""
         table = self._file.array
         mask = self.capacity - 1
         found = np.full(len(lo), -1, np.int64)
-        slots = (lo & np.uint64(mask)).astype(np.int64)
         todo = np.arange(len(lo))
         while todo.size:
             self._touched += len(todo)

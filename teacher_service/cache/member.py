@@ -112,10 +112,13 @@ class MemberCache:
         self._index.settle()
         return positions
 
-    def get(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Which keys are held, and their logits as float32 (found rows x K), each row checked before it is served."""
+    def get(self, keys: list[bytes] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which keys (16 bytes each, or their (N, 16) uint8 array) are held, and their logits as float32
+        (found rows x K), each row checked before it is served."""
         wanted = key_array(keys)
-        positions, indexed = self._index.locate(wanted) if keys else (np.zeros(0, np.int64), np.zeros(0, np.uint64))
+        positions, indexed = (
+            self._index.locate(wanted) if len(wanted) else (np.zeros(0, np.int64), np.zeros(0, np.uint64))
+        )
         found = positions >= 0
         at = np.flatnonzero(found)
         logits = np.empty((len(at), self.num_classes), np.float32)
@@ -125,7 +128,9 @@ class MemberCache:
         offset = positions[at] - chunk_of * self.chunk_rows
         batch = Batch(chunk_of, offset, wanted[at], indexed[at], logits, good)
         # rows of the tail or of a pending chunk: not on the store yet, served from memory
-        here = (chunk_of == self._whole_chunks) | np.isin(chunk_of, list(self._pending))
+        here = chunk_of == self._whole_chunks
+        if self._pending:
+            here |= np.isin(chunk_of, list(self._pending))
         self._reader.serve(np.flatnonzero(~here), batch)
         for chunk in np.unique(chunk_of[here]):
             group = np.flatnonzero(chunk_of == chunk)

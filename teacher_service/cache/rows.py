@@ -62,7 +62,10 @@ class Rows:
         self.keys[where], self.logits[where], self.checks[where] = rows.keys, rows.logits, rows.checks
 
 
-def key_array(keys: list[bytes]) -> np.ndarray:
+def key_array(keys: list[bytes] | np.ndarray) -> np.ndarray:
+    """Keys as the (N, KEY_BYTES) uint8 array the index reads: a list of 16-byte keys joined, an array as it is."""
+    if isinstance(keys, np.ndarray):
+        return keys
     return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
 
 

@@ -21,15 +21,18 @@ from teacher_service.errors import ClientGone, ServiceError
 from teacher_service.inference import Rows
 from teacher_service.service import Held
 
-# Bodies and answers up to this many bytes are decoded and encoded on the event loop, where they cost less than the
-# hop to a worker thread; larger ones go to the coding threads, so the loop stays free for other requests (the costs:
-# docs/design/teacher-service.md).
-INLINE_BYTES = 128 << 10
+# Bodies and answers up to these many bytes are decoded and encoded on the event loop, where they cost less than the
+# hop to a worker thread; larger ones go to the coding threads, so the loop stays free for other requests. A body is
+# viewed, not copied (codec.decode): what is left of decoding it is the checks' passes over its values, cheap up to
+# a larger size than an answer's softmax and encoding (the costs: docs/design/teacher-service.md).
+INLINE_BODY_BYTES = 1 << 20
+INLINE_ANSWER_BYTES = 128 << 10
 
 
-async def off_loop_if_large(executor: Executor, size: int, fn, *args):
-    """`fn(*args)` on the event loop when `size` bytes are few, else on `executor` (the service's coding threads)."""
-    return fn(*args) if size <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+async def off_loop_if_large(executor: Executor, size: int, inline_bytes: int, fn, *args):
+    """`fn(*args)` on the event loop when `size` bytes are at most `inline_bytes`, else on `executor` (the service's
+    coding threads)."""
+    return fn(*args) if size <= inline_bytes else await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 async def read_body(

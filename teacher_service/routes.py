@@ -22,6 +22,8 @@ from shared import codec, protocol
 from shared.protocol import AnswerQuery, CacheMode, ErrorBody, Output, SoftTargetsQuery, TeachersResponse
 from teacher_service.batcher import QueueFull
 from teacher_service.body import (
+    INLINE_ANSWER_BYTES,
+    INLINE_BODY_BYTES,
     check_rows,
     header_check,
     keys_header_check,
@@ -151,7 +153,14 @@ async def soft_targets(
             # hashed only where a cache reads or stores the rows
             keyed = service.cache is not None and cache is not CacheMode.bypass
             rows = await off_loop_if_large(
-                service.coding_executor, len(body), prepare_rows, body, t.config.input_shape, cache, keyed
+                service.coding_executor,
+                len(body),
+                INLINE_BODY_BYTES,
+                prepare_rows,
+                body,
+                t.config.input_shape,
+                cache,
+                keyed,
             )
             # from here only the decoded rows are held
             del body
@@ -171,7 +180,14 @@ async def soft_targets(
         result = await queued
         tau = t.config.temperature if query.temperature is None else query.temperature
         payload = await off_loop_if_large(
-            service.coding_executor, result.member_logits.numel() * 4, _encode_result, result, t, tau, wanted
+            service.coding_executor,
+            result.member_logits.numel() * 4,
+            INLINE_ANSWER_BYTES,
+            _encode_result,
+            result,
+            t,
+            tau,
+            wanted,
         )
     service.metrics.request(t.name, 200, len(rows))
     return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, result.cache_hits))
@@ -222,7 +238,9 @@ async def soft_target_keys(
     tau = t.config.temperature if query.temperature is None else query.temperature
     tensors = _outputs(member_logits, t, tau, wanted)
     tensors[protocol.FOUND_KEY] = torch.from_numpy(found.astype(np.uint8))
-    payload = await off_loop_if_large(service.coding_executor, member_logits.numel() * 4, codec.encode, tensors)
+    payload = await off_loop_if_large(
+        service.coding_executor, member_logits.numel() * 4, INLINE_ANSWER_BYTES, codec.encode, tensors
+    )
     service.metrics.request(t.name, 200, int(found.sum()))
     return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, int(found.sum())))
 

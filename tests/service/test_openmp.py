@@ -21,7 +21,8 @@ from conftest import HANG_S, REPO, live_server, mnist_teacher, random_inputs, wr
 from shared import codec, protocol
 from teacher_service.openmp import device_thread_setup
 
-# uint8 body and two members' logits both past the 128 KiB decoded and encoded on the loop
+# a uint8 body and two members' logits past what is decoded and encoded on the loop
+# (body.INLINE_BODY_BYTES, INLINE_ANSWER_BYTES)
 LARGE_ROWS = 2048
 
 

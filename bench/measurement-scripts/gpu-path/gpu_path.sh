@@ -25,7 +25,7 @@ el "staging check"
 timeout 120 python3 bench/measurement-scripts/gpu-path/staging_check.py --device cuda --out "$DEST/staging-check.json"
 echo "rc=$?"
 el "akd bench"
-timeout 420 python3 -m akd bench --config gpu --device cuda --only overhead,cache,end_to_end --out /tmp/gpu-path \
+timeout 400 python3 -m akd bench --config gpu --device cuda --only overhead,cache,end_to_end --out /tmp/gpu-path \
     > "$DEST/bench.log" 2>&1
 echo "rc=$?"
 cp /tmp/gpu-path/RESULTS.md /tmp/gpu-path/results.json "$DEST/"

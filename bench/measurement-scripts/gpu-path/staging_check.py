@@ -31,7 +31,7 @@ from shared.codec import to_unit_float
 from shared.models import build_model
 from shared.protocol import CacheMode
 from teacher_service.config import load_config
-from teacher_service.inference import Rows, TeacherRunner
+from teacher_service.inference import BatchWork, Rows, TeacherRunner
 from teacher_service.metrics import Metrics
 from teacher_service.registry import load_teachers
 from teacher_service.staging import staging_for
@@ -65,23 +65,23 @@ def inputs(n: int, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.rand(n, *shape, generator=g).to(dtype)
 
 
-def before(runner: TeacherRunner, batch: list[Rows], misses: list[np.ndarray]) -> torch.Tensor:
-    """`compute` as it was before staging: the rows concatenated, each member through `forward`."""
-    x = torch.cat([to_unit_float(r.inputs) for r in batch])
-    out = torch.zeros(len(runner.teacher.members), len(x), runner.teacher.config.num_classes)
-    for m, (member, miss) in enumerate(zip(runner.teacher.members, misses)):
+def before(runner: TeacherRunner, work: BatchWork) -> BatchWork:
+    """`compute` as it was before staging, verbatim: the rows concatenated, each member through `forward`."""
+    x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
+    for m, (member, miss) in enumerate(zip(runner.teacher.members, work.misses)):
         if len(miss) == len(x):
-            out[m] = runner.forward(member, x)
+            work.out[m] = runner.forward(member, x)
         elif len(miss):
-            out[m][torch.from_numpy(miss)] = runner.forward(member, x[torch.from_numpy(miss)])
-    return out
+            work.out[m][torch.from_numpy(miss)] = runner.forward(member, x[torch.from_numpy(miss)])
+    return work
 
 
-def staged(runner: TeacherRunner, batch: list[Rows], misses: list[np.ndarray]) -> torch.Tensor:
+def looked_up(runner: TeacherRunner, batch: list[Rows], misses: list[np.ndarray]) -> BatchWork:
+    """The batch after `lookup`, with these misses and a zeroed answer."""
     work = runner.lookup(batch)
     work.out.zero_()
     work.misses = misses
-    return runner.compute(work).out
+    return work
 
 
 def bit_checks(pair, device: torch.device, batch: int) -> list[dict]:
@@ -107,7 +107,8 @@ def bit_checks(pair, device: torch.device, batch: int) -> list[dict]:
                 ("every row missed", [np.arange(n), np.arange(n)]),
                 ("3 rows missed by one member", [np.array([0, n // 2, n - 1]), np.array([], dtype=np.int64)]),
             ):
-                got, expected = staged(runner, rows, misses), before(runner, rows, misses)
+                got = runner.compute(looked_up(runner, rows, misses)).out
+                expected = before(runner, looked_up(runner, rows, misses)).out
                 same = torch.equal(got.view(torch.int32), expected.view(torch.int32))
                 results.append(
                     {
@@ -141,7 +142,7 @@ def timings(one, device: torch.device, batch: int, reps: int) -> list[dict]:
         there = to_unit_float(x).to(device)
         calls = {
             "in-process forward, rows on the device": lambda there=there: runner.forward(member, there),
-            "compute before staging": lambda rows=rows: before(runner, rows, [np.arange(batch)]),
+            "compute before staging": lambda rows=rows: before(runner, runner.lookup(rows)),
             "compute through the staging": lambda rows=rows: runner.compute(runner.lookup(rows)),
         }
         samples = {name: [] for name in calls}

@@ -13,6 +13,7 @@ import torch
 from teacher_service.inference import Rows, RowsResult, TeacherRunner
 from teacher_service.metrics import Metrics
 from teacher_service.openmp import device_thread_setup
+from teacher_service.staging import Staging, staging_for
 
 
 class DeviceWorker:
@@ -24,13 +25,16 @@ class DeviceWorker:
 
     The teachers are loaded, and their start-up forward passes run, on that thread too: a thread that runs a parallel
     CPU op keeps an OpenMP team of its own, and a second team slows every forward pass (openmp.py).
+
+    Its runners share one staging (staging.py: on a GPU its pinned buffers and its stream), used on its thread only and
+    one batch at a time, so no two workers, and no two batches, ever share a buffer or a stream.
     """
 
     def __init__(
         self,
         label: str,
         device: torch.device,
-        load_runners: Callable[[torch.device], dict[str, TeacherRunner]],
+        load_runners: Callable[[torch.device, Staging], dict[str, TeacherRunner]],
         cache_executor: ThreadPoolExecutor | None,
         metrics: Metrics,
     ):
@@ -39,8 +43,9 @@ class DeviceWorker:
         self.executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"akd-inference-{device}", initializer=device_thread_setup(device)
         )
+        self.staging = staging_for(device)
         try:
-            self.runners = self.executor.submit(load_runners, device).result()
+            self.runners = self.executor.submit(load_runners, device, self.staging).result()
         except BaseException:
             self.executor.shutdown()
             raise

@@ -1,10 +1,11 @@
 """One formed batch through a teacher: cache lookups, forward passes for misses, inserts.
 
 A batch goes through three steps: `lookup` (cache reads), `compute` (the forward passes for the misses, on the
-runner's device) and `finish` (cache inserts, the answer). `lookup` and `finish` run on the one thread that owns every
-cache mutation; `compute` runs on the device's own worker thread. With one device both threads are the same inference
-thread (`run` does all three), which then does all of the service's parallel tensor work (one OpenMP thread team per
-process: openmp.py). Each member runs only on the rows it misses; a batch whose rows all hit costs no forward pass.
+runner's device, through its device worker's staging: staging.py) and `finish` (cache inserts, the answer). `lookup`
+and `finish` run on the one thread that owns every cache mutation; `compute` runs on the device's own worker thread.
+With one device both threads are the same inference thread (`run` does all three), which then does all of the
+service's parallel tensor work (one OpenMP thread team per process: openmp.py). Each member runs only on the rows it
+misses; a batch whose rows all hit costs no forward pass.
 
 A row whose member logits (or their weighted mean) are not finite is never answered as a success, nor stored:
 `finish` fails only the requests that own such rows (500 `non_finite_output`, naming the member), logs the member and
@@ -14,13 +15,13 @@ counts the rows in `akd_nonfinite_rows_total`; the other requests of the batch a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from shared.codec import to_unit_float
 from shared.protocol import NON_FINITE_OUTPUT, CacheMode
 from teacher_service.cache.member import MemberCache
 from teacher_service.cache.row_formats import namespace_name
@@ -29,6 +30,7 @@ from teacher_service.ensemble import mean_logits
 from teacher_service.errors import ServiceError
 from teacher_service.metrics import Metrics
 from teacher_service.registry import Member, Teacher
+from teacher_service.staging import Staging, staging_for
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # akd_nonfinite_rows_total's `member` for rows whose members' weighted mean overflowed
@@ -100,9 +102,12 @@ class TeacherRunner:
         metrics: Metrics,
         autocast: str = "none",
         channels_last: bool = False,
+        staging: Staging | None = None,
     ):
+        """`staging`: the device worker's, shared by its runners (they run on its one thread); None: one of its own."""
         self.teacher = teacher
         self.device = device
+        self.staging = staging if staging is not None else staging_for(device)
         self.metrics = metrics
         self.channels_last = channels_last
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast)
@@ -171,16 +176,24 @@ class TeacherRunner:
         return cache.version if cache else self.teacher.members[m].version
 
     def compute(self, work: BatchWork) -> BatchWork:
-        """Forward passes for the misses (on this runner's device's thread): no cache access here."""
-        if not any(len(miss) for miss in work.misses):
+        """Forward passes for the misses (on this runner's device's thread): no cache access here.
+
+        Through the staging: on a CPU the rows are gathered only where needed and each pass runs where they lie; on a
+        GPU they are uploaded once and the host waits once, for every member's logits (staging.DeviceStage). Either
+        way the logits are `forward`'s, bit for bit."""
+        passes = [(m, miss) for m, miss in enumerate(work.misses) if len(miss)]
+        if not passes:
             return work
-        x = torch.cat([to_unit_float(r.inputs) for r in work.batch])
-        for m, (member, miss) in enumerate(zip(self.teacher.members, work.misses)):
-            # the member misses every row (cache=bypass, a cold cache): no gather, no scatter
+        x = self.staging.inputs([r.inputs for r in work.batch])
+        members = self.teacher.members
+        runs = [(functools.partial(self.logits, members[m]), miss) for m, miss in passes]
+        logits = self.staging.forward(x, runs, self.teacher.config.num_classes)
+        for (m, miss), member_logits in zip(passes, logits):
+            # the member misses every row (cache=bypass, a cold cache): no scatter
             if len(miss) == len(x):
-                work.out[m] = self.forward(member, x)
-            elif len(miss):
-                work.out[m][torch.from_numpy(miss)] = self.forward(member, x[torch.from_numpy(miss)])
+                work.out[m] = member_logits
+            else:
+                work.out[m][torch.from_numpy(miss)] = member_logits
         return work
 
     def finish(self, work: BatchWork) -> list[RowsResult]:
@@ -214,17 +227,22 @@ class TeacherRunner:
             cache.insert(list(first), logits[list(first.values())])
 
     def forward(self, member: Member, x: torch.Tensor) -> torch.Tensor:
-        """Member logits as float32 on the CPU; the in-process reference path too."""
+        """Member logits as float32 on the CPU, of rows anywhere; the in-process reference path (local.py)."""
+        with torch.inference_mode():
+            return self.logits(member, x.to(self.device, non_blocking=True)).cpu()
+
+    def logits(self, member: Member, x: torch.Tensor) -> torch.Tensor:
+        """Member logits as float32 on this runner's device, of rows already there: autocast and memory format as the
+        server's settings say. Both `forward` and `compute` run the members through this alone."""
         amp = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), amp:
-            x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return member.model(x).float().cpu()
+            return member.model(x).float()
 
     def _split(self, work: BatchWork, bad_member: torch.Tensor, bad_mean: torch.Tensor) -> list[RowsResult]:
         """Each request's rows of the batch, in order; a request owning an unanswerable row gets its refusal."""

@@ -28,6 +28,7 @@ from teacher_service.inference import TeacherRunner
 from teacher_service.metrics import Metrics
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.registry import Teacher, load_teachers
+from teacher_service.staging import Staging
 
 # Threads that decode large bodies and encode large answers: CPU work that holds the GIL for much of it, so more
 # threads than a few only queue; enough that one large request never waits behind another.
@@ -178,11 +179,12 @@ def _open_cache(cache: CacheSection) -> LogitCache | None:
     return LogitCache(cache.dir, cache.settings)
 
 
-def _runners(config: ServiceConfig, cache: LogitCache | None, metrics: Metrics, device: torch.device):
-    """The teachers loaded onto `device`, each with its runner (on the device's thread)."""
+def _runners(config: ServiceConfig, cache: LogitCache | None, metrics: Metrics, device: torch.device, staging: Staging):
+    """The teachers loaded onto `device`, each with its runner, all sharing the device worker's `staging` (on the
+    device's thread)."""
     server = config.server
     return {
-        name: TeacherRunner(teacher, cache, device, metrics, server.autocast, server.channels_last)
+        name: TeacherRunner(teacher, cache, device, metrics, server.autocast, server.channels_last, staging)
         for name, teacher in load_teachers(config, device).items()
     }
 

@@ -8,10 +8,12 @@ import math
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 from conftest import HANG_S, REPO, live_server, metric, mnist_teacher, random_inputs, write_config
 
@@ -220,6 +222,42 @@ def test_warm_computes_every_row_once_and_the_warmed_ard_epoch_hits_them_all(tin
     [row] = summary["rows"]
     assert row["cold / warmed"] == pytest.approx(cold["s"] / warmed["s"]) and row["second warm computed"] == 0
     assert [t["met"] for t in section["targets"]] == [True, True]
+
+
+# The prepared GPU command's benchmarks (docs/design/benchmarks.md, "The GPU path: the prepared command")
+GPU_COMMAND_BENCHMARKS = "overhead,cache,end_to_end"
+
+
+def gpu_preset_at_tiny_sizes(path: Path) -> Path:
+    """The gpu preset, its teachers (by name) small CNNs and its sizes the tiny preset's, for a CPU run of seconds;
+    benchmark 1 keeps its target's batch, 128 rows, a few milliseconds for a small CNN."""
+    gpu = tomllib.loads((REPO / "bench" / "presets" / "gpu.toml").read_text())
+    tiny = tomllib.loads((REPO / "bench" / "presets" / "tiny.toml").read_text())
+    gpu["teachers"] = {name: tiny["teachers"]["small_cnn"] for name in gpu["teachers"]}
+    gpu.update(repetitions=tiny["repetitions"], warmup=tiny["warmup"], min_seconds=0.0)
+    gpu["overhead"]["batches"] = [128]
+    gpu["cache"].update({key: tiny["cache"][key] for key in ("batches", "write_rows", "write_chunk_rows")})
+    gpu["end_to_end"].update({key: tiny["end_to_end"][key] for key in ("batch_size", "attack_steps", "steps")})
+    path.write_text(tomli_w.dumps(gpu))
+    return path
+
+
+def test_the_prepared_gpu_command_runs_on_the_cpu_at_tiny_sizes_and_judges_its_targets(tmp_path):
+    """`akd bench --config gpu --device cuda --only overhead,cache,end_to_end`, on the CPU at tiny sizes (about 20 s):
+    the gpu preset's teachers and settings run through benchmarks 1, 2 and 5, and each of their targets is judged."""
+    config = gpu_preset_at_tiny_sizes(tmp_path / "gpu-tiny.toml")
+    result = akd_bench(
+        "--config", str(config), "--device", "cpu", "--only", GPU_COMMAND_BENCHMARKS, "--out", "out", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = {s["key"]: s for s in json.loads((tmp_path / "out" / "results.json").read_text())["sections"]}
+    assert list(sections) == GPU_COMMAND_BENCHMARKS.split(",")
+    targets = {key: [t["what"] for t in section["targets"]] for key, section in sections.items()}
+    assert targets["overhead"] == ["service / in-process time, preact_resnet18, batch 128"]
+    assert targets["cache"] == ["hit / recompute rows/s, preact_resnet18, batch 8"]
+    assert "AKD step time, service / in-process" in targets["end_to_end"]
+    for section in sections.values():
+        assert all(math.isfinite(t["measured"]) and t["measured"] > 0 for t in section["targets"])
 
 
 def test_cache_scale_rows_are_distinct_repeatable_and_swept_in_order():

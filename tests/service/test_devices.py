@@ -53,6 +53,10 @@ def test_two_devices_answer_what_the_teachers_compute_and_share_the_work(tmp_pat
     inputs = [random_inputs(6, seed=s, dtype=torch.uint8) for s in range(8)]
     with live_server(config) as (base, app):
         assert app.state.service.device == "cpu, cpu"
+        workers = app.state.service.devices.workers
+        # each worker's runners share its staging (its buffers, on a GPU its stream), and no worker shares another's
+        assert workers[0].staging is not workers[1].staging
+        assert all(runner.staging is w.staging for w in workers for runner in w.runners.values())
         answers = concurrently(base, inputs)
         text = httpx.get(base + "/metrics", timeout=HANG_S).text
     for x, answer in zip(inputs, answers):

@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test test-fast check-env bench lock clean
+.PHONY: demo serve test test-fast check-env bench triton lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,23 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/akd bench --out runs/bench
 
+# The Triton Inference Server peer of `akd bench` (benchmarks 1, 3 and 6): its own environment, apart from .venv.
+# PyTriton's Python backend stub needs Debian's python3.11 (apt-get install python3.11 python3.11-venv): with another
+# build of 3.11 (pyenv's) the stub fails in multiprocessing.resource_tracker. About 1.3 GB.
+TRITON_PYTHON ?= /usr/bin/python3.11
+TRITON_VENV := .venv-triton
+
+$(TRITON_VENV)/.installed: bench/triton-requirements.txt
+	@test -x $(TRITON_PYTHON) || { echo "make triton: no $(TRITON_PYTHON) (Debian: apt-get install python3.11 python3.11-venv)"; exit 2; }
+	rm -rf $(TRITON_VENV)
+	$(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q "$(PIP)"
+	$(TRITON_VENV)/bin/python -m pip install -q "$(TORCH)" -r bench/triton-requirements.txt
+	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -c "import pytriton.triton, tritonclient.http, bench.triton_app, teacher_service.local"
+	touch $@
+
+triton: $(TRITON_VENV)/.installed
+
 # requirements.lock: every dependency of .[test,bench] but torch, as pip resolves them beside $(TORCH), unconstrained.
 lock:
 	rm -rf build/lock && $(PYTHON) -m venv build/lock
@@ -53,4 +70,4 @@ lock:
 	  build/lock/bin/python -m pip freeze --exclude akd --exclude torch; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) build runs/demo runs/bench
+	rm -rf $(VENV) $(TRITON_VENV) build runs/demo runs/bench

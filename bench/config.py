@@ -108,7 +108,8 @@ class EndToEndSpec(StrictConfig):
 
 
 class PeerSpec(LoadSpec):
-    """LitServe serving the same teacher with its own batching, under the load of the sharing benchmark."""
+    """LitServe and Triton serving the same teacher, each with its own batching, under the load of the sharing
+    benchmark."""
 
 
 class ScaleOutSpec(StrictConfig):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench import servers
+from bench import servers, triton_client
 from bench.config import BenchConfig, TeacherSpec
 
 
@@ -61,6 +61,37 @@ class Context:
             self.progress(f"starting {name}")
             self._servers[name] = servers.floor(kind, self.workdir / "logs")
         return self._servers[name]
+
+    def triton(self, teacher: str) -> servers.ServerProcess:
+        """Triton Inference Server serving `teacher` (servers.triton_peer: the same checkpoint and batching settings
+        as the service), started once and checked before it is measured: its answer to a few random rows is the
+        in-process teacher's, and tritonclient sends the same request bytes as bench/triton_client.py and reads the
+        same answer. Stop it with `stop(server.name)`. Raises RuntimeError when Triton is missing
+        (`servers.triton_missing()` says why) or fails either check."""
+        name = f"triton-{teacher}"
+        if name not in self._servers:
+            self.progress(f"starting {name}")
+            server = servers.triton_peer(name, self.service_config, teacher, self.workdir / "logs", self.device.type)
+            self._servers[name] = server
+            self._check_triton(server, teacher)
+        return self._servers[name]
+
+    def _check_triton(self, server: servers.ServerProcess, teacher: str) -> None:
+        from student_trainer.teacher_client import LocalTeacher
+
+        x = torch.rand(5, *self.teacher(teacher).input_shape, generator=torch.Generator().manual_seed(5))
+        command, env = servers.triton_command()
+        triton_client.check_against(command, env, server.url, teacher, x)
+        client = triton_client.TritonTeacher(server.url, teacher)
+        try:
+            theirs = client(x)
+        finally:
+            client.close()
+        ours = LocalTeacher(self.service_config, teacher, temperature=None, device=self.device)(x.to(self.device))
+        try:
+            torch.testing.assert_close(theirs, ours.cpu())
+        except AssertionError as exc:
+            raise RuntimeError(f"Triton's {teacher} answers otherwise than the in-process teacher: {exc}") from None
 
     def stop(self, name: str) -> None:
         if name in self._servers:

@@ -14,7 +14,9 @@ import torch
 
 from bench.context import Context
 from bench.sections import Section, Target
+from bench.servers import triton_missing
 from bench.timing import alternate, median
+from bench.triton_client import TRITON, TritonTeacher
 from shared import protocol
 from shared.protocol import CacheMode
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
@@ -33,7 +35,10 @@ def run(ctx: Context) -> Section:
         "(`LocalTeacher`: the service's own forward pass and ensemble formula, same device); alternated. "
         "`server forward ms`: the service's own mean batch time (its `akd_compute_seconds` metric), so "
         "`service - server forward` (means) is what the HTTP path adds, apart from how fast each process runs the "
-        "model.",
+        "model. `Triton ms`: the same rows from Triton Inference Server serving the same teacher (PyTriton, the "
+        "same forward pass; bench/triton_client.py's binary-tensor request over one persistent httpx connection, "
+        "alternated with the other two); its client does less than RemoteTeacher (no answer checks beyond the row "
+        "count, no courier thread), which favours Triton.",
         [
             "teacher",
             "batch",
@@ -43,48 +48,66 @@ def run(ctx: Context) -> Section:
             "ratio",
             "server forward ms",
             "service - server forward ms",
+            "Triton ms",
+            "service / Triton",
         ],
     )
+    missing = triton_missing()
+    if missing:
+        section.notes.append(f"Triton not run: {missing}.")
     url = ctx.service().url
     for name in spec.teachers:
-        shape = ctx.teacher(name).input_shape
-        remote = RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass)
-        local = LocalTeacher(ctx.service_config, name, temperature=1.0, device=ctx.device)
+        candidates = {
+            "service": RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass),
+            "in-process": LocalTeacher(ctx.service_config, name, temperature=1.0, device=ctx.device),
+        }
         try:
+            if not missing:
+                candidates[TRITON] = TritonTeacher(ctx.triton(name).url, name)
             for batch in spec.batches:
                 ctx.progress(f"overhead: {name} batch {batch}")
-                x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(ctx.device)
-                # warm-up here rather than in `alternate`, so that the service's metric counts timed calls only
-                for _ in range(ctx.cfg.warmup):
-                    remote(x), local(x)
-                before = server_compute(url, name)
-                times = alternate(
-                    {"service": functools.partial(remote, x), "in-process": functools.partial(local, x)},
-                    ctx.cfg.repetitions,
-                    0,
-                    ctx.device,
-                    ctx.cfg.min_seconds,
-                )
-                after = server_compute(url, name)
-                service_s, local_s = median(times["service"]), median(times["in-process"])
-                forward_s = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                section.rows.append(
-                    {
-                        "teacher": name,
-                        "batch": batch,
-                        "service ms": service_s * 1e3,
-                        "in-process ms": local_s * 1e3,
-                        "overhead ms": (service_s - local_s) * 1e3,
-                        "ratio": service_s / local_s,
-                        "server forward ms": forward_s * 1e3,
-                        "service - server forward ms": (statistics.mean(times["service"]) - forward_s) * 1e3,
-                        "samples": times,
-                    }
-                )
+                section.rows.append(_measure(ctx, url, name, batch, candidates))
         finally:
-            remote.close()
+            for teacher in candidates.values():
+                teacher.close()
+            ctx.stop(f"triton-{name}")
     _targets(section)
     return section
+
+
+def _measure(ctx: Context, url: str, name: str, batch: int, teachers: dict) -> dict:
+    """One teacher and batch: each of `teachers` (name -> teacher(x)) timed on the same rows, alternated."""
+    x = torch.rand(batch, *ctx.teacher(name).input_shape, generator=torch.Generator().manual_seed(batch))
+    x = x.to(ctx.device)
+    # warm-up here rather than in `alternate`, so that the service's metric counts timed calls only
+    for _ in range(ctx.cfg.warmup):
+        for teacher in teachers.values():
+            teacher(x)
+    before = server_compute(url, name)
+    times = alternate(
+        {label: functools.partial(teacher, x) for label, teacher in teachers.items()},
+        ctx.cfg.repetitions,
+        0,
+        ctx.device,
+        ctx.cfg.min_seconds,
+    )
+    after = server_compute(url, name)
+    service_s, local_s = median(times["service"]), median(times["in-process"])
+    forward_s = (after[0] - before[0]) / max(after[1] - before[1], 1)
+    triton_s = median(times[TRITON]) if TRITON in times else None
+    return {
+        "teacher": name,
+        "batch": batch,
+        "service ms": service_s * 1e3,
+        "in-process ms": local_s * 1e3,
+        "overhead ms": (service_s - local_s) * 1e3,
+        "ratio": service_s / local_s,
+        "server forward ms": forward_s * 1e3,
+        "service - server forward ms": (statistics.mean(times["service"]) - forward_s) * 1e3,
+        "Triton ms": None if triton_s is None else triton_s * 1e3,
+        "service / Triton": None if triton_s is None else service_s / triton_s,
+        "samples": times,
+    }
 
 
 def server_compute(url: str, teacher: str) -> tuple[float, float]:
@@ -105,7 +128,7 @@ def _targets(section: Section) -> None:
                     f"{row['service ms']:.1f} ms vs {row['in-process ms']:.1f} ms: {row['overhead ms']:.1f} ms per "
                     "request; "
                     f"the service's own forward took {row['server forward ms']:.1f} ms, so its HTTP path added "
-                    f"{row['service - server forward ms']:.1f} ms",
+                    f"{row['service - server forward ms']:.1f} ms{_triton_text(row)}",
                 )
             )
     small = [r for r in section.rows if r["teacher"] != TARGET_TEACHER]
@@ -113,5 +136,12 @@ def _targets(section: Section) -> None:
         section.notes.append(
             f"{row['teacher']}, batch {row['batch']}: the service adds {row['overhead ms']:.2f} ms per request "
             f"({row['ratio']:.2f}x the in-process {row['in-process ms']:.2f} ms); its HTTP path, apart from the "
-            f"forward pass, {row['service - server forward ms']:.2f} ms."
+            f"forward pass, {row['service - server forward ms']:.2f} ms{_triton_text(row)}."
         )
+
+
+def _triton_text(row: dict) -> str:
+    if row["Triton ms"] is None:
+        return ""
+    ratio = row["service / Triton"]
+    return f"; Triton answered the same rows in {row['Triton ms']:.2f} ms (service / Triton {ratio:.2f})"

@@ -41,7 +41,7 @@ def markdown(
         f"- command: `{command}` (config: {preset}; {repetitions} repetitions, medians)",
         f"- machine: {machine['cores']} cores ({machine['cpu']}), device {device}, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), Python {machine['python']}, LitServe "
-        f"{machine['litserve'] or 'not installed'}",
+        f"{machine['litserve'] or 'not installed'}, PyTriton {machine.get('pytriton') or 'not installed'}",
         f"- date: {machine['date']}, commit {machine['git_commit'] or 'unknown'}",
         *([f"- every server: {', '.join(f'{k} = {v!r}' for k, v in server.items())}"] if server else []),
         "",
@@ -138,7 +138,7 @@ def write_repeated(
 
 
 def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
-    """rows/s against the number of clients, one panel per teacher: batching on, off, and LitServe."""
+    """rows/s against the number of clients, one panel per teacher: batching on, off, and the peers measured."""
     teachers = list(dict.fromkeys(r["teacher"] for r in sharing.rows))
     fig, axes = subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
@@ -146,12 +146,17 @@ def sharing_figure(sharing: Section, peer: Section | None, path: Path) -> Path:
             f"akd serve, batching {b}": [r for r in sharing.rows if r["teacher"] == teacher and r["batching"] == b]
             for b in ("on", "off")
         }
+        theirs = [r for r in sharing.rows if r["teacher"] == teacher and r.get("server") == "Triton"]
+        if theirs:
+            series["Triton"] = theirs
         if peer:
             series["LitServe"] = [
-                {"load": r["load"], "rows/s": r["LitServe rows/s"]} for r in peer.rows if r["teacher"] == teacher
+                {"load": r["load"], "rows/s": r["LitServe rows/s"]}
+                for r in peer.rows
+                if r["teacher"] == teacher and "LitServe rows/s" in r
             ]
         # each series' rows: one per client count, then the one-client yardstick
-        for label, rows in series.items():
+        for label, rows in ((k, v) for k, v in series.items() if v):
             *shared, alone = rows
             line = ax.plot(
                 [int(r["load"].split(" x ")[0]) for r in shared], [r["rows/s"] for r in shared], "o-", label=label

@@ -8,7 +8,8 @@ client, in alternated rounds:
 - the framework's floor: a minimal Starlette app on the same uvicorn, same client, reading the same body and
   answering as many bytes as ours (bench/floors.py);
 - the machine's floor: the same bytes both ways through a raw loopback socket, no HTTP;
-- Triton serving the same teacher, same client, binary tensors (bench/triton_peer.py), where it is installed.
+- Triton serving the same teacher (PyTriton, its Python backend), same client, binary tensors
+  (bench/triton_client.py), where its environment is made (`make triton`).
 
 Then keys first: the same rows cached, asked for by their keys (POST /soft-targets/keys), against the Starlette
 floor with the same request and answer sizes. The client's own encode and decode, and the service's own time in
@@ -26,11 +27,14 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
+from bench import triton_client
 from bench.context import Context
 from bench.floors import STARLETTE_PATH, SocketClient
 from bench.overhead import server_compute
 from bench.sections import Section, Table, Target
+from bench.servers import ServerProcess, triton_missing
 from bench.timing import order
+from bench.triton_client import TRITON
 from shared import codec, protocol
 
 # ours / the Starlette floor, by rows: at most 1.5x at 16 rows, 1.3x from 128 on
@@ -43,8 +47,11 @@ TRITON_TARGET = 0.8
 class Candidate:
     name: str
     call: Callable[[], object]
-    # the server process whose CPU is counted; None for none
-    cpu: Callable[[], float | None] = lambda: None
+    # its server: its CPU is counted, and it is frozen while the others are timed (an idle server may poll)
+    server: ServerProcess
+
+    def cpu(self) -> float | None:
+        return self.server.cpu_seconds()
 
 
 def run(ctx: Context) -> Section:
@@ -64,6 +71,8 @@ def run(ctx: Context) -> Section:
     client = httpx.Client(timeout=60)
     sockets = SocketClient(urlsplit(ctx.floor("socket").url).port)
     starlette = ctx.floor("starlette")
+    if why := triton_missing():
+        section.notes.append(f"{TRITON} not run: {why}.")
     try:
         for rows in spec.rows:
             ctx.progress(f"round trip: {rows} rows")
@@ -73,6 +82,7 @@ def run(ctx: Context) -> Section:
     finally:
         client.close()
         sockets.close()
+        ctx.stop(f"triton-{spec.teacher}")
     return section
 
 
@@ -88,10 +98,12 @@ def _measure_rows(ctx: Context, section: Section, client, sockets, starlette, se
     answer_bytes = len(_posted(client, ours_url, body))
     floor_url = f"{starlette.url}{STARLETTE_PATH}?answer_bytes={answer_bytes}"
     candidates = [
-        Candidate("ours", lambda: _posted(client, ours_url, body), service.cpu_seconds),
-        Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette.cpu_seconds),
-        Candidate("socket floor", lambda: sockets.round_trip(body, answer_bytes), ctx.floor("socket").cpu_seconds),
+        Candidate("ours", lambda: _posted(client, ours_url, body), service),
+        Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette),
+        Candidate("socket floor", lambda: sockets.round_trip(body, answer_bytes), ctx.floor("socket")),
     ]
+    if triton_missing() is None:
+        candidates.append(_triton(ctx, client, x))
     before = server_compute(service.url, spec.teacher)
     results = _alternate(candidates, spec.requests, ctx.cfg.repetitions, ctx.cfg.warmup)
     after = server_compute(service.url, spec.teacher)
@@ -99,6 +111,8 @@ def _measure_rows(ctx: Context, section: Section, client, sockets, starlette, se
     for name, result in results.items():
         section.rows.append(_row(rows, len(body), name, result, ours))
     _floor_target(section, rows, results)
+    if TRITON in results:
+        _triton_target(section, rows, results)
     section.notes.append(_where_it_goes(rows, results, body, x, (after[0] - before[0]) / max(after[1] - before[1], 1)))
 
 
@@ -114,8 +128,8 @@ def _measure_keys(ctx: Context, section: Section, client, starlette, service) ->
     answer_bytes = len(_posted(client, keys_url, body))
     floor_url = f"{starlette.url}{STARLETTE_PATH}?answer_bytes={answer_bytes}"
     candidates = [
-        Candidate("ours", lambda: _posted(client, keys_url, body), service.cpu_seconds),
-        Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette.cpu_seconds),
+        Candidate("ours", lambda: _posted(client, keys_url, body), service),
+        Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette),
     ]
     results = _alternate(candidates, spec.requests, ctx.cfg.repetitions, ctx.cfg.warmup)
     table = Table(
@@ -137,6 +151,22 @@ def _measure_keys(ctx: Context, section: Section, client, starlette, service) ->
             f"{_round_ratios(results['ours'], results['Starlette floor'])}",
         )
     )
+
+
+def _triton(ctx: Context, client: httpx.Client, x: torch.Tensor) -> Candidate:
+    """Triton serving the same teacher, asked by the same client, the rows as one binary FP32 tensor."""
+    teacher = ctx.cfg.round_trip.teacher
+    server = ctx.triton(teacher)
+    path, body, headers = triton_client.infer_request(teacher, x)
+    url = server.url + path
+
+    def call() -> None:
+        response = client.post(url, content=body, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"Triton answered {response.status_code}: {response.text[:300]}")
+        triton_client.read_probs(response.content, response.headers)
+
+    return Candidate(TRITON, call, server)
 
 
 def _posted(client: httpx.Client, url: str, body: bytes) -> bytes:
@@ -169,6 +199,10 @@ def _alternate(candidates: list[Candidate], calls: int, rounds: int, warmup: int
     server_cpu: dict[str, float | None] = dict.fromkeys(medians, 0.0)
     for r in range(rounds):
         for candidate in order(candidates, r):
+            for other in candidates:
+                if other.server is not candidate.server:
+                    other.server.pause()
+            candidate.server.resume()
             cpu_before, server_before = time.process_time(), candidate.cpu()
             times = []
             for _ in range(calls):
@@ -182,6 +216,8 @@ def _alternate(candidates: list[Candidate], calls: int, rounds: int, warmup: int
             else:
                 server_cpu[candidate.name] += server_after - server_before
             medians[candidate.name].append(statistics.median(times))
+    for candidate in candidates:
+        candidate.server.resume()
     total = calls * rounds
     return {
         name: Result(
@@ -221,6 +257,19 @@ def _floor_target(section: Section, rows: int, results: dict[str, Result]) -> No
             threshold,
             ours.ms / floor.ms,
             f"{ours.ms:.2f} vs {floor.ms:.2f} ms; {_round_ratios(ours, floor)}",
+        )
+    )
+
+
+def _triton_target(section: Section, rows: int, results: dict[str, Result]) -> None:
+    ours, triton = results["ours"], results[TRITON]
+    section.targets.append(
+        Target(
+            f"round trip, {rows} float32 rows: ours / Triton",
+            "<=",
+            TRITON_TARGET,
+            ours.ms / triton.ms,
+            f"{ours.ms:.2f} vs {triton.ms:.2f} ms; {_round_ratios(ours, triton)}",
         )
     )
 

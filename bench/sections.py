@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from bench.servers import triton_version
 from pipeline.machine import machine as describe_machine
 
 OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
@@ -87,4 +88,5 @@ def machine(device: torch.device) -> dict:
         info["litserve"] = litserve.__version__
     except ImportError:
         info["litserve"] = None
+    info["pytriton"] = triton_version()
     return info

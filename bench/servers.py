@@ -7,6 +7,7 @@ on what a network has learned, and nothing has to be trained or downloaded.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -14,14 +15,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import tomli_w
 import torch
 
+from bench import triton_client
 from bench.config import BenchConfig
 from pipeline.health import free_port, wait_healthy
 from shared.checkpoint import Checkpoint, save_checkpoint
@@ -73,6 +76,8 @@ class ServerProcess:
     log: Path
     # seconds a clean shutdown is given before the kill
     stop_timeout_s: float = 30.0
+    # paths (globs) the server leaves behind, when killed or at all, removed after the stop
+    leftovers: list[str] = field(default_factory=list)
 
     def pause(self) -> None:
         """Freeze the server's processes (SIGSTOP): an idle server that polls must not share the CPU with a measured
@@ -99,7 +104,7 @@ class ServerProcess:
         killed: a benchmark leaves no server process behind."""
         self.resume()
         if self.process.poll() is None:
-            # both uvicorn and LitServe shut down cleanly on SIGINT
+            # uvicorn, LitServe and PyTriton all shut down cleanly on SIGINT
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=self.stop_timeout_s)
@@ -109,6 +114,12 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             # the group outlives its leader while a member lives
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pattern in self.leftovers:
+            for path in map(Path, glob.glob(pattern)):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def start(
@@ -120,9 +131,11 @@ def start(
     health_path: str | None,
     listen_in: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
+    leftovers: tuple[str, ...] = (),
 ) -> ServerProcess:
     """Start a server process on a free loopback port ({port} in `command`, or in the `listen 8000;` line of the
-    config file `listen_in`) and wait until it is healthy."""
+    config file `listen_in`) and wait until it is healthy. `leftovers`: glob patterns of what it leaves behind, when
+    killed or at all ({pid}: its process id), removed by its `stop()`."""
     port = free_port()
     if listen_in is not None:
         listen_in.write_text(
@@ -138,7 +151,8 @@ def start(
             env={**os.environ, **env},
             start_new_session=True,
         )
-    server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log)
+    left = [pattern.replace("{pid}", str(process.pid)) for pattern in leftovers]
+    server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log, leftovers=left)
     try:
         if health_path is None:
             wait_listening(port, lambda: process.poll() is None, timeout_s)
@@ -210,7 +224,66 @@ def litserve_peer(
     return start(name, command, log_dir, {}, health_path="/health")
 
 
-NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+# The folder `bench` is in: the checkout, whose `make triton` makes the Triton environment
+CHECKOUT = Path(__file__).resolve().parent.parent
+TRITON_VENV_ENV = "AKD_TRITON_VENV"
+# written last by `make triton`: an environment without it is not one to run
+TRITON_STAMP = ".installed"
+
+
+def triton_venv() -> Path:
+    """The Triton environment: $AKD_TRITON_VENV, else .venv-triton in the checkout (where `make triton` makes it)."""
+    return Path(os.environ.get(TRITON_VENV_ENV) or CHECKOUT / ".venv-triton")
+
+
+def triton_missing() -> str | None:
+    """Why Triton cannot be served here, in words that say how to get it; None when it can."""
+    venv = triton_venv()
+    if not (venv / TRITON_STAMP).is_file():
+        return (
+            f"no Triton environment at {venv} (`make triton` makes it: a venv of Debian's python3.11 with "
+            "nvidia-pytriton 0.7.0, Triton 2.51, and torch, about 1.3 GB; or set AKD_TRITON_VENV to one)"
+        )
+    return None
+
+
+def triton_version() -> str | None:
+    """nvidia-pytriton's version in the Triton environment (read from its install record, nothing imported), or None
+    where there is none."""
+    if triton_missing():
+        return None
+    found = sorted((triton_venv() / "lib").glob("python*/site-packages/nvidia_pytriton-*.dist-info"))
+    return found[-1].name.removeprefix("nvidia_pytriton-").removesuffix(".dist-info") if found else None
+
+
+def triton_command() -> tuple[list[str], dict[str, str]]:
+    """The command that runs bench/triton_app.py with the Triton environment's Python, and the environment it needs
+    on top of this process's (the checkout on PYTHONPATH: that venv holds no install of the project)."""
+    return [str(triton_venv() / "bin" / "python"), "-m", "bench.triton_app"], {"PYTHONPATH": str(CHECKOUT)}
+
+
+def triton_peer(name: str, config: Path, teacher: str, log_dir: Path, device: str) -> ServerProcess:
+    """Triton Inference Server (through PyTriton, bench/triton_app.py) serving `teacher` of the service config
+    `config` (a teachers.toml: its checkpoints, and its [server.batching] max_rows and max_wait_ms for Triton's
+    dynamic batcher) as the model named `teacher`, on a free loopback port, HTTP only; returned once the model is
+    ready. `stop()` leaves no process of it (PyTriton's, tritonserver, the Python backend's stub), nor its workspace
+    (a folder in /tmp), nor, after a kill, its shared memory. Raises RuntimeError when the Triton environment is
+    missing (`triton_missing`) or the server does not start (with its log's tail)."""
+    missing = triton_missing()
+    if missing:
+        raise RuntimeError(missing)
+    # PyTriton's workspace holds its Unix sockets, whose paths must stay within 107 bytes: a short one in /tmp, not
+    # one in the run's folder; PyTriton makes it (it must not exist yet)
+    workspace = Path(tempfile.mkdtemp(prefix="akd-triton-")) / "w"
+    command, env = triton_command()
+    command += ["serve", "--config", str(config), "--teacher", teacher, "--port", "{port}", "--device", device]
+    command += ["--workspace", str(workspace)]
+    # PyTriton (sic) names its shared memory after its process; a clean stop removes it and the workspace
+    leftovers = ("/dev/shm/pytrtion{pid}-*", str(workspace.parent))
+    return start(name, command, log_dir, env, health_path=triton_client.ready_path(teacher), leftovers=leftovers)
+
+
+NGINX_CONF = CHECKOUT / "deploy" / "nginx.conf"
 _UPSTREAM_SERVER = re.compile(r"^(\s*)server teacher:8000( [^;]*);$", re.M)
 
 

@@ -2,8 +2,10 @@
 
 Each client sends small batches (16 rows, float32, `cache=bypass`) in a closed loop, through bench/load.py's load
 generator, so the clients take little of the CPU they share with the server; the yardstick is one client sending
-batch 128. Rounds alternate between the servers compared (the one not measured is frozen) and repeat; rows/s are
-medians over rounds, latency percentiles pool every request.
+batch 128. Triton Inference Server serving the same teacher with its own dynamic batcher, where its environment is
+installed (`make triton`), gets the same loads from the same load generator. Rounds alternate between the servers
+compared (those not measured are frozen) and repeat; rows/s are medians over rounds, latency percentiles pool every
+request.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from bench import triton_client
 from bench.config import LoadSpec
 from bench.context import Context
 from bench.load import LoadResult, Request, closed_loop
 from bench.sections import Section, Target
-from bench.servers import ServerProcess
+from bench.servers import ServerProcess, triton_missing
 from bench.timing import median, order, percentile
+from bench.triton_client import TRITON
 from shared import codec, protocol
 
 TARGET_FRACTION = 0.85
@@ -76,6 +80,17 @@ def ours(label: str, process: ServerProcess, teacher: str) -> Server:
     return Server(label, process, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
 
 
+def triton(label: str, process: ServerProcess, teacher: str) -> Server:
+    """Triton's model `teacher`: the same rows as ours get, sent as Triton's binary-tensor infer request
+    (bench/triton_client.py), by the same load generator."""
+
+    def request(body: bytes, rows: int) -> Request:
+        path, content, headers = triton_client.infer_request(teacher, codec.decode(body)[codec.INPUTS_KEY])
+        return Request(path, content, rows, headers=headers)
+
+    return Server(label, process, request)
+
+
 def measure(
     ctx: Context, spec: LoadSpec, teacher: str, servers: list[Server]
 ) -> dict[tuple[str, Load], list[LoadResult]]:
@@ -120,11 +135,14 @@ def run(ctx: Context) -> Section:
         f"{', '.join(map(str, loads(spec)))} (clients x rows per request): closed-loop clients, each with its own "
         "connection, writing requests built before the clock starts (bench/load.py), float32 inputs, "
         f"`cache=bypass`; the service with dynamic batching "
-        f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without; rows/s = median over rounds; "
+        f"(max_wait_ms = {ctx.cfg.max_wait_ms:g}) and without, and Triton Inference Server serving the same teacher "
+        "with its dynamic batcher (the same window and max_rows; the same rows, as Triton's binary-tensor requests, "
+        "from the same load generator); rows/s = median over rounds; "
         "server/client cores = CPU seconds per second the server's processes / all the clients spent.",
         [
             "teacher",
             "load",
+            "server",
             "batching",
             "rows/s",
             "p50 ms",
@@ -134,10 +152,17 @@ def run(ctx: Context) -> Section:
             f"vs {reference} (same server)",
         ],
     )
+    missing = triton_missing()
+    if missing:
+        section.notes.append(f"Triton not run: {missing}.")
     processes = {"on": ctx.service(batching=True), "off": ctx.service(batching=False)}
     for teacher in spec.teachers:
         servers = [ours(label, process, teacher) for label, process in processes.items()]
+        if not missing:
+            servers.append(triton(TRITON, ctx.triton(teacher), teacher))
         results = measure(ctx, spec, teacher, servers)
+        if not missing:
+            ctx.stop(f"triton-{teacher}")
         for server in servers:
             base = summary(results[(server.label, reference)])["rows/s"]
             for load in loads(spec):
@@ -146,30 +171,42 @@ def run(ctx: Context) -> Section:
                     {
                         "teacher": teacher,
                         "load": str(load),
-                        "batching": server.label,
+                        "server": TRITON if server.label == TRITON else "ours",
+                        "batching": "Triton's" if server.label == TRITON else server.label,
                         **s,
                         f"vs {reference} (same server)": s["rows/s"] / base,
                     }
                 )
-        busiest = Load(max(spec.clients), spec.rows_per_client)
-        shared, alone = summary(results[("on", busiest)]), summary(results[("on", reference)])
-        off = summary(results[("off", busiest)])["rows/s"]
-        paired = [a / b for a, b in zip(shared["rounds"], alone["rounds"])]
-        section.targets.append(
-            Target(
-                f"{busiest} with batching / {reference} rows/s, {teacher}",
-                ">=",
-                TARGET_FRACTION,
-                shared["rows/s"] / alone["rows/s"],
-                f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to "
-                f"{max(paired):.2f}; "
-                f"server {cores_text(shared['server cores'])} vs {cores_text(alone['server cores'])} cores, clients "
-                f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching "
-                f"{off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)",
-            )
-        )
+        section.targets.append(_target(spec, teacher, results, with_triton=not missing))
     ctx.stop("service-no-batching")
     return section
+
+
+def _target(spec: LoadSpec, teacher: str, results: dict, with_triton: bool) -> Target:
+    reference, busiest = Load(1, spec.reference_rows), Load(max(spec.clients), spec.rows_per_client)
+    shared, alone = summary(results[("on", busiest)]), summary(results[("on", reference)])
+    off = summary(results[("off", busiest)])["rows/s"]
+    paired = [a / b for a, b in zip(shared["rounds"], alone["rounds"])]
+    context = (
+        f"{shared['rows/s']:,.0f} vs {alone['rows/s']:,.0f} rows/s, round by round {min(paired):.2f} to "
+        f"{max(paired):.2f}; "
+        f"server {cores_text(shared['server cores'])} vs {cores_text(alone['server cores'])} cores, clients "
+        f"{cores_text(shared['client cores'])} vs {cores_text(alone['client cores'])}; without batching "
+        f"{off:,.0f} rows/s ({off / alone['rows/s']:.2f}x)"
+    )
+    if with_triton:
+        theirs, theirs_alone = summary(results[(TRITON, busiest)]), summary(results[(TRITON, reference)])
+        context += (
+            f"; Triton {theirs['rows/s']:,.0f} vs {theirs_alone['rows/s']:,.0f} rows/s "
+            f"({theirs['rows/s'] / theirs_alone['rows/s']:.2f}x), server {cores_text(theirs['server cores'])} cores"
+        )
+    return Target(
+        f"{busiest} with batching / {reference} rows/s, {teacher}",
+        ">=",
+        TARGET_FRACTION,
+        shared["rows/s"] / alone["rows/s"],
+        context,
+    )
 
 
 def cores_text(value: float | None) -> str:

@@ -19,6 +19,7 @@ from conftest import HANG_S, REPO, live_server, metric, mnist_teacher, random_in
 
 from bench.config import load_bench_config
 from bench.load import Request, closed_loop
+from bench.servers import triton_missing
 from bench.timing import alternate
 from shared import codec, protocol
 from shared.configfile import ConfigError
@@ -54,9 +55,12 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
                 if target["op"] == "<="
                 else target["measured"] >= target["threshold"]
             )
-    # each issue target that the tiny preset's sizes reach is checked
+    # each target that the tiny preset's sizes reach is checked
     assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
-    assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
+    assert len(sections["end_to_end"]["targets"]) == 1
+    assert [t["what"] for t in sections["peer"]["targets"]] == [
+        f"ours / {peer} rows/s, small_cnn, 2 x 4" for peer in ("LitServe", "Triton")[: 2 - bool(triton_missing())]
+    ]
     # the round trip: ours and both floors at each size, then keys first against the Starlette floor
     assert [r["candidate"] for r in sections["round_trip"]["rows"]] == ["ours", "Starlette floor", "socket floor"]
     assert all(r["server CPU ms"] > 0 for r in sections["round_trip"]["rows"] if r["candidate"] == "ours")
@@ -77,12 +81,32 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
     assert all(r["write rows/s"] > 0 and r["durable write rows/s"] > 0 for r in sections["cache"]["rows"])
     sizes = {r["dtype"]: r["request bytes"] for r in sections["transport"]["rows"]}
     assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
-    assert {r["batching"] for r in sections["sharing"]["rows"]} == {"on", "off"}
+    assert {(r["server"], r["batching"]) for r in sections["sharing"]["rows"]} == {
+        ("ours", "on"),
+        ("ours", "off"),
+        *([] if triton_missing() else [("Triton", "Triton's")]),
+    }
     # from /proc
     assert all(r["server cores"] > 0 and r["client cores"] > 0 for r in sections["sharing"]["rows"])
     machine = document["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
     assert document["command"] == "akd bench --config tiny --device cpu --out out"
+
+
+def test_triton_is_measured_beside_the_service_or_the_benchmarks_say_how_to_install_it(tiny_run):
+    """Benchmarks 1, 3 and 6 measure Triton where `make triton` made its environment; elsewhere (CI makes only .venv)
+    each of them says why it left Triton out, and how to get it."""
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = {s["key"]: s for s in json.loads((out / "results.json").read_text())["sections"]}
+    missing = triton_missing()
+    for key in ("overhead", "sharing", "peer"):
+        notes = [n for n in sections[key]["notes"] if n.startswith("Triton not run")]
+        assert notes == ([f"Triton not run: {missing}."] if missing else []), key
+    overhead = sections["overhead"]["rows"]
+    assert all((r["Triton ms"] is None) == bool(missing) for r in overhead)
+    assert all(r["Triton ms"] > 0 and r["service / Triton"] > 0 for r in overhead if not missing)
+    assert all(r["Triton rows/s"] > 0 for r in sections["peer"]["rows"] if not missing)
 
 
 def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
@@ -96,7 +120,7 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
         "## 3. Sharing",
         "## 4. Transport",
         "## 5. End to end",
-        "## 6. A peer",
+        "## 6. Peers: LitServe and Triton",
         "## 7. Scale out",
         "## 8. The cache at scale",
         "## 9. Warming the cache",
@@ -436,8 +460,9 @@ def test_the_litserve_peer_serves_the_same_soft_targets(tmp_path):
 
 
 def test_stopping_a_server_that_ignores_sigint_leaves_none_of_its_processes(tmp_path):
-    """A server whose shutdown hangs is killed with every process of its group, workers included: a benchmark left
-    no peer behind even when LitServe's clean shutdown stalled on a busy machine."""
+    """A server whose shutdown hangs is killed with every process of its group, workers included, and what it leaves
+    behind is removed: a benchmark left no peer behind even when LitServe's clean shutdown stalled on a busy
+    machine."""
     from bench.servers import ServerProcess
 
     ignores_sigint = (
@@ -450,9 +475,14 @@ def test_stopping_a_server_that_ignores_sigint_leaves_none_of_its_processes(tmp_
     )
     # its worker has been started
     assert process.stdout.readline() == "up\n"
-    ServerProcess("stubborn", "http://127.0.0.1:1", process, tmp_path / "log", stop_timeout_s=0.5).stop()
+    # what a killed server leaves (PyTriton: its shared memory, its workspace) goes with it
+    (tmp_path / f"shm-{process.pid}-a").touch()
+    (tmp_path / "workspace" / "model").mkdir(parents=True)
+    leftovers = [str(tmp_path / f"shm-{process.pid}-*"), str(tmp_path / "workspace")]
+    ServerProcess("stubborn", "http://127.0.0.1:1", process, tmp_path / "log", 0.5, leftovers).stop()
     assert process.poll() is not None
     assert _group_gone(process.pid), "the worker outlived its server"
+    assert not list(tmp_path.glob("shm-*")) and not (tmp_path / "workspace").exists()
 
 
 def _group_gone(pgid: int) -> bool:

@@ -24,7 +24,18 @@ from bench.timing import alternate
 from shared import codec, protocol
 from shared.configfile import ConfigError
 
-BENCHMARKS = {"overhead", "cache", "sharing", "transport", "end_to_end", "peer", "scale_out", "cache_scale", "warm"}
+BENCHMARKS = {
+    "round_trip",
+    "overhead",
+    "cache",
+    "sharing",
+    "transport",
+    "end_to_end",
+    "peer",
+    "scale_out",
+    "cache_scale",
+    "warm",
+}
 
 
 def akd_bench(*args: str, cwd: Path = REPO, timeout: float = HANG_S) -> subprocess.CompletedProcess:
@@ -115,6 +126,8 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
     assert "akd bench --config tiny" in text and "cores" in text and "torch" in text
     for title in (
         "## Targets",
+        "## 0. The round trip against its floors",
+        "**Keys first: 8 cached rows asked for by key**",
         "## 1. Service overhead",
         "## 2. Cache",
         "## 3. Sharing",
@@ -130,7 +143,7 @@ def test_tiny_run_writes_markdown_a_picture_and_shows_progress(tiny_run):
     ):
         assert title in text
     assert (out / "sharing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "benchmark 8/9: cache_scale" in result.stderr and "benchmark 9/9: warm" in result.stderr
+    assert "benchmark 1/10: round_trip" in result.stderr and "benchmark 10/10: warm" in result.stderr
     # the table is printed at the end
     assert "RESULTS.md" not in result.stderr and "## Targets" in result.stdout
 

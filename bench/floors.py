@@ -6,7 +6,8 @@
 - The machine's floor: a raw TCP socket that reads a length-prefixed body and answers the asked-for bytes, with no
   HTTP at all: what moving the bytes through the kernel costs.
 
-`python -m bench.floors starlette|socket --port N` runs one.
+`python -m bench.floors starlette|socket --port N` runs one, with the service's malloc settings
+(shared.allocator).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import socket
 import struct
+
+from shared.allocator import keep_freed_memory
 
 # The raw socket's frame head: body bytes, answer bytes
 FRAME = struct.Struct("<QQ")
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("kind", choices=["starlette", "socket"])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    # the service's own malloc settings, so the floor is not slower by page faults it would not take
+    keep_freed_memory()
     (serve_starlette if args.kind == "starlette" else serve_socket)(args.port)
 
 

@@ -54,7 +54,12 @@ def test_tiny_run_writes_every_benchmark_with_numbers(tiny_run):
             )
     # each issue target that the tiny preset's sizes reach is checked
     assert [t["what"] for t in sections["sharing"]["targets"]] == ["2 x 4 with batching / 1 x 8 rows/s, small_cnn"]
-    assert len(sections["end_to_end"]["targets"]) == 1 and len(sections["peer"]["targets"]) == 1
+    assert [t["what"] for t in sections["end_to_end"]["targets"]] == [
+        "AKD step time, service with overlap on / in-process",
+        "AKD step time, service with overlap off / in-process",
+        "ARD step time, service with overlap on / in-process",
+    ]
+    assert len(sections["peer"]["targets"]) == 1
     assert {r["dtype"] for r in sections["transport"]["rows"]} == {
         "uint8",
         "float16",

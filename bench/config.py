@@ -96,7 +96,7 @@ class TransportSpec(StrictConfig):
 
 
 class EndToEndSpec(StrictConfig):
-    """AKD training steps on real data, the teacher behind the service vs in-process."""
+    """Distillation training steps on real data, the teacher behind the service (overlap on and off) vs in-process."""
 
     teacher: str
     dataset: str = "mnist5k"
@@ -105,6 +105,15 @@ class EndToEndSpec(StrictConfig):
     attack_steps: Count = 10
     # timed steps per side
     steps: Count = 10
+    # the distillation methods timed, each through the service and in-process
+    methods: Annotated[list[Literal["akd", "ard", "rslad", "iad"]], Field(min_length=1)] = ["akd", "ard"]
+
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"each method once: got {methods}")
+        return methods
 
 
 class PeerSpec(LoadSpec):

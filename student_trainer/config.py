@@ -99,6 +99,12 @@ class TeacherRef(StrictConfig):
     # Clean queries ask by row keys first where the service offers it (a service with a cache): only the rows it has
     # not cached are uploaded. false: every row is uploaded whole.
     keys_first: bool = True
+    # Ask the service while the student computes: a step sends its query as soon as its inputs are known (ARD, IAD:
+    # the clean batch before the attack; AKD, IAD: the adversarial batch before the student's forward pass on it), and
+    # the trainer asks about the next batch's clean inputs before this step runs (ARD, RSLAD, IAD). The trained
+    # weights are the same bit for bit. false: each query is sent where its answer is needed, and waited for; the
+    # faster setting where a CPU service shares the trainer's cores (docs/design/trainer.md).
+    overlap: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:

@@ -10,6 +10,11 @@ name on it to its step.
 Conventions: KL(P || Q) sums over classes and averages over the batch (not torch's
 element-wise mean); the teacher's probabilities are constants (no gradient, called
 once per input kind per step); the model's train/eval mode is left as it was.
+
+Overlap: a step asks the teacher as soon as the inputs are known (`_ask`) and collects the answer where its loss
+needs it (`_collect`), so that a teacher with a query in flight (the service's client) answers while the student
+computes. The student computes the same things in the same order either way: asking touches neither the student
+nor a random generator, so the weights are those of a step that calls the teacher where it needs the answer.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from student_trainer.methods import DISTILS
 
 if TYPE_CHECKING:
     from student_trainer.config import TrainConfig
+    from student_trainer.query_thread import Pending
 
 
 class SoftTargets(Protocol):
     """x in [0, 1] -> teacher probabilities (B, K), already tempered and ensemble-aggregated (by the service). A
-    `teacher_client.Teacher` is one; the losses need nothing else of it."""
+    `teacher_client.Teacher` is one; the losses need nothing else of it, but use its `submit` where it has one (and
+    the run's teacher.overlap is on) to ask ahead."""
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool) -> torch.Tensor: ...
 
@@ -39,7 +46,7 @@ class SoftTargets(Protocol):
 @dataclass(frozen=True)
 class Step:
     """What one training step of any method may read. `cfg` is the run's validated config: the methods read
-    alpha, temperature, trades_beta, iad_beta and iad_warmup_epochs from it."""
+    alpha, temperature, trades_beta, iad_beta, iad_warmup_epochs and teacher.overlap from it."""
 
     model: nn.Module
     # the clean batch, in [0, 1]
@@ -52,6 +59,8 @@ class Step:
     epoch: int = 0
     # the attack's random starts
     generator: torch.Generator | None = None
+    # the teacher's answer on the clean x, asked for ahead by the trainer; None: the step asks (methods that use it)
+    clean_targets: Pending | None = None
 
 
 @dataclass
@@ -72,6 +81,8 @@ class Method:
     # whether it needs a teacher
     distils: bool
     step: Callable[[Step], StepResult]
+    # whether its step asks the teacher about the clean batch (and so takes Step.clean_targets)
+    asks_clean: bool = False
 
     def __call__(self, step: Step) -> StepResult:
         return self.step(step)
@@ -80,11 +91,13 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
+def method(
+    name: str, asks_clean: bool = False
+) -> Callable[[Callable[[Step], StepResult]], Callable[[Step], StepResult]]:
     """Register a method's step function under `name`, one of methods.py's (whether it distils comes from there)."""
 
     def register(step: Callable[[Step], StepResult]) -> Callable[[Step], StepResult]:
-        METHODS[name] = Method(name, DISTILS[name], step)
+        METHODS[name] = Method(name, DISTILS[name], step, asks_clean)
         return step
 
     return register
@@ -132,12 +145,41 @@ def _kl_attack(attack: PGD) -> PGD:
     return replace(attack, random_start=True, start="normal")
 
 
-def _teacher_on(teacher: SoftTargets | None, x: torch.Tensor, adversarial: bool) -> torch.Tensor:
-    """The teacher's probabilities on x, as constants on x's device."""
-    if teacher is None:
+class _WhenCollected:
+    """A teacher called when its answer is collected: where a step without overlap calls it."""
+
+    def __init__(self, teacher: SoftTargets, x: torch.Tensor, adversarial: bool) -> None:
+        self._teacher, self._x, self._adversarial = teacher, x, adversarial
+
+    def result(self) -> torch.Tensor:
+        return self._teacher(self._x, adversarial=self._adversarial)
+
+    def cancel(self) -> bool:
+        return True
+
+
+def _ask(step: Step, x: torch.Tensor, adversarial: bool) -> Pending:
+    """The teacher's probabilities on x, asked for now and collected (`_collect`) where the loss needs them: sent now
+    by a teacher with `submit` when the run's teacher.overlap is on, else asked of the teacher at the collection."""
+    if step.teacher is None:
         raise ValueError("this method needs a teacher; got teacher=None")
+    overlap = step.cfg.teacher is None or step.cfg.teacher.overlap
+    submit = getattr(step.teacher, "submit", None) if overlap else None
+    if submit is None:
+        return _WhenCollected(step.teacher, x.detach(), adversarial)
     with torch.no_grad():
-        probs = teacher(x.detach(), adversarial=adversarial)
+        return submit(x.detach(), adversarial=adversarial)
+
+
+def _ask_clean(step: Step) -> Pending:
+    """The teacher's probabilities on the clean batch: the trainer's, asked for ahead, or asked for now."""
+    return step.clean_targets if step.clean_targets is not None else _ask(step, step.x, adversarial=False)
+
+
+def _collect(asked: Pending, x: torch.Tensor) -> torch.Tensor:
+    """The answer `_ask` asked for about x, as constants on x's device."""
+    with torch.no_grad():
+        probs = asked.result()
     if probs.dim() != 2 or len(probs) != len(x):
         raise ValueError(f"teacher returned shape {tuple(probs.shape)} for {len(x)} inputs; expected (B, K)")
     return probs.detach().to(x.device)
@@ -202,51 +244,56 @@ def _trades(step: Step) -> StepResult:
 def _akd(step: Step) -> StepResult:
     """soft-CE(S(x'), alpha * p_T(x') + (1 - alpha) * onehot(y)), the teacher on the student's own x'.
 
-    alpha = 0 is PGD-AT exactly, and then the teacher is not called at all.
+    alpha = 0 is PGD-AT exactly, and then the teacher is not called at all. The teacher is asked about x' as soon as
+    the attack has made it, and answers during the student's forward pass on it.
     """
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
+    asked = None if step.cfg.alpha == 0 else _ask(step, x_adv, adversarial=True)
     logits_adv = step.model(x_adv)
-    if step.cfg.alpha == 0:
+    if asked is None:
         return _result(F.cross_entropy(logits_adv, step.y), logits_adv, x_adv)
-    q = mix_labels(_teacher_on(step.teacher, x_adv, adversarial=True), step.y, step.cfg.alpha)
+    q = mix_labels(_collect(asked, x_adv), step.y, step.cfg.alpha)
     return _result(soft_cross_entropy(logits_adv, q), logits_adv, x_adv)
 
 
-@method("ard")
+@method("ard", asks_clean=True)
 def _ard(step: Step) -> StepResult:
-    """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term."""
+    """ARD: the teacher on clean x, the student on x' (PGD-CE); its (1 - alpha) CE term is its label term. The teacher
+    is asked about x before the attack, which hides the wait."""
+    clean = _ask_clean(step)
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
-    loss, logits_adv, logits_clean = _ard_loss(
-        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x, adversarial=False), step.cfg
-    )
+    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _collect(clean, step.x), step.cfg)
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-@method("rslad")
+@method("rslad", asks_clean=True)
 def _rslad(step: Step) -> StepResult:
     """RSLAD with label mixing: P = alpha * p_T(x) + (1 - alpha) * onehot(y) (alpha = 1: plain RSLAD);
-    x' maximises KL(P || p(S(x'))); loss 5/6 KL(P || p(S(x'))) + 1/6 KL(P || p(S(x))). tau = 1 on the student."""
-    target = mix_labels(_teacher_on(step.teacher, step.x, adversarial=False), step.y, step.cfg.alpha)
+    x' maximises KL(P || p(S(x'))); loss 5/6 KL(P || p(S(x'))) + 1/6 KL(P || p(S(x))). tau = 1 on the student.
+    The attack needs P from its start, so only the trainer's asking ahead (the previous step's time) hides the wait."""
+    target = mix_labels(_collect(_ask_clean(step), step.x), step.y, step.cfg.alpha)
     x_adv = _kl_attack(step.attack).perturb(step.model, step.x, kl_loss(target), step.generator)
     logits_adv, logits_clean = step.model(x_adv), step.model(step.x)
     loss = 5 / 6 * kl_div(target, logits_adv) + 1 / 6 * kl_div(target, logits_clean)
     return _result(loss, logits_adv, x_adv, logits_clean)
 
 
-@method("iad")
+@method("iad", asks_clean=True)
 def _iad(step: Step) -> StepResult:
     """IAD-I: ARD's loss, plus from the warm-up epoch on alpha * mean_i (1 - a_i) KL(p(S(x_i)) || p(S(x'_i))).
 
     a_i = P_T(y | x')^beta from the teacher's (tempered) probabilities; the official
     code uses tau = 1 there, which is what the default tau gives. Before the warm-up
     the teacher is not called on x' (a_i is unused), saving its uncacheable request.
+    The teacher is asked about x before the attack, and about x' before the student's forward passes.
     """
+    clean = _ask_clean(step)
     x_adv = _attack_ce(step.model, step.x, step.y, step.attack, step.generator)
-    loss, logits_adv, logits_clean = _ard_loss(
-        step.model, step.x, step.y, x_adv, _teacher_on(step.teacher, step.x, adversarial=False), step.cfg
-    )
-    if step.epoch >= step.cfg.iad_warmup_epochs:
-        trust = iad_trust(_teacher_on(step.teacher, x_adv, adversarial=True), step.y, step.cfg.iad_beta)
+    introspect = step.epoch >= step.cfg.iad_warmup_epochs
+    adversarial = _ask(step, x_adv, adversarial=True) if introspect else None
+    loss, logits_adv, logits_clean = _ard_loss(step.model, step.x, step.y, x_adv, _collect(clean, step.x), step.cfg)
+    if adversarial is not None:
+        trust = iad_trust(_collect(adversarial, x_adv), step.y, step.cfg.iad_beta)
         loss = loss + step.cfg.alpha * iad_introspection(logits_clean, logits_adv, trust)
     return _result(loss, logits_adv, x_adv, logits_clean)
 

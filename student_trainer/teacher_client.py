@@ -1,8 +1,9 @@
 """Soft targets for the trainer: from the teacher service over HTTP, or from a local teacher in-process.
 
 Both are a `Teacher`: a callable `teacher(x) -> probs` (B, K), tempered and ensemble-aggregated,
-so a training method never knows which one it has. Neither is trusted: every answer is checked
-(`answer_checks`) before a loss sees it.
+so a training method never knows which one it has, and `teacher.submit(x)`, the same answer asked for
+now and collected later (the service's client has the query in flight meanwhile). Neither is trusted:
+every answer is checked (`answer_checks`) before a loss sees it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from student_trainer.answer_checks import (
     decoded,
     one_line,
 )
+from student_trainer.query_thread import OnDevice, Pending, QueryThread, settled
 
 log = logging.getLogger("akd.teacher_client")
 
@@ -49,6 +51,10 @@ class Teacher(Protocol):
     rows_requested: int
     cache_hits: int
     rows_uploaded: int
+    # Whether submit() returns before the answer is computed (elsewhere: the service's client), so that asking early
+    # hides the wait; False where it is computed by the caller's own thread (in-process), where asking early gains
+    # nothing.
+    overlaps: bool
 
     def info(self) -> TeacherInfo:
         """What the teacher is (classes, input shape, members); checked against the dataset before training."""
@@ -58,7 +64,12 @@ class Teacher(Protocol):
         attack (it picks the service's cache mode). Raises TeacherAnswerError rather than return rows that are not
         probabilities."""
 
-    def close(self) -> None: ...
+    def submit(self, x: torch.Tensor, *, adversarial: bool = False) -> Pending:
+        """`self(x, adversarial=...)`, asked for now: `.result()` gives what the call gives and raises what it raises.
+        x is copied before submit returns, so the caller may change it at once. Answers are given in the order asked."""
+
+    def close(self) -> None:
+        """Never waits for a query in flight: its answer is dropped, and its threads end by themselves."""
 
 
 class TeacherUnavailable(RuntimeError):
@@ -151,6 +162,16 @@ def _serve(jobs: queue.SimpleQueue) -> None:
             done.set_exception(exc)
 
 
+def _own_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows on the CPU in their wire form (`codec.to_transport`), in memory of their own: the caller may change x
+    once it has asked."""
+    rows = codec.to_transport(x.detach().cpu())
+    # handed back as they were: a CPU x's own memory
+    if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        rows = rows.clone()
+    return rows
+
+
 class RemoteTeacher:
     """POST /soft-targets with connection reuse, timeouts, and retries that ride out a service restart.
 
@@ -172,7 +193,13 @@ class RemoteTeacher:
     unless `affinity` is off: a load balancer that hashes it (deploy/nginx.conf) sends them all to one replica, where
     their rows are cached once and hit. Where the service offers keys first (a cache), those queries send the rows'
     keys first and upload only the rows it has not cached.
+
+    `submit` hands a query to the client's query thread (one a client, answering in order), which runs it whole (the
+    wire form aside: made on the caller's thread, from a copy) while the caller computes. A call runs on the caller's
+    thread when no query is in flight, behind them when some are.
     """
+
+    overlaps = True
 
     def __init__(
         self,
@@ -197,6 +224,8 @@ class RemoteTeacher:
         # replicas whose last answer was a refusal: logged once, not on every call
         self._down: set[str] = set()
         self._courier = _Courier()
+        # submit()'s queries; once close() is called, no query sends again and a retry's wait ends at once
+        self._queries, self._closing = QueryThread("akd-teacher-queries"), threading.Event()
         # the teacher every answer must come from
         self._started_with: TeacherInfo | None = None
         self.url, self.name, self.temperature = ", ".join(urls), name, temperature
@@ -257,8 +286,24 @@ class RemoteTeacher:
         return self._started_with
 
     def __call__(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
+        """`submit(x, adversarial=...).result()`; on this thread, with nothing to hand over, when no query is in
+        flight."""
+        if self._queries.busy():
+            return self.submit(x, adversarial=adversarial).result()
+        return self._query(codec.to_transport(x.detach().cpu()), adversarial).to(x.device)
+
+    def submit(self, x: torch.Tensor, *, adversarial: bool = False) -> Pending:
+        """The call's answer, asked for now and answered on the query thread, queries in the order submitted. x is
+        copied (in its wire form) before this returns; the answer comes on x's device."""
+        rows, device = _own_rows(x), x.device
+        query = lambda: self._query(rows, adversarial)  # noqa: E731
+        # closed: refused at once, here (a thread started now would outlive the client)
+        return OnDevice(settled(query) if self._closing.is_set() else self._queries.submit(query), device)
+
+    def _query(self, rows: torch.Tensor, adversarial: bool) -> torch.Tensor:
+        """The soft targets (B, K) for rows in their wire form, float32 on the CPU: one call's whole work, on
+        whichever thread runs it (one at a time: the counters are updated here)."""
         teacher = self._teacher()
-        rows = codec.to_transport(x.detach().cpu())
         mode = self.cache_modes[adversarial]
         params = {"temperature": self.temperature, "outputs": "probs", "cache": mode.value}
         if self.name:
@@ -272,8 +317,8 @@ class RemoteTeacher:
             probs = self._by_keys_first(rows, params, headers, teacher)
         if probs is None:
             probs = self._upload(rows, params, headers, teacher)
-        self.rows_requested += len(x)
-        return probs.float().to(x.device)
+        self.rows_requested += len(rows)
+        return probs.float()
 
     def _by_keys_first(
         self, rows: torch.Tensor, params: dict, headers: dict, teacher: TeacherInfo
@@ -335,6 +380,8 @@ class RemoteTeacher:
         first, with one replica)."""
         first_failure, backoff, wrong = None, 0.1, 0
         while True:
+            if self._closing.is_set():
+                raise self._closed()
             problem, waits = None, []
             for replica in self._round():
                 try:
@@ -392,7 +439,8 @@ class RemoteTeacher:
             )
         wait = min(wait, self.give_up_after_s - waited)
         log.warning("teacher service %s: %s; retrying in %.1fs", self.url, problem, wait)
-        time.sleep(wait)
+        # cut short by close(): the next round refuses to send
+        self._closing.wait(wait)
 
     def _round(self) -> list[httpx.Client]:
         """Every replica once, starting with the next in turn: calls spread over the replicas."""
@@ -415,7 +463,23 @@ class RemoteTeacher:
         detail = _service_error(response) or one_line(response.text, 500)
         raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}", response.status_code)
 
+    def _closed(self) -> RuntimeError:
+        return RuntimeError(f"the teacher client for {self.url} is closed")
+
     def close(self) -> None:
+        """Ends the client without waiting for a query in flight (one asked ahead for a batch that never came, or one
+        retrying a service that is down): its retries stop, it ends once its request does (within timeout_s), and a
+        query still queued never sends. The connections are closed by the thread that uses them, once it is done."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        if self._queries.busy():
+            self._queries.submit(self._shut)
+        else:
+            self._shut()
+        self._queries.close()
+
+    def _shut(self) -> None:
         self._courier.close()
         for replica in self._replicas:
             replica.close()
@@ -428,6 +492,8 @@ class LocalTeacher:
     service's own forward path and ensemble formula, so both give the same numbers on one device. Its rows pass the
     same checks as the service's (`checked_probs`): a member with NaN weights must end the run, not poison it.
     """
+
+    overlaps = False
 
     def __init__(self, config_path: str | Path, name: str | None, temperature: float | None, device: torch.device):
         """`temperature=None`: the teacher's own, as the service uses when a request names none."""
@@ -455,6 +521,11 @@ class LocalTeacher:
         except BadAnswer as exc:
             raise TeacherAnswerError(f"the local teacher {self.name!r} ({self._config_path}) answered {exc}") from None
         return probs.to(x.device)
+
+    def submit(self, x: torch.Tensor, *, adversarial: bool = False) -> Pending:
+        """The call's answer, computed now on the caller's thread (a thread of its own would only compete with the
+        caller for the same cores), as a future that is already done."""
+        return settled(lambda: self(x, adversarial=adversarial))
 
     def close(self) -> None:
         pass

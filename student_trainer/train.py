@@ -6,6 +6,9 @@ run continues exactly where it stopped. Under torchrun each rank trains its shar
 every global batch and DDP averages the gradients (student_trainer/distributed.py);
 rank 0 validates and writes the run's files.
 
+With a teacher service, the teacher's answers overlap the student's work (teacher.overlap): the steps ask early
+(losses.py), and the loop asks about the next batch's clean inputs before this batch's step runs (`asked_ahead`).
+
 Nothing non-finite is ever applied or saved: a step whose loss or gradients are NaN or infinite is not applied and
 ends the run (NonFiniteStep), as does an epoch that ends with non-finite weights, so the run's checkpoints keep the
 last finite weights, from which `akd train --resume` continues. (The teacher's answers are checked by the teacher
@@ -14,13 +17,17 @@ client before a loss sees them.)
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
 import time
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -36,9 +43,12 @@ from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import Step, get_method
 from student_trainer.progress import Progress
+from student_trainer.query_thread import Pending
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 
 log = logging.getLogger("akd.train")
+
+B = TypeVar("B", bound=tuple)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -266,24 +276,12 @@ class Trainer:
         # (indices, clean correct, adversarial correct) per batch, for the training dynamics
         records = []
         self.model.train()
-        batches = iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment)
-        for step_in_epoch, (indices, xb, yb) in enumerate(batches):
-            # this rank's share of the global batch (all of it on one process)
-            mine = self.world.rows(len(yb))
-            indices, x, y = indices[mine], to_unit_float(xb[mine]).to(self.device), yb[mine].to(self.device)
-            attack = self.attack.scaled(self.radius_fraction(epoch, step_in_epoch))
-            result = self.step(x, y, epoch, attack, rows=(mine, len(yb)))
-            correct_clean = self._clean_correct(result, x, y)
-            correct_adv = result.logits_adv.argmax(1) == y
-            if self.dynamics is not None:
-                records.append((indices, correct_clean.cpu(), correct_adv.cpu()))
-            n = len(y)
-            totals["loss"] += float(result.loss.detach()) * n
-            totals["clean"] += int(correct_clean.sum())
-            totals["adv"] += int(correct_adv.sum())
-            totals["perturbation"] += float(perturbation_norms(result.x_adv, x, attack.norm).sum())
-            totals["n"] += n
-            progress.step(loss=totals["loss"] / totals["n"], adv_acc=totals["adv"] / totals["n"])
+        with contextlib.closing(self.asked_ahead(self._my_rows())) as batches:
+            for step_in_epoch, ((x, y, indices, rows), clean_targets) in enumerate(batches):
+                attack = self.attack.scaled(self.radius_fraction(epoch, step_in_epoch))
+                result = self.step(x, y, epoch, attack, rows=rows, clean_targets=clean_targets)
+                self._tally(result, x, y, indices, attack, totals, records)
+                progress.step(loss=totals["loss"] / totals["n"], adv_acc=totals["adv"] / totals["n"])
         self._record_dynamics(epoch, records)
         teacher = [now - then for now, then in zip(self._teacher_counts(), before, strict=True)]
         keys = list(totals)
@@ -308,6 +306,51 @@ class Trainer:
         metrics["epoch_time_s"] = time.perf_counter() - started
         return metrics
 
+    def _my_rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[slice, int]]]:
+        """This epoch's batches, as this rank's share of each (all of it on one process): (x in [0, 1] on the device,
+        y, the rows' indices, (which rows of the global batch, of how many))."""
+        for indices, xb, yb in iterate_batches(self.data.train, self.cfg.batch_size, self.data_gen, self.data.augment):
+            mine = self.world.rows(len(yb))
+            yield to_unit_float(xb[mine]).to(self.device), yb[mine].to(self.device), indices[mine], (mine, len(yb))
+
+    def _tally(self, result, x, y, indices, attack: PGD, totals: dict, records: list) -> None:
+        """A step's result into the epoch's totals (and its rows' correctness into `records`, for the dynamics)."""
+        correct_clean = self._clean_correct(result, x, y)
+        correct_adv = result.logits_adv.argmax(1) == y
+        if self.dynamics is not None:
+            records.append((indices, correct_clean.cpu(), correct_adv.cpu()))
+        n = len(y)
+        totals["loss"] += float(result.loss.detach()) * n
+        totals["clean"] += int(correct_clean.sum())
+        totals["adv"] += int(correct_adv.sum())
+        totals["perturbation"] += float(perturbation_norms(result.x_adv, x, attack.norm).sum())
+        totals["n"] += n
+
+    def asked_ahead(self, batches: Iterable[B]) -> Iterator[tuple[B, Pending | None]]:
+        """Each batch (x, its clean inputs, first) with the teacher's answer on x already asked for: the next batch's
+        is asked before this one is handed out, so the service answers it while this batch's step runs.
+
+        Only where that hides a wait and changes nothing: the method asks about clean inputs (ARD, RSLAD, IAD),
+        teacher.overlap is on, and the teacher answers apart from this process (a local teacher would compute here,
+        outside the step's autocast). Otherwise every batch comes with None, and the step asks itself. Nothing is
+        asked across an epoch's end (the epoch's teacher counts are read then), and closing the iterator cancels the
+        query asked for a batch it never handed out (a step failed).
+        """
+        teacher = self.teacher
+        ahead = teacher is not None and self.method.asks_clean and self.cfg.teacher.overlap and teacher.overlaps
+        if not ahead:
+            yield from ((batch, None) for batch in batches)
+            return
+        batches = iter(batches)
+        asked = [(batch, teacher.submit(batch[0])) for batch in itertools.islice(batches, 1)]
+        try:
+            while asked:
+                asked += [(batch, teacher.submit(batch[0])) for batch in itertools.islice(batches, 1)]
+                yield asked.pop(0)
+        finally:
+            for _, pending in asked:
+                pending.cancel()
+
     def step(
         self,
         x: torch.Tensor,
@@ -315,9 +358,11 @@ class Trainer:
         epoch: int,
         attack: PGD | None = None,
         rows: tuple[slice, int] | None = None,
+        clean_targets: Pending | None = None,
     ):
         """One optimisation step: the attack (default: the full-radius one), the teacher query (if any), the loss, the
-        update. `rows`: which rows of a global batch of how many x is, under torchrun."""
+        update. `rows`: which rows of a global batch of how many x is, under torchrun; `clean_targets`: the teacher's
+        answer on x, already asked for (`asked_ahead`)."""
         attack = attack or self.attack
         generator, weight = self.attack_gen, 1.0
         if rows is not None and self.world.distributed:
@@ -326,7 +371,9 @@ class Trainer:
             # DDP averages over ranks: this makes it the batch's mean
             weight = len(y) * self.world.size / total
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
-            result = self.method(Step(self.trained, x, y, attack, self.cfg, self.teacher, epoch, generator))
+            result = self.method(
+                Step(self.trained, x, y, attack, self.cfg, self.teacher, epoch, generator, clean_targets)
+            )
         self.optimizer.zero_grad(set_to_none=True)
         (result.loss * weight if weight != 1.0 else result.loss).backward()
         self._refuse_non_finite(result.loss, epoch)

@@ -4,12 +4,13 @@ The fake is a small real ASGI app under a real uvicorn on a loopback port. It an
 /soft-targets as the service does (the service's JSON models, its headers, its safetensors bodies through
 shared.codec), until a test has it answer otherwise from some request on: rows that are not probabilities, bodies
 that are not soft targets, another teacher, a 500, a 429, an answer trickling a byte at a time. The real service
-never sends these, which is why a fake does. Every run is a real `akd train` subprocess, kept tiny (32 images, two
-steps of 16 an epoch).
+never sends these, which is why a fake does. Every run is a real `akd train` subprocess (or, for runs compared in
+pairs, its own function in this process), kept tiny (32 images, two steps of 16 an epoch).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -374,6 +375,53 @@ def test_an_answer_trickling_a_byte_at_a_time_is_bounded_by_timeout_s(fake, tmp_
     assert line.endswith("last error: no complete answer within teacher.timeout_s = 3s"), line
     # said as it happens
     assert "no complete answer within teacher.timeout_s = 3s; retrying in" in stderr
+
+
+QUERY_FAILURES = {
+    # TeacherAnswerError, from the adversarial query AKD sends before the student's forward pass and collects after it
+    "akd, NaN rows": ("akd", BAD_ANSWERS["NaN probabilities"][0]),
+    # TeacherUnavailable, from the clean query ARD asked ahead (during the first step) for the second; the third
+    # batch's, asked ahead in turn, is never collected
+    "ard, 503 until give-up": ("ard", lambda rows, fake: Answer(503, {}, b"busy")),
+}
+
+
+def train_here(capsys, *sets: str) -> tuple[int, str]:
+    """`akd train`'s own function (student_trainer.cli.run_train) in this process: its exit code and its stderr. No
+    interpreter to start, so a run of a few steps costs about a second."""
+    from student_trainer.cli import run_train
+
+    capsys.readouterr()
+    before = set(threading.enumerate())
+    code = run_train(argparse.Namespace(config=None, sets=list(sets), resume=None))
+    # the client's threads end by themselves once it is closed, a query asked ahead and never collected included
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("akd-teacher-"):
+            thread.join(timeout=HANG_S)
+            assert not thread.is_alive(), thread
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", list(QUERY_FAILURES))
+def test_a_failure_during_an_overlapped_query_ends_the_run_as_the_synchronous_path_does(
+    fake, tmp_path, capsys, failure
+):
+    """The second query fails; teacher.overlap on and off end the run the same way: exit 2, no checkpoint, and the
+    same one-line message (but for how many seconds the service was retried)."""
+    base, app = fake
+    method, answer = QUERY_FAILURES[failure]
+    sets = [*TINY, "limit_train=48", f"method={method}", f"teacher.url={base}", "teacher.give_up_after_s=1"]
+    lines = {}
+    for overlap in ("true", "false"):
+        app.play(answer, start=2)
+        out = tmp_path / overlap
+        code, stderr = train_here(capsys, *sets, f"out_dir={out}", f"teacher.overlap={overlap}")
+        assert code == 2 and "Traceback" not in stderr, stderr
+        lines[overlap] = re.sub(r"unavailable for \d+s", "unavailable for Ns", failure_line(stderr))
+        assert not (out / "last.pt").exists()
+    assert lines["true"] == lines["false"]
+    said = {"akd, NaN rows": f"service at {base} answered rows that", "ard, 503 until give-up": "for Ns (limit"}
+    assert said[failure] in lines["true"], lines["true"]
 
 
 def test_a_bad_answer_is_asked_again_of_another_replica(fakes, tmp_path):

@@ -140,3 +140,67 @@ def test_refusals_are_not_retried_and_say_why(ensemble_config):
             RemoteTeacher(base, "ens", 1.0)(torch.rand(2, 3, 28, 28))
         with pytest.raises(TeacherRequestError, match="not 'nope'"):
             RemoteTeacher(base, "nope", 1.0).info()
+
+
+def client_threads(since: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in set(threading.enumerate()) - since if t.name.startswith("akd-teacher-")]
+
+
+def test_submit_answers_and_fails_exactly_as_a_call_does(ensemble_config):
+    """`submit(x).result()` is the call's answer, bit for bit, for either teacher and either kind of input, even when
+    x changes once asked; what a query raises on the query thread, result() raises as the call does."""
+    config, _ = ensemble_config
+    clean = random_inputs(5, dtype=torch.uint8).float() / 255
+    cases = [(clean, False), ((clean + 0.003).clamp(0, 1), True)]
+    local = LocalTeacher(config, None, temperature=2.0, device=torch.device("cpu"))
+    with live_server(config) as (base, _):
+        remote = RemoteTeacher(base, None, temperature=2.0)
+        remote.info()
+        before = set(threading.enumerate())
+        for teacher in (remote, local):
+            for x, adversarial in cases:
+                called, asked = teacher(x, adversarial=adversarial), x.clone()
+                pending = teacher.submit(asked, adversarial=adversarial)
+                # the caller's to change at once: the query has its own copy
+                asked.add_(0.5)
+                assert torch.equal(pending.result(), called)
+        assert [t.name for t in client_threads(before)] == ["akd-teacher-queries"]
+        # counted as calls are
+        assert (remote.rows_requested, remote.cache_hits, remote.rows_uploaded) == (20, 5, 15)
+        wrong_shape = torch.rand(2, 3, 28, 28)
+        with pytest.raises(TeacherRequestError) as called:
+            remote(wrong_shape)
+        with pytest.raises(TeacherRequestError) as collected:
+            remote.submit(wrong_shape).result()
+        assert (type(collected.value), str(collected.value), collected.value.status) == (
+            type(called.value),
+            str(called.value),
+            called.value.status,
+        )
+        remote.close()
+
+
+def test_close_neither_waits_for_nor_leaks_a_query_asked_ahead(caplog):
+    """A query asked ahead for a batch that never comes, retrying a service that is down (for up to HANG_S), and one
+    queued behind it: close() returns without them, the retries stop, the queued one never sends, and the client's
+    threads end."""
+    client = RemoteTeacher(f"http://127.0.0.1:{free_port()}", "ens", 1.0, give_up_after_s=HANG_S)
+    before = set(threading.enumerate())
+    with caplog.at_level("WARNING", logger="akd.teacher_client"):
+        retrying, queued = client.submit(random_inputs(2)), client.submit(random_inputs(3))
+        deadline = time.monotonic() + HANG_S
+        while not any("retrying in" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert "akd-teacher-queries" in {t.name for t in client_threads(before)}
+    client.close()
+    for pending in (retrying, queued):
+        with pytest.raises(RuntimeError, match="teacher client for .* is closed"):
+            pending.result()
+    for thread in client_threads(before):
+        thread.join(timeout=HANG_S)
+        assert not thread.is_alive(), thread
+    # nothing is sent after close, and no thread starts for it
+    with pytest.raises(RuntimeError, match="is closed"):
+        client.submit(random_inputs(1)).result()
+    assert client_threads(before) == []

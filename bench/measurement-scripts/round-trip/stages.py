@@ -49,6 +49,11 @@ def serve(config: str, port: int) -> None:
     """The service, with timers around STAGES; the per-request table printed to stderr at exit."""
     import importlib
 
+    from shared.allocator import keep_freed_memory
+
+    # as `akd serve` starts
+    keep_freed_memory()
+
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
     lock = threading.Lock()
 

@@ -297,7 +297,8 @@ def test_the_prepared_gpu_command_runs_on_the_cpu_at_tiny_sizes_and_judges_its_t
     targets = {key: [t["what"] for t in section["targets"]] for key, section in sections.items()}
     assert targets["overhead"] == ["service / in-process time, preact_resnet18, batch 128"]
     assert targets["cache"] == ["hit / recompute rows/s, preact_resnet18, batch 8"]
-    assert "AKD step time, service / in-process" in targets["end_to_end"]
+    assert "AKD step time, service with overlap on / in-process" in targets["end_to_end"]
+    assert "AKD step time, service with overlap off / in-process" in targets["end_to_end"]
     for section in sections.values():
         assert all(math.isfinite(t["measured"]) and t["measured"] > 0 for t in section["targets"])
 

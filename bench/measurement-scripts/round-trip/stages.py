@@ -40,7 +40,7 @@ STAGES = [
     ("inference.TeacherRunner", "run", "the batch on the device thread"),
     ("inference.TeacherRunner", "lookup", "cache reads"),
     ("inference.TeacherRunner", "compute", "inputs gathered, forward passes"),
-    ("inference.TeacherRunner", "forward", "the forward pass"),
+    ("inference.TeacherRunner", "logits", "the forward passes (each member's)"),
     ("inference.TeacherRunner", "finish", "checks of the logits, cache writes, each request's rows"),
 ]
 

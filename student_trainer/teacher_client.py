@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -118,24 +114,16 @@ class _Courier:
 
     httpx's timeouts bound each read, not a request: an answer trickling a byte a second never trips them. The caller
     waits `timeout_s` for the whole call; past it, the thread is left to its request (ended by httpx's per-read
-    timeout or by the server; a daemon, so it never holds the process) and the next call gets a fresh thread.
-    The thread persists across calls because handing a call to a running thread costs far less than starting a
-    thread for each. A forked child, which has none of its parent's threads, starts its own.
+    timeout or by the server; a daemon, so it never holds the process) and the next call gets a fresh thread. The
+    thread is a `QueryThread`: kept across calls, and a forked child's own.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue | None = None
-        self._pid = 0
+        self._thread = QueryThread("akd-teacher-calls")
 
     def run(self, call: Callable[[], T], timeout_s: float) -> T:
         """call(), or what it raised; _Overdue when it has not returned within `timeout_s`."""
-        if self._jobs is None or self._pid != os.getpid():
-            self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
-            threading.Thread(target=_serve, args=(self._jobs,), name="akd-teacher-calls", daemon=True).start()
-            # a client never closed still ends its thread
-            weakref.finalize(self, self._jobs.put, None)
-        done: Future = Future()
-        self._jobs.put((call, done))
+        done = self._thread.submit(call)
         try:
             return done.result(timeout=timeout_s)
         except TimeoutError:
@@ -147,19 +135,7 @@ class _Courier:
             raise _Overdue from None
 
     def close(self) -> None:
-        if self._jobs is not None:
-            self._jobs.put(None)
-            self._jobs = None
-
-
-def _serve(jobs: queue.SimpleQueue) -> None:
-    while (job := jobs.get()) is not None:
-        call, done = job
-        try:
-            done.set_result(call())
-        except BaseException as exc:
-            # handed to the waiting caller, who decides
-            done.set_exception(exc)
+        self._thread.close()
 
 
 def _own_rows(x: torch.Tensor) -> torch.Tensor:

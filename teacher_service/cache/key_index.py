@@ -209,13 +209,8 @@ class KeyIndex:
         there (at its key, or at an empty slot)."""
         window = (start[:, None] + np.arange(width)) & (self.capacity - 1)
         self._touched += window.size
-        entries = self._file.array[window]
-        empty = entries[:, :, 2] == _EMPTY
-        same = ~empty & (entries[:, :, 0] == lo[:, None]) & (entries[:, :, 1] == hi[:, None])
-        ends = same | empty
-        ended, step = ends.any(axis=1), ends.argmax(axis=1)
-        rows = np.arange(len(lo))
-        return np.where(ended & same[rows, step], window[rows, step], -1), ended
+        ended, step, hit = _probe_ends(self._file.array[window], lo, hi)
+        return np.where(hit, window[np.arange(len(lo)), step], -1), ended
 
     def _probe(self, lo: np.ndarray, hi: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """The slot holding each key, -1 where none does, probing on from `slots`, one slot a round."""
@@ -246,12 +241,7 @@ class KeyIndex:
         span, fd = _PROBE_SLOTS * _SLOT_BYTES, self._file.fd
         data = b"".join([os.pread(fd, span, s * _SLOT_BYTES) for s in first[at].tolist()])
         entries = np.frombuffer(data, np.uint64).reshape(len(at), _PROBE_SLOTS, _COLUMNS)
-        empty = entries[:, :, 2] == _EMPTY
-        same = ~empty & (entries[:, :, 0] == lo[at, None]) & (entries[:, :, 1] == hi[at, None])
-        # a probe ends at its key or at an empty slot
-        ends = same | empty
-        ended, step = ends.any(axis=1), ends.argmax(axis=1)
-        hit = ended & same[np.arange(len(at)), step]
+        ended, step, hit = _probe_ends(entries, lo[at], hi[at])
         found[at[hit]] = first[at[hit]] + step[hit]
         rows[at[hit]] = entries[np.flatnonzero(hit), step[hit], 2:]
         rest = np.concatenate([np.flatnonzero(~near), at[~ended]])
@@ -273,6 +263,16 @@ class KeyIndex:
 
 def _capacity(at_least: int) -> int:
     return 1 << max(10, int(at_least - 1).bit_length())
+
+
+def _probe_ends(entries: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each key's run of slots (N, W, columns): whether its probe ends in the run (at its key or at an empty
+    slot), the step where it does, and whether that slot holds the key."""
+    empty = entries[:, :, 2] == _EMPTY
+    same = ~empty & (entries[:, :, 0] == lo[:, None]) & (entries[:, :, 1] == hi[:, None])
+    ends = same | empty
+    ended, step = ends.any(axis=1), ends.argmax(axis=1)
+    return ended, step, ended & same[np.arange(len(lo)), step]
 
 
 def _halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import sys
 from typing import NamedTuple
 
 from shared.allocator import keep_freed_memory_at_start
+from shared.openmp_spin import short_openmp_spin
 
 
 class Subcommand(NamedTuple):
@@ -46,6 +47,8 @@ ALIASES = {("cache", "warm"): ["warm"]}
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # before any subcommand imports torch, and with it libgomp
+    short_openmp_spin()
     if status := keep_freed_memory_at_start(prog):
         return status
     for alias, command in ALIASES.items():

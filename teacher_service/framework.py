@@ -36,7 +36,11 @@ relies on:
   (the ASGI app the connection's next request runs, read when its head is complete), `cycle` (a new
   `RequestResponseCycle` at each complete head, with `response_complete`), `transport` and `loop`;
 - an exception raised in a parser callback surfacing from the parser as `httptools.HttpParserError`, which
-  `data_received` answers with `send_400_response`.
+  `data_received` answers with `send_400_response`;
+- the cycle's body buffer (`RequestResponseCycle.body`): `on_body` appends each parsed piece to it with `+=` and
+  reads its `len`, and `receive` hands the app `bytes(cycle.body)`, then sets it to a new `bytearray()`. uvicorn's
+  bytearray copies every byte of a body twice on the event loop (appended, then copied out); `BodyPieces` keeps the
+  pieces as the parser made them, so that a receive of one piece copies nothing.
 """
 
 from __future__ import annotations
@@ -308,6 +312,13 @@ class GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
     # httptools' parser callbacks
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        # uvicorn's receive leaves a new, empty bytearray after each hand-over; a bytearray with bytes in it is kept
+        if cycle is not None and type(cycle.body) is bytearray and not cycle.body:
+            cycle.body = BodyPieces()
+        super().on_body(body)
+
     def on_message_begin(self) -> None:
         self._head_bytes, self._head_started = 0, True
         super().on_message_begin()
@@ -326,3 +337,27 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_too_large = True
             # httptools raises it as a parser error, which uvicorn answers with send_400_response (here, the 431)
             raise ValueError(f"request head over {self.guards.max_header_bytes} bytes")
+
+
+class BodyPieces:
+    """A request body's pieces as the parser delivered them, in place of uvicorn's bytearray (`cycle.body`): `+=`
+    keeps a piece, `len` counts the bytes, and `bytes()` hands them over, joined only when there are several, so
+    that a piece reaches the app as the parser made it."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def __iadd__(self, piece: bytes) -> BodyPieces:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        pieces = self.pieces
+        return pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)

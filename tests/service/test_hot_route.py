@@ -8,15 +8,28 @@ direct route, read from the route's declaration, refuses one it would serve othe
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
-from conftest import HANG_S, live_server, metric_series, mnist_teacher, random_inputs, save_member, write_config
+from conftest import (
+    HANG_S,
+    live_server,
+    metric_series,
+    mnist_teacher,
+    random_inputs,
+    raw_connect,
+    raw_head,
+    raw_response,
+    save_member,
+    write_config,
+)
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from safetensors.torch import load as st_load
 
 from shared import codec, protocol
-from teacher_service.framework import TeacherApp
+from teacher_service.framework import BodyPieces, TeacherApp
 
 TOKEN = "s3cret"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}
@@ -190,3 +203,34 @@ def test_the_direct_route_refuses_at_start_up_a_declaration_it_would_serve_other
     assert "repeated dependency" in refusal(checked, twice)
     assert "without a prefix" in refusal(checked, prefixed, prefix="/v1")
     assert "async def f(request: Request)" in refusal(threaded, on_a_thread)
+
+
+def test_a_body_in_pieces_reaches_the_route_whole_and_in_order(config):
+    """The parser's pieces of a body (framework.BodyPieces, in place of uvicorn's bytearray) are handed over whole and
+    in order, whether one piece waits at a receive or several: the answer is the one to the body sent at once."""
+    body = codec.encode_inputs(random_inputs(40, seed=5))
+    query = f"{protocol.SOFT_TARGETS_PATH}?teacher=solo&cache=bypass"
+    head = raw_head("POST", query, {**GOOD, "Content-Length": str(len(body))})
+    with live_server(config("pieces")) as (base, _app):
+        whole = httpx.post(base + query, content=body, headers=GOOD, timeout=HANG_S)
+        assert whole.status_code == 200, whole.text
+        with raw_connect(base) as sock:
+            sock.sendall(head)
+            # odd-sized pieces, some sent back to back (several wait at one receive), some after a pause
+            for i, at in enumerate(range(0, len(body), 7_777)):
+                sock.sendall(body[at : at + 7_777])
+                if i % 3 == 2:
+                    time.sleep(0.01)
+            status, _headers, answer = raw_response(sock)
+    assert status == 200
+    assert answer == whole.content
+
+
+def test_body_pieces_hand_one_piece_over_as_it_is_and_join_several():
+    one, two = b"abc", b"defg"
+    pieces = BodyPieces()
+    assert bytes(pieces) == b"" and len(pieces) == 0
+    pieces += one
+    assert bytes(pieces) is one and len(pieces) == 3
+    pieces += two
+    assert bytes(pieces) == b"abcdefg" and len(pieces) == 7

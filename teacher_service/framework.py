@@ -37,6 +37,13 @@ relies on:
   `RequestResponseCycle` at each complete head, with `response_complete`), `transport` and `loop`;
 - an exception raised in a parser callback surfacing from the parser as `httptools.HttpParserError`, which
   `data_received` answers with `send_400_response`.
+
+`DrainingServer` subclasses `uvicorn.Server` for server.py's drain: a stopped service keeps serving, no longer
+ready, for `[server.timeouts] drain_s` before uvicorn's own graceful shutdown, which closes the listening socket at
+once. It relies on `Server.handle_exit(sig, frame)` being the handler uvicorn installs for SIGINT and SIGTERM while it
+runs (on the main thread), and on it only recording the signal (re-raised after a graceful exit) and setting
+`should_exit` (or `force_exit` for a second SIGINT), which the server's main loop polls: so it may be called later,
+from another thread.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -57,6 +65,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from uvicorn import Config, Server
 
 # What uvicorn's "auto" picks when httptools is installed (a dependency): its parser calls back at each
 # request's first byte, URL and header, which the head deadline and size bound below hook into.
@@ -326,3 +335,26 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_too_large = True
             # httptools raises it as a parser error, which uvicorn answers with send_400_response (here, the 431)
             raise ValueError(f"request head over {self.guards.max_header_bytes} bytes")
+
+
+class DrainingServer(Server):
+    """uvicorn's server with a drain: the first stop signal calls `on_stop` at once (the service is then no longer
+    ready) and passes the signal on to uvicorn `drain_s` later, its requests served meanwhile; a second signal passes
+    on at once. With `drain_s` 0 every signal passes on at once, as in uvicorn alone."""
+
+    def __init__(self, config: Config, drain_s: float, on_stop: Callable[[], None]):
+        super().__init__(config)
+        self._drain_s, self._on_stop = drain_s, on_stop
+        self._drain: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self._on_stop()
+        if self._drain is not None or not self._drain_s:
+            if self._drain is not None:
+                self._drain.cancel()
+            super().handle_exit(sig, frame)
+            return
+        log.info("stop signal: draining for %g s ([server.timeouts] drain_s), then shutting down", self._drain_s)
+        self._drain = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
+        self._drain.daemon = True
+        self._drain.start()

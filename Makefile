@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python scripts/check_env.py "$(TORCH)"
 	touch $@
 
+# DEMO_ARGS: more of `akd demo`'s arguments, e.g. `make demo DEMO_ARGS=--fresh` after `AKD_DEMO_QUICK=1 make demo`
+# (runs/demo is then the quick plan's folder, which the default plan's demo refuses, saying so).
 demo: $(STAMP)
-	$(BIN)/akd demo --out runs/demo
+	$(BIN)/akd demo --out runs/demo $(DEMO_ARGS)
 
 serve: $(STAMP)
 	$(BIN)/python scripts/make_example_teachers.py build/example

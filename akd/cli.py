@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from shared.allocator import keep_freed_memory_at_start
 from shared.openmp_spin import short_openmp_spin
+from shared.version import NAME, VERSION
 
 
 class Subcommand(NamedTuple):
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, 
     parser = argparse.ArgumentParser(
         prog=prog, description="Adversarial knowledge distillation with a shared teacher service."
     )
+    parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {
         name: sub.add_parser(name, help=SUBCOMMANDS[name].help, description=SUBCOMMANDS[name].help) for name in commands

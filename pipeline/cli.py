@@ -28,7 +28,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=env.get("AKD_DEMO_QUICK", "0") not in ("", "0"),
         help="the small CI plan, same as --plan quick: minutes, not a result (or $AKD_DEMO_QUICK=1)",
     )
-    parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished runs")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over (remove --out's runs) instead of reusing finished runs"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="use an --out that another plan made anyway (its finished runs of the same name are reused as they are)",
+    )
     parser.add_argument("--config", help="a demo plan TOML instead of a built-in plan")
     add_set_argument(
         parser,
@@ -52,6 +59,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline import DemoError, demo
+    from pipeline.layout import PlanRecord
     from pipeline.plan import load_plan
 
     stages = (
@@ -65,7 +73,9 @@ def run_demo(args: argparse.Namespace) -> int:
         existing_folder_or_new(args.out, "--out")
         if unknown:
             raise ConfigError(f"--stage: unknown {unknown}; known: all, {', '.join(demo.STAGES)}")
-        plan = load_plan(args.config, "quick" if args.quick else args.plan, args.sets)
+        name = "quick" if args.quick else args.plan
+        plan = load_plan(args.config, name, args.sets)
+        made_by = PlanRecord(" ".join([args.config or name, *(f"--set {s}" for s in args.sets)]), plan.fingerprint())
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if stages == ["serve"]:
             return demo.serve_stage(Path(args.out), args.host, args.port)
@@ -73,7 +83,9 @@ def run_demo(args: argparse.Namespace) -> int:
             raise ConfigError("--stage serve runs the service in the foreground: give it alone")
         # `akd demo ...`, whichever entry point started it
         command = "akd " + shlex.join(sys.argv[1:])
-        table = demo.run_demo(plan, Path(args.out), stages, args.fresh, args.teacher_url, seeds, command)
+        table = demo.run_demo(
+            plan, Path(args.out), stages, args.fresh, args.teacher_url, seeds, command, made_by, args.force
+        )
     except (ConfigError, ValueError, DemoError) as exc:
         print(f"akd demo: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pipeline import DemoError
 from pipeline.health import free_port, wait_healthy
 from pipeline.jobs import Job, Work, end_with_parent, epochs_done, job_env, module, run_jobs, say
-from pipeline.layout import Layout, add_stage_time, merge_service_stats, prepare_out, update_json
+from pipeline.layout import Layout, PlanRecord, add_stage_time, merge_service_stats, prepare_out, update_json
 from pipeline.plan import ENSEMBLE, LAST, Plan, PlannedTeacher, relative_to_file, write_toml
 from shared.checkpoint import load_checkpoint
 from shared.configfile import ConfigError, merged, read_toml
@@ -360,8 +360,12 @@ def run_demo(
     teacher_url: str | None,
     seeds: list[int] | None,
     command: str,
+    made_by: PlanRecord,
+    force: bool = False,
 ) -> str | None:
-    prepare_out(out, fresh)
+    """The stages asked for, in order, on `out` made this plan's first (layout.prepare_out: a folder another plan
+    made is refused before any work); the report's table when the report stage ran."""
+    prepare_out(out, fresh, made_by, force)
     demo = Demo(plan, out, command)
     say(f"akd demo -> {out} (stages: {', '.join(stages)})")
     # SIGTERM (kill, docker stop) ends the demo the way Ctrl-C does: the running jobs and the service stop, and the

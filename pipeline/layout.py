@@ -2,6 +2,10 @@
 
 What a stage measured stays on disk for the report of any later invocation: service/stats.json
 (merge_service_stats) and stages.json (add_stage_time), each updated under a lock, atomically.
+
+The folder's marker records the plan that made it (PlanRecord): a re-run reuses finished runs by their names, so a
+run of another plan of the same name (more epochs, another attack) would be taken for this plan's; `prepare_out`
+refuses that before any work, unless told to start over (--fresh) or to go on anyway (--force).
 """
 
 from __future__ import annotations
@@ -16,8 +20,30 @@ from pathlib import Path
 from pipeline import DemoError
 from shared.atomic import replaced_atomically
 
-# in every folder the demo made: --fresh deletes only those
+# in every folder the demo made: --fresh deletes only those. It holds the PlanRecord of the plan that made it
+# (empty where an older akd made it).
 MARKER = ".akd-demo"
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """Which plan made an output folder: its name as given (a built-in plan, a file, its --set) and its fingerprint
+    (Plan.fingerprint), which alone decides whether two plans are the same."""
+
+    name: str
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"plan {self.name} (sha256 {self.sha256[:12]})"
+
+
+def read_plan_record(out: Path) -> PlanRecord | None:
+    """The plan recorded in `out`'s marker; None where there is none (no marker, or an older akd's empty one)."""
+    try:
+        raw = json.loads((out / MARKER).read_text())
+        return PlanRecord(str(raw["plan"]), str(raw["sha256"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -57,16 +83,41 @@ class Layout:
         return self.root / "stages.json"
 
 
-def prepare_out(out: Path, fresh: bool) -> None:
-    """--fresh empties the folder, but only one this command made (it carries a marker)."""
+def prepare_out(out: Path, fresh: bool, plan: PlanRecord, force: bool = False) -> None:
+    """Make `out` ready for `plan`, before any work. --fresh empties it (only a folder akd demo made: it carries the
+    marker), saying so. A folder another plan made is refused, in one line that says the ways on, unless `force`,
+    which uses it and keeps its record: it stays the folder of the plan that made it, which re-runs without --force.
+    A folder without a record (new, or an older akd's) records `plan`."""
+    made_by = read_plan_record(out)
     if fresh and out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise DemoError(
                 f"--fresh would delete {out}, which akd demo did not create (no {MARKER} in it); pick another --out"
             )
+        print(f"akd demo: --fresh: removing {out} (made by {made_by or 'an older akd demo'})", flush=True)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+        made_by = None
+    elif made_by is not None and made_by.sha256 != plan.sha256:
+        if not force:
+            raise DemoError(
+                f"{out} was made by {made_by}, not {plan}: --fresh starts over (removes its runs), --force uses it "
+                "anyway (finished runs of the same name are reused as they are), or pick another --out"
+            )
+        print(f"akd demo: --force: using {out}, made by {made_by}, for {plan}", flush=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if made_by is None:
+            # locked: stages started at once (compose's trainers) write it through the one temp file
+            with open(out / f"{MARKER}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                with replaced_atomically(out / MARKER) as tmp:
+                    tmp.write_text(json.dumps({"plan": plan.name, "sha256": plan.sha256}))
+    except PermissionError as exc:
+        # a container's user that is not the bind mount's owner, most often (README, "Docker compose")
+        raise DemoError(
+            f"{exc.filename or out} is not writable by this user (uid {os.getuid()}): make it so, or under docker "
+            "compose run the containers as its owner (AKD_UID and AKD_GID)"
+        ) from None
 
 
 def update_json(path: Path, change) -> dict:

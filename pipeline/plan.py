@@ -8,6 +8,8 @@ so a typo in the last student fails in a second, not after the teachers' hour.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tomllib
 from functools import cached_property
@@ -27,6 +29,8 @@ LAST = "-last"
 DEFAULT_METHOD = TrainConfig.model_fields["method"].default
 # a student's teacher before any service runs: validation needs a URL, not a live one
 PLACEHOLDER_URL = "http://127.0.0.1:1"
+# How the work is scheduled, not what it is: a plan re-run with more jobs at a time is the same plan.
+SCHEDULING = {"jobs", "threads_per_job"}
 
 
 class PlannedTeacher(BaseModel):
@@ -93,6 +97,13 @@ class Plan(StrictConfig):
         for run in [*self.teachers, *self.students]:
             self.train_config(run)
         return self
+
+    def fingerprint(self) -> str:
+        """The sha256 of what the plan asks for: the keys it sets (its file's, or its built-in plan's, and --set's),
+        paths resolved, scheduling left out (SCHEDULING). Defaults are left out too, so that a new setting with a
+        default does not make an old plan a different one."""
+        asked = self.model_dump(mode="json", exclude_unset=True, exclude=SCHEDULING)
+        return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
 
     @property
     def teacher_names(self) -> list[str]:

@@ -9,7 +9,8 @@
 #
 # Read from the environment: TORCH (the image's torch; see the Dockerfile), AKD_IMAGE (default akd:latest),
 # AKD_TEACHER_REPLICAS (default 1), AKD_NGINX_IMAGE (the balancer's, default nginx:1.28),
-# AKD_HOST_PORT (the balancer's port on this host, default 8000), COMPOSE_PROJECT_NAME (default akd).
+# AKD_HOST_PORT (the balancer's port on this host, default 8000), COMPOSE_PROJECT_NAME (default akd),
+# AKD_UID and AKD_GID (the containers' user; default the user running this, below).
 # Works with compose v2 (`docker compose`) and v1 (`docker-compose`, what Debian ships).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +31,21 @@ containers() {
 
 started=$SECONDS
 docker build --network host ${TORCH:+--build-arg "TORCH=$TORCH"} -t "$AKD_IMAGE" .
+# The containers run as the user running this (under sudo, the one who ran sudo), never as root: what they write in
+# runs/compose is that user's on the host. Root itself gets the image's user, akd (1000), and gives it runs/compose.
+if [ -z "${AKD_UID:-}" ]; then
+  AKD_UID=${SUDO_UID:-$(id -u)} AKD_GID=${SUDO_GID:-$(id -g)}
+  if [ "$AKD_UID" = 0 ]; then AKD_UID=1000 AKD_GID=1000; fi
+fi
+export AKD_UID AKD_GID=${AKD_GID:-$AKD_UID}
 # Made by this user, not by the engine as root.
 mkdir -p runs/compose
+if [ "$(id -u)" = 0 ]; then
+  chown -R "$AKD_UID:$AKD_GID" runs/compose
+elif [ -n "$(find runs/compose ! -user "$AKD_UID" -print -quit)" ]; then
+  echo "runs/compose holds files that are not uid $AKD_UID's (an older image ran its containers as root): take them once with sudo chown -R $AKD_UID:$AKD_GID runs/compose" >&2
+  exit 1
+fi
 # One-shot stages left from an earlier run would report that run's exit codes for a stage this run never reaches.
 compose rm -f -s teachers trainer-seed0 trainer-seed1 report >/dev/null 2>&1 || true
 # `up -d` starts each stage once its dependencies are done (or healthy); a failed stage stops it early.

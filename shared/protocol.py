@@ -20,7 +20,10 @@ KEYS_FIRST = "keys-first"
 KEYS_KEY = "keys"
 FOUND_KEY = "found"
 TEACHERS_PATH = "/teachers"
+# Liveness: the process answers (at once, whatever it is doing). Readiness: it takes queries now (every teacher loaded,
+# the cache verified, not shutting down); 503 with the reason otherwise. Both open, without the token.
 HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 
 MEDIA_TYPE = "application/octet-stream"

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from shared.version import VERSION
 from teacher_service.batcher import Batcher
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
@@ -55,6 +56,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             with serial_cpu_ops():
                 yield
         finally:
+            # from here on it takes no new queries, and says so
+            service.stop()
             if flusher:
                 flusher.cancel()
             for b in service.batchers.values():
@@ -67,9 +70,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app = TeacherApp(
         title="AKD teacher service",
         summary="Soft targets of robust teachers and teacher ensembles, cached in zarr, shared by many trainers.",
-        version="0.1.0",
+        version=VERSION,
         lifespan=lifespan,
-        # served by _add_docs_routes, behind the token like every route but /healthz
+        # served by _add_docs_routes, behind the token like every route but /healthz and /readyz
         docs_url=None,
         redoc_url=None,
         openapi_url=None,

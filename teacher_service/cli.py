@@ -34,11 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"akd serve: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from teacher_service.app import create_app
     from teacher_service.cache.folder_lock import StoreLocked
-    from teacher_service.server import uvicorn_options
+    from teacher_service.server import serve
 
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -46,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, StoreLocked) as exc:
         print(f"akd serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=config.server.host, port=config.server.port, **uvicorn_options(config.server))
-    return 0
+    return serve(app, config.server, app.state.service.stop)
 
 
 # for `akd serve` (akd/cli.py)

@@ -59,6 +59,7 @@ FLAT_NAMES = {
     "timeout_header_s": "timeouts.header_s",
     "timeout_body_s": "timeouts.body_s",
     "timeout_keep_alive_s": "timeouts.keep_alive_s",
+    "timeout_drain_s": "timeouts.drain_s",
     "batching": "batching.enabled",
     "max_batch_rows": "batching.max_rows",
     "max_wait_ms": "batching.max_wait_ms",
@@ -230,6 +231,13 @@ class TimeoutsSection(StrictConfig):
     keep_alive_s: Positive = Field(
         5.0, description="An idle keep-alive connection closes after this long without a new request."
     )
+    drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="After a stop signal (SIGTERM, Ctrl-C), keep serving this long with GET /readyz answering 503, so "
+        "that a balancer or orchestrator polling readiness takes the service out before it stops listening; then "
+        "the requests in flight finish. 0: stop listening at once. A second signal stops it at once.",
+    )
 
 
 class BatchingSection(StrictConfig):
@@ -245,8 +253,9 @@ class ServerConfig(StrictConfig):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     token: BearerToken | None = Field(
         None,
-        description="When set, every request but /healthz needs `Authorization: Bearer <token>` (the scheme in any "
-        "case). Visible ASCII only, and not empty: refused at start-up otherwise (shared.configfile.bearer_token).",
+        description="When set, every request but /healthz and /readyz needs `Authorization: Bearer <token>` (the "
+        "scheme in any case). Visible ASCII only, and not empty: refused at start-up otherwise "
+        "(shared.configfile.bearer_token).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     devices: Annotated[list[str], Field(min_length=1)] | None = Field(

@@ -41,6 +41,13 @@ relies on:
   reads its `len`, and `receive` hands the app `bytes(cycle.body)`, then sets it to a new `bytearray()`. uvicorn's
   bytearray copies every byte of a body twice on the event loop (appended, then copied out); `BodyPieces` keeps the
   pieces as the parser made them, so that a receive of one piece copies nothing.
+
+`DrainingServer` subclasses `uvicorn.Server` for server.py's drain: a stopped service keeps serving, no longer
+ready, for `[server.timeouts] drain_s` before uvicorn's own graceful shutdown, which closes the listening socket at
+once. It relies on `Server.handle_exit(sig, frame)` being the handler uvicorn installs for SIGINT and SIGTERM while it
+runs (on the main thread), and on it only recording the signal (re-raised after a graceful exit) and setting
+`should_exit` (or `force_exit` for a second SIGINT), which the server's main loop polls: so it may be called later,
+from another thread.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -61,6 +69,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from uvicorn import Config, Server
 
 # What uvicorn's "auto" picks when httptools is installed (a dependency): its parser calls back at each
 # request's first byte, URL and header, which the head deadline and size bound below hook into.
@@ -361,3 +370,26 @@ class BodyPieces:
     def __bytes__(self) -> bytes:
         pieces = self.pieces
         return pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+
+
+class DrainingServer(Server):
+    """uvicorn's server with a drain: the first stop signal calls `on_stop` at once (the service is then no longer
+    ready) and passes the signal on to uvicorn `drain_s` later, its requests served meanwhile; a second signal passes
+    on at once. With `drain_s` 0 every signal passes on at once, as in uvicorn alone."""
+
+    def __init__(self, config: Config, drain_s: float, on_stop: Callable[[], None]):
+        super().__init__(config)
+        self._drain_s, self._on_stop = drain_s, on_stop
+        self._drain: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self._on_stop()
+        if self._drain is not None or not self._drain_s:
+            if self._drain is not None:
+                self._drain.cancel()
+            super().handle_exit(sig, frame)
+            return
+        log.info("stop signal: draining for %g s ([server.timeouts] drain_s), then shutting down", self._drain_s)
+        self._drain = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
+        self._drain.daemon = True
+        self._drain.start()

@@ -1,4 +1,5 @@
-"""The HTTP API: POST /soft-targets, GET /teachers, /healthz and /metrics, as one router over the app's Service.
+"""The HTTP API: POST /soft-targets, GET /teachers, /healthz, /readyz and /metrics, as one router over the app's
+Service.
 
 A request's body is refused as early as its bytes allow (body.py); its rows go to the teacher's batcher, and the
 answer is a safetensors file of the tensors asked for. Each route is declared here once, and what /openapi.json
@@ -16,10 +17,18 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from shared import codec, protocol
-from shared.protocol import AnswerQuery, CacheMode, ErrorBody, Output, SoftTargetsQuery, TeachersResponse
+from shared.protocol import (
+    AnswerQuery,
+    CacheMode,
+    ErrorBody,
+    ErrorDetail,
+    Output,
+    SoftTargetsQuery,
+    TeachersResponse,
+)
 from teacher_service.batcher import QueueFull
 from teacher_service.body import (
     INLINE_ANSWER_BYTES,
@@ -49,7 +58,7 @@ async def current_service(request: Request) -> Service:
 
 
 async def require_token(request: Request) -> None:
-    """Every route but /healthz: the bearer token, when the config sets one.
+    """Every route but /healthz and /readyz: the bearer token, when the config sets one.
 
     The scheme is matched in any case (RFC 9110 section 11.1), the token byte for byte in constant time: a header
     value is Latin-1 bytes, and the config admits only visible-ASCII tokens (shared.configfile.bearer_token).
@@ -123,7 +132,7 @@ _RESPONSES = {
 
 
 router = APIRouter(dependencies=[Depends(require_token)])
-# /healthz: what a load balancer or compose probes, without the token
+# /healthz and /readyz: what a load balancer, compose or an orchestrator probes, without the token
 open_router = APIRouter()
 
 
@@ -253,6 +262,26 @@ async def teachers(service: Service = Depends(current_service)) -> TeachersRespo
 @open_router.get(protocol.HEALTH_PATH)
 async def healthz(service: Service = Depends(current_service)) -> dict:
     return {"status": "ok", "device": service.device, "teachers": sorted(service.teachers)}
+
+
+@open_router.get(
+    protocol.READY_PATH,
+    responses={503: {"model": ErrorBody, "description": "Not ready: the error's `received` says what is not."}},
+)
+async def readyz(service: Service = Depends(current_service)) -> Response:
+    """Readiness, where /healthz is liveness: 200 only while the service takes queries (Service.not_ready says
+    when); else 503 in the service's error shape, saying what is not ready. A probe's answer, not a refused
+    request: not counted in akd_requests_total."""
+    reasons = service.not_ready()
+    if not reasons:
+        return JSONResponse({"status": "ready", "teachers": sorted(service.teachers)})
+    detail = ErrorDetail(
+        code="not_ready",
+        message="the service is not ready for queries: " + "; ".join(reasons),
+        expected="every teacher's members loaded, the cache verified, the service not shutting down",
+        received="; ".join(reasons),
+    )
+    return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=503)
 
 
 @router.get(protocol.METRICS_PATH, response_class=Response)

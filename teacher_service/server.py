@@ -16,18 +16,26 @@ connection level where only the server sees them:
   `Retry-After` and the connection closes; one that sends nothing is closed by the head deadline.
 
 The body has its own deadline (`[server.timeouts] body_s`), enforced where the app reads it (`body.read_body`).
+
+`serve` runs an app as `akd serve` does: a stop signal (SIGTERM, Ctrl-C) makes the service no longer ready at once
+(GET /readyz answers 503) and, after `[server.timeouts] drain_s` more of serving (framework.DrainingServer), stops it
+the way uvicorn does: no new connections, the requests in flight finished, the app's shutdown (the cache flushed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+import uvicorn
+
 from teacher_service.config import ServerConfig
-from teacher_service.framework import GuardedProtocol
+from teacher_service.framework import DrainingServer, GuardedProtocol
 
 log = logging.getLogger("akd.service")
 
@@ -39,6 +47,17 @@ def uvicorn_options(server: ServerConfig) -> dict:
         "timeout_keep_alive": server.timeouts.keep_alive_s,
         "log_level": server.log_level,
     }
+
+
+def serve(app, server: ServerConfig, on_stop: Callable[[], None]) -> int:
+    """Serve `app` on `server`'s host and port until stopped (see the module docstring); uvicorn's exit status for a
+    server that never started (3), else 0. `on_stop` runs on the first stop signal."""
+    config = uvicorn.Config(app, host=server.host, port=server.port, **uvicorn_options(server))
+    running = DrainingServer(config, server.timeouts.drain_s, on_stop)
+    # uvicorn re-raises a stop signal after a graceful exit; Ctrl-C's is KeyboardInterrupt, as under uvicorn.run
+    with contextlib.suppress(KeyboardInterrupt):
+        running.run()
+    return 0 if running.started else 3
 
 
 def _error_body(code: str, message: str, expected: str, received: str) -> bytes:

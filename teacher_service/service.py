@@ -25,7 +25,7 @@ from teacher_service.config import CacheSection, ServiceConfig
 from teacher_service.device_pool import DevicePool, DeviceWorker
 from teacher_service.errors import ServiceError
 from teacher_service.inference import TeacherRunner
-from teacher_service.metrics import Metrics
+from teacher_service.metrics import CacheCounts, Metrics
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.registry import Teacher, load_teachers
 from teacher_service.staging import Staging
@@ -95,12 +95,45 @@ class Service:
     device: str
     inflight: InflightBytes
     batchers: dict[str, Batcher] | None = None
+    # set once the service is told to stop (a signal, or the app's shutdown): it is then no longer ready
+    draining: bool = False
 
     def shutdown(self) -> None:
         for worker in self.devices.workers:
             worker.executor.shutdown(wait=True)
         self.cache_executor.shutdown(wait=True)
         self.coding_executor.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Told to stop: no longer ready from now on (it may still serve a while: server.py's drain)."""
+        self.draining = True
+
+    def not_ready(self) -> list[str]:
+        """What keeps the service from taking queries, one phrase each; empty when it is ready (GET /readyz).
+
+        Ready: the app's start-up ran (its batchers run), every teacher has every member of its config loaded on every
+        device, each member's cache namespace is loaded (its rows verified: a runner is made only after that), and the
+        service is not draining. The teachers load and the cache verifies before the server listens (app.py), so the
+        start-up states show only where an app is served before its start-up ends; draining shows for the
+        `[server.timeouts] drain_s` after a stop signal (server.py).
+        """
+        reasons = ["the service is shutting down"] if self.draining else []
+        if self.batchers is None:
+            reasons.append("the batchers have not started")
+        for name in self.config.teachers:
+            reasons += [f"teacher {name}: {why}" for why in self._teacher_not_ready(name)]
+        return reasons
+
+    def _teacher_not_ready(self, name: str) -> list[str]:
+        wanted = len(self.config.teachers[name].members)
+        reasons = []
+        for worker in self.devices.workers:
+            runner = worker.runners.get(name)
+            if runner is None or len(runner.teacher.members) != wanted:
+                reasons.append(f"its {wanted} members are not loaded on device {worker.label}")
+            elif self.cache is not None and any(cache is None for cache in runner.caches):
+                reasons.append(f"its cache namespaces are not verified on device {worker.label}")
+        return reasons
 
     async def cached(self, name: str, keys: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Keys first: what the cache holds for these rows (teacher `name`), read on the cache's one thread."""
@@ -168,6 +201,8 @@ def build_service(config: ServiceConfig) -> Service:
         InflightBytes(server.limits.inflight_bytes, metrics),
     )
     metrics.on_collect(lambda: _refresh_cache_gauges(service))
+    if cache is not None:
+        metrics.cache_counts.read_from(lambda: _cache_counts(cache))
     return service
 
 
@@ -196,14 +231,20 @@ def _refresh_cache_gauges(service: Service) -> None:
     for ns in cache.namespaces:
         m.cache_rows.labels(ns.version).set(ns.live_rows)
         m.cache_committed_rows.labels(ns.version).set(ns.committed)
-        m.cache_write_errors.labels(ns.version).set(ns.write_errors)
-        m.cache_evicted_rows.labels(ns.version).set(ns.evicted_rows)
-    for version, (rows, namespaces) in cache.damage_counts().items():
-        m.cache_damaged_rows.labels(version).set(rows)
-        m.cache_damaged_namespaces.labels(version).set(namespaces)
     m.cache_bytes.set(cache.budget.used_bytes)
     m.cache_max_bytes.set(cache.budget.max_bytes)
     m.cache_full.set(int(cache.budget.full))
+
+
+def _cache_counts(cache: LogitCache) -> CacheCounts:
+    """The cache's own counts, as metrics.CACHE_COUNTERS names them (each only grows while the service runs)."""
+    damage = cache.damage_counts()
+    return {
+        "akd_cache_write_errors": {ns.version: ns.write_errors for ns in cache.namespaces},
+        "akd_cache_evicted_rows": {ns.version: ns.evicted_rows for ns in cache.namespaces},
+        "akd_cache_damaged_rows": {version: rows for version, (rows, _) in damage.items()},
+        "akd_cache_damaged_namespaces": {version: namespaces for version, (_, namespaces) in damage.items()},
+    }
 
 
 async def flush_periodically(service: Service, every_s: float) -> None:

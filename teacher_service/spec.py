@@ -1,9 +1,9 @@
 """The OpenAPI spec as this service answers: FastAPI's, written from the routes, made true of the config.
 
 What a request needs depends on the config as well as the routes, so the spec says it for the config it is served
-with: the bearer token, when one is set, as an HTTP bearer security scheme on every operation but /healthz (what
-/docs' "Authorize" and OpenAPI tools send), with its 401; and `teacher`, one of the served names, required when
-several are served and optional when one is (the service then answers for it).
+with: the bearer token, when one is set, as an HTTP bearer security scheme on every operation but the probes, /healthz
+and /readyz (what /docs' "Authorize" and OpenAPI tools send), with its 401; and `teacher`, one of the served names,
+required when several are served and optional when one is (the service then answers for it).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from shared.protocol import HEALTH_PATH
+from shared.protocol import HEALTH_PATH, READY_PATH
 from teacher_service.config import ServiceConfig
 
 # the security scheme's name in components.securitySchemes
 BEARER = "bearerToken"
+# the probes, answered without the token
+OPEN_PATHS = (HEALTH_PATH, READY_PATH)
 _ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
 
@@ -49,7 +51,7 @@ def describe_config(spec: dict[str, Any], config: ServiceConfig) -> dict[str, An
             }
         }
         for path, op in operations:
-            if path != HEALTH_PATH:
+            if path not in OPEN_PATHS:
                 _guard(op)
     return spec
 

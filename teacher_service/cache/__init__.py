@@ -55,8 +55,8 @@ never a service that cannot start.
   chunk read whole the first time it is served from that chunk's line. A chunk damaged while the service runs costs
   its rows a recomputation too (`MemberCache.get`).
 - What fails its checks at start-up is set aside and rebuilt (aside): empty where the metadata fails, from the rows
-  that verified where rows fail. Each case is logged and counted (`akd_cache_damaged_rows`,
-  `akd_cache_damaged_namespaces`).
+  that verified where rows fail. Each case is logged and counted (`akd_cache_damaged_rows_total`,
+  `akd_cache_damaged_namespaces_total`).
 - With `durable`, a local folder's writes are fsynced before `committed_rows` is written, and the attributes file
   after (durable): a power loss then loses at most the buffered rows too. Without it, a power loss may leave torn or
   empty chunk files, which the checks above catch. Other stores rely on their own durability.

@@ -6,7 +6,7 @@ salvaging a large namespace needs no memory of its size). A root whose `zarr.jso
 aside; its namespaces are judged one by one. "Set aside" means renamed into `<folder>/.damaged/<name>-<time>` for a
 local folder (kept until deleted; not counted against `max_bytes`), and deleted on any other store, which cannot keep
 a copy. Each case is logged as a warning naming the namespace, the chunks/rows and where it went, and counted in
-`damage` (`akd_cache_damaged_rows`, `akd_cache_damaged_namespaces`).
+`damage` (`akd_cache_damaged_rows_total`, `akd_cache_damaged_namespaces_total`).
 """
 
 from __future__ import annotations

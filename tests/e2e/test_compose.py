@@ -81,6 +81,23 @@ def test_compose_declares_the_pipeline():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
+def test_compose_runs_as_the_host_user_restarts_the_servers_and_checks_readiness():
+    services = compose()["services"]
+    akd = {name: spec for name, spec in services.items() if name != "balancer"}
+    # the image's own user by default; the host user's ids where given (scripts/compose_demo.sh gives them)
+    assert {interpolate(s["user"], {}) for s in akd.values()} == {"1000:1000"}
+    assert interpolate(akd["report"]["user"], {"AKD_UID": "1234", "AKD_GID": "99"}) == "1234:99"
+    long_lived = {"teacher", "balancer"}
+    assert {name: spec.get("restart") for name, spec in services.items()} == {
+        name: "unless-stopped" if name in long_lived else None for name in services
+    }
+    # the one-shot stages are not servers: the image's health check is off for them
+    assert all(s["healthcheck"] == {"disable": True} for name, s in akd.items() if name not in long_lived)
+    assert all("/readyz" in " ".join(services[name]["healthcheck"]["test"]) for name in long_lived)
+    merged = compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]["teacher"]
+    assert merged["restart"] == "unless-stopped" and "/readyz" in " ".join(merged["healthcheck"]["test"])
+
+
 @pytest.mark.skipif(
     shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed; the YAML checks still ran"
 )

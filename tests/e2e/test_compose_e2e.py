@@ -1,7 +1,12 @@
 """`docker compose` for real: build the image from a fresh copy of the checkout and run the quick pipeline with
 the README's command (scripts/compose_demo.sh) and two teacher replicas behind the balancer, then check every
 stage's exit code, the results on the host, each replica's own cache folder and share of the work, and the
-service answering from the host through the balancer; a failing stage must fail the command.
+service answering from the host through the balancer; a failing stage must fail the command. Also what a user
+expects of the containers: none runs as root, what they write on the host is the host user's, the long-lived ones
+restart unless stopped and report healthy by their readiness, and the image's own health check passes.
+
+Run as root (as CI runs it), the test stands in for a host user the image does not know (HOST_USER): root's own
+containers would run as the image's user, whose files root can take anyway.
 
 The balancer's image is the official nginx image in docker-compose.yml; no registry is reachable here, so this
 test builds a stand-in with Debian's nginx (NGINX_IMAGE below) and runs the same deploy/nginx.conf in it.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import platform
 import re
@@ -37,6 +43,9 @@ from akd.cli import SUBCOMMANDS
 from teacher_service import scrape
 
 STAGES = ("teachers", "trainer-seed0", "trainer-seed1", "report")
+LONG_LIVED = ("teacher", "balancer")
+# The ids the containers must run as, and own their files on the host as: this user's, or the stand-in's under root.
+HOST_USER = (4242, 4242) if os.getuid() == 0 else (os.getuid(), os.getgid())
 IMAGE = "akd:e2e-test"
 NGINX_IMAGE = "akd-nginx:e2e-test"
 # Debian's nginx where the official image cannot be pulled; its stock site is removed so only conf.d/ is served.
@@ -166,6 +175,7 @@ def quick_pipeline(tmp_path_factory):
         "AKD_TEACHER_REPLICAS": "2",
         "AKD_HOST_PORT": str(free_port()),
         "COMPOSE_PROJECT_NAME": f"akde2e{os.getpid()}",
+        **({"AKD_UID": str(HOST_USER[0]), "AKD_GID": str(HOST_USER[1])} if os.getuid() == 0 else {}),
     }
     run = Pipeline(clone, env)
     built = subprocess.run(
@@ -222,6 +232,42 @@ def test_the_teacher_service_answers_from_the_host(quick_pipeline):
     port = quick_pipeline.env["AKD_HOST_PORT"]
     health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=HANG_S)
     assert health.status_code == 200 and "ensemble" in health.json()["teachers"]
+    ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=HANG_S)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def inspect(container: str, template: str) -> str:
+    return quiet(["docker", "inspect", "-f", template, container]).stdout.strip()
+
+
+def test_no_container_runs_as_root_and_what_they_write_is_the_host_users(quick_pipeline):
+    states = quick_pipeline.containers()
+    wanted = f"{HOST_USER[0]}:{HOST_USER[1]}"
+    for stage in (*STAGES, "teacher"):
+        for _, _, container in states[stage]:
+            assert inspect(container, "{{.Config.User}}") == wanted, stage
+            log = quiet(["docker", "logs", container])
+            # HOME's caches (matplotlib's) and the bind mount are writable to a user the image does not know
+            assert "Permission denied" not in log.stdout + log.stderr and "not a writable" not in log.stderr, stage
+    for _, _, container in states["teacher"]:
+        assert quiet(["docker", "exec", container, "id", "-u"]).stdout.strip() == str(HOST_USER[0])
+    # the image itself, without compose's user: its own, not root
+    assert quiet(["docker", "run", "--rm", IMAGE, "id", "-un"]).stdout.strip() == "akd"
+    written = [p for p in (quick_pipeline.clone / "runs" / "compose").rglob("*")]
+    assert len(written) > 10 and {(p.lstat().st_uid, p.lstat().st_gid) for p in written} == {HOST_USER}
+
+
+def test_the_long_lived_services_restart_and_are_healthy_by_their_readiness(quick_pipeline):
+    states = quick_pipeline.containers()
+    for service in LONG_LIVED:
+        for _, _, container in states[service]:
+            assert inspect(container, "{{.HostConfig.RestartPolicy.Name}}") == "unless-stopped", service
+            assert inspect(container, "{{.State.Health.Status}}") == "healthy", service
+    # the image's own health check (docker run without compose's), run in a serving replica: /readyz, and it passes
+    check = json.loads(quiet(["docker", "image", "inspect", "-f", "{{json .Config.Healthcheck}}", IMAGE]).stdout)
+    assert check["Test"][0] == "CMD" and "/readyz" in " ".join(check["Test"])
+    _, _, replica = states["teacher"][0]
+    assert quiet(["docker", "exec", replica, *check["Test"][1:]]).returncode == 0
 
 
 def test_the_image_holds_every_akd_subcommand(quick_pipeline):

@@ -575,17 +575,22 @@ def test_token_scheme_is_matched_in_any_case(token_client, scheme):
 
 def test_openapi_declares_the_bearer_token_and_healthz_stays_open(token_client):
     """The spec says what the service asks: an HTTP bearer scheme (what /docs' Authorize and OpenAPI tools send) on
-    every operation but /healthz, each with its 401; `teacher` is optional where one teacher is served."""
+    every operation but the probes (/healthz, /readyz), each with its 401; `teacher` is optional where one teacher is
+    served."""
     spec = token_client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
     schemes = spec["components"]["securitySchemes"]
     assert [(s["type"], s["scheme"]) for s in schemes.values()] == [("http", "bearer")]
     (name,) = schemes
     operations = {(path, method): op for path, ops in spec["paths"].items() for method, op in ops.items()}
-    assert {("post", "/soft-targets"), ("get", "/teachers"), ("get", "/metrics"), ("get", "/healthz")} <= {
-        (m, p) for p, m in operations
-    }
+    assert {
+        ("post", "/soft-targets"),
+        ("get", "/teachers"),
+        ("get", "/metrics"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+    } <= {(m, p) for p, m in operations}
     for (path, method), op in operations.items():
-        if path == "/healthz":
+        if path in ("/healthz", "/readyz"):
             assert "security" not in op and "401" not in op["responses"], op
         else:
             assert op["security"] == [{name: []}], (path, method)
@@ -595,6 +600,7 @@ def test_openapi_declares_the_bearer_token_and_healthz_stays_open(token_client):
     # no global requirement that /healthz would inherit
     assert "security" not in spec
     assert token_client.get("/healthz").status_code == 200
+    assert token_client.get("/readyz").status_code == 200
 
 
 def test_token_is_checked_before_the_body(token_client):

@@ -98,7 +98,7 @@ def set_attr(path: Path, **attrs) -> None:
 
 
 CHUNK_0, CHUNK_1, TAIL, ALL = set(range(8)), set(range(8, 16)), set(range(16, 20)), set(range(ROWS))
-# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows,
+# case: (damage to member a's namespace folder, rows no longer served from the cache, akd_cache_damaged_rows_total,
 # namespace set aside). Chunks are stored raw (10 float32 logits a row: 40 bytes), so a flipped bit costs exactly the
 # row it lands in.
 DAMAGE = {
@@ -159,11 +159,11 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
     missed = {i for i, hit in enumerate(hits) if not hit}
     assert missed == lost, "a damaged row was served as a hit, or a sound one was not"
     assert torch.equal(served, reference), "a response differs from the freshly computed one"
-    assert gauge(metrics, member("akd_cache_damaged_rows", version_a)) == damaged_rows
-    assert gauge(metrics, member("akd_cache_damaged_namespaces", version_a)) == int(set_aside)
+    assert gauge(metrics, member("akd_cache_damaged_rows_total", version_a)) == damaged_rows
+    assert gauge(metrics, member("akd_cache_damaged_namespaces_total", version_a)) == int(set_aside)
     assert gauge(metrics, member("akd_cache_misses_total", version_a)) == len(lost)
     assert gauge(metrics, member("akd_cache_hits_total", version_b)) == ROWS, "the other member's namespace was harmed"
-    assert gauge(metrics, member("akd_cache_damaged_namespaces", version_b)) == 0
+    assert gauge(metrics, member("akd_cache_damaged_namespaces_total", version_b)) == 0
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     kept = sorted(p.name for p in (tmp_path / "run" / "cache" / DAMAGED_DIR).iterdir())
@@ -191,7 +191,7 @@ def test_a_damaged_store_is_never_served_and_never_stops_the_service(case, prist
         metrics = scrape(base)
     assert hits == [1] * ROWS
     assert torch.equal(again, reference)
-    assert gauge(metrics, member("akd_cache_damaged_rows", version_a)) == 0
+    assert gauge(metrics, member("akd_cache_damaged_rows_total", version_a)) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -277,7 +277,7 @@ def test_a_full_disk_shows_in_cache_full(tmp_path, mnist_members, monkeypatch, c
         again = post(base, torch.cat([x, random_inputs(8, seed=3)]))
         rows_after = sum(ns.rows for ns in app.state.service.cache.namespaces)
     assert gauge(metrics, "akd_cache_full") == 1
-    assert gauge(metrics, f'akd_cache_write_errors{{member="{file_version(mnist_members["a"])}"}}') == 1
+    assert gauge(metrics, f'akd_cache_write_errors_total{{member="{file_version(mnist_members["a"])}"}}') == 1
     assert again.headers["X-Cache-Hits"] == "6" and rows_after == 6
     assert sum("out of disk space" in r.getMessage() for r in caplog.records) == 1
 

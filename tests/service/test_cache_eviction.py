@@ -140,7 +140,7 @@ def test_a_service_past_its_bound_keeps_storing_and_serving(tmp_path, mnist_memb
         first = post(base, old, outputs="member_logits")
     assert again.headers["X-Cache-Hits"] == "8" and first.headers["X-Cache-Hits"] == "0"
     assert gauge(metrics, "akd_cache_full") == 0 and gauge(metrics, "akd_cache_bytes") <= limit
-    assert sum(_series(metrics, "akd_cache_evicted_rows").values()) == 8
+    assert sum(_series(metrics, "akd_cache_evicted_rows_total").values()) == 8
     # served from the store or recomputed: the same logits
     for inputs, answer in ((new, again), (old, first)):
         torch.testing.assert_close(

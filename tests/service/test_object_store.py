@@ -118,7 +118,7 @@ def test_a_damaged_object_is_never_served_and_its_namespace_is_rebuilt(s3_config
     torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
     # the 8 rows of the damaged chunk were computed again (for member a)
     assert hits == 20 - 8
-    assert f'akd_cache_damaged_rows{{member="{versions[0]}"}} 8.0' in metrics
+    assert f'akd_cache_damaged_rows_total{{member="{versions[0]}"}} 8.0' in metrics
 
 
 def test_akd_cache_stats_and_verify_read_an_object_store(s3_config):

@@ -40,6 +40,7 @@ SAMPLES = {
     "timeout_header_s": 3.5,
     "timeout_body_s": 4.5,
     "timeout_keep_alive_s": 1.5,
+    "timeout_drain_s": 2.0,
     "batching": False,
     "max_batch_rows": 7,
     "max_wait_ms": 9.0,

@@ -323,13 +323,17 @@ def unanswerable(member_logits: torch.Tensor, weights: torch.Tensor) -> tuple[to
     gives finite outputs of every kind; one that fails is refused rather than answered.
     """
     bad_member = ~_finite_span(member_logits)
+    if len(member_logits) == 1:
+        # one member's weight normalises to exactly 1.0: its mean is its logits, bit for bit, already checked
+        return bad_member, torch.zeros(member_logits.shape[1], dtype=torch.bool)
     bad_mean = ~_finite_span(mean_logits(member_logits, weights)) & ~bad_member.any(dim=0)
     return bad_member, bad_mean
 
 
 def _finite_span(logits: torch.Tensor) -> torch.Tensor:
     """max - min over classes is finite: no NaN or inf among the logits, and no overflow between them."""
-    return torch.isfinite(logits.amax(dim=-1) - logits.amin(dim=-1))
+    low, high = torch.aminmax(logits, dim=-1)
+    return torch.isfinite(high - low)
 
 
 def non_finite_kinds(logits: torch.Tensor) -> str:

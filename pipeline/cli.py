@@ -20,7 +20,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan",
         default=env.get("AKD_DEMO_PLAN", "default"),
-        help=f'a built-in plan: {", ".join(plans.NAMES)} (or $AKD_DEMO_PLAN); README, "The demo\'s plans"',
+        help=f'a built-in plan: {", ".join(plans.NAMES)} (or $AKD_DEMO_PLAN); docs/demo.md, "The plans"',
     )
     parser.add_argument(
         "--quick",

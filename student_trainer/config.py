@@ -57,7 +57,7 @@ class AttackConfig(StrictConfig):
         return self.model_copy(update={"eps": eps, "step_size": step})
 
 
-# The standard evaluation threat model (README, "Evaluation"): L-inf at the dataset's eps (DEFAULT_EPS), PGD-10 with
+# The standard evaluation threat model (docs/training.md): L-inf at the dataset's eps (DEFAULT_EPS), PGD-10 with
 # step 2.5 * eps / steps from one uniform random start (this PGD has no restarts). `akd eval` and the demo use it
 # unless told otherwise, so that models trained with different attacks (a weak teacher, a cheap PGD-5) are measured
 # with the same ruler, not each with its own training attack. eps stays None: it follows the dataset.
@@ -94,7 +94,7 @@ class TeacherRef(StrictConfig):
     # a table, or one mode for both kinds of input: cache = "use"
     cache: TeacherCache = TeacherCache()
     # Queries the cache keeps (clean inputs) ask a load balancer to keep them on one replica (X-AKD-Affinity), where
-    # their rows hit; false spreads them over the replicas too: more throughput, fewer hits (README, "Scale out").
+    # their rows hit; false spreads them over the replicas too: more throughput, fewer hits (docs/operations.md).
     affinity: bool = True
     # Clean queries ask by row keys first where the service offers it (a service with a cache): only the rows it has
     # not cached are uploaded. false: every row is uploaded whole.

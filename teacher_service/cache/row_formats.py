@@ -5,7 +5,8 @@
 - `top<k>` (`store = "topk"`, `topk = k`): the k largest logits (float16) and their classes, and the log-sum-exp of
   all the others; a hit gives the k logits back and spreads the others' mass evenly over their classes. The
   partition function is kept, so at temperature 1 each top-k class's probability is what float16 gives, and the
-  others share their exact total. The error is at most that total mass; README has it measured on real teachers.
+  others share their exact total. The error is at most that total mass; docs/configuration.md has it measured on real
+  teachers.
   A row is `2k + 1` uint16 fields whatever the number of classes: 46 bytes with its key and checksum for k = 5.
 
 A format only encodes and decodes: the cache checks, stores and serves the encoded rows like any other, and the

@@ -170,7 +170,7 @@ def test_scale_out_measures_devices_ranks_and_the_clients_failover_over_a_killed
     devices, ddp, failover = (_part(scale_out_run, n) for n in ("1", "3", "4b"))
     assert [r["setup"] for r in devices] == ["1 device (cpu)", "2 devices (cpu,cpu)"]
     assert all(r["rate"] > 0 and r["p99 ms"] > 0 for r in devices)
-    # the issue's 1.8x is for two GPUs: on the CPU the ratio is reported, not judged
+    # the 1.8x target is for two GPUs: on the CPU the ratio is reported, not judged
     assert any("n/a on CPU" in note and "idle cores bound" in note for note in scale_out_run["notes"])
     assert not any("GPU" in t["what"] for t in scale_out_run["targets"])
     # both ranks ran, and rank 0 counted both ranks' teacher rows

@@ -15,7 +15,7 @@ Runs where a Docker engine answers `docker info` (.ci/run starts one with ../sha
 where that script exists); elsewhere it is skipped, saying why. The image under test takes the CPU build of
 this environment's torch when pip finds that wheel on disk (TORCH=<its URL>, served from a loopback port to
 the build), instead of PyPI's 2.9 GB CUDA build, which is the Dockerfile's default and was measured by hand
-(README, "Docker compose").
+(docs/operations.md, "Docker compose").
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def test_the_quick_pipeline_runs_to_its_end_and_says_so(quick_pipeline):
     assert [s[0] for s in states["teacher"]] == ["running", "running"] and states["balancer"][0][0] == "running"
     for stage in STAGES:
         assert f"{stage}: exited 0" in done.stdout
-    # on the host, where the README says
+    # on the host, where docs/operations.md says
     results = quick_pipeline.clone / "runs" / "compose" / "RESULTS.md"
     assert "| pgd-at |" in results.read_text() and "| akd-ensemble |" in results.read_text()
 

@@ -1,4 +1,5 @@
-"""The README stays true: its config block validates with the real defaults, and `make serve`'s teachers serve."""
+"""The docs stay true: the configuration reference's block validates with the real defaults, the README's serving
+example validates, and `make serve`'s teachers serve."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ from shared import codec
 from teacher_service.config import FLAT_NAMES, ServerConfig, ServiceConfig
 
 
-def test_readme_config_block_shows_the_defaults():
-    block = re.search(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    raw = tomllib.loads(block)
+def first_toml_block(path: str) -> dict:
+    return tomllib.loads(re.search(r"```toml\n(.*?)```", (REPO / path).read_text(), re.S).group(1))
+
+
+def test_the_configuration_reference_shows_the_defaults():
+    raw = first_toml_block("docs/configuration.md")
     flat = {key for key, value in raw["server"].items() if not isinstance(value, dict)} & set(FLAT_NAMES)
-    assert not flat, f"the README shows deprecated flat keys: {sorted(flat)}"
+    assert not flat, f"docs/configuration.md shows deprecated flat keys: {sorted(flat)}"
     config = ServiceConfig.model_validate(raw)
     defaults = _dotted(ServerConfig().model_dump())
     for field, value in _dotted(config.server.model_dump()).items():
         if field not in ("token", "cache.dir"):
-            assert value == defaults[field], f"README shows {field} = {value}, the default is {defaults[field]}"
+            assert value == defaults[field], f"the reference shows {field} = {value}, the default is {defaults[field]}"
+
+
+def test_the_readmes_serving_example_is_a_valid_config():
+    ServiceConfig.model_validate(first_toml_block("README.md"))
 
 
 def _dotted(table: dict, prefix: str = "") -> dict:

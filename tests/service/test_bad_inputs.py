@@ -255,7 +255,8 @@ def test_bad_outputs_is_400(client, outputs, received):
     ids=["zero", "minus_one", "abc", "inf", "nan", "neg_zero", "empty"],
 )
 def test_bad_temperature_is_400(client, value):
-    """A wrong query parameter is the client's 400 (as README and the OpenAPI spec say), not FastAPI's default 422."""
+    """A wrong query parameter is the client's 400 (as docs/api.md and the OpenAPI spec say), not FastAPI's default
+    422."""
     r = client.post(SOFT_TARGETS, params={**MNIST, "temperature": value}, content=_valid_body())
     assert_error(r, 400, "bad_parameter", received=[repr(value)], message=["temperature"])
     assert_still_serving(client)

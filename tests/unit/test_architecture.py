@@ -1,4 +1,4 @@
-"""The layout is the architecture: packages import one way, and the README's layout names every module.
+"""The layout is the architecture: packages import one way, and the layout in docs/architecture.md names every module.
 
   shared            imports no other package of the project (both sides agree on it; it depends on neither), and
                     names none by string either: no importlib in it
@@ -33,7 +33,7 @@ ALLOWED = {
     "pipeline": {"shared", "student_trainer", "teacher_service"},
     "bench": {"shared", "student_trainer", "teacher_service", "pipeline"},
 }
-# The packages the README's layout names module by module (bench's line names its parts and "one module per benchmark").
+# The packages the layout names module by module (bench's line names its parts and "one module per benchmark").
 LAID_OUT = ("akd", "shared", "teacher_service", "student_trainer", "pipeline")
 # What a `__main__.py` holds besides its docstring: `python -m <package>` is `akd` with that package's commands.
 MAIN_SHAPE = ("Import(names=[alias(name='sys')])", "ImportFrom(module='akd.cli', names=[alias(name='main')], level=0)")
@@ -187,9 +187,9 @@ def test_the_config_and_registry_import_only_the_light_modules_of_the_cache(modu
     assert of_cache <= LIGHT_CACHE_MODULES, sorted(of_cache - LIGHT_CACHE_MODULES)
 
 
-def test_the_readme_layout_names_every_module():
-    readme = (REPO / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("```")[1]
+def test_the_layout_names_every_module():
+    page = (REPO / "docs" / "architecture.md").read_text()
+    layout = page.split("## Layout", 1)[1].split("```")[1]
     lines = {line.split()[0].rstrip("/"): line for line in layout.splitlines() if line and not line.startswith(" ")}
     named = {package: "" for package in LAID_OUT}
     current = None

@@ -15,7 +15,7 @@ def two_seeds(mean: float, sd: float) -> list[float]:
     return [mean - sd / 2**0.5, mean + sd / 2**0.5]
 
 
-def test_the_issue_example_is_inconclusive_not_holds():
+def test_an_ece_difference_smaller_than_its_spread_is_inconclusive_not_holds():
     # ECE, AKD minus PGD-AT: the sign alone said "holds"
     diffs = two_seeds(-0.0004, 0.0063)
     assert round(statistics.fmean(diffs), 4) == -0.0004 and round(statistics.stdev(diffs), 4) == 0.0063
@@ -81,24 +81,24 @@ def test_an_unknown_direction_is_refused():
         verdict([0.1, 0.2], "bigger")
 
 
-SESSION = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
+SERVED = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
 # a re-run that reused every student
 IDLE = {"rows": 0.0, "hits": 0.0, "misses": 0.0, "largest_batch": 0.0}
 
 
 @pytest.mark.parametrize("cumulative", [False, True])
-def test_a_session_that_served_nothing_keeps_the_record(cumulative):
-    assert merge_service_stats(SESSION, IDLE, cumulative) == SESSION
-    assert merge_service_stats(SESSION, {}, cumulative) == SESSION
-    assert merge_service_stats({}, SESSION, cumulative) == SESSION
+def test_an_invocation_that_served_nothing_keeps_the_record(cumulative):
+    assert merge_service_stats(SERVED, IDLE, cumulative) == SERVED
+    assert merge_service_stats(SERVED, {}, cumulative) == SERVED
+    assert merge_service_stats({}, SERVED, cumulative) == SERVED
     # nothing yet: the zeros are the truth
     assert merge_service_stats({}, IDLE, cumulative) == IDLE
 
 
-def test_sessions_of_a_service_the_demo_started_add_up():
+def test_invocations_of_a_service_the_demo_started_add_up():
     """An interrupted students stage and its resume: two services, each counting from zero."""
     resume = {"rows": 200.0, "hits": 10.0, "misses": 40.0, "largest_batch": 150.0}
-    assert merge_service_stats(SESSION, resume, cumulative=False) == {
+    assert merge_service_stats(SERVED, resume, cumulative=False) == {
         "rows": 800.0,
         "hits": 50.0,
         "misses": 200.0,
@@ -109,8 +109,8 @@ def test_sessions_of_a_service_the_demo_started_add_up():
 def test_an_external_service_count_is_cumulative_so_the_larger_one_is_later():
     """Compose's trainers save the one service's running totals, in whatever order they finish."""
     later = {"rows": 1200.0, "hits": 90.0, "misses": 310.0, "largest_batch": 100.0}
-    assert merge_service_stats(SESSION, later, cumulative=True) == later
-    assert merge_service_stats(later, SESSION, cumulative=True) == later
+    assert merge_service_stats(SERVED, later, cumulative=True) == later
+    assert merge_service_stats(later, SERVED, cumulative=True) == later
 
 
 def test_stage_times_add_up_over_invocations_and_the_report_shows_them(tmp_path):

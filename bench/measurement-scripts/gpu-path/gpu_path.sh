@@ -1,15 +1,16 @@
 #!/bin/bash
 # The GPU path's prepared measurement (docs/design/benchmarks.md, "The GPU path: the prepared command"), on one GPU,
-# in about 3 minutes and always under 10 (each step has its own timeout). Run from the repository's root through the
-# device tool, with $OUT set; writes $OUT/gpu-path/:
+# in about 3 minutes and always under 10 (each step has its own timeout). Run from the repository's root on the GPU
+# host, with $OUT naming a folder for its output; writes $OUT/gpu-path/:
 #   staging-check.json  staging_check.py: compute through the staging bit for bit `forward`, and its time beside it
 #   results.json, RESULTS.md  akd bench --config gpu --device cuda --only overhead,cache,end_to_end
 #   gpu-targets.md  the three ratios against their targets on a GPU
 #   bench.log  the benchmark's progress and errors
-# The packages the device's image lacks travel as cp312 manylinux wheels in .whl/ (as for the h200-gpu run:
-# fastapi, starlette, uvicorn, httptools, zarr, numcodecs, donfig, google-crc32c, pydantic, pydantic-core,
-# annotated-types, annotated-doc, typing-inspection, typing-extensions, anyio, litserve, pyzmq, opentelemetry-api,
-# tomli-w, mlxtend, at requirements.lock's versions); without .whl/ the image's own packages are used.
+# The packages the GPU host's Python lacks travel as cp312 manylinux wheels in .whl/ (as for the H200 run of
+# 2026-11-27, bench/records/2026-11-27-h200-gpu: fastapi, starlette, uvicorn, httptools, zarr, numcodecs, donfig,
+# google-crc32c, pydantic, pydantic-core, annotated-types, annotated-doc, typing-inspection, typing-extensions, anyio,
+# litserve, pyzmq, opentelemetry-api, tomli-w, mlxtend, at requirements.lock's versions); without .whl/ the host's own
+# packages are used.
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 if [ -d .whl ]; then

@@ -1,10 +1,10 @@
 #!/bin/bash
-# Run 1 on one H200 (bench/results/h200-gpu): process clients + py-spy, the gpu preset in float32, then
-# bf16. The service's code was ca1801b's. Run from the repository's root through the device tool, with the packages
-# its image lacks carried as cp312 manylinux wheels in .whl/: fastapi, starlette, uvicorn, httptools, zarr, numcodecs,
-# donfig, google-crc32c, pydantic, pydantic-core, annotated-types, annotated-doc, typing-inspection,
-# typing-extensions, anyio, litserve, pyzmq, opentelemetry-api, tomli-w, mlxtend, py-spy (the versions of
-# requirements.lock; py-spy 0.4.1).
+# Run 1 on one H200 (bench/records/2026-11-27-h200-gpu): process clients + py-spy, the gpu preset in float32, then
+# bf16. The service's code was ca1801b's. Run from the repository's root on the GPU host, $OUT naming a folder for
+# what it writes, with the packages the host's Python lacks carried as cp312 manylinux wheels in .whl/: fastapi,
+# starlette, uvicorn, httptools, zarr, numcodecs, donfig, google-crc32c, pydantic, pydantic-core, annotated-types,
+# annotated-doc, typing-inspection, typing-extensions, anyio, litserve, pyzmq, opentelemetry-api, tomli-w, mlxtend,
+# py-spy (the versions of requirements.lock; py-spy 0.4.1).
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -1,5 +1,6 @@
-"""Kept with bench/results/h200-gpu (one H200): the sharing load with every client its own process, as trainers
-are; the service's CPU per thread and per request, from /proc; and a py-spy profile of the service under 8 x 16.
+"""Kept with bench/records/2026-11-27-h200-gpu (one H200): the sharing load with every client its own process, as
+trainers are; the service's CPU per thread and per request, from /proc; and a py-spy profile of the service under
+8 x 16.
 
     python bench/measurement-scripts/h200-gpu/process_clients.py --config TEACHERS.toml --teacher small_cnn \
         --device cuda --seconds 8 --out DIR [--pyspy PATH-TO-PY-SPY]

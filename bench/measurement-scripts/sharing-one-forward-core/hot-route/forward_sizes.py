@@ -1,4 +1,5 @@
-"""Kept with its output (hot-route in bench/results): the small CNN's forward pass alone, in this process, at each
+"""Kept with its output (bench/records/2026-11-27-sharing-one-forward-core/hot-route/):
+the small CNN's forward pass alone, in this process, at each
 batch size, with freed memory kept as the service keeps it; 5 rounds, the sizes interleaved.
 
     python bench/measurement-scripts/sharing-one-forward-core/hot-route/forward_sizes.py 16,32,64,112,128,256

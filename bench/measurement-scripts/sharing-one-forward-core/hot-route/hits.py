@@ -1,4 +1,5 @@
-"""Kept with its output (hot-route in bench/results): cached rows only, every row a hit and no forward pass, so what
+"""Kept with its output (bench/records/2026-11-27-sharing-one-forward-core/hot-route/):
+cached rows only, every row a hit and no forward pass, so what
 is measured is the service's per-request path. Run from the checkout to measure (its packages come first):
 
     cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/hits.py OUTDIR
@@ -19,7 +20,7 @@ from bench.load import Request, closed_loop  # noqa: E402
 from bench.servers import teacher_service, write_teachers  # noqa: E402
 from shared import codec, protocol  # noqa: E402
 
-CONFIG = "bench/results/sharing-one-forward-core/config.toml"
+CONFIG = "bench/records/2026-11-27-sharing-one-forward-core/config.toml"
 
 
 def uint8_rows(seed: int) -> bytes:

@@ -1,4 +1,5 @@
-"""Kept with its output (hot-route in bench/results): the event loop's CPU per request in a real service, one
+"""Kept with its output (bench/records/2026-11-27-sharing-one-forward-core/hot-route/):
+the event loop's CPU per request in a real service, one
 client in this process sending cached 16-row requests one after another. Run from the checkout to measure:
 
     cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/loopcost.py OUTDIR LOOP N

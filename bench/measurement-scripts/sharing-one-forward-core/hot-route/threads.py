@@ -1,4 +1,5 @@
-"""Kept with its output (hot-route in bench/results): benchmark 3's 8 x 16 and 1 x 128 loads on the small CNN, with
+"""Kept with its output (bench/records/2026-11-27-sharing-one-forward-core/hot-route/):
+benchmark 3's 8 x 16 and 1 x 128 loads on the small CNN, with
 the service's CPU per thread (/proc) and its batches (/metrics) over each load. Run from the checkout to measure:
 
     cd CHECKOUT && python bench/measurement-scripts/sharing-one-forward-core/hot-route/threads.py OUTDIR
@@ -19,7 +20,7 @@ from bench.servers import teacher_service, write_teachers  # noqa: E402
 from bench.sharing import Load, input_files  # noqa: E402
 from shared import protocol  # noqa: E402
 
-CONFIG = "bench/results/sharing-one-forward-core/config.toml"
+CONFIG = "bench/records/2026-11-27-sharing-one-forward-core/config.toml"
 SERIES = re.compile(r"(akd_(?:compute_seconds|batch_rows|queue_wait_seconds)_(?:sum|count))\{[^}]*\} (\S+)")
 
 

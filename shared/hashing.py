@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# torch is optional here: a client hashes numpy rows without it (shared.client)
+if TYPE_CHECKING:
+    import torch
 
 # 128-bit keys: collisions are out of reach for any cache size
 KEY_BYTES = 16
 VERSION_CHARS = 16
 
 
-def row_keys(x: torch.Tensor) -> list[bytes]:
-    """One key per row of a (B, ...) tensor, as sent on the wire."""
-    rows = np.ascontiguousarray(x.detach().cpu().numpy())
+def row_keys(x: torch.Tensor | np.ndarray) -> list[bytes]:
+    """One key per row of a (B, ...) tensor or array, as sent on the wire: the same key for a tensor and its numpy
+    twin."""
+    rows = np.ascontiguousarray(x if isinstance(x, np.ndarray) else x.detach().cpu().numpy())
     prefix = f"{rows.dtype.str}|{rows.shape[1:]}|".encode()
     return [hashlib.blake2b(prefix + row.tobytes(), digest_size=KEY_BYTES).digest() for row in rows]
 

@@ -11,15 +11,25 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
-SOFT_TARGETS_PATH = "/soft-targets"
-# Keys first: the rows' content hashes (shared.hashing.row_keys of the rows as they would be sent), answered with the
-# soft targets of the rows the cache holds for every member, and which those are; the client then uploads only the
-# others to SOFT_TARGETS_PATH. Offered where /teachers lists KEYS_FIRST in `features` (a service with a cache).
-SOFT_TARGET_KEYS_PATH = "/soft-targets/keys"
-KEYS_FIRST = "keys-first"
-KEYS_KEY = "keys"
-FOUND_KEY = "found"
-TEACHERS_PATH = "/teachers"
+# re-exported: both sides read every name of the protocol from here
+from shared.wire import (  # noqa: F401
+    FOUND_KEY,
+    HEADER_AFFINITY,
+    HEADER_CACHE_HITS,
+    HEADER_TEACHER,
+    HEADER_TEACHER_VERSIONS,
+    INPUT_DTYPES,
+    INPUTS_KEY,
+    KEYS_FIRST,
+    KEYS_KEY,
+    NON_FINITE_OUTPUT,
+    SOFT_TARGET_KEYS_PATH,
+    SOFT_TARGETS_PATH,
+    TEACHERS_PATH,
+    Aggregate,
+    CacheMode,
+)
+
 # Liveness: the process answers (at once, whatever it is doing). Readiness: it takes queries now (every teacher loaded,
 # the cache verified, not shutting down); 503 with the reason otherwise. Both open, without the token.
 HEALTH_PATH = "/healthz"
@@ -27,15 +37,6 @@ READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 
 MEDIA_TYPE = "application/octet-stream"
-INPUTS_KEY = "inputs"
-INPUT_DTYPES = ("uint8", "float16", "float32")
-
-HEADER_CACHE_HITS = "X-Cache-Hits"
-HEADER_TEACHER_VERSIONS = "X-Teacher-Versions"
-HEADER_TEACHER = "X-Teacher"
-# Set by clients on queries whose rows the cache keeps; a load balancer in front of replicas routes one value to
-# one replica (deploy/nginx.conf hashes it), so those rows are cached once and hit. The service ignores it.
-HEADER_AFFINITY = "X-AKD-Affinity"
 
 
 class Output(str, Enum):
@@ -47,22 +48,6 @@ class Output(str, Enum):
     logits = "logits"
     # (M, B, K) float32: raw, unweighted
     member_logits = "member_logits"
-
-
-class CacheMode(str, Enum):
-    # read hits, store misses
-    use = "use"
-    # neither read nor store
-    bypass = "bypass"
-    # recompute every row and store the new result
-    refresh = "refresh"
-
-
-class Aggregate(str, Enum):
-    # sum_k beta_k softmax(T_k / tau): the paper's choice
-    probs = "probs"
-    # softmax(sum_k beta_k T_k / tau)
-    logits = "logits"
 
 
 def parse_outputs(text: str) -> list[Output]:
@@ -89,11 +74,6 @@ class SoftTargetsQuery(AnswerQuery):
     """The query of POST /soft-targets: an AnswerQuery, and what the cache does with the rows."""
 
     cache: CacheMode = CacheMode.use
-
-
-# The error code of a 500 for rows whose teacher logits are not finite: the same rows fail again on any replica and
-# at any time, so a client treats it as a wrong answer, not as trouble that passes.
-NON_FINITE_OUTPUT = "non_finite_output"
 
 
 class ErrorDetail(BaseModel):

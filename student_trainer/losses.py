@@ -31,8 +31,8 @@ from student_trainer.attacks import PGD, attack_mode, ce_loss, kl_loss
 from student_trainer.methods import DISTILS
 
 if TYPE_CHECKING:
+    from shared.client.query_thread import Pending
     from student_trainer.config import TrainConfig
-    from student_trainer.query_thread import Pending
 
 
 class SoftTargets(Protocol):

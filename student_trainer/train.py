@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared.client.query_thread import Pending
 from shared.codec import to_unit_float
 from shared.devices import resolve_device
 from shared.models import build_model
@@ -43,7 +44,6 @@ from student_trainer.dynamics import CorrectnessLog
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import Step, get_method
 from student_trainer.progress import Progress
-from student_trainer.query_thread import Pending
 from student_trainer.teacher_client import LocalTeacher, RemoteTeacher, Teacher
 
 log = logging.getLogger("akd.train")

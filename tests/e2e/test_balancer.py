@@ -268,7 +268,7 @@ def test_the_client_sets_affinity_on_clean_queries_and_moves_a_502_on(replicas):
         x = random_inputs(2)
         for adversarial in (False, True):
             # the 502-answering one first
-            client._next_replica = 0
+            client.client._next_replica = 0
             assert client(x, adversarial=adversarial).shape == (2, 10)
     finally:
         gateway.shutdown()

@@ -337,13 +337,13 @@ SERVICE_ERROR = (
 @pytest.mark.parametrize(
     "refusal, said",
     [
-        # the service's JSON error shape: what it said is said again
+        # the service's JSON error shape: what it said is said again; the first backoff, jittered: 0.1 to 0.3 s
         (
             Answer(500, {"content-type": "application/json"}, SERVICE_ERROR),
-            "500 (internal server error): a member failed (expected finite logits, got inf); retrying in 0.1s",
+            "500 (internal server error): a member failed (expected finite logits, got inf); retrying in 0.",
         ),
-        # Retry-After honoured: 2 s, not the first backoff's 0.1 s
-        (Answer(429, {"Retry-After": "2"}, b"slow down"), "429 (too many requests); retrying in 2.0s"),
+        # Retry-After honoured, the jittered backoff on top: 2.1 to 2.3 s, not the first backoff's 0.1 to 0.3 s
+        (Answer(429, {"Retry-After": "2"}, b"slow down"), "429 (too many requests); retrying in 2."),
     ],
     ids=["500", "429 with Retry-After"],
 )

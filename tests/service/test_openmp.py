@@ -119,6 +119,7 @@ def test_a_gpu_devices_thread_runs_its_cpu_ops_without_a_team_and_a_cpu_devices_
 SENDS_A_BATCH = """
 import os, threading, numpy as np, torch
 from shared import codec
+from shared.client import arrays
 def native():
     return set(os.listdir("/proc/self/task")) - {str(t.native_id) for t in threading.enumerate()}
 clean = np.random.default_rng(0).integers(0, 256, (512, 3, 32, 32)).astype(np.float32) / np.float32(255)
@@ -126,6 +127,10 @@ batches = [torch.from_numpy(clean), torch.from_numpy(clean + np.float32(1e-3))] 
 before = native()
 for x in batches:
     codec.encode_inputs(codec.to_transport(x))
+    # the client's own path (the trainer's): its wire form, its body, its keys, an answer back on x's device
+    rows, device = arrays.wire_rows(x, own=True)
+    arrays.encode_inputs(rows), arrays.encode_keys(rows)
+    arrays.like_input(np.full((512, 10), 0.1, np.float32), device)
 print(len(native() - before))
 """
 

@@ -1,4 +1,4 @@
-"""A teacher client's query thread (student_trainer/query_thread.py): calls in order, exceptions handed back as they
+"""A teacher client's query thread (shared/client/query_thread.py): calls in order, exceptions handed back as they
 were raised, queued calls cancelled, and the thread ending with its client."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 import pytest
 from conftest import HANG_S
 
-from student_trainer.query_thread import QueryThread
+from shared.client.query_thread import QueryThread
 from student_trainer.teacher_client import TeacherUnavailable
 
 

@@ -1,10 +1,12 @@
 """A teacher client's query thread: queries answered in order while the caller computes, and what the caller holds
 meanwhile (a `Pending` answer).
 
-The service's client (teacher_client.RemoteTeacher) hands each query whole to its one query thread, so that a
-training step can ask the teacher early and collect the answer where its loss needs it: the student's work in between
-hides the round trip. One thread a client, one query at a time: the client's state (its counters, its replica turn,
-its connections) is only ever touched by one thread at once, and answers come in the order asked.
+The service's client (`TeacherClient.submit`, and the trainer's RemoteTeacher over it) hands each query whole to its
+one query thread, so that a training step can ask the teacher early and collect the answer where its loss needs it:
+the student's work in between hides the round trip. One thread a client, one query at a time: the client's state (its
+counters, its replica turn, its connections) is only ever touched by one thread at once, and answers come in the order
+asked. The same thread class carries the client's requests (its courier), so that a call can stop waiting at a
+deadline.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import torch
+from shared.client.arrays import like_input
 
 T = TypeVar("T")
 
@@ -25,7 +27,7 @@ T = TypeVar("T")
 class Pending(Protocol):
     """An answer asked for and not yet collected (a `concurrent.futures.Future` is one)."""
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> Any:
         """The answer, once there is one (waiting for it if need be); or what asking raised, unchanged."""
 
     def cancel(self) -> bool:
@@ -86,14 +88,15 @@ def _serve(jobs: queue.SimpleQueue) -> None:
         del call, done
 
 
-class OnDevice:
-    """A future's tensor, collected on `device` (the query thread does no device work): a `Pending`."""
+class Collected:
+    """A future's soft targets (numpy, float32), collected as the inputs were asked: a torch tensor on `device`, where
+    they were a torch tensor there, else the array itself (the query thread does no device work): a `Pending`."""
 
-    def __init__(self, future: Future, device: torch.device) -> None:
+    def __init__(self, future: Future, device: Any | None) -> None:
         self._future, self._device = future, device
 
-    def result(self) -> torch.Tensor:
-        return self._future.result().to(self._device)
+    def result(self) -> Any:
+        return like_input(self._future.result(), self._device)
 
     def cancel(self) -> bool:
         return self._future.cancel()

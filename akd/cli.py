@@ -14,7 +14,7 @@ import sys
 from typing import NamedTuple
 
 from shared.allocator import keep_freed_memory_at_start
-from shared.openmp_spin import short_openmp_spin
+from shared.openmp_spin import idle_openmp_workers_sleep, serves
 from shared.version import NAME, VERSION
 
 
@@ -48,8 +48,9 @@ ALIASES = {("cache", "warm"): ["warm"]}
 
 def main(argv: list[str] | None = None, prog: str = "akd", commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # before any subcommand imports torch, and with it libgomp
-    short_openmp_spin()
+    # before the subcommand's module imports torch, and with it libgomp
+    if serves(argv):
+        idle_openmp_workers_sleep()
     if status := keep_freed_memory_at_start(prog):
         return status
     for alias, command in ALIASES.items():

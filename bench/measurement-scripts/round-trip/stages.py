@@ -50,8 +50,10 @@ def serve(config: str, port: int) -> None:
     import importlib
 
     from shared.allocator import keep_freed_memory
+    from shared.openmp_spin import idle_openmp_workers_sleep
 
     # as `akd serve` starts
+    idle_openmp_workers_sleep()
     keep_freed_memory()
 
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])

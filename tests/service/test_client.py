@@ -129,7 +129,8 @@ def test_the_docs_example_trains_a_student_on_the_services_soft_targets(served):
     """The block in docs/client.md, run as written (but for the URL) with a loader of real images, a student and its
     optimiser; the README's copy of it, where the README has one, is the same text."""
     example = docs_example(REPO / "docs" / "client.md")
-    assert len(example.splitlines()) < 10 and EXAMPLE_URL in example
+    # under ten lines of code (a blank line between the imports and the rest, as ruff formats it)
+    assert len([line for line in example.splitlines() if line.strip()]) < 10 and EXAMPLE_URL in example
     if EXAMPLE_MARK in (REPO / "README.md").read_text():
         assert docs_example(REPO / "README.md") == example
     data = load_dataset("mnist5k", limit_train=32, val_size=0).train

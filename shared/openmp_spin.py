@@ -4,11 +4,10 @@ takes a core from the processes it shares the host with.
 torch's CPU ops run on libgomp's thread team. After each parallel region a worker spins, awake for the next one,
 for GOMP_SPINCOUNT iterations of a pause before it sleeps: 300,000 by default, milliseconds on x86 cores. A training
 loop runs its regions back to back, and the spin catches the next one. A service does not: between requests, and
-between the batches of a light load, its worker spun while the event loop read the next body and answered, and the
-trainers beside it (on a shared host) computed: measured, the service's CPU per request more than halved without the
-spin, with the same rows/s for the small CNN and PreActResNet-18 under 8 concurrent clients (the figures and their
-command: docs/design/teacher-service.md). libgomp counts only its own threads when it decides to spin less, never
-another process's.
+between the batches of a light load, its worker spun while the event loop read the next body and answered, and
+while the trainers beside it (on a shared host) computed. libgomp counts only its own threads when it decides to spin
+less, never another process's. What the spin costs and saves on each side, and the command that measures it:
+docs/design/teacher-service.md.
 
 libgomp reads the setting once, when it is loaded (with torch): so `akd serve`, and `akd demo --stage serve` (the
 compose service), set it before their subcommand's module is imported. Every other command keeps libgomp's default,

@@ -1,4 +1,5 @@
-"""5. End to end: distillation training steps with the teacher behind the service vs in-process.
+"""5. End to end: distillation training steps with the teacher behind the service (rows in request bodies, or in
+shared memory) vs in-process.
 
 For each method (AKD: the teacher on the adversarial batch; ARD: on the clean one), three trainers built from the
 same config (`student_trainer.train.Trainer`): one asking the running service for soft targets with teacher.overlap
@@ -53,13 +54,22 @@ def _trainers(ctx: Context) -> dict[str, tuple[Trainer, str | None]]:
     trainers = {}
     for method in spec.methods:
         for overlap in ("on", "off"):
-            ref = TeacherRef(url=ctx.service().url, name=spec.teacher, cache=computed, overlap=overlap == "on")
+            ref = TeacherRef(
+                url=ctx.service().url, name=spec.teacher, cache=computed, overlap=overlap == "on", shared_memory=False
+            )
             trainer = Trainer(_config(ctx, method, ref, f"{method}-service-{overlap}"))
             trainers[_name(method, f"service, overlap {overlap}")] = trainer, method
+        # the same host: rows and answers through the client's shared-memory region, what a trainer does by default
+        ref = TeacherRef(url=ctx.service().url, name=spec.teacher, cache=computed, overlap=True, shared_memory=True)
+        trainer = Trainer(_config(ctx, method, ref, f"{method}-service-shm"))
+        trainers[_name(method, SHARED_MEMORY)] = trainer, method
         local = TeacherRef(config=ctx.service_config, name=spec.teacher)
         trainers[_name(method, "in-process")] = Trainer(_config(ctx, method, local, f"{method}-local")), method
     trainers["PGD-AT, no teacher"] = Trainer(_config(ctx, "at", None, "at")), None
     return trainers
+
+
+SHARED_MEMORY = "service, shared memory, overlap on"
 
 
 def _name(method: str, where: str) -> str:
@@ -75,8 +85,10 @@ def run(ctx: Context) -> Section:
         f"`Trainer.step` ({methods}: PGD-{spec.attack_steps} against the student, the teacher's soft targets (AKD, "
         f"IAD: on the adversarial batch; ARD, RSLAD, IAD: on the clean one), loss, SGD update) for a "
         f"{spec.student_arch} student on {spec.dataset}, batch {spec.batch_size}, teacher {spec.teacher}; through "
-        "the service (every row computed, its cache bypassed) with teacher.overlap on and off, and in-process. With "
-        "overlap on, the next batch's clean query is asked at the start of each step, as the training loop asks it. "
+        "the service (every row computed, its cache bypassed; rows in request bodies) with teacher.overlap on and "
+        "off, through the service with rows and answers in the client's shared-memory region (teacher.shared_memory, "
+        "the default on the service's host), and in-process. With overlap on, the next batch's clean query is asked "
+        "at the start of each step, as the training loop asks it. "
         f"Median over {spec.steps} steps each, alternated.",
         ["trainer", "step ms", "vs in-process"],
     )

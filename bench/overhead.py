@@ -23,6 +23,8 @@ from student_trainer.teacher_client import LocalTeacher, RemoteTeacher
 from teacher_service import scrape
 
 TARGET_TEACHER, TARGET_BATCH, TARGET_RATIO = "preact_resnet18", 128, 1.05
+# the same client, rows and answers through its shared-memory region (the service on this host)
+SHARED_MEMORY = "shared memory"
 
 
 def run(ctx: Context) -> Section:
@@ -31,7 +33,9 @@ def run(ctx: Context) -> Section:
         "overhead",
         "1. Service overhead",
         "Median time per request for the same teacher's soft targets (probs), through the service "
-        "(real uvicorn process, real httpx client, loopback, `cache=bypass`, float32 inputs) and in-process "
+        "(real uvicorn process, real httpx client, loopback, `cache=bypass`, float32 inputs in request bodies), "
+        "through the service with the rows and answers in the client's shared-memory region (`shared memory ms`: "
+        "RemoteTeacher's default on the service's host), and in-process "
         "(`LocalTeacher`: the service's own forward pass and ensemble formula, same device); alternated. "
         "`server forward ms`: the service's own mean batch time (its `akd_compute_seconds` metric), so "
         "`service - server forward` (means) is what the HTTP path adds, apart from how fast each process runs the "
@@ -48,6 +52,8 @@ def run(ctx: Context) -> Section:
             "ratio",
             "server forward ms",
             "service - server forward ms",
+            "shared memory ms",
+            "shared memory / in-process",
             "Triton ms",
             "service / Triton",
         ],
@@ -58,7 +64,8 @@ def run(ctx: Context) -> Section:
     url = ctx.service().url
     for name in spec.teachers:
         candidates = {
-            "service": RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass),
+            "service": RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass, shared_memory=False),
+            SHARED_MEMORY: RemoteTeacher(url, name, temperature=1.0, clean_cache=CacheMode.bypass, shared_memory=True),
             "in-process": LocalTeacher(ctx.service_config, name, temperature=1.0, device=ctx.device),
         }
         try:
@@ -104,6 +111,8 @@ def _measure(ctx: Context, url: str, name: str, batch: int, teachers: dict) -> d
         "ratio": service_s / local_s,
         "server forward ms": forward_s * 1e3,
         "service - server forward ms": (statistics.mean(times["service"]) - forward_s) * 1e3,
+        "shared memory ms": median(times[SHARED_MEMORY]) * 1e3,
+        "shared memory / in-process": median(times[SHARED_MEMORY]) / local_s,
         "Triton ms": None if triton_s is None else triton_s * 1e3,
         "service / Triton": None if triton_s is None else service_s / triton_s,
         "samples": times,

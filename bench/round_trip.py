@@ -5,6 +5,10 @@ the forward pass. Each candidate gets the same float32 body (CIFAR-shaped rows, 
 client, in alternated rounds:
 
 - ours: POST /soft-targets through httpx.Client (the trainer's client library);
+- ours, v2 binary: the Open Inference Protocol's infer route, Triton's binary request (bench/triton_client.py);
+- ours, shared memory: the same route with the rows and the answer in one registered system shared-memory region,
+  as the project's client does it on the service's host (shared/client/shared_memory.py): the request carries a few
+  hundred bytes of JSON;
 - the framework's floor: a minimal Starlette app on the same uvicorn, same client, reading the same body and
   answering as many bytes as ours (bench/floors.py);
 - the machine's floor: the same bytes both ways through a raw loopback socket, no HTTP;
@@ -18,6 +22,7 @@ its batch (its akd_compute_seconds), say where the milliseconds go.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -35,12 +40,18 @@ from bench.sections import Section, Table, Target
 from bench.servers import ServerProcess, triton_missing
 from bench.timing import order
 from bench.triton_client import TRITON
-from shared import codec, protocol
+from shared import codec, oip, protocol
+from shared.client.shared_memory import ClientRegion
 
 # ours / the Starlette floor, by rows: at most 1.5x at 16 rows, 1.3x from 128 on
 FLOOR_TARGETS = {16: 1.5, 128: 1.3, 512: 1.3}
 KEYS_TARGET = 1.5
 TRITON_TARGET = 0.8
+# the Open Inference Protocol's routes: binary tensors within 10% of the native route; through shared memory, 128
+# rows at most the socket floor, and 512 rows at most 20% more than 128
+V2_BINARY, SHARED_MEMORY = "ours, v2 binary", "ours, shared memory"
+V2_TARGET = 1.1
+SHM_ROWS, SHM_GROWTH_TARGET = 128, 1.2
 
 
 @dataclass
@@ -78,6 +89,7 @@ def run(ctx: Context) -> Section:
             ctx.progress(f"round trip: {rows} rows")
             x = torch.rand(rows, *shape, generator=torch.Generator().manual_seed(rows))
             _measure_rows(ctx, section, client, sockets, starlette, service, x)
+        _shm_growth_target(section)
         _measure_keys(ctx, section, client, starlette, service)
     finally:
         client.close()
@@ -97,20 +109,28 @@ def _measure_rows(ctx: Context, section: Section, client, sockets, starlette, se
     ours_url = _ours_url(ctx, service, protocol.SOFT_TARGETS_PATH, cache="bypass")
     answer_bytes = len(_posted(client, ours_url, body))
     floor_url = f"{starlette.url}{STARLETTE_PATH}?answer_bytes={answer_bytes}"
-    candidates = [
-        Candidate("ours", lambda: _posted(client, ours_url, body), service),
-        Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette),
-        Candidate("socket floor", lambda: sockets.round_trip(body, answer_bytes), ctx.floor("socket")),
-    ]
-    if triton_missing() is None:
-        candidates.append(_triton(ctx, client, x))
-    before = server_compute(service.url, spec.teacher)
-    results = _alternate(candidates, spec.requests, ctx.cfg.repetitions, ctx.cfg.warmup)
-    after = server_compute(service.url, spec.teacher)
+    region = ClientRegion(x.numel() * 4, rows * 10 * 4)
+    try:
+        candidates = [
+            Candidate("ours", lambda: _posted(client, ours_url, body), service),
+            _v2_binary(ctx, client, service, x),
+            _shared_memory(ctx, client, service, x, region),
+            Candidate("Starlette floor", lambda: _posted(client, floor_url, body), starlette),
+            Candidate("socket floor", lambda: sockets.round_trip(body, answer_bytes), ctx.floor("socket")),
+        ]
+        if triton_missing() is None:
+            candidates.append(_triton(ctx, client, x))
+        before = server_compute(service.url, spec.teacher)
+        results = _alternate(candidates, spec.requests, ctx.cfg.repetitions, ctx.cfg.warmup)
+        after = server_compute(service.url, spec.teacher)
+    finally:
+        # the service drops a region whose segment is unlinked
+        region.close()
     ours = results["ours"]
     for name, result in results.items():
         section.rows.append(_row(rows, len(body), name, result, ours))
     _floor_target(section, rows, results)
+    _protocol_targets(section, rows, results)
     if TRITON in results:
         _triton_target(section, rows, results)
     section.notes.append(_where_it_goes(rows, results, body, x, (after[0] - before[0]) / max(after[1] - before[1], 1)))
@@ -167,6 +187,52 @@ def _triton(ctx: Context, client: httpx.Client, x: torch.Tensor) -> Candidate:
         triton_client.read_probs(response.content, response.headers)
 
     return Candidate(TRITON, call, server)
+
+
+def _v2_binary(ctx: Context, client: httpx.Client, service, x: torch.Tensor) -> Candidate:
+    """Ours through the Open Inference Protocol's infer route, the rows as one binary FP32 tensor: Triton's request."""
+    path, body, headers = triton_client.infer_request(ctx.cfg.round_trip.teacher, x)
+    url = service.url + path + "?cache=bypass"
+    # the cache mode travels as a request parameter
+    body, headers = _with_parameters(body, headers, {"cache": "bypass"})
+
+    def call() -> None:
+        response = client.post(url, content=body, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"v2 infer answered {response.status_code}: {response.text[:300]}")
+        triton_client.read_probs(response.content, response.headers)
+
+    return Candidate(V2_BINARY, call, service)
+
+
+def _with_parameters(body: bytes, headers: dict[str, str], parameters: dict) -> tuple[bytes, dict[str, str]]:
+    """A binary infer request with request `parameters` added to its JSON part."""
+    length = int(headers[triton_client.HEADER_LENGTH])
+    request = json.loads(body[:length])
+    head = json.dumps({**request, "parameters": parameters}, separators=(",", ":")).encode()
+    return head + body[length:], {**headers, triton_client.HEADER_LENGTH: str(len(head))}
+
+
+def _shared_memory(ctx: Context, client: httpx.Client, service, x: torch.Tensor, region: ClientRegion) -> Candidate:
+    """Ours through system shared memory, as the project's client does it: the rows written into one registered
+    region, a request of a few hundred bytes of JSON, the answer read back out of the region."""
+    rows = x.numpy()
+    registered = client.post(
+        f"{service.url}{oip.SHM_PATH}/region/{region.name}/register", content=json.dumps(region.registration())
+    )
+    if registered.status_code != 200:
+        raise RuntimeError(f"registering a region answered {registered.status_code}: {registered.text[:300]}")
+    url = f"{service.url}/v2/models/{ctx.cfg.round_trip.teacher}/infer"
+    request = json.dumps(region.infer_request(rows, 10, {"cache": "bypass"})).encode()
+
+    def call() -> None:
+        region.write_rows(rows)
+        response = client.post(url, content=request)
+        if response.status_code != 200:
+            raise RuntimeError(f"shared-memory infer answered {response.status_code}: {response.text[:300]}")
+        region.read_answer(len(rows), 10)
+
+    return Candidate(SHARED_MEMORY, call, service)
 
 
 def _posted(client: httpx.Client, url: str, body: bytes) -> bytes:
@@ -259,6 +325,47 @@ def _floor_target(section: Section, rows: int, results: dict[str, Result]) -> No
             f"{ours.ms:.2f} vs {floor.ms:.2f} ms; {_round_ratios(ours, floor)}",
         )
     )
+
+
+def _protocol_targets(section: Section, rows: int, results: dict[str, Result]) -> None:
+    """The v2 binary route within 10% of the native one; through shared memory, at most the socket floor (at the
+    target's rows)."""
+    ours, v2, shm, socket = (results[n] for n in ("ours", V2_BINARY, SHARED_MEMORY, "socket floor"))
+    section.targets.append(
+        Target(
+            f"round trip, {rows} float32 rows: v2 binary / ours",
+            "<=",
+            V2_TARGET,
+            v2.ms / ours.ms,
+            f"{v2.ms:.2f} vs {ours.ms:.2f} ms; {_round_ratios(v2, ours)}",
+        )
+    )
+    if rows == SHM_ROWS:
+        section.targets.append(
+            Target(
+                f"round trip, {rows} float32 rows: shared memory / socket floor",
+                "<=",
+                1.0,
+                shm.ms / socket.ms,
+                f"{shm.ms:.2f} vs {socket.ms:.2f} ms; {_round_ratios(shm, socket)}",
+            )
+        )
+
+
+def _shm_growth_target(section: Section) -> None:
+    """Through shared memory, 4x the rows costs at most 20% more: what a request carries no longer grows with them."""
+    ms = {row["rows"]: row["ms"] for row in section.rows if row["candidate"] == SHARED_MEMORY}
+    if SHM_ROWS in ms and 4 * SHM_ROWS in ms:
+        more, base = ms[4 * SHM_ROWS], ms[SHM_ROWS]
+        section.targets.append(
+            Target(
+                f"shared memory: {4 * SHM_ROWS} rows / {SHM_ROWS} rows",
+                "<=",
+                SHM_GROWTH_TARGET,
+                more / base,
+                f"{more:.2f} vs {base:.2f} ms",
+            )
+        )
 
 
 def _triton_target(section: Section, rows: int, results: dict[str, Result]) -> None:

@@ -11,9 +11,11 @@ request.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 import torch
 
 from bench import triton_client
@@ -24,9 +26,12 @@ from bench.sections import Section, Target
 from bench.servers import ServerProcess, triton_missing
 from bench.timing import median, order, percentile
 from bench.triton_client import TRITON
-from shared import codec, protocol
+from shared import codec, oip, protocol
+from shared.client.shared_memory import ClientRegion
 
 TARGET_FRACTION = 0.85
+# ours with batching on, the rows in shared memory: its label, in the `batching` column
+SHARED_MEMORY = "on, shared memory"
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class Server:
     process: ServerProcess
     # (safetensors input file, rows) -> what a client posts
     request: Callable[[bytes, int], Request]
+    # after each load: what its requests held is let go (shared-memory regions)
+    release: Callable[[], None] = lambda: None
 
     @property
     def url(self) -> str:
@@ -80,6 +87,32 @@ def ours(label: str, process: ServerProcess, teacher: str) -> Server:
     return Server(label, process, lambda body, rows: Request(protocol.SOFT_TARGETS_PATH, body, rows, params))
 
 
+def ours_shared_memory(label: str, process: ServerProcess, teacher: str, classes: int) -> Server:
+    """Ours with each client's rows and answers in a shared-memory region of its own, registered before the load, as
+    the project's client keeps one (shared/client/shared_memory.py): a request is a few hundred bytes of JSON. The
+    rows are written into the region once, as a load generator builds its bodies before the clock starts."""
+    held: list[ClientRegion] = []
+
+    def request(body: bytes, rows: int) -> Request:
+        x = codec.decode(body)[codec.INPUTS_KEY].numpy()
+        region = ClientRegion(x.nbytes, rows * classes * 4)
+        held.append(region)
+        path = f"{oip.SHM_PATH}/region/{region.name}/register"
+        answer = httpx.post(process.url + path, content=json.dumps(region.registration()), timeout=60)
+        if answer.status_code != 200:
+            raise RuntimeError(f"registering a region answered {answer.status_code}: {answer.text[:300]}")
+        region.write_rows(x)
+        content = json.dumps(region.infer_request(x, classes, {"cache": "bypass"})).encode()
+        return Request(f"/v2/models/{teacher}/infer", content, rows, headers={"content-type": "application/json"})
+
+    def release() -> None:
+        # unlinked: the service drops their regions
+        while held:
+            held.pop().close()
+
+    return Server(label, process, request, release)
+
+
 def triton(label: str, process: ServerProcess, teacher: str) -> Server:
     """Triton's model `teacher`: the same rows as ours get, sent as Triton's binary-tensor infer request
     (bench/triton_client.py), by the same load generator."""
@@ -105,9 +138,12 @@ def measure(
                 for load in loads(spec):
                     count = max(1, spec.round_rows(teacher) // (load.clients * load.rows))
                     requests = [server.request(body, load.rows) for body in files[load]]
-                    results.setdefault((server.label, load), []).append(
-                        closed_loop(server.url, requests, count, server.process.cpu_seconds)
-                    )
+                    try:
+                        results.setdefault((server.label, load), []).append(
+                            closed_loop(server.url, requests, count, server.process.cpu_seconds)
+                        )
+                    finally:
+                        server.release()
     return results
 
 
@@ -158,6 +194,8 @@ def run(ctx: Context) -> Section:
     processes = {"on": ctx.service(batching=True), "off": ctx.service(batching=False)}
     for teacher in spec.teachers:
         servers = [ours(label, process, teacher) for label, process in processes.items()]
+        classes = ctx.teacher(teacher).num_classes
+        servers.append(ours_shared_memory(SHARED_MEMORY, processes["on"], teacher, classes))
         if not missing:
             servers.append(triton(TRITON, ctx.triton(teacher), teacher))
         results = measure(ctx, spec, teacher, servers)

@@ -46,12 +46,15 @@ def encode(tensors: dict[str, torch.Tensor]) -> bytes:
 ALIGNMENT = 64
 
 
-def assemble(chunks: list[bytes]) -> np.ndarray:
-    """The body `chunks` make, copied once into one writable uint8 array laid out so that the data after its
-    safetensors header begins at a multiple of ALIGNMENT: the body `decode` views rather than copies."""
+def assemble(chunks: list[bytes], data_start: int | None = None) -> np.ndarray:
+    """The body `chunks` make, copied once into one writable uint8 array laid out so that its data begins at a
+    multiple of ALIGNMENT: the data after its safetensors header (the body `decode` views rather than copies), or
+    from byte `data_start` where the caller knows where the data begins (a v2 binary body's tensors)."""
     size = sum(len(chunk) for chunk in chunks)
-    length = _first_bytes(chunks, 8)
-    start = 8 + struct.unpack("<Q", length)[0] if len(length) == 8 else 0
+    if data_start is None:
+        length = _first_bytes(chunks, 8)
+        data_start = 8 + struct.unpack("<Q", length)[0] if len(length) == 8 else 0
+    start = data_start
     pad = -start % ALIGNMENT
     # torch's allocator aligns to ALIGNMENT; numpy's does not promise to
     body = torch.empty(pad + size, dtype=torch.uint8).numpy()[pad:]

@@ -23,6 +23,7 @@ from shared.wire import (  # noqa: F401
     KEYS_FIRST,
     KEYS_KEY,
     NON_FINITE_OUTPUT,
+    SHARED_MEMORY,
     SOFT_TARGET_KEYS_PATH,
     SOFT_TARGETS_PATH,
     TEACHERS_PATH,
@@ -108,5 +109,5 @@ class TeacherInfo(BaseModel):
 class TeachersResponse(BaseModel):
     teachers: list[TeacherInfo]
     features: list[str] = Field(
-        default_factory=list, description=f"Optional paths this service offers: {KEYS_FIRST!r}."
+        default_factory=list, description=f"Optional paths this service offers: {KEYS_FIRST!r}, {SHARED_MEMORY!r}."
     )

@@ -17,6 +17,9 @@ KEYS_FIRST = "keys-first"
 KEYS_KEY = "keys"
 FOUND_KEY = "found"
 TEACHERS_PATH = "/teachers"
+# Offered where /teachers lists it: the Open Inference Protocol's system shared-memory regions (shared/oip.py), which a
+# client on the service's host uses so that a request carries neither its rows nor its answer.
+SHARED_MEMORY = "system-shared-memory"
 
 INPUTS_KEY = "inputs"
 INPUT_DTYPES = ("uint8", "float16", "float32")

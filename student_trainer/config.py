@@ -99,6 +99,10 @@ class TeacherRef(StrictConfig):
     # Clean queries ask by row keys first where the service offers it (a service with a cache): only the rows it has
     # not cached are uploaded. false: every row is uploaded whole.
     keys_first: bool = True
+    # Rows and answers through a shared-memory region where the service offers it and sees this process's shared
+    # memory (the same host, or containers sharing /dev/shm): a request then carries neither. Answers are the same bit
+    # for bit. false: rows go in request bodies.
+    shared_memory: bool = True
     # Ask the service while the student computes: a step sends its query as soon as its inputs are known (ARD, IAD:
     # the clean batch before the attack; AKD, IAD: the adversarial batch before the student's forward pass on it), and
     # the trainer asks about the next batch's clean inputs before this step runs (ARD, RSLAD, IAD). The trained

@@ -80,6 +80,7 @@ class RemoteTeacher:
         adversarial_cache: CacheMode = CacheMode.bypass,
         affinity: bool = True,
         keys_first: bool = True,
+        shared_memory: bool = True,
     ):
         self.client = TeacherClient(
             url,
@@ -93,6 +94,7 @@ class RemoteTeacher:
             adversarial_cache=adversarial_cache,
             affinity=affinity,
             keys_first=keys_first,
+            shared_memory=shared_memory,
         )
         self.url, self.temperature = self.client.url, temperature
 
@@ -112,6 +114,12 @@ class RemoteTeacher:
     @property
     def rows_uploaded(self) -> int:
         return self.client.rows_uploaded
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether rows and answers go through shared memory: asked for, offered by one service on this host, and
+        not refused since (known once info() has run)."""
+        return self.client.shared_memory
 
     @property
     def keys_first(self) -> bool:

@@ -75,6 +75,7 @@ def make_teacher(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Te
             adversarial_cache=t.cache.adversarial,
             affinity=t.affinity,
             keys_first=t.keys_first,
+            shared_memory=t.shared_memory,
         )
     else:
         teacher = LocalTeacher(t.config, t.name, cfg.temperature, device)

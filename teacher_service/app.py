@@ -16,13 +16,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from shared.version import VERSION
+from teacher_service import oip_routes
 from teacher_service.batcher import Batcher
 from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
 from teacher_service.framework import TeacherApp, warn_if_untested
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.routes import open_router, require_token, router, soft_targets
-from teacher_service.service import build_service, flush_periodically
+from teacher_service.service import build_service, flush_periodically, sweep_regions_periodically
 from teacher_service.spec import install_spec
 
 log = logging.getLogger("akd.service")
@@ -49,6 +50,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for b in service.batchers.values():
             b.start()
         flusher = asyncio.create_task(flush_periodically(service, server.cache.flush_s)) if service.cache else None
+        sweeper = (
+            asyncio.create_task(sweep_regions_periodically(service, server.shared_memory.sweep_s))
+            if service.regions is not None
+            else None
+        )
         warn_if_untested()
         log.info("serving %s on %s", ", ".join(service.teachers), service.device)
         try:
@@ -58,8 +64,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         finally:
             # from here on it takes no new queries, and says so
             service.stop()
-            if flusher:
-                flusher.cancel()
+            for task in (flusher, sweeper):
+                if task:
+                    task.cancel()
             for b in service.batchers.values():
                 await b.close()
             if service.cache:
@@ -81,9 +88,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(open_router)
-    # every trainer's request: its route as routes.py declares it, served past FastAPI's per-request layers
-    # (framework.py)
+    # the Open Inference Protocol (KServe v2) beside the native API
+    app.include_router(oip_routes.router)
+    app.include_router(oip_routes.open_router)
+    # every trainer's request, native and v2: each route as its module declares it, served past FastAPI's
+    # per-request layers (framework.py)
     app.serve_directly(router, soft_targets)
+    app.serve_directly(oip_routes.router, oip_routes.infer)
     _add_docs_routes(app)
     # /docs and /openapi.json serve the routes' spec as this config has them (spec.py)
     install_spec(app, config)

@@ -36,7 +36,11 @@ async def off_loop_if_large(executor: Executor, size: int, inline_bytes: int, fn
 
 
 async def read_body(
-    request: Request, server: ServerConfig, held: Held, check_header: Callable[[bytes], bool]
+    request: Request,
+    server: ServerConfig,
+    held: Held,
+    check_header: Callable[[bytes], bool],
+    data_start: int | None = None,
 ) -> np.ndarray:
     """The body, refused as soon as the bytes so far allow, so a body that will be refused is never held whole.
 
@@ -44,7 +48,7 @@ async def read_body(
     together: 503. When the safetensors header, the first bytes, already declares a tensor that will be refused
     (`check_header`): its 413/422 before the rest arrives. When the whole body has not arrived `timeouts.body_s` after
     the head: 408, and the connection closes (a stalled or trickling client holds nothing longer). A client that
-    hangs up: ClientGone.
+    hangs up: ClientGone. The body is laid out as `codec.assemble` lays it out, `data_start` as it says.
     """
     limit = server.limits.body_bytes
 
@@ -76,7 +80,7 @@ async def read_body(
         except ClientDisconnect:
             raise ClientGone(size, declared) from None
         # one copy, laid out so that the codec views the tensors in it rather than copy them again
-        return codec.assemble(chunks)
+        return codec.assemble(chunks, data_start)
 
     try:
         # one deadline for the whole body, kept in this task (no new task is made for it)

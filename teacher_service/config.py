@@ -63,6 +63,10 @@ FLAT_NAMES = {
     "batching": "batching.enabled",
     "max_batch_rows": "batching.max_rows",
     "max_wait_ms": "batching.max_wait_ms",
+    "shm_enabled": "shared_memory.enabled",
+    "shm_max_regions": "shared_memory.max_regions",
+    "shm_max_bytes": "shared_memory.max_bytes",
+    "shm_sweep_s": "shared_memory.sweep_s",
 }
 SECTIONS = frozenset(dotted.split(".")[0] for dotted in FLAT_NAMES.values())
 
@@ -248,6 +252,19 @@ class BatchingSection(StrictConfig):
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
 
 
+class SharedMemorySection(StrictConfig):
+    """[server.shared_memory]: the Open Inference Protocol's system shared-memory regions, which clients on the
+    service's host register so that a request's tensors need not travel in its body (teacher_service/shared_memory.py).
+    """
+
+    enabled: bool = True
+    max_regions: Count = Field(64, description="Regions registered at once, by every client together; past it, 429.")
+    max_bytes: Count = Field(1 << 30, description="Bytes of every registered region together; past it, 429.")
+    sweep_s: Positive = Field(
+        5.0, description="How often regions whose client is gone (or whose segment was unlinked) are dropped."
+    )
+
+
 class ServerConfig(StrictConfig):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -271,6 +288,7 @@ class ServerConfig(StrictConfig):
     limits: LimitsSection = LimitsSection()
     timeouts: TimeoutsSection = TimeoutsSection()
     batching: BatchingSection = BatchingSection()
+    shared_memory: SharedMemorySection = SharedMemorySection()
 
     @model_validator(mode="before")
     @classmethod

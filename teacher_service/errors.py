@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from shared import oip, oip_models
 from shared.protocol import ErrorBody, ErrorDetail
 
 log = logging.getLogger("akd.service")
@@ -80,7 +81,21 @@ def error_response(request: Request, exc: Exception) -> Response:
         )
         status, headers = 500, None
     service.metrics.request(service.label(request), status)
-    return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=status, headers=headers)
+    return JSONResponse(_body(request, detail), status_code=status, headers=headers)
+
+
+def _body(request: Request, detail: ErrorDetail) -> dict:
+    """The native ErrorBody; under /v2, the Open Inference Protocol's `{"error": "..."}`, with the same fields."""
+    if not request.url.path.startswith(oip.V2 + "/") and request.url.path != oip.V2:
+        return ErrorBody(error=detail).model_dump()
+    said = [
+        f"expected {detail.expected}" if detail.expected else "",
+        f"received {detail.received}" if detail.received else "",
+    ]
+    message = detail.message + (f" ({'; '.join(s for s in said if s)})" if any(said) else "")
+    return oip_models.ErrorResponse(
+        error=message, code=detail.code, expected=detail.expected, received=detail.received
+    ).model_dump()
 
 
 def _bad_parameter(exc: RequestValidationError) -> ErrorDetail:

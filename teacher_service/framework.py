@@ -3,18 +3,21 @@ internals rather than on their documented use. Each bend is kept because it was 
 against the framework's own way (tests/service/test_hot_route.py, tests/service/test_limits.py) on the versions in
 `TESTED_VERSIONS`, which pyproject.toml pins (tests/service/test_framework_versions.py holds the three together).
 
-`TeacherApp` overrides `FastAPI.__call__` to serve one declared route (POST /soft-targets, every trainer's request)
-directly, past FastAPI's per-request layers: on a cached small request, its telemetry, Starlette's middleware stack,
-the router's match over every route and dependency solving are a sizeable share of the event loop's CPU, and that loop
-bounds how many trainers one teacher serves (measured: docs/design/teacher-service.md). It relies on:
+`TeacherApp` overrides `FastAPI.__call__` to serve a few declared routes (POST /soft-targets, every trainer's
+request, and the Open Inference Protocol's POST /v2/models/{model}/infer) directly, past FastAPI's per-request
+layers: on a cached small request, its telemetry, Starlette's middleware stack, the router's match over every route
+and dependency solving are a sizeable share of the event loop's CPU, and that loop bounds how many trainers one
+teacher serves (measured: docs/design/teacher-service.md). It relies on:
 
 - `FastAPI.__call__(scope, receive, send)` being the app's whole way in, which sets `scope["root_path"]` from
   `FastAPI.root_path` (unset here) and, through `Starlette.__call__`, `scope["app"]`, the app `Request.app` reads;
   every request it does not serve directly still goes through it;
 - the `APIRoute` an `APIRouter` registered for the endpoint (`APIRouter.routes`): its `endpoint`, `path`,
   `methods`, `name` and `dependencies` (the router's `Depends` with the route's, which FastAPI awaits in order
-  before the endpoint's own `Depends` parameters, and those before it validates the query), and the router
-  included in the app without a prefix (`url_path_for` gives the route's own path) or dependencies of its own;
+  before the endpoint's own `Depends` parameters, and those before it validates the query), its `path_regex` and
+  `param_convertors` (a `str` path parameter's value is its match, which Starlette's routing sets in
+  `scope["path_params"]`), and the router included in the app without a prefix (`url_path_for` gives the route's
+  own path) or dependencies of its own;
 - how FastAPI reads a query model (a parameter `Annotated[Model, Query()]`): the model validated from the query
   string, the last value of a repeated name, a failure raised as `RequestValidationError` whose errors' `loc` start
   with "query";
@@ -55,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,6 +70,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends, Query
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.convertors import StringConvertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -100,25 +105,25 @@ def warn_if_untested() -> None:
 
 
 class TeacherApp(FastAPI):
-    """The service's FastAPI app, with the route of one endpoint served directly (`serve_directly`)."""
+    """The service's FastAPI app, with the routes of a few endpoints served directly (`serve_directly`)."""
 
-    direct_route: DirectRoute | None = None
+    direct_routes: tuple[DirectRoute, ...] = ()
 
     def serve_directly(self, router: APIRouter, endpoint: Callable[..., Awaitable[Response]]) -> None:
         """Serve the route `router` declares for `endpoint` past FastAPI's per-request layers, as FastAPI would.
 
         `router` is included in this app without a prefix or dependencies of its own (the prefix is checked).
         """
-        self.direct_route = DirectRoute.of(self, router, endpoint)
+        self.direct_routes = (*self.direct_routes, DirectRoute.of(self, router, endpoint))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        direct = self.direct_route
-        if direct is not None and direct.serves(scope):
-            # what Starlette sets, and what request.app reads
-            scope["app"] = self
-            await direct(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+        for direct in self.direct_routes:
+            if direct.serves(scope):
+                # what Starlette sets, and what request.app reads
+                scope["app"] = self
+                await direct(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 Dependency = Callable[[Request], Awaitable[Any]]
@@ -129,11 +134,14 @@ class DirectRoute:
     """A route FastAPI registered, served without FastAPI: what FastAPI would do for it, read from its declaration.
 
     `of` refuses a route that declares anything done here differently from FastAPI, so the declaration stays the
-    one truth: the endpoint's parameters may be only the request, one query model and `Depends` of a one-argument
-    `async def (request)`, and the route's own dependencies the same.
+    one truth: the endpoint's parameters may be only the request, one query model, `Depends` of a one-argument
+    `async def (request)`, and `str` path parameters (which any path segment matches, as FastAPI's `str` does), and
+    the route's own dependencies the same.
     """
 
     path: str
+    # the path's pattern where it has parameters (APIRoute.path_regex); None for a fixed path
+    pattern: re.Pattern | None
     method: str
     endpoint: Callable[..., Awaitable[Response]]
     # the route's `dependencies` (the router's): awaited in order, values unused
@@ -144,11 +152,13 @@ class DirectRoute:
     query: tuple[str, type[BaseModel]] | None
     # the endpoint's `Request` parameter
     request: str | None
+    # the endpoint's path parameters, by name
+    path_parameters: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, app: FastAPI, router: APIRouter, endpoint: Callable[..., Awaitable[Response]]) -> DirectRoute:
         route = _route_of(app, router, endpoint)
-        dependencies, query, request = [], None, None
+        dependencies, query, request, in_path = [], None, None, []
         for name, hint, default in _parameters(endpoint):
             model = _query_model(hint)
             if isinstance(default, Depends):
@@ -157,25 +167,34 @@ class DirectRoute:
                 request = name
             elif query is None and model is not None:
                 query = (name, model)
+            elif name in route.param_convertors and hint is str and default is inspect.Parameter.empty:
+                in_path.append(name)
             else:
                 raise TypeError(f"{endpoint.__name__}: a direct route cannot make parameter {name!r} as FastAPI would")
+        if set(in_path) != set(route.param_convertors) or any(
+            type(c) is not StringConvertor for c in route.param_convertors.values()
+        ):
+            raise TypeError(f"{endpoint.__name__}: a direct route's path parameters are `str` parameters of its own")
         (method,) = route.methods
         checks = tuple(_plain(d, endpoint) for d in route.dependencies)
         awaited = [*checks, *(fn for _, fn in dependencies)]
         if len(set(awaited)) < len(awaited):
             raise TypeError(f"{endpoint.__name__}: FastAPI awaits a repeated dependency once; a direct route would not")
-        return cls(route.path, method, endpoint, checks, tuple(dependencies), query, request)
+        pattern = route.path_regex if in_path else None
+        return cls(route.path, pattern, method, endpoint, checks, tuple(dependencies), query, request, tuple(in_path))
 
     def serves(self, scope: Scope) -> bool:
         """This route's requests, but under a root_path (which FastAPI's routing strips): those are FastAPI's."""
-        return (
-            scope["type"] == "http"
-            and scope["method"] == self.method
-            and scope["path"] == self.path
-            and not scope.get("root_path")
-        )
+        if scope["type"] != "http" or scope["method"] != self.method or scope.get("root_path"):
+            return False
+        if self.pattern is None:
+            return scope["path"] == self.path
+        return self.pattern.match(scope["path"]) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.pattern is not None:
+            # what Starlette's routing sets, and what request.path_params reads
+            scope["path_params"] = self.pattern.match(scope["path"]).groupdict()
         request = Request(scope, receive)
         try:
             response = await self.endpoint(**await self.arguments(request))
@@ -194,6 +213,8 @@ class DirectRoute:
             arguments[self.query[0]] = read_query(self.query[1], request)
         if self.request is not None:
             arguments[self.request] = request
+        for name in self.path_parameters:
+            arguments[name] = request.path_params[name]
         return arguments
 
 
@@ -207,11 +228,12 @@ def read_query(model: type[BaseModel], request: Request) -> BaseModel:
 
 def _route_of(app: FastAPI, router: APIRouter, endpoint: Callable) -> APIRoute:
     routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint]
-    if len(routes) != 1 or len(routes[0].methods) != 1 or "{" in routes[0].path:
-        raise TypeError(f"{endpoint.__name__}: a direct route needs one route of one method and no path parameters")
+    if len(routes) != 1 or len(routes[0].methods) != 1:
+        raise TypeError(f"{endpoint.__name__}: a direct route needs one route of one method")
     if not inspect.iscoroutinefunction(endpoint):
         raise TypeError(f"{endpoint.__name__}: a direct route's endpoint is an `async def`")
-    if app.url_path_for(routes[0].name) != routes[0].path:
+    placeholders = {name: f"{{{name}}}" for name in routes[0].param_convertors}
+    if app.url_path_for(routes[0].name, **placeholders) != routes[0].path:
         raise TypeError(f"{endpoint.__name__}: a direct route's router is included without a prefix")
     return routes[0]
 

@@ -104,6 +104,10 @@ class Metrics:
         self.cache_bytes = Gauge("akd_cache_bytes", "Bytes counted against cache.max_bytes.", registry=r)
         self.cache_max_bytes = Gauge("akd_cache_max_bytes", "The cache size bound.", registry=r)
         self.cache_full = Gauge("akd_cache_full", "1 once the size bound (or a full disk) stopped inserts.", registry=r)
+        self.shm_regions = Gauge(
+            "akd_shm_regions", "System shared-memory regions registered (Open Inference Protocol).", registry=r
+        )
+        self.shm_bytes = Gauge("akd_shm_bytes", "Bytes of the registered shared-memory regions.", registry=r)
         self.cache_counts = StateCounters(CACHE_COUNTERS)
         r.register(self.cache_counts)
         self.nonfinite_rows = Counter(

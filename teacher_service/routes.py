@@ -12,6 +12,7 @@ this declaration (its path and method, the router's token check, the endpoint's 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable
 from typing import Annotated
 
 import numpy as np
@@ -29,7 +30,7 @@ from shared.protocol import (
     SoftTargetsQuery,
     TeachersResponse,
 )
-from teacher_service.batcher import QueueFull
+from teacher_service.batcher import Batcher, QueueFull
 from teacher_service.body import (
     INLINE_ANSWER_BYTES,
     INLINE_BODY_BYTES,
@@ -43,7 +44,7 @@ from teacher_service.body import (
 )
 from teacher_service.ensemble import aggregate_probs, mean_logits
 from teacher_service.errors import ServiceError
-from teacher_service.inference import RowsResult
+from teacher_service.inference import Rows, RowsResult
 from teacher_service.metrics import CONTENT_TYPE
 from teacher_service.registry import Teacher
 from teacher_service.service import Service
@@ -175,17 +176,7 @@ async def soft_targets(
             del body
             # the header check refuses a declared row count over the bound; this one holds whatever was declared
             check_rows(len(rows), server.limits.queue_rows)
-            try:
-                queued = batcher.enqueue(rows)
-            except QueueFull as exc:
-                raise ServiceError(
-                    503,
-                    "queue_full",
-                    "the service is saturated; retry shortly",
-                    f"fewer than {exc.limit} queued rows",
-                    f"{exc.queued} queued rows",
-                    headers={"Retry-After": "1"},
-                ) from None
+            queued = enqueue(batcher, rows)
         result = await queued
         tau = t.config.temperature if query.temperature is None else query.temperature
         payload = await off_loop_if_large(
@@ -199,7 +190,7 @@ async def soft_targets(
             wanted,
         )
     service.metrics.request(t.name, 200, len(rows))
-    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, result.cache_hits))
+    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=answer_headers(t, result.cache_hits))
 
 
 @router.post(
@@ -245,13 +236,13 @@ async def soft_target_keys(
         check_rows(len(keys), server.limits.queue_rows)
         member_logits, found = await service.cached(t.name, keys)
     tau = t.config.temperature if query.temperature is None else query.temperature
-    tensors = _outputs(member_logits, t, tau, wanted)
+    tensors = outputs_of(member_logits, t, tau, wanted)
     tensors[protocol.FOUND_KEY] = torch.from_numpy(found.astype(np.uint8))
     payload = await off_loop_if_large(
         service.coding_executor, member_logits.numel() * 4, INLINE_ANSWER_BYTES, codec.encode, tensors
     )
     service.metrics.request(t.name, 200, int(found.sum()))
-    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=_answer_headers(t, int(found.sum())))
+    return Response(payload, media_type=protocol.MEDIA_TYPE, headers=answer_headers(t, int(found.sum())))
 
 
 @router.get(protocol.TEACHERS_PATH, response_model=TeachersResponse)
@@ -289,7 +280,22 @@ async def metrics(service: Service = Depends(current_service)) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _answer_headers(teacher: Teacher, hits: int) -> dict[str, str]:
+def enqueue(batcher: Batcher, rows: Rows) -> Awaitable[RowsResult]:
+    """The rows queued for the teacher's next batches, or 503 with Retry-After when its queue is full."""
+    try:
+        return batcher.enqueue(rows)
+    except QueueFull as exc:
+        raise ServiceError(
+            503,
+            "queue_full",
+            "the service is saturated; retry shortly",
+            f"fewer than {exc.limit} queued rows",
+            f"{exc.queued} queued rows",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def answer_headers(teacher: Teacher, hits: int) -> dict[str, str]:
     return {
         protocol.HEADER_CACHE_HITS: str(hits),
         protocol.HEADER_TEACHER_VERSIONS: ",".join(teacher.versions),
@@ -310,7 +316,7 @@ def _wanted(outputs: str) -> list[Output]:
         ) from None
 
 
-def _outputs(
+def outputs_of(
     member_logits: torch.Tensor, teacher: Teacher, temperature: float, wanted: list[Output]
 ) -> dict[str, torch.Tensor]:
     tensors = {}
@@ -324,4 +330,4 @@ def _outputs(
 
 
 def _encode_result(result: RowsResult, teacher: Teacher, temperature: float, wanted: list[Output]) -> bytes:
-    return codec.encode(_outputs(result.member_logits, teacher, temperature, wanted))
+    return codec.encode(outputs_of(result.member_logits, teacher, temperature, wanted))

@@ -28,6 +28,7 @@ from teacher_service.inference import TeacherRunner
 from teacher_service.metrics import CacheCounts, Metrics
 from teacher_service.openmp import serial_cpu_ops
 from teacher_service.registry import Teacher, load_teachers
+from teacher_service.shared_memory import SharedMemoryRegions
 from teacher_service.staging import Staging
 
 # Threads that decode large bodies and encode large answers: CPU work that holds the GIL for much of it, so more
@@ -94,6 +95,8 @@ class Service:
     coding_executor: ThreadPoolExecutor
     device: str
     inflight: InflightBytes
+    # the Open Inference Protocol's system shared-memory regions; None where [server.shared_memory] is off
+    regions: SharedMemoryRegions | None = None
     batchers: dict[str, Batcher] | None = None
     # set once the service is told to stop (a signal, or the app's shutdown): it is then no longer ready
     draining: bool = False
@@ -103,6 +106,8 @@ class Service:
             worker.executor.shutdown(wait=True)
         self.cache_executor.shutdown(wait=True)
         self.coding_executor.shutdown(wait=True)
+        if self.regions is not None:
+            self.regions.close()
 
     def stop(self) -> None:
         """Told to stop: no longer ready from now on (it may still serve a while: server.py's drain)."""
@@ -143,7 +148,8 @@ class Service:
 
     @property
     def features(self) -> list[str]:
-        return [protocol.KEYS_FIRST] if self.cache is not None else []
+        offered = [protocol.KEYS_FIRST] if self.cache is not None else []
+        return offered + ([protocol.SHARED_MEMORY] if self.regions is not None else [])
 
     def teacher(self, name: str | None) -> Teacher:
         if name is None:
@@ -200,7 +206,10 @@ def build_service(config: ServiceConfig) -> Service:
         ", ".join(str(d) for d in devices),
         InflightBytes(server.limits.inflight_bytes, metrics),
     )
-    metrics.on_collect(lambda: _refresh_cache_gauges(service))
+    shm = server.shared_memory
+    if shm.enabled:
+        service.regions = SharedMemoryRegions(shm.max_regions, shm.max_bytes)
+    metrics.on_collect(lambda: _refresh_gauges(service))
     if cache is not None:
         metrics.cache_counts.read_from(lambda: _cache_counts(cache))
     return service
@@ -224,7 +233,10 @@ def _runners(config: ServiceConfig, cache: LogitCache | None, metrics: Metrics, 
     }
 
 
-def _refresh_cache_gauges(service: Service) -> None:
+def _refresh_gauges(service: Service) -> None:
+    if service.regions is not None:
+        service.metrics.shm_regions.set(service.regions.count)
+        service.metrics.shm_bytes.set(service.regions.registered_bytes)
     if service.cache is None:
         return
     m, cache = service.metrics, service.cache
@@ -245,6 +257,14 @@ def _cache_counts(cache: LogitCache) -> CacheCounts:
         "akd_cache_damaged_rows": {version: rows for version, (rows, _) in damage.items()},
         "akd_cache_damaged_namespaces": {version: namespaces for version, (_, namespaces) in damage.items()},
     }
+
+
+async def sweep_regions_periodically(service: Service, every_s: float) -> None:
+    """Drops the shared-memory regions whose client is gone (SharedMemoryRegions.sweep), every `every_s`."""
+    while True:
+        await asyncio.sleep(every_s)
+        # it reads every process's memory map: off the event loop
+        await asyncio.to_thread(service.regions.sweep)
 
 
 async def flush_periodically(service: Service, every_s: float) -> None:

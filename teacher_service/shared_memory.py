@@ -3,7 +3,7 @@
 A client (tritonclient.utils.shared_memory) creates a POSIX segment (shm_open: the file /dev/shm/<key>), registers a
 region of it by name (key, offset, byte_size), then names that region in an infer request's inputs and outputs
 instead of sending their bytes. `SharedMemoryRegions` is the table of those regions: it checks each registration, maps
-only the registered range, lends views of it one use at a time, and drops the regions whose client is gone.
+only the registered range, hands out views of it one use at a time, and drops the regions whose client is gone.
 
 Invariants, each for a reason:
 - A key is one file name in the shm folder, never a path, opened without following a symlink, and only a regular file

@@ -12,14 +12,17 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from shared import oip
 from shared.protocol import HEALTH_PATH, READY_PATH
 from teacher_service.config import ServiceConfig
 
 # the security scheme's name in components.securitySchemes
 BEARER = "bearerToken"
 # the probes, answered without the token
-OPEN_PATHS = (HEALTH_PATH, READY_PATH)
+OPEN_PATHS = (HEALTH_PATH, READY_PATH, oip.LIVE_PATH, oip.READY_PATH)
 _ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+# the Open Inference Protocol's routes answer in its error shape
+_V2_ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
 
 def install_spec(app: FastAPI, config: ServiceConfig) -> None:
@@ -52,7 +55,7 @@ def describe_config(spec: dict[str, Any], config: ServiceConfig) -> dict[str, An
         }
         for path, op in operations:
             if path not in OPEN_PATHS:
-                _guard(op)
+                _guard(op, _V2_ERROR_BODY if path.startswith(oip.V2) else _ERROR_BODY)
     return spec
 
 
@@ -67,8 +70,8 @@ def _describe_teacher(param: dict[str, Any], names: list[str]) -> None:
     )
 
 
-def _guard(op: dict[str, Any]) -> None:
+def _guard(op: dict[str, Any], error_body: dict[str, Any]) -> None:
     op["security"] = [{BEARER: []}]
     op.setdefault("responses", {}).setdefault(
-        "401", {"description": "No bearer token, or a different one.", "content": _ERROR_BODY}
+        "401", {"description": "No bearer token, or a different one.", "content": error_body}
     )

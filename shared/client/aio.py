@@ -30,6 +30,8 @@ class AsyncTeacherClient(ClientCore):
         self._replicas = [
             httpx.AsyncClient(base_url=u, headers=self.headers, timeout=self.timeout_s) for u in self.urls
         ]
+        # its calls may run at once, and a client has one shared-memory region: its rows go in request bodies
+        self.wants_shared_memory = False
         # set by aclose(): ends a retry's wait at once
         self._wake = asyncio.Event()
         self._in_flight = 0

@@ -8,8 +8,10 @@ httpx.AsyncClient: both ask, fail over, retry, check and count the same way, bec
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -19,15 +21,17 @@ import httpx
 import numpy as np
 
 from shared.client.answers import cache_hits, checked_found, checked_probs, checked_teacher, decoded
-from shared.client.arrays import encode_inputs, encode_keys
+from shared.client.arrays import Tensor, encode_inputs, encode_keys
 from shared.client.backoff import Backoff, Uniform
 from shared.client.errors import BadAnswer, TeacherAnswerError, TeacherRequestError, TeacherUnavailable, one_line
 from shared.client.listing import TeacherInfo, parse_listing
+from shared.client.shared_memory import REGION_NOT_FOUND, ClientRegion, answer_shape, call_bytes
 from shared.wire import (
     FOUND_KEY,
     HEADER_AFFINITY,
     KEYS_FIRST,
     NON_FINITE_OUTPUT,
+    SHARED_MEMORY,
     SOFT_TARGET_KEYS_PATH,
     SOFT_TARGETS_PATH,
     TEACHERS_PATH,
@@ -114,7 +118,10 @@ class ClientCore:
     jittered backoff (`Backoff`: capped at `max_backoff_s`, drawn with `rng`) on top of any Retry-After.
     `clean_cache`, `adversarial_cache`: the service's cache mode for each kind of query. `affinity`: queries the cache
     keeps carry X-AKD-Affinity, so that a balancer sends them to one replica. `keys_first`: ask for cached rows by key
-    and upload only the others, where info() finds the service offers it.
+    and upload only the others, where info() finds the service offers it. `shared_memory`: where info() finds one
+    service (not replicas) offering it and the service sees this process's shared memory (registering a region is the
+    probe), rows and answers go through one region of this client's (`shared.client.shared_memory`) and a request
+    carries neither; the answers are the same bit for bit. One call at a time uses the region.
 
     Every answer is checked before it is returned (`shared.client.answers`): decoded, the tensors and shape asked
     for, rows that are probabilities, the teacher the client started with (from info() or the first call). A wrong
@@ -136,6 +143,7 @@ class ClientCore:
         adversarial_cache: CacheMode | str = CacheMode.bypass,
         affinity: bool = True,
         keys_first: bool = True,
+        shared_memory: bool = True,
         rng: Uniform | None = None,
     ):
         urls = [url] if isinstance(url, str) else list(url)
@@ -152,6 +160,9 @@ class ClientCore:
         self.affinity = affinity
         # keys first is used only once info() has seen the service offer it
         self.wants_keys_first, self.keys_first = keys_first, False
+        # the same for shared memory, which the first upload's registration then confirms (or turns off)
+        self.wants_shared_memory, self.shared_memory = shared_memory, False
+        self.region: ClientRegion | None = None
         # counters since the client was made: rows asked for, how many of them the service's cache answered, and
         # how many were sent whole (the rest were asked for by key)
         self.rows_requested, self.cache_hits, self.rows_uploaded = 0, 0, 0
@@ -187,6 +198,7 @@ class ClientCore:
                     "every url in teacher.url must serve the same teacher config"
                 )
         self.keys_first = self.wants_keys_first and KEYS_FIRST in features
+        self.shared_memory = self.wants_shared_memory and SHARED_MEMORY in features and len(self.urls) == 1
         self._started_with = teacher
         return teacher
 
@@ -267,6 +279,10 @@ class ClientCore:
         return probs, found
 
     def _upload(self, rows: np.ndarray, params: dict, headers: dict, teacher: TeacherInfo) -> Steps[np.ndarray]:
+        if self.shared_memory:
+            probs = yield from self._through_region(rows, params, headers, teacher)
+            if probs is not None:
+                return probs
         read = lambda response: self._answered_rows(response, len(rows), teacher)  # noqa: E731
         probs, hits = yield from self._exchange(
             "POST", SOFT_TARGETS_PATH, read, params=params, headers=headers, content=encode_inputs(rows)
@@ -274,6 +290,83 @@ class ClientCore:
         self.rows_uploaded += len(rows)
         self.cache_hits += hits
         return probs
+
+    def _through_region(
+        self, rows: np.ndarray, params: dict, headers: dict, teacher: TeacherInfo
+    ) -> Steps[np.ndarray | None]:
+        """The rows' soft targets through this client's region (the v2 infer route); None once the service turns
+        shared memory down, which is then not used again."""
+        need = call_bytes(rows, teacher.num_classes)
+        # a region the service no longer holds (it restarted) is registered again, once a call
+        for again in (False, True):
+            stale = again or self.region is None or self.region.pid != os.getpid() or not self.region.fits(*need)
+            if stale and not (yield from self._new_region(*need)):
+                return None
+            self.region.write_rows(rows)
+            request = self.region.infer_request(rows, teacher.num_classes, params)
+            read = lambda response: self._region_answer(response, len(rows), teacher)  # noqa: E731
+            try:
+                probs, hits = yield from self._exchange(
+                    "POST",
+                    f"/v2/models/{self.name}/infer",
+                    read,
+                    headers={**headers, "Content-Type": "application/json"},
+                    content=json.dumps(request).encode(),
+                )
+            except TeacherRequestError as exc:
+                if exc.status not in (400, 404):
+                    raise
+                if exc.code == REGION_NOT_FOUND and not again:
+                    continue
+                self._no_shared_memory(f"its shared-memory request was refused ({exc})")
+                return None
+            self.rows_uploaded += len(rows)
+            self.cache_hits += hits
+            return probs
+        return None
+
+    def _new_region(self, rows_bytes: int, answer_bytes: int) -> Steps[bool]:
+        """A region for the call, registered with the service: the probe that it sees this process's shared memory.
+        False (and shared memory off) where it does not."""
+        if self.region is not None and self.region.pid == os.getpid():
+            self.region.close()
+        # a forked child leaves its parent's region alone
+        self.region = None
+        region = ClientRegion(rows_bytes, answer_bytes)
+        path = f"/v2/systemsharedmemory/region/{region.name}/register"
+        try:
+            yield from self._exchange("POST", path, lambda _: None, content=json.dumps(region.registration()).encode())
+        except TeacherRequestError as exc:
+            region.close()
+            self._no_shared_memory(f"it does not take this process's shared memory ({exc})")
+            return False
+        self.region = region
+        return True
+
+    def _no_shared_memory(self, why: str) -> None:
+        log.info("teacher service %s: %s; rows go in request bodies", self.url, why)
+        self.shared_memory = False
+        self.close_region()
+
+    def close_region(self) -> None:
+        """Unlinks this client's region (the service then drops it); a forked child's copy is left to its parent."""
+        if self.region is not None and self.region.pid == os.getpid():
+            self.region.close()
+        self.region = None
+
+    def _region_answer(self, response: httpx.Response, rows: int, teacher: TeacherInfo) -> tuple[np.ndarray, int]:
+        """A shared-memory answer, checked as an upload's: its JSON names `probs` in the region, read from there."""
+        checked_teacher(response.headers, teacher)
+        hits = cache_hits(response.headers, rows)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise BadAnswer("an infer answer that is not JSON") from None
+        if wrong := answer_shape(answer, self.region, rows, teacher.num_classes):
+            raise BadAnswer(wrong)
+        values = self.region.read_answer(rows, teacher.num_classes)
+        probs = Tensor("float32", values.shape, values)
+        return checked_probs(probs, rows, teacher.num_classes, len(teacher.members)), hits
 
     @staticmethod
     def _answered_rows(response: httpx.Response, rows: int, teacher: TeacherInfo) -> tuple[np.ndarray, int]:
@@ -367,7 +460,9 @@ class ClientCore:
         if response.is_success:
             return response
         detail = _service_error(response) or one_line(response.text, 500)
-        raise TeacherRequestError(f"teacher service answered {response.status_code}: {detail}", response.status_code)
+        raise TeacherRequestError(
+            f"teacher service answered {response.status_code}: {detail}", response.status_code, _error_code(response)
+        )
 
     def closed_error(self) -> RuntimeError:
         return RuntimeError(f"the teacher client for {self.url} is closed")
@@ -384,7 +479,9 @@ def _check_settings(temperature: float | None, timeout_s: float, give_up_after_s
 def _error_code(response: httpx.Response) -> str | None:
     """The `code` of the service's JSON error, or None when the body is not one."""
     try:
-        return str(response.json()["error"]["code"])
+        body = response.json()
+        # the native error nests its code; the Open Inference Protocol's error is a string beside it
+        return str(body["code"] if isinstance(body["error"], str) else body["error"]["code"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -393,6 +490,8 @@ def _service_error(response: httpx.Response) -> str | None:
     """The service's JSON error (teacher_service/errors.py) as one line, or None when the body is not one."""
     try:
         error = response.json()["error"]
+        if isinstance(error, str):
+            return one_line(error, 500)
         detail = f"{error['message']} (expected {error.get('expected')}, got {error.get('received')})"
     except (ValueError, KeyError, TypeError):
         return None

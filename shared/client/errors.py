@@ -13,11 +13,11 @@ class TeacherUnavailable(RuntimeError):
 
 class TeacherRequestError(RuntimeError):
     """The service refused a request (a 4xx), or the inputs cannot be sent: retrying would not help. `status` is the
-    HTTP status, or None where no answer said so."""
+    HTTP status, or None where no answer said so; `code`, the service's error code where its answer had one."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.code = status, code
 
 
 class TeacherAnswerError(TeacherRequestError):

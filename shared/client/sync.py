@@ -140,6 +140,7 @@ class TeacherClient(ClientCore):
 
     def _shut(self) -> None:
         self._courier.close()
+        self.close_region()
         for replica in self._replicas:
             replica.close()
 

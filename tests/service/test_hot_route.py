@@ -8,6 +8,7 @@ direct route, read from the route's declaration, refuses one it would serve othe
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -28,7 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from safetensors.torch import load as st_load
 
-from shared import codec, protocol
+from shared import codec, oip, protocol
 from teacher_service.framework import BodyPieces, TeacherApp
 
 TOKEN = "s3cret"
@@ -96,6 +97,65 @@ def answers(base: str) -> list[tuple]:
         metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
     requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
     return out + [("requests counted", requests)]
+
+
+def v2_request(x, parameters: dict | None = None, binary: bool = True) -> tuple[bytes, dict]:
+    """A v2 infer body for rows `x` (FP32), binary or JSON, and its headers."""
+    given = {"name": "inputs", "shape": list(x.shape), "datatype": "FP32"}
+    request = {"inputs": [given], "outputs": [{"name": "probs"}], "parameters": parameters or {}}
+    if not binary:
+        given["data"] = x.reshape(-1).tolist()
+        return json.dumps(request).encode(), {}
+    given["parameters"] = {"binary_data_size": x.numel() * 4}
+    request["outputs"][0]["parameters"] = {"binary_data": True}
+    head = json.dumps(request).encode()
+    return head + x.numpy().tobytes(), {oip.HEADER_INFER_LENGTH: str(len(head))}
+
+
+ROWS = random_inputs(3, seed=6)
+# (what, path, (body, headers), headers): the v2 infer route's answers and refusals
+V2_CASES = [
+    ("binary", "/v2/models/ens/infer", v2_request(ROWS), GOOD),
+    ("json, a temperature, bypass", "/v2/models/solo/infer", v2_request(ROWS, {"temperature": 3.0}, False), GOOD),
+    ("no token", "/v2/models/ens/infer", v2_request(ROWS), {}),
+    ("an unknown teacher", "/v2/models/nope/infer", v2_request(ROWS), GOOD),
+    ("a bad temperature", "/v2/models/ens/infer", v2_request(ROWS, {"temperature": -1}), GOOD),
+    ("not json", "/v2/models/ens/infer", (b"{nope", {}), GOOD),
+    ("the wrong shape", "/v2/models/ens/infer", v2_request(random_inputs(2, shape=(3, 28, 28))), GOOD),
+    ("a percent-encoded name", "/v2/models/e%6Es/infer", v2_request(ROWS), GOOD),
+    ("the versioned path", "/v2/models/ens/versions/1/infer", v2_request(ROWS), GOOD),
+]
+
+
+def v2_answers(base: str) -> list[tuple]:
+    out = []
+    with httpx.Client(base_url=base, timeout=HANG_S) as client:
+        for what, path, (body, extra), headers in V2_CASES:
+            r = client.post(path, content=body, headers={**headers, **extra})
+            kept = {h: r.headers.get(h) for h in [*HEADERS, oip.HEADER_INFER_LENGTH.lower()]}
+            out.append((what, r.status_code, kept, r.content))
+        metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
+    requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
+    return out + [("requests counted", requests)]
+
+
+def test_the_v2_infer_route_answers_and_refuses_as_fastapi_does(config):
+    """POST /v2/models/{model}/infer, served directly (its path parameter read from the route's pattern), answers
+    and refuses exactly as FastAPI's own dispatch does, byte for byte."""
+    with live_server(config("v2-hot")) as (hot, _app):
+        served = v2_answers(hot)
+    with live_server(config("v2-fastapi"), asgi=through_fastapi) as (slow, _app):
+        reference = v2_answers(slow)
+    assert [case[:2] for case in served] == [case[:2] for case in reference]
+    assert served == reference
+    statuses = {what: status for what, status, *_ in served[:-1]}
+    assert [statuses[w] for w in ("binary", "no token", "an unknown teacher", "the wrong shape")] == [
+        200,
+        401,
+        404,
+        422,
+    ]
+    assert statuses["a percent-encoded name"] == 200
 
 
 def through_fastapi(app: FastAPI):
@@ -185,7 +245,10 @@ def test_the_direct_route_refuses_at_start_up_a_declaration_it_would_serve_other
     async def body(request: Request, n: int) -> Response: ...
 
     @checked.post("/items/{item}")
-    async def item(item: str) -> Response: ...
+    async def item(item: int) -> Response: ...
+
+    @checked.post("/things/{thing}")
+    async def thing(request: Request) -> Response: ...
 
     @checked.post("/twice")
     async def twice(request: Request, again: None = Depends(a_check)) -> Response: ...
@@ -199,7 +262,8 @@ def test_the_direct_route_refuses_at_start_up_a_declaration_it_would_serve_other
     async def on_a_thread(request: Request) -> Response: ...
 
     assert "parameter 'n'" in refusal(checked, body)
-    assert "no path parameters" in refusal(checked, item)
+    assert "parameter 'item'" in refusal(checked, item)
+    assert "`str` parameters of its own" in refusal(checked, thing)
     assert "repeated dependency" in refusal(checked, twice)
     assert "without a prefix" in refusal(checked, prefixed, prefix="/v1")
     assert "async def f(request: Request)" in refusal(threaded, on_a_thread)

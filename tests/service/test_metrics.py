@@ -20,6 +20,8 @@ from shared.version import VERSION
 # Every family the service writes, by the name its TYPE line gives, and its type (process_max_fds and
 # process_virtual_memory_bytes are the process collector's too).
 FAMILIES = {
+    "akd_shm_regions": "gauge",
+    "akd_shm_bytes": "gauge",
     "akd_requests_total": "counter",
     "akd_rows_total": "counter",
     "akd_device_batches_total": "counter",

@@ -44,6 +44,10 @@ SAMPLES = {
     "batching": False,
     "max_batch_rows": 7,
     "max_wait_ms": 9.0,
+    "shm_enabled": False,
+    "shm_max_regions": 5,
+    "shm_max_bytes": 4096,
+    "shm_sweep_s": 0.25,
 }
 # The same for the keys of [server] itself, as their environment variables spell them.
 PLAIN_ENV = {

@@ -17,6 +17,7 @@ from pipeline import DemoError
 from pipeline.layout import Layout, read_stage_times
 from pipeline.machine import machine, machine_line
 from pipeline.plan import ENSEMBLE, Plan
+from pipeline.verdicts import RULE, described, family_verdicts, paired_test
 from student_trainer.markdown import markdown_table
 from student_trainer.plots import read_metrics, robust_overfitting_curves, training_curves
 
@@ -216,15 +217,6 @@ def teacher_table(teachers: dict[str, dict]) -> str:
     return markdown_table(["teacher", "epoch", *(title for _, title in COLUMNS)], rows)
 
 
-# how many standard errors of the mean paired difference make a verdict
-MARGIN_SE = 2
-VERDICT_RULE = (
-    f"Verdicts use the per-seed paired differences d (the student minus PGD-AT, same seed): with mean d̄ and standard "
-    f"error se = sd/√n, a claim holds when d̄ is more than {MARGIN_SE}·se in the expected direction, does not hold "
-    "when it "
-    f'is more than {MARGIN_SE}·se the other way, and is inconclusive in between or with one seed; "not lower" (clean '
-    f"accuracy) is a no-clear-drop claim, so it holds unless d̄ < -{MARGIN_SE}·se."
-)
 # The claims, each on the final epoch (the paper's point): (what is compared, its title, the direction the paper
 # expects).
 CLAIMS = (
@@ -235,31 +227,6 @@ CLAIMS = (
     ("ece_pgd", "calibration (ECE on PGD inputs)", "lower"),
     ("gap", "robust overfitting (best-vs-final validation gap)", "lower"),
 )
-
-
-def paired_mean_se(diffs: list[float]) -> tuple[float, float]:
-    """Mean paired difference and its standard error (needs two or more seeds)."""
-    return statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-
-
-def verdict(diffs: list[float], expected: str) -> str:
-    """Holds / does not hold / inconclusive from paired per-seed differences, not from the sign of the mean.
-
-    The sign alone flips with seed noise (a mean far inside its standard error reads "holds" or "does not hold" by
-    chance); comparing the mean paired difference with MARGIN_SE of its standard errors only calls a claim when the
-    seeds agree. "not lower" asks for no clear drop, so only a drop beyond MARGIN_SE·se refutes it and there is no
-    middle ground, except that one seed has no spread and settles nothing.
-    """
-    if expected not in ("higher", "lower", "not lower"):
-        raise ValueError(f"expected must be higher, lower or not lower, got {expected!r}")
-    if len(diffs) < 2:
-        return "inconclusive (one seed)" if diffs else "inconclusive (no paired seeds)"
-    mean, se = paired_mean_se(diffs)
-    margin = MARGIN_SE * se
-    if expected == "not lower":
-        return "does not hold" if mean < -margin else "holds"
-    toward = mean if expected == "higher" else -mean
-    return "holds" if toward > margin else "does not hold" if toward < -margin else "inconclusive"
 
 
 def claim_value(run: dict, key: str) -> float | None:
@@ -290,50 +257,63 @@ def described_method(plan: Plan, name: str) -> str:
     )
 
 
+def claim_family(plan: Plan, students: dict[str, list[dict]], baseline: str, key: str, expected: str) -> dict:
+    """One claim's family, every student against `baseline` paired by seed: each student's paired differences, test,
+    Holm-adjusted p and verdict (pipeline/verdicts.py)."""
+    names = [name for name in students if name != baseline]
+    pairs = {name: paired(plan.seeds, students[name], students[baseline], key) for name in names}
+    tests = [paired_test([d for _, d in pairs[name]], expected) for name in names]
+    judged = family_verdicts(tests)
+    return {
+        name: {"pairs": pairs[name], "test": test, "p": p, "verdict": said}
+        for name, test, (p, said) in zip(names, tests, judged, strict=True)
+    }
+
+
 def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
     """The paper's claims, checked on this run's numbers: AKD with the early-stopped ensemble vs PGD-AT, paired by
-    seed."""
+    seed, each verdict corrected over its claim's family (every student against PGD-AT)."""
     baseline, akd = baseline_and_akd(plan)
     if baseline is None or akd is None:
         return ["The plan has no PGD-AT baseline or no AKD-with-ensemble student: the claims are not checked."]
-    lines = [VERDICT_RULE, ""]
+    lines = [RULE, ""]
     for key, title, better in CLAIMS:
         a, b = (mean_spread([claim_value(r, key) for r in students[name]]) for name in (akd, baseline))
         if a is None or b is None:
             lines.append(f"- {title}: not measured.")
             continue
-        pairs = paired(plan.seeds, students[akd], students[baseline], key)
-        diffs = [d for _, d in pairs]
-        per_seed = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in pairs)
-        if len(diffs) > 1:
-            per_seed += " (mean {:+.4f}, se {:.4f})".format(*paired_mean_se(diffs))
+        mine = claim_family(plan, students, baseline, key, better)[akd]
+        per_seed = ", ".join(f"seed {seed} {100 * d:+.2f}" for seed, d in mine["pairs"])
         lines.append(
             f"- {title} ({better} expected): {akd} {a[0]:.4f} ± {a[1]:.4f} vs {baseline} {b[0]:.4f} ± {b[1]:.4f}: "
-            f"paired differences {per_seed}: **{verdict(diffs, better)}**"
+            f"paired differences (points) {per_seed}: {described(mine['test'], mine['p'])}: **{mine['verdict']}**"
         )
     return lines
 
 
 def guideline_table(plan: Plan, students: dict[str, list[dict]]) -> str:
-    """Every student against PGD-AT on each claim: mean paired difference ± its standard error, in points, and the
-    verdict."""
+    """Every student against PGD-AT on each claim: the mean paired difference and its 95% interval in points, the
+    family-adjusted p, and the verdict."""
     baseline, _ = baseline_and_akd(plan)
     if baseline is None:
         return "The plan has no PGD-AT baseline."
+    families = {key: claim_family(plan, students, baseline, key, better) for key, _, better in CLAIMS}
     rows = []
-    for name, runs in students.items():
+    for name in students:
         if name == baseline:
             continue
-        cells = []
-        for key, _, better in CLAIMS:
-            diffs = [d for _, d in paired(plan.seeds, runs, students[baseline], key)]
-            if not diffs:
-                cells.append("n/a")
-                continue
-            mean, se = paired_mean_se(diffs) if len(diffs) > 1 else (diffs[0], 0.0)
-            cells.append(f"{100 * mean:+.2f} ± {100 * se:.2f} {verdict(diffs, better).split(' (')[0]}")
+        cells = [_guideline_cell(families[key][name]) for key, *_ in CLAIMS]
         rows.append([name, described_method(plan, name), *cells])
     return markdown_table(["student", "method (teacher, alpha, tau)", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows)
+
+
+def _guideline_cell(judged: dict) -> str:
+    """ "+6.60 [-7.60, +20.80] p 1.00 inconclusive": mean, 95% interval, Holm-adjusted p, verdict."""
+    test = judged["test"]
+    if test is None:
+        return f"{100 * judged['pairs'][0][1]:+.2f} (one seed)" if judged["pairs"] else "n/a"
+    low, high = (100 * x for x in test.ci)
+    return f"{100 * test.mean:+.2f} [{low:+.2f}, {high:+.2f}] p {judged['p']:.2g} {judged['verdict'].split(' (')[0]}"
 
 
 def time_line(stage_times: dict[str, dict]) -> str:

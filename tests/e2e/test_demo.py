@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import HANG_S, REPO
 
-from pipeline.report import CLAIMS, VERDICT_RULE
+from pipeline.report import CLAIMS
+from pipeline.verdicts import RULE
 
 STUDENTS = ("pgd-at", "akd-ensemble", "akd-single", "rslad-ensemble")
 TEACHERS = ("at-s10", "at-s11", "weak-s12")
@@ -55,9 +56,9 @@ def test_quick_demo_prints_the_table_and_leaves_a_complete_folder(quick_demo):
     assert all(r["teacher_rows"] > 0 for r in distilled) and results["students"]["pgd-at"][0]["teacher_rows"] == 0
     assert results["service"]["rows"] == sum(r["teacher_rows"] for r in distilled)
     text = (out / "RESULTS.md").read_text()
-    assert "## The claims" in text and VERDICT_RULE in text
+    assert "## The claims" in text and RULE in text
     # the quick plan has one seed: no verdict from one pair
-    assert text.count("**inconclusive (one seed)**") == len(CLAIMS)
+    assert text.count("**inconclusive (1 replicate; a verdict needs 3)**") == len(CLAIMS)
     assert text.index("![validation PGD accuracy per epoch](pictures/robust-overfitting.png)") < text.index(
         "## Students"
     )

@@ -66,9 +66,9 @@ def test_an_answer_whose_region_is_unregistered_mid_request_is_a_clear_400(regio
 
     @contextlib.contextmanager
     def taken_away(self, name, offset, byte_size):
-        with use(self, name, offset, byte_size) as lent:
+        with use(self, name, offset, byte_size) as given:
             self.unregister(name)
-            yield lent
+            yield given
 
     monkeypatch.setattr(SharedMemoryRegions, "use", taken_away)
     request = oip_models.InferRequest(inputs=[])

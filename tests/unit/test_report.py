@@ -1,4 +1,5 @@
-"""The report's pure parts: the claim's verdict rule, the service-stats merge, the stage times."""
+"""The report's pure parts: the guideline table's pairing, the service-stats merge, the stage times (the verdict rule
+itself: tests/unit/test_verdicts.py)."""
 
 from __future__ import annotations
 
@@ -7,79 +8,7 @@ import statistics
 import pytest
 
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, read_stage_times
-from pipeline.report import MARGIN_SE, VERDICT_RULE, paired_mean_se, time_line, verdict
-
-
-def two_seeds(mean: float, sd: float) -> list[float]:
-    """Two paired differences with this mean and sample standard deviation (x = mean ± sd/√2)."""
-    return [mean - sd / 2**0.5, mean + sd / 2**0.5]
-
-
-def test_an_ece_difference_smaller_than_its_spread_is_inconclusive_not_holds():
-    # ECE, AKD minus PGD-AT: the sign alone said "holds"
-    diffs = two_seeds(-0.0004, 0.0063)
-    assert round(statistics.fmean(diffs), 4) == -0.0004 and round(statistics.stdev(diffs), 4) == 0.0063
-    assert verdict(diffs, "lower") == "inconclusive"
-    # nor does the flipped sign decide it
-    assert verdict([-d for d in diffs], "lower") == "inconclusive"
-
-
-@pytest.mark.parametrize(
-    "diffs,expected,outcome",
-    [
-        # clear in the expected direction: every seed agrees, far beyond 2 se
-        ([0.05, 0.06, 0.04], "higher", "holds"),
-        ([-0.02, -0.03, -0.025], "lower", "holds"),
-        # clear in the other direction
-        ([-0.05, -0.06, -0.04], "higher", "does not hold"),
-        ([0.02, 0.03, 0.025], "lower", "does not hold"),
-        # the seeds disagree: the mean's sign is noise
-        ([0.01, -0.008], "higher", "inconclusive"),
-        ([0.01, -0.008], "lower", "inconclusive"),
-        # no difference at all is not "higher"
-        ([0.0, 0.0], "higher", "inconclusive"),
-        # "not lower": only a clear drop refutes it
-        ([0.01, -0.008], "not lower", "holds"),
-        ([0.0, 0.0], "not lower", "holds"),
-        ([0.03, 0.02, 0.04], "not lower", "holds"),
-        ([-0.03, -0.02, -0.04], "not lower", "does not hold"),
-        # one seed has no spread: never a verdict, whatever its size or sign
-        ([0.5], "higher", "inconclusive (one seed)"),
-        ([-0.5], "higher", "inconclusive (one seed)"),
-        ([-0.5], "not lower", "inconclusive (one seed)"),
-        ([0.0001], "lower", "inconclusive (one seed)"),
-        ([], "higher", "inconclusive (no paired seeds)"),
-    ],
-)
-def test_verdicts_follow_the_paired_differences_against_their_spread(diffs, expected, outcome):
-    assert verdict(diffs, expected) == outcome
-
-
-@pytest.mark.parametrize("expected", ["higher", "lower"])
-def test_the_boundary_is_margin_standard_errors(expected):
-    """Just inside MARGIN_SE·se is inconclusive, just outside decides, on both sides."""
-    sign = 1 if expected == "higher" else -1
-    sd = 0.01
-    se = sd / 2**0.5
-    inside, outside = 0.99 * MARGIN_SE * se, 1.01 * MARGIN_SE * se
-    assert verdict(two_seeds(sign * inside, sd), expected) == "inconclusive"
-    assert verdict(two_seeds(-sign * inside, sd), expected) == "inconclusive"
-    assert verdict(two_seeds(sign * outside, sd), expected) == "holds"
-    assert verdict(two_seeds(-sign * outside, sd), expected) == "does not hold"
-    assert verdict(two_seeds(-inside, sd), "not lower") == "holds"
-    assert verdict(two_seeds(-outside, sd), "not lower") == "does not hold"
-
-
-def test_the_rule_the_report_states_is_the_rule_applied():
-    mean, se = paired_mean_se([0.1, 0.3])
-    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1)
-    assert f"{MARGIN_SE}·se" in VERDICT_RULE and "inconclusive" in VERDICT_RULE and "not lower" in VERDICT_RULE
-
-
-def test_an_unknown_direction_is_refused():
-    with pytest.raises(ValueError, match="not lower"):
-        verdict([0.1, 0.2], "bigger")
-
+from pipeline.report import time_line
 
 SERVED = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
 # a re-run that reused every student
@@ -169,7 +98,8 @@ def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
     assert cells[1] == "akd (ensemble, alpha 0.5, tau 1)"
     # AutoAttack not measured
     assert cells[2] == "n/a"
-    # PGD up by 3 points on every seed; clean level
-    assert cells[3] == "+3.00 ± 0.00 holds" and cells[4] == "+0.00 ± 0.00 holds"
+    # PGD up by 3 points on every seed (its interval, the Holm-adjusted p, the verdict); clean level, so not lower
+    assert cells[3].startswith("+3.00 [+3.00, +3.00] p ") and cells[3].endswith(" holds")
+    assert cells[4].startswith("+0.00 [+0.00, +0.00] p ") and cells[4].endswith(" holds")
     # the gap shrinks by 3 points on every seed
-    assert cells[7] == "-3.00 ± 0.00 holds"
+    assert cells[7].startswith("-3.00 [-3.00, -3.00] p ") and cells[7].endswith(" holds")

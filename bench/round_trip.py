@@ -178,31 +178,27 @@ def _triton(ctx: Context, client: httpx.Client, x: torch.Tensor) -> Candidate:
     teacher = ctx.cfg.round_trip.teacher
     server = ctx.triton(teacher)
     path, body, headers = triton_client.infer_request(teacher, x)
-    url = server.url + path
-
-    def call() -> None:
-        response = client.post(url, content=body, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(f"Triton answered {response.status_code}: {response.text[:300]}")
-        triton_client.read_probs(response.content, response.headers)
-
-    return Candidate(TRITON, call, server)
+    return _binary_infer(TRITON, client, server, server.url + path, body, headers)
 
 
 def _v2_binary(ctx: Context, client: httpx.Client, service, x: torch.Tensor) -> Candidate:
     """Ours through the Open Inference Protocol's infer route, the rows as one binary FP32 tensor: Triton's request."""
     path, body, headers = triton_client.infer_request(ctx.cfg.round_trip.teacher, x)
-    url = service.url + path + "?cache=bypass"
     # the cache mode travels as a request parameter
     body, headers = _with_parameters(body, headers, {"cache": "bypass"})
+    return _binary_infer(V2_BINARY, client, service, service.url + path, body, headers)
+
+
+def _binary_infer(name: str, client: httpx.Client, server, url: str, body: bytes, headers: dict) -> Candidate:
+    """A candidate posting one binary infer request (bench/triton_client.py) and reading its `probs`."""
 
     def call() -> None:
         response = client.post(url, content=body, headers=headers)
         if response.status_code != 200:
-            raise RuntimeError(f"v2 infer answered {response.status_code}: {response.text[:300]}")
+            raise RuntimeError(f"{name} answered {response.status_code}: {response.text[:300]}")
         triton_client.read_probs(response.content, response.headers)
 
-    return Candidate(V2_BINARY, call, service)
+    return Candidate(name, call, server)
 
 
 def _with_parameters(body: bytes, headers: dict[str, str], parameters: dict) -> tuple[bytes, dict[str, str]]:

@@ -142,12 +142,7 @@ def v2_answers(base: str) -> list[tuple]:
 def test_the_v2_infer_route_answers_and_refuses_as_fastapi_does(config):
     """POST /v2/models/{model}/infer, served directly (its path parameter read from the route's pattern), answers
     and refuses exactly as FastAPI's own dispatch does, byte for byte."""
-    with live_server(config("v2-hot")) as (hot, _app):
-        served = v2_answers(hot)
-    with live_server(config("v2-fastapi"), asgi=through_fastapi) as (slow, _app):
-        reference = v2_answers(slow)
-    assert [case[:2] for case in served] == [case[:2] for case in reference]
-    assert served == reference
+    served = served_both_ways(config, "v2", v2_answers)
     statuses = {what: status for what, status, *_ in served[:-1]}
     assert [statuses[w] for w in ("binary", "no token", "an unknown teacher", "the wrong shape")] == [
         200,
@@ -156,6 +151,19 @@ def test_the_v2_infer_route_answers_and_refuses_as_fastapi_does(config):
         422,
     ]
     assert statuses["a percent-encoded name"] == 200
+
+
+def served_both_ways(config, name: str, collect) -> list[tuple]:
+    """`collect`'s answers from the app as `akd serve` runs it, checked equal to those from FastAPI's own dispatch (two
+    fresh servers, same config)."""
+    with live_server(config(f"{name}-hot")) as (hot, _app):
+        served = collect(hot)
+    with live_server(config(f"{name}-fastapi"), asgi=through_fastapi) as (slow, _app):
+        reference = collect(slow)
+    # status by status first: a clear diff
+    assert [case[:2] for case in served] == [case[:2] for case in reference]
+    assert served == reference
+    return served
 
 
 def through_fastapi(app: FastAPI):
@@ -168,13 +176,7 @@ def through_fastapi(app: FastAPI):
 
 
 def test_the_hot_route_answers_and_refuses_as_fastapi_does(config):
-    with live_server(config("hot")) as (hot, _app):
-        served = answers(hot)
-    with live_server(config("fastapi"), asgi=through_fastapi) as (slow, _app):
-        reference = answers(slow)
-    # status by status first: a clear diff
-    assert [case[:2] for case in served] == [case[:2] for case in reference]
-    assert served == reference
+    served = served_both_ways(config, "native", answers)
     # and the cases are what they say: answers, hits, and each refusal
     statuses = {what: status for what, status, *_ in served[:-1]}
     assert [statuses[w] for w in ("probs, cached rows missing", "every output, a temperature", "no token")] == [

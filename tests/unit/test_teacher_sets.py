@@ -3,6 +3,7 @@ sets is the report's t-test rule, and sets measured differently are not pooled, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,16 +34,24 @@ def _demo_folder(
     (path / "results.json").write_text(json.dumps({**results, "machine": machine}))
 
 
+SCRIPT = REPO / "scripts" / "teacher_sets.py"
+
+
 def teacher_sets(*args) -> subprocess.CompletedProcess:
-    script = REPO / "scripts" / "teacher_sets.py"
+    """The script as a user runs it."""
     return subprocess.run(
-        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
     )
 
 
-def rows(done: subprocess.CompletedProcess) -> dict[str, str]:
-    assert done.returncode == 0, done.stderr
-    return {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+def rows(folders) -> dict[str, str]:
+    """The table's rows by their first cell, from the script's `table` called in this process (a subprocess each
+    would import torch again)."""
+    spec = importlib.util.spec_from_file_location("teacher_sets", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lines = script.table(list(folders), "akd-ensemble", "pgd-at").splitlines()
+    return {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
 
 
 POOLED = "over the {} sets (each set's mean a replicate)"
@@ -53,16 +62,16 @@ def test_sets_are_the_replicates_of_the_verdict(tmp_path):
     for name, gains in {"a": [5, 6, 7], "b": [-3, -2, -1], "c": [3, 4, 5], "d": [4, 5, 6]}.items():
         _demo_folder(tmp_path / name, [g / 100 for g in gains])
     # within a set: its own test (df 2)
-    within = rows(teacher_sets(tmp_path / "a", tmp_path / "c", tmp_path / "d"))
+    within = rows((tmp_path / "a", tmp_path / "c", tmp_path / "d"))
     assert (
         "+6.00 [+3.52, +8.48], t(2) = 10.39, p = 0.0091: holds" in within["a"] and "at 25/30 (PGD 0.710)" in within["a"]
     )
     # over the sets: their means 6, 4, 5, df 2
     assert "+5.00 [+2.52, +7.48], t(2) = 8.66, p = 0.013: holds" in within[POOLED.format(3)]
-    disagreeing = rows(teacher_sets(tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+    disagreeing = rows((tmp_path / "a", tmp_path / "b", tmp_path / "c"))
     assert ": inconclusive" in disagreeing[POOLED.format(3)].split(" | ")[2]
     # two sets are two replicates: no verdict, however much they agree
-    assert "a verdict needs 3" in rows(teacher_sets(tmp_path / "a", tmp_path / "d"))[POOLED.format(2)]
+    assert "a verdict needs 3" in rows((tmp_path / "a", tmp_path / "d"))[POOLED.format(2)]
 
 
 def test_sets_measured_differently_are_not_pooled_and_the_field_is_named(tmp_path):
@@ -70,10 +79,10 @@ def test_sets_measured_differently_are_not_pooled_and_the_field_is_named(tmp_pat
     _demo_folder(tmp_path / "b", [0.04, 0.05, 0.06])
     other_package = {**THREAT, "autoattack": {**THREAT["autoattack"], "package": "pyautoattack (not installed)"}}
     _demo_folder(tmp_path / "h100", [0.01, 0.02, 0.00], threat=other_package)
-    refused = rows(teacher_sets(tmp_path / "a", tmp_path / "b", tmp_path / "h100"))[POOLED.format(3)]
+    refused = rows((tmp_path / "a", tmp_path / "b", tmp_path / "h100"))[POOLED.format(3)]
     assert "not pooled: threat model differs" in refused and '"pyautoattack (not installed)"' in refused
     _demo_folder(tmp_path / "gpu", [0.04, 0.05, 0.06], machine="x86_64, 16 cores, NVIDIA H100, torch 2.11.0+cu130")
-    refused = rows(teacher_sets(tmp_path / "a", tmp_path / "b", tmp_path / "gpu"))[POOLED.format(3)]
+    refused = rows((tmp_path / "a", tmp_path / "b", tmp_path / "gpu"))[POOLED.format(3)]
     assert "not pooled: machine and software differs" in refused and "torch 2.11.0+cu130" in refused
 
 
@@ -81,7 +90,7 @@ def test_sets_that_share_their_baselines_runs_are_not_pooled(tmp_path):
     """PGD-AT runs copied from one set to another make their set means correlated: not independent replicates."""
     for name, gains in {"a": [5, 6, 7], "b": [3, 4, 5], "c": [4, 5, 6]}.items():
         _demo_folder(tmp_path / name, [g / 100 for g in gains], baseline=0.6 if name != "c" else None)
-    refused = rows(teacher_sets(tmp_path / "a", tmp_path / "b", tmp_path / "c"))[POOLED.format(3)]
+    refused = rows((tmp_path / "a", tmp_path / "b", tmp_path / "c"))[POOLED.format(3)]
     assert "not pooled: a and b share their baseline's runs" in refused
 
 

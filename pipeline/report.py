@@ -286,7 +286,7 @@ def claim_lines(plan: Plan, students: dict[str, list[dict]]) -> list[str]:
         per_seed = ", ".join(f"seed {seed} {100 * d:+.2f}" for seed, d in mine["pairs"])
         lines.append(
             f"- {title} ({better} expected): {akd} {a[0]:.4f} ± {a[1]:.4f} vs {baseline} {b[0]:.4f} ± {b[1]:.4f}: "
-            f"paired differences (points) {per_seed}: {described(mine['test'], mine['p'])}: **{mine['verdict']}**"
+            f"paired differences {per_seed} (points): {described(mine['test'], mine['p'])}: **{mine['verdict']}**"
         )
     return lines
 
@@ -311,7 +311,9 @@ def _guideline_cell(judged: dict) -> str:
     """ "+6.60 [-7.60, +20.80] p 1.00 inconclusive": mean, 95% interval, Holm-adjusted p, verdict."""
     test = judged["test"]
     if test is None:
-        return f"{100 * judged['pairs'][0][1]:+.2f} (one seed)" if judged["pairs"] else "n/a"
+        return "n/a"
+    if test.n == 1:
+        return f"{100 * test.mean:+.2f} (one seed)"
     low, high = (100 * x for x in test.ci)
     return f"{100 * test.mean:+.2f} [{low:+.2f}, {high:+.2f}] p {judged['p']:.2g} {judged['verdict'].split(' (')[0]}"
 

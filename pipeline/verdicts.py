@@ -61,12 +61,15 @@ class PairedTest:
 
 
 def paired_test(diffs: list[float], expected: str) -> PairedTest | None:
-    """The t-test of `diffs` for a claim `expected` to be higher, lower or not lower; None below two replicates."""
+    """The t-test of `diffs` for a claim `expected` to be higher, lower or not lower; None without replicates. One
+    replicate has no spread: its test holds its mean, and NaN for the rest."""
     if expected not in EXPECTATIONS:
         raise ValueError(f"expected must be one of {', '.join(EXPECTATIONS)}, got {expected!r}")
     n = len(diffs)
-    if n < 2:
+    if n == 0:
         return None
+    if n == 1:
+        return PairedTest(1, diffs[0], math.nan, math.nan, math.nan, (math.nan, math.nan), expected)
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
     se = sd / math.sqrt(n)
     null = -NON_INFERIORITY_MARGIN if expected == "not lower" else 0.0
@@ -125,6 +128,8 @@ def described(test: PairedTest | None, p_adjusted: float | None, scale: float = 
     times the fractions), the test, and the family-adjusted p where it differs."""
     if test is None:
         return "n/a"
+    if test.n == 1:
+        return f"{scale * test.mean:+.2f} (one replicate)"
     low, high = (scale * x for x in test.ci)
     text = f"{scale * test.mean:+.2f} [{low:+.2f}, {high:+.2f}], t({test.df}) = {test.t:.2f}"
     if test.expected == "not lower":

@@ -82,8 +82,7 @@ async def version_ready(model: str, version: str, service: Service = Depends(cur
 
 
 def _ready(service: Service, t: Teacher) -> Response:
-    waiting = [r for r in service.not_ready() if not r.startswith("teacher ") or r.startswith(f"teacher {t.name}:")]
-    return Response(status_code=503 if waiting else 200)
+    return Response(status_code=503 if service.not_ready(t.name) else 200)
 
 
 @router.post(oip.MODEL_VERSION_PATH + "/infer", include_in_schema=False)

@@ -113,8 +113,9 @@ class Service:
         """Told to stop: no longer ready from now on (it may still serve a while: server.py's drain)."""
         self.draining = True
 
-    def not_ready(self) -> list[str]:
-        """What keeps the service from taking queries, one phrase each; empty when it is ready (GET /readyz).
+    def not_ready(self, teacher: str | None = None) -> list[str]:
+        """What keeps the service from taking queries, one phrase each; empty when it is ready (GET /readyz). With
+        `teacher`, what keeps it from taking that teacher's queries (GET /v2/models/{teacher}/ready).
 
         Ready: the app's start-up ran (its batchers run), every teacher has every member of its config loaded on every
         device, each member's cache namespace is loaded (its rows verified: a runner is made only after that), and the
@@ -125,7 +126,7 @@ class Service:
         reasons = ["the service is shutting down"] if self.draining else []
         if self.batchers is None:
             reasons.append("the batchers have not started")
-        for name in self.config.teachers:
+        for name in self.config.teachers if teacher is None else [teacher]:
             reasons += [f"teacher {name}: {why}" for why in self._teacher_not_ready(name)]
         return reasons
 

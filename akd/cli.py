@@ -36,6 +36,9 @@ SUBCOMMANDS = {
     "demo": Subcommand(
         "pipeline.cli", "the paper's pipeline end to end: teachers, service, students, evaluation, report"
     ),
+    "design": Subcommand(
+        "pipeline.cli", "one claim decided over independent teacher sets, sized by a power analysis before the runs"
+    ),
     "bench": Subcommand("bench.cli", "benchmarks: what the service costs and saves, measured side by side"),
     "cache": Subcommand(
         "teacher_service.cache.tools",

@@ -1,4 +1,5 @@
-"""`akd demo`: its arguments, and a thin shell over pipeline.demo (the plan and stages live there)."""
+"""`akd demo` and `akd design`: their arguments, and thin shells over pipeline.demo and pipeline.design_report (the
+plans, designs and stages live there)."""
 
 from __future__ import annotations
 
@@ -95,5 +96,46 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# `akd` (akd/cli.py) names and describes it
-COMMANDS = {"demo": (add_demo_arguments, run_demo)}
+def add_design_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.design import design_names
+
+    parser.add_argument("--out", required=True, help="the design's folder: a set-NN demo folder per teacher set")
+    parser.add_argument(
+        "--design", default="primary", help=f"a built-in design: {', '.join(design_names())} (pipeline/designs/)"
+    )
+    parser.add_argument("--config", help="a design TOML instead of a built-in design")
+    parser.add_argument(
+        "--sets",
+        type=int,
+        help="run only the first N sets this time (the design runs in parts; each call resumes where the last stopped)",
+    )
+    parser.add_argument("--report", action="store_true", help="only write the report from the sets finished so far")
+
+
+def run_design(args: argparse.Namespace) -> int:
+    from pipeline import DemoError
+    from pipeline.design import load_design
+    from pipeline.design_report import claim_design, run_design, write_design_report
+
+    command = "akd " + shlex.join(sys.argv[1:])
+    try:
+        if args.sets is not None and args.sets < 1:
+            raise ConfigError(f"--sets: a number of sets from 1, got {args.sets}")
+        existing_folder_or_new(args.out, "--out")
+        design = load_design(args.config, args.design)
+        out = Path(args.out)
+        if args.report:
+            claim_design(design, out)
+            text = write_design_report(design, out, command)
+        else:
+            text = run_design(design, out, args.sets, command)
+    except (ConfigError, ValueError, DemoError) as exc:
+        print(f"akd design: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"\nwrote {Path(args.out) / 'RESULTS.md'}")
+    return 0
+
+
+# `akd` (akd/cli.py) names and describes them
+COMMANDS = {"demo": (add_demo_arguments, run_demo), "design": (add_design_arguments, run_design)}

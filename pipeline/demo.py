@@ -277,7 +277,12 @@ class Demo:
         jobs = []
         for checkpoint, out in EVALUATED.items():
             out = run_dir / out
-            with_aa = bool(plan.autoattack_limit) and checkpoint == AUTOATTACKED[run_dir in self.teacher_runs()]
+            teacher = run_dir in self.teacher_runs()
+            with_aa = (
+                bool(plan.autoattack_limit)
+                and checkpoint == AUTOATTACKED[teacher]
+                and (plan.autoattack_teachers or not teacher)
+            )
             if evaluation_current(out, run_dir / checkpoint, wanted, plan.autoattack_version, with_aa):
                 continue
             argv = module(

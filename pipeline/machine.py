@@ -35,6 +35,23 @@ def machine(device: torch.device | None = None) -> dict:
     }
 
 
+# the packages a result's numbers depend on (the model's kernels, the attacks, the statistics)
+MEASURING_PACKAGES = ("torch", "numpy", "scipy", "pyautoattack")
+
+
+def software() -> dict[str, str]:
+    """The measuring packages' versions ("not installed" where one is absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in MEASURING_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def machine_line(info: dict) -> str:
     """ "x86_64, 2 cores, CPU only, torch 2.13.0+cpu, Python 3.11.7": one line for a report's header."""
     device = info["device_name"] if info["device"].startswith("cuda") else "CPU only"

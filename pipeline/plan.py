@@ -59,6 +59,8 @@ class Plan(StrictConfig):
     autoattack_limit: Annotated[int, Field(ge=0)] = 100
     # apgd: the APGD-CE + APGD-T subset (cheap enough for 500+ images on a CPU)
     autoattack_version: Literal["standard", "apgd"] = "standard"
+    # whether the teachers' early-stopped checkpoints are AutoAttacked too (a design's sets need only the students')
+    autoattack_teachers: bool = True
     eval_limit: Count | None = None
     # The one threat model every teacher and student is evaluated under; keys left out come from the standard
     # evaluation attack (config.EVAL_ATTACK: PGD-10), except norm and eps, which default to [common]'s training attack.
@@ -163,7 +165,7 @@ def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | 
     common.epochs=1). A file with `base = "NAME"` changes that built-in plan: its tables merge over the plan's, and its
     lists (seeds, teachers, students) replace the plan's whole."""
     if path is None:
-        raw, source = _built_in_plan(name), f"plan {name} (pipeline/plans/{name}.toml)"
+        raw, source = built_in_plan(name), f"plan {name} (pipeline/plans/{name}.toml)"
     else:
         raw, source = read_toml(path), str(path)
         _resolve_plan_paths(raw, Path(path).resolve().parent)
@@ -171,11 +173,11 @@ def load_plan(path: str | Path | None, name: str = "default", sets: list[str] | 
         if base is not None:
             if not isinstance(base, str):
                 raise ConfigError(f"{path}: `base` names a built-in plan ({', '.join(plans.NAMES)}), got {base!r}")
-            raw = merge(_built_in_plan(base, f"{path}: `base`"), raw)
+            raw = merge(built_in_plan(base, f"{path}: `base`"), raw)
     return validated(Plan, apply_sets(raw, sets or [], Path.cwd(), PATH_KEYS), source)
 
 
-def _built_in_plan(name: str, where: str = "--plan") -> dict:
+def built_in_plan(name: str, where: str = "--plan") -> dict:
     """A built-in plan's raw tables; its relative paths (cifar10's data_dir) mean the user's folder."""
     if name not in plans.NAMES:
         raise ConfigError(

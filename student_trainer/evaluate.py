@@ -77,6 +77,9 @@ class EvalResult:
     ece: float
     ece_pgd: float | None
     n: int
+    # Which images each attack left correctly classified, in test-split order: "1" right, "0" wrong (correct_digits).
+    # Kept so that a comparison can count image-sampling error beside the seed error (the images are shared).
+    correct: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The fields as a JSON-ready dict; attacks not run stay None (null)."""
@@ -175,6 +178,11 @@ def _accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return (probs.argmax(dim=1) == y.cpu()).float().mean().item()
 
 
+def correct_digits(probs: torch.Tensor, y: torch.Tensor) -> str:
+    """Per-image correctness as a string of "0"/"1", one character per image (readable in any JSON tool)."""
+    return "".join("01"[hit] for hit in (probs.argmax(dim=1) == y.cpu()).tolist())
+
+
 def _check_attacks(attacks: Sequence[str], attack: PGD | None) -> None:
     unknown = [a for a in attacks if a not in EVAL_ATTACKS]
     if unknown:
@@ -206,12 +214,14 @@ def evaluate(
         report("clean")
         probs = predict(model, x, batch_size, device)
         curves = {"clean": (probs, y)}
+        correct = {"clean": correct_digits(probs, y)}
         pgd_acc = ece_pgd = autoattack_acc = None
         if "pgd" in attacks:
             x_pgd = pgd_examples(model, x, y, attack, batch_size, device, seed, progress)
             probs_pgd = predict(model, x_pgd, batch_size, device)
             pgd_acc, ece_pgd = _accuracy(probs_pgd, y), expected_calibration_error(probs_pgd, y)
             curves["PGD"] = (probs_pgd, y)
+            correct["pgd"] = correct_digits(probs_pgd, y)
         if "autoattack" in attacks:
             report(
                 f"autoattack {autoattack_version} on {len(x)} images "
@@ -220,7 +230,9 @@ def evaluate(
             x_aa = autoattack_examples(
                 model, x, y, attack.norm, attack.eps, batch_size, device, seed, autoattack_version
             )
-            autoattack_acc = _accuracy(predict(model, x_aa, batch_size, device), y)
+            probs_aa = predict(model, x_aa, batch_size, device)
+            autoattack_acc = _accuracy(probs_aa, y)
+            correct["autoattack"] = correct_digits(probs_aa, y)
     if diagram is not None:
         reliability_diagram(curves, diagram, title=f"n={len(x)}")
     return EvalResult(
@@ -230,6 +242,7 @@ def evaluate(
         ece=expected_calibration_error(probs, y),
         ece_pgd=ece_pgd,
         n=len(x),
+        correct=correct,
     )
 
 
@@ -325,7 +338,8 @@ class CheckpointEvaluation:
             "autoattack_n": aa_n,
         }
         if split_aa and aa_n > 0:
-            report["autoattack_acc"] = evaluate(
-                self.model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common
-            ).autoattack_acc
+            autoattacked = evaluate(self.model, x[:aa_n], y[:aa_n], attacks=("clean", "autoattack"), **common)
+            report["autoattack_acc"] = autoattacked.autoattack_acc
+            # the first aa_n images' only
+            report["correct"]["autoattack"] = autoattacked.correct["autoattack"]
         return report

@@ -185,7 +185,12 @@ def test_eval_result_json(full_run):
 
     result, *_ = full_run
     payload = json.loads(json.dumps(result.to_json()))
-    assert set(payload) == {"clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n"}
+    assert set(payload) == {"clean_acc", "pgd_acc", "autoattack_acc", "ece", "ece_pgd", "n", "correct"}
+    # each image's correctness under each attack, and its mean is the accuracy
+    for attack, accuracy in (("clean", "clean_acc"), ("pgd", "pgd_acc"), ("autoattack", "autoattack_acc")):
+        digits = payload["correct"][attack]
+        assert len(digits) == payload["n"] and set(digits) <= {"0", "1"}
+        assert digits.count("1") / len(digits) == pytest.approx(payload[accuracy])
     clean_only = EvalResult(clean_acc=1.0, pgd_acc=None, autoattack_acc=None, ece=0.1, ece_pgd=None, n=3)
     assert json.loads(json.dumps(clean_only.to_json()))["pgd_acc"] is None
 

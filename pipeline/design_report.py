@@ -1,0 +1,270 @@
+"""A design's runs and its report: the sets run in order as `akd demo` folders, then the primary claim tested over the
+finished sets' means (pipeline/verdicts.py's paired t-test), decided only when every planned set has finished (the
+design's stopping rule), with the power reached, the image-sampling error beside the set-to-set error, and robust
+overfitting on the test split.
+
+The folder records the design that started it (MARKER, its sha256): a changed design is a new claim, and is refused
+in a folder another one began.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import DemoError
+from pipeline.design import CLAIM_KEYS, Design, set_folder
+from pipeline.layout import PlanRecord
+from pipeline.replicates import measured_alike, measurement
+from pipeline.report import CLAIMS, paired, test_split_overfitting_table
+from pipeline.verdicts import RULE, described, paired_test, verdict
+from student_trainer.markdown import markdown_table
+
+MARKER = ".akd-design"
+STAGES = ["teachers", "students", "evaluate", "report"]
+# the per-image correctness an accuracy metric is counted from (student_trainer/evaluate.py's `correct`)
+PER_IMAGE = {"clean_acc": "clean", "pgd_acc": "pgd", "autoattack_acc": "autoattack"}
+BOOTSTRAP_DRAWS = 4000
+
+
+def fingerprint(design: Design) -> str:
+    return hashlib.sha256(json.dumps(design.model_dump(exclude={"source"}), sort_keys=True).encode()).hexdigest()
+
+
+def claim_design(design: Design, out: Path) -> None:
+    """Record `design` as `out`'s, or refuse when another design began it."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker, mine = out / MARKER, fingerprint(design)
+    if marker.exists():
+        recorded = json.loads(marker.read_text()).get("sha256")
+        if recorded != mine:
+            raise DemoError(
+                f"{out} was begun by another design (sha256 {str(recorded)[:12]}, this one {mine[:12]}): a design "
+                "does not change once its first set has started; give a new --out for a new design"
+            )
+        return
+    marker.write_text(json.dumps({"design": design.source, "sha256": mine}))
+
+
+def run_design(design: Design, out: Path, sets_now: int | None, command: str) -> str:
+    """Sets 0 .. sets_now - 1 (all the design's by default), each resumed where it stopped, then the report."""
+    from pipeline.demo import run_demo
+    from pipeline.jobs import say
+
+    claim_design(design, out)
+    last = design.sets if sets_now is None else min(design.sets, sets_now)
+    for index in range(last):
+        plan = design.set_plan(index)
+        say(f"== design: set {index + 1} of {design.sets} ({set_folder(out, index)}) ==")
+        record = PlanRecord(f"{design.source}, set {index}", plan.fingerprint())
+        run_demo(plan, set_folder(out, index), STAGES, False, None, None, command, record)
+    return write_design_report(design, out, command)
+
+
+def finished_sets(design: Design, out: Path) -> dict[str, dict]:
+    """The sets whose results.json holds both sides of the claim, every seed measured, by folder name."""
+    found = {}
+    for index in range(design.sets):
+        file = set_folder(out, index) / "results.json"
+        if not file.exists():
+            continue
+        results = json.loads(file.read_text())
+        runs = results.get("students", {})
+        sides = [runs.get(design.claim.student, []), runs.get(design.claim.baseline, [])]
+        if all(
+            len(side) == design.seeds_per_set
+            and all((r.get("final") or {}).get(design.claim.metric) is not None for r in side)
+            for side in sides
+        ):
+            found[file.parent.name] = results
+    return found
+
+
+def set_difference(design: Design, results: dict, key: str) -> float | None:
+    """A set's replicate: the mean over its seeds of the paired difference on `key`."""
+    runs = results["students"]
+    diffs = [d for _, d in paired(results["seeds"], runs[design.claim.student], runs[design.claim.baseline], key)]
+    return statistics.fmean(diffs) if diffs else None
+
+
+def per_image_differences(design: Design, sets: dict[str, dict]) -> np.ndarray | None:
+    """(sets, images): each set's per-image correctness of the student minus the baseline's, averaged over its seeds;
+    None where a run lacks the per-image record or the sets' image counts differ."""
+    field = PER_IMAGE.get(design.claim.metric)
+    rows = []
+    for results in sets.values():
+        runs = results["students"]
+        seeds = []
+        for a, b in zip(runs[design.claim.student], runs[design.claim.baseline], strict=True):
+            bits = [((run.get("final") or {}).get("correct") or {}).get(field) for run in (a, b)]
+            if field is None or None in bits or len(bits[0]) != len(bits[1]):
+                return None
+            seeds.append(np.frombuffer(bits[0].encode(), np.uint8) - np.frombuffer(bits[1].encode(), np.uint8))
+        rows.append(np.mean(np.asarray(seeds, dtype=float), axis=0))
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return np.asarray(rows)
+
+
+def image_sampling_lines(differences: np.ndarray, seed: int = 0) -> list[str]:
+    """The image-sampling error beside the set-to-set error: the standard error from the images alone (the sets share
+    them), and a bootstrap over sets and images together (both resampled with replacement, BOOTSTRAP_DRAWS draws,
+    percentile interval)."""
+    sets, images = differences.shape
+    per_image = differences.mean(axis=0)
+    image_se = per_image.std(ddof=1) / np.sqrt(images)
+    set_means = differences.mean(axis=1)
+    set_se = set_means.std(ddof=1) / np.sqrt(sets) if sets > 1 else float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.empty(BOOTSTRAP_DRAWS)
+    for k in range(BOOTSTRAP_DRAWS):
+        chosen_sets = rng.integers(0, sets, sets)
+        chosen_images = rng.integers(0, images, images)
+        draws[k] = differences[np.ix_(chosen_sets, chosen_images)].mean()
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return [
+        f"- from the {images} images alone (shared by every set): se {100 * image_se:.2f} points",
+        f"- from the {sets} sets' means (the t-test's): se {100 * set_se:.2f} points",
+        f"- bootstrap over sets and images together ({BOOTSTRAP_DRAWS} draws, seed {seed}): 95% interval "
+        f"[{100 * low:+.2f}, {100 * high:+.2f}] points",
+    ]
+
+
+def power_table(design: Design, teachers_per_set: int) -> str:
+    rows = []
+    for option in design.alternatives(teachers_per_set):
+        hours = option.cost(design.run_minutes.teacher, design.run_minutes.student) / 60
+        chosen = " (chosen)" if option.seeds == design.seeds_per_set else ""
+        rows.append(
+            [
+                f"{option.seeds}{chosen}",
+                str(option.sets),
+                f"{option.power:.3f}",
+                str(option.teacher_runs),
+                str(option.student_runs),
+                f"{hours:.0f}",
+            ]
+        )
+    return markdown_table(
+        ["seeds per set", "sets for the power", "power", "teacher runs", "student runs", "run-hours (one core)"], rows
+    )
+
+
+def primary_lines(design: Design, sets: dict[str, dict], out: Path) -> list[str]:
+    claim = design.claim
+    label, _ = CLAIM_KEYS[claim.metric]
+    diffs = [set_difference(design, results, claim.metric) for results in sets.values()]
+    test = paired_test(diffs, "higher")
+    done = len(sets)
+    lines = [f"{claim.student} minus {claim.baseline}, {label} at the final epoch, one replicate per teacher set:", ""]
+    if done == design.sets:
+        lines.append(f"**Decided** ({done} of {design.sets} sets): {described(test, None)}: **{verdict(test)}**.")
+    else:
+        left = ", ".join(set_folder(out, i).name for i in range(design.sets) if set_folder(out, i).name not in sets)
+        lines += [
+            f"**Not decided**: {done} of {design.sets} sets finished. By the stopping rule no verdict is drawn before "
+            "the last set.",
+            f"- running estimate (not a verdict): {described(test, None) if test else 'none yet'}",
+            f"- power the finished sets have at {100 * claim.effect:+g} points: {design.power_with(done):.2f} "
+            f"(planned: {design.planned_power:.2f} with {design.sets})",
+            f"- the runs that would decide it: {left} (`akd design --out {out}` resumes)",
+        ]
+    return lines
+
+
+def set_table(design: Design, sets: dict[str, dict]) -> str:
+    rows = []
+    for name, results in sets.items():
+        stops = ", ".join(f"{t} {r['best_epoch']}/{r['epochs']}" for t, r in results["teachers"].items())
+        cells = []
+        for key, *_ in CLAIMS:
+            d = set_difference(design, results, key)
+            cells.append("n/a" if d is None else f"{100 * d:+.2f}")
+        rows.append([name, f"{results['seeds']}", stops, *cells])
+    return markdown_table(
+        ["set", "student seeds", "teachers stopped at", *(f"Δ {title}" for _, title, _ in CLAIMS)], rows
+    )
+
+
+def by_set(design: Design, sets: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each student's runs with one entry per set (its seeds' mean test PGD accuracy at the best and final
+    checkpoints), for the test-split robust-overfitting table."""
+
+    def mean_pgd(runs: list[dict], which: str) -> float | None:
+        values = [(r.get(which) or {}).get("pgd_acc") for r in runs]
+        return None if None in values else statistics.fmean(values)
+
+    return {
+        name: [
+            {which: {"pgd_acc": mean_pgd(results["students"][name], which)} for which in ("best", "final")}
+            for results in sets.values()
+        ]
+        for name in design.students
+    }
+
+
+def write_design_report(design: Design, out: Path, command: str) -> str:
+    """RESULTS.md and results.json in `out`, from the finished sets' results.json."""
+    sets = finished_sets(design, out)
+    claim = design.claim
+    teachers_per_set = len(design.set_plan(0).teachers)
+    measured = {}
+    for name, results in sets.items():
+        runs = results["students"]
+        measured[name] = measurement(results, [*runs[claim.student], *runs[claim.baseline]])
+        measured[name]["baseline runs"] = json.dumps([r.get("final") for r in runs[claim.baseline]], sort_keys=True)
+    refused = measured_alike(measured) if len(sets) > 1 else None
+    lines = [
+        f"# Design: {claim.student} vs {claim.baseline} over independent teacher sets",
+        "",
+        f"- command: `{command}`",
+        f"- design: {design.source} (plan {design.plan}; students {', '.join(design.students)}; set i's teachers: "
+        f"seeds {design.teacher_seed_base} + 10 i + j; {design.seeds_per_set} student seed(s) per set, its own)",
+        f"- evaluation: AutoAttack {design.autoattack_version} on {design.autoattack_limit} test images, students' "
+        "final epochs; per-image correctness stored",
+        f"- {RULE}",
+        "",
+        "## The design, chosen before the runs",
+        "",
+        f"Primary claim: {claim.student} minus {claim.baseline} on {CLAIM_KEYS[claim.metric][0]} at the final epoch, "
+        f"two-sided, powered for {100 * claim.effect:+g} points at {claim.power:.0%}. Variances: between sets "
+        f"{100 * design.variance.between_sets:g} points, within a set (seed) {100 * design.variance.within_set:g} "
+        f"points ({design.variance.source}). Power of the paired t-test over the sets' means (noncentral t, "
+        f"pipeline/power.py); cost from {design.run_minutes.teacher:g} minutes per teacher run and "
+        f"{design.run_minutes.student:g} per student run:",
+        "",
+        power_table(design, teachers_per_set),
+        "",
+        f"Chosen: {design.sets} sets of {design.seeds_per_set} seed(s), power {design.planned_power:.3f}.",
+        "",
+        f"Stopping rule: {design.stopping_rule}",
+        "",
+        "## The primary claim",
+        "",
+    ]
+    if refused:
+        lines += [f"Not pooled: {refused}.", ""]
+    else:
+        lines += [*primary_lines(design, sets, out), ""]
+        differences = per_image_differences(design, sets) if sets else None
+        if differences is not None and len(sets) > 1:
+            lines += ["Image-sampling error beside the set-to-set error:", "", *image_sampling_lines(differences), ""]
+    lines += [
+        "## Each set (paired differences in points, mean over the set's seeds)",
+        "",
+        set_table(design, sets) if sets else "No set has finished yet.",
+        "",
+        "## Robust overfitting on the test split",
+        "",
+        test_split_overfitting_table(by_set(design, sets), claim.baseline, unit="teacher set") if sets else "",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "RESULTS.md").write_text(text)
+    raw = {"command": command, "design": design.model_dump(), "sets": sets}
+    (out / "results.json").write_text(json.dumps(raw, indent=1))
+    return text

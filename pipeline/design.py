@@ -16,7 +16,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -56,9 +56,15 @@ class Claim(StrictConfig):
 class Variances(StrictConfig):
     """The paired difference's SDs the power analysis uses, and where they were measured."""
 
-    between_sets: Annotated[float, Field(ge=0)]
-    within_set: Annotated[float, Field(ge=0)]
+    between_sets: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    within_set: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     source: str
+
+    @model_validator(mode="after")
+    def _some_spread(self) -> Variances:
+        if self.between_sets == 0 and self.within_set == 0:
+            raise ValueError("between_sets and within_set cannot both be 0: a difference with no spread needs no test")
+        return self
 
 
 class RunMinutes(StrictConfig):
@@ -76,7 +82,7 @@ class Design(StrictConfig):
     sets: Count
     seeds_per_set: Count
     teacher_seed_base: Annotated[int, Field(ge=0)]
-    autoattack_version: str = "standard"
+    autoattack_version: Literal["standard", "apgd"] = "standard"
     autoattack_limit: Annotated[int, Field(ge=0)] = 1000
     run_minutes: RunMinutes
     stopping_rule: str

@@ -55,11 +55,12 @@ def _design_file(path, **changes) -> str:
         "autoattack_limit": "8",
         "run_minutes": "{ teacher = 1, student = 2 }",
         "stopping_rule": '"all three sets, then the test"',
+        "claim": '{ student = "akd-ensemble", baseline = "pgd-at", metric = "autoattack_acc", '
+        "effect = 0.5, power = 0.8 }",
+        "variance": '{ between_sets = 0.05, within_set = 0.05, source = "a test" }',
     }
     fields.update({k: str(v) for k, v in changes.items()})
     text = "\n".join(f"{k} = {v}" for k, v in fields.items())
-    text += '\n[claim]\nstudent = "akd-ensemble"\nbaseline = "pgd-at"\nmetric = "autoattack_acc"\neffect = 0.5\n'
-    text += 'power = 0.8\n[variance]\nbetween_sets = 0.05\nwithin_set = 0.05\nsource = "a test"\n'
     path.write_text(text)
     return str(path)
 
@@ -69,6 +70,10 @@ def test_a_design_below_its_power_is_refused_naming_the_sets_it_needs(tmp_path):
         load_design(_design_file(tmp_path / "d.toml", sets=2))
     with pytest.raises(ConfigError, match="must include the claim's"):
         load_design(_design_file(tmp_path / "d.toml", students='["pgd-at", "akd-single"]'))
+    with pytest.raises(ConfigError, match="cannot both be 0"):
+        load_design(_design_file(tmp_path / "d.toml", variance="{ between_sets = 0, within_set = 0, source = 'x' }"))
+    with pytest.raises(ConfigError, match="autoattack_version"):
+        load_design(_design_file(tmp_path / "d.toml", autoattack_version='"all"'))
     primary = load_design(None, "primary")
     assert (primary.sets, primary.seeds_per_set) == (18, 1) and primary.planned_power >= 0.80
 

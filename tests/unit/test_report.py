@@ -3,9 +3,11 @@ itself: tests/unit/test_verdicts.py)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
+from conftest import REPO
 
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, read_stage_times
 from pipeline.report import time_line
@@ -103,3 +105,16 @@ def test_guideline_rows_pair_each_student_with_pgd_at_by_seed():
     assert cells[4].startswith("+0.00 [+0.00, +0.00] p ") and cells[4].endswith(" holds")
     # the gap shrinks by 3 points on every seed
     assert cells[7].startswith("-3.00 [-3.00, -3.00] p ") and cells[7].endswith(" holds")
+
+
+def test_results_md_test_split_table_recomputes_from_the_committed_results():
+    """RESULTS.md's robust overfitting on the test split is the report's own table of results/overfit/results.json,
+    every student against early-stopped and final PGD-AT, so the page cannot drift from the data it cites."""
+    from pipeline.report import test_split_overfitting_table
+
+    students = json.loads((REPO / "results" / "overfit" / "results.json").read_text())["students"]
+    table = test_split_overfitting_table(students, "pgd-at")
+    assert table in (REPO / "RESULTS.md").read_text()
+    assert "| pgd-at | +5.53 [+2.54, +8.53], t(2) = 7.95, p = 0.015 |" in table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert len([name for name in students if name != "pgd-at" and rows[name].count("[") == 3]) == 10

@@ -260,10 +260,10 @@ class Demo:
         threat = describe_threat_model(
             threat_model(wanted, plan.autoattack_limit or None, False, plan.autoattack_version)
         )
+        attacked = "the students' final" + (" and the teachers' early-stopped" if plan.autoattack_teachers else "")
         say(
-            f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on the "
-            "students' "
-            f"final and the teachers' early-stopped), all under {threat}; {plan.jobs} at a time =="
+            f"== evaluate: {len(jobs)} evaluations (each model's best-validation and final epoch; AutoAttack on "
+            f"{attacked}), all under {threat}; {plan.jobs} at a time =="
         )
         run_jobs("evaluate", jobs, plan.jobs, plan.threads_per_job)
 

@@ -31,8 +31,14 @@ PER_IMAGE = {"clean_acc": "clean", "pgd_acc": "pgd", "autoattack_acc": "autoatta
 BOOTSTRAP_DRAWS = 4000
 
 
+# What decides nothing: where the design was read from, and the cost estimate behind the power table's last column.
+NOT_THE_DESIGN = {"source", "run_minutes"}
+
+
 def fingerprint(design: Design) -> str:
-    return hashlib.sha256(json.dumps(design.model_dump(exclude={"source"}), sort_keys=True).encode()).hexdigest()
+    """The sha256 of what the design decides: its claim, variances, size, seeds, evaluation and stopping rule."""
+    asked = design.model_dump(exclude=NOT_THE_DESIGN)
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
 
 
 def claim_design(design: Design, out: Path) -> None:

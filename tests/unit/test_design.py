@@ -168,6 +168,8 @@ def test_a_folder_begun_by_another_design_is_refused(tmp_path):
     claim_design(load_design(_design_file(tmp_path / "a.toml")), out)
     with pytest.raises(DemoError, match="begun by another design"):
         claim_design(load_design(_design_file(tmp_path / "b.toml", sets=4)), out)
+    # a corrected cost estimate decides nothing: the same design
+    claim_design(load_design(_design_file(tmp_path / "c.toml", run_minutes="{ teacher = 9, student = 30 }")), out)
 
 
 def test_akd_design_reports_from_the_command_line(tmp_path, capsys):

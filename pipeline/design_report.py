@@ -109,11 +109,19 @@ def per_image_differences(design: Design, sets: dict[str, dict]) -> np.ndarray |
             bits = [((run.get("final") or {}).get("correct") or {}).get(field) for run in (a, b)]
             if field is None or None in bits or len(bits[0]) != len(bits[1]):
                 return None
-            seeds.append(np.frombuffer(bits[0].encode(), np.uint8) - np.frombuffer(bits[1].encode(), np.uint8))
+            seeds.append(_digits(bits[0]) - _digits(bits[1]))
         rows.append(np.mean(np.asarray(seeds, dtype=float), axis=0))
     if not rows or len({len(r) for r in rows}) != 1:
         return None
     return np.asarray(rows)
+
+
+def _digits(bits: str) -> np.ndarray:
+    """ "0110" as [0, 1, 1, 0]; anything but 0s and 1s is refused (a damaged record is not counted)."""
+    values = np.frombuffer(bits.encode("ascii"), np.uint8).astype(np.int64) - ord("0")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise ValueError(f"per-image correctness must be a string of 0s and 1s, got {bits[:20]!r}...")
+    return values
 
 
 def image_sampling_lines(differences: np.ndarray, seed: int = 0) -> list[str]:
@@ -132,9 +140,14 @@ def image_sampling_lines(differences: np.ndarray, seed: int = 0) -> list[str]:
         chosen_images = rng.integers(0, images, images)
         draws[k] = differences[np.ix_(chosen_sets, chosen_images)].mean()
     low, high = np.percentile(draws, [2.5, 97.5])
+    between = (
+        f"- from the {sets} sets' means (the t-test's): se {100 * set_se:.2f} points"
+        if sets > 1
+        else "- from the sets' means: none yet (one set)"
+    )
     return [
         f"- from the {images} images alone (shared by every set): se {100 * image_se:.2f} points",
-        f"- from the {sets} sets' means (the t-test's): se {100 * set_se:.2f} points",
+        between,
         f"- bootstrap over sets and images together ({BOOTSTRAP_DRAWS} draws, seed {seed}): 95% interval "
         f"[{100 * low:+.2f}, {100 * high:+.2f}] points",
     ]
@@ -257,7 +270,7 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
     else:
         lines += [*primary_lines(design, sets, out), ""]
         differences = per_image_differences(design, sets) if sets else None
-        if differences is not None and len(sets) > 1:
+        if differences is not None:
             lines += ["Image-sampling error beside the set-to-set error:", "", *image_sampling_lines(differences), ""]
     lines += [
         "## Each set (paired differences in points, mean over the set's seeds)",

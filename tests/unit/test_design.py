@@ -136,6 +136,9 @@ def test_the_claim_is_decided_only_when_every_planned_set_has_finished(tmp_path)
     decided = write_design_report(design, out, "akd design")
     # set means +25, +50, +37.5 points: t(2) = 5.20, p = 0.035
     assert "**Decided** (3 of 3 sets): +37.50 [+6.45, +68.55], t(2) = 5.20, p = 0.035: **holds**" in decided
+    # the per-image differences averaged over the sets: 1, 1, 0, 0, 2/3, 1/3, 0, 0 (sd 0.452, over sqrt 8)
+    assert "- from the 8 images alone (shared by every set): se 15.98 points" in decided
+    assert "- from the 3 sets' means (the t-test's): se 7.22 points" in decided
     recorded = json.loads((out / "results.json").read_text())
     assert sorted(recorded["sets"]) == ["set-00", "set-01", "set-02"] and recorded["design"]["sets"] == 3
     # robust overfitting on the test split, by set: PGD-AT's final epoch is 10, 9, 8 points below its best
@@ -182,3 +185,12 @@ def test_akd_design_reports_from_the_command_line(tmp_path, capsys):
     assert "| 1 (chosen) | 18 | 0.800 | 54 | 36 |" in said and "0 of 18 sets finished" in said
     assert main(["design", "--out", str(tmp_path / "out"), "--design", "nope", "--report"]) == 2
     assert "unknown design 'nope'; built-in designs: primary" in capsys.readouterr().err
+
+
+def test_a_damaged_per_image_record_is_refused_not_counted(tmp_path):
+    design = load_design(_design_file(tmp_path / "d.toml"))
+    out = tmp_path / "out"
+    _set(out, 0, "11110000", "00110000")
+    _set(out, 1, "1111x100", "00110000")
+    with pytest.raises(ValueError, match="a string of 0s and 1s, got '1111x100'"):
+        write_design_report(design, out, "akd design")

@@ -192,6 +192,13 @@ def primary_lines(design: Design, sets: dict[str, dict], out: Path) -> list[str]
             f"(planned: {design.planned_power:.2f} with {design.sets})",
             f"- the runs that would decide it: {left} (`akd design --out {out}` resumes)",
         ]
+    planned_sd = design.variances.of_set_mean(design.seeds_per_set)
+    if done > 1:
+        # the power analysis's assumption, checked as the sets come in (it changes nothing: the size is fixed)
+        lines.append(
+            f"- SD of the set means so far: {100 * statistics.stdev(diffs):.2f} points over {done} sets (the power "
+            f"analysis assumed {100 * planned_sd:.2f})"
+        )
     return lines
 
 

@@ -131,6 +131,7 @@ def test_the_claim_is_decided_only_when_every_planned_set_has_finished(tmp_path)
     _set(out, 0, "11110000", "00110000")
     _set(out, 1, "11111100", "00110000")
     interim = write_design_report(design, out, "akd design")
+    assert "SD of the set means so far: 17.68 points over 2 sets (the power analysis assumed 7.07)" in interim
     assert "**Not decided**: 2 of 3 sets finished" in interim and "set-02" in interim and "**holds**" not in interim
     _set(out, 2, "11111000", "00110000")
     decided = write_design_report(design, out, "akd design")

@@ -202,6 +202,20 @@ def primary_lines(design: Design, sets: dict[str, dict], out: Path) -> list[str]
     return lines
 
 
+def claim_picture(design: Design, sets: dict[str, dict], out: Path) -> Path:
+    """pictures/primary-claim.png: each set's difference on the claim, and the running mean with its 95% interval."""
+    from student_trainer.plots import replicate_differences
+
+    diffs = [100 * set_difference(design, results, design.claim.metric) for results in sets.values()]
+    running = []
+    for n in range(1, len(diffs) + 1):
+        test = paired_test(diffs[:n], "higher")
+        running.append(None if test is None or test.n < 2 else (test.mean, *test.ci))
+    claim = design.claim
+    title = f"{claim.student} minus {claim.baseline}, {CLAIM_KEYS[claim.metric][0]}, final epoch, per teacher set"
+    return replicate_differences(diffs, running, 100 * claim.effect, title, out / "pictures" / "primary-claim.png")
+
+
 def set_table(design: Design, sets: dict[str, dict]) -> str:
     rows = []
     for name, results in sets.items():
@@ -276,6 +290,9 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
         lines += [f"Not pooled: {refused}.", ""]
     else:
         lines += [*primary_lines(design, sets, out), ""]
+        if sets:
+            claim_picture(design, sets, out)
+            lines += ["![each set's difference and the running mean](pictures/primary-claim.png)", ""]
         differences = per_image_differences(design, sets) if sets else None
         if differences is not None:
             lines += ["Image-sampling error beside the set-to-set error:", "", *image_sampling_lines(differences), ""]

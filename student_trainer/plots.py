@@ -105,3 +105,31 @@ def robust_overfitting_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, out_png)
+
+
+def replicate_differences(
+    differences: list[float], running: list[tuple[float, float, float] | None], effect: float, title: str, out_png
+) -> Path:
+    """One paired difference per replicate (points) in the order they finished, with the running mean and its 95%
+    interval after each (None where there is no interval yet), zero and the effect a design is powered for marked."""
+    fig, ax = subplots(figsize=(8, 4.5))
+    replicates = list(range(1, len(differences) + 1))
+    ax.scatter(replicates, differences, color="C0", zorder=3, label="each replicate")
+    shown = [(i, r) for i, r in zip(replicates, running) if r is not None]
+    if shown:
+        ax.plot([i for i, _ in shown], [r[0] for _, r in shown], color="C1", label="running mean")
+        ax.fill_between(
+            [i for i, _ in shown],
+            [r[1] for _, r in shown],
+            [r[2] for _, r in shown],
+            color="C1",
+            alpha=0.2,
+            label="its 95% interval",
+        )
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.axhline(effect, color="C2", linestyle="--", linewidth=1, label=f"powered for {effect:+g}")
+    ax.set(title=title, xlabel="replicates finished", ylabel="difference (points)")
+    ax.set_xticks(replicates)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_png)

@@ -140,6 +140,8 @@ def test_the_claim_is_decided_only_when_every_planned_set_has_finished(tmp_path)
     # the per-image differences averaged over the sets: 1, 1, 0, 0, 2/3, 1/3, 0, 0 (sd 0.452, over sqrt 8)
     assert "- from the 8 images alone (shared by every set): se 15.98 points" in decided
     assert "- from the 3 sets' means (the t-test's): se 7.22 points" in decided
+    assert "![each set's difference and the running mean](pictures/primary-claim.png)" in decided
+    assert (out / "pictures" / "primary-claim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recorded = json.loads((out / "results.json").read_text())
     assert sorted(recorded["sets"]) == ["set-00", "set-01", "set-02"] and recorded["design"]["sets"] == 3
     # robust overfitting on the test split, by set: PGD-AT's final epoch is 10, 9, 8 points below its best

@@ -113,9 +113,8 @@ def add_design_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_design(args: argparse.Namespace) -> int:
-    from pipeline import DemoError
+    from pipeline import DemoError, design_report
     from pipeline.design import load_design
-    from pipeline.design_report import claim_design, run_design, write_design_report
 
     command = "akd " + shlex.join(sys.argv[1:])
     try:
@@ -125,10 +124,10 @@ def run_design(args: argparse.Namespace) -> int:
         design = load_design(args.config, args.design)
         out = Path(args.out)
         if args.report:
-            claim_design(design, out)
-            text = write_design_report(design, out, command)
+            design_report.claim_design(design, out)
+            text = design_report.write_design_report(design, out, command)
         else:
-            text = run_design(design, out, args.sets, command)
+            text = design_report.run_design(design, out, args.sets, command)
     except (ConfigError, ValueError, DemoError) as exc:
         print(f"akd design: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import DemoError
 from pipeline.design import CLAIM_KEYS, Design, set_folder
 from pipeline.layout import PlanRecord
-from pipeline.replicates import measured_alike, measurement
+from pipeline.replicates import measured_alike, set_measurement
 from pipeline.report import CLAIMS, paired, test_split_overfitting_table
 from pipeline.verdicts import RULE, described, paired_test, verdict
 from student_trainer.markdown import markdown_table
@@ -252,11 +252,7 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
     sets = finished_sets(design, out)
     claim = design.claim
     teachers_per_set = len(design.set_plan(0).teachers)
-    measured = {}
-    for name, results in sets.items():
-        runs = results["students"]
-        measured[name] = measurement(results, [*runs[claim.student], *runs[claim.baseline]])
-        measured[name]["baseline runs"] = json.dumps([r.get("final") for r in runs[claim.baseline]], sort_keys=True)
+    measured = {name: set_measurement(results, claim.student, claim.baseline) for name, results in sets.items()}
     refused = measured_alike(measured) if len(sets) > 1 else None
     lines = [
         f"# Design: {claim.student} vs {claim.baseline} over independent teacher sets",

@@ -32,10 +32,16 @@ def set_differences(folder: Path, student: str, baseline: str) -> tuple[str, dic
     if student not in runs or baseline not in runs:
         raise SystemExit(f"{folder}: results.json has no {student!r} or {baseline!r} (students: {sorted(runs)})")
     diffs = {key: [d for _, d in paired(results["seeds"], runs[student], runs[baseline], key)] for key, *_ in CLAIMS}
+    return teachers, diffs, set_measurement(results, student, baseline)
+
+
+def set_measurement(results: dict, student: str, baseline: str) -> dict:
+    """How one set's comparison was measured (`measurement`), and its baseline's own results, seed by seed: two sets
+    with the same ones share (copied) runs."""
+    runs = results["students"]
     measured = measurement(results, [*runs[student], *runs[baseline]])
-    # the baseline's own results, seed by seed: two sets with the same ones share (copied) runs
     measured["baseline runs"] = json.dumps([run.get("final") for run in runs[baseline]], sort_keys=True)
-    return teachers, diffs, measured
+    return measured
 
 
 def measurement(results: dict, runs: list[dict]) -> dict:

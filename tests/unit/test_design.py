@@ -166,6 +166,7 @@ def test_image_sampling_error_is_shown_beside_the_sets_error():
     assert "se 1.55 points" in lines[0] and "se 0.00 points" in lines[1]
     low, high = (float(x) for x in lines[2].split("[")[1].split("]")[0].split(","))
     assert low < 60 < high and high - low == pytest.approx(2 * 1.96 * 1.55, abs=1.0)
+    assert "with 2 sets a bootstrap understates the set-to-set spread" in lines[2]
 
 
 def test_a_folder_begun_by_another_design_is_refused(tmp_path):

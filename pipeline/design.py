@@ -27,6 +27,8 @@ from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_t
 
 DESIGNS = "pipeline.designs"
 SET_FOLDER = "set-{:02d}"
+# set i's teachers are seeded teacher_seed_base + SEEDS_PER_SET_STEP * i + j
+SEEDS_PER_SET_STEP = 10
 CLAIM_KEYS = {key: (label, expected) for key, label, expected in CLAIMS}
 
 
@@ -125,10 +127,13 @@ class Design(StrictConfig):
         """Set `index` as the plan `akd demo` runs: the base plan's teachers with this set's seeds, only the design's
         students, this set's student seeds, and the design's AutoAttack on the students' final epochs only."""
         raw = built_in_plan(self.plan, f"{self.source}: `plan`")
+        if len(raw["teachers"]) > SEEDS_PER_SET_STEP:
+            # set i's seeds would run into set i + 1's
+            raise ConfigError(f"{self.source}: plan {self.plan!r} has more than {SEEDS_PER_SET_STEP} teachers")
         raw["teachers"] = [
             {**teacher, "name": _seeded_name(teacher["name"], seed), "seed": seed}
             for j, teacher in enumerate(raw["teachers"])
-            for seed in [self.teacher_seed_base + 10 * index + j]
+            for seed in [self.teacher_seed_base + SEEDS_PER_SET_STEP * index + j]
         ]
         by_name = {student["name"]: student for student in raw["students"]}
         unknown = [name for name in self.students if name not in by_name]

@@ -97,11 +97,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_design_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.design import design_names
+    from pipeline import designs
 
     parser.add_argument("--out", required=True, help="the design's folder: a set-NN demo folder per teacher set")
     parser.add_argument(
-        "--design", default="primary", help=f"a built-in design: {', '.join(design_names())} (pipeline/designs/)"
+        "--design", default="primary", help=f"a built-in design: {', '.join(designs.NAMES)} (pipeline/designs/)"
     )
     parser.add_argument("--config", help="a design TOML instead of a built-in design")
     parser.add_argument(

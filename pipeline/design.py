@@ -14,28 +14,21 @@ from __future__ import annotations
 
 import re
 import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline import designs as built_in
 from pipeline.plan import Plan, built_in_plan
 from pipeline.power import Variance, designs, power, sets_needed
 from pipeline.report import CLAIMS
 from shared.configfile import ConfigError, Count, Positive, StrictConfig, read_toml, validated
 
-DESIGNS = "pipeline.designs"
 SET_FOLDER = "set-{:02d}"
 # set i's teachers are seeded teacher_seed_base + SEEDS_PER_SET_STEP * i + j
 SEEDS_PER_SET_STEP = 10
 CLAIM_KEYS = {key: (label, expected) for key, label, expected in CLAIMS}
-
-
-def design_names() -> tuple[str, ...]:
-    return tuple(
-        sorted(f.name.removesuffix(".toml") for f in resources.files(DESIGNS).iterdir() if f.name.endswith(".toml"))
-    )
 
 
 class Claim(StrictConfig):
@@ -116,8 +109,12 @@ class Design(StrictConfig):
         """The power the claim's test has with only `sets` sets finished."""
         return power(sets, self.seeds_per_set, self.claim.effect, self.variances)
 
-    def alternatives(self, teachers_per_set: int):
-        return designs(self.claim.effect, self.variances, self.claim.power, teachers_per_set)
+    @property
+    def teachers_per_set(self) -> int:
+        return len(built_in_plan(self.plan, f"{self.source}: `plan`")["teachers"])
+
+    def alternatives(self):
+        return designs(self.claim.effect, self.variances, self.claim.power, self.teachers_per_set)
 
     def student_seeds(self, index: int) -> list[int]:
         """Set `index`'s student seeds: its own, so no two sets share a run."""
@@ -157,10 +154,10 @@ def _seeded_name(name: str, seed: int) -> str:
 def load_design(path: str | Path | None, name: str = "primary") -> Design:
     """A design file, or the built-in design `name`; ConfigError for anything a user must fix."""
     if path is None:
-        if name not in design_names():
-            raise ConfigError(f"unknown design {name!r}; built-in designs: {', '.join(design_names())}")
+        if name not in built_in.NAMES:
+            raise ConfigError(f"unknown design {name!r}; built-in designs: {', '.join(built_in.NAMES)}")
         source = f"design {name} (pipeline/designs/{name}.toml)"
-        raw = tomllib.loads(resources.files(DESIGNS).joinpath(f"{name}.toml").read_text())
+        raw = tomllib.loads(built_in.design_text(name))
     else:
         source, raw = str(path), read_toml(path)
     return validated(Design, {**raw, "source": source}, source)

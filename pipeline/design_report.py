@@ -161,9 +161,9 @@ def image_sampling_lines(differences: np.ndarray, seed: int = 0) -> list[str]:
     ]
 
 
-def power_table(design: Design, teachers_per_set: int) -> str:
+def power_table(design: Design) -> str:
     rows = []
-    for option in design.alternatives(teachers_per_set):
+    for option in design.alternatives():
         hours = option.cost(design.run_minutes.teacher, design.run_minutes.student) / 60
         chosen = " (chosen)" if option.seeds == design.seeds_per_set else ""
         rows.append(
@@ -181,10 +181,10 @@ def power_table(design: Design, teachers_per_set: int) -> str:
     )
 
 
-def primary_lines(design: Design, sets: dict[str, dict], out: Path) -> list[str]:
+def primary_lines(design: Design, sets: dict[str, dict], diffs: list[float], out: Path) -> list[str]:
+    """The claim over the sets' differences `diffs` (as fractions, in `sets`' order): decided only at full size."""
     claim = design.claim
     label, _ = CLAIM_KEYS[claim.metric]
-    diffs = [set_difference(design, results, claim.metric) for results in sets.values()]
     test = paired_test(diffs, "higher")
     done = len(sets)
     lines = [f"{claim.student} minus {claim.baseline}, {label} at the final epoch, one replicate per teacher set:", ""]
@@ -210,11 +210,11 @@ def primary_lines(design: Design, sets: dict[str, dict], out: Path) -> list[str]
     return lines
 
 
-def claim_picture(design: Design, sets: dict[str, dict], out: Path) -> Path:
+def claim_picture(design: Design, diffs: list[float], out: Path) -> Path:
     """pictures/primary-claim.png: each set's difference on the claim, and the running mean with its 95% interval."""
     from student_trainer.plots import replicate_differences
 
-    diffs = [100 * set_difference(design, results, design.claim.metric) for results in sets.values()]
+    diffs = [100 * d for d in diffs]
     running = []
     for n in range(1, len(diffs) + 1):
         test = paired_test(diffs[:n], "higher")
@@ -259,7 +259,6 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
     """RESULTS.md and results.json in `out`, from the finished sets' results.json."""
     sets = finished_sets(design, out)
     claim = design.claim
-    teachers_per_set = len(design.set_plan(0).teachers)
     measured = {name: set_measurement(results, claim.student, claim.baseline) for name, results in sets.items()}
     refused = measured_alike(measured) if len(sets) > 1 else None
     lines = [
@@ -281,7 +280,7 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
         f"pipeline/power.py); cost from {design.run_minutes.teacher:g} minutes per teacher run and "
         f"{design.run_minutes.student:g} per student run:",
         "",
-        power_table(design, teachers_per_set),
+        power_table(design),
         "",
         f"Chosen: {design.sets} sets of {design.seeds_per_set} seed(s), power {design.planned_power:.3f}.",
         "",
@@ -293,9 +292,10 @@ def write_design_report(design: Design, out: Path, command: str) -> str:
     if refused:
         lines += [f"Not pooled: {refused}.", ""]
     else:
-        lines += [*primary_lines(design, sets, out), ""]
+        diffs = [set_difference(design, results, claim.metric) for results in sets.values()]
+        lines += [*primary_lines(design, sets, diffs, out), ""]
         if sets:
-            claim_picture(design, sets, out)
+            claim_picture(design, diffs, out)
             lines += ["![each set's difference and the running mean](pictures/primary-claim.png)", ""]
         differences = per_image_differences(design, sets) if sets else None
         if differences is not None:

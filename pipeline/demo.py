@@ -283,7 +283,8 @@ class Demo:
                 and checkpoint == AUTOATTACKED[teacher]
                 and (plan.autoattack_teachers or not teacher)
             )
-            if evaluation_current(out, run_dir / checkpoint, wanted, plan.autoattack_version, with_aa):
+            aa_limit = plan.autoattack_limit if with_aa else None
+            if evaluation_current(out, run_dir / checkpoint, wanted, plan.autoattack_version, aa_limit):
                 continue
             argv = module(
                 "student_trainer",
@@ -320,18 +321,27 @@ def _own_session_ending_with_parent() -> None:
 
 
 def evaluation_current(
-    eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack: bool
+    eval_json: Path, checkpoint: Path, attack: dict, autoattack_version: str, autoattack_limit: int | None
 ) -> bool:
-    """Whether an existing evaluation is of this checkpoint as it is now, under this threat model and AutoAttack: one
-    made under another (an older plan) or of an older checkpoint is redone, not mixed in."""
+    """Whether an existing evaluation is of this checkpoint as it is now, under this threat model and AutoAttack
+    (`autoattack_limit`: the plan's image bound, None where this evaluation runs no AutoAttack): one made under
+    another (an older plan, another AutoAttack image count) or of an older checkpoint is redone, not mixed in.
+
+    AutoAttack runs on the first min(limit, evaluated images) images, so its recorded count says which limit made it.
+    """
     try:
         if eval_json.stat().st_mtime < checkpoint.stat().st_mtime:
             return False
-        recorded = json.loads(eval_json.read_text()).get("attack") or {}
+        record = json.loads(eval_json.read_text())
+        recorded = record.get("attack") or {}
     except (OSError, ValueError):
         return False
     aa = recorded.get("autoattack")
-    if (aa is not None) != autoattack or (aa is not None and aa.get("version") != autoattack_version):
+    if (aa is not None) != (autoattack_limit is not None):
+        return False
+    if aa is not None and (
+        aa.get("version") != autoattack_version or aa.get("n") != min(autoattack_limit, record.get("n", 0))
+    ):
         return False
     return all(recorded.get(key) == value for key, value in attack.items())
 

@@ -151,14 +151,13 @@ def test_quick_demo_evaluates_every_model_under_one_threat_model_and_says_which(
     wanted = Demo(load_plan(None, "quick"), out, "test").eval_attack().model_dump()
     weak_run = out / "teachers" / "weak-s12"
     # reused on a re-run ...
-    assert evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", True)
+    assert evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", 8)
     # redone
-    assert not evaluation_current(
-        weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", True
-    )
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", {**wanted, "steps": 20}, "standard", 8)
     # for another plan
-    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", True)
-    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", False)
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "apgd", 8)
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", None)
+    assert not evaluation_current(weak_run / "eval.json", weak_run / "best.pt", wanted, "standard", 50)
     # a model evaluated otherwise is called out, never mixed in silently
     copy = shutil.copytree(out, tmp_path / "copy")
     weak = copy / "teachers" / "weak-s12" / "eval.json"

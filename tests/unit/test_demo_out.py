@@ -96,3 +96,23 @@ def test_a_folder_this_user_cannot_write_is_one_line_naming_the_uid(tmp_path, mo
         prepare_out(tmp_path / "demo", fresh=False, plan=QUICK)
     assert str(refusal.value).startswith(f"{tmp_path / 'demo'} is not writable by this user (uid ")
     assert "AKD_UID" in str(refusal.value) and "\n" not in str(refusal.value)
+
+
+def test_an_evaluation_autoattacked_on_another_image_count_is_redone(tmp_path):
+    """A plan whose AutoAttack image bound changed does not keep an evaluation made under the old bound (AutoAttack runs
+    on the first min(bound, evaluated) images); everything else equal, the same bound keeps it."""
+    from pipeline.demo import evaluation_current
+
+    attack = {"norm": "linf", "eps": 0.3}
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"weights")
+    eval_json = tmp_path / "eval-final.json"
+    autoattack = {"version": "standard", "n": 500}
+    eval_json.write_text(json.dumps({"n": 1000, "attack": {**attack, "autoattack": autoattack}}))
+
+    assert evaluation_current(eval_json, checkpoint, attack, "standard", 500)
+    assert not evaluation_current(eval_json, checkpoint, attack, "standard", 1000)
+    assert not evaluation_current(eval_json, checkpoint, attack, "standard", 100)
+    # a bound past the evaluated images means all of them
+    eval_json.write_text(json.dumps({"n": 500, "attack": {**attack, "autoattack": autoattack}}))
+    assert evaluation_current(eval_json, checkpoint, attack, "standard", 1000)

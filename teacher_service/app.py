@@ -22,7 +22,7 @@ from teacher_service.config import ServiceConfig
 from teacher_service.errors import install_error_handlers
 from teacher_service.framework import TeacherApp, warn_if_untested
 from teacher_service.openmp import serial_cpu_ops
-from teacher_service.routes import open_router, require_token, router, soft_targets
+from teacher_service.routes import open_router, require_token, router, soft_target_keys, soft_targets
 from teacher_service.service import build_service, flush_periodically, sweep_regions_periodically
 from teacher_service.spec import install_spec
 
@@ -91,9 +91,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     # the Open Inference Protocol (KServe v2) beside the native API
     app.include_router(oip_routes.router)
     app.include_router(oip_routes.open_router)
-    # every trainer's request, native and v2: each route as its module declares it, served past FastAPI's
-    # per-request layers (framework.py)
+    # every trainer's request, native (rows, and keys first) and v2: each route as its module declares it, served
+    # past FastAPI's per-request layers (framework.py)
     app.serve_directly(router, soft_targets)
+    app.serve_directly(router, soft_target_keys)
     app.serve_directly(oip_routes.router, oip_routes.infer)
     _add_docs_routes(app)
     # /docs and /openapi.json serve the routes' spec as this config has them (spec.py)

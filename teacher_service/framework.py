@@ -3,11 +3,11 @@ internals rather than on their documented use. Each bend is kept because it was 
 against the framework's own way (tests/service/test_hot_route.py, tests/service/test_limits.py) on the versions in
 `TESTED_VERSIONS`, which pyproject.toml pins (tests/service/test_framework_versions.py holds the three together).
 
-`TeacherApp` overrides `FastAPI.__call__` to serve a few declared routes (POST /soft-targets, every trainer's
-request, and the Open Inference Protocol's POST /v2/models/{model}/infer) directly, past FastAPI's per-request
-layers: on a cached small request, its telemetry, Starlette's middleware stack, the router's match over every route
-and dependency solving are a sizeable share of the event loop's CPU, and that loop bounds how many trainers one
-teacher serves (measured: docs/design/teacher-service.md). It relies on:
+`TeacherApp` overrides `FastAPI.__call__` to serve a few declared routes (POST /soft-targets and its keys-first
+POST /soft-targets/keys, every trainer's requests, and the Open Inference Protocol's POST /v2/models/{model}/infer)
+directly, past FastAPI's per-request layers: on a cached small request, its telemetry, Starlette's middleware stack,
+the router's match over every route and dependency solving are a sizeable share of the event loop's CPU, and that
+loop bounds how many trainers one teacher serves (measured: docs/design/teacher-service.md). It relies on:
 
 - `FastAPI.__call__(scope, receive, send)` being the app's whole way in, which sets `scope["root_path"]` from
   `FastAPI.root_path` (unset here) and, through `Starlette.__call__`, `scope["app"]`, the app `Request.app` reads;

@@ -3,10 +3,10 @@ Service.
 
 A request's body is refused as early as its bytes allow (body.py); its rows go to the teacher's batcher, and the
 answer is a safetensors file of the tensors asked for. Each route is declared here once, and what /openapi.json
-documents is what runs. FastAPI serves every route but one: POST /soft-targets, every trainer's request, is served
-past FastAPI's per-request layers by the app (`framework.TeacherApp.serve_directly`, set in app.py), which reads
-this declaration (its path and method, the router's token check, the endpoint's query model and service) and calls
-`soft_targets` itself, answering as FastAPI would (tests/service/test_hot_route.py).
+documents is what runs. FastAPI serves every route but two: POST /soft-targets and POST /soft-targets/keys, every
+trainer's requests, are served past FastAPI's per-request layers by the app (`framework.TeacherApp.serve_directly`,
+set in app.py), which reads each declaration (its path and method, the router's token check, the endpoint's query
+model and service) and calls the endpoint itself, answering as FastAPI would (tests/service/test_hot_route.py).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ async def soft_targets(
     request: Request, query: Annotated[SoftTargetsQuery, Query()], service: Service = Depends(current_service)
 ) -> Response:
     """Every trainer's traffic: called by the app's direct route (framework.py) as FastAPI would call it, and by
-    FastAPI itself only under a root_path."""
+    FastAPI itself only under a root_path (as is soft_target_keys)."""
     t = service.teacher(query.teacher)
     server = service.config.server
     wanted = _wanted(query.outputs)

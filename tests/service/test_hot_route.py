@@ -1,5 +1,6 @@
-"""POST /soft-targets served past FastAPI's per-request layers (the direct route, teacher_service/framework.py): the
-same answers, the same refusals and the same metrics as FastAPI gives, and every other request still FastAPI's.
+"""POST /soft-targets, keys first and the v2 infer route served past FastAPI's per-request layers (the direct route,
+teacher_service/framework.py): the same answers, the same refusals and the same metrics as FastAPI gives, and every
+other request still FastAPI's.
 
 Two real servers on the same teachers: one as `akd serve` runs it, one whose uvicorn calls FastAPI's own dispatch
 (`FastAPI.__call__`), the way in the direct route skips. Each gets the same requests in the same order. And the
@@ -139,6 +140,51 @@ def v2_answers(base: str) -> list[tuple]:
     return out + [("requests counted", requests)]
 
 
+# (what, query, body, headers): keys first, after CASES stored BODY's rows under teacher "ens"
+KEY_CASES = [
+    ("found", {"teacher": "ens"}, codec.encode_keys(random_inputs(5, seed=3)), GOOD),
+    ("none found", {"teacher": "ens", "outputs": "probs,logits"}, codec.encode_keys(random_inputs(4, seed=9)), GOOD),
+    ("no token", {"teacher": "ens"}, codec.encode_keys(random_inputs(2, seed=3)), {}),
+    ("an unknown teacher", {"teacher": "nope"}, codec.encode_keys(random_inputs(2, seed=3)), GOOD),
+    ("an unknown output", {"teacher": "ens", "outputs": "bogus"}, codec.encode_keys(random_inputs(2, seed=3)), GOOD),
+    ("not safetensors", {"teacher": "ens"}, b"not a safetensors file", GOOD),
+    ("rows, not keys", {"teacher": "ens"}, BODY, GOOD),
+]
+
+
+def keys_answers(base: str) -> list[tuple]:
+    """CASES, then KEY_CASES: keys first answers only what the rows stored."""
+    out = answers(base)[:-1]
+    with httpx.Client(base_url=base, timeout=HANG_S) as client:
+        for what, query, body, headers in KEY_CASES:
+            r = client.post(protocol.SOFT_TARGET_KEYS_PATH, params=query, content=body, headers=headers)
+            kept = {h: r.headers.get(h) for h in HEADERS}
+            ok = r.status_code == 200
+            content = {k: v.tolist() for k, v in st_load(r.content).items()} if ok else r.json()
+            out.append((what, r.status_code, kept, content))
+        metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
+    requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
+    return out + [("requests counted", requests)]
+
+
+def test_keys_first_answers_and_refuses_as_fastapi_does(config):
+    """POST /soft-targets/keys, served directly, answers and refuses exactly as FastAPI's own dispatch does."""
+    served = served_both_ways(config, "keys", keys_answers)
+    statuses = {what: status for what, status, *_ in served[len(CASES) : -1]}
+    assert statuses == {
+        "found": 200,
+        "none found": 200,
+        "no token": 401,
+        "an unknown teacher": 404,
+        "an unknown output": 400,
+        "not safetensors": 400,
+        "rows, not keys": 422,
+    }
+    found = {what: content for what, _, _, content in served[len(CASES) : len(CASES) + 2]}
+    assert found["found"][protocol.FOUND_KEY] == [1] * 5 and len(found["found"]["probs"]) == 5
+    assert found["none found"][protocol.FOUND_KEY] == [0] * 4
+
+
 def test_the_v2_infer_route_answers_and_refuses_as_fastapi_does(config):
     """POST /v2/models/{model}/infer, served directly (its path parameter read from the route's pattern), answers
     and refuses exactly as FastAPI's own dispatch does, byte for byte."""
@@ -217,7 +263,17 @@ def test_the_hot_route_serves_soft_targets_and_fastapi_every_other_request(confi
             "ens",
             "solo",
         }
-    assert ("POST", protocol.SOFT_TARGETS_PATH) not in dispatched
+        keys = client.post(
+            protocol.SOFT_TARGET_KEYS_PATH,
+            params={"teacher": "ens"},
+            content=codec.encode_keys(random_inputs(5, seed=3)),
+            headers=GOOD,
+        )
+        assert keys.status_code == 200, keys.text
+    assert ("POST", protocol.SOFT_TARGETS_PATH) not in dispatched and (
+        "POST",
+        protocol.SOFT_TARGET_KEYS_PATH,
+    ) not in dispatched
     assert {("GET", protocol.SOFT_TARGETS_PATH), ("GET", protocol.TEACHERS_PATH), ("GET", protocol.HEALTH_PATH)} <= set(
         dispatched
     )

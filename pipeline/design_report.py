@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import DemoError
 from pipeline.design import CLAIM_KEYS, Design, set_folder
-from pipeline.layout import PlanRecord
+from pipeline.layout import Layout, PlanRecord, read_stage_times
 from pipeline.replicates import measured_alike, set_measurement
 from pipeline.report import CLAIMS, paired, test_split_overfitting_table
 from pipeline.verdicts import RULE, described, paired_test, verdict
@@ -67,10 +67,28 @@ def run_design(design: Design, out: Path, sets_now: int | None, command: str) ->
     last = design.sets if sets_now is None else min(design.sets, sets_now)
     for index in range(last):
         plan = design.set_plan(index)
-        say(f"== design: set {index + 1} of {design.sets} ({set_folder(out, index)}) ==")
+        say(progress_line(design, out, index))
         record = PlanRecord(f"{design.source}, set {index}", plan.fingerprint())
         run_demo(plan, set_folder(out, index), STAGES, False, None, None, command, record)
     return write_design_report(design, out, command)
+
+
+def progress_line(design: Design, out: Path, index: int) -> str:
+    """What the design's run says as set `index` starts: the sets finished, the minutes a finished set took (its
+    stages.json, wall time summed over its parts) and the hours the others would take at that pace."""
+    line = f"== design: set {index + 1} of {design.sets} ({set_folder(out, index)})"
+    done = finished_sets(design, out)
+    minutes = [
+        sum(stage["seconds"] for stage in read_stage_times(Layout(set_folder(out, i))).values()) / 60
+        for i in range(design.sets)
+        if set_folder(out, i).name in done
+    ]
+    if minutes:
+        pace, left = statistics.fmean(minutes), design.sets - len(done)
+        line += (
+            f"; {len(done)} finished, {pace:.0f} min a set so far: about {left * pace / 60:.1f} h for the {left} left"
+        )
+    return line + " =="
 
 
 def finished_sets(design: Design, out: Path) -> dict[str, dict]:

@@ -11,7 +11,7 @@ from scipy import stats
 
 from pipeline import DemoError
 from pipeline.design import load_design, set_folder
-from pipeline.design_report import claim_design, image_sampling_lines, write_design_report
+from pipeline.design_report import claim_design, image_sampling_lines, progress_line, write_design_report
 from pipeline.power import Variance, designs, power, sets_needed
 from shared.configfile import ConfigError
 
@@ -146,6 +146,27 @@ def test_the_claim_is_decided_only_when_every_planned_set_has_finished(tmp_path)
     assert sorted(recorded["sets"]) == ["set-00", "set-01", "set-02"] and recorded["design"]["sets"] == 3
     # robust overfitting on the test split, by set: PGD-AT's final epoch is 10, 9, 8 points below its best
     assert "+9.00 [+6.52, +11.48], t(2) = 15.59" in decided
+
+
+def test_each_set_starts_saying_the_pace_of_the_finished_sets_and_the_hours_left(tmp_path):
+    design = load_design(_design_file(tmp_path / "d.toml"))
+    out = tmp_path / "out"
+    assert progress_line(design, out, 0) == f"== design: set 1 of 3 ({set_folder(out, 0)}) =="
+    _set(out, 0, "11110000", "00110000")
+    _set(out, 1, "11111100", "00110000")
+    # 40 minutes, then 50 (its stages run in two parts)
+    seconds = [
+        {"teachers": 600, "students": 600, "evaluate": 1200},
+        {"teachers": 900, "students": 600, "evaluate": 1500},
+    ]
+    for index, stages in enumerate(seconds):
+        times = {stage: {"seconds": s, "runs": 1 + index} for stage, s in stages.items()}
+        (set_folder(out, index) / "stages.json").write_text(json.dumps(times))
+    # a set begun but not finished counts as left
+    set_folder(out, 2).mkdir()
+    assert progress_line(design, out, 2) == (
+        f"== design: set 3 of 3 ({set_folder(out, 2)}); 2 finished, 45 min a set so far: about 0.8 h for the 1 left =="
+    )
 
 
 def test_sets_measured_with_other_packages_are_not_pooled(tmp_path):

@@ -5,7 +5,9 @@
 #      right one for GPU hosts, and it falls back to the CPU. For a CPU-only image (1.6 GB):
 #      --build-arg TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 #   2. the project's dependencies and its bench extra, read from pyproject.toml, at requirements.lock's versions
-#      (a constraints file, from `make lock`) and beside the torch of layer 1, in one resolution
+#      (a constraints file, from `make lock`) and beside the torch of layer 1, in one resolution: torch pinned to the
+#      version its installed distribution declares (PyPI's says 2.13.0 where torch.__version__ says 2.13.0+cu130, a
+#      version no index holds), so that pip keeps it rather than looking for another
 #   3. the project, without dependencies
 # Its processes run as the user `akd` (uid 1000), never as root. docker-compose.yml runs them as the host user instead
 # (its `user:`), so that what they write on the host is that user's: the image works under any uid, its HOME (where
@@ -23,7 +25,8 @@ WORKDIR /app
 COPY requirements.lock pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print(*p['dependencies'], *p['optional-dependencies']['bench'], sep='\n')" > /tmp/deps.txt \
- && pip install -c requirements.lock -r /tmp/deps.txt "torch==$(python -c 'import torch; print(torch.__version__)')"
+ && pip install -c requirements.lock -r /tmp/deps.txt \
+    "torch==$(python -c 'from importlib.metadata import version; print(version("torch"))')"
 COPY . .
 RUN pip install --no-deps . && akd --help >/dev/null
 ENV AKD_HOST=0.0.0.0 AKD_PORT=8000

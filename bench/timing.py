@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -71,6 +73,52 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+# the most candidates a balanced order is searched for (8: a twentieth of a second; 9 takes seconds)
+BALANCED_UP_TO = 8
+
+
 def order(items: list, rep: int) -> list:
-    """Forward on even repetitions, backward on odd ones."""
-    return list(items) if rep % 2 == 0 else list(reversed(items))
+    """The order of repetition `rep`: every candidate once, and, over each cycle of len(items) - 1 repetitions (cycles
+    repeat), every candidate right after every other exactly once, the steps from one repetition to the next included.
+
+    What a call leaves behind lands on the next one: a process whose idle OpenMP workers spin for milliseconds after
+    its forward pass (libgomp's default) takes a core from the candidate timed after it on a shared host. Running the
+    candidates forward, then backward, put one of them after the in-process teacher in every other repetition and
+    another never (docs/design/benchmarks.md). Two candidates, and more than BALANCED_UP_TO: forward on even
+    repetitions, backward on odd ones (for two, each then follows either alike, and a drift weighs on both alike).
+    """
+    n = len(items)
+    if n < 3 or n > BALANCED_UP_TO:
+        return list(items) if rep % 2 == 0 else list(reversed(items))
+    rows = _balanced_rows(n)
+    return [items[i] for i in rows[rep % len(rows)]]
+
+
+@functools.cache
+def _balanced_rows(n: int) -> tuple[tuple[int, ...], ...]:
+    """n - 1 orders of range(n) whose concatenation, read as a cycle, holds each ordered pair of distinct candidates
+    once as neighbours (a depth-first search; found for every n up to BALANCED_UP_TO)."""
+    permutations = list(itertools.permutations(range(n)))
+    rows: list[tuple[int, ...]] = []
+    used: set[tuple[int, int]] = set()
+
+    def extend(previous: int | None) -> bool:
+        if len(rows) == n - 1:
+            return (previous, rows[0][0]) not in used and previous != rows[0][0]
+        for candidate in permutations if rows else permutations[:1]:
+            pairs = list(zip(candidate, candidate[1:]))
+            if previous is not None:
+                pairs.append((previous, candidate[0]))
+            if any(a == b for a, b in pairs) or len(set(pairs)) < len(pairs) or used.intersection(pairs):
+                continue
+            rows.append(candidate)
+            used.update(pairs)
+            if extend(candidate[-1]):
+                return True
+            rows.pop()
+            used.difference_update(pairs)
+        return False
+
+    if not extend(None):
+        raise ValueError(f"no balanced order of {n} candidates")
+    return tuple(rows)

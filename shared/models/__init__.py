@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .linear import ChannelMeanLinear
+from .linear import ChannelMeanFirst, ChannelMeanLinear
 from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
@@ -37,6 +37,9 @@ _SPATIAL_SIZES: dict[str, tuple[tuple[int, int], ...]] = {
     "wrn34_10": ((32, 32),),
     "linear": ((28, 28), (32, 32)),
 }
+
+# how an architecture composes with its normalisation, where not Sequential(normalize, net) run in order
+_CONTAINERS: dict[str, type[nn.Sequential]] = {"linear": ChannelMeanFirst}
 
 _DEFAULT_MEAN = 0.5
 _DEFAULT_STD = 0.5
@@ -66,7 +69,7 @@ def build_model(
         raise ValueError(
             f"mean and std need one value per channel ({channels}); got {len(mean)} means and {len(std)} stds"
         )
-    return nn.Sequential(
+    return _CONTAINERS.get(arch, nn.Sequential)(
         OrderedDict(
             normalize=Normalize(mean, std),
             net=ARCHITECTURES[arch](num_classes, channels),

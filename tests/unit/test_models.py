@@ -1,5 +1,7 @@
 """The architecture registry: shapes, in-model normalisation, state-dict round trips."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -97,3 +99,16 @@ def test_wrong_input_shape_says_what_was_expected(arch, shape, expected):
 def test_bad_normalisation_is_rejected(mean, std, message):
     with pytest.raises(ValueError, match=message):
         build_model("resnet18", NUM_CLASSES, (3, 32, 32), mean=mean, std=std)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_the_linear_teacher_pools_first_and_computes_what_normalising_first_does(shape):
+    """Its channel means are taken before the normalisation, which commutes with them: the modules and state dict of
+    Sequential(normalize, net), its outputs within float rounding."""
+    channels = shape[0]
+    torch.manual_seed(0)
+    model = build_model("linear", NUM_CLASSES, shape, mean=[0.3] * channels, std=[0.2] * channels)
+    in_order = torch.nn.Sequential(OrderedDict(normalize=model.normalize, net=model.net))
+    x = _inputs(shape)
+    assert list(model.state_dict()) == list(in_order.state_dict())
+    torch.testing.assert_close(model(x), in_order(x), rtol=1e-5, atol=1e-5)

@@ -73,7 +73,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-# the most candidates a balanced order is searched for (8: a twentieth of a second; 9 takes seconds)
+# the most candidates a balanced order is searched for (8: a fifth of a second; 9 takes seconds, 10 a minute)
 BALANCED_UP_TO = 8
 
 

@@ -87,14 +87,21 @@ def config(tmp_path_factory):
 
 
 def answers(base: str) -> list[tuple]:
+    return posted(base, [(protocol.SOFT_TARGETS_PATH, CASES)])
+
+
+def posted(base: str, paths: list[tuple[str, list]]) -> list[tuple]:
+    """Each path's cases posted in order: (what, status, the HEADERS kept, the answer's tensors or its error JSON),
+    then the requests the service counted."""
     out = []
     with httpx.Client(base_url=base, timeout=HANG_S) as client:
-        for what, query, body, headers in CASES:
-            r = client.post(protocol.SOFT_TARGETS_PATH, params=query, content=body, headers=headers)
-            kept = {h: r.headers.get(h) for h in HEADERS}
-            ok = r.status_code == 200
-            content = {k: v.tolist() for k, v in st_load(r.content).items()} if ok else r.json()
-            out.append((what, r.status_code, kept, content))
+        for path, cases in paths:
+            for what, query, body, headers in cases:
+                r = client.post(path, params=query, content=body, headers=headers)
+                kept = {h: r.headers.get(h) for h in HEADERS}
+                ok = r.status_code == 200
+                content = {k: v.tolist() for k, v in st_load(r.content).items()} if ok else r.json()
+                out.append((what, r.status_code, kept, content))
         metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
     requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
     return out + [("requests counted", requests)]
@@ -154,17 +161,7 @@ KEY_CASES = [
 
 def keys_answers(base: str) -> list[tuple]:
     """CASES, then KEY_CASES: keys first answers only what the rows stored."""
-    out = answers(base)[:-1]
-    with httpx.Client(base_url=base, timeout=HANG_S) as client:
-        for what, query, body, headers in KEY_CASES:
-            r = client.post(protocol.SOFT_TARGET_KEYS_PATH, params=query, content=body, headers=headers)
-            kept = {h: r.headers.get(h) for h in HEADERS}
-            ok = r.status_code == 200
-            content = {k: v.tolist() for k, v in st_load(r.content).items()} if ok else r.json()
-            out.append((what, r.status_code, kept, content))
-        metrics = client.get(protocol.METRICS_PATH, headers=GOOD).text
-    requests = {k: v for k, v in metric_series(metrics).items() if k.startswith("akd_requests_total")}
-    return out + [("requests counted", requests)]
+    return posted(base, [(protocol.SOFT_TARGETS_PATH, CASES), (protocol.SOFT_TARGET_KEYS_PATH, KEY_CASES)])
 
 
 def test_keys_first_answers_and_refuses_as_fastapi_does(config):

@@ -287,6 +287,20 @@ def check_inputs_declared(
     return shape
 
 
+# float dtype -> (the unsigned integer of its width, the bits of 1.0)
+_UNIT_BITS = {np.dtype(np.float32): (np.uint32, 0x3F800000), np.dtype(np.float16): (np.uint16, 0x3C00)}
+
+
+def in_unit_interval(values: np.ndarray) -> bool:
+    """True only when every value is finite and in [0, 1], from one pass over their bits read as unsigned integers:
+    the floats in [+0, 1] are exactly the patterns from 0 up to 1.0's, and a negative value (its sign bit), NaN or an
+    infinity lies above it. False is not a refusal: -0.0 (in range) answers False too, and the exact check decides.
+    One integer max rather than a float min and max: numpy reduces float16 without SIMD (10 ms for 512 CIFAR rows,
+    0.04 as integers)."""
+    unsigned, one = _UNIT_BITS.get(values.dtype, (None, None))
+    return unsigned is not None and values.size > 0 and int(values.view(unsigned).max()) <= one
+
+
 def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, int, int]) -> torch.Tensor:
     """Return the `inputs` tensor after checking name, dtype, shape, finiteness and range."""
     check_inputs_declared(
@@ -297,7 +311,10 @@ def validate_inputs(tensors: dict[str, torch.Tensor], input_shape: tuple[int, in
         # numpy, not torch: the service validates on its event loop or a worker thread, and keeps torch's
         # parallel (OpenMP) work on its inference thread, where the forward pass needs every core
         values = x.numpy()
-        # two passes over the values, not three: min and max are NaN when any value is, and infinite when one is
+        if in_unit_interval(values):
+            return x
+        # what is wrong, and the -0.0 the one pass sends here: min and max are NaN when any value is, and
+        # infinite when one is
         lo, hi = float(values.min()), float(values.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             bad = int((~np.isfinite(values)).sum())

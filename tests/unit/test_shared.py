@@ -133,3 +133,29 @@ def test_encode_writes_the_bytes_of_safetensors_torch_writer_and_still_takes_bfl
     # numpy has no bfloat16: the torch writer takes it
     bf16 = torch.randn(4, 10).bfloat16()
     assert torch.equal(codec.decode(codec.encode({"x": bf16}))["x"], bf16)
+
+
+SPECIAL_VALUES = [0.0, -0.0, 1.0, 0.5, 1e-45, 1.0000001, -1e-45, float("inf"), -float("inf"), float("nan"), 2.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float_inputs_are_accepted_exactly_when_finite_and_in_the_unit_interval(dtype):
+    """The one-pass check on the values' bits decides as the float comparisons do, for every pair of edge values
+    (signed zeros, subnormals, the next float past 1, infinities, NaN) beside an ordinary one; refusals keep their
+    codes."""
+    import math
+
+    for a in SPECIAL_VALUES:
+        for b in SPECIAL_VALUES:
+            values = torch.tensor([0.25, a, b], dtype=dtype)
+            finite = all(math.isfinite(float(v)) for v in values)
+            in_range = finite and all(0.0 <= float(v) <= 1.0 for v in values)
+            x = values.repeat(1024)[: 3 * 32 * 32].reshape(1, 3, 32, 32)
+            if in_range:
+                assert codec.validate_inputs({"inputs": x}, (3, 32, 32)) is x
+            else:
+                with pytest.raises(codec.CodecError) as refused:
+                    codec.validate_inputs({"inputs": x}, (3, 32, 32))
+                assert refused.value.code == ("out_of_range" if finite else "not_finite"), (a, b)
+            # the one pass alone never accepts what is out of range
+            assert not codec.in_unit_interval(x.numpy()) or in_range

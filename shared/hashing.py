@@ -26,8 +26,15 @@ def row_keys(x: torch.Tensor | np.ndarray) -> list[bytes]:
     """One key per row of a (B, ...) tensor or array, as sent on the wire: the same key for a tensor and its numpy
     twin."""
     rows = np.ascontiguousarray(x if isinstance(x, np.ndarray) else x.detach().cpu().numpy())
-    prefix = f"{rows.dtype.str}|{rows.shape[1:]}|".encode()
-    return [hashlib.blake2b(prefix + row.tobytes(), digest_size=KEY_BYTES).digest() for row in rows]
+    # blake2b(prefix + row), from one hash of the prefix copied for each row (cheaper than a new blake2b object per
+    # row), each row read where it lies rather than joined to the prefix first
+    prefixed = hashlib.blake2b(f"{rows.dtype.str}|{rows.shape[1:]}|".encode(), digest_size=KEY_BYTES)
+    return [_digest(prefixed.copy(), row) for row in rows]
+
+
+def _digest(hashed, row: np.ndarray) -> bytes:
+    hashed.update(row)
+    return hashed.digest()
 
 
 def file_version(path: Path) -> str:

@@ -50,6 +50,18 @@ def test_row_keys_cover_dtype_shape_and_bytes():
     assert row_keys(x.reshape(3, 1, 2, 8))[0] != keys[0]
 
 
+def test_a_row_key_is_the_blake2b_of_its_dtype_shape_and_bytes():
+    """The key every cache store is indexed by, written out: stores made by any version of the code stay readable."""
+    import hashlib
+
+    crop = torch.rand(4, 3, 40, 40)[:, :, 4:36, 4:36]
+    for x in (torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), torch.rand(2, 1, 28, 28).half(), crop):
+        rows = x.contiguous().numpy()
+        prefix = f"{rows.dtype.str}|{rows.shape[1:]}|".encode()
+        assert row_keys(x) == [hashlib.blake2b(prefix + r.tobytes(), digest_size=16).digest() for r in rows]
+    assert row_keys(torch.zeros(1, 1, 1, 1, dtype=torch.uint8)) == [bytes.fromhex("341c8ad12a484869e3c4652abacb9bb1")]
+
+
 def test_codec_round_trip_and_transport_dtype():
     x8 = torch.randint(0, 256, (2, 1, 3, 3), dtype=torch.uint8)
     assert torch.equal(codec.decode(codec.encode_inputs(x8))["inputs"], x8)

@@ -5,9 +5,10 @@ repository's root, on a quiet machine:
     .venv/bin/python bench/measurement-scripts/checkouts-ab/ab.py OLD_CHECKOUT NEW_CHECKOUT --rows 128 [--calls 200]
     .venv/bin/python bench/measurement-scripts/checkouts-ab/ab.py OLD_CHECKOUT NEW_CHECKOUT --keys 512
 
---rows N: POST /soft-targets of N CIFAR-shaped rows (`--dtype`, float32 by default), `cache=bypass`. --keys N: N uint8
-rows stored first, then POST /soft-targets/keys for them (each service with a cache of its own). The two answers are
-checked equal (within 1e-5) before the timing. Prints each side's median and 10th percentile, and new / old.
+--rows N: POST /soft-targets of N CIFAR-shaped rows (`--dtype`, float32 by default; `--cache`, bypass by default: with
+`use`, each service has a cache, and every timed call hits it). --keys N: N uint8 rows stored first, then POST
+/soft-targets/keys for them (each service with a cache of its own). The two answers are checked equal (within 1e-5)
+before the timing. Prints each side's median and 10th percentile, and new / old.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def main(args: argparse.Namespace) -> None:
     if args.keys:
         rows = torch.randint(0, 256, (args.keys, 3, 32, 32), dtype=torch.uint8, generator=generator)
         path, body = protocol.SOFT_TARGET_KEYS_PATH, codec.encode_keys(rows)
+    elif args.dtype == "uint8":
+        rows = torch.randint(0, 256, (args.rows, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        path, body = f"{protocol.SOFT_TARGETS_PATH}?cache={args.cache}", codec.encode_inputs(rows)
     else:
         rows = torch.rand(args.rows, 3, 32, 32, generator=generator).to(getattr(torch, args.dtype))
-        path, body = f"{protocol.SOFT_TARGETS_PATH}?cache=bypass", codec.encode_inputs(rows)
-    processes, urls = start_services(args.old, args.new, cached=bool(args.keys))
+        path, body = f"{protocol.SOFT_TARGETS_PATH}?cache={args.cache}", codec.encode_inputs(rows)
+    cached = bool(args.keys) or args.cache != "bypass"
+    processes, urls = start_services(args.old, args.new, cached=cached)
     try:
         with httpx.Client(timeout=60) as client:
             answers = {}
@@ -110,6 +115,7 @@ if __name__ == "__main__":
     request = parser.add_mutually_exclusive_group(required=True)
     request.add_argument("--rows", type=int, help="float32 rows through POST /soft-targets, cache=bypass")
     request.add_argument("--keys", type=int, help="cached rows asked for by key")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="the rows' dtype (--rows)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32", help="the rows' dtype")
+    parser.add_argument("--cache", choices=["bypass", "use"], default="bypass", help="the rows' cache mode (--rows)")
     parser.add_argument("--calls", type=int, default=200)
     main(parser.parse_args())

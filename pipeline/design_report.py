@@ -59,13 +59,17 @@ def claim_design(design: Design, out: Path) -> None:
 
 
 def run_design(design: Design, out: Path, sets_now: int | None, command: str) -> str:
-    """Sets 0 .. sets_now - 1 (all the design's by default), each resumed where it stopped, then the report."""
+    """Sets 0 .. sets_now - 1 (all the design's by default), each resumed where it stopped, then the report. A finished
+    set (finished_sets) is not entered again: its records stay as they were when it finished."""
     from pipeline.demo import run_demo
     from pipeline.jobs import say
 
     claim_design(design, out)
     last = design.sets if sets_now is None else min(design.sets, sets_now)
+    done = finished_sets(design, out)
     for index in range(last):
+        if set_folder(out, index).name in done:
+            continue
         plan = design.set_plan(index)
         say(progress_line(design, out, index))
         record = PlanRecord(f"{design.source}, set {index}", plan.fingerprint())

@@ -365,7 +365,7 @@ def write_report(inputs: ReportInputs) -> str:
         **teachers,
         **{f"{name}-s{seed}": run for name, runs in students.items() for seed, run in zip(plan.seeds, runs)},
     }
-    header = [*_header(inputs, stage_times, next(iter(teachers.values()))["best"] or {}), threat_model_line(every_run)]
+    header = [*_header(inputs, stage_times, every_run), threat_model_line(every_run)]
     if unfinished:
         header.append(
             "- **not finished yet** (not trained or not evaluated for every seed; run the same command again to go "
@@ -480,16 +480,27 @@ def test_split_overfitting_table(students: dict[str, list[dict]], baseline: str 
     )
 
 
-def _header(inputs: ReportInputs, stage_times: dict, evaluation: dict) -> list[str]:
-    plan = inputs.plan
+def _header(inputs: ReportInputs, stage_times: dict, runs: dict[str, dict]) -> list[str]:
     return [
         f"- command: `{inputs.command}`",
         f"- machine: {machine_line(machine())}",
         f"- finished: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
         time_line(stage_times),
-        f"- data: {plan.dataset} test split, {evaluation.get('n')} images for clean/PGD/ECE, the first "
-        f"{evaluation.get('autoattack_n')} for AutoAttack; students: mean ± standard deviation over seeds {plan.seeds}",
+        data_line(inputs.plan.dataset, inputs.plan.seeds, runs),
     ]
+
+
+def data_line(dataset: str, seeds: list[int], runs: dict[str, dict]) -> str:
+    """The header's images: those every evaluation ran on, and AutoAttack's count from the evaluations that ran it
+    (a design's teachers run none)."""
+    evaluations = [run[which] for run in runs.values() for which in ("best", "final") if run.get(which)]
+    attacked = sorted({e["autoattack_n"] for e in evaluations if e.get("autoattack_n")})
+    autoattack = f"the first {' or '.join(map(str, attacked))} for AutoAttack" if attacked else "no AutoAttack"
+    images = evaluations[0].get("n") if evaluations else None
+    return (
+        f"- data: {dataset} test split, {images} images for clean/PGD/ECE, {autoattack}; students: mean ± standard "
+        f"deviation over seeds {seeds}"
+    )
 
 
 def _overfitting_section(plan: Plan, students: dict[str, list[dict]], teachers: dict[str, dict]) -> list[str]:

@@ -11,7 +11,13 @@ from scipy import stats
 
 from pipeline import DemoError
 from pipeline.design import load_design, set_folder
-from pipeline.design_report import claim_design, image_sampling_lines, progress_line, write_design_report
+from pipeline.design_report import (
+    claim_design,
+    image_sampling_lines,
+    progress_line,
+    run_design,
+    write_design_report,
+)
 from pipeline.power import Variance, designs, power, sets_needed
 from shared.configfile import ConfigError
 
@@ -167,6 +173,21 @@ def test_each_set_starts_saying_the_pace_of_the_finished_sets_and_the_hours_left
     assert progress_line(design, out, 2) == (
         f"== design: set 3 of 3 ({set_folder(out, 2)}); 2 finished, 45 min a set so far: about 0.8 h for the 1 left =="
     )
+
+
+def test_a_resumed_design_goes_on_from_its_first_unfinished_set_leaving_finished_ones_as_they_are(
+    tmp_path, monkeypatch
+):
+    import pipeline.demo
+
+    design = load_design(_design_file(tmp_path / "d.toml"))
+    out = tmp_path / "out"
+    _set(out, 0, "11110000", "00110000")
+    finished = (set_folder(out, 0) / "results.json").read_bytes()
+    entered = []
+    monkeypatch.setattr(pipeline.demo, "run_demo", lambda plan, folder, *rest: entered.append(folder.name))
+    run_design(design, out, 2, "akd design")
+    assert entered == ["set-01"] and (set_folder(out, 0) / "results.json").read_bytes() == finished
 
 
 def test_sets_measured_with_other_packages_are_not_pooled(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from pipeline.layout import Layout, add_stage_time, merge_service_stats, read_stage_times
-from pipeline.report import time_line
+from pipeline.report import data_line, time_line
 
 SERVED = {"rows": 600.0, "hits": 40.0, "misses": 160.0, "largest_batch": 100.0}
 # a re-run that reused every student
@@ -118,3 +118,12 @@ def test_results_md_test_split_table_recomputes_from_the_committed_results():
     assert "| pgd-at | +5.53 [+2.54, +8.53], t(2) = 7.95, p = 0.015 |" in table
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert len([name for name in students if name != "pgd-at" and rows[name].count("[") == 3]) == 10
+
+
+def test_the_header_counts_autoattacks_images_from_the_evaluations_that_ran_it():
+    """A design's teachers run no AutoAttack: the count comes from the students' final epochs, not the first run's."""
+    teacher = {"best": {"n": 1000, "autoattack_n": None}, "final": {"n": 1000, "autoattack_n": None}}
+    student = {"best": {"n": 1000, "autoattack_n": None}, "final": {"n": 1000, "autoattack_n": 1000}}
+    line = data_line("mnist5k", [4], {"at-s1040": teacher, "akd-ensemble-s4": student})
+    assert "1000 images for clean/PGD/ECE, the first 1000 for AutoAttack" in line and "None" not in line
+    assert "no AutoAttack" in data_line("mnist5k", [0], {"at-s1040": teacher})

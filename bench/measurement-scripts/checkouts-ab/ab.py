@@ -36,11 +36,11 @@ def main(args: argparse.Namespace) -> None:
     if args.keys:
         rows = torch.randint(0, 256, (args.keys, 3, 32, 32), dtype=torch.uint8, generator=generator)
         path, body = protocol.SOFT_TARGET_KEYS_PATH, codec.encode_keys(rows)
-    elif args.dtype == "uint8":
-        rows = torch.randint(0, 256, (args.rows, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        path, body = f"{protocol.SOFT_TARGETS_PATH}?cache={args.cache}", codec.encode_inputs(rows)
     else:
-        rows = torch.rand(args.rows, 3, 32, 32, generator=generator).to(getattr(torch, args.dtype))
+        if args.dtype == "uint8":
+            rows = torch.randint(0, 256, (args.rows, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        else:
+            rows = torch.rand(args.rows, 3, 32, 32, generator=generator).to(getattr(torch, args.dtype))
         path, body = f"{protocol.SOFT_TARGETS_PATH}?cache={args.cache}", codec.encode_inputs(rows)
     cached = bool(args.keys) or args.cache != "bypass"
     processes, urls = start_services(args.old, args.new, cached=cached)
